@@ -1,0 +1,30 @@
+# cehrx: `make help` lists the targets.
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-fast demo bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+install: ## install cehrx with dev extras (torch $(TORCH_VERSION) only if torch is not importable)
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
+	$(PYTHON) -m pip install -e ".[dev]"
+
+test: install ## run the whole test suite (what CI runs)
+	$(PYTHON) -m pytest -n 2 $(PYTEST_ARGS)
+
+test-fast: ## unit tests only, no install step
+	$(PYTHON) -m pytest -m "not slow" tests/unit $(PYTEST_ARGS)
+
+demo: install ## prepare the embedded Eunomia data and pretrain a tiny model on CPU
+	cehrx task=prepare overwrite=true
+	cehrx task=pretrain model=tiny trainer=cpu overwrite=true
+
+bench: ## run the benchmarks in experiments/bench (see RESULTS.md there)
+	$(PYTHON) experiments/bench/bench_prepare.py
+
+clean: ## remove demo runs and caches
+	rm -rf runs .pytest_cache

@@ -1,0 +1,143 @@
+"""Token shards: the on-disk contract between `prepare` and every model task.
+
+`<prepared_dir>/tokens/<split>/<n>.parquet`, one row per subject, ordered by subject_id:
+
+| column       | type          | meaning                                                         |
+|--------------|---------------|-----------------------------------------------------------------|
+| subject_id   | int64         | MEDS subject_id (OMOP person_id)                                |
+| tokens       | list<int32>   | token ids into `vocab.json`, grammar of DESIGN §4, no [END]     |
+| times        | list<int64>   | per-token time, seconds since 1970 (UTC), non-decreasing        |
+| birth_time   | int64 (null)  | birth, seconds since 1970; null when unknown or implausible     |
+| n_tokens     | int32         | len(tokens)                                                     |
+
+The first `PROMPT_LEN` tokens are the demographic prompt (YEAR, AGE, GENDER, RACE). Every
+token's time is the earliest moment it is known, so cutting a sequence at a prediction time
+`t` is `tokens[times <= t]` (a prefix): gap tokens carry the start of the visit they lead to,
+`[VE]` and discharge the visit end, date-only events 23:59:59 of their day.
+
+Loading concatenates a split into flat numpy arrays (`TokenArrays`): no per-subject Python
+objects, and the arrays can be saved as `.npy` and memory-mapped by data loaders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cehrx.data.vocab import Vocab
+
+PROMPT_LEN = 4
+SPLITS = ("train", "tuning", "held_out")
+SECONDS_PER_YEAR = 365.25 * 86400
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("subject_id", pa.int64()),
+        ("tokens", pa.list_(pa.int32())),
+        ("times", pa.list_(pa.int64())),
+        ("birth_time", pa.int64()),
+        ("n_tokens", pa.int32()),
+    ]
+)
+
+
+@dataclass
+class TokenArrays:
+    """A split as flat arrays: subject i owns `tokens[offsets[i]:offsets[i+1]]`."""
+
+    subject_id: np.ndarray  # int64 [n]
+    offsets: np.ndarray  # int64 [n+1]
+    tokens: np.ndarray  # int32 [total]
+    times: np.ndarray  # int64 [total]
+    birth_time: np.ndarray  # int64 [n], INT64_MIN when unknown
+
+    def __len__(self) -> int:
+        return len(self.subject_id)
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def subject(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[a:b], self.times[a:b]
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in ("subject_id", "offsets", "tokens", "times", "birth_time"):
+            np.save(directory / f"{name}.npy", getattr(self, name))
+
+    @classmethod
+    def load_npy(cls, directory: str | Path, mmap: bool = True) -> "TokenArrays":
+        mode = "r" if mmap else None
+        d = Path(directory)
+        return cls(**{n: np.load(d / f"{n}.npy", mmap_mode=mode) for n in ("subject_id", "offsets", "tokens", "times", "birth_time")})
+
+
+NO_BIRTH = np.iinfo(np.int64).min
+
+
+def shard_paths(prepared_dir: str | Path, split: str) -> list[Path]:
+    d = Path(prepared_dir) / "tokens" / split
+    if not d.is_dir():
+        raise FileNotFoundError(f"no token shards for split {split!r} at {d} (run `cehrx task=prepare` first)")
+    return sorted(d.glob("*.parquet"), key=lambda p: (len(p.stem), p.stem))
+
+
+def read_split_table(prepared_dir: str | Path, split: str, columns: list[str] | None = None) -> pa.Table:
+    paths = shard_paths(prepared_dir, split)
+    if not paths:
+        return SHARD_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths])
+
+
+def load_split(prepared_dir: str | Path, split: str) -> TokenArrays:
+    """Read a split's shards into flat arrays (list columns flattened without Python objects)."""
+    table = read_split_table(prepared_dir, split)
+    tok = table.column("tokens").combine_chunks()
+    tim = table.column("times").combine_chunks()
+    offsets = np.asarray(tok.offsets, dtype=np.int64)
+    offsets = offsets - offsets[0]
+    birth = table.column("birth_time").to_numpy(zero_copy_only=False)
+    birth = np.where(np.isnan(birth.astype(float)), NO_BIRTH, birth).astype(np.int64) if birth.dtype != np.int64 else birth
+    return TokenArrays(
+        subject_id=table.column("subject_id").to_numpy().astype(np.int64),
+        offsets=offsets,
+        tokens=np.asarray(tok.flatten(), dtype=np.int32),
+        times=np.asarray(tim.flatten(), dtype=np.int64),
+        birth_time=birth,
+    )
+
+
+def prompt_ids(vocab: Vocab, start_times: np.ndarray, birth_times: np.ndarray, gender_ids: np.ndarray, race_ids: np.ndarray) -> np.ndarray:
+    """Demographic prompts `[YEAR, AGE, GENDER, RACE]` for sequences starting at `start_times`.
+
+    Used when a training crop or a generation prompt starts at a later visit: the year and age
+    are recomputed for that visit. Years outside the vocabulary are clamped to its range; an
+    unknown birth gives `AGE//UNKNOWN`. Returns int32 `[n, 4]`.
+    """
+    start_times = np.asarray(start_times, dtype=np.int64)
+    years = start_times.astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64) + 1970
+    year_ids = _clamped_ids(vocab, "YEAR//", years)
+    birth_times = np.asarray(birth_times, dtype=np.int64)
+    known = birth_times != NO_BIRTH
+    ages = np.where(known, np.floor((start_times - np.where(known, birth_times, 0)) / SECONDS_PER_YEAR), 0).astype(np.int64)
+    age_ids = _clamped_ids(vocab, "AGE//", np.maximum(ages, 0))
+    age_ids = np.where(known, age_ids, vocab.id("AGE//UNKNOWN"))
+    return np.stack([year_ids, age_ids, np.asarray(gender_ids), np.asarray(race_ids)], axis=1).astype(np.int32)
+
+
+def _clamped_ids(vocab: Vocab, prefix: str, values: np.ndarray) -> np.ndarray:
+    """Map integer values to `prefix<value>` token ids, clamping to the values the vocab has."""
+    have = sorted(int(t[len(prefix):]) for t in vocab.tokens if t.startswith(prefix) and t[len(prefix):].isdigit())
+    if not have:
+        return np.full(len(values), vocab.id(f"{prefix}UNKNOWN"), dtype=np.int64)
+    lo, hi = have[0], have[-1]
+    table = np.full(hi - lo + 1, vocab.id(f"{prefix}UNKNOWN"), dtype=np.int64)
+    for v in have:
+        table[v - lo] = vocab[f"{prefix}{v}"]
+    return table[np.clip(values, lo, hi) - lo]
