@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import sys
 from importlib import resources
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
+
+from cehrx.errors import CehrxError
 
 log = logging.getLogger("cehrx")
 
@@ -27,7 +30,11 @@ def config_dir() -> str:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def app(cfg: DictConfig) -> object:
     fn = hydra.utils.get_method(cfg.task.fn)
-    return fn(cfg)
+    try:
+        return fn(cfg)
+    except CehrxError as e:  # bad input: one clear line, no traceback
+        print(f"cehrx: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:

@@ -1,0 +1,40 @@
+"""Outputs appear complete or not at all: write to a temporary sibling, then rename."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from cehrx.errors import CehrxError
+
+
+@contextmanager
+def atomic_dir(target: str | Path, marker: str, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `target` only if the block succeeds.
+
+    `marker` is the file whose presence means `target` is a finished output: such a target is
+    never replaced unless `overwrite`. A crash leaves the previous output (or nothing) in place
+    and removes the temporary directory.
+    """
+    target = Path(target).resolve()
+    if (target / marker).exists() and not overwrite:
+        raise CehrxError(f"{target} already holds a finished output ({marker}); pass overwrite=true to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

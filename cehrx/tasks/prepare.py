@@ -1,0 +1,156 @@
+"""`cehrx task=prepare`: OMOP CDM or MEDS -> MEDS dataset + CEHR-GPT token shards + vocab.json.
+
+Output (`output_dir`, written to a temporary sibling and renamed when complete):
+    meds/            the MEDS 0.4 dataset the tokens were made from (OMOP sources only)
+    tokens/<split>/  token shards (format: cehrx.data.shards)
+    vocab.json       the vocabulary (cehrx.data.vocab)
+    prepare.json     counts in / kept / dropped by reason, length percentiles, timings
+    config.yaml      the resolved config of this run
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from cehrx.data import duck
+from cehrx.data.atomic import atomic_dir
+from cehrx.data.meds_source import meds_to_events
+from cehrx.data.omop_tables import open_omop
+from cehrx.data.omop_to_meds import OPTIONAL_TABLES, omop_to_events
+from cehrx.data.shard_writer import build_sequences, length_percentiles, write_shards
+from cehrx.data.splits import assign_splits
+from cehrx.data.tokenize import build_token_rows, learn_value_edges, order_visits, select_codes
+from cehrx.data.visits import attach_events, build_body, build_demographics, build_source_visits
+from cehrx.data.vocab_build import build_vocab
+from cehrx.errors import DataError
+from cehrx.export.meds import write_meds
+
+log = logging.getLogger("cehrx.prepare")
+MARKER = "prepare.json"
+
+
+class Stages:
+    """Runs named stages with a live status line and records their wall times."""
+
+    def __init__(self, total: int) -> None:
+        self.console = Console(stderr=True)
+        self.total, self.done, self.timings = total, 0, {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.done += 1
+        start = time.perf_counter()
+        with self.console.status(f"[{self.done}/{self.total}] {name} ..."):
+            yield
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        self.console.print(f"[green]✓[/green] [{self.done}/{self.total}] {name} ({self.timings[name]:.1f}s)")
+
+
+def run(cfg: DictConfig) -> dict:
+    out = Path(cfg.output_dir)
+    with atomic_dir(out, MARKER, overwrite=bool(cfg.overwrite)) as tmp:
+        report = prepare(cfg, tmp)
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (tmp / MARKER).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    log.info("prepared %s subjects into %s", report["subjects"]["tokenized"], out)
+    Console(stderr=True).print(
+        f"prepared [bold]{report['subjects']['tokenized']}[/bold] subjects, "
+        f"{report['events']['tokenized']} events, vocab {report['vocab']['size']} -> {out}"
+    )
+    return report
+
+
+def prepare(cfg: DictConfig, out: Path) -> dict:
+    """The whole pipeline on one DuckDB connection; returns the prepare.json report."""
+    t = cfg.task
+    stages = Stages(total=8)
+    start = time.perf_counter()
+    con = duck.connect(t.duckdb.memory_limit, t.duckdb.threads, temp_dir=out / ".duckdb_tmp")
+    source, report = cfg.data.source, {"source": {"kind": cfg.data.source, "path": str(cfg.data.path)}}
+    with stages("read source -> MEDS events"):
+        if source == "omop":
+            tables = open_omop(con, str(cfg.data.path))
+            stats = omop_to_events(con, tables, current_year=dt.date.today().year)
+            report["tables"] = {
+                "found": sorted(tables.columns), "rows": tables.rows,
+                "missing_optional": sorted(set(OPTIONAL_TABLES) - set(tables.columns)),
+                "empty": sorted(k for k, v in tables.rows.items() if v == 0 and k in OPTIONAL_TABLES),
+            }
+        elif source == "meds":
+            stats = meds_to_events(con, str(cfg.data.path))
+        else:
+            raise DataError(f"data.source must be 'omop' or 'meds', got {source!r}")
+    with stages("splits"):
+        report["splits"] = assign_splits(con, {k: float(t.splits[k]) for k in ("train", "tuning", "held_out")}, str(t.splits.salt), use_source=bool(stats.get("source_splits")))
+    if source == "omop":
+        with stages("write MEDS dataset"):
+            write_meds(con, out / "meds", cfg.data.name)
+    else:
+        stages.total -= 1
+    with stages("visits"):
+        demo_stats = build_demographics(con, cfg.data)
+        build_body(con, cfg.data)
+        build_source_visits(con, source, OmegaConf.to_container(cfg.data.visits) if cfg.data.get("visits") else [])
+        visit_stats = attach_events(con, str(t.day_visit_type))
+    with stages("vocabulary codes and value deciles"):
+        code_stats = select_codes(con, int(t.min_subjects))
+        n_edges = learn_value_edges(con, int(t.quantiles.num_bins), int(t.quantiles.min_values))
+    with stages("tokenize"):
+        order_visits(con)
+        tok_stats = build_token_rows(con, [str(x) for x in t.inpatient_visit_types], int(t.max_gap_days))
+    with stages("vocab.json"):
+        meta = {"source": report["source"], "min_subjects": int(t.min_subjects), "num_bins": int(t.quantiles.num_bins),
+                "max_gap_days": int(t.max_gap_days), "prompt": ["YEAR", "AGE", "GENDER", "RACE"]}
+        vocab, vocab_stats = build_vocab(con, int(t.min_subjects), int(t.quantiles.num_bins), int(t.max_gap_days), meta)
+        vocab.save(out / "vocab.json")
+    with stages("token shards"):
+        build_sequences(con)
+        written = write_shards(con, out, int(t.subjects_per_shard))
+    report.update(summarize(con, stats, demo_stats, visit_stats, code_stats, tok_stats, vocab_stats, written))
+    report["vocab"] = {"size": len(vocab), "codes_with_value_deciles": n_edges,
+                       "by_kind": {k: vocab.kinds.count(k) for k in dict.fromkeys(vocab.kinds)}}
+    report["tokens"]["length"] = length_percentiles(con)
+    report["timings_s"] = {**stages.timings, "total": round(time.perf_counter() - start, 3)}
+    report["events"]["per_second"] = round(report["events"]["in"] / max(report["timings_s"]["total"], 1e-9))
+    con.close()
+    _rmtree(out / ".duckdb_tmp")
+    return report
+
+
+def summarize(con, stats: dict, demo_stats: dict, visit_stats: dict, code_stats: dict, tok_stats: dict, vocab_stats: dict, written: dict) -> dict:
+    """Subjects and events in, kept, and dropped or repaired by reason."""
+    q = lambda sql: con.execute(sql).fetchall()[0][0]  # noqa: E731
+    n_subjects = q("SELECT count(*) FROM demo")
+    tokenized = sum(written.values())
+    no_birth = q("SELECT count(*) FROM demo_t WHERE birth IS NOT NULL AND birth_ok IS NULL")
+    return {
+        "subjects": {
+            "in": n_subjects, "tokenized": tokenized, "per_split": written,
+            "dropped": {"no_clinical_events": n_subjects - tokenized},
+            "repaired": {"birth_after_first_visit (kept, age unknown)": no_birth},
+        },
+        "events": {
+            "in": q("SELECT count(*) FROM events"), "tokenized": tok_stats["events_tokenized"],
+            "rows_in_by_table": stats["rows_in"], "dropped": stats["dropped"], "repaired": stats["repaired"],
+            "rare_code_events_dropped": code_stats["rare_code_events_dropped"],
+            "rare_codes_dropped": code_stats["rare_codes_dropped"],
+            **demo_stats,
+        },
+        "visits": {**visit_stats, "tokenized": tok_stats["visits_tokenized"]},
+        "tokens": {"total": q("SELECT count(*) FROM tok_ids"), **vocab_stats},
+    }
+
+
+def _rmtree(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)
