@@ -72,7 +72,7 @@ def run(cfg: DictConfig) -> dict:
 def prepare(cfg: DictConfig, out: Path) -> dict:
     """The whole pipeline on one DuckDB connection; returns the prepare.json report."""
     t = cfg.task
-    stages = Stages(total=8)
+    stages = Stages(total=8 if cfg.data.source == "omop" else 7)
     start = time.perf_counter()
     con = duck.connect(t.duckdb.memory_limit, t.duckdb.threads, temp_dir=out / ".duckdb_tmp")
     source, report = cfg.data.source, {"source": {"kind": cfg.data.source, "path": str(cfg.data.path)}}
@@ -94,8 +94,6 @@ def prepare(cfg: DictConfig, out: Path) -> dict:
     if source == "omop":
         with stages("write MEDS dataset"):
             write_meds(con, out / "meds", cfg.data.name)
-    else:
-        stages.total -= 1
     with stages("visits"):
         demo_stats = build_demographics(con, cfg.data)
         build_body(con, cfg.data)
@@ -108,8 +106,9 @@ def prepare(cfg: DictConfig, out: Path) -> dict:
         order_visits(con)
         tok_stats = build_token_rows(con, [str(x) for x in t.inpatient_visit_types], int(t.max_gap_days))
     with stages("vocab.json"):
-        meta = {"source": report["source"], "min_subjects": int(t.min_subjects), "num_bins": int(t.quantiles.num_bins),
-                "max_gap_days": int(t.max_gap_days), "prompt": ["YEAR", "AGE", "GENDER", "RACE"]}
+        meta = {"source_kind": source, "min_subjects": int(t.min_subjects), "num_bins": int(t.quantiles.num_bins),
+                "max_gap_days": int(t.max_gap_days), "prompt": ["YEAR", "AGE", "GENDER", "RACE"],
+                "inpatient_visit_types": [str(x) for x in t.inpatient_visit_types]}
         vocab, vocab_stats = build_vocab(con, int(t.min_subjects), int(t.quantiles.num_bins), int(t.max_gap_days), meta)
         vocab.save(out / "vocab.json")
     with stages("token shards"):
