@@ -266,3 +266,13 @@ def test_meds_source_visits_from_code_patterns(tmp_path):
         "D4", "[DEATH]",
     ]
     assert times[tokens.index("[VE]")] == T(2100, 1, 3, 15)
+
+
+def test_meds_errors_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="MEDS path not found"):
+        run_prepare(tmp_path / "nowhere", tmp_path / "out", source="meds")
+    shard = tmp_path / "meds" / "data" / "train" / "0.parquet"
+    shard.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"subject_id": [1], "time": [T(2000, 1, 1)]}), shard)
+    with pytest.raises(DataError, match=r"0\.parquet is not MEDS data: missing column\(s\) code"):
+        run_prepare(tmp_path / "meds", tmp_path / "out", source="meds")
