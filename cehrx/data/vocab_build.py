@@ -78,11 +78,16 @@ def build_vocab(con: duckdb.DuckDBPyConnection, min_subjects: int, num_bins: int
     return vocab, {"structural_tokens_not_in_vocab": unknown}
 
 
+_SOURCE_PREFIXES = {"gender": ("Gender/", "GENDER//"), "race": ("Race/", "RACE//"), "visit": ("Visit/", "VISIT//")}
+
+
 def describe(token: str, code_desc: dict[str, str]) -> str | None:
     """Human-readable description of a token (concept names for codes).
 
     >>> describe("D3", {}), describe("Y4", {}), describe("i-H2", {}), describe("DISCHARGE//X/1", {"X/1": "Home"})
     ('3 days', '4 years', '2 hours inside the visit', 'discharge: Home')
+    >>> describe("GENDER//F", {"Gender/F": "FEMALE"}), describe("VISIT//IP", {"Visit/IP": "Inpatient Visit"})
+    ('FEMALE', 'Inpatient Visit')
     """
     kind = kind_of(token)
     if kind == "gap":
@@ -98,5 +103,11 @@ def describe(token: str, code_desc: dict[str, str]) -> str | None:
         return f"discharge: {code_desc.get(code, code)}"
     if kind == "code":
         return code_desc.get(token)
+    if kind in _SOURCE_PREFIXES:  # GENDER//F -> the description of Gender/F (OMOP) or GENDER//F (MEDS)
+        value = token.split("//", 1)[1]
+        for prefix in _SOURCE_PREFIXES[kind]:
+            if prefix + value in code_desc:
+                return code_desc[prefix + value]
+        return None
     return {"[PAD]": "padding", "[END]": "end of record", "[UNK]": "unknown", "[VS]": "visit start",
             "[VE]": "visit end", "[DEATH]": "death"}.get(token)
