@@ -276,3 +276,15 @@ def test_meds_errors_name_the_file(tmp_path):
     pq.write_table(pa.table({"subject_id": [1], "time": [T(2000, 1, 1)]}), shard)
     with pytest.raises(DataError, match=r"0\.parquet is not MEDS data: missing column\(s\) code"):
         run_prepare(tmp_path / "meds", tmp_path / "out", source="meds")
+
+
+def test_show_prints_a_subject(prepared, capsys):
+    from cehrx.tasks import show
+
+    out, _ = prepared
+    result = show.run(compose_cfg("task=show", f"output_dir={out}", "subject_id=1"))
+    printed = capsys.readouterr().out
+    assert result == {"subject_id": 1, "split": "train", "n_tokens": 30}
+    assert "SNOMED/44054006" in printed and "Type 2" in printed and "2020-01-02 10:00:00" in printed
+    with pytest.raises(CehrxError, match="subject_id=77 is not in any token shard"):
+        show.run(compose_cfg("task=show", f"output_dir={out}", "subject_id=77"))
