@@ -45,12 +45,15 @@ def write_meds(con: duckdb.DuckDBPyConnection, root: Path, dataset_name: str, ba
             pq.write_table(DataSchema.align(empty), d / "0.parquet")
         else:
             writer.close()
+        DataSchema.validate(pq.read_schema(d / "0.parquet"))
     meta = root / "metadata"
     meta.mkdir(parents=True, exist_ok=True)
     codes = con.sql("""
         SELECT code, description, [] :: VARCHAR[] AS parent_codes, omop_concept_id, omop_domain FROM code_meta ORDER BY code
     """).to_arrow_table()
-    pq.write_table(CodeMetadataSchema.align(codes), meta / "codes.parquet")
+    codes = CodeMetadataSchema.align(codes)
+    CodeMetadataSchema.validate(codes)
+    pq.write_table(codes, meta / "codes.parquet")
     splits = con.sql("SELECT subject_id, split FROM subject_split ORDER BY subject_id").to_arrow_table()
     pq.write_table(SubjectSplitSchema.align(splits), meta / "subject_splits.parquet")
     info = {"dataset_name": dataset_name, "dataset_version": "unknown", "etl_name": "cehrx",
