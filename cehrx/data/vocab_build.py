@@ -18,8 +18,8 @@ def _col(con: duckdb.DuckDBPyConnection, sql: str) -> list:
 
 
 def candidate_tokens(con: duckdb.DuckDBPyConnection, min_subjects: int, num_bins: int, max_gap_days: int) -> list[str]:
-    train_tokens = """SELECT t.token, count(DISTINCT t.subject_id) AS n FROM tok t JOIN demo d USING (subject_id)
-                      WHERE d.split = 'train' GROUP BY t.token"""
+    train_tokens = """SELECT t.token, count(DISTINCT t.subject_id) AS n FROM tok t
+                      SEMI JOIN (SELECT subject_id FROM demo WHERE split = 'train') d USING (subject_id) GROUP BY t.token"""
     years = _col(con, "SELECT DISTINCT year(est) FROM vis ORDER BY 1")
     max_age = con.execute(
         f"SELECT max(floor((epoch(v.est) - epoch(d.birth_ok)) / {365.25 * 86400})) FROM vis v JOIN demo_t d USING (subject_id)"
@@ -47,22 +47,32 @@ def build_vocab(con: duckdb.DuckDBPyConnection, min_subjects: int, num_bins: int
     """Create `vocab_tbl(token, id)`, map `tok.token` to `tok.id`, and return the Vocab."""
     tokens = candidate_tokens(con, min_subjects, num_bins, max_gap_days)
     con.execute("CREATE OR REPLACE TABLE vocab_tbl (token VARCHAR, id INTEGER, kind VARCHAR)")
-    con.executemany("INSERT INTO vocab_tbl VALUES (?, ?, ?)", [(t, i, kind_of(t)) for i, t in enumerate(tokens)])
-    # structural tokens not in the vocabulary -> their UNKNOWN form; rare discharges are dropped
+    con.execute("INSERT INTO vocab_tbl SELECT unnest(?), unnest(?), unnest(?)",
+                [tokens, list(range(len(tokens))), [kind_of(t) for t in tokens]])
+    # structural tokens not in the vocabulary -> their UNKNOWN form; rare discharges are dropped.
+    # Resolved once per distinct token (thousands), then joined to the token rows (millions).
     con.execute("""
-        CREATE OR REPLACE TABLE tok_ids AS
-        SELECT t.subject_id, t.r, t.part, t.er, t.sub, t.t, t.token, coalesce(v.id, u.id) AS id
-        FROM tok t LEFT JOIN vocab_tbl v USING (token)
-        LEFT JOIN vocab_tbl u ON v.id IS NULL AND u.token = regexp_extract(t.token, '^([A-Z]+//)', 1) || 'UNKNOWN'
+        CREATE OR REPLACE TEMP TABLE tok_map AS
+        SELECT d.token, d.n, coalesce(v.id, u.id) AS id, v.id IS NULL AS not_in_vocab
+        FROM (SELECT token, count(*) AS n FROM tok GROUP BY token) d
+        LEFT JOIN vocab_tbl v USING (token)
+        LEFT JOIN vocab_tbl u ON v.id IS NULL AND u.token = regexp_extract(d.token, '^([A-Z]+//)', 1) || 'UNKNOWN'
     """)
     unknown = dict(con.execute("""
-        SELECT regexp_extract(token, '^([A-Za-z]+)', 1) || ' (' || CASE WHEN id IS NULL THEN 'dropped' ELSE 'as UNKNOWN' END || ')', count(*)
-        FROM tok_ids t WHERE t.token NOT IN (SELECT token FROM vocab_tbl) GROUP BY 1 ORDER BY 1
+        SELECT regexp_extract(token, '^([A-Za-z]+)', 1) || ' (' || CASE WHEN id IS NULL THEN 'dropped' ELSE 'as UNKNOWN' END || ')',
+               CAST(sum(n) AS BIGINT)
+        FROM tok_map WHERE not_in_vocab AND token IS NOT NULL GROUP BY 1 ORDER BY 1
     """).fetchall())
-    con.execute("DELETE FROM tok_ids WHERE id IS NULL")
+    con.execute("""
+        CREATE OR REPLACE TABLE tok_ids AS
+        SELECT t.subject_id, t.r, t.part, t.er, t.sub, t.t, t.token, m.id
+        FROM tok t JOIN tok_map m USING (token) WHERE m.id IS NOT NULL
+    """)
     counts = {t: (c, s) for t, c, s in con.execute("""
-        SELECT v.token, count(*), count(DISTINCT t.subject_id) FROM tok_ids t JOIN demo d USING (subject_id)
-        JOIN vocab_tbl v ON v.id = t.id WHERE d.split = 'train' GROUP BY v.token
+        SELECT v.token, x.c, x.s FROM (
+            SELECT t.id, count(*) AS c, count(DISTINCT t.subject_id) AS s FROM tok_ids t
+            SEMI JOIN (SELECT subject_id FROM demo WHERE split = 'train') d USING (subject_id) GROUP BY t.id
+        ) x JOIN vocab_tbl v ON v.id = x.id
     """).fetchall()}
     desc = dict(con.execute("SELECT code, description FROM code_meta WHERE description IS NOT NULL").fetchall())
     edges = {c: [lo, *cuts, hi] for c, cuts, lo, hi in con.execute("SELECT code, cuts, lo, hi FROM edges ORDER BY code").fetchall()}
