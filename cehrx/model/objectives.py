@@ -1,0 +1,140 @@
+"""Training objectives on packed batches: next-token cross-entropy and auxiliary time heads.
+
+Every loss is a mean over *real* targets: labels are -100 on padding and at the last token of
+each packed patient, so nothing is learned across a patient boundary or from padding.
+Losses are also returned as (sum, count) so validation can average exactly over an epoch
+and across ranks instead of averaging per-batch means.
+
+Auxiliary heads (CEHR-XGPT style), each off when its weight is 0:
+
+- time to next visit: at a `[VE]` whose next token is a gap token (`D<n>` / `Y<n>`), regress
+  log1p(days until that gap token's time), the gap measured from the real `times`;
+- year/month/day: wherever the next token is a gap token, classify the years, months and
+  days its interval decomposes into (three small softmax heads), a smoother signal than one
+  of ~1,200 gap tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cehrx.data.vocab import KINDS, VE, Vocab, time_token_days
+
+IGNORE_INDEX = -100
+N_YEARS, N_MONTHS, N_DAYS = 128, 12, 31
+DAYS_PER_YEAR, DAYS_PER_MONTH = 365.25, 30.4375
+SECONDS_PER_DAY = 86400.0
+
+
+@dataclass
+class LossSum:
+    """A loss as its sum over targets and the number of targets (exact epoch means)."""
+
+    total: Tensor
+    count: Tensor
+
+    def mean(self) -> Tensor:
+        return self.total / self.count.clamp(min=1)
+
+
+def next_token_loss(logits: Tensor, labels: Tensor) -> LossSum:
+    """Cross-entropy summed over targets != -100 (fp32 softmax even under bf16 autocast)."""
+    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return LossSum(total, (labels != IGNORE_INDEX).sum())
+
+
+def gap_decomposition(days: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split intervals in days into (years, months, days) classes, clamped to the head sizes.
+
+    >>> [a.tolist() for a in gap_decomposition(np.array([0.0, 45.0, 400.0, 3 * 365.25]))]
+    [[0, 0, 1, 3], [0, 1, 1, 0], [0, 14, 4, 0]]
+    """
+    days = np.maximum(np.asarray(days, dtype=np.float64), 0.0)
+    years = np.floor(days / DAYS_PER_YEAR + 1e-9)
+    rest = np.maximum(days - years * DAYS_PER_YEAR, 0.0)
+    months = np.floor(rest / DAYS_PER_MONTH + 1e-9)
+    rest_days = np.floor(np.maximum(rest - months * DAYS_PER_MONTH, 0.0) + 1e-9)
+    return (
+        np.clip(years, 0, N_YEARS - 1).astype(np.int64),
+        np.clip(months, 0, N_MONTHS - 1).astype(np.int64),
+        np.clip(rest_days, 0, N_DAYS - 1).astype(np.int64),
+    )
+
+
+def time_tables(vocab: Vocab) -> dict[str, Tensor]:
+    """Per-token-id lookup tables: `is_gap` and the year/month/day classes of gap tokens.
+
+    Built once from the vocabulary (a loop over vocab entries, not over data) so targets of a
+    batch are plain tensor indexing.
+    """
+    kinds = vocab.kind_array()
+    is_gap = kinds == KINDS.index("gap")
+    days = np.array([time_token_days(t) or 0.0 for t in vocab.tokens], dtype=np.float64)
+    y, m, d = gap_decomposition(np.where(is_gap, days, 0.0))
+    return {
+        "is_gap": torch.from_numpy(is_gap),
+        "gap_ymd": torch.from_numpy(np.stack([y, m, d], axis=1)),
+        "ve_id": torch.tensor(vocab[VE], dtype=torch.long),
+    }
+
+
+class TimeHeads(nn.Module):
+    """Auxiliary time heads on the backbone's hidden states (see module docstring).
+
+    The lookup tables are persistent buffers, so a checkpoint carries them and the heads work
+    without the vocabulary at load time. A head with weight 0 is not built at all.
+    """
+
+    def __init__(self, n_embd: int, vocab_size: int, time_to_visit_weight: float = 0.0, ymd_weight: float = 0.0, vocab: Vocab | None = None) -> None:
+        super().__init__()
+        self.weights = {"time_to_visit": float(time_to_visit_weight), "ymd": float(ymd_weight)}
+        self.time_to_visit = nn.Sequential(nn.Linear(n_embd, n_embd), nn.GELU(), nn.Linear(n_embd, 1)) if time_to_visit_weight > 0 else None
+        self.ymd = nn.Linear(n_embd, N_YEARS + N_MONTHS + N_DAYS) if ymd_weight > 0 else None
+        tables = time_tables(vocab) if vocab is not None else {
+            "is_gap": torch.zeros(vocab_size, dtype=torch.bool),
+            "gap_ymd": torch.zeros(vocab_size, 3, dtype=torch.long),
+            "ve_id": torch.tensor(-1, dtype=torch.long),
+        }
+        if len(tables["is_gap"]) != vocab_size:
+            raise ValueError(f"vocabulary has {len(tables['is_gap'])} tokens but the model's vocab_size is {vocab_size}")
+        for name, t in tables.items():
+            self.register_buffer(name, t)
+
+    @property
+    def active(self) -> bool:
+        return self.time_to_visit is not None or self.ymd is not None
+
+    def forward(self, h: Tensor, input_ids: Tensor, labels: Tensor, times: Tensor) -> dict[str, LossSum]:
+        """Auxiliary losses (sum, count) for a packed batch; `h` is `[T, C]` hidden states."""
+        valid = labels != IGNORE_INDEX
+        safe = labels.clamp(min=0)
+        next_is_gap = valid & self.is_gap[safe]
+        out: dict[str, LossSum] = {}
+        if self.time_to_visit is not None:
+            idx = torch.nonzero(next_is_gap & (input_ids == self.ve_id)).squeeze(-1)
+            dt = (times[(idx + 1).clamp(max=len(times) - 1)] - times[idx]).clamp(min=0).float() / SECONDS_PER_DAY
+            pred = self.time_to_visit(h[idx]).squeeze(-1).float()
+            out["time_to_visit"] = LossSum(F.mse_loss(pred, torch.log1p(dt), reduction="sum"), torch.tensor(len(idx), device=h.device))
+        if self.ymd is not None:
+            idx = torch.nonzero(next_is_gap).squeeze(-1)
+            logits = self.ymd(h[idx]).float()
+            target = self.gap_ymd[labels[idx]]
+            parts = torch.split(logits, [N_YEARS, N_MONTHS, N_DAYS], dim=-1)
+            total = sum(F.cross_entropy(p, target[:, i], reduction="sum") for i, p in enumerate(parts)) / 3.0
+            out["ymd"] = LossSum(total, torch.tensor(len(idx), device=h.device))
+        return out
+
+
+def token_accuracy(logits: Tensor, labels: Tensor, token_kind: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """(correct, count) of argmax predictions for code targets and for time-token targets."""
+    valid = labels != IGNORE_INDEX
+    kind = token_kind[labels.clamp(min=0)]
+    hit = (logits.argmax(-1) == labels) & valid
+    code = valid & (kind == KINDS.index("code"))
+    time = valid & ((kind == KINDS.index("gap")) | (kind == KINDS.index("inpatient_time")))
+    return {"acc_code": ((hit & code).sum(), code.sum()), "acc_time": ((hit & time).sum(), time.sum())}

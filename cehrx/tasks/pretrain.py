@@ -1,0 +1,205 @@
+"""`cehrx task=pretrain`: train a `GPT` on a prepared dir, then export a self-contained model.
+
+Output (`output_dir`, default `<prepared_dir>/model`, stable so a requeue finds it again):
+
+    config.yaml               resolved config of the run (vocab_size filled in)
+    checkpoints/last.ckpt     latest state (resume with `ckpt_path=last`)
+    checkpoints/best.ckpt     lowest val/loss
+    logs/metrics.csv          csv logger (default)
+    metrics.json              final validation metrics of the exported weights + unigram baseline
+    model/                    the exported model (`cehrx.model.export`): what probe, zeroshot
+                              and generate load with `load_pretrained(output_dir)`
+
+Everything is built from the config with `hydra.utils.instantiate`: `model` (GPTConfig),
+`task.datamodule`, `task.module`, `trainer`, `callbacks`, `logger`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from cehrx.data.vocab import Vocab
+from cehrx.errors import CehrxError
+from cehrx.model.export import MARKER, MODEL_SUBDIR, checkpoint_step, export_checkpoint
+
+CKPT_SUBDIR = "checkpoints"
+
+
+def progress_bar(refresh_rate: int = 1, plain_refresh_rate: int = 50) -> ProgressBar:
+    """Rich progress bar on a terminal; a plain tqdm bar (refreshed rarely) in logs and batch jobs."""
+    if sys.stderr.isatty():
+        return RichProgressBar(refresh_rate=refresh_rate)
+    return TQDMProgressBar(refresh_rate=plain_refresh_rate)
+
+
+class FinalCheckpoint(Callback):
+    """Write `checkpoints/last.ckpt` when training ends, in the training processes themselves.
+
+    Whatever the checkpoint callbacks' intervals, a finished run can be resumed or exported
+    from its true end state; saving here (not after `fit` returns) also works with spawned
+    workers, whose trainer state never comes back to the launching process.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.save_checkpoint(self.path)
+
+
+def resolve_ckpt_path(value: str | None, output_dir: Path) -> str | None:
+    """`last` / `best` -> `<output_dir>/checkpoints/<name>.ckpt`; any other value is a path. Must exist."""
+    if value in (None, "", "null"):
+        return None
+    path = output_dir / CKPT_SUBDIR / f"{value}.ckpt" if value in ("last", "best") else Path(str(value))
+    if not path.exists():
+        raise CehrxError(f"ckpt_path={value}: no checkpoint at {path} (nothing to resume; drop ckpt_path to start a new run)")
+    return str(path)
+
+
+def check_inputs(prepared_dir: Path) -> Path:
+    """The prepared dir's vocab.json, or a one-line error saying what is missing."""
+    if not prepared_dir.is_dir():
+        raise CehrxError(f"prepared dir {prepared_dir} does not exist: run `cehrx task=prepare` first (or set data.prepared_dir)")
+    vocab = prepared_dir / "vocab.json"
+    if not vocab.is_file():
+        raise CehrxError(f"{vocab} not found: {prepared_dir} is not a finished prepared dir (run `cehrx task=prepare`)")
+    if not (prepared_dir / "tokens" / "train").is_dir():
+        raise CehrxError(f"{prepared_dir / 'tokens' / 'train'} not found: {prepared_dir} has no token shards (run `cehrx task=prepare`)")
+    return vocab
+
+
+def guard_output(out: Path, overwrite: bool, resuming: bool) -> None:
+    """Refuse to clobber a finished model or an unfinished run's checkpoints without overwrite=true."""
+    if (out / MODEL_SUBDIR / MARKER).is_file() and not overwrite:
+        raise CehrxError(f"{out} already holds a finished model ({MODEL_SUBDIR}/{MARKER}); pass overwrite=true to train again")
+    ckpts = out / CKPT_SUBDIR
+    if not resuming and ckpts.is_dir() and any(ckpts.iterdir()):
+        if not overwrite:
+            raise CehrxError(f"{ckpts} holds checkpoints of an earlier run: resume with ckpt_path=last, or pass overwrite=true to start over")
+        if rank_zero_only.rank == 0:
+            for sub in (CKPT_SUBDIR, "logs"):
+                shutil.rmtree(out / sub, ignore_errors=True)
+
+
+def fill_vocab_size(cfg: DictConfig, vocab: Vocab, vocab_path: Path) -> None:
+    """Set `model.vocab_size` from vocab.json (an explicit, different value is an error)."""
+    given = cfg.model.get("vocab_size")
+    if given not in (None, len(vocab)):
+        raise CehrxError(f"model.vocab_size={given} but {vocab_path} has {len(vocab)} tokens: leave model.vocab_size=null")
+    with open_dict(cfg):
+        cfg.model.vocab_size = len(vocab)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build_callbacks(cfg: DictConfig) -> list[Callback]:
+    """Instantiate `callbacks.*`; progress bars are dropped when the trainer disables them."""
+    cbs = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+    if not cfg.trainer.get("enable_progress_bar", True):
+        cbs = [c for c in cbs if not isinstance(c, ProgressBar)]
+    return cbs
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train, validate the weights that get exported, export them; returns the final metrics."""
+    prepared = Path(cfg.data.prepared_dir)
+    vocab_path = check_inputs(prepared)
+    out = Path(cfg.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
+    guard_output(out, bool(cfg.overwrite), resuming=ckpt_path is not None)
+    vocab = Vocab.load(vocab_path)
+    fill_vocab_size(cfg, vocab, vocab_path)
+    L.seed_everything(int(cfg.seed), workers=True)
+    if rank_zero_only.rank == 0:
+        write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    datamodule, module, trainer = build(cfg, vocab, out / CKPT_SUBDIR / "last.ckpt")
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return finish(cfg, trainer, module, datamodule, time.perf_counter() - start, vocab_path)
+
+
+def build(cfg: DictConfig, vocab: Vocab, final_ckpt: Path) -> tuple[Any, Any, L.Trainer]:
+    """(datamodule, LightningModule, Trainer) from the config groups."""
+    gpt_config = instantiate(cfg.model, _convert_="all")
+    datamodule = instantiate(cfg.task.datamodule)
+    module = instantiate(cfg.task.module, _partial_=True, _convert_="all")(model_config=gpt_config.to_dict(), vocab=vocab)
+    logger = instantiate(cfg.logger) if cfg.get("logger") and "_target_" in cfg.logger else False
+    callbacks = [*build_callbacks(cfg), FinalCheckpoint(final_ckpt)]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        # Build the backbone here unless FSDP must build it sharded: with spawn-based launchers
+        # the weights only come back to this process if it holds the modules to load them into.
+        module.configure_model()
+    return datamodule, module, trainer
+
+
+def finish(cfg: DictConfig, trainer: L.Trainer, module: Any, datamodule: Any, fit_s: float, vocab_path: Path) -> dict[str, Any]:
+    """Validate the weights to export (all ranks), then on rank 0 export them and write metrics.json."""
+    out = Path(cfg.output_dir)
+    final = out / CKPT_SUBDIR / "last.ckpt"
+    source = _export_source(trainer, str(final), str((cfg.task.get("export") or {}).get("weights", "best")))
+    results = trainer.validate(module, datamodule=datamodule, ckpt_path=source, verbose=False)
+    if not trainer.is_global_zero:
+        return {}
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    metrics.update(_summary(trainer, module, datamodule, fit_s, source, checkpoint_step(final)))
+    for lg in trainer.loggers:
+        lg.log_metrics({"val/unigram_ppl": metrics["unigram_ppl"]}, step=metrics["global_step"])
+        lg.save()
+    export_checkpoint(source, out / MODEL_SUBDIR, vocab_path, train_config=cfg, overwrite=True, info={"metrics": metrics})
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    _report(metrics, out)
+    return metrics
+
+
+def _export_source(trainer: L.Trainer, final: str, which: str) -> str:
+    """The checkpoint to export: the best by val/loss when asked and available, else the final one."""
+    if which not in ("best", "last"):
+        raise CehrxError(f"task.export.weights must be 'best' or 'last', got {which!r}")
+    if which == "best":
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path and Path(cb.best_model_path).exists():
+                return cb.best_model_path
+    return final
+
+
+def _summary(trainer: L.Trainer, module: Any, datamodule: Any, fit_s: float, source: str, step: int) -> dict[str, Any]:
+    # Counted by the module in this process: unknown (None) when training ran in spawned workers.
+    n_tokens = getattr(module, "tokens_seen", 0) * trainer.world_size or None
+    return {
+        "unigram_ppl": datamodule.unigram_perplexity(),
+        "global_step": step,
+        "fit_seconds": round(fit_s, 1),
+        "train_tokens": n_tokens,
+        "train_tokens_per_s": round(n_tokens / max(fit_s, 1e-9), 1) if n_tokens else None,
+        "exported_checkpoint": source,
+    }
+
+
+def _report(metrics: dict[str, Any], out: Path) -> None:
+    line = (
+        f"pretrain: step {metrics['global_step']}, val/loss {metrics.get('val/loss', float('nan')):.4f}, "
+        f"val/ppl {metrics.get('val/ppl', float('nan')):.2f} (unigram baseline {metrics['unigram_ppl']:.2f}), "
+        f"{metrics['train_tokens_per_s'] or 0:.0f} tokens/s, {metrics['fit_seconds']:.0f}s -> {out / MODEL_SUBDIR}"
+    )
+    print(line, file=sys.stderr)

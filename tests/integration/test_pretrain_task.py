@@ -1,0 +1,133 @@
+"""`task=pretrain` through the real Hydra configs on a synthetic prepared dir."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from cehrx.errors import CehrxError
+from cehrx.model.export import load_pretrained
+from cehrx.model.transformer import Block
+from cehrx.tasks.pretrain import run
+from tests.conftest import compose_cfg
+
+QUIET = ("trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0")
+SMALL = ("model=micro", "model.max_seq_len=64", "task.datamodule.max_tokens_per_batch=512")
+
+
+@pytest.fixture()
+def prepared(synthetic_prepared: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(synthetic_prepared, tmp_path / "prep"))
+
+
+def cfg_for(prepared: Path, out: Path, *overrides: str):
+    return compose_cfg("task=pretrain", "trainer=cpu", f"data.prepared_dir={prepared}", f"output_dir={out}", *SMALL, *QUIET, *overrides)
+
+
+def test_fast_dev_run_through_hydra_configs(prepared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = compose_cfg("task=pretrain", "model=micro", "trainer=cpu", "trainer.fast_dev_run=true", f"data.prepared_dir={prepared}", f"output_dir={out}", *QUIET)
+    metrics = run(cfg)
+    assert metrics["global_step"] == 1 and metrics["val/loss"] > 0 and metrics["unigram_ppl"] > 1
+    assert (out / "config.yaml").is_file() and (out / "metrics.json").is_file()
+    saved = (out / "config.yaml").read_text()
+    assert "vocab_size: null" not in saved and "name: pretrain" in saved
+    gpt, vocab = load_pretrained(out)
+    assert gpt.config.vocab_size == len(vocab) and gpt.config.name == "micro"
+    assert (out / "model" / "train_config.yaml").is_file()
+
+
+def test_resume_continues_the_step_count(prepared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    common = ("trainer.val_check_interval=2", "callbacks.last.every_n_train_steps=2", "task.module.warmup_steps=1")
+    first = run(cfg_for(prepared, out, "trainer.max_steps=2", *common))
+    assert first["global_step"] == 2
+    assert {p.name for p in (out / "checkpoints").iterdir()} >= {"last.ckpt", "best.ckpt"}
+    with pytest.raises(CehrxError, match="overwrite=true"):  # a finished model is never clobbered silently
+        run(cfg_for(prepared, out, "trainer.max_steps=4", *common))
+    with pytest.raises(CehrxError, match="ckpt_path=last"):  # nor an unfinished run's checkpoints
+        shutil.rmtree(out / "model")
+        run(cfg_for(prepared, out, "trainer.max_steps=4", *common))
+    second = run(cfg_for(prepared, out, "trainer.max_steps=4", "ckpt_path=last", *common))
+    assert second["global_step"] == 4
+    steps = [json.loads(x)["global_step"] for x in [(out / "metrics.json").read_text()]]
+    assert steps == [4]
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4
+    csv = (out / "logs" / "metrics.csv").read_text().splitlines()
+    assert len(csv) > 3  # appended across the two runs
+
+
+def test_clear_errors(prepared: Path, tmp_path: Path) -> None:
+    with pytest.raises(CehrxError, match="does not exist"):
+        run(cfg_for(tmp_path / "missing", tmp_path / "o1"))
+    (prepared / "vocab.json").rename(prepared / "vocab.bak")
+    with pytest.raises(CehrxError, match="vocab.json not found"):
+        run(cfg_for(prepared, tmp_path / "o2"))
+    (prepared / "vocab.bak").rename(prepared / "vocab.json")
+    with pytest.raises(CehrxError, match="no checkpoint at"):
+        run(cfg_for(prepared, tmp_path / "o3", "ckpt_path=last"))
+    with pytest.raises(CehrxError, match="leave model.vocab_size=null"):
+        run(cfg_for(prepared, tmp_path / "o4", "model.vocab_size=7"))
+
+
+def _trainer_kwargs(name: str) -> dict:
+    cfg = compose_cfg("task=pretrain", f"trainer={name}", "output_dir=/tmp/unused")
+    partial = instantiate(cfg.trainer, _partial_=True)
+    inspect.signature(L.Trainer).bind(**partial.keywords)  # every key is a real Trainer argument
+    return partial.keywords
+
+
+def test_fsdp_config_instantiates() -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    kw = _trainer_kwargs("fsdp")
+    strategy = kw["strategy"]
+    assert isinstance(strategy, FSDPStrategy) and kw["precision"] == "bf16-mixed" and kw["gradient_clip_val"] > 0
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert isinstance(policy, ModuleWrapPolicy) and Block in policy._module_classes
+    assert strategy._state_dict_type == "sharded"
+
+
+def test_ddp_config_instantiates_on_cpu() -> None:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    cfg = compose_cfg("task=pretrain", "trainer=ddp", "output_dir=/tmp/unused", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true")
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_devices == 2
+    assert _trainer_kwargs("gpu")["precision"] == "bf16-mixed"
+
+
+def test_logger_configs_instantiate(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    csv = instantiate(compose_cfg("task=pretrain", f"output_dir={tmp_path}").logger)
+    assert isinstance(csv, CSVLogger) and Path(csv.log_dir) == tmp_path / "logs"
+    wandb = instantiate(compose_cfg("task=pretrain", "logger=wandb", f"output_dir={tmp_path}").logger)
+    assert isinstance(wandb, WandbLogger) and wandb._offline  # nothing leaves the machine unless configured
+    assert not compose_cfg("task=pretrain", "logger=none", "callbacks=none").logger
+
+
+@pytest.mark.slow
+def test_ddp_spawn_two_processes_on_cpu(prepared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    metrics = run(cfg_for(
+        prepared, out, "trainer.strategy=ddp_spawn", "trainer.devices=2", "trainer.max_steps=3",
+        "trainer.val_check_interval=3", "callbacks=none", "logger=none",
+    ))
+    assert metrics["global_step"] == 3
+    # validation was split over both ranks and summed back: every target counted once
+    single = compose_cfg("task=pretrain", f"data.prepared_dir={prepared}", *SMALL)
+    dm = instantiate(single.task.datamodule)
+    dm.setup()
+    n_targets = sum(int((dm.val_set[(0, b)]["labels"] != -100).sum()) for b in range(len(dm.val_set.plan(0).batches)))
+    assert metrics["val/tokens"] == n_targets
+    load_pretrained(out)
