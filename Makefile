@@ -25,6 +25,7 @@ demo: install ## prepare the embedded Eunomia data and pretrain a tiny model on 
 
 bench: ## run the benchmarks in experiments/bench (see RESULTS.md there)
 	$(PYTHON) experiments/bench/bench_prepare.py
+	$(PYTHON) experiments/bench/bench_train_throughput.py
 
 clean: ## remove demo runs and caches
 	rm -rf runs .pytest_cache
