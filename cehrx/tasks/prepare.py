@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -121,7 +122,7 @@ def prepare(cfg: DictConfig, out: Path) -> dict:
     report["timings_s"] = {**stages.timings, "total": round(time.perf_counter() - start, 3)}
     report["events"]["per_second"] = round(report["events"]["in"] / max(report["timings_s"]["total"], 1e-9))
     con.close()
-    _rmtree(out / ".duckdb_tmp")
+    shutil.rmtree(out / ".duckdb_tmp", ignore_errors=True)
     return report
 
 
@@ -148,8 +149,3 @@ def summarize(con, stats: dict, demo_stats: dict, visit_stats: dict, code_stats:
         "tokens": {"total": q("SELECT count(*) FROM tok_ids"), **vocab_stats},
     }
 
-
-def _rmtree(p: Path) -> None:
-    import shutil
-
-    shutil.rmtree(p, ignore_errors=True)
