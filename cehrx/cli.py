@@ -8,9 +8,12 @@ from importlib import resources
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
 
 from cehrx.errors import CehrxError
+from cehrx.meds_dev import translate
 
 log = logging.getLogger("cehrx")
 
@@ -29,6 +32,9 @@ def config_dir() -> str:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def app(cfg: DictConfig) -> object:
+    if HydraConfig.get().mode == RunMode.MULTIRUN:  # one stable output dir per sweep job
+        with open_dict(cfg):
+            cfg.output_dir = HydraConfig.get().runtime.output_dir
     fn = hydra.utils.get_method(cfg.task.fn)
     try:
         return fn(cfg)
@@ -38,4 +44,5 @@ def app(cfg: DictConfig) -> object:
 
 
 def main() -> None:
+    sys.argv[1:] = translate(sys.argv[1:])
     app()

@@ -35,6 +35,9 @@ def default_intermediate_size(n_embd: int) -> int:
     return find_multiple(int(8 * n_embd / 3), 64)
 
 
+RECIPE_KEYS = ("lr",)  # training-recipe values kept in the model yamls, not architecture
+
+
 @dataclass
 class GPTConfig:
     """Sizes and options of the decoder-only transformer (`cehrx.model.transformer.GPT`).
@@ -97,6 +100,15 @@ class GPTConfig:
         if unknown:
             raise ValueError(f"unknown GPTConfig field(s): {', '.join(unknown)}")
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_recipe(cls, **kwargs: Any) -> "GPTConfig":
+        """Build from a `configs/model/*.yaml` recipe, which also carries the size's learning rate.
+
+        `model.lr` sits beside the architecture because the right rate depends on the size
+        (sweeps read `cehrx -m task=pretrain model.lr=1e-4,3e-4`); it is not a model field.
+        """
+        return cls(**{k: v for k, v in kwargs.items() if k not in RECIPE_KEYS})
 
     def replace(self, **changes: Any) -> "GPTConfig":
         """A copy with some fields changed, e.g. `config.replace(vocab_size=len(vocab))`.

@@ -140,9 +140,13 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, vocab_path: st
 
 
 def model_dir(path: str | Path) -> Path:
-    """Resolve a model dir from itself or from the training run's output_dir that contains it."""
+    """Resolve a model dir from itself, the training run's output_dir, or a pipeline root above that.
+
+    `cehrx task=pipeline` (and MEDS-DEV's `model_initialization_dir`) put the pretrain run in
+    `<root>/model/`, whose export is `<root>/model/model/`.
+    """
     path = Path(path)
-    for cand in (path, path / MODEL_SUBDIR):
+    for cand in (path, path / MODEL_SUBDIR, path / MODEL_SUBDIR / MODEL_SUBDIR):
         if (cand / MARKER).is_file():
             return cand
     raise CehrxError(f"no exported model at {path} (expected {MARKER} there or in {path / MODEL_SUBDIR}; run `cehrx task=pretrain` first)")

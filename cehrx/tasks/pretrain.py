@@ -62,9 +62,16 @@ class FinalCheckpoint(Callback):
 
 
 def resolve_ckpt_path(value: str | None, output_dir: Path) -> str | None:
-    """`last` / `best` -> `<output_dir>/checkpoints/<name>.ckpt`; any other value is a path. Must exist."""
+    """`last` / `best` -> `<output_dir>/checkpoints/<name>.ckpt`; any other value is a path. Must exist.
+
+    `auto` resumes from `last.ckpt` when there is one and starts afresh otherwise: what a SLURM
+    job needs, since its requeued copy runs the very same command line.
+    """
     if value in (None, "", "null"):
         return None
+    if value == "auto":
+        last = output_dir / CKPT_SUBDIR / "last.ckpt"
+        return str(last) if last.exists() else None
     path = output_dir / CKPT_SUBDIR / f"{value}.ckpt" if value in ("last", "best") else Path(str(value))
     if not path.exists():
         raise CehrxError(f"ckpt_path={value}: no checkpoint at {path} (nothing to resume; drop ckpt_path to start a new run)")
@@ -125,6 +132,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     prepared = Path(cfg.data.prepared_dir)
     vocab_path = check_inputs(prepared)
     out = Path(cfg.output_dir)
+    if cfg.get("ckpt_path") == "auto" and (out / MODEL_SUBDIR / MARKER).is_file() and not cfg.overwrite:
+        print(f"cehrx: {out} already holds a finished model; nothing to resume (ckpt_path=auto)")
+        return json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
     guard_output(out, bool(cfg.overwrite), resuming=ckpt_path is not None)
     vocab = Vocab.load(vocab_path)
