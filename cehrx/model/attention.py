@@ -21,7 +21,9 @@ Backends (`resolve_backend` picks one for `auto`):
 
 Unpacked `[B, T, H, D]` inputs (equal-length sequences, generation) always use sdpa with a
 causal mask, aligned to the end of the keys so it also serves incremental decoding with a
-`KVCache` (query length < key length).
+`KVCache` (query length < key length). An optional `key_mask` (bool `[B, Tk]`, True = real
+token) hides left padding, so prompts of different lengths share one batch; the packed path
+never takes it and is unchanged.
 """
 
 from __future__ import annotations
@@ -253,16 +255,20 @@ def attention(
     backend: str = "auto",
     packed_mask: PackedMask | None = None,
     dropout_p: float = 0.0,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """Causal multi-head attention; returns a tensor shaped like `q`.
 
     Packed: `q, k, v` are `[T, n_head, head_dim]` and `cu_seqlens` (or a prebuilt
     `packed_mask`, which carries it) splits the T tokens into independent sequences.
     Unpacked: `[B, T, n_head, head_dim]`, every row one sequence; keys may be longer than
-    queries (cached decoding), in which case queries are the last positions.
+    queries (cached decoding), in which case queries are the last positions. `key_mask`
+    (unpacked only, bool `[B, Tk]`, True = real key) hides padding keys from every query.
     """
     if q.dim() == 4:
-        return _sdpa_unpacked(q, k, v, dropout_p)
+        return _sdpa_unpacked(q, k, v, dropout_p, key_mask)
+    if key_mask is not None:
+        raise ValueError("key_mask is for unpacked [B, T, H, D] attention; packed batches have no padding")
     if q.dim() != 3:
         raise ValueError(f"attention expects packed [T, H, D] or unpacked [B, T, H, D] inputs, got shape {tuple(q.shape)}")
     if packed_mask is None:
@@ -332,10 +338,12 @@ def _flash_packed(q: Tensor, k: Tensor, v: Tensor, pm: PackedMask, dropout_p: fl
     return out.to(dtype)
 
 
-def _sdpa_unpacked(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
+def _sdpa_unpacked(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, key_mask: Tensor | None = None) -> Tensor:
     Tq, Tk = q.shape[1], k.shape[1]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if Tq == Tk:
+    if key_mask is not None:
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=padded_causal_mask(key_mask, Tq), dropout_p=dropout_p)
+    elif Tq == Tk:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, dropout_p=dropout_p)
     elif Tq == 1:  # one new token sees the whole cache
         out = F.scaled_dot_product_attention(qt, kt, vt, dropout_p=dropout_p)
@@ -344,6 +352,24 @@ def _sdpa_unpacked(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
         mask = torch.arange(Tk, device=q.device)[None, :] <= qi[:, None]
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p)
     return out.transpose(1, 2)
+
+
+def padded_causal_mask(key_mask: Tensor, n_query: int) -> Tensor:
+    """Bool `[B, 1, Tq, Tk]`: causal (queries are the last `Tq` keys) and only real keys.
+
+    A padding query (left padding) would otherwise see no key at all, and sdpa turns an
+    all-masked row into NaN, which the next layer's padding keys would carry into real rows
+    (0 * NaN is NaN). So every query also sees itself: padding rows stay finite, and real
+    queries never see padding keys.
+    """
+    B, Tk = key_mask.shape
+    if n_query == 1:  # one new (real) token: it sees every real key, itself included
+        return key_mask[:, None, None, :].bool()
+    qi = torch.arange(Tk - n_query, Tk, device=key_mask.device)
+    ki = torch.arange(Tk, device=key_mask.device)
+    causal = ki[None, :] <= qi[:, None]  # [Tq, Tk]
+    own = ki[None, :] == qi[:, None]
+    return ((causal[None] & key_mask[:, None, :].bool()) | own[None])[:, None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,6 +402,28 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def select_rows(self, index: Tensor) -> None:
+        """Keep (and reorder / repeat) batch rows `index` in place: finished rows are dropped,
+        a prefilled prompt is replicated for each of its samples. Copies the filled part only."""
+        n = self.length
+        k = self.k.new_empty((self.k.shape[0], len(index), *self.k.shape[2:]))  # the tail is written before it is read
+        v = torch.empty_like(k)
+        k[:, :, :n] = self.k[:, index, :n]
+        v[:, :, :n] = self.v[:, index, :n]
+        self.k, self.v = k, v
+
+    def grow(self, max_len: int) -> None:
+        """Make room for `max_len` tokens (keeping what is cached), e.g. after a prompt-sized prefill."""
+        if max_len <= self.max_len:
+            return
+        pad = (0, 0, 0, 0, 0, max_len - self.max_len)
+        self.k, self.v = F.pad(self.k, pad), F.pad(self.v, pad)
+        self.max_len = max_len
 
     def reset(self) -> None:
         self.length = 0

@@ -10,7 +10,8 @@ Two input layouts share the same weights:
 - packed `[T]` + `cu_seqlens`: patients concatenated without padding (training). Positions
   restart at 0 for each patient and attention never crosses a patient boundary.
 - unpacked `[B, T]`: equal-length sequences, plain causal attention, optional `KVCache`
-  (generation).
+  (generation). Left-padded rows of different lengths pass `key_mask` (hides the padding
+  keys) and per-row `position_ids` (each sequence starts at 0).
 """
 
 from __future__ import annotations
@@ -105,14 +106,19 @@ class Attention(nn.Module):
         self.dropout = config.dropout
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], packed_mask: PackedMask | None = None, kv_cache: KVCache | None = None
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        packed_mask: PackedMask | None = None,
+        kv_cache: KVCache | None = None,
+        key_mask: Tensor | None = None,
     ) -> Tensor:
         qkv = self.qkv(x).view(*x.shape[:-1], 3, self.n_head, self.head_dim)
         q, k = apply_rotary(qkv[..., :2, :, :], *rope).unbind(-3)  # q and k rotated in one pass
         v = qkv[..., 2, :, :]
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        y = attention(q, k, v, packed_mask=packed_mask, dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, packed_mask=packed_mask, dropout_p=self.dropout if self.training else 0.0, key_mask=key_mask)
         return self.proj(y.reshape(*x.shape[:-1], -1))
 
 
@@ -143,9 +149,14 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], packed_mask: PackedMask | None = None, kv_cache: KVCache | None = None
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        packed_mask: PackedMask | None = None,
+        kv_cache: KVCache | None = None,
+        key_mask: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.drop(self.attn(self.norm_1(x), rope, packed_mask, kv_cache))
+        x = x + self.drop(self.attn(self.norm_1(x), rope, packed_mask, kv_cache, key_mask))
         return x + self.drop(self.mlp(self.norm_2(x)))
 
 
@@ -209,19 +220,22 @@ class GPT(nn.Module):
         cu_seqlens: Tensor | None = None,
         max_seqlen: int | None = None,
         kv_cache: KVCache | None = None,
+        key_mask: Tensor | None = None,
     ) -> Tensor:
         """Hidden states `[T, C]` for packed `[T]` input (needs `cu_seqlens`) or `[B, T, C]` for `[B, T]`.
 
         Packed: `position_ids` default to positions restarting per patient; pass `max_seqlen`
         (the longest patient, a host int) to avoid a device sync. Unpacked: positions default
         to `0..T-1` after whatever `kv_cache` already holds; the cache is advanced by T.
+        `key_mask` (unpacked only): bool `[B, past + T]`, False on padding tokens, which no
+        query then attends to; give left-padded rows their own `position_ids` too.
         """
         packed_mask = None
         if input_ids.dim() == 1:
             if cu_seqlens is None:
                 raise ValueError("packed [T] input_ids need cu_seqlens (int32 [n_seq + 1]); pass [B, T] for unpacked sequences")
-            if kv_cache is not None:
-                raise ValueError("kv_cache works with unpacked [B, T] input only")
+            if kv_cache is not None or key_mask is not None:
+                raise ValueError("kv_cache and key_mask work with unpacked [B, T] input only")
             T = input_ids.shape[0]
             backend = resolve_backend(self.config.attn_backend, input_ids.device)
             packed_mask = build_packed_mask(cu_seqlens, T, max_seqlen, backend)
@@ -236,13 +250,15 @@ class GPT(nn.Module):
             self._check_length(past + T, position_ids)
             if position_ids is None:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(input_ids.shape[0], T)
+            if key_mask is not None and tuple(key_mask.shape) != (input_ids.shape[0], past + T):
+                raise ValueError(f"key_mask must be [B, past + T] = {(input_ids.shape[0], past + T)}, got {tuple(key_mask.shape)}")
         else:
             raise ValueError(f"input_ids must be packed [T] or unpacked [B, T], got shape {tuple(input_ids.shape)}")
 
         rope = self.rope(position_ids)
         x = self.drop(self.wte(input_ids))
         for block in self.blocks:
-            x = block(x, rope, packed_mask, kv_cache)
+            x = block(x, rope, packed_mask, kv_cache, key_mask)
         if kv_cache is not None:
             kv_cache.advance(input_ids.shape[1])
         return self.norm(x)

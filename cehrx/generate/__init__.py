@@ -1,0 +1,1 @@
+"""Synthetic patient generation: the sampling engine (`sampler`) and what turns samples into data."""
