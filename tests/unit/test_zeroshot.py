@@ -1,0 +1,259 @@
+"""Zero-shot: outcome windows from ACES configs, window arithmetic on futures, the denominator rule,
+no leakage, determinism."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cehrx.data.history import load_all_splits
+from cehrx.data.vocab import Vocab
+from cehrx.errors import CehrxError
+from cehrx.generate.sampler import STOP_DEATH, STOP_END, STOP_TIME, STOP_TOKENS
+from cehrx.model.config import GPTConfig
+from cehrx.model.transformer import GPT
+from cehrx.zeroshot.outcome import Outcome, Window, resolve_outcome
+from cehrx.zeroshot.predict import (
+    LabelInputs,
+    ZeroshotConfig,
+    aggregate,
+    finalize_probabilities,
+    predict_chunk,
+    score_futures,
+)
+
+DAY = 86400
+
+
+@pytest.fixture(scope="module")
+def vocab(synthetic_prepared: Path) -> Vocab:
+    return Vocab.load(synthetic_prepared)
+
+
+def ids(vocab: Vocab, *seqs: str) -> tuple[np.ndarray, np.ndarray]:
+    """Flat tokens/offsets from space-separated token strings."""
+    toks = [[vocab[t] for t in s.split()] for s in seqs]
+    offsets = np.concatenate([[0], np.cumsum([len(t) for t in toks])]).astype(np.int64)
+    return np.concatenate([np.asarray(t, dtype=np.int64) for t in toks]), offsets
+
+
+def outcome_of(vocab: Vocab, window: Window, code: str = "SNOMED/101") -> Outcome:
+    return Outcome("t", [code], np.array([vocab[code]]), window)
+
+
+def score(vocab: Vocab, outcome: Outcome, seqs: list[str], stop: list[int], slack_days: list[float] | None = None):
+    tokens, offsets = ids(vocab, *seqs)
+    slack = np.asarray([int(d * DAY) for d in (slack_days or [0] * len(seqs))], dtype=np.int64)
+    return score_futures(vocab, outcome, tokens, offsets, np.asarray(stop, dtype=np.int8), slack)
+
+
+# ------------------------------------------------------------------------------ window arithmetic
+
+
+def test_outcome_just_inside_and_just_outside_the_window(vocab: Vocab) -> None:
+    out = outcome_of(vocab, Window(end_days=365))
+    s = score(vocab, out, [
+        "[VE] D365 [VS] VISIT//OP SNOMED/101",  # exactly at the end: inside (end inclusive)
+        "[VE] D366 [VS] VISIT//OP SNOMED/101",  # one day late: outside, and the window has passed
+        "SNOMED/101 [VE]",  # rest of the current visit: inside
+    ], [STOP_TIME, STOP_TIME, STOP_TOKENS])
+    assert s.has_outcome.tolist() == [True, False, True]
+    assert s.resolved.tolist() == [True, True, True]
+    assert s.days_to_outcome[0] == 365 and math.isnan(s.days_to_outcome[1]) and s.days_to_outcome[2] == 0
+    exclusive = outcome_of(vocab, Window(end_days=365, end_inclusive=False))
+    assert score(vocab, exclusive, ["[VE] D365 [VS] VISIT//OP SNOMED/101"], [STOP_TIME]).has_outcome.tolist() == [False]
+
+
+def test_time_tokens_are_summed_across_gaps_and_inpatient_time(vocab: Vocab) -> None:
+    out = outcome_of(vocab, Window(end_days=365))
+    inside = "[VE] D200 [VS] VISIT//IP SNOMED/100 i-D1 SNOMED/102 [VE] D100 [VS] VISIT//OP [VE] D64 [VS] VISIT//OP SNOMED/101"
+    outside = inside.replace("D64", "D65")
+    years = "[VE] Y3 [VS] VISIT//OP SNOMED/101"  # 3 * 365.25 days: far outside
+    s = score(vocab, out, [inside, outside, years], [STOP_TIME] * 3)
+    assert s.has_outcome.tolist() == [True, False, False]
+    assert s.days_to_outcome[0] == 365
+
+
+def test_window_start_and_prediction_after_last_event(vocab: Vocab) -> None:
+    # prediction time 10 days after the last history event: offsets are counted from the prediction time
+    out = outcome_of(vocab, Window(end_days=365))
+    s = score(vocab, out, ["[VE] D375 [VS] VISIT//OP SNOMED/101", "[VE] D376 [VS] VISIT//OP SNOMED/101", "[VE] D3 [VS] VISIT//OP SNOMED/101"],
+              [STOP_TIME] * 3, slack_days=[10, 10, 10])
+    assert s.has_outcome.tolist() == [True, False, True]
+    assert s.days_to_outcome[2] == 0  # rebuilt before the prediction time: placed just after it
+    gap = outcome_of(vocab, Window(start_days=2, end_days=30))  # a gap window: days (2, 30]
+    s = score(vocab, gap, ["SNOMED/101 [VE]", "[VE] D2 [VS] VISIT//OP SNOMED/101", "[VE] D3 [VS] VISIT//OP SNOMED/101"], [STOP_TOKENS, STOP_TOKENS, STOP_TIME])
+    assert s.has_outcome.tolist() == [False, False, True]
+
+
+def test_within_next_visits(vocab: Vocab) -> None:
+    out = outcome_of(vocab, Window(visits=1))
+    s = score(vocab, out, [
+        "[VE] D5 [VS] VISIT//OP SNOMED/101 [VE]",  # first next visit: inside
+        "[VE] D5 [VS] VISIT//OP [VE] D5 [VS] VISIT//OP SNOMED/101",  # second: outside, window passed
+        "[VE] D5 [VS] VISIT//OP SNOMED/100",  # still in visit 1 when the tokens ran out: unresolved
+    ], [STOP_TOKENS] * 3)
+    assert s.has_outcome.tolist() == [True, False, False]
+    assert s.resolved.tolist() == [True, True, False]
+
+
+def test_value_constrained_outcome_needs_an_allowed_decile(vocab: Vocab) -> None:
+    q_hi = np.array([vocab["Q9"], vocab["Q10"]])
+    out = Outcome("t", ["SNOMED/101"], np.array([vocab["SNOMED/101"]]), Window(end_days=30), allowed_q={vocab["SNOMED/101"]: q_hi})
+    s = score(vocab, out, ["SNOMED/101 Q10 [VE]", "SNOMED/101 Q2 [VE]", "SNOMED/101"], [STOP_END, STOP_END, STOP_TOKENS])
+    assert s.has_outcome.tolist() == [True, False, False]
+
+
+# ------------------------------------------------------------------------------ denominator rule
+
+
+def test_early_stops_count_as_negatives_only_after_end_or_death(vocab: Vocab) -> None:
+    out = outcome_of(vocab, Window(end_days=365))
+    seqs = [
+        "[VE] D10 [VS] VISIT//OP SNOMED/101",  # outcome
+        "[VE] D10 [END]",  # record ends: negative
+        "[VE] D10 [DEATH]",  # death: negative
+        "[VE] D10 [VS] VISIT//OP SNOMED/100",  # token budget before the window's end: excluded
+        "[VE] D300 [VS] VISIT//OP [VE] D100",  # ran past the window: negative
+    ]
+    s = score(vocab, out, seqs, [STOP_TOKENS, STOP_END, STOP_DEATH, STOP_TOKENS, STOP_TIME])
+    assert s.resolved.tolist() == [True, True, True, False, True]
+    agg = aggregate(s, np.zeros(5, dtype=np.int64), 1)
+    assert agg["n_resolved"][0] == 4 and agg["n_outcome"][0] == 1 and agg["probability"][0] == 0.25
+    assert agg["expected_days"][0] == 10
+
+
+def test_all_unresolved_falls_back_to_the_cohort_rate(vocab: Vocab) -> None:
+    out = outcome_of(vocab, Window(end_days=365))
+    s = score(vocab, out, ["[VE] D10 [VS] VISIT//OP SNOMED/101", "[VE] D10 [END]", "[VE] D10", "[VE] D11"],
+              [STOP_TOKENS, STOP_END, STOP_TOKENS, STOP_TOKENS])
+    agg = aggregate(s, np.array([0, 0, 1, 1]), 2)
+    assert agg["probability"][0] == 0.5 and math.isnan(agg["probability"][1])
+    table = pa.table({k: pa.array(v) for k, v in agg.items()})
+    prob, fallback, rate = finalize_probabilities(table)
+    assert fallback.tolist() == [False, True] and rate == 0.5 and prob.tolist() == [0.5, 0.5]
+
+
+# ------------------------------------------------------------------------------ outcome from ACES
+
+
+ACES = """
+predicates:
+  nsaid: {code: "SNOMED/120"}
+  bleed: {code: "SNOMED/101"}
+  other_bleed: {code: {regex: "^SNOMED/10[23]$"}}
+  any_bleed: {expr: "or(bleed, other_bleed)"}
+  death: {code: MEDS_DEATH}
+trigger: nsaid
+windows:
+  input: {start: null, end: trigger, start_inclusive: true, end_inclusive: true, index_timestamp: end}
+  gap: {start: input.end, end: start + 2d, start_inclusive: false, end_inclusive: true}
+  target: {start: gap.end, end: start + 365 days, start_inclusive: false, end_inclusive: true, label: LABEL}
+"""
+
+
+def write_aces(tmp_path: Path, label: str, target_end: str = "start + 365 days") -> Path:
+    p = tmp_path / f"task_{label}.yaml"
+    p.write_text(ACES.replace("LABEL", label).replace("start + 365 days", target_end))
+    return p
+
+
+def test_outcome_and_window_from_an_aces_config(vocab: Vocab, tmp_path: Path) -> None:
+    out = resolve_outcome(vocab, str(write_aces(tmp_path, "any_bleed")))
+    assert sorted(vocab.tokens[i] for i in out.token_ids) == ["SNOMED/101", "SNOMED/102", "SNOMED/103"]
+    assert (out.window.start_days, out.window.end_days) == (2, 367)  # the gap window shifts the target
+    assert not out.window.start_inclusive and out.window.end_inclusive
+    death = resolve_outcome(vocab, str(write_aces(tmp_path, "death")))
+    assert [vocab.tokens[i] for i in death.token_ids] == ["[DEATH]"]
+
+
+def test_overrides_and_event_bound_windows(vocab: Vocab, tmp_path: Path) -> None:
+    event_bound = write_aces(tmp_path, "bleed", target_end="start -> death")
+    with pytest.raises(CehrxError, match="zeroshot.window_days"):
+        resolve_outcome(vocab, str(event_bound))
+    out = resolve_outcome(vocab, str(event_bound), outcome_codes=["SNOMED/104", "NOT/IN_VOCAB"], window_days=30)
+    assert [vocab.tokens[i] for i in out.token_ids] == ["SNOMED/104"] and out.unmatched == ["NOT/IN_VOCAB"]
+    assert out.window.end_days == 30
+    with pytest.raises(CehrxError, match="not in the model's vocabulary|none of the codes"):
+        resolve_outcome(vocab, None, outcome_codes=["NOT/IN_VOCAB"], window_days=30)
+    with pytest.raises(CehrxError, match="window_days or zeroshot.window_visits"):
+        resolve_outcome(vocab, None, outcome_codes=["SNOMED/101"])
+    assert resolve_outcome(vocab, None, outcome_codes=["SNOMED/101"], window_visits=2).window.visits == 2
+
+
+def test_descendants_from_meds_parent_codes(vocab: Vocab, tmp_path: Path) -> None:
+    meta = tmp_path / "prep" / "meds" / "metadata"
+    meta.mkdir(parents=True)
+    pq.write_table(pa.table({
+        "code": ["SNOMED/101", "SNOMED/105", "SNOMED/106", "SNOMED/107"],
+        "description": ["a", "b", "c", "d"],
+        "parent_codes": [[], ["SNOMED/101"], ["SNOMED/105"], []],
+    }), meta / "codes.parquet")
+    out = resolve_outcome(vocab, None, outcome_codes=["SNOMED/101"], window_days=30, prepared_dir=tmp_path / "prep")
+    assert sorted(vocab.tokens[i] for i in out.token_ids) == ["SNOMED/101", "SNOMED/105", "SNOMED/106"]
+    assert out.descendants == "meds_parent_codes"
+    flat = resolve_outcome(vocab, None, outcome_codes=["SNOMED/101"], window_days=30, prepared_dir=tmp_path / "prep", include_descendants=False)
+    assert [vocab.tokens[i] for i in flat.token_ids] == ["SNOMED/101"]
+
+
+# ------------------------------------------------------------------------------ with a model
+
+
+@pytest.fixture(scope="module")
+def micro(vocab: Vocab) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(name="micro", vocab_size=len(vocab), n_layer=2, n_embd=32, n_head=2, max_seq_len=256)).eval()
+
+
+def _labels(arrays, n: int = 6) -> LabelInputs:
+    """Prediction times in the middle of the first n subjects' records."""
+    mids = [int(arrays.times[arrays.offsets[i] + (arrays.offsets[i + 1] - arrays.offsets[i]) // 2]) for i in range(n)]
+    return LabelInputs(np.asarray(arrays.subject_id[:n], dtype=np.int64), np.asarray(mids, dtype=np.int64), np.zeros(n, dtype=bool))
+
+
+def same(a: pa.Table, b: pa.Table) -> bool:
+    """Tables equal column by column, NaN == NaN (pa.Table.equals says NaN != NaN)."""
+    return a.column_names == b.column_names and all(
+        np.array_equal(a.column(c).to_numpy(zero_copy_only=False), b.column(c).to_numpy(zero_copy_only=False), equal_nan=a.column(c).type == pa.float64())
+        for c in a.column_names)
+
+
+def _predict(micro: GPT, vocab: Vocab, arrays, labels: LabelInputs, seed: int = 0):
+    zcfg = ZeroshotConfig(num_samples=4, max_new_tokens=48, batch_size=16, seed=seed, write_trajectories=True)
+    out = outcome_of(vocab, Window(end_days=365))
+    return predict_chunk(micro, vocab, arrays, labels, np.arange(len(labels.subject_id)), out, zcfg, zcfg.history_max_len(256), 0)
+
+
+def test_no_leakage_planted_future_events_change_nothing(micro: GPT, vocab: Vocab, synthetic_prepared: Path) -> None:
+    arrays, _ = load_all_splits(synthetic_prepared)
+    labels = _labels(arrays)
+    before, traj_before = _predict(micro, vocab, arrays, labels)
+    # overwrite every token after each prediction time with the outcome code
+    planted = type(arrays)(**{k: np.array(getattr(arrays, k)) for k in ("subject_id", "offsets", "tokens", "times", "birth_time")})
+    seg = np.repeat(np.arange(len(arrays)), arrays.lengths())
+    pred_of = np.full(len(arrays), np.iinfo(np.int64).max)
+    pred_of[:len(labels.prediction_time)] = labels.prediction_time
+    future = planted.times > pred_of[seg]
+    assert future.sum() > 10
+    planted.tokens[future] = vocab["SNOMED/101"]
+    after, traj_after = _predict(micro, vocab, planted, labels)
+    assert same(before, after) and traj_before.equals(traj_after)
+
+
+def test_deterministic_for_a_seed(micro: GPT, vocab: Vocab, synthetic_prepared: Path) -> None:
+    arrays, _ = load_all_splits(synthetic_prepared)
+    labels = _labels(arrays)
+    (a, ta), (b, tb), (_, tc) = (_predict(micro, vocab, arrays, labels, seed=s) for s in (1, 1, 2))
+    assert same(a, b) and ta.equals(tb)
+    assert a.column("n_futures").to_pylist() == [4] * 6
+    assert not ta.equals(tc)  # another seed samples other futures
+    # trajectories: MEDS rows of the futures only, after each label's history
+    assert set(ta.column("sample").to_pylist()) <= set(range(4)) and ta.num_rows > 0
+    first = ta.group_by(["subject_id", "prediction_time"]).aggregate([("time", "min")])
+    assert all(t >= p - np.timedelta64(1, "D") for t, p in zip(first.column("time_min").to_pylist(), first.column("prediction_time").to_pylist()))
