@@ -1,0 +1,228 @@
+"""Labels for probe and zero-shot: MEDS label files, or ACES task configs run on MEDS data.
+
+A label is `(subject_id, prediction_time, boolean_value)` (MEDS `LabelSchema`). They come from
+
+- a directory (or file) of MEDS label parquet files: `labels_dir=...`;
+- a task definition: an ACES config (the MEDS ecosystem's cohort language, package `es-aces`)
+  under `configs/aces/<task>.yaml`, run on the MEDS data a prepared dir was made from. A task
+  config may also name a shipped label directory instead (`cehrx: {labels: <path>}` in the
+  YAML), for data sets that come with official labels (MIMIC-IV demo ICU mortality).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+
+from cehrx.errors import CehrxError
+
+log = logging.getLogger("cehrx.labels")
+
+LABEL_SCHEMA = pa.schema([("subject_id", pa.int64()), ("prediction_time", pa.timestamp("us")), ("boolean_value", pa.bool_())])
+MEDS_CORE = ("subject_id", "time", "code", "numeric_value", "text_value")
+
+
+def aces_config_dir() -> Path:
+    from cehrx.cli import config_dir
+
+    return Path(config_dir()) / "aces"
+
+
+def available_tasks() -> list[str]:
+    return sorted(p.stem for p in aces_config_dir().glob("*.yaml"))
+
+
+def task_config_path(name: str) -> Path:
+    """`configs/aces/<name>.yaml`, or `name` itself when it is a path to a YAML file."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    path = aces_config_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise CehrxError(f"unknown task {name!r}: no {path} (shipped tasks: {', '.join(available_tasks()) or 'none'})")
+    return path
+
+
+def task_description(name: str) -> str:
+    """The `description` field of a task config (for reports)."""
+    data = yaml.safe_load(task_config_path(name).read_text()) or {}
+    return str(data.get("description", "")).strip()
+
+
+def shipped_labels(name: str) -> Path | None:
+    """A task config's `cehrx.labels` path (relative paths are relative to the repository root)."""
+    path = task_config_path(name)
+    data = yaml.safe_load(path.read_text()) or {}
+    rel = (data.get("cehrx") or {}).get("labels")
+    if not rel:
+        return None
+    p = Path(rel)
+    return p if p.is_absolute() else (path.parent.parent.parent / p).resolve()
+
+
+def label_files(labels_dir: str | Path) -> list[Path]:
+    p = Path(labels_dir)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise CehrxError(f"labels_dir={labels_dir}: no such file or directory")
+    files = sorted(p.rglob("*.parquet"))
+    if not files:
+        raise CehrxError(f"labels_dir={labels_dir}: no .parquet label files in it")
+    return files
+
+
+def load_labels(labels_dir: str | Path) -> pa.Table:
+    """All MEDS label files under `labels_dir`, as `LABEL_SCHEMA` (extra columns dropped).
+
+    Errors name the file and the column. Rows are deduplicated on (subject_id, prediction_time)
+    only if their labels agree; conflicting duplicates are an error.
+    """
+    parts = []
+    for f in label_files(labels_dir):
+        t = pq.read_table(f)
+        missing = [c for c in LABEL_SCHEMA.names if c not in t.column_names]
+        if missing:
+            raise CehrxError(f"{f}: missing label column(s) {missing} (MEDS labels need subject_id, prediction_time, boolean_value)")
+        parts.append(_cast_labels(t.select(LABEL_SCHEMA.names), f))
+    table = pa.concat_tables(parts) if parts else LABEL_SCHEMA.empty_table()
+    return dedupe(table, str(labels_dir))
+
+
+def _cast_labels(t: pa.Table, source: Path | str) -> pa.Table:
+    cols = []
+    for field in LABEL_SCHEMA:
+        col = t.column(field.name)
+        if col.null_count:
+            raise CehrxError(f"{source}: column {field.name} has {col.null_count} null value(s)")
+        try:
+            cols.append(col.cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise CehrxError(f"{source}: column {field.name} of type {col.type} cannot be read as {field.type}: {e}") from e
+    return pa.table(cols, schema=LABEL_SCHEMA)
+
+
+def dedupe(table: pa.Table, source: str) -> pa.Table:
+    """Drop exact duplicate labels; conflicting labels for one (subject, time) are an error."""
+    if not len(table):
+        return table
+    g = table.group_by(["subject_id", "prediction_time"]).aggregate([("boolean_value", "min"), ("boolean_value", "max")])
+    conflict = pc.not_equal(g.column("boolean_value_min"), g.column("boolean_value_max"))
+    n_conflict = pc.sum(conflict).as_py() or 0
+    if n_conflict:
+        raise CehrxError(f"{source}: {n_conflict} (subject_id, prediction_time) pair(s) have conflicting boolean_value")
+    if len(g) == len(table):
+        return table
+    out = pa.table({"subject_id": g.column("subject_id"), "prediction_time": g.column("prediction_time"), "boolean_value": g.column("boolean_value_min")}, schema=LABEL_SCHEMA)
+    return out.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
+
+
+def meds_data_files(meds_dir: str | Path) -> list[Path]:
+    d = Path(meds_dir)
+    root = d / "data" if (d / "data").is_dir() else d
+    files = sorted(root.rglob("*.parquet"))
+    if not files:
+        raise CehrxError(f"{meds_dir}: no MEDS data files (expected data/**/*.parquet)")
+    return files
+
+
+def extract_labels(task_name: str, meds_dir: str | Path) -> pa.Table:
+    """Run an ACES task config on a MEDS dataset; returns `LABEL_SCHEMA` rows sorted by subject, time.
+
+    ACES reads one events file, so the dataset's shards are first combined (core MEDS columns,
+    sorted by subject and time) into a temporary parquet file with DuckDB.
+    """
+    shipped = shipped_labels(task_name)
+    if shipped is not None:
+        return load_labels(shipped)
+    import duckdb
+    from aces import config as aces_config
+    from aces import predicates, query
+    from omegaconf import DictConfig
+
+    path = task_config_path(task_name)
+    try:
+        task = aces_config.TaskExtractorConfig.load(config_path=path)
+    except Exception as e:
+        raise CehrxError(f"{path}: not a valid ACES task config: {e}") from e
+    if task.label_window is None or task.index_timestamp_window is None:
+        raise CehrxError(f"{path}: the ACES task needs a window with `label:` and one with `index_timestamp:`")
+    files = meds_data_files(meds_dir)
+    _quiet_aces()
+    with tempfile.TemporaryDirectory(prefix="cehrx-aces-") as tmp:
+        events = Path(tmp) / "events.parquet"
+        con = duckdb.connect()
+        names = {c for (c, *_rest) in con.execute(f"DESCRIBE SELECT * FROM read_parquet({[str(f) for f in files]!r}, union_by_name=true)").fetchall()}
+        con.execute(f"COPY ({aces_events_sql(files, names)}) TO '{events}' (FORMAT parquet)")
+        con.close()
+        try:
+            pred = predicates.get_predicates_df(task, DictConfig({"path": str(events), "standard": "meds"}))
+            result = query.query(task, pred)
+        except Exception as e:
+            raise CehrxError(f"ACES task {path.name} failed on {meds_dir}: {type(e).__name__}: {e}") from e
+    if result.is_empty():
+        log.warning("ACES task %s matched no labels in %s", path.name, meds_dir)
+        return LABEL_SCHEMA.empty_table()
+    out = result.select(["subject_id", "index_timestamp", "label"]).to_arrow()
+    table = pa.table({
+        "subject_id": out.column("subject_id").cast(pa.int64()),
+        "prediction_time": out.column("index_timestamp").cast(pa.timestamp("us")),
+        "boolean_value": pc.greater(out.column("label").cast(pa.int64()), 0),
+    }, schema=LABEL_SCHEMA)
+    return dedupe(table.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")]), path.name)
+
+
+def aces_events_sql(files: list[Path], names: set[str]) -> str:
+    """SQL for the events ACES sees: the core MEDS columns, sorted by subject and time.
+
+    cehrx's MEDS output carries a `visit_end` extension column on visit rows (OMOP visits have
+    an end date but MEDS has no discharge event for them); each such row also yields a
+    `<visit code>//END` event at `visit_end`, so a task can trigger at discharge
+    (e.g. `Visit/IP//END` for 30-day readmission).
+    """
+    src = f"read_parquet({[str(f) for f in files]!r}, union_by_name=true)"
+    cols = [c for c in MEDS_CORE if c in names]
+    select = ", ".join(f'"{c}"' for c in cols)
+    sql = f"SELECT {select} FROM {src}"
+    if "visit_end" in names:
+        ends = ", ".join({"time": "visit_end AS time", "code": "code || '//END' AS code"}.get(c, f'NULL AS "{c}"' if c in ("numeric_value", "text_value") else f'"{c}"') for c in cols)
+        sql += f" UNION ALL SELECT {ends} FROM {src} WHERE visit_end IS NOT NULL"
+    return f"SELECT * FROM ({sql}) ORDER BY subject_id, time NULLS FIRST, code"
+
+
+def _quiet_aces() -> None:
+    for name in ("aces", "aces.query", "aces.predicates", "aces.extract_subtree", "aces.constraints", "aces.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def times_seconds(times: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Arrow timestamps -> int64 seconds since 1970, floored (token times are whole seconds, so
+    `token_time <= floor(t)` is exactly `token_time <= t`)."""
+    if isinstance(times, pa.ChunkedArray):
+        times = times.combine_chunks()
+    us = times.cast(pa.timestamp("us")).cast(pa.int64()).to_numpy(zero_copy_only=False)
+    return np.floor_divide(us, 1_000_000).astype(np.int64)
+
+
+def meds_dir_for(prepared_dir: str | Path) -> Path:
+    """The MEDS dataset a prepared dir was made from: `<prepared>/meds` (OMOP sources), else the
+    MEDS source path recorded in its `config.yaml` (`data.path`)."""
+    prepared_dir = Path(prepared_dir)
+    if (prepared_dir / "meds" / "data").is_dir():
+        return prepared_dir / "meds"
+    cfg_path = prepared_dir / "config.yaml"
+    if cfg_path.is_file():
+        data = (yaml.safe_load(cfg_path.read_text()) or {}).get("data") or {}
+        if data.get("source") == "meds" and data.get("path"):
+            p = Path(str(data["path"]))
+            for cand in (p, Path(__file__).resolve().parents[2] / p):
+                if (cand / "data").is_dir():
+                    return cand.resolve()
+    raise CehrxError(f"no MEDS data for {prepared_dir}: expected {prepared_dir / 'meds'} or a MEDS data.path in its config.yaml")
