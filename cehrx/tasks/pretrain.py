@@ -27,7 +27,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -120,10 +120,16 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def build_callbacks(cfg: DictConfig) -> list[Callback]:
-    """Instantiate `callbacks.*`; progress bars are dropped when the trainer disables them."""
+    """Instantiate `callbacks.*`, minus those the rest of the config switched off.
+
+    Progress bars go when the trainer disables them; the learning-rate monitor goes with
+    `logger=none` (it has nowhere to write and Lightning refuses it).
+    """
     cbs = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
     if not cfg.trainer.get("enable_progress_bar", True):
         cbs = [c for c in cbs if not isinstance(c, ProgressBar)]
+    if not (cfg.get("logger") and "_target_" in cfg.logger):
+        cbs = [c for c in cbs if not isinstance(c, LearningRateMonitor)]
     return cbs
 
 

@@ -1,0 +1,99 @@
+"""Experiment configs, `-m` sweeps, the SLURM launcher and MEDS-DEV argument names."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from cehrx.cli import config_dir
+from cehrx.model.export import load_pretrained
+from cehrx.tasks.pretrain import resolve_ckpt_path
+from tests.conftest import REPO, compose_cfg
+
+EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
+QUIET = ("trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0")
+
+
+def compose_with_hydra(*overrides: str):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_the_issue_experiments_ship() -> None:
+    assert {"demo", "synthea1k", "mimic_demo_meds", "cehrxgpt_base"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_resolves(name: str) -> None:
+    cfg = compose_cfg(f"experiment={name}")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["task"]["fn"].startswith("cehrx.tasks.")
+    assert resolved["output_dir"]
+    if cfg.task.name == "pipeline":  # each stage, with the experiment's overrides, composes too
+        for stage in cfg.pipeline.stages:
+            stage_cfg = compose_cfg(f"experiment={name}", f"task={stage}", *cfg.pipeline.overrides.get(stage, []))
+            assert stage_cfg.task.name == stage
+
+
+def test_cehrxgpt_base_is_the_published_recipe() -> None:
+    cfg = compose_with_hydra("experiment=cehrxgpt_base")
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.max_seq_len) == (14, 768, 8192)
+    assert cfg.task.datamodule.max_tokens_per_batch == 16384 and cfg.task.module.lr in (1e-4, 2e-4)
+    assert cfg.callbacks.early_stopping.monitor == "val/loss" and cfg.ckpt_path == "auto"
+
+
+def test_slurm_launcher_takes_its_shape_from_the_trainer() -> None:
+    cfg = compose_with_hydra("hydra/launcher=slurm", "experiment=cehrxgpt_base", "trainer.devices=4", "trainer.num_nodes=3", "local=example")
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (3, 4, 4)
+    assert launcher["partition"] == "gpu" and launcher["account"] == "my_account"  # site keys from configs/local
+    assert launcher["max_num_timeout"] > 0 and launcher["submitit_folder"].startswith(cfg.output_dir)
+
+
+def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path: Path) -> None:
+    assert resolve_ckpt_path("auto", tmp_path) is None
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert resolve_ckpt_path("auto", tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cehrx", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_two_job_sweep_writes_one_stable_dir_per_job(synthetic_prepared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    proc = run_cli("-m", "task=pretrain", "model=micro", "model.max_seq_len=64", "task.datamodule.max_tokens_per_batch=512",
+                   "trainer.max_steps=2", "trainer.val_check_interval=2", *QUIET, "logger=none",
+                   f"data.prepared_dir={synthetic_prepared}", f"output_dir={out}", "model.lr=1e-3,3e-3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in (out / "multirun").iterdir() if p.is_dir())
+    assert len(jobs) == 2  # named by each job's overrides, e.g. ...,model.lr=0.001,...
+    for lr, job in zip(("0.001", "0.003"), jobs):
+        assert f"model.lr={lr}," in job.name
+        load_pretrained(job)
+        assert OmegaConf.load(job / "config.yaml").task.module.lr == float(lr)
+    assert not (REPO / "multirun").exists()
+
+
+def test_meds_dev_argument_names_reach_the_config(tmp_path: Path) -> None:
+    proc = run_cli("task=show", "dataset_dir=/nowhere/meds", "model_initialization_dir=/m", "split=tuning", "--cfg", "job", "--resolve", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = OmegaConf.create(proc.stdout)
+    assert cfg.data.source == "meds" and cfg.data.path == "/nowhere/meds"
+    assert cfg.model_dir == "/m" and cfg.split == "tuning"
+
+
+def test_meds_dev_model_yaml_calls_cehrx_with_its_placeholders() -> None:
+    spec = OmegaConf.load(REPO / "experiments" / "meds_dev" / "model.yaml")
+    unsup, sup = spec.commands.unsupervised.train, spec.commands.supervised
+    assert unsup.startswith("cehrx ") and "{dataset_dir}" in unsup and "{output_dir}" in unsup
+    for needed in ("{labels_dir}", "{model_initialization_dir}", "{split}", "{output_dir}", "{dataset_dir}"):
+        assert needed in sup.predict
