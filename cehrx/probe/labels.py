@@ -5,8 +5,9 @@ A label is `(subject_id, prediction_time, boolean_value)` (MEDS `LabelSchema`). 
 - a directory (or file) of MEDS label parquet files: `labels_dir=...`;
 - a task definition: an ACES config (the MEDS ecosystem's cohort language, package `es-aces`)
   under `configs/aces/<task>.yaml`, run on the MEDS data a prepared dir was made from. A task
-  config may also name a shipped label directory instead (`cehrx: {labels: <path>}` in the
-  YAML), for data sets that come with official labels (MIMIC-IV demo ICU mortality).
+  config may also name a shipped label directory (`metadata: {cehrx_labels: <path>}`, a key
+  ACES ignores), for data sets that come with official labels (MIMIC-IV demo ICU mortality);
+  those labels are then used as given.
 """
 
 from __future__ import annotations
@@ -57,10 +58,10 @@ def task_description(name: str) -> str:
 
 
 def shipped_labels(name: str) -> Path | None:
-    """A task config's `cehrx.labels` path (relative paths are relative to the repository root)."""
+    """A task config's `metadata.cehrx_labels` path (relative paths: to the repository root)."""
     path = task_config_path(name)
     data = yaml.safe_load(path.read_text()) or {}
-    rel = (data.get("cehrx") or {}).get("labels")
+    rel = (data.get("metadata") or {}).get("cehrx_labels")
     if not rel:
         return None
     p = Path(rel)
@@ -133,13 +134,13 @@ def meds_data_files(meds_dir: str | Path) -> list[Path]:
     return files
 
 
-def extract_labels(task_name: str, meds_dir: str | Path) -> pa.Table:
+def extract_labels(task_name: str, meds_dir: str | Path, *, use_shipped: bool = True) -> pa.Table:
     """Run an ACES task config on a MEDS dataset; returns `LABEL_SCHEMA` rows sorted by subject, time.
 
     ACES reads one events file, so the dataset's shards are first combined (core MEDS columns,
     sorted by subject and time) into a temporary parquet file with DuckDB.
     """
-    shipped = shipped_labels(task_name)
+    shipped = shipped_labels(task_name) if use_shipped else None
     if shipped is not None:
         return load_labels(shipped)
     import duckdb
