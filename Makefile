@@ -2,6 +2,7 @@
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-fast demo bench clean
@@ -19,9 +20,8 @@ test: install ## run the whole test suite (what CI runs)
 test-fast: ## unit tests only, no install step
 	$(PYTHON) -m pytest -m "not slow" tests/unit $(PYTEST_ARGS)
 
-demo: install ## prepare the embedded Eunomia data and pretrain a tiny model on CPU
-	cehrx task=prepare overwrite=true
-	cehrx task=pretrain model=tiny trainer=cpu overwrite=true
+demo: install ## the whole pipeline on the embedded Eunomia data, tiny model, CPU (< 15 min; re-run skips finished stages)
+	$(PYTHON) -m cehrx experiment=demo $(DEMO_ARGS)
 
 bench: ## run the benchmarks in experiments/bench (see RESULTS.md there)
 	$(PYTHON) experiments/bench/bench_prepare.py
