@@ -21,6 +21,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from cehrx.errors import CehrxError
+from cehrx.tasks.summary import print_summary
 
 log = logging.getLogger("cehrx")
 
@@ -68,6 +69,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             get_method(stage_cfg.task.fn)(stage_cfg)
             log.info("pipeline: %s finished in %.0f s", stage, time.perf_counter() - start)
         summaries[stage] = _read_summary(stage, out)
+    print_summary(summaries, dirs)
     return summaries
 
 
