@@ -1,0 +1,209 @@
+"""`cehrx task=evaluate`: fidelity, utility and privacy of synthetic patients vs the real data.
+
+Inputs: `data.prepared_dir` (the real data: train split = what the generator learned from,
+`evaluate.test_split` = unseen patients) and `synthetic_dir` (a generate output, or any folder
+with `tokens/train/*.parquet` + `vocab.json` [+ `meds/` for labs and utility]). With
+`evaluate.baseline=marginal` the independent-marginals baseline (`cehrx.eval.marginal`) is
+generated into `<output_dir>/baseline_marginal` and reported side by side.
+
+Output (`output_dir`, written to a temporary sibling and renamed when complete):
+    report.md + *.png   the report
+    metrics.json        every number in it (per synthetic set, plus the real held-out reference)
+    config.yaml         the resolved config
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from cehrx.data.atomic import atomic_dir
+from cehrx.data.vocab import Vocab
+from cehrx.errors import CehrxError
+from cehrx.eval import fidelity, marginal, privacy, synthetic_report
+from cehrx.eval.patients import Patients, TokenSpace, code_columns, load_patients, record_matrix
+from cehrx.tasks.inputs import is_prepared_dir, prepared_dir_for
+from cehrx.tasks.prepare import Stages
+
+log = logging.getLogger("cehrx.evaluate")
+MARKER = "metrics.json"
+MODEL_SET = "model"
+BASELINE_SET = "marginal"
+
+
+def run(cfg: DictConfig) -> dict:
+    e = cfg.evaluate
+    prepared = prepared_dir_for(cfg)
+    synthetic = _synthetic_dir(cfg)
+    baseline = str(e.baseline) if e.baseline else None
+    if baseline not in (None, "marginal"):
+        raise CehrxError(f"evaluate.baseline={baseline!r}: the only baseline is 'marginal' (or null)")
+    if synthetic is None and baseline is None:
+        raise CehrxError("nothing to evaluate: pass synthetic_dir=<a generate output> and/or evaluate.baseline=marginal")
+    out = Path(cfg.output_dir)
+    with atomic_dir(out, MARKER, overwrite=bool(cfg.overwrite)) as tmp:
+        metrics = evaluate(cfg, prepared, synthetic, baseline, tmp)
+        metrics["output_dir"] = str(out)
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (tmp / MARKER).write_text(json.dumps(_clean(metrics), indent=2) + "\n")
+    Console(stderr=True).print(f"synthetic data report -> {out / 'report.md'}")
+    return metrics
+
+
+def _synthetic_dir(cfg: DictConfig) -> Path | None:
+    if cfg.get("synthetic_dir") in (None, ""):
+        return None
+    p = Path(str(cfg.synthetic_dir))
+    if not is_prepared_dir(p):
+        raise CehrxError(f"synthetic_dir={p}: expected a generate output (vocab.json and tokens/train/*.parquet)")
+    return p
+
+
+def real_meds_dir(prepared: Path) -> Path | None:
+    from cehrx.probe.labels import meds_dir_for
+
+    try:
+        return meds_dir_for(prepared)
+    except CehrxError:
+        return None
+
+
+def evaluate(cfg: DictConfig, prepared: Path, synthetic: Path | None, baseline: str | None, out: Path) -> dict:
+    """Everything, stage by stage; returns metrics.json's content and writes the report into `out`."""
+    e = cfg.evaluate
+    seed, n_max, batch = int(e.seed), int(e.n_max_patients), int(e.nn_batch_size)
+    stages = Stages(total=6 + int(baseline is not None))
+    real_meds = real_meds_dir(prepared)
+    dirs: dict[str, Path] = {}
+    if synthetic is not None:
+        dirs[MODEL_SET] = synthetic
+    if baseline == "marginal":
+        with stages("marginal baseline"):
+            n = e.baseline_n or (_n_patients(synthetic) if synthetic else None)
+            marginal.generate(prepared, out / "baseline_marginal", n=n, seed=seed, real_meds=real_meds)
+            dirs[BASELINE_SET] = out / "baseline_marginal"
+    with stages("load patients"):
+        vocabs = {"real": Vocab.load(prepared), **{k: Vocab.load(d) for k, d in dirs.items()}}
+        space = TokenSpace.from_vocabs(*vocabs.values())
+        train = load_patients(prepared, "train", space, vocabs["real"], n_max, seed)
+        held = load_patients(prepared, str(e.test_split), space, vocabs["real"], n_max, seed + 1)
+        sets = {k: load_patients(d, "train", space, vocabs[k], n_max, seed + 2) for k, d in dirs.items()}
+    metrics = {"real": {"prepared_dir": str(prepared), "n_train": len(train), "non_member_split": str(e.test_split), "n_non_members": len(held)},
+               "config": {k: OmegaConf.to_container(e, resolve=True)[k] for k in e}, "sets": {}}
+    for k, d in dirs.items():
+        metrics["sets"][k] = {"dir": str(d) if k == MODEL_SET else "baseline_marginal", "n_patients": len(sets[k])}
+    top = fidelity.top_codes(train, space, int(e.top_codes))
+    with stages("fidelity"):
+        phis = {"real": fidelity.phi_matrix(train, top)}
+        for k, p in {**sets, "reference": held}.items():
+            target = metrics["sets"][k] if k in sets else metrics.setdefault("reference", {})
+            co, _, phis[k] = fidelity.cooccurrence_metrics(train, p, top)
+            target["fidelity"] = {"prevalence": fidelity.prevalence_metrics(train, p, space), "cooccurrence": co,
+                                  "distributions": fidelity.distribution_metrics(train, p, space)}
+        phis.pop("reference")
+        labs = _labs(e, real_meds, dirs, metrics)
+    with stages("privacy"):
+        dcr_values = _privacy(e, train, held, sets, space, metrics, batch, seed)
+    with stages("utility"):
+        _utility(e, real_meds, dirs, metrics, seed)
+    with stages("report"):
+        figures = {
+            "prevalence": synthetic_report.plot_prevalence(out, train, sets, space, metrics["sets"]),
+            "cooccurrence": synthetic_report.plot_cooccurrence(out, phis),
+            "distributions": synthetic_report.plot_distributions(out, train, sets),
+            "categorical": synthetic_report.plot_categorical(out, train, sets, space),
+            "labs": synthetic_report.plot_labs(out, *labs) if labs else None,
+            "dcr": synthetic_report.plot_dcr(out, dcr_values),
+            "utility": synthetic_report.plot_utility(out, {k: s.get("utility", {}).get("tasks", {}) for k, s in metrics["sets"].items()}),
+        }
+        metrics["figures"] = {k: v for k, v in figures.items() if v}
+        synthetic_report.write_markdown(out, _clean(metrics), figures)
+    return metrics
+
+
+def _n_patients(d: Path) -> int:
+    from cehrx.data.shards import read_split_table
+
+    return read_split_table(d, "train", columns=["subject_id"]).num_rows
+
+
+def _labs(e: DictConfig, real_meds: Path | None, dirs: dict[str, Path], metrics: dict):
+    """Lab value distances per set; returns the values for the figure (or None without MEDS)."""
+    if real_meds is None or int(e.top_labs) <= 0:
+        return None
+    codes = fidelity.top_lab_codes(real_meds, "train", int(e.top_labs))
+    real = fidelity.lab_values(real_meds, "train", codes)
+    per_set = {}
+    for k, d in dirs.items():
+        meds = d / "meds"
+        per_set[k] = fidelity.lab_values(meds, None, codes) if (meds / "data").is_dir() else {}
+        metrics["sets"][k]["fidelity"]["labs"] = fidelity.lab_metrics(real, per_set[k])
+    if (real_meds / "data" / str(e.test_split)).is_dir():
+        metrics["reference"]["fidelity"]["labs"] = fidelity.lab_metrics(real, fidelity.lab_values(real_meds, str(e.test_split), codes))
+    return (real, per_set) if codes else None
+
+
+def _privacy(e: DictConfig, train: Patients, held: Patients, sets: dict[str, Patients], space: TokenSpace,
+             metrics: dict, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """Every privacy metric per set; returns the DCR samples for the figure."""
+    from cehrx.eval.neighbors import nearest
+
+    r_train, r_held = record_matrix(train, space), record_matrix(held, space)
+    n_code_cols = len(code_columns(space))
+    top_known = fidelity.top_codes(train, space, int(e.known_codes))
+    known = np.concatenate([np.searchsorted(code_columns(space), top_known), np.arange(n_code_cols, r_train.shape[1])])
+    rng = np.random.default_rng(seed)
+    targets = r_train[np.sort(rng.choice(r_train.shape[0], min(r_train.shape[0], 2000), replace=False))]
+    d_held, _ = nearest(r_held, r_train, batch, desc="DCR held-out -> train")
+    dcr_values = {f"real {e.test_split} (reference)": d_held}
+    metrics.setdefault("reference", {})["privacy"] = {"dcr": privacy.summarize_dcr(d_held), "exact_copies": privacy.exact_copies(train, held)}
+    for k, p in sets.items():
+        r_syn = record_matrix(p, space)
+        d_syn, _ = nearest(r_syn, r_train, batch, desc=f"DCR {k} -> train")
+        dcr_values[k] = d_syn
+        metrics["sets"][k]["privacy"] = {
+            "dcr": privacy.summarize_dcr(d_syn),
+            "membership_inference": privacy.membership_inference(r_train, r_held, r_syn, batch, seed),
+            "adversarial": privacy.adversarial_privacy(r_train, r_held, r_syn, batch, seed),
+            "attribute_inference": privacy.attribute_inference(targets, r_syn, r_held, known, batch, seed),
+            "exact_copies": privacy.exact_copies(train, p, held),
+        }
+    return dcr_values
+
+
+def _utility(e: DictConfig, real_meds: Path | None, dirs: dict[str, Path], metrics: dict, seed: int) -> None:
+    from cehrx.eval.utility import utility
+    from cehrx.probe.labels import available_tasks
+
+    syn_meds = {k: (d / "meds") for k, d in dirs.items() if (d / "meds" / "data").is_dir()}
+    if real_meds is None:
+        metrics["utility_skipped"] = "the real prepared dir has no MEDS dataset"
+        return
+    if not syn_meds:
+        metrics["utility_skipped"] = "no synthetic set has a meds/ dataset"
+        return
+    tasks = list(e.tasks) if e.tasks else available_tasks()
+    results = utility(tasks, real_meds, syn_meds, str(e.test_split), str(e.classifier), int(e.n_boot), seed)
+    for k, r in results.items():
+        metrics["sets"][k]["utility"] = r
+
+
+def _clean(x):
+    """JSON-safe: NaN -> None, numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
