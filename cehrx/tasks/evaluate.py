@@ -17,7 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -29,12 +32,28 @@ from cehrx.errors import CehrxError
 from cehrx.eval import fidelity, marginal, privacy, synthetic_report
 from cehrx.eval.patients import Patients, TokenSpace, code_columns, load_patients, record_matrix
 from cehrx.tasks.inputs import is_prepared_dir, prepared_dir_for
-from cehrx.tasks.prepare import Stages
 
 log = logging.getLogger("cehrx.evaluate")
 MARKER = "metrics.json"
 MODEL_SET = "model"
 BASELINE_SET = "marginal"
+
+
+class Stages:
+    """Named stages with a live status line; records their wall times (seconds)."""
+
+    def __init__(self, total: int) -> None:
+        self.console = Console(stderr=True)
+        self.total, self.done, self.timings = total, 0, {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.done += 1
+        start = time.perf_counter()
+        self.console.print(f"[{self.done}/{self.total}] {name} ...")
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 2)
+        self.console.print(f"[green]✓[/green] [{self.done}/{self.total}] {name} ({self.timings[name]:.1f}s)")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -123,6 +142,7 @@ def evaluate(cfg: DictConfig, prepared: Path, synthetic: Path | None, baseline: 
             "utility": synthetic_report.plot_utility(out, {k: s.get("utility", {}).get("tasks", {}) for k, s in metrics["sets"].items()}),
         }
         metrics["figures"] = {k: v for k, v in figures.items() if v}
+        metrics["timings_s"] = stages.timings
         synthetic_report.write_markdown(out, _clean(metrics), figures)
     return metrics
 
