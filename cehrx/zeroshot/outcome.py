@@ -119,6 +119,7 @@ def load_aces(path: Path) -> Any:
 
     if not path.is_file():
         raise CehrxError(f"no ACES task config at {path}")
+    logging.getLogger("aces.config").setLevel(logging.WARNING)  # it logs every parsing step at INFO
     try:
         return TaskExtractorConfig.load(path)
     except Exception as e:  # ACES raises ValueError/KeyError/... for malformed configs

@@ -39,6 +39,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -227,27 +228,26 @@ def fingerprint(parts: dict[str, Any], labels: LabelInputs) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare_work_dir(work: Path, fp: str, overwrite: bool) -> None:
-    """Create `work/chunks`; refuse chunks of a different run unless `overwrite` (then drop them)."""
-    chunks = work / CHUNK_DIR
-    chunks.mkdir(parents=True, exist_ok=True)
-    man = chunks / MANIFEST
-    if man.is_file():
-        old = json.loads(man.read_text()).get("fingerprint")
-        if old != fp:
-            if not overwrite:
-                raise CehrxError(f"{chunks} holds chunks of a different zero-shot run (other model, labels or settings): "
-                                 "pass overwrite=true to start over, or use another output_dir")
-            for p in chunks.iterdir():
-                if p.is_file():
-                    p.unlink()
-                elif p.is_dir():
-                    import shutil
+def prepare_work_dir(work: Path, fp: str, overwrite: bool) -> int:
+    """Create `work/chunks` for run `fp`; returns how many finished chunks it already holds.
 
-                    shutil.rmtree(p)
-    elif any(chunks.iterdir()) and not overwrite:
-        raise CehrxError(f"{chunks} holds files but no {MANIFEST}: not a zero-shot work dir; pass overwrite=true or use another output_dir")
+    Chunks of a different run (model, labels, outcome or settings changed) are refused unless
+    `overwrite`; `overwrite` always starts over.
+    """
+    chunks = work / CHUNK_DIR
+    man = chunks / MANIFEST
+    old = json.loads(man.read_text()).get("fingerprint") if man.is_file() else None
+    if chunks.is_dir() and any(chunks.iterdir()):
+        if overwrite:
+            shutil.rmtree(chunks)
+        elif old is None:
+            raise CehrxError(f"{chunks} holds files but no {MANIFEST}: not a zero-shot work dir; pass overwrite=true or use another output_dir")
+        elif old != fp:
+            raise CehrxError(f"{chunks} holds chunks of a different zero-shot run (other model, labels, outcome or settings): "
+                             "pass overwrite=true to start over, or use another output_dir")
+    chunks.mkdir(parents=True, exist_ok=True)
     _write_atomic_bytes(man, (json.dumps({"fingerprint": fp}) + "\n").encode())
+    return len(list(chunks.glob("*.parquet")))
 
 
 def run_chunks(
@@ -262,23 +262,23 @@ def run_chunks(
 ) -> pa.Table:
     """Predict every label chunk by chunk (skipping finished chunks); returns all chunk rows."""
     n = len(labels.subject_id)
-    n_chunks = max((n + zcfg.chunk_size - 1) // zcfg.chunk_size, 1) if n else 0
-    bar = _bar(progress, n_chunks)
+    n_chunks = (n + zcfg.chunk_size - 1) // zcfg.chunk_size
+    bar = _bar(progress and n_chunks > 1, n)  # one chunk: the sampler's own bar shows progress
     max_len = zcfg.history_max_len(model.config.max_seq_len)
     done = 0
     try:
         for k in range(n_chunks):
             path = work / CHUNK_DIR / f"{k}.parquet"
+            rows = np.arange(k * zcfg.chunk_size, min((k + 1) * zcfg.chunk_size, n))
             if path.is_file():
                 done += 1
             else:
-                rows = np.arange(k * zcfg.chunk_size, min((k + 1) * zcfg.chunk_size, n))
-                table, traj = predict_chunk(model, vocab, arrays, labels, rows, outcome, zcfg, max_len, k, progress)
+                table, traj = predict_chunk(model, vocab, arrays, labels, rows, outcome, zcfg, max_len, k, progress and n_chunks == 1)
                 if traj is not None:
                     _write_parquet_atomic(traj, work / CHUNK_DIR / TRAJ_DIR / f"{k}.parquet")
                 _write_parquet_atomic(table, path)
             if bar is not None:
-                bar.update(1)
+                bar.update(len(rows))
     finally:
         if bar is not None:
             bar.close()
@@ -406,11 +406,11 @@ def _write_atomic_bytes(path: Path, data: bytes) -> None:
 
 
 def _bar(enabled: bool, total: int):  # noqa: ANN202 - tqdm or None
-    if not enabled or total <= 1:
+    if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="chunk", desc="zero-shot", dynamic_ncols=True)
+    return tqdm(total=total, unit="label", desc="zero-shot", dynamic_ncols=True)
 
 
 def finalize_probabilities(results: pa.Table) -> tuple[np.ndarray, np.ndarray, float]:

@@ -1,0 +1,261 @@
+"""`cehrx task=zeroshot`: outcome probabilities from sampled future trajectories, no task training.
+
+    cehrx task=zeroshot model_dir=runs/mysite/model probe.task=gibleed_after_nsaid \\
+          zeroshot.num_samples=20 output_dir=runs/mysite/zeroshot
+
+The task (`probe.task`, an ACES config under `configs/aces/`) gives both the labels (extracted
+from the prepared dir's MEDS data, or read from `labels_dir=...`) and the outcome (codes and
+window, `cehrx.zeroshot.outcome`). Predictions are for the subjects of `split` (default
+`held_out`, the split `probe` scores on, so both can be compared; `split=all` for every label).
+
+Output (`output_dir`; the finished dir appears at once, `metrics.json` marks it finished):
+
+    predictions.parquet   meds-evaluation schema (label + predicted probability)
+    details.parquet       per label: futures sampled / resolved / with the outcome, expected days
+                          to the outcome, fallback flag, history length, stop reasons
+    metrics.json          AUROC, AUPRC, Brier, ECE with subject-level bootstrap CIs + run facts
+    report.md, roc.png    the report format `probe` writes
+    trajectories/<j>.parquet   sample j of every label as MEDS rows (zeroshot.write_trajectories)
+    chunks/               per-chunk results: an interrupted run resumes from them
+    config.yaml           the resolved config
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from omegaconf import DictConfig, OmegaConf
+
+from cehrx.data.atomic import atomic_dir
+from cehrx.data.history import NO_HISTORY, load_all_splits
+from cehrx.data.shards import SPLITS
+from cehrx.data.vocab import Vocab
+from cehrx.errors import CehrxError
+from cehrx.tasks.inputs import prepared_dir_for
+from cehrx.zeroshot.outcome import Outcome, resolve_outcome
+from cehrx.zeroshot.predict import (
+    CHUNK_DIR,
+    LabelInputs,
+    ZeroshotConfig,
+    config_dict,
+    finalize_probabilities,
+    fingerprint,
+    prepare_work_dir,
+    run_chunks,
+    write_trajectories,
+)
+
+log = logging.getLogger("cehrx.zeroshot")
+MARKER = "metrics.json"
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Labels -> histories -> sampled futures -> probabilities -> predictions, metrics, report."""
+    out = Path(cfg.output_dir)
+    if (out / MARKER).is_file() and not cfg.overwrite:
+        raise CehrxError(f"{out} already holds a finished zero-shot run ({MARKER}); pass overwrite=true to run again")
+    zc = cfg.zeroshot
+    zcfg = ZeroshotConfig.from_mapping(OmegaConf.to_container(zc, resolve=True))
+    task = OmegaConf.select(cfg, "probe.task")
+    from cehrx.model.export import load_pretrained, model_dir
+
+    device = resolve_device(str(zc.get("device", "auto")))
+    model, vocab = load_pretrained(cfg.model_dir, map_location=device)
+    prepared = prepared_dir_for(cfg, cfg.model_dir)
+    check_vocab(vocab, prepared)
+    outcome = resolve_outcome(
+        vocab, task, _list(zc.get("outcome_codes")), _float(zc.get("window_days")), _int(zc.get("window_visits")),
+        prepared, bool(zc.get("include_descendants", True)),
+    )
+    arrays, split_of = load_all_splits(prepared)
+    table, label_source = task_labels(cfg, task, prepared)
+    split = str(cfg.get("split") or "held_out")
+    table = select_split(table, arrays.subject_id, split_of, split, _int(zc.get("max_labels")), zcfg.seed)
+    labels = labels_from(table)
+    fp = fingerprint({"model": str(model_dir(cfg.model_dir).resolve()), "model_mtime": _mtime(model_dir(cfg.model_dir)),
+                      "outcome": outcome.describe(vocab), "zeroshot": config_dict(zcfg), "prepared": str(prepared.resolve())}, labels)
+    resumed = prepare_work_dir(out, fp, bool(cfg.overwrite))
+    if resumed:
+        print(f"zeroshot: resuming, {resumed} chunk(s) already done in {out / CHUNK_DIR}", file=sys.stderr)
+    start = time.perf_counter()
+    results = run_chunks(model, vocab, arrays, labels, outcome, zcfg, out, progress=bool(zc.get("progress", True)))
+    seconds = time.perf_counter() - start
+    facts = {"task": task, "label_source": label_source, "split": split, "prepared_dir": str(prepared), "model_dir": str(cfg.model_dir),
+             "device": str(device), "seconds": round(seconds, 1), "resumed_chunks": resumed}
+    return finish(cfg, out, vocab, outcome, labels, results, zcfg, facts)
+
+
+# ------------------------------------------------------------------------------------- inputs
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def check_vocab(vocab: Vocab, prepared: Path) -> None:
+    """The model must read the prepared tokens with the vocabulary it was trained on."""
+    data = Vocab.load(prepared)
+    if data.tokens != vocab.tokens:
+        raise CehrxError(f"{prepared}/vocab.json differs from the model's vocab.json ({len(data)} vs {len(vocab)} tokens): "
+                         "zero-shot needs the prepared dir the model was trained on (or one prepared with its vocabulary)")
+
+
+def task_labels(cfg: DictConfig, task: str | None, prepared: Path) -> tuple[pa.Table, str]:
+    """Labels from `labels_dir`, else extracted by the ACES task from the prepared dir's MEDS data."""
+    from cehrx.probe.labels import extract_labels, load_labels, meds_dir_for
+
+    if cfg.get("labels_dir"):
+        return load_labels(cfg.labels_dir), str(cfg.labels_dir)
+    if not task:
+        raise CehrxError("no labels: pass probe.task=<name> (configs/aces/<name>.yaml) or labels_dir=<MEDS label parquet files>")
+    meds = meds_dir_for(prepared)
+    return extract_labels(task, meds), f"aces:{task} on {meds}"
+
+
+def select_split(table: pa.Table, subject_ids: np.ndarray, split_of: np.ndarray, split: str, max_labels: int | None, seed: int) -> pa.Table:
+    """Labels of subjects in `split` (`all`: every label), optionally a seeded subsample."""
+    if split != "all":
+        if split not in SPLITS:
+            raise CehrxError(f"split={split!r}: choose one of {', '.join(SPLITS)} or all")
+        keep = pa.array(np.asarray(subject_ids)[np.asarray(split_of) == split])
+        table = table.filter(pc.is_in(table.column("subject_id"), value_set=keep))
+    if not len(table):
+        raise CehrxError(f"no labels for split {split!r} (subjects of the prepared dir's {split} split)")
+    if max_labels and len(table) > max_labels:
+        idx = np.sort(np.random.default_rng(seed).choice(len(table), int(max_labels), replace=False))
+        table = table.take(pa.array(idx))
+    return table
+
+
+def labels_from(table: pa.Table) -> LabelInputs:
+    from cehrx.probe.labels import times_seconds
+
+    return LabelInputs(
+        subject_id=table.column("subject_id").to_numpy().astype(np.int64),
+        prediction_time=times_seconds(table.column("prediction_time")),
+        boolean_value=table.column("boolean_value").to_numpy(zero_copy_only=False).astype(bool),
+    )
+
+
+# ------------------------------------------------------------------------------------ outputs
+
+
+def finish(cfg: DictConfig, out: Path, vocab: Vocab, outcome: Outcome, labels: LabelInputs, results: pa.Table, zcfg: ZeroshotConfig,
+           facts: dict[str, Any]) -> dict[str, Any]:
+    """Write predictions, details, metrics and the report into a finished output dir."""
+    from cehrx.eval.metrics import binary_metrics, json_safe
+    from cehrx.eval.predictions import write_predictions
+    from cehrx.eval.report import write_report
+
+    rows = results.column("label_row").to_numpy()
+    ok = results.column("has_history").to_numpy(zero_copy_only=False).astype(bool)
+    kept = results.filter(pa.array(ok))
+    prob, fallback, rate = finalize_probabilities(kept)
+    lr = rows[ok]
+    y, sid, t = labels.boolean_value[lr], labels.subject_id[lr], labels.prediction_time[lr]
+    if not len(lr):
+        raise CehrxError("no label has a history before its prediction time: nothing to predict")
+    metrics = binary_metrics(y, prob, sid, n_boot=int(cfg.zeroshot.get("n_boot", 1000)), seed=zcfg.seed)
+    summary = futures_summary(kept, fallback, rate, len(rows) - len(lr))
+    metrics.update({"method": "zeroshot", "outcome": outcome.describe(vocab), "futures": summary, "run": facts,
+                    "labels_per_s": round(len(rows) / max(facts["seconds"], 1e-9), 2), "zeroshot": config_dict(zcfg)})
+    with atomic_dir(out, MARKER, overwrite=True) as tmp:
+        write_predictions(tmp / "predictions.parquet", sid, t, y, prob)
+        pq.write_table(details(kept, labels, lr, prob, fallback), tmp / "details.parquet")
+        if zcfg.write_trajectories:
+            write_trajectories(out, tmp / "trajectories", zcfg.num_samples)
+        name = f"zero-shot ({zcfg.num_samples} futures)"
+        write_report(tmp, f"Zero-shot: {facts['task'] or outcome.name}", {name: metrics}, {name: (y, prob)}, sections=report_sections(outcome, summary, facts))
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (tmp / MARKER).write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
+        os.replace(out / CHUNK_DIR, tmp / CHUNK_DIR)  # last: keep the chunks with the finished run
+    auroc = metrics["auroc"]
+    print(f"zeroshot: AUROC {auroc['value']:.3f} [{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}] on {metrics['n']} labels "
+          f"({metrics['n_pos']} positive), {metrics['labels_per_s']} labels/s -> {out}", file=sys.stderr)
+    return metrics
+
+
+def details(kept: pa.Table, labels: LabelInputs, lr: np.ndarray, prob: np.ndarray, fallback: np.ndarray) -> pa.Table:
+    cols = {
+        "subject_id": pa.array(labels.subject_id[lr]),
+        "prediction_time": pa.array(labels.prediction_time[lr].astype("datetime64[s]").astype("datetime64[us]")),
+        "boolean_value": pa.array(labels.boolean_value[lr]),
+        "probability": pa.array(prob),
+        "fallback": pa.array(fallback),
+    }
+    for c in kept.column_names:
+        if c not in ("label_row", "has_history", "probability"):
+            cols[c] = kept.column(c)
+    return pa.table(cols)
+
+
+def futures_summary(kept: pa.Table, fallback: np.ndarray, rate: float, n_dropped: int) -> dict[str, Any]:
+    col = {c: kept.column(c).to_numpy(zero_copy_only=False) for c in kept.column_names}
+    n_fut = int(col["n_futures"].sum())
+    days = col["expected_days"][np.isfinite(col["expected_days"])]
+    return {
+        "futures": n_fut,
+        "resolved_share": round(float(col["n_resolved"].sum() / max(n_fut, 1)), 4),
+        "with_outcome_share": round(float(col["n_outcome"].sum() / max(n_fut, 1)), 4),
+        "stops": {k[len("stop_"):]: int(v.sum()) for k, v in col.items() if k.startswith("stop_")},
+        "labels_all_unresolved": int(fallback.sum()),
+        "fallback_probability": rate,
+        "median_expected_days_to_outcome": float(np.median(days)) if len(days) else math.nan,
+        "mean_history_tokens": round(float(col["history_len"].mean()), 1) if len(kept) else math.nan,
+        "labels_without_history": int(n_dropped),
+        "dropped_reason": NO_HISTORY,
+    }
+
+
+def report_sections(outcome: Outcome, s: dict[str, Any], facts: dict[str, Any]) -> dict[str, str]:
+    w = outcome.window
+    end = "unbounded" if math.isinf(w.end_days) else f"{w.end_days:g} days"
+    win = f"{'[' if w.start_inclusive else '('}{w.start_days:g} days, {end}{']' if w.end_inclusive else ')'} after the prediction time"
+    if w.visits:
+        win += f", within the next {w.visits} visit(s)"
+    return {
+        "Outcome": f"- codes: {', '.join(outcome.codes)} ({len(outcome.token_ids)} token(s); descendants: {outcome.descendants})\n"
+                   f"- window: {win}\n- unmatched codes: {', '.join(outcome.unmatched) or 'none'}",
+        "Futures": (f"- {s['futures']} futures; resolved {s['resolved_share']:.1%}; with the outcome {s['with_outcome_share']:.1%}\n"
+                    f"- stops: {', '.join(f'{k} {v}' for k, v in s['stops'].items())}\n"
+                    f"- labels whose futures were all unresolved (given the cohort rate {s['fallback_probability']:.3f}): {s['labels_all_unresolved']}\n"
+                    f"- labels without a history before the prediction time (dropped): {s['labels_without_history']}\n"
+                    f"- median expected days to the outcome: {s['median_expected_days_to_outcome']:.0f}"),
+        "Run": "\n".join(f"- {k}: {v}" for k, v in facts.items()),
+    }
+
+
+def _mtime(d: Path) -> float:
+    files = [p for p in d.iterdir() if p.is_file()]
+    return max((p.stat().st_mtime for p in files), default=0.0)
+
+
+def _list(v: Any) -> list[str] | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return [v]
+    return [str(x) for x in v]
+
+
+def _float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def _int(v: Any) -> int | None:
+    return None if v is None else int(v)

@@ -1,0 +1,135 @@
+"""`task=zeroshot` end to end through the real Hydra configs: a micro model pretrained a few
+steps on the synthetic prepared dir, labels from a MEDS label file, outcome from an ACES config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import cehrx.zeroshot.predict as zp
+from cehrx.data.history import load_all_splits
+from cehrx.errors import CehrxError
+from cehrx.eval.predictions import read_predictions
+from cehrx.tasks.pretrain import run as pretrain
+from cehrx.tasks.zeroshot import run
+from tests.conftest import compose_cfg
+
+pytestmark = pytest.mark.slow
+
+ACES = """
+predicates:
+  visit: {code: "VISIT//OP"}
+  outcome: {code: {any: ["SNOMED/101", "SNOMED/102"]}}
+trigger: visit
+windows:
+  input: {start: null, end: trigger, start_inclusive: true, end_inclusive: true, index_timestamp: end}
+  target: {start: input.end, end: start + 180d, start_inclusive: false, end_inclusive: true, label: outcome}
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model output dir, prepared dir): micro, 8 steps."""
+    out = tmp_path_factory.mktemp("zs") / "model"
+    pretrain(compose_cfg(
+        "task=pretrain", "model=micro", "model.max_seq_len=128", "trainer=cpu", f"data.prepared_dir={synthetic_prepared}", f"output_dir={out}",
+        "trainer.max_steps=8", "trainer.val_check_interval=8", "task.datamodule.max_tokens_per_batch=1024",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0", "logger=none", "callbacks=none",
+    ))
+    return out, synthetic_prepared
+
+
+@pytest.fixture(scope="module")
+def task_files(trained: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(ACES yaml, labels dir): a label in the middle of every subject's record, outcome read off the data."""
+    _, prepared = trained
+    d = tmp_path_factory.mktemp("task")
+    (d / "task.yaml").write_text(ACES)
+    arrays, _ = load_all_splits(prepared)
+    mid = arrays.offsets[:-1] + arrays.lengths() // 2
+    t = arrays.times[mid]
+    labels = pa.table({
+        "subject_id": pa.array(arrays.subject_id),
+        "prediction_time": pa.array(t.astype("datetime64[s]").astype("datetime64[us]")),
+        "boolean_value": pa.array(np.arange(len(t)) % 3 == 0),
+    })
+    (d / "labels").mkdir()
+    pq.write_table(labels, d / "labels" / "part-0.parquet")
+    return d / "task.yaml", d / "labels"
+
+
+def cfg_for(trained: tuple[Path, Path], task_files: tuple[Path, Path], out: Path, *overrides: str):
+    model, prepared = trained
+    task, labels = task_files
+    return compose_cfg(
+        "task=zeroshot", f"model_dir={model}", f"probe.task={task}", f"labels_dir={labels}", f"output_dir={out}", "split=all",
+        "zeroshot.num_samples=3", "zeroshot.max_new_tokens=32", "zeroshot.batch_size=64", "zeroshot.n_boot=50", "zeroshot.progress=false",
+        *overrides,
+    )
+
+
+def test_end_to_end_outputs(trained, task_files, tmp_path: Path) -> None:
+    out = tmp_path / "zs"
+    metrics = run(cfg_for(trained, task_files, out, "zeroshot.write_trajectories=true"))
+    assert {p.name for p in out.iterdir()} >= {"predictions.parquet", "details.parquet", "metrics.json", "report.md", "roc.png", "config.yaml", "chunks", "trajectories"}
+    preds = read_predictions(out / "predictions.parquet")  # meds-evaluation schema
+    assert len(preds) == metrics["n"] == 66
+    p = preds.column("predicted_boolean_probability").to_numpy()
+    assert ((p >= 0) & (p <= 1)).all()
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["outcome"]["window"]["end_days"] == 180 and sorted(saved["outcome"]["tokens"]) == ["SNOMED/101", "SNOMED/102"]
+    assert saved["futures"]["futures"] == 3 * 66 and 0 < saved["futures"]["resolved_share"] <= 1
+    assert "| zero-shot (3 futures) |" in (out / "report.md").read_text()
+    traj = sorted((out / "trajectories").glob("*.parquet"))
+    assert [t.stem for t in traj] == ["0", "1", "2"]  # one MEDS file per sample index
+    t0 = pq.read_table(traj[0])
+    assert t0.column_names == ["subject_id", "prediction_time", "time", "code", "numeric_value"] and t0.num_rows > 0
+    with pytest.raises(CehrxError, match="overwrite=true"):
+        run(cfg_for(trained, task_files, out))
+
+
+def test_resume_after_interruption_gives_the_same_result(trained, task_files, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    full = run(cfg_for(trained, task_files, tmp_path / "full", "zeroshot.chunk_size=20"))
+    real = zp.predict_chunk
+    calls = {"n": 0}
+
+    def crash_after_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(zp, "predict_chunk", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_for(trained, task_files, out, "zeroshot.chunk_size=20"))
+    assert sorted(p.name for p in (out / "chunks").glob("*.parquet")) == ["0.parquet", "1.parquet"]
+    monkeypatch.setattr(zp, "predict_chunk", real)
+    with pytest.raises(CehrxError, match="different zero-shot run"):  # other settings never mix with these chunks
+        run(cfg_for(trained, task_files, out, "zeroshot.chunk_size=20", "zeroshot.num_samples=4"))
+    resumed = run(cfg_for(trained, task_files, out, "zeroshot.chunk_size=20"))
+    assert resumed["run"]["resumed_chunks"] == 2
+    a = pq.read_table(tmp_path / "full" / "predictions.parquet")
+    b = pq.read_table(out / "predictions.parquet")
+    assert a.equals(b)
+    assert resumed["auroc"]["value"] == full["auroc"]["value"] or np.isnan(full["auroc"]["value"])
+
+
+def test_config_composes_with_probe_task_key() -> None:
+    cfg = compose_cfg("task=zeroshot", "probe.task=gibleed_after_nsaid", "zeroshot.num_samples=20")
+    assert cfg.task.name == "zeroshot" and cfg.probe.task == "gibleed_after_nsaid" and cfg.zeroshot.num_samples == 20
+    assert cfg.zeroshot.seed == cfg.seed
+
+
+def test_clear_errors(trained, task_files, tmp_path: Path) -> None:
+    with pytest.raises(CehrxError, match="no exported model"):
+        run(cfg_for(trained, task_files, tmp_path / "a", f"model_dir={tmp_path / 'nothing'}"))
+    with pytest.raises(CehrxError, match="vocabulary|none of the codes"):
+        run(cfg_for(trained, task_files, tmp_path / "b", "zeroshot.outcome_codes=[NOT/A_CODE]"))
+    with pytest.raises(CehrxError, match="leaves"):
+        run(cfg_for(trained, task_files, tmp_path / "c", "zeroshot.max_new_tokens=1000"))
