@@ -1,0 +1,258 @@
+"""Synthetic patients -> dates, validity, MEDS and OMOP outputs, and the OMOP round trip through `prepare`.
+
+The "samples" here are the synthetic prepared dir's own sequences (prompt + continuation +
+[END]), so every expectation is known exactly without a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from meds import CodeMetadataSchema, DataSchema, DatasetMetadataSchema, SubjectSplitSchema
+
+from cehrx.data import duck
+from cehrx.data.grammar import check_sequence
+from cehrx.data.shards import SECONDS_PER_YEAR, load_split, prompt_ids
+from cehrx.data.vocab import KINDS, Vocab
+from cehrx.generate.cdm import CDM_TABLES, EVENT_TABLES
+from cehrx.generate.concepts import LOCAL_CONCEPT_BASE, SourceInfo, read_source_info
+from cehrx.generate.omop_writer import write_omop
+from cehrx.generate.patients import TRUNCATED_KEY, decode_samples, join_prompts, visit_table
+from cehrx.generate.prompts import config_pool, empirical_pool
+from cehrx.generate.staging import Stage
+from cehrx.errors import CehrxError
+from tests.conftest import compose_cfg
+
+DAY = 86400
+
+
+def as_samples(vocab: Vocab, arrays, end: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split prepared sequences into (prompts [n, 4], continuation tokens, offsets), [END] appended."""
+    n = len(arrays)
+    starts = arrays.offsets[:-1]
+    prompts = arrays.tokens[(starts[:, None] + np.arange(4)).reshape(-1)].reshape(n, 4)
+    rest = np.ones(len(arrays.tokens), dtype=bool)
+    rest[(starts[:, None] + np.arange(4)).reshape(-1)] = False
+    gen_len = arrays.lengths() - 4
+    chunks = np.split(arrays.tokens[rest], np.cumsum(gen_len)[:-1])
+    tail = [vocab["[END]"]] if end else []
+    gen = [np.concatenate([c, tail]).astype(np.int32) for c in chunks]
+    offsets = np.concatenate([[0], np.cumsum([len(c) for c in gen])])
+    return prompts, np.concatenate(gen), offsets
+
+
+@pytest.fixture(scope="module")
+def decoded(synthetic_prepared: Path):
+    vocab = Vocab.load(synthetic_prepared)
+    arrays = load_split(synthetic_prepared, "train")
+    prompts, gen, off = as_samples(vocab, arrays)
+    dec = decode_samples(vocab, prompts, gen, off, arrays.subject_id + 1000, seed=3)
+    return vocab, arrays, dec
+
+
+def test_decoded_dates_match_time_tokens(decoded) -> None:
+    vocab, orig, dec = decoded
+    p = dec.arrays
+    assert len(p) == len(orig) and sum(dec.dropped.values()) == 0
+    np.testing.assert_array_equal(p.tokens, orig.tokens)  # [END] stripped, nothing else touched
+    np.testing.assert_array_equal(p.subject_id, orig.subject_id + 1000)
+    # each step between consecutive tokens is exactly what the time token says (D = 1 day, Y = 365.25 days)
+    steps = np.diff(p.times)
+    same_seq = np.diff(np.repeat(np.arange(len(p)), p.lengths())) == 0
+    days = np.array([{"D": 1.0, "Y": 365.25, "i": 1.0}.get(t[0], 0.0) * float(t.lstrip("DYi-")) if k in ("gap", "inpatient_time") else 0.0
+                     for t, k in zip(np.asarray(vocab.tokens)[p.tokens[1:]], np.asarray(vocab.kinds)[p.tokens[1:]])])
+    np.testing.assert_array_equal(steps[same_seq], np.round(days[same_seq] * DAY).astype(np.int64))
+    # the original (day-granular, no Y gaps) timelines are reproduced up to the start date
+    no_y = np.array([not any(vocab.tokens[t].startswith("Y") for t in orig.subject(i)[0]) for i in range(len(orig))])
+    for i in np.flatnonzero(no_y):
+        t_new, t_old = p.subject(i)[1], orig.subject(i)[1]
+        np.testing.assert_array_equal(t_new - t_new[0], t_old - t_old[0])
+    # the start is a day of the prompt's year at 23:59:59, and birth gives back the prompt's AGE
+    start = p.times[p.offsets[:-1]]
+    assert (start % DAY == DAY - 1).all() and (p.birth_time % DAY == 0).all()
+    years = start.astype("datetime64[s]").astype("datetime64[Y]").astype(int) + 1970
+    assert [f"YEAR//{y}" for y in years] == [vocab.tokens[t] for t in p.tokens[p.offsets[:-1]]]
+    heads = p.tokens[(p.offsets[:-1, None] + np.arange(4))]
+    np.testing.assert_array_equal(prompt_ids(vocab, start, p.birth_time, heads[:, 2], heads[:, 3]), heads)
+
+
+def test_invalid_sequences_dropped_by_reason(synthetic_prepared: Path) -> None:
+    vocab = Vocab.load(synthetic_prepared)
+    vocab.meta["inpatient_visit_types"] = ["IP"]  # time tokens are legal in IP visits only
+    v = vocab.__getitem__
+    prompt = [v("YEAR//2000"), v("AGE//40"), v("GENDER//F"), v("RACE//1")]
+    old = [v("YEAR//2000"), v("AGE//110"), v("GENDER//F"), v("RACE//1")]
+    visit = [v("[VS]"), v("VISIT//OP"), v("SNOMED/100"), v("[VE]")]
+    cases = [
+        (prompt, visit + [v("[END]")]),                                          # valid
+        (prompt, [v("SNOMED/100")] + visit),                                     # code outside a visit: grammar
+        (prompt, [v("[END]")]),                                                  # no visits
+        (prompt, visit + [v("D3"), v("[VS]"), v("VISIT//OP"), v("SNOMED/101")]),  # token budget inside visit 2: cut
+        (prompt, [v("[VS]"), v("VISIT//IP"), v("SNOMED/101")]),                  # budget inside the first visit
+        (prompt, [v("[VS]"), v("VISIT//OP"), v("i-D1"), v("[VE]")]),             # inpatient time in an OP visit
+        (old, visit + [v("Y7")] + visit + [v("Y7")] + visit),                    # 124 years old at the end
+        (prompt, visit + [v("D30"), v("[DEATH]")]),                              # valid, dies
+    ]
+    prompts = np.array([c[0] for c in cases])
+    gen = [np.array(c[1], dtype=np.int32) for c in cases]
+    off = np.concatenate([[0], np.cumsum([len(x) for x in gen])])
+    dec = decode_samples(vocab, prompts, np.concatenate(gen), off, np.arange(len(cases)), seed=0)
+    assert dec.dropped == {"grammar": 2, "no_visits": 2, "unknown_year_or_age": 0, "impossible_age": 1}
+    assert dec.repaired == {TRUNCATED_KEY: 1}
+    np.testing.assert_array_equal(dec.sample_index, [0, 3, 7])
+    p = dec.arrays
+    assert [len(p.subject(i)[0]) for i in range(3)] == [8, 8, 10]  # the truncated one ends at its first [VE]
+    assert all(check_sequence(vocab, p.subject(i)[0], {"IP"}) is None for i in range(len(p)))
+    dropped_strict = decode_samples(vocab, prompts, np.concatenate(gen), off, np.arange(len(cases)), seed=0, truncated="drop")
+    assert dropped_strict.dropped["no_visits"] == 3 and len(dropped_strict.arrays) == 2
+
+
+def test_join_prompts_handles_empty_continuations() -> None:
+    tokens, offsets = join_prompts(np.array([[1, 2, 3, 4], [5, 6, 7, 8]]), np.array([9, 9, 9]), np.array([0, 0, 3]))
+    assert tokens.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9] and offsets.tolist() == [0, 4, 11]
+
+
+def test_prompt_pools(synthetic_prepared: Path) -> None:
+    vocab = Vocab.load(synthetic_prepared)
+    pool = empirical_pool(synthetic_prepared, vocab)
+    train = load_split(synthetic_prepared, "train")
+    heads = train.tokens[(train.offsets[:-1, None] + np.arange(4))]
+    assert {tuple(r) for r in pool.prompts.tolist()} == {tuple(r) for r in heads.tolist()}
+    assert abs(pool.weights.sum() - 1) < 1e-9 and pool.source == "empirical"
+    drawn = pool.draw(500, np.random.default_rng(0))
+    assert {tuple(r) for r in drawn.tolist()} <= {tuple(r) for r in heads.tolist()}
+    explicit = config_pool(vocab, [{"year": 2015, "age": 60, "gender": "F", "race": "1", "weight": 3}, ["YEAR//1990", "AGE//5", "GENDER//M", "RACE//2"]])
+    assert explicit.weights.tolist() == [0.75, 0.25]
+    assert vocab.tokens[explicit.prompts[0, 1]] == "AGE//60"
+    with pytest.raises(CehrxError, match="not in the model's vocabulary"):
+        config_pool(vocab, [{"year": 1800, "age": 60, "gender": "F", "race": "1"}])
+    with pytest.raises(CehrxError, match="must be known"):
+        config_pool(vocab, [["YEAR//UNKNOWN", "AGE//5", "GENDER//M", "RACE//2"]])
+
+
+def write_outputs(vocab: Vocab, dec, out: Path, info: SourceInfo | None = None) -> tuple[dict, int, dict]:
+    con = duck.connect("1GB", 1)
+    stage = Stage(con, vocab)
+    half = len(dec.arrays) // 2  # two shards, as the task adds them
+    for rows in (np.arange(half), np.arange(half, len(dec.arrays))):
+        a = dec.arrays
+        from cehrx.generate.patients import take_prefixes
+        from cehrx.data.shards import TokenArrays
+
+        tok, off = take_prefixes(a.tokens, a.offsets, rows, a.lengths()[rows])
+        tim, _ = take_prefixes(a.times, a.offsets, rows, a.lengths()[rows])
+        stage.add(TokenArrays(a.subject_id[rows], off, tok, tim, a.birth_time[rows]), seed=int(rows[0]))
+    info = info or read_source_info(out, con, stage.keys())
+    codes = stage.finish(info)
+    n = stage.write_meds(out / "meds", "test")
+    rows = write_omop(con, out / "omop")
+    con.close()
+    return codes, n, rows
+
+
+@pytest.fixture(scope="module")
+def written(decoded, tmp_path_factory):
+    vocab, _, dec = decoded
+    out = tmp_path_factory.mktemp("gen_out")
+    codes, n, rows = write_outputs(vocab, dec, out)
+    return vocab, dec, out, codes, n, rows
+
+
+def test_meds_output_validates(written) -> None:
+    vocab, dec, out, codes, n, _ = written
+    files = sorted((out / "meds" / "data").rglob("*.parquet"))
+    assert {f.parent.name for f in files} == {"train", "tuning", "held_out"}
+    total = 0
+    for f in files:
+        DataSchema.validate(pq.read_schema(f))
+        total += pq.read_metadata(f).num_rows
+    assert total == n > 0
+    CodeMetadataSchema.validate(pq.read_table(out / "meds" / "metadata" / "codes.parquet"))
+    splits = pq.read_table(out / "meds" / "metadata" / "subject_splits.parquet")
+    SubjectSplitSchema.validate(splits)
+    assert sorted(splits["subject_id"].to_pylist()) == sorted(dec.arrays.subject_id.tolist())
+    import json
+    DatasetMetadataSchema.validate(json.loads((out / "meds" / "metadata" / "dataset.json").read_text()))
+    data = pq.read_table(out / "meds" / "data" / "train" / "0.parquet").to_pydict()
+    kinds = np.asarray(vocab.kinds)[dec.arrays.tokens]
+    n_codes = int((kinds == "code").sum())
+    assert sum(c.startswith("SNOMED/") for c in data["code"]) == n_codes
+    assert data["code"].count("MEDS_BIRTH") == len(dec.arrays)
+    assert data["code"].count("MEDS_DEATH") == int((dec.arrays.tokens == vocab["[DEATH]"]).sum())
+    # MEDS order: subject, then time with static rows first
+    sid = np.asarray(data["subject_id"])
+    assert (np.diff(sid) >= 0).all()
+
+
+def test_omop_has_cdm_columns_and_types(written) -> None:
+    vocab, dec, out, codes, _, rows = written
+    for table, cols in CDM_TABLES.items():
+        schema = pq.read_schema(out / "omop" / f"{table}.parquet")
+        assert schema.names == [c for c, _ in cols], table
+        assert [schema.field(c).type for c, _ in cols] == [t for _, t in cols], table
+    p = dec.arrays
+    tok = p.tokens
+    assert rows["person"] == len(p) == rows["observation_period"]
+    assert rows["visit_occurrence"] == int((tok == vocab["[VS]"]).sum())
+    assert rows["death"] == int((tok == vocab["[DEATH]"]).sum())
+    assert sum(rows[t] for t in EVENT_TABLES) == int((np.asarray(vocab.kinds)[tok] == "code").sum())
+    # no domain or source table in this prepared dir, and SNOMED spans domains: every code goes to observation
+    n_codes = len({t for t in tok.tolist() if vocab.kinds[t] == "code"})
+    assert codes["omop_table_routing"]["default_observation"] == n_codes and sum(codes["omop_table_routing"].values()) == n_codes
+    assert rows["observation"] == sum(rows[t] for t in EVENT_TABLES) > 0
+    person = pq.read_table(out / "omop" / "person.parquet").to_pydict()
+    assert set(person["gender_concept_id"]) <= {8507, 8532} and set(person["race_concept_id"]) <= {8657, 8515}
+    visits = pq.read_table(out / "omop" / "visit_occurrence.parquet").to_pydict()
+    assert set(visits["visit_concept_id"]) <= {9201, 9202}
+    vs_times = p.times[tok == vocab["[VS]"]]
+    date_only = int((vs_times % DAY == DAY - 1).sum())  # 23:59:59 = date only; after Y gaps (365.25 d) times shift
+    assert sum(d is None for d in visits["visit_start_datetime"]) == date_only > 0
+    obs = pq.read_table(out / "omop" / "observation.parquet")
+    assert min(obs["observation_concept_id"].to_pylist()) >= LOCAL_CONCEPT_BASE
+    assert len(set(obs["observation_id"].to_pylist())) == obs.num_rows
+    concept = pq.read_table(out / "omop" / "concept.parquet").to_pydict()
+    assert set(obs["observation_concept_id"].to_pylist()) <= set(concept["concept_id"])
+
+
+def structure(vocab: Vocab, tokens: np.ndarray) -> tuple[list[str], list[str]]:
+    """(non-code tokens in order, sorted codes): what a round trip must keep (code order inside a visit may change)."""
+    names = [vocab.tokens[t] for t in tokens]
+    kinds = [vocab.kinds[t] for t in tokens]
+    return [n for n, k in zip(names, kinds) if k not in ("code", "quantile")], sorted(n for n, k in zip(names, kinds) if k == "code")
+
+
+@pytest.mark.slow
+def test_omop_round_trips_through_prepare(written, tmp_path: Path) -> None:
+    from cehrx.tasks import prepare
+
+    vocab, dec, out, *_ = written
+    cfg = compose_cfg("task=prepare", "data=omop", f"data.path={out / 'omop'}", f"output_dir={tmp_path / 'rt'}",
+                      "task.min_subjects=1", "task.splits.train=1.0", "task.splits.tuning=0.0", "task.splits.held_out=0.0",
+                      "task.inpatient_visit_types=[IP]", "task.duckdb.threads=1")
+    report = prepare.run(cfg)
+    assert report["subjects"]["tokenized"] == len(dec.arrays)
+    back_vocab = Vocab.load(tmp_path / "rt")
+    back = load_split(tmp_path / "rt", "train")
+    by_id = {int(s): i for i, s in enumerate(back.subject_id)}
+    p = dec.arrays
+    # two visits with the same start and end (a D0 gap, no time inside) have no order in OMOP:
+    # prepare sorts them by type, so those subjects may come back with the two swapped
+    v = visit_table(vocab, p).to_pydict()
+    keys = list(zip(v["subject_id"], v["start"], v["end"]))
+    ambiguous = {k[0] for k in keys if keys.count(k) > 1}
+    assert len(ambiguous) < len(p) / 5
+    for i, sid in enumerate(p.subject_id):
+        j = by_id[int(sid)]
+        np.testing.assert_array_equal(back.subject(j)[1][:4], p.subject(i)[1][:4])
+        if int(sid) in ambiguous:
+            continue
+        assert structure(vocab, p.subject(i)[0]) == structure(back_vocab, back.subject(j)[0]), int(sid)
+        # visit start and end times come back exactly (date-only ones at 23:59:59 on both sides)
+        ours, theirs = p.subject(i), back.subject(j)
+        for marker in ("[VS]", "[VE]"):
+            np.testing.assert_array_equal(theirs[1][theirs[0] == back_vocab[marker]], ours[1][ours[0] == vocab[marker]])
+    assert back.birth_time.tolist() == p.birth_time.tolist()
