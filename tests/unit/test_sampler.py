@@ -1,0 +1,279 @@
+"""The sampling engine: KV cache vs recompute, padding, seeds, grammar constraints, stops, ordering."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cehrx.data.decode import token_seconds
+from cehrx.data.grammar import check_sequence
+from cehrx.data.shards import load_split
+from cehrx.data.vocab import Vocab
+from cehrx.errors import CehrxError
+from cehrx.generate.constraints import Grammar
+from cehrx.generate.sampler import (
+    STOP_DEATH,
+    STOP_END,
+    STOP_TIME,
+    STOP_TOKENS,
+    SamplingConfig,
+    sample,
+    sample_next,
+)
+from cehrx.model.attention import KVCache
+from cehrx.model.config import GPTConfig
+from cehrx.model.transformer import GPT
+
+ENDS_OPEN = "sequence ends inside a visit or after a gap"  # a budget stop may cut a visit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Micro-model steps are tiny: on a loaded 2-core machine, torch's second thread only spins."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def vocab(synthetic_prepared: Path) -> Vocab:
+    return Vocab.load(synthetic_prepared)
+
+
+@pytest.fixture(scope="module")
+def histories(synthetic_prepared: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Real sequences cut after 4..60 tokens: bare demographic prompts and histories that end
+    anywhere, inside visits included (as zero-shot cuts them)."""
+    arr = load_split(synthetic_prepared, "train")
+    rng = np.random.default_rng(0)
+    lens = np.minimum(arr.lengths(), rng.integers(4, 61, len(arr)))
+    lens[::5] = 4
+    toks = np.concatenate([arr.tokens[o : o + n] for o, n in zip(arr.offsets[:-1], lens)])
+    return toks.astype(np.int64), np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+
+
+def micro(vocab: Vocab, seed: int = 0, max_seq_len: int = 256) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=len(vocab), n_layer=2, n_embd=64, n_head=2, max_seq_len=max_seq_len)).eval()
+
+
+def full_sequences(s, toks: np.ndarray, offs: np.ndarray) -> list[np.ndarray]:  # noqa: ANN001
+    return [np.concatenate([toks[offs[p] : offs[p + 1]], s.sequence(i)]) for i, p in enumerate(s.prompt_index)]
+
+
+# ------------------------------------------------------------------------------------- model level
+
+
+@torch.no_grad()
+def test_left_padded_cached_logits_equal_each_prompt_alone(vocab: Vocab) -> None:
+    """Mixed-length prompts, left-padded in one batch with a key mask and per-row positions,
+    prefilled then decoded through the KV cache, give every prompt its own full-recompute logits."""
+    model = micro(vocab)
+    g = torch.Generator().manual_seed(1)
+    lengths, extra = [3, 11, 7, 1], 5
+    seqs = [torch.randint(1, len(vocab), (n + extra,), generator=g) for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(seqs), width + extra, dtype=torch.long)
+    real = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (s, n) in enumerate(zip(seqs, lengths)):
+        ids[i, width - n :] = s
+        real[i, width - n :] = True
+    pos = (real.cumsum(1) - 1).clamp_min(0)
+    cache = model.new_kv_cache(len(seqs), width + extra)
+    steps = [model(ids[:, :width], position_ids=pos[:, :width], kv_cache=cache, key_mask=real[:, :width])[:, -1:]]
+    for c in range(width, width + extra):
+        steps.append(model(ids[:, c : c + 1], position_ids=pos[:, c : c + 1], kv_cache=cache, key_mask=real[:, : c + 1]))
+    cached = model.lm_head_logits(torch.cat(steps, 1))  # [B, 1 + extra, V]: logits after each prompt token from the last
+    for i, (s, n) in enumerate(zip(seqs, lengths)):
+        alone = model.lm_head_logits(model(s[None]))[0, n - 1 :]
+        torch.testing.assert_close(cached[i], alone, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(model(ids[:, :width], position_ids=pos[:, :width], key_mask=real[:, :width])).all()
+
+
+def test_key_mask_is_rejected_for_packed_input(vocab: Vocab) -> None:
+    model = micro(vocab)
+    with pytest.raises(ValueError, match="unpacked"):
+        model(torch.zeros(4, dtype=torch.long), cu_seqlens=torch.tensor([0, 4], dtype=torch.int32), key_mask=torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key_mask must be"):
+        model(torch.zeros(2, 4, dtype=torch.long), key_mask=torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_kv_cache_select_rows_and_grow() -> None:
+    cache = KVCache(2, 3, 4, 1, 2)
+    k = torch.arange(3 * 4 * 2, dtype=torch.float32).view(3, 4, 1, 2)
+    for layer in range(2):
+        cache.update(layer, k, k + 1)
+    cache.advance(4)
+    cache.select_rows(torch.tensor([2, 2, 0]))
+    cache.grow(6)
+    assert cache.k.shape == (2, 3, 6, 1, 2) and cache.max_len == 6 and cache.length == 4
+    torch.testing.assert_close(cache.k[1, :, :4], k[[2, 2, 0]])
+    torch.testing.assert_close(cache.v[0, :, :4], k[[2, 2, 0]] + 1)
+
+
+# ------------------------------------------------------------------------------------- sampling
+
+
+def test_kv_cache_sampling_equals_full_recompute(vocab: Vocab, histories: tuple[np.ndarray, np.ndarray]) -> None:
+    """Same seed, with and without the cache: the same draws, so the same samples (stops and
+    the shrinking batch included)."""
+    toks, offs = histories
+    cfg = SamplingConfig(max_new_tokens=40, batch_size=16, seed=3)
+    a = sample(micro(vocab), vocab, toks[: offs[12]], offs[:13], cfg, num_samples=2, progress=False)
+    b = sample(micro(vocab), vocab, toks[: offs[12]], offs[:13], cfg, num_samples=2, progress=False, use_cache=False)
+    np.testing.assert_array_equal(a.offsets, b.offsets)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.stop, b.stop)
+
+
+def test_same_seed_same_output(vocab: Vocab, histories: tuple[np.ndarray, np.ndarray]) -> None:
+    toks, offs = histories
+    model = micro(vocab)
+    cfg = SamplingConfig(max_new_tokens=60, batch_size=24, top_k=50, top_p=0.95, temperature=0.9, seed=7)
+    a = sample(model, vocab, toks, offs, cfg, num_samples=2, progress=False)
+    b = sample(model, vocab, toks, offs, cfg, num_samples=2, progress=False)
+    for field in ("tokens", "offsets", "stop", "elapsed_days", "prompt_index"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    c = sample(model, vocab, toks, offs, SamplingConfig(**{**cfg.to_dict(), "seed": 8}), num_samples=2, progress=False)
+    assert not np.array_equal(a.tokens, c.tokens)
+    assert model.training is False and not torch.is_inference_mode_enabled()
+
+
+def test_constrained_samples_always_follow_the_grammar(vocab: Vocab, histories: tuple[np.ndarray, np.ndarray]) -> None:
+    """Many samples from a random model, prompts ending anywhere: every sample that stopped at
+    [END]/[DEATH] is a valid sequence, every budget-stopped one a valid prefix. Unconstrained
+    sampling from the same model breaks the grammar (so the check can fail)."""
+    toks, offs = histories
+    model = micro(vocab)
+    cfg = SamplingConfig(max_new_tokens=80, batch_size=64, seed=0)
+    s = sample(model, vocab, toks, offs, cfg, num_samples=4, progress=False)
+    inpatient = Grammar.build(vocab).inpatient_types
+    assert (np.isin(s.stop, [STOP_END, STOP_DEATH])).sum() > 20 and (s.stop == STOP_TOKENS).sum() > 5
+    for seq, stop in zip(full_sequences(s, toks, offs), s.stop):
+        err = check_sequence(vocab, seq, inpatient)
+        if stop in (STOP_END, STOP_DEATH):
+            assert err is None, err
+        else:
+            assert err is None or err.startswith(ENDS_OPEN), err
+    free = sample(model, vocab, toks, offs, SamplingConfig(**{**cfg.to_dict(), "constrained": False}), num_samples=1, progress=False)
+    errors = [check_sequence(vocab, q, inpatient) for q in full_sequences(free, toks, offs)]
+    assert sum(e is not None and not e.startswith(ENDS_OPEN) for e in errors) > len(errors) // 2
+
+
+def test_grammar_machine_agrees_with_check_sequence(vocab: Vocab, synthetic_prepared: Path) -> None:
+    """Real sequences end in a between-visits or dead state; one corrupted token sends the
+    machine to FREE exactly when check_sequence rejects the sequence."""
+    arr = load_split(synthetic_prepared, "train")
+    g = Grammar.build(vocab)
+    states = g.prompt_states(arr.tokens, arr.offsets)
+    assert {g.state_name(s) for s in states} <= {"between", "dead"}
+    rng = np.random.default_rng(0)
+    toks = arr.tokens.astype(np.int64).copy()
+    where = arr.offsets[:-1] + rng.integers(4, arr.lengths())
+    toks[where] = rng.integers(0, len(vocab), len(where))
+    states = g.prompt_states(toks, arr.offsets)
+    for i in range(len(arr)):
+        seq = toks[arr.offsets[i] : arr.offsets[i + 1]]
+        err = check_sequence(vocab, seq, g.inpatient_types)
+        rejected = err is not None and not err.startswith(ENDS_OPEN)
+        assert bool(g.is_free(states[i])) == rejected, (err, g.state_name(states[i]))
+
+
+def test_inpatient_time_only_inside_inpatient_visits(vocab: Vocab) -> None:
+    g = Grammar.build(vocab, inpatient_types={"IP"})
+    itime = torch.tensor([k == "inpatient_time" for k in vocab.kinds])
+    prompt = [vocab[t] for t in ("YEAR//2000", "AGE//40", "GENDER//F", "RACE//1", "[VS]")]
+    for visit, expect in (("VISIT//IP", True), ("VISIT//OP", False)):
+        st = g.prompt_states(np.array(prompt + [vocab[visit]]), np.array([0, len(prompt) + 1]))
+        allowed = g.allowed[torch.from_numpy(st)][0]
+        assert bool(allowed[itime].all()) is expect and not bool(allowed[vocab["[VS]"]])
+        assert bool(allowed[vocab["[VE]"]]) and not bool(allowed[vocab["D3"]])
+
+
+def test_token_and_time_budgets(vocab: Vocab, histories: tuple[np.ndarray, np.ndarray]) -> None:
+    toks, offs = histories
+    model = micro(vocab)
+    secs = token_seconds(vocab)
+    s = sample(model, vocab, toks, offs, SamplingConfig(max_new_tokens=30, max_days=100.0, batch_size=32), num_samples=2, progress=False)
+    lens = s.lengths()
+    assert lens.max() <= 30 and (lens[s.stop == STOP_TOKENS] == 30).all()
+    assert {STOP_TIME, STOP_TOKENS} <= set(s.stop.tolist())
+    for i in range(len(s)):
+        days = np.cumsum(secs[s.sequence(i)]) / 86400.0
+        assert s.elapsed_days[i] == pytest.approx(days[-1])
+        if s.stop[i] == STOP_TIME:  # the crossing time token is the last one, and only it is past the budget
+            assert days[-1] > 100.0 and (len(days) < 2 or days[-2] <= 100.0) and secs[s.sequence(i)[-1]] > 0
+        else:
+            assert days[-1] <= 100.0
+        if s.stop[i] in (STOP_END, STOP_DEATH):
+            assert vocab.tokens[s.sequence(i)[-1]] == ("[END]" if s.stop[i] == STOP_END else "[DEATH]")
+        stops = np.isin(s.sequence(i)[:-1], [vocab["[END]"], vocab["[DEATH]"]])
+        assert not stops.any()
+
+
+def test_end_stop_and_no_stop_ids(vocab: Vocab) -> None:
+    """A prompt that ended with [DEATH] can only end: [END] comes next and stops the row.
+    `stop_ids=()` runs rows to the budget."""
+    prompt = [vocab[t] for t in ("YEAR//2000", "AGE//40", "GENDER//F", "RACE//1", "[VS]", "VISIT//OP", "[VE]", "D3", "[DEATH]")]
+    model = micro(vocab)
+    s = sample(model, vocab, np.array(prompt), np.array([0, len(prompt)]), SamplingConfig(max_new_tokens=10), num_samples=3, progress=False)
+    assert s.stop.tolist() == [STOP_END] * 3 and s.tokens.tolist() == [vocab["[END]"]] * 3
+    s = sample(model, vocab, np.array(prompt[:4]), np.array([0, 4]), SamplingConfig(max_new_tokens=25, constrained=False), num_samples=2,
+               progress=False, stop_ids=())
+    assert s.lengths().tolist() == [25, 25] and (s.stop == STOP_TOKENS).all()
+
+
+def test_context_limit_stops_rows(vocab: Vocab, histories: tuple[np.ndarray, np.ndarray]) -> None:
+    """A prompt near max_seq_len gets only the room left; a longer one is a clear error."""
+    toks, offs = histories
+    longest = int(np.argmax(np.diff(offs)))
+    p = toks[offs[longest] : offs[longest + 1]]
+    model = micro(vocab, max_seq_len=len(p) + 4)
+    s = sample(model, vocab, np.concatenate([p, toks[:4]]), np.array([0, len(p), len(p) + 4]), SamplingConfig(max_new_tokens=30),
+               progress=False, stop_ids=())
+    assert s.lengths().tolist() == [4, min(30, len(p))] and (s.stop == STOP_TOKENS).all()
+    with pytest.raises(CehrxError, match="max_seq_len"):
+        sample(model, vocab, np.resize(p, len(p) + 4), np.array([0, len(p) + 4]), SamplingConfig(), progress=False)
+
+
+def test_num_samples_are_prompt_major(vocab: Vocab, histories: tuple[np.ndarray, np.ndarray]) -> None:
+    """Row i * n + j continues prompt i: greedy samples equal the prompt sampled alone, whatever
+    the batch size and the length sorting inside the engine."""
+    toks, offs = histories
+    model = micro(vocab)
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=20, batch_size=7)
+    s = sample(model, vocab, toks[: offs[6]], offs[:7], cfg, num_samples=3, progress=False)
+    assert s.prompt_index.tolist() == [i for i in range(6) for _ in range(3)]
+    for i in range(6):
+        alone = sample(model, vocab, toks[offs[i] : offs[i + 1]], np.array([0, offs[i + 1] - offs[i]]), cfg, progress=False)
+        for j in range(3):
+            np.testing.assert_array_equal(s.sequence(3 * i + j), alone.sequence(0))
+
+
+def test_sample_next_top_k_top_p() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, 1.0, 0, 0.7, g).tolist()) == {0, 1}
+    assert set(sample_next(logits, 1.0, 3, 1.0, g).tolist()) == {0, 1, 2}
+    assert set(sample_next(logits, 1.0, 0, 0.01, g).tolist()) == {0}
+    assert set(sample_next(logits, 0.0, 0, 1.0, g).tolist()) == {0}
+    freq = torch.bincount(sample_next(logits.repeat(10, 1), 1.0, 0, 1.0, g), minlength=4) / 20000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015, rtol=0)
+    masked = logits.clone()
+    masked[:, 0] = float("-inf")
+    masked[:, 3] = float("-inf")
+    assert set(sample_next(masked, 1.0, 0, 1.0, g).tolist()) == {1, 2}
+    hot = sample_next(logits, 5.0, 0, 1.0, g)
+    assert (hot == 3).float().mean() > 0.15  # flattened by the temperature (0.05 -> ~0.2)
+
+
+def test_bad_settings_are_one_line_errors(vocab: Vocab) -> None:
+    with pytest.raises(CehrxError, match="top_p"):
+        SamplingConfig(top_p=0.0)
+    with pytest.raises(CehrxError, match="vocab_size"):
+        sample(GPT(GPTConfig(vocab_size=len(vocab) + 1, n_layer=1, n_embd=32, n_head=2)), vocab, np.zeros(4, np.int64), np.array([0, 4]), SamplingConfig(), progress=False)
