@@ -1,56 +1,90 @@
-"""Write the token rows as per-split parquet shards (format in `cehrx.data.shards`)."""
+"""Write the token sequences as per-split parquet shards (format in `cehrx.data.shards`).
+
+Subjects arrive in (split, subject_id) order (`tokenize.Ordered`), so every shard is a
+contiguous range of subjects: each is assembled, counted (train only) and written on its own,
+which keeps memory to one shard's tokens.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cehrx.data.shards import SHARD_SCHEMA, SPLITS
+from cehrx.data.tokenize import Ordered, TokenIds, assemble
 
 
-def build_sequences(con: duckdb.DuckDBPyConnection) -> None:
-    """`seqs(subject_id, split, tokens, times, birth_time, n_tokens, rn)`, one row per subject.
+@dataclass
+class Written:
+    """What write_shards produced: subjects per split, lengths, and train counts per token id."""
 
-    `rn` is the subject's 0-based rank by subject_id inside its split (shards are rn ranges).
-    One ordered aggregate of (id, time) pairs sorts each subject's tokens once, not once per list.
-    """
-    con.execute("""
-        CREATE OR REPLACE TABLE seqs AS
-        SELECT s.subject_id, d.split,
-               list_transform(s.l, lambda x: x.id) AS tokens, list_transform(s.l, lambda x: x.t) AS times,
-               CAST(epoch(d.birth_ok) AS BIGINT) AS birth_time, CAST(len(s.l) AS INTEGER) AS n_tokens,
-               row_number() OVER (PARTITION BY d.split ORDER BY s.subject_id) - 1 AS rn
-        FROM (
-            SELECT subject_id, list({'id': CAST(id AS INTEGER), 't': CAST(epoch(t) AS BIGINT)} ORDER BY r, part, er, sub) AS l
-            FROM tok_ids GROUP BY subject_id
-        ) s JOIN demo_t d USING (subject_id)
-    """)
+    per_split: dict[str, int]
+    lengths: np.ndarray  # tokens per subject, all splits
+    counts: np.ndarray  # train occurrences per token id
+    subjects: np.ndarray  # train subjects per token id
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
 
 
-def write_shards(con: duckdb.DuckDBPyConnection, out_dir: Path, subjects_per_shard: int) -> dict[str, int]:
-    """Write tokens/<split>/<n>.parquet ordered by subject_id; return subjects per split."""
-    written: dict[str, int] = {}
-    for split in SPLITS:
+def shard_table(o: Ordered, ids: TokenIds, s0: int, s1: int) -> tuple[pa.Table, np.ndarray]:
+    """One shard of subjects s0..s1-1 as a SHARD_SCHEMA table, plus its flat token ids."""
+    tok, tim, lengths = assemble(o, ids, s0, s1)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    table = pa.Table.from_arrays([
+        pa.array(o.subject_id[s0:s1], pa.int64()),
+        pa.ListArray.from_arrays(offsets, pa.array(tok, pa.int32())),
+        pa.ListArray.from_arrays(offsets, pa.array(tim, pa.int64())),
+        o.birth_s.slice(s0, s1 - s0),
+        pa.array(lengths.astype(np.int32), pa.int32()),
+    ], schema=SHARD_SCHEMA)
+    return table, tok
+
+
+def subjects_per_token(o: Ordered, tok: np.ndarray, lengths: np.ndarray, n_vocab: int) -> np.ndarray:
+    """How many of these subjects have each token id (a subjects x vocab bitmap, in slices)."""
+    out = np.zeros(n_vocab, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    step = max(1, (1 << 26) // max(n_vocab, 1))
+    for a in range(0, len(lengths), step):
+        b = min(a + step, len(lengths))
+        seen = np.zeros((b - a, n_vocab), dtype=bool)
+        rows = np.repeat(np.arange(b - a), lengths[a:b])
+        seen[rows, tok[starts[a]:ends[b - 1]]] = True
+        out += seen.sum(axis=0)
+    return out
+
+
+def write_shards(o: Ordered, ids: TokenIds, out_dir: Path, subjects_per_shard: int, n_vocab: int) -> Written:
+    """Write tokens/<split>/<n>.parquet (subject_id order, `subjects_per_shard` rows each)."""
+    split_start = np.searchsorted(o.split, np.arange(len(SPLITS) + 1))
+    per_split, lengths = {}, []
+    counts = np.zeros(n_vocab, dtype=np.int64)
+    subjects = np.zeros(n_vocab, dtype=np.int64)
+    for i, split in enumerate(SPLITS):
         d = out_dir / "tokens" / split
         d.mkdir(parents=True, exist_ok=True)
-        n = con.execute("SELECT count(*) FROM seqs WHERE split = ?", [split]).fetchall()[0][0]
-        written[split] = n
-        for shard, offset in enumerate(range(0, max(n, 1), subjects_per_shard)):
-            table = con.sql(
-                "SELECT subject_id, tokens, times, birth_time, n_tokens FROM seqs WHERE split = ? AND rn >= ? AND rn < ? ORDER BY subject_id",
-                params=[split, offset, offset + subjects_per_shard],
-            ).to_arrow_table()
-            table = table.cast(SHARD_SCHEMA)
+        a, b = int(split_start[i]), int(split_start[i + 1])
+        per_split[split] = b - a
+        for shard, s0 in enumerate(range(a, max(b, a + 1), subjects_per_shard)):
+            s1 = min(s0 + subjects_per_shard, b)
+            table, tok = shard_table(o, ids, s0, s1)
+            n = table.column("n_tokens").to_numpy()
+            lengths.append(n)
+            if split == "train":
+                counts += np.bincount(tok, minlength=n_vocab)
+                subjects += subjects_per_token(o, tok, n, n_vocab)
             pq.write_table(table, d / f"{shard}.parquet", compression="zstd", row_group_size=2048)
-    return written
+    return Written(per_split, np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64), counts, subjects)
 
 
-def length_percentiles(con: duckdb.DuckDBPyConnection) -> dict[str, float]:
-    lengths = np.array([r[0] for r in con.execute("SELECT n_tokens FROM seqs").fetchall()])
+def length_percentiles(lengths: np.ndarray) -> dict[str, float]:
     if not len(lengths):
         return {}
     qs = {"p50": 50, "p90": 90, "p99": 99, "max": 100}

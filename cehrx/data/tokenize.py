@@ -1,44 +1,68 @@
-"""MEDS events with visits -> CEHR-GPT token sequences (DESIGN §4), set-based in DuckDB.
+"""MEDS events with visits -> CEHR-GPT token sequences (DESIGN §4): DuckDB orders, numpy lays out.
 
-Every token becomes one row of `tok(subject_id, r, part, er, sub, token, t)`; the tuple
-(r, part, er, sub) orders a subject's tokens:
+A subject's tokens, in order:
 
-    r = 0          demographic prompt          part 0..3: YEAR AGE GENDER RACE
-    r = 1..n       visits, oldest first        part 0 gap, 1 [VS], 2 VISIT//type, 3 events
-                                               (er = event rank; sub 0 i-D/i-H, 1 code, 2 Q<k>),
-                                               4 trailing i-D/i-H to the visit end, 5 DISCHARGE, 6 [VE]
-    r = n + 1      death                       part 0 gap, 1 [DEATH]
+    prompt         YEAR//y AGE//a GENDER//g RACE//r
+    each visit     [gap] [VS] VISIT//type, then per event [i-D/i-H] code [Q<k>],
+                   then [i-D/i-H to the visit end] [DISCHARGE//x] [VE]        (oldest visit first)
+    death          gap [DEATH]
 
 Times are made non-decreasing by construction: a visit starts no earlier than the latest end
 of the visits before it, its events no earlier than its start, and its end no earlier than its
 events. Gaps are computed from those same times, so dates rebuilt from gap tokens match.
+
+How (for speed, the output is the same token for token): DuckDB sorts the visits once and the
+events once, by (split, subject_id, visit rank, time, table, code, value), and returns them as
+integer/float columns (`Ordered`); the vocabulary is decided from small aggregates before any
+token exists (vocab_build.py); `assemble` then writes every token id straight into its slot with
+numpy: per subject 4 prompt slots, per visit 3 + 3 per event + 3 slots, 2 death slots, absent
+tokens removed at the end. No table of token strings is ever built, and nothing sorts tokens.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
+
 import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from cehrx.data.duck import literal
+from cehrx.data.shards import SPLITS
 from cehrx.data.visits import table_rank
 
 SECONDS_PER_YEAR = 365.25 * 86400
+US = 1_000_000
+SPLIT_RANK = "(CASE split " + " ".join(f"WHEN {literal(s)} THEN {i}" for i, s in enumerate(SPLITS)) + f" ELSE {len(SPLITS)} END)"
 
 
 def select_codes(con: duckdb.DuckDBPyConnection, min_subjects: int) -> dict:
-    """`kept_codes(code, subjects)`: codes of body events seen in >= min_subjects train subjects."""
+    """`kept_codes(code, subjects, crank)`: codes of body events seen in >= min_subjects train subjects.
+
+    One pass over `body` counts every code (train subjects and all rows); rare codes are not
+    deleted from `body`, they are left out when the events are ordered. `crank` numbers the kept
+    codes in code order (an integer sort key standing for the code).
+    """
+    con.execute("""
+        CREATE OR REPLACE TEMP TABLE code_counts AS
+        SELECT b.code, count(*) AS n, count(DISTINCT b.subject_id) FILTER (WHERE d.split = 'train') AS subjects
+        FROM body b JOIN demo d USING (subject_id) GROUP BY b.code
+    """)
+    kept = f"subjects >= {int(min_subjects)} AND subjects > 0"  # a code absent from train is never kept
     con.execute(f"""
         CREATE OR REPLACE TABLE kept_codes AS
-        SELECT b.code, count(DISTINCT b.subject_id) AS subjects
-        FROM body b JOIN demo d USING (subject_id) WHERE d.split = 'train'
-        GROUP BY b.code HAVING count(DISTINCT b.subject_id) >= {int(min_subjects)}
+        SELECT code, subjects, CAST(row_number() OVER (ORDER BY code) - 1 AS INTEGER) AS crank
+        FROM code_counts WHERE {kept} ORDER BY code
     """)
-    dropped = con.execute("SELECT count(*), count(DISTINCT code) FROM body WHERE code NOT IN (SELECT code FROM kept_codes)").fetchall()[0]
-    con.execute("DELETE FROM body WHERE code NOT IN (SELECT code FROM kept_codes)")
-    return {"rare_code_events_dropped": dropped[0], "rare_codes_dropped": dropped[1]}
+    dropped = con.execute(f"SELECT coalesce(sum(n), 0), count(*) FROM code_counts WHERE NOT ({kept})").fetchall()[0]
+    con.execute("DROP TABLE code_counts")
+    return {"rare_code_events_dropped": int(dropped[0]), "rare_codes_dropped": int(dropped[1])}
 
 
 def learn_value_edges(con: duckdb.DuckDBPyConnection, num_bins: int, min_values: int) -> int:
-    """`edges(code, cuts, lo, hi)`: per-code value quantiles on the train split.
+    """`edges(code, crank, cuts, lo, hi)`: per kept code, value quantiles on the train split.
 
     `cuts` holds the num_bins-1 inner cut points; lo/hi the observed range, so decoding can
     sample a value inside a bin.
@@ -46,32 +70,52 @@ def learn_value_edges(con: duckdb.DuckDBPyConnection, num_bins: int, min_values:
     qs = ", ".join(repr(i / num_bins) for i in range(1, num_bins))
     con.execute(f"""
         CREATE OR REPLACE TABLE edges AS
-        SELECT b.code, quantile_cont(b.numeric_value, [{qs}]) AS cuts, min(b.numeric_value) AS lo, max(b.numeric_value) AS hi
-        FROM body b JOIN demo d USING (subject_id)
+        SELECT b.code, any_value(k.crank) AS crank, quantile_cont(b.numeric_value, [{qs}]) AS cuts,
+               min(b.numeric_value) AS lo, max(b.numeric_value) AS hi
+        FROM body b JOIN demo d USING (subject_id) JOIN kept_codes k USING (code)
         WHERE d.split = 'train' AND b.numeric_value IS NOT NULL
         GROUP BY b.code HAVING count(*) >= {int(min_values)}
     """)
     return con.execute("SELECT count(*) FROM edges").fetchall()[0][0]
 
 
-def order_visits(con: duckdb.DuckDBPyConnection) -> None:
-    """`vis`: visits in order with effective start/end times and the day gap before each."""
-    con.execute("""
+def order_visits(con: duckdb.DuckDBPyConnection, inpatient_types: list[str]) -> None:
+    """`ev` (kept body events) and `vis`: visits in order with effective start/end and the day gap before each.
+
+    One window (one sort) numbers a subject's visits and carries the latest end before each.
+    Drops `body`, which nothing needs after this.
+    """
+    inpatient = ", ".join(literal(str(t)) for t in inpatient_types) or "NULL"
+    con.execute(f"""
+        CREATE OR REPLACE TABLE ev AS
+        SELECT b.vkey, b.time, CAST({table_rank('b.src_table')} AS TINYINT) AS trank, k.crank, b.numeric_value
+        FROM body b JOIN kept_codes k USING (code)
+    """)
+    con.execute("DROP TABLE body")
+    con.execute(f"""
         CREATE OR REPLACE TABLE vis AS
-        WITH v AS (
-            SELECT a.*, greatest(a.vend, coalesce(m.tmax, a.vend)) AS vend2
-            FROM allv a LEFT JOIN (SELECT vkey, max(time) AS tmax FROM body GROUP BY vkey) m USING (vkey)
-            WHERE a.subject_id IN (SELECT subject_id FROM demo)
-        ), o AS (
-            SELECT *, row_number() OVER (PARTITION BY subject_id ORDER BY vstart, vend2, vtype, vkey) AS r FROM v
+        WITH m AS (SELECT vkey, max(time) AS tmax, count(*) AS nev FROM ev GROUP BY vkey),
+        v AS (
+            SELECT a.*, greatest(a.vend, coalesce(m.tmax, a.vend)) AS vend2, coalesce(m.nev, 0) AS nev, d.split
+            FROM allv a JOIN demo d USING (subject_id) LEFT JOIN m USING (vkey)
         ), p AS (
-            SELECT *, max(vend2) OVER (PARTITION BY subject_id ORDER BY r ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_end FROM o
+            SELECT *, row_number() OVER w AS r,
+                   max(vend2) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_end
+            FROM v WINDOW w AS (PARTITION BY subject_id ORDER BY vstart, vend2, vtype, vkey)
         )
-        SELECT subject_id, vkey, r, vtype, discharge, origin,
+        SELECT subject_id, {SPLIT_RANK} AS sr, split, vkey, r, vtype, discharge, origin, nev,
+               vtype IN ({inpatient}) AS inpatient,
                greatest(vstart, coalesce(prev_end, vstart)) AS est,
                greatest(vend2, coalesce(prev_end, vend2)) AS eend,
                CASE WHEN prev_end IS NOT NULL THEN greatest(date_diff('day', CAST(prev_end AS DATE), CAST(vstart AS DATE)), 0) END AS gap_days
         FROM p
+    """)
+    # birth is usable when known and not after the first visit
+    con.execute("""
+        CREATE OR REPLACE TABLE demo_t AS
+        SELECT d.*, f.first_t, f.last_t, f.n_visits, CASE WHEN d.birth <= f.first_t THEN d.birth END AS birth_ok
+        FROM demo d JOIN (SELECT subject_id, min(est) AS first_t, max(eend) AS last_t, max(r) AS n_visits FROM vis GROUP BY subject_id) f
+             USING (subject_id)
     """)
 
 
@@ -81,84 +125,264 @@ def gap_token(days: str, max_gap_days: int) -> str:
     return f"(CASE WHEN {days} >= {int(max_gap_days)} THEN 'Y' || CAST(round({days} / 365.25) AS BIGINT) ELSE 'D' || CAST({days} AS BIGINT) END)"
 
 
-def inpatient_time_token(seconds: str, max_days: int) -> str:
-    """SQL: i-D<days> for a day or more, i-H<hours> for an hour or more, else NULL."""
-    seconds = f"({seconds})"
-    return (f"(CASE WHEN {seconds} >= 86400 THEN 'i-D' || CAST(least(floor({seconds} / 86400), {int(max_days)}) AS BIGINT) "
-            f"WHEN {seconds} >= 3600 THEN 'i-H' || CAST(floor({seconds} / 3600) AS BIGINT) END)")
+def gap_names(days: np.ndarray, max_gap_days: int) -> list[str]:
+    """gap_token for an array of day counts (Python side; round half away from zero like DuckDB).
+
+    >>> gap_names(np.array([0, 57, 1079, 1080, 2000]), 1080)
+    ['D0', 'D57', 'D1079', 'Y3', 'Y5']
+    """
+    return [f"Y{int(np.floor(d / 365.25 + 0.5))}" if d >= max_gap_days else f"D{int(d)}" for d in days.tolist()]
 
 
-def build_token_rows(con: duckdb.DuckDBPyConnection, inpatient_types: list[str], max_gap_days: int) -> dict:
-    """Fill `tok` with every token of every subject (strings, before vocabulary mapping)."""
-    inpatient = ", ".join(literal(str(t)) for t in inpatient_types) or "NULL"
-    max_i = max_gap_days - 1
-    con.execute(f"""
-        CREATE OR REPLACE TABLE evr AS
-        SELECT b.subject_id, v.r, v.vtype IN ({inpatient}) AS inpatient, b.code, b.numeric_value,
-               greatest(b.time, v.est) AS t, v.est, v.eend,
-               row_number() OVER (PARTITION BY b.vkey ORDER BY b.time, {table_rank('b.src_table')}, b.code, b.numeric_value, b.text_value) AS er
-        FROM body b JOIN vis v USING (vkey)
-    """)
-    con.execute(f"""
-        CREATE OR REPLACE TABLE tok AS
-        -- visits: gap, [VS], VISIT//type, (trailing inpatient time), [VE]
-        SELECT subject_id, r, 0 AS part, 0 AS er, 0 AS sub, {gap_token('gap_days', max_gap_days)} AS token, est AS t FROM vis WHERE r > 1
-        UNION ALL SELECT subject_id, r, 1, 0, 0, '[VS]', est FROM vis
-        UNION ALL SELECT subject_id, r, 2, 0, 0, 'VISIT//' || vtype, est FROM vis
-        UNION ALL SELECT subject_id, r, 6, 0, 0, '[VE]', eend FROM vis
-        -- events: code, value decile
-        UNION ALL SELECT subject_id, r, 3, er, 1, code, t FROM evr
-        UNION ALL SELECT e.subject_id, e.r, 3, e.er, 2,
-               'Q' || CAST(1 + len(list_filter(q.cuts, lambda x: x <= e.numeric_value)) AS BIGINT), e.t
-        FROM evr e JOIN edges q USING (code) WHERE e.numeric_value IS NOT NULL
-    """)
-    # time inside inpatient-like visits: before each event, and from the last event to the visit end
-    con.execute(f"""
-        INSERT INTO tok
-        SELECT subject_id, r, 3, er, 0, tok, t FROM (
-            SELECT subject_id, r, er, t,
-                   {inpatient_time_token("epoch(t) - epoch(coalesce(lag(t) OVER (PARTITION BY subject_id, r ORDER BY er), est))", max_i)} AS tok
-            FROM evr WHERE inpatient
-        ) WHERE tok IS NOT NULL
-    """)
-    con.execute(f"""
-        INSERT INTO tok
-        SELECT v.subject_id, v.r, 4, 0, 0, {inpatient_time_token("epoch(v.eend) - epoch(coalesce(l.tlast, v.est))", max_i)}, v.eend
-        FROM vis v LEFT JOIN (SELECT subject_id, r, max(t) AS tlast FROM evr GROUP BY ALL) l USING (subject_id, r)
-        WHERE v.vtype IN ({inpatient}) AND {inpatient_time_token("epoch(v.eend) - epoch(coalesce(l.tlast, v.est))", max_i)} IS NOT NULL
-    """)
-    con.execute("INSERT INTO tok SELECT subject_id, r, 5, 0, 0, 'DISCHARGE//' || discharge, eend FROM vis WHERE discharge IS NOT NULL")
-    _prompt_and_death(con, max_gap_days)
-    return {
-        "visits_tokenized": con.execute("SELECT count(*) FROM vis").fetchall()[0][0],
-        "events_tokenized": con.execute("SELECT count(*) FROM evr").fetchall()[0][0],
-    }
+def inpatient_time_codes(dt_us: np.ndarray, max_days: int) -> np.ndarray:
+    """Time inside an inpatient visit as an integer code: n >= 1 for i-D<n>, -h for i-H<h>, 0 for none.
+
+    i-D<days> (capped at max_days) for a day or more, i-H<hours> for an hour or more.
+    """
+    days = np.minimum(np.floor_divide(dt_us, 86400 * US), max_days)
+    hours = np.floor_divide(dt_us, 3600 * US)
+    return np.where(dt_us >= 86400 * US, days, np.where(dt_us >= 3600 * US, -hours, 0)).astype(np.int64)
 
 
-def _prompt_and_death(con: duckdb.DuckDBPyConnection, max_gap_days: int) -> None:
-    con.execute(f"""
-        CREATE OR REPLACE TABLE first_last AS
-        SELECT v.subject_id, min(v.est) AS first_t, max(v.eend) AS last_t, max(v.r) AS n_visits
-        FROM vis v GROUP BY v.subject_id
-    """)
-    # birth is usable when known and not after the first visit
-    con.execute(f"""
-        CREATE OR REPLACE TABLE demo_t AS
-        SELECT d.*, f.first_t, f.last_t, f.n_visits,
-               CASE WHEN d.birth <= f.first_t THEN d.birth END AS birth_ok
-        FROM demo d JOIN first_last f USING (subject_id)
-    """)
-    con.execute(f"""
-        INSERT INTO tok
-        SELECT subject_id, 0, 0, 0, 0, 'YEAR//' || CAST(year(first_t) AS VARCHAR), first_t FROM demo_t
-        UNION ALL SELECT subject_id, 0, 1, 0, 0,
+def inpatient_time_name(code: int) -> str:
+    return f"i-D{code}" if code > 0 else f"i-H{-code}"
+
+
+def seconds(us: np.ndarray) -> np.ndarray:
+    """`CAST(epoch(t) AS BIGINT)` of DuckDB from microseconds: the same double, rounded half to even."""
+    return np.rint(us / 1e6).astype(np.int64)
+
+
+@dataclass
+class Ordered:
+    """Subjects, visits and events in token order (split, subject_id, visit rank, event order).
+
+    Subjects are those with at least one visit; visit j belongs to the subject whose
+    [vfirst, vfirst + nvis) range holds it, and owns events [efirst[j], efirst[j] + nev[j]).
+    String columns (prompt tokens, visit types, discharges, the death gap) stay Arrow arrays until
+    `Resolver` maps their few distinct values to ids.
+    """
+
+    subject_id: np.ndarray
+    split: np.ndarray  # int8 index into SPLITS
+    nvis: np.ndarray
+    birth_s: pa.Array  # int64 seconds, null when unknown
+    first_us: np.ndarray
+    prompt: list[pa.Array]  # YEAR, AGE, GENDER, RACE token strings
+    death_us: np.ndarray  # int64; meaningful where has_death
+    has_death: np.ndarray
+    death_days: np.ndarray  # int64 days from the last visit's end to death (-1 without death)
+    gap_days: np.ndarray  # int64, -1 for a subject's first visit
+    est_us: np.ndarray
+    eend_us: np.ndarray
+    vtype: pa.Array
+    discharge: pa.Array
+    inpatient: np.ndarray
+    nev: np.ndarray
+    t_us: np.ndarray  # event time (not before its visit's start)
+    crank: np.ndarray  # int32 kept-code rank
+    value: np.ndarray  # float64, NaN when none
+    vfirst: np.ndarray = field(init=False)
+    efirst: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.vfirst = np.concatenate([[0], np.cumsum(self.nvis)]).astype(np.int64)
+        self.efirst = np.concatenate([[0], np.cumsum(self.nev)]).astype(np.int64)
+
+
+def fetch_ordered(con: duckdb.DuckDBPyConnection) -> Ordered:
+    """Read subjects, visits and events from DuckDB in token order (one sort each), then drop `ev`."""
+    subj = con.sql(f"""
+        SELECT subject_id, {SPLIT_RANK} AS sr, n_visits, CAST(epoch(birth_ok) AS BIGINT) AS birth_s, epoch_us(first_t) AS first_us,
+               'YEAR//' || CAST(year(first_t) AS VARCHAR) AS p0,
                CASE WHEN birth_ok IS NULL THEN 'AGE//UNKNOWN'
-                    ELSE 'AGE//' || CAST(CAST(floor((epoch(first_t) - epoch(birth_ok)) / {SECONDS_PER_YEAR}) AS BIGINT) AS VARCHAR) END,
-               first_t FROM demo_t
-        UNION ALL SELECT subject_id, 0, 2, 0, 0, 'GENDER//' || coalesce(gender, 'UNKNOWN'), first_t FROM demo_t
-        UNION ALL SELECT subject_id, 0, 3, 0, 0, 'RACE//' || coalesce(race, 'UNKNOWN'), first_t FROM demo_t
-        UNION ALL SELECT subject_id, n_visits + 1, 0, 0, 0,
-               {gap_token("greatest(date_diff('day', CAST(last_t AS DATE), CAST(death AS DATE)), 0)", max_gap_days)},
-               greatest(death, last_t) FROM demo_t WHERE death IS NOT NULL
-        UNION ALL SELECT subject_id, n_visits + 1, 1, 0, 0, '[DEATH]', greatest(death, last_t) FROM demo_t WHERE death IS NOT NULL
-    """)
+                    ELSE 'AGE//' || CAST(CAST(floor((epoch(first_t) - epoch(birth_ok)) / {SECONDS_PER_YEAR}) AS BIGINT) AS VARCHAR) END AS p1,
+               'GENDER//' || coalesce(gender, 'UNKNOWN') AS p2, 'RACE//' || coalesce(race, 'UNKNOWN') AS p3,
+               death IS NOT NULL AS has_death, coalesce(epoch_us(greatest(death, last_t)), 0) AS death_us,
+               coalesce(greatest(date_diff('day', CAST(last_t AS DATE), CAST(death AS DATE)), 0), -1) AS death_days
+        FROM demo_t ORDER BY sr, subject_id
+    """).to_arrow_table()
+    vis = con.sql("""
+        SELECT coalesce(gap_days, -1) AS gap_days, epoch_us(est) AS est_us, epoch_us(eend) AS eend_us, vtype, discharge, inpatient, nev
+        FROM vis ORDER BY sr, subject_id, r
+    """).to_arrow_table()
+    ev = con.sql("""
+        SELECT epoch_us(greatest(e.time, v.est)) AS t_us, e.crank, coalesce(e.numeric_value, 'NaN'::DOUBLE) AS value
+        FROM ev e JOIN vis v USING (vkey)
+        ORDER BY v.sr, v.subject_id, v.r, e.time, e.trank, e.crank, e.numeric_value
+    """).to_arrow_table()
+    con.execute("DROP TABLE ev")
+    col = lambda t, c: t.column(c).to_numpy()  # noqa: E731
+    has_death = col(subj, "has_death").astype(bool)
+    return Ordered(
+        subject_id=col(subj, "subject_id"), split=col(subj, "sr").astype(np.int8), nvis=col(subj, "n_visits").astype(np.int64),
+        birth_s=subj.column("birth_s").combine_chunks(), first_us=col(subj, "first_us"),
+        prompt=[subj.column(f"p{i}").combine_chunks() for i in range(4)],
+        death_us=col(subj, "death_us"), has_death=has_death,
+        death_days=col(subj, "death_days").astype(np.int64),
+        gap_days=col(vis, "gap_days"), est_us=col(vis, "est_us"), eend_us=col(vis, "eend_us"),
+        vtype=vis.column("vtype").combine_chunks(), discharge=vis.column("discharge").combine_chunks(),
+        inpatient=col(vis, "inpatient").astype(bool), nev=col(vis, "nev").astype(np.int64),
+        t_us=col(ev, "t_us"), crank=col(ev, "crank").astype(np.int32), value=col(ev, "value"),
+    )
+
+
+class Resolver:
+    """Token strings -> ids, once per distinct string, as the vocabulary dictates.
+
+    A token missing from the vocabulary falls back to its `PREFIX//UNKNOWN` spelling when that
+    exists (gender, race and visit types unseen in train), else it is dropped (rare discharges,
+    gaps longer than any seen in train). Both are counted by prefix for prepare.json.
+    """
+
+    def __init__(self, index: dict[str, int]) -> None:
+        self.index = index
+        self.not_in_vocab: dict[str, int] = {}
+
+    def ids(self, tokens: list[str | None], counts: np.ndarray | None = None) -> np.ndarray:
+        """int32 ids of `tokens` (-1: dropped or None); `counts` = rows each token stands for (default 1)."""
+        out = np.full(len(tokens), -1, dtype=np.int32)
+        for i, tok in enumerate(tokens):
+            if tok is None:
+                continue
+            n = 1 if counts is None else int(counts[i])
+            tid = self.index.get(tok)
+            if tid is None:
+                m = re.match(r"^([A-Z]+//)", tok)
+                tid = self.index.get((m.group(1) if m else "") + "UNKNOWN")
+                if n:
+                    p = re.match(r"^([A-Za-z]+)", tok)
+                    key = f"{p.group(1) if p else ''} ({'dropped' if tid is None else 'as UNKNOWN'})"
+                    self.not_in_vocab[key] = self.not_in_vocab.get(key, 0) + n
+            out[i] = -1 if tid is None else tid
+        return out
+
+    def column(self, strings: pa.Array, prefix: str = "") -> np.ndarray:
+        """Ids for a string column (nulls -> -1), resolving each distinct value once."""
+        enc = pc.dictionary_encode(strings).combine_chunks() if isinstance(strings, pa.ChunkedArray) else pc.dictionary_encode(strings)
+        idx = enc.indices.to_numpy(zero_copy_only=False)
+        valid = np.asarray(enc.indices.is_valid())
+        idx = np.where(valid, idx, 0).astype(np.int64)
+        counts = np.bincount(idx[valid], minlength=len(enc.dictionary))
+        ids = self.ids([prefix + s for s in enc.dictionary.to_pylist()], counts)
+        return np.where(valid, ids[idx] if len(ids) else -1, -1).astype(np.int32)
+
+    def mapped(self, values: np.ndarray, name) -> np.ndarray:
+        """Ids for integer-coded tokens (`name(value)` spells one), resolving each distinct value once."""
+        uniq, inv, counts = np.unique(values, return_inverse=True, return_counts=True)
+        ids = self.ids([name(int(v)) for v in uniq], counts)
+        return ids[inv.reshape(-1)] if len(uniq) else np.zeros(0, np.int32)
+
+
+@dataclass
+class TokenIds:
+    """Every slot's token id (-1: absent) for subjects, visits and events of `Ordered`."""
+
+    prompt: np.ndarray  # [S, 4]
+    death_gap: np.ndarray  # [S], -1 without death
+    death: int
+    gap: np.ndarray  # [V], -1 for first visits
+    vs: int
+    visit: np.ndarray  # [V]
+    trail: np.ndarray  # [V] time from the last event to the visit end (inpatient-like visits)
+    discharge: np.ndarray  # [V]
+    ve: int
+    itime: np.ndarray  # [E] time since the previous event (inpatient-like visits)
+    code: np.ndarray  # [E]
+    q: np.ndarray  # [E] value decile
+
+
+def token_ids(o: Ordered, res: Resolver, code_ids: np.ndarray, cuts: np.ndarray, has_cuts: np.ndarray, max_gap_days: int) -> TokenIds:
+    """Map every slot of `o` to a token id (vectorised; strings only for distinct values)."""
+    max_i = max_gap_days - 1
+    n_vis, n_ev = len(o.est_us), len(o.t_us)
+    # events: time since the previous event of the visit (its start for the first), inside inpatient-like visits
+    vidx = np.repeat(np.arange(n_vis), o.nev)
+    prev = np.empty(n_ev, dtype=np.int64)
+    prev[1:] = o.t_us[:-1]
+    firsts = o.efirst[:-1][o.nev > 0]
+    prev[firsts] = o.est_us[o.nev > 0]
+    itime_code = np.where(o.inpatient[vidx], inpatient_time_codes(o.t_us - prev, max_i), 0)
+    itime = np.full(n_ev, -1, np.int32)
+    sel = itime_code != 0
+    itime[sel] = res.mapped(itime_code[sel], inpatient_time_name)
+    # value deciles: 1 + number of cut points <= the value
+    q = np.full(n_ev, -1, np.int32)
+    sel = has_cuts[o.crank] & ~np.isnan(o.value)
+    if sel.any():
+        rank, value = o.crank[sel], o.value[sel]
+        k = np.ones(len(value), dtype=np.int64)
+        for j in range(cuts.shape[1]):  # column by column: no [events x cuts] temporary
+            k += cuts[rank, j] <= value
+        q[sel] = res.mapped(k, lambda x: f"Q{x}")
+    # visits: gap before (not for a subject's first visit), trailing inpatient time, discharge
+    gap = np.full(n_vis, -1, np.int32)
+    sel = o.gap_days >= 0
+    gap[sel] = res.mapped(o.gap_days[sel], lambda d: gap_names(np.array([d]), max_gap_days)[0])
+    last = np.where(o.nev > 0, o.t_us[np.maximum(o.efirst[1:] - 1, 0)] if n_ev else 0, o.est_us)
+    trail_code = np.where(o.inpatient, inpatient_time_codes(o.eend_us - last, max_i), 0)
+    trail = np.full(n_vis, -1, np.int32)
+    sel = trail_code != 0
+    trail[sel] = res.mapped(trail_code[sel], inpatient_time_name)
+    death_gap = np.full(len(o.subject_id), -1, np.int32)
+    if o.has_death.any():
+        death_gap[o.has_death] = res.mapped(o.death_days[o.has_death], lambda d: gap_names(np.array([d]), max_gap_days)[0])
+    return TokenIds(
+        prompt=np.stack([res.column(p) for p in o.prompt], axis=1) if len(o.subject_id) else np.zeros((0, 4), np.int32),
+        death_gap=death_gap, death=res.index["[DEATH]"],
+        gap=gap, vs=res.index["[VS]"], visit=res.column(o.vtype, "VISIT//"), trail=trail,
+        discharge=res.column(o.discharge, "DISCHARGE//"), ve=res.index["[VE]"],
+        itime=itime, code=code_ids[o.crank] if n_ev else np.zeros(0, np.int32), q=q,
+    )
+
+
+def assemble(o: Ordered, ids: TokenIds, s0: int, s1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids, times (s) and per-subject lengths of subjects s0..s1-1, laid out by slot.
+
+    Subject block: 4 prompt slots, then per visit (gap, [VS], VISIT, 3 per event (time, code,
+    decile), trailing time, discharge, [VE]), then (death gap, [DEATH]). Slots whose token is
+    absent (-1) are removed at the end, which keeps everything else in order.
+    """
+    v0, v1 = o.vfirst[s0], o.vfirst[s1]
+    e0, e1 = o.efirst[v0], o.efirst[v1]
+    ns, nv, ne = s1 - s0, v1 - v0, e1 - e0
+    nev = o.nev[v0:v1]
+    vsub = np.repeat(np.arange(ns), o.nvis[s0:s1])  # local subject of each visit
+    vslots = np.concatenate([[0], np.cumsum(6 + 3 * nev)])  # visit slot offsets, without subject parts
+    vstart = vslots[:-1] + 6 * vsub + 4  # first slot of each visit
+    vfirst_local = o.vfirst[s0:s1 + 1] - v0
+    sstart = vslots[vfirst_local[:-1]] + 6 * np.arange(ns)
+    dstart = vslots[vfirst_local[1:]] + 6 * np.arange(ns) + 4
+    total = int(vslots[-1] + 6 * ns)
+    tok = np.full(total, -1, dtype=np.int32)
+    tim = np.zeros(total, dtype=np.int64)
+
+    def put(at: np.ndarray, values, times_us: np.ndarray) -> None:
+        tok[at] = values
+        tim[at] = seconds(times_us)
+
+    first = o.first_us[s0:s1]
+    for i in range(4):
+        put(sstart + i, ids.prompt[s0:s1, i], first)
+    est, eend = o.est_us[v0:v1], o.eend_us[v0:v1]
+    put(vstart, ids.gap[v0:v1], est)
+    put(vstart + 1, ids.vs, est)
+    put(vstart + 2, ids.visit[v0:v1], est)
+    k = np.arange(ne) - np.repeat(o.efirst[v0:v1] - e0, nev)  # event index inside its visit
+    eslot = np.repeat(vstart + 3, nev) + 3 * k
+    t = o.t_us[e0:e1]
+    put(eslot, ids.itime[e0:e1], t)
+    put(eslot + 1, ids.code[e0:e1], t)
+    put(eslot + 2, ids.q[e0:e1], t)
+    end = vstart + 3 + 3 * nev
+    put(end, ids.trail[v0:v1], eend)
+    put(end + 1, ids.discharge[v0:v1], eend)
+    put(end + 2, ids.ve, eend)
+    dead = o.has_death[s0:s1]
+    death_t = o.death_us[s0:s1]
+    put(dstart, np.where(dead, ids.death_gap[s0:s1], -1), death_t)
+    put(dstart + 1, np.where(dead, ids.death, -1), death_t)
+    keep = tok >= 0
+    kept = np.concatenate([[0], np.cumsum(keep)])
+    lengths = kept[np.append(sstart[1:], total)] - kept[sstart] if ns else np.zeros(0, np.int64)
+    return tok[keep], tim[keep], lengths

@@ -1,4 +1,4 @@
-"""Build `vocab.json` from the token rows and map every token to its id.
+"""Decide the vocabulary from visit/subject/code aggregates (before any token exists) and build `vocab.json`.
 
 Kept: all special and time tokens (so any date can be encoded), YEAR/AGE over the observed
 range (a crop can start at any visit), gender/race/visit types seen in train plus UNKNOWN,
@@ -9,7 +9,9 @@ Structural tokens missing from the vocabulary fall back to their UNKNOWN spellin
 from __future__ import annotations
 
 import duckdb
+import numpy as np
 
+from cehrx.data.tokenize import gap_token
 from cehrx.data.vocab import KINDS, SPECIAL_TOKENS, Vocab, kind_of
 
 
@@ -17,17 +19,41 @@ def _col(con: duckdb.DuckDBPyConnection, sql: str) -> list:
     return [r[0] for r in con.execute(sql).fetchall()]
 
 
+def seen_in_train(con: duckdb.DuckDBPyConnection, max_gap_days: int) -> dict[str, int]:
+    """Train subjects per token, for the tokens whose spelling decides what the vocabulary keeps.
+
+    Gender, race, visit types and discharges (kept when seen in train), `Y<n>` gaps (the longest
+    seen sets the range) and the kept codes: computed from the visit and subject tables, before
+    any token row exists.
+    """
+    death_days = "greatest(date_diff('day', CAST(last_t AS DATE), CAST(death AS DATE)), 0)"
+    rows = con.execute(f"""
+        SELECT token, count(DISTINCT subject_id) FROM (
+            SELECT subject_id, 'GENDER//' || coalesce(gender, 'UNKNOWN') AS token FROM demo_t WHERE split = 'train'
+            UNION ALL SELECT subject_id, 'RACE//' || coalesce(race, 'UNKNOWN') FROM demo_t WHERE split = 'train'
+            UNION ALL SELECT subject_id, 'VISIT//' || vtype FROM vis WHERE split = 'train'
+            UNION ALL SELECT subject_id, 'DISCHARGE//' || discharge FROM vis WHERE split = 'train' AND discharge IS NOT NULL
+            UNION ALL SELECT subject_id, {gap_token('gap_days', max_gap_days)} FROM vis WHERE split = 'train' AND gap_days >= {int(max_gap_days)}
+            UNION ALL SELECT subject_id, {gap_token(death_days, max_gap_days)} FROM demo_t
+                      WHERE split = 'train' AND death IS NOT NULL AND {death_days} >= {int(max_gap_days)}
+        ) WHERE token IS NOT NULL GROUP BY token
+    """).fetchall()
+    seen = dict(rows)
+    for code, n in con.execute("SELECT code, subjects FROM kept_codes").fetchall():
+        seen[code] = max(n, seen.get(code, 0))
+    return seen
+
+
 def candidate_tokens(con: duckdb.DuckDBPyConnection, min_subjects: int, num_bins: int, max_gap_days: int) -> list[str]:
-    train_tokens = """SELECT t.token, count(DISTINCT t.subject_id) AS n FROM tok t
-                      SEMI JOIN (SELECT subject_id FROM demo WHERE split = 'train') d USING (subject_id) GROUP BY t.token"""
-    years = _col(con, "SELECT DISTINCT year(est) FROM vis ORDER BY 1")
+    """The vocabulary in id order: special tokens, then each kind (KINDS order), numeric order inside."""
+    years = con.execute("SELECT min(year(est)), max(year(est)) FROM vis").fetchall()[0]
     max_age = con.execute(
         f"SELECT max(floor((epoch(v.est) - epoch(d.birth_ok)) / {365.25 * 86400})) FROM vis v JOIN demo_t d USING (subject_id)"
     ).fetchall()[0][0]
-    seen = con.execute(f"SELECT token, n FROM ({train_tokens})").fetchall()
+    seen = list(seen_in_train(con, max_gap_days).items())
     tokens: list[str] = list(SPECIAL_TOKENS)
-    if years:
-        tokens += [f"YEAR//{y}" for y in range(int(years[0]), int(years[-1]) + 1)]
+    if years[0] is not None:
+        tokens += [f"YEAR//{y}" for y in range(int(years[0]), int(years[1]) + 1)]
     tokens += ["YEAR//UNKNOWN"]
     tokens += [f"AGE//{a}" for a in range(0, int(max(max_age or 0, 0)) + 1)] + ["AGE//UNKNOWN"]
     for kind, prefix in (("gender", "GENDER//"), ("race", "RACE//"), ("visit", "VISIT//")):
@@ -43,49 +69,32 @@ def candidate_tokens(con: duckdb.DuckDBPyConnection, min_subjects: int, num_bins
     return sorted(dict.fromkeys(tokens), key=lambda t: order[kind_of(t)])
 
 
-def build_vocab(con: duckdb.DuckDBPyConnection, min_subjects: int, num_bins: int, max_gap_days: int, meta: dict) -> tuple[Vocab, dict]:
-    """Create `vocab_tbl(token, id)`, map `tok.token` to `tok.id`, and return the Vocab."""
-    tokens = candidate_tokens(con, min_subjects, num_bins, max_gap_days)
-    con.execute("CREATE OR REPLACE TABLE vocab_tbl (token VARCHAR, id INTEGER, kind VARCHAR)")
-    con.execute("INSERT INTO vocab_tbl SELECT unnest(?), unnest(?), unnest(?)",
-                [tokens, list(range(len(tokens))), [kind_of(t) for t in tokens]])
-    # structural tokens not in the vocabulary -> their UNKNOWN form; rare discharges are dropped.
-    # Resolved once per distinct token (thousands), then joined to the token rows (millions).
-    con.execute("""
-        CREATE OR REPLACE TEMP TABLE tok_map AS
-        SELECT d.token, d.n, coalesce(v.id, u.id) AS id, v.id IS NULL AS not_in_vocab
-        FROM (SELECT token, count(*) AS n FROM tok GROUP BY token) d
-        LEFT JOIN vocab_tbl v USING (token)
-        LEFT JOIN vocab_tbl u ON v.id IS NULL AND u.token = regexp_extract(d.token, '^([A-Z]+//)', 1) || 'UNKNOWN'
-    """)
-    unknown = dict(con.execute("""
-        SELECT regexp_extract(token, '^([A-Za-z]+)', 1) || ' (' || CASE WHEN id IS NULL THEN 'dropped' ELSE 'as UNKNOWN' END || ')',
-               CAST(sum(n) AS BIGINT)
-        FROM tok_map WHERE not_in_vocab AND token IS NOT NULL GROUP BY 1 ORDER BY 1
-    """).fetchall())
-    con.execute("""
-        CREATE OR REPLACE TABLE tok_ids AS
-        SELECT t.subject_id, t.r, t.part, t.er, t.sub, t.t, t.token, m.id
-        FROM tok t JOIN tok_map m USING (token) WHERE m.id IS NOT NULL
-    """)
-    counts = {t: (c, s) for t, c, s in con.execute("""
-        SELECT v.token, x.c, x.s FROM (
-            SELECT t.id, count(*) AS c, count(DISTINCT t.subject_id) AS s FROM tok_ids t
-            SEMI JOIN (SELECT subject_id FROM demo WHERE split = 'train') d USING (subject_id) GROUP BY t.id
-        ) x JOIN vocab_tbl v ON v.id = x.id
-    """).fetchall()}
+def code_tables(con: duckdb.DuckDBPyConnection, index: dict[str, int], num_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per kept-code rank: its token id, its value cut points (NaN rows without) and whether it has them."""
+    codes = _col(con, "SELECT code FROM kept_codes ORDER BY crank")
+    code_ids = np.array([index[c] for c in codes], dtype=np.int32)
+    cuts = np.full((len(codes), max(num_bins - 1, 0)), np.nan)
+    has_cuts = np.zeros(len(codes), dtype=bool)
+    for crank, row in con.execute("SELECT crank, cuts FROM edges").fetchall():
+        cuts[crank, : len(row)] = row
+        has_cuts[crank] = True
+    return code_ids, cuts, has_cuts
+
+
+def make_vocab(con: duckdb.DuckDBPyConnection, tokens: list[str], counts: np.ndarray, subjects: np.ndarray, meta: dict) -> Vocab:
+    """The Vocab with train counts, descriptions (concept names) and value edges."""
     desc = dict(con.execute("SELECT code, description FROM code_meta WHERE description IS NOT NULL").fetchall())
     edges = {c: [lo, *cuts, hi] for c, cuts, lo, hi in con.execute("SELECT code, cuts, lo, hi FROM edges ORDER BY code").fetchall()}
-    vocab = Vocab(
+    names = set(tokens)
+    return Vocab(
         tokens=tokens,
         kinds=[kind_of(t) for t in tokens],
-        counts=[counts.get(t, (0, 0))[0] for t in tokens],
-        subjects=[counts.get(t, (0, 0))[1] for t in tokens],
+        counts=[int(x) for x in counts.tolist()],
+        subjects=[int(x) for x in subjects.tolist()],
         descriptions=[describe(t, desc) for t in tokens],
-        edges={c: [float(x) for x in e] for c, e in edges.items() if c in set(tokens)},
+        edges={c: [float(x) for x in e] for c, e in edges.items() if c in names},
         meta=meta,
     )
-    return vocab, {"structural_tokens_not_in_vocab": unknown}
 
 
 _SOURCE_PREFIXES = {"gender": ("Gender/", "GENDER//"), "race": ("Race/", "RACE//"), "visit": ("Visit/", "VISIT//")}

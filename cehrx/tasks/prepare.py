@@ -27,11 +27,11 @@ from cehrx.data.atomic import atomic_dir
 from cehrx.data.meds_source import meds_to_events
 from cehrx.data.omop_tables import open_omop
 from cehrx.data.omop_to_meds import OPTIONAL_TABLES, omop_to_events
-from cehrx.data.shard_writer import build_sequences, length_percentiles, write_shards
+from cehrx.data.shard_writer import Written, length_percentiles, write_shards
 from cehrx.data.splits import assign_splits
-from cehrx.data.tokenize import build_token_rows, learn_value_edges, order_visits, select_codes
+from cehrx.data.tokenize import Resolver, fetch_ordered, learn_value_edges, order_visits, select_codes, token_ids
 from cehrx.data.visits import attach_events, build_body, build_demographics, build_source_visits
-from cehrx.data.vocab_build import build_vocab
+from cehrx.data.vocab_build import candidate_tokens, code_tables, make_vocab
 from cehrx.errors import DataError
 from cehrx.export.meds import write_meds
 
@@ -90,6 +90,7 @@ def prepare(cfg: DictConfig, out: Path) -> dict:
             stats = meds_to_events(con, str(cfg.data.path))
         else:
             raise DataError(f"data.source must be 'omop' or 'meds', got {source!r}")
+    events_in = con.execute("SELECT count(*) FROM events").fetchall()[0][0]
     with stages("splits"):
         report["splits"] = assign_splits(con, {k: float(t.splits[k]) for k in ("train", "tuning", "held_out")}, str(t.splits.salt), use_source=bool(stats.get("source_splits")))
     if source == "omop":
@@ -99,26 +100,33 @@ def prepare(cfg: DictConfig, out: Path) -> dict:
         demo_stats = build_demographics(con, cfg.data)
         build_body(con, cfg.data)
         build_source_visits(con, source, OmegaConf.to_container(cfg.data.visits) if cfg.data.get("visits") else [])
+        con.execute("DROP TABLE events")  # the rest works on body/demo/src_visits: free memory before the big sorts
         visit_stats = attach_events(con, str(t.day_visit_type))
     with stages("vocabulary codes and value deciles"):
         code_stats = select_codes(con, int(t.min_subjects))
         n_edges = learn_value_edges(con, int(t.quantiles.num_bins), int(t.quantiles.min_values))
+    inpatient = [str(x) for x in t.inpatient_visit_types]
     with stages("tokenize"):
-        order_visits(con)
-        tok_stats = build_token_rows(con, [str(x) for x in t.inpatient_visit_types], int(t.max_gap_days))
+        order_visits(con, inpatient)
+        tokens = candidate_tokens(con, int(t.min_subjects), int(t.quantiles.num_bins), int(t.max_gap_days))
+        resolver = Resolver({tok: i for i, tok in enumerate(tokens)})
+        code_ids, cuts, has_cuts = code_tables(con, resolver.index, int(t.quantiles.num_bins))
+        ordered = fetch_ordered(con)
+        ids = token_ids(ordered, resolver, code_ids, cuts, has_cuts, int(t.max_gap_days))
+    with stages("token shards"):
+        written = write_shards(ordered, ids, out, int(t.subjects_per_shard), len(tokens))
     with stages("vocab.json"):
         meta = {"source_kind": source, "min_subjects": int(t.min_subjects), "num_bins": int(t.quantiles.num_bins),
                 "max_gap_days": int(t.max_gap_days), "prompt": ["YEAR", "AGE", "GENDER", "RACE"],
-                "inpatient_visit_types": [str(x) for x in t.inpatient_visit_types]}
-        vocab, vocab_stats = build_vocab(con, int(t.min_subjects), int(t.quantiles.num_bins), int(t.max_gap_days), meta)
+                "inpatient_visit_types": inpatient}
+        vocab = make_vocab(con, tokens, written.counts, written.subjects, meta)
         vocab.save(out / "vocab.json")
-    with stages("token shards"):
-        build_sequences(con)
-        written = write_shards(con, out, int(t.subjects_per_shard))
-    report.update(summarize(con, stats, demo_stats, visit_stats, code_stats, tok_stats, vocab_stats, written))
+    tok_stats = {"visits_tokenized": len(ordered.est_us), "events_tokenized": len(ordered.t_us)}
+    vocab_stats = {"structural_tokens_not_in_vocab": dict(sorted(resolver.not_in_vocab.items()))}
+    report.update(summarize(con, events_in, stats, demo_stats, visit_stats, code_stats, tok_stats, vocab_stats, written))
     report["vocab"] = {"size": len(vocab), "codes_with_value_deciles": n_edges,
                        "by_kind": {k: vocab.kinds.count(k) for k in dict.fromkeys(vocab.kinds)}}
-    report["tokens"]["length"] = length_percentiles(con)
+    report["tokens"]["length"] = length_percentiles(written.lengths)
     report["timings_s"] = {**stages.timings, "total": round(time.perf_counter() - start, 3)}
     report["events"]["per_second"] = round(report["events"]["in"] / max(report["timings_s"]["total"], 1e-9))
     con.close()
@@ -126,26 +134,27 @@ def prepare(cfg: DictConfig, out: Path) -> dict:
     return report
 
 
-def summarize(con, stats: dict, demo_stats: dict, visit_stats: dict, code_stats: dict, tok_stats: dict, vocab_stats: dict, written: dict) -> dict:
+def summarize(con, events_in: int, stats: dict, demo_stats: dict, visit_stats: dict, code_stats: dict, tok_stats: dict,
+              vocab_stats: dict, written: Written) -> dict:
     """Subjects and events in, kept, and dropped or repaired by reason."""
     q = lambda sql: con.execute(sql).fetchall()[0][0]  # noqa: E731
     n_subjects = q("SELECT count(*) FROM demo")
-    tokenized = sum(written.values())
+    tokenized = sum(written.per_split.values())
     no_birth = q("SELECT count(*) FROM demo_t WHERE birth IS NOT NULL AND birth_ok IS NULL")
     return {
         "subjects": {
-            "in": n_subjects, "tokenized": tokenized, "per_split": written,
+            "in": n_subjects, "tokenized": tokenized, "per_split": written.per_split,
             "dropped": {"no_clinical_events": n_subjects - tokenized},
             "repaired": {"birth_after_first_visit (kept, age unknown)": no_birth},
         },
         "events": {
-            "in": q("SELECT count(*) FROM events"), "tokenized": tok_stats["events_tokenized"],
+            "in": events_in, "tokenized": tok_stats["events_tokenized"],
             "rows_in_by_table": stats["rows_in"], "dropped": stats["dropped"], "repaired": stats["repaired"],
             "rare_code_events_dropped": code_stats["rare_code_events_dropped"],
             "rare_codes_dropped": code_stats["rare_codes_dropped"],
             **demo_stats,
         },
         "visits": {**visit_stats, "tokenized": tok_stats["visits_tokenized"]},
-        "tokens": {"total": q("SELECT count(*) FROM tok_ids"), **vocab_stats},
+        "tokens": {"total": written.tokens, **vocab_stats},
     }
 
