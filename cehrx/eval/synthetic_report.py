@@ -186,7 +186,7 @@ SUMMARY_ROWS = [
     ("AA_train (0.5 best)", ("privacy", "adversarial", "aa_train"), ""),
     ("AA_test (0.5 best)", ("privacy", "adversarial", "aa_test"), ""),
     ("AA privacy loss (≈0 best)", ("privacy", "adversarial", "privacy_loss"), "AA_test - AA_train"),
-    ("attribute inference F1 gain (≤0 best)", ("privacy", "attribute_inference", "f1_gain"), "vs real non-member baseline"),
+    ("attribute inference F1 gain (≤0 best)", ("privacy", "attribute_inference", "f1_gain"), "vs real leave-one-out baseline"),
     ("DCR median (to train)", ("privacy", "dcr", "median"), "Jaccard distance"),
     ("DCR = 0 rate", ("privacy", "dcr", "zero_rate"), "same codes + demographics as a train patient"),
     ("exact copy rate", ("privacy", "exact_copies", "rate_full_sequence"), "whole token sequence"),
@@ -266,7 +266,7 @@ to the closest synthetic patient is small; AUC and balanced accuracy (0.5 = no l
 **AA** (nearest-neighbour adversarial accuracy): ~0.5 means real and synthetic patients are mixed;
 privacy loss = AA_test − AA_train. **Attribute inference**: demographics and the most common codes
 are known; the other codes of a training patient are read off its nearest synthetic patient,
-compared with the same attack on real non-members. **Exact copies**: synthetic token sequences that
+compared with the same attack on the other real training patients (leave-one-out). **Exact copies**: synthetic token sequences that
 equal a training sequence (full, or ignoring the prompt's YEAR and AGE, which a generator conditioned
 on real prompts reproduces by design)."""
 

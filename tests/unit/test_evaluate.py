@@ -148,8 +148,13 @@ def test_attribute_inference_copy_reveals_everything() -> None:
     targets = record_matrix(patients(POP), SPACE)
     known = np.arange(2)  # codes A and B known (plus nothing else): the rest is sensitive
     known = np.concatenate([known, np.arange(len(SPACE.of_kind("code")), targets.shape[1])])
-    out = privacy.attribute_inference(targets, targets, record_matrix(patients(OTHERS), SPACE), known)
+    out = privacy.attribute_inference(targets, targets, known)
     assert out["synthetic"]["f1"] == 1.0 and out["real_baseline"]["f1"] < 1.0 and out["f1_gain"] > 0
+    assert out["n_targets"] == 6 and out["n_real_pool"] == 5
+    twins = record_matrix(patients([POP[0], POP[0], POP[1], POP[1]]), SPACE)  # each patient's twin is another patient
+    assert privacy.attribute_inference(twins, twins, known)["real_baseline"]["f1"] == 1.0
+    unrelated = privacy.attribute_inference(targets, record_matrix(patients(OTHERS), SPACE), known)
+    assert unrelated["synthetic"]["f1"] < 1.0
 
 
 def test_exact_copy_rates() -> None:
