@@ -168,10 +168,10 @@ def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     clamp handles the float edge where `u * total` rounds up to `total`.
     """
     cdf = probs.cumsum(-1)
-    total = cdf[:, -1:]
+    total = cdf[:, -1:].contiguous()
     u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype) * total
     idx = torch.searchsorted(cdf, u, right=True)
-    return torch.minimum(idx, (cdf < total).sum(-1, keepdim=True))[:, 0]
+    return torch.minimum(idx, torch.searchsorted(cdf, total))[:, 0]  # first index reaching the total: the last weighted token
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ class _Prepared:
     device: torch.device
     grammar: Grammar | None
     forbidden: Tensor | None  # bool [n_states, V]: ~Grammar.allowed (one gather per step)
-    pad_only: Tensor  # bool [V]: forbidden tokens when unconstrained ([PAD] only)
+    pad_id: int  # the one token masked when unconstrained
     seconds: Tensor  # int64 [V] seconds each token advances the clock
     stop_ids: Tensor  # int64 [k] tokens that end a sequence
     end_id: int
@@ -280,15 +280,13 @@ def _check_prompts(model: GPT, vocab: Vocab, tokens: np.ndarray, offsets: np.nda
 
 def _prepare(model: GPT, vocab: Vocab, cfg: SamplingConfig, stop_ids: Sequence[int] | None) -> _Prepared:
     device = model.wte.weight.device
-    pad_only = torch.zeros(len(vocab), dtype=torch.bool, device=device)
-    pad_only[vocab.pad_id] = True
     stops = [vocab[END], vocab[DEATH]] if stop_ids is None else list(stop_ids)
     grammar = Grammar.build(vocab).to(device) if cfg.constrained else None
     return _Prepared(
         device=device,
         grammar=grammar,
         forbidden=~grammar.allowed if grammar is not None else None,
-        pad_only=pad_only,
+        pad_id=vocab.pad_id,
         seconds=torch.from_numpy(token_seconds(vocab)).to(device),
         stop_ids=torch.tensor(stops, dtype=torch.int64, device=device),
         end_id=vocab[END],
@@ -351,12 +349,12 @@ def _run_wave(
     pos = (torch.cumsum(real, dim=1) - 1).clamp_min(0)
 
     # prefill each distinct prompt once (lm head on the last, real, column only), then replicate per sample
-    cache = model.new_kv_cache(len(uniq), width) if use_cache else None
-    h = model(ids, position_ids=pos, kv_cache=cache, key_mask=real)
+    padded = not bool(real.all())  # equal-length prompts (generate) need no key mask at all
+    cache = model.new_kv_cache(len(uniq), width + max_new) if use_cache else None
+    h = model(ids, position_ids=pos, kv_cache=cache, key_mask=real if padded else None)
     logits = model.lm_head_logits(h[:, -1]).float()[idx]
     if cache is not None:
         cache.select_rows(idx)
-        cache.grow(width + max_new)
     key_mask = torch.zeros(B, width + max_new, dtype=torch.bool, device=device)
     key_mask[:, :width] = real[idx]
     seq = torch.zeros(B, width + max_new, dtype=torch.int64, device=device) if cache is None else None
@@ -373,8 +371,11 @@ def _run_wave(
     alive = torch.ones(B, dtype=torch.bool, device=device)
     secs = torch.zeros(B, dtype=torch.int64, device=device)
     for step in range(max_new):
-        forbidden = prep.forbidden[state] if state is not None else prep.pad_only
-        tok = sample_next(logits.masked_fill_(forbidden, float("-inf")), cfg.temperature, cfg.top_k, cfg.top_p, gen)
+        if state is not None:
+            logits.masked_fill_(prep.forbidden[state], float("-inf"))
+        else:
+            logits[:, prep.pad_id] = float("-inf")
+        tok = sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, gen)
         out[live, step] = tok.to(torch.int32)
         secs = secs + prep.seconds[tok]
         if state is not None:
@@ -403,11 +404,13 @@ def _run_wave(
             state = state[keep] if state is not None else None
             if cache is not None:
                 cache.select_rows(keep)
-        kmask = key_mask[live, : col + 1]
+        kmask = key_mask[live, : col + 1] if padded else None
         if cache is not None:
             h = model(tok[:, None], position_ids=(row_len[live] + step)[:, None], kv_cache=cache, key_mask=kmask)
-        else:
+        elif padded:
             h = model(seq[live, : col + 1], position_ids=(torch.cumsum(kmask, dim=1) - 1).clamp_min(0), key_mask=kmask)
+        else:
+            h = model(seq[live, : col + 1])
         logits = model.lm_head_logits(h[:, -1]).float()
     n_np, out_np = n_out.cpu().numpy(), out.cpu().numpy()
     return [out_np[i, : n_np[i]] for i in range(B)], stop_out.cpu().numpy(), secs_out.cpu().numpy().astype(np.float64)
