@@ -191,6 +191,7 @@ class _Prepared:
     end_id: int
     death_id: int
     max_seconds: float  # time budget in seconds (inf = none)
+    cache_dtype: torch.dtype  # the keys' dtype: the weights', or autocast's when it is on
 
 
 def sample(
@@ -231,7 +232,8 @@ def sample(
     order = np.argsort(lengths, kind="stable")
     rows = (order[:, None] * num_samples + np.arange(num_samples)[None, :]).reshape(-1)  # global row ids
     n_rows = n_prompts * num_samples
-    out_tokens: list[np.ndarray] = [np.zeros(0, np.int32)] * n_rows
+    waves: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (global rows, [B, max_new] tokens, lengths)
+    lens = np.zeros(n_rows, dtype=np.int64)
     stop = np.full(n_rows, _RUNNING, dtype=np.int8)
     elapsed = np.zeros(n_rows, dtype=np.float64)
 
@@ -243,22 +245,31 @@ def sample(
             for w, start in enumerate(range(0, n_rows, cfg.batch_size)):
                 wave = rows[start : start + cfg.batch_size]
                 gen = torch.Generator(device=prep.device).manual_seed(_wave_seed(cfg.seed, w))
-                toks, stops, secs = _run_wave(model, prep, cfg, tokens, offsets, wave // num_samples, init_state, gen, use_cache, bar)
-                for r, t in zip(wave, toks):
-                    out_tokens[r] = t
-                stop[wave], elapsed[wave] = stops, secs / 86400.0
+                out, n, stops, secs = _run_wave(model, prep, cfg, tokens, offsets, wave // num_samples, init_state, gen, use_cache, bar)
+                waves.append((wave, out, n))
+                lens[wave], stop[wave], elapsed[wave] = n, stops, secs / 86400.0
     finally:
         model.train(was_training)
         if bar is not None:
             bar.close()
-    lens = np.fromiter((len(t) for t in out_tokens), dtype=np.int64, count=n_rows)
+    out_offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     return Samples(
-        tokens=np.concatenate(out_tokens).astype(np.int32) if n_rows else np.zeros(0, np.int32),
-        offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+        tokens=_scatter_rows(waves, out_offsets),
+        offsets=out_offsets,
         stop=stop,
         elapsed_days=elapsed,
         prompt_index=np.repeat(np.arange(n_prompts, dtype=np.int64), num_samples),
     )
+
+
+def _scatter_rows(waves: list[tuple[np.ndarray, np.ndarray, np.ndarray]], offsets: np.ndarray) -> np.ndarray:
+    """Flat int32 tokens in global row order from each wave's `[B, max_new]` block (vectorised)."""
+    flat = np.zeros(int(offsets[-1]), dtype=np.int32)
+    for rows, out, n in waves:
+        keep = np.arange(out.shape[1])[None, :] < n[:, None]
+        within = np.arange(out.shape[1])[None, :].repeat(len(rows), 0)[keep]  # row-major, like out[keep]
+        flat[np.repeat(offsets[rows], n) + within] = out[keep]
+    return flat
 
 
 def _check_prompts(model: GPT, vocab: Vocab, tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -292,6 +303,7 @@ def _prepare(model: GPT, vocab: Vocab, cfg: SamplingConfig, stop_ids: Sequence[i
         end_id=vocab[END],
         death_id=vocab[DEATH],
         max_seconds=math.inf if cfg.max_days is None else float(cfg.max_days) * 86400.0,
+        cache_dtype=torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.wte.weight.dtype,
     )
 
 
@@ -329,8 +341,8 @@ def _run_wave(
     gen: torch.Generator,
     use_cache: bool,
     bar,  # noqa: ANN001
-) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """Sample every row of one wave to its stop; returns per-row tokens, stop reasons, seconds.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sample every row of one wave to its stop: `[B, max_new]` tokens, lengths, stop reasons, seconds.
 
     `live` maps batch rows to wave rows; `alive` marks batch rows still sampling (finished rows
     ride along until the next compaction, their results already recorded).
@@ -350,7 +362,7 @@ def _run_wave(
 
     # prefill each distinct prompt once (lm head on the last, real, column only), then replicate per sample
     padded = not bool(real.all())  # equal-length prompts (generate) need no key mask at all
-    cache = model.new_kv_cache(len(uniq), width + max_new) if use_cache else None
+    cache = model.new_kv_cache(len(uniq), width + max_new, dtype=prep.cache_dtype) if use_cache else None
     h = model(ids, position_ids=pos, kv_cache=cache, key_mask=real if padded else None)
     logits = model.lm_head_logits(h[:, -1]).float()[idx]
     if cache is not None:
@@ -412,8 +424,7 @@ def _run_wave(
         else:
             h = model(seq[live, : col + 1])
         logits = model.lm_head_logits(h[:, -1]).float()
-    n_np, out_np = n_out.cpu().numpy(), out.cpu().numpy()
-    return [out_np[i, : n_np[i]] for i in range(B)], stop_out.cpu().numpy(), secs_out.cpu().numpy().astype(np.float64)
+    return out.cpu().numpy(), n_out.cpu().numpy(), stop_out.cpu().numpy(), secs_out.cpu().numpy().astype(np.float64)
 
 
 def _stop_reason(prep: _Prepared, tok: Tensor, secs: Tensor, context_full: Tensor, budget_spent: bool) -> Tensor:

@@ -272,6 +272,11 @@ def test_sample_next_top_k_top_p() -> None:
     assert (hot == 3).float().mean() > 0.15  # flattened by the temperature (0.05 -> ~0.2)
 
 
+def test_no_prompts_gives_empty_samples(vocab: Vocab) -> None:
+    s = sample(micro(vocab), vocab, np.zeros(0, np.int64), np.array([0]), SamplingConfig(), num_samples=3, progress=False)
+    assert len(s) == 0 and s.offsets.tolist() == [0] and s.tokens.dtype == np.int32
+
+
 def test_bad_settings_are_one_line_errors(vocab: Vocab) -> None:
     with pytest.raises(CehrxError, match="top_p"):
         SamplingConfig(top_p=0.0)
