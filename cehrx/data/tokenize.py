@@ -79,41 +79,44 @@ def learn_value_edges(con: duckdb.DuckDBPyConnection, num_bins: int, min_values:
     return con.execute("SELECT count(*) FROM edges").fetchall()[0][0]
 
 
-def order_visits(con: duckdb.DuckDBPyConnection, inpatient_types: list[str]) -> None:
-    """`ev` (kept body events) and `vis`: visits in order with effective start/end and the day gap before each.
+def order_visits(con: duckdb.DuckDBPyConnection, inpatient_types: list[str], day_visit_type: str) -> None:
+    """`vis`: every visit (source and day visits) in order, with effective start/end and the day gap before each.
 
-    One window (one sort) numbers a subject's visits and carries the latest end before each.
-    Drops `body`, which nothing needs after this.
+    A visit ends no earlier than its last kept event: only source visits need that check, a day
+    visit already spans all of its events. One window (one sort) numbers a subject's visits and
+    carries the latest end before each. Subjects get their position in token order (`spos`).
     """
     inpatient = ", ".join(literal(str(t)) for t in inpatient_types) or "NULL"
     con.execute(f"""
-        CREATE OR REPLACE TABLE ev AS
-        SELECT b.vkey, b.time, CAST({table_rank('b.src_table')} AS TINYINT) AS trank, k.crank, b.numeric_value
-        FROM body b JOIN kept_codes k USING (code)
-    """)
-    con.execute("DROP TABLE body")
-    con.execute(f"""
         CREATE OR REPLACE TABLE vis AS
-        WITH m AS (SELECT vkey, max(time) AS tmax, count(*) AS nev FROM ev GROUP BY vkey),
-        v AS (
-            SELECT a.*, greatest(a.vend, coalesce(m.tmax, a.vend)) AS vend2, coalesce(m.nev, 0) AS nev, d.split
-            FROM allv a JOIN demo d USING (subject_id) LEFT JOIN m USING (vkey)
+        WITH m AS (
+            SELECT b.subject_id, b.vkey, max(b.time) AS tmax FROM body b SEMI JOIN kept_codes k USING (code)
+            WHERE b.how < 2 GROUP BY ALL
+        ), v AS (
+            SELECT a.subject_id, a.vkey, a.vtype, a.vstart, greatest(a.vend, coalesce(m.tmax, a.vend)) AS vend2, a.discharge
+            FROM allv_src a LEFT JOIN m USING (subject_id, vkey)
+            UNION ALL
+            SELECT subject_id, vkey, {literal(day_visit_type)}, vstart, vend, NULL FROM dayv
         ), p AS (
-            SELECT *, row_number() OVER w AS r,
+            SELECT v.*, d.split, row_number() OVER w AS r,
                    max(vend2) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_end
-            FROM v WINDOW w AS (PARTITION BY subject_id ORDER BY vstart, vend2, vtype, vkey)
+            FROM v JOIN demo d USING (subject_id)
+            WINDOW w AS (PARTITION BY subject_id ORDER BY vstart, vend2, vtype, vkey)
         )
-        SELECT subject_id, {SPLIT_RANK} AS sr, split, vkey, r, vtype, discharge, origin, nev,
+        SELECT subject_id, {SPLIT_RANK} AS sr, split, vkey, r, vtype, discharge,
                vtype IN ({inpatient}) AS inpatient,
                greatest(vstart, coalesce(prev_end, vstart)) AS est,
                greatest(vend2, coalesce(prev_end, vend2)) AS eend,
                CASE WHEN prev_end IS NOT NULL THEN greatest(date_diff('day', CAST(prev_end AS DATE), CAST(vstart AS DATE)), 0) END AS gap_days
         FROM p
     """)
+    con.execute("DROP TABLE allv_src")
+    con.execute("DROP TABLE dayv")
     # birth is usable when known and not after the first visit
-    con.execute("""
+    con.execute(f"""
         CREATE OR REPLACE TABLE demo_t AS
-        SELECT d.*, f.first_t, f.last_t, f.n_visits, CASE WHEN d.birth <= f.first_t THEN d.birth END AS birth_ok
+        SELECT d.*, f.first_t, f.last_t, f.n_visits, CASE WHEN d.birth <= f.first_t THEN d.birth END AS birth_ok,
+               row_number() OVER (ORDER BY {SPLIT_RANK}, d.subject_id) - 1 AS spos
         FROM demo d JOIN (SELECT subject_id, min(est) AS first_t, max(eend) AS last_t, max(r) AS n_visits FROM vis GROUP BY subject_id) f
              USING (subject_id)
     """)
@@ -191,7 +194,7 @@ class Ordered:
 
 
 def fetch_ordered(con: duckdb.DuckDBPyConnection) -> Ordered:
-    """Read subjects, visits and events from DuckDB in token order (one sort each), then drop `ev`."""
+    """Read subjects, visits and events from DuckDB in token order (one sort each), then drop `body`."""
     subj = con.sql(f"""
         SELECT subject_id, {SPLIT_RANK} AS sr, n_visits, CAST(epoch(birth_ok) AS BIGINT) AS birth_s, epoch_us(first_t) AS first_us,
                'YEAR//' || CAST(year(first_t) AS VARCHAR) AS p0,
@@ -203,15 +206,15 @@ def fetch_ordered(con: duckdb.DuckDBPyConnection) -> Ordered:
         FROM demo_t ORDER BY sr, subject_id
     """).to_arrow_table()
     vis = con.sql("""
-        SELECT coalesce(gap_days, -1) AS gap_days, epoch_us(est) AS est_us, epoch_us(eend) AS eend_us, vtype, discharge, inpatient, nev
+        SELECT coalesce(gap_days, -1) AS gap_days, epoch_us(est) AS est_us, epoch_us(eend) AS eend_us, vtype, discharge, inpatient
         FROM vis ORDER BY sr, subject_id, r
     """).to_arrow_table()
     ev = con.sql("""
-        SELECT epoch_us(greatest(e.time, v.est)) AS t_us, e.crank, coalesce(e.numeric_value, 'NaN'::DOUBLE) AS value
-        FROM ev e JOIN vis v USING (vkey)
-        ORDER BY v.sr, v.subject_id, v.r, e.time, e.trank, e.crank, e.numeric_value
+        SELECT d.spos, v.r, epoch_us(greatest(b.time, v.est)) AS t_us, k.crank, coalesce(b.numeric_value, 'NaN'::DOUBLE) AS value
+        FROM body b JOIN kept_codes k USING (code) JOIN vis v USING (subject_id, vkey) JOIN demo_t d USING (subject_id)
+        ORDER BY d.spos, v.r, b.time, b.trank, k.crank, b.numeric_value
     """).to_arrow_table()
-    con.execute("DROP TABLE ev")
+    con.execute("DROP TABLE body")
     col = lambda t, c: t.column(c).to_numpy()  # noqa: E731
     has_death = col(subj, "has_death").astype(bool)
     return Ordered(
@@ -222,9 +225,15 @@ def fetch_ordered(con: duckdb.DuckDBPyConnection) -> Ordered:
         death_days=col(subj, "death_days").astype(np.int64),
         gap_days=col(vis, "gap_days"), est_us=col(vis, "est_us"), eend_us=col(vis, "eend_us"),
         vtype=vis.column("vtype").combine_chunks(), discharge=vis.column("discharge").combine_chunks(),
-        inpatient=col(vis, "inpatient").astype(bool), nev=col(vis, "nev").astype(np.int64),
+        inpatient=col(vis, "inpatient").astype(bool), nev=visit_sizes(col(subj, "n_visits"), col(ev, "spos"), col(ev, "r")),
         t_us=col(ev, "t_us"), crank=col(ev, "crank").astype(np.int32), value=col(ev, "value"),
     )
+
+
+def visit_sizes(n_visits: np.ndarray, spos: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Events per visit (in token order) from each event's subject position and visit rank."""
+    first = np.concatenate([[0], np.cumsum(n_visits)]).astype(np.int64)
+    return np.bincount(first[spos] + r - 1, minlength=int(first[-1])).astype(np.int64)
 
 
 class Resolver:

@@ -6,8 +6,8 @@
    (the latest one starting no later than the event).
 4. Otherwise it goes to a "day visit" that groups the subject's orphan events of that day.
 
-Produces `body(eid, subject_id, time, code, numeric_value, text_value, src_table, vkey)` and
-`allv(subject_id, vkey, vtype, vstart, vend, discharge, origin)`.
+Produces `body(subject_id, time, code, numeric_value, trank, vkey)`, the source visits `allv_src` and
+the day visits `dayv`; a visit is identified by (subject_id, vkey).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from cehrx.data.duck import literal
 # Fixed order of tables inside a visit at equal times (then code), for deterministic sequences.
 TABLE_ORDER = ("condition_occurrence", "procedure_occurrence", "drug_exposure", "device_exposure", "measurement", "observation")
 NON_BODY_TABLES = ("person", "visit_occurrence", "visit_discharge", "death")
+DAY_KEY_BASE = 100_000_000  # day visits: vkey = max source vkey + this + days since 1970 (> 0 for any real date)
 
 
 def like_any(column: str, patterns: list[str]) -> str:
@@ -43,35 +44,40 @@ def table_rank(column: str) -> str:
 
 
 def build_demographics(con: duckdb.DuckDBPyConnection, data_cfg) -> dict:
-    """`demo(subject_id, split, birth, gender, race, death)` from the static and birth/death events."""
+    """`demo(subject_id, split, birth, gender, race, death)` from the static and birth/death events.
+
+    One scan of `events` also counts the static events that do not feed the prompt.
+    """
     gender = like_any("code", list(data_cfg.gender_codes))
     race = like_any("code", list(data_cfg.race_codes))
+    static_other = f"(time IS NULL OR src_table IN ('person')) AND code <> {literal(data_cfg.birth_code)} AND NOT {gender} AND NOT {race}"
     con.execute(f"""
         CREATE OR REPLACE TABLE demo AS
-        SELECT s.subject_id, s.split, d.birth, d.gender, d.race, d.death
+        SELECT s.subject_id, s.split, d.birth, d.gender, d.race, d.death, coalesce(d.static_other, 0) AS static_other
         FROM subject_split s LEFT JOIN (
             SELECT subject_id,
                    min(time) FILTER (WHERE code = {literal(data_cfg.birth_code)}) AS birth,
                    arg_min({code_value('code')}, code) FILTER (WHERE {gender}) AS gender,
                    arg_min({code_value('code')}, code) FILTER (WHERE {race}) AS race,
-                   min(time) FILTER (WHERE code = {literal(data_cfg.death_code)}) AS death
+                   min(time) FILTER (WHERE code = {literal(data_cfg.death_code)}) AS death,
+                   count(*) FILTER (WHERE {static_other}) AS static_other
             FROM events GROUP BY subject_id
         ) d USING (subject_id)
     """)
-    static_other = con.execute(f"""
-        SELECT count(*) FROM events
-        WHERE (time IS NULL OR src_table IN ('person')) AND code <> {literal(data_cfg.birth_code)} AND NOT {gender} AND NOT {race}
-    """).fetchall()[0][0]
-    return {"static_events_not_in_prompt": static_other}
+    return {"static_events_not_in_prompt": int(con.execute("SELECT coalesce(sum(static_other), 0) FROM demo").fetchall()[0][0])}
 
 
 def build_body(con: duckdb.DuckDBPyConnection, data_cfg) -> None:
-    """`body`: the clinical events that become code tokens (no statics, visits, birth, death)."""
+    """`body`: the clinical events that become code tokens (no statics, visits, birth, death).
+
+    `trank` (the table's place in TABLE_ORDER) orders events of equal time inside a visit.
+    Rows are identified by DuckDB's `rowid` (the MEDS discharge events are deleted by it).
+    """
     excluded = ", ".join(literal(t) for t in NON_BODY_TABLES)
     con.execute(f"""
         CREATE OR REPLACE TABLE body AS
-        SELECT row_number() OVER () AS eid, subject_id, time, CAST(time AS DATE) AS day, code, numeric_value, text_value,
-               src_table, visit_id
+        SELECT subject_id, time, CAST(time AS DATE) AS day, code, numeric_value,
+               CAST({table_rank('src_table')} AS TINYINT) AS trank, visit_id
         FROM events
         WHERE time IS NOT NULL AND coalesce(src_table, '') NOT IN ({excluded})
           AND code NOT IN ({literal(data_cfg.birth_code)}, {literal(data_cfg.death_code)})
@@ -97,7 +103,7 @@ def build_source_visits(con: duckdb.DuckDBPyConnection, source: str, visit_patte
             SELECT s.subject_id, {literal(p['type'])} AS vtype, s.time AS vstart, coalesce(e.time, s.time) AS vend,
                    e.code AS discharge, e.eid AS discharge_eid
             FROM (SELECT * FROM body WHERE {like_any('code', [p['start']])}) s
-            ASOF LEFT JOIN (SELECT * FROM body WHERE {like_any('code', [p['end']])}) e
+            ASOF LEFT JOIN (SELECT rowid AS eid, * FROM body WHERE {like_any('code', [p['end']])}) e
                  ON s.subject_id = e.subject_id AND e.time >= s.time
         """)
     union = " UNION ALL ".join(parts) if parts else (
@@ -110,53 +116,52 @@ def build_source_visits(con: duckdb.DuckDBPyConnection, source: str, visit_patte
     """)
 
 
-def attach_events(con: duckdb.DuckDBPyConnection, day_visit_type: str) -> dict:
-    """Give every body event a visit key `vkey`; create day visits for what no visit covers."""
+def attach_events(con: duckdb.DuckDBPyConnection) -> dict:
+    """Give every body event a visit key `vkey`; make day visits for what no visit covers.
+
+    Source visits get vkey 1..n in (subject, start, end, type, id) order. A day visit's vkey is
+    `DAY_KEY_BASE` + its day number: unique within the subject and ordered by day after every
+    source visit, which is all the vkey is used for (with subject_id), so day visits need no
+    numbering pass and no join back to their events.
+    Produces `body(subject_id, time, code, numeric_value, trank, vkey)`,
+    `allv_src` (source visits) and `dayv` (day visits); drops src_visits.
+    """
     con.execute("""
         CREATE OR REPLACE TABLE allv_src AS
         SELECT subject_id, row_number() OVER (ORDER BY subject_id, vstart, vend, vtype, visit_id) AS vkey, visit_id, vtype,
                vstart, vend, CAST(vstart AS DATE) AS sday, CAST(vend AS DATE) AS eday, discharge, discharge_eid
         FROM src_visits
     """)
+    con.execute("DROP TABLE src_visits")
     # MEDS: the discharge events that close a visit become its DISCHARGE token, not a body event.
-    con.execute("DELETE FROM body WHERE eid IN (SELECT discharge_eid FROM allv_src WHERE discharge_eid IS NOT NULL)")
+    con.execute("DELETE FROM body WHERE rowid IN (SELECT discharge_eid FROM allv_src WHERE discharge_eid IS NOT NULL)")
+    # events whose visit id does not name a visit of theirs: the covering visit that starts last
+    # (preferring one started no later than the event)
     con.execute("""
-        CREATE OR REPLACE TABLE attach AS
-        SELECT b.eid, v.vkey, 'visit_id' AS how
-        FROM body b JOIN allv_src v ON v.subject_id = b.subject_id AND v.visit_id = b.visit_id
-        WHERE b.visit_id IS NOT NULL
+        CREATE OR REPLACE TEMP TABLE cover AS
+        SELECT b.rowid AS eid, v.vkey
+        FROM body b ANTI JOIN allv_src m ON m.subject_id = b.subject_id AND m.visit_id = b.visit_id
+        JOIN allv_src v ON v.subject_id = b.subject_id AND b.day BETWEEN v.sday AND v.eday
+        QUALIFY row_number() OVER (PARTITION BY b.rowid ORDER BY (v.vstart <= b.time) DESC, v.vstart DESC, v.vkey) = 1
     """)
-    con.execute("""
-        INSERT INTO attach
-        SELECT b.eid, v.vkey, 'covering_visit'
-        FROM body b JOIN allv_src v ON v.subject_id = b.subject_id AND b.day BETWEEN v.sday AND v.eday
-        WHERE b.eid NOT IN (SELECT eid FROM attach)
-        QUALIFY row_number() OVER (PARTITION BY b.eid ORDER BY (v.vstart <= b.time) DESC, v.vstart DESC, v.vkey) = 1
-    """)
-    offset = con.execute("SELECT coalesce(max(vkey), 0) FROM allv_src").fetchall()[0][0]
+    base = con.execute("SELECT coalesce(max(vkey), 0) FROM allv_src").fetchall()[0][0] + DAY_KEY_BASE
     con.execute(f"""
-        CREATE OR REPLACE TABLE dayv AS
-        SELECT subject_id, day, {offset} + row_number() OVER (ORDER BY subject_id, day) AS vkey, min(time) AS vstart, max(time) AS vend
-        FROM body WHERE eid NOT IN (SELECT eid FROM attach) GROUP BY subject_id, day
-    """)
-    con.execute("""
-        INSERT INTO attach SELECT b.eid, d.vkey, 'day_visit' FROM body b JOIN dayv d USING (subject_id, day)
-        WHERE b.eid NOT IN (SELECT eid FROM attach)
-    """)
-    con.execute(f"""
-        CREATE OR REPLACE TABLE allv AS
-        SELECT subject_id, vkey, vtype, vstart, vend, discharge, 'visit' AS origin FROM allv_src
-        UNION ALL
-        SELECT subject_id, vkey, {literal(day_visit_type)}, vstart, vend, NULL, 'day_visit' FROM dayv
-    """)
-    con.execute("""
         CREATE OR REPLACE TABLE body AS
-        SELECT b.eid, b.subject_id, b.time, b.code, b.numeric_value, b.text_value, b.src_table, a.vkey
-        FROM body b JOIN attach a USING (eid)
+        SELECT b.subject_id, b.time, b.code, b.numeric_value, b.trank,
+               coalesce(m.vkey, c.vkey, {base} + date_diff('day', DATE '1970-01-01', b.day)) AS vkey,
+               CAST(CASE WHEN m.vkey IS NOT NULL THEN 0 WHEN c.vkey IS NOT NULL THEN 1 ELSE 2 END AS TINYINT) AS how
+        FROM body b LEFT JOIN allv_src m ON m.subject_id = b.subject_id AND m.visit_id = b.visit_id
+        LEFT JOIN cover c ON c.eid = b.rowid
     """)
-    rows = con.execute("SELECT how, count(*) FROM attach GROUP BY 1 ORDER BY 1").fetchall()
+    con.execute("DROP TABLE cover")
+    con.execute("""
+        CREATE OR REPLACE TABLE dayv AS
+        SELECT subject_id, vkey, min(time) AS vstart, max(time) AS vend FROM body WHERE how = 2 GROUP BY subject_id, vkey
+    """)
+    hows = dict(con.execute("SELECT how, count(*) FROM body GROUP BY how").fetchall())
+    attached = {name: hows[i] for i, name in enumerate(("visit_id", "covering_visit", "day_visit")) if hows.get(i)}
     return {
-        "events_attached": {k: v for k, v in rows},
+        "events_attached": dict(sorted(attached.items())),
         "visits_from_source": con.execute("SELECT count(*) FROM allv_src").fetchall()[0][0],
         "day_visits_created": con.execute("SELECT count(*) FROM dayv").fetchall()[0][0],
     }

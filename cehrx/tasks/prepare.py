@@ -101,13 +101,13 @@ def prepare(cfg: DictConfig, out: Path) -> dict:
         build_body(con, cfg.data)
         build_source_visits(con, source, OmegaConf.to_container(cfg.data.visits) if cfg.data.get("visits") else [])
         con.execute("DROP TABLE events")  # the rest works on body/demo/src_visits: free memory before the big sorts
-        visit_stats = attach_events(con, str(t.day_visit_type))
+        visit_stats = attach_events(con)
     with stages("vocabulary codes and value deciles"):
         code_stats = select_codes(con, int(t.min_subjects))
         n_edges = learn_value_edges(con, int(t.quantiles.num_bins), int(t.quantiles.min_values))
     inpatient = [str(x) for x in t.inpatient_visit_types]
     with stages("tokenize"):
-        order_visits(con, inpatient)
+        order_visits(con, inpatient, str(t.day_visit_type))
         tokens = candidate_tokens(con, int(t.min_subjects), int(t.quantiles.num_bins), int(t.max_gap_days))
         resolver = Resolver({tok: i for i, tok in enumerate(tokens)})
         code_ids, cuts, has_cuts = code_tables(con, resolver.index, int(t.quantiles.num_bins))
