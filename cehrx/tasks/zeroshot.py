@@ -72,6 +72,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     device = resolve_device(str(zc.get("device", "auto")))
     model, vocab = load_pretrained(cfg.model_dir, map_location=device)
+    random_init = bool(zc.get("random_init", False))
+    if random_init:
+        model = random_init_like(model, zcfg.seed)
     prepared = prepared_dir_for(cfg, cfg.model_dir)
     check_vocab(vocab, prepared)
     outcome = resolve_outcome(
@@ -84,7 +87,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     table = select_split(table, arrays.subject_id, split_of, split, _int(zc.get("max_labels")), zcfg.seed)
     labels = labels_from(table)
     fp = fingerprint({"model": str(model_dir(cfg.model_dir).resolve()), "model_mtime": _mtime(model_dir(cfg.model_dir)),
-                      "outcome": outcome.describe(vocab), "zeroshot": config_dict(zcfg), "prepared": str(prepared.resolve())}, labels)
+                      "outcome": outcome.describe(vocab), "zeroshot": config_dict(zcfg), "prepared": str(prepared.resolve()),
+                      "random_init": random_init, "split": split}, labels)
     resumed = prepare_work_dir(out, fp, bool(cfg.overwrite))
     if resumed:
         print(f"zeroshot: resuming, {resumed} chunk(s) already done in {out / CHUNK_DIR}", file=sys.stderr)
@@ -92,7 +96,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results = run_chunks(model, vocab, arrays, labels, outcome, zcfg, out, progress=bool(zc.get("progress", True)))
     seconds = time.perf_counter() - start
     facts = {"task": task, "label_source": label_source, "split": split, "prepared_dir": str(prepared), "model_dir": str(cfg.model_dir),
-             "device": str(device), "seconds": round(seconds, 1), "resumed_chunks": resumed}
+             "random_init": random_init, "device": str(device), "seconds": round(seconds, 1), "resumed_chunks": resumed}
     return finish(cfg, out, vocab, outcome, labels, results, zcfg, facts)
 
 
@@ -105,6 +109,16 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+def random_init_like(model: Any, seed: int) -> Any:
+    """The same architecture with fresh weights: the control a pretrained model must beat."""
+    import torch
+
+    from cehrx.model.transformer import GPT
+
+    torch.manual_seed(seed)
+    return GPT(model.config).to(model.wte.weight.device).eval()
 
 
 def check_vocab(vocab: Vocab, prepared: Path) -> None:
@@ -179,7 +193,7 @@ def finish(cfg: DictConfig, out: Path, vocab: Vocab, outcome: Outcome, labels: L
         pq.write_table(details(kept, labels, lr, prob, fallback), tmp / "details.parquet")
         if zcfg.write_trajectories:
             write_trajectories(out, tmp / "trajectories", zcfg.num_samples)
-        name = f"zero-shot ({zcfg.num_samples} futures)"
+        name = f"zero-shot{' random-init' if facts['random_init'] else ''} ({zcfg.num_samples} futures)"
         write_report(tmp, f"Zero-shot: {facts['task'] or outcome.name}", {name: metrics}, {name: (y, prob)}, sections=report_sections(outcome, summary, facts))
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (tmp / MARKER).write_text(json.dumps(json_safe(metrics), indent=2) + "\n")

@@ -133,3 +133,10 @@ def test_clear_errors(trained, task_files, tmp_path: Path) -> None:
         run(cfg_for(trained, task_files, tmp_path / "b", "zeroshot.outcome_codes=[NOT/A_CODE]"))
     with pytest.raises(CehrxError, match="leaves"):
         run(cfg_for(trained, task_files, tmp_path / "c", "zeroshot.max_new_tokens=1000"))
+
+
+def test_random_init_control_and_label_subsample(trained, task_files, tmp_path: Path) -> None:
+    out = tmp_path / "rand"
+    metrics = run(cfg_for(trained, task_files, out, "zeroshot.random_init=true", "zeroshot.max_labels=12"))
+    assert metrics["run"]["random_init"] is True and metrics["n"] == 12
+    assert "| zero-shot random-init (3 futures) |" in (out / "report.md").read_text()
