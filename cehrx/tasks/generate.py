@@ -1,0 +1,328 @@
+"""`cehrx task=generate`: sample synthetic patients from a pretrained model; write MEDS and OMOP.
+
+    cehrx task=generate model_dir=runs/mysite/model output_dir=runs/mysite/synthetic \\
+          generate.num_patients=10000 generate.top_p=0.95 generate.temperature=1.0
+
+Output (`output_dir`, default `<model_dir>/../synthetic`, renamed into place when complete):
+
+    meds/               MEDS 0.4 dataset (data/<split>/0.parquet, metadata/{codes,subject_splits}.parquet, dataset.json)
+    omop/<table>.parquet  OMOP CDM 5.4 tables (cehrx.generate.omop_writer), readable by `cehrx task=prepare data=omop`
+    tokens/train/*.parquet  the patients as token shards (prompt included, no [END]); with vocab.json
+                        this makes the output readable as a prepared dir (e.g. by `evaluate`)
+    vocab.json          the model's vocabulary
+    generate.json       counts, validity by reason, stop reasons, tokens/s, settings, timings
+    config.yaml         resolved config of the run
+
+Patients are sampled in shards of `generate.shard_size` prompts. Each finished shard is saved
+under `.<output_dir name>.partial/` beside the output; a crashed or killed run started again
+with the same settings resumes after the last finished shard. Sampling stops when
+`num_patients` valid patients exist (or after `num_patients * max_attempts_factor` samples).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from cehrx.data import duck
+from cehrx.data.atomic import atomic_dir
+from cehrx.data.shards import NO_BIRTH, TokenArrays
+from cehrx.data.vocab import Vocab
+from cehrx.errors import CehrxError
+from cehrx.generate.concepts import read_source_info
+from cehrx.generate.constraints import Grammar
+from cehrx.generate.omop_writer import write_omop
+from cehrx.generate.patients import DROP_REASONS, TRUNCATED_KEY, decode_samples, shard_table, take_prefixes
+from cehrx.generate.prompts import PromptPool, config_pool, empirical_pool
+from cehrx.generate.sampler import STOP_NAMES, SamplingConfig, sample
+from cehrx.generate.staging import Stage
+from cehrx.model.export import load_pretrained
+from cehrx.model.export import model_dir as resolve_model_dir
+from cehrx.tasks.inputs import prepared_dir_for
+
+MARKER = "generate.json"
+SHARDS = Path("tokens") / "train"
+STATS = "shard_stats"
+
+
+# ------------------------------------------------------------------------ settings
+
+
+def sampling_config(g: DictConfig, max_seq_len: int) -> SamplingConfig:
+    """`generate.*` -> SamplingConfig; the token budget defaults to what the model's context leaves."""
+    room = max_seq_len - 4
+    max_new = room if g.max_new_tokens is None else int(g.max_new_tokens)
+    if max_new < 1 or max_new > room:
+        raise CehrxError(f"generate.max_new_tokens={g.max_new_tokens}: the model's max_seq_len={max_seq_len} leaves room for 1..{room} tokens after the 4-token prompt")
+    return SamplingConfig(temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p), max_new_tokens=max_new,
+                          max_days=None, constrained=bool(g.constrained), batch_size=int(g.batch_size), seed=int(g.seed))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise CehrxError(f"generate.device={name} but CUDA is not available (use generate.device=cpu or auto)")
+    return torch.device(str(name))
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Identifies the exported weights (resume must not mix samples of two models)."""
+    h = hashlib.sha256()
+    for name in ("config.json", "export.json", "vocab.json"):
+        f = model_dir / name
+        if f.is_file():
+            h.update(f.read_bytes())
+    for name in ("model.safetensors", "model.pt"):
+        f = model_dir / name
+        if f.is_file():
+            h.update(f"{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------ resumable shards
+
+
+class Partial:
+    """`.<name>.partial/` beside the output: finished shards and their stats, reused on restart."""
+
+    def __init__(self, out: Path, settings: dict, overwrite: bool) -> None:
+        self.dir = out.parent / f".{out.name}.partial"
+        self.settings_file = self.dir / "settings.json"
+        if self.settings_file.is_file():
+            old = json.loads(self.settings_file.read_text())
+            if old != settings:
+                if not overwrite:
+                    changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+                    raise CehrxError(f"{self.dir} holds shards of an unfinished run with other settings ({', '.join(changed)}): "
+                                     f"rerun with the same settings to resume, or pass overwrite=true to start over")
+                shutil.rmtree(self.dir)
+        (self.dir / SHARDS).mkdir(parents=True, exist_ok=True)
+        (self.dir / STATS).mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.settings_file, json.dumps(settings, indent=2, sort_keys=True))
+
+    def done(self) -> list[dict]:
+        """Stats of the finished shards, in order (a shard is finished once its stats exist)."""
+        stats = []
+        while (f := self.dir / STATS / f"{len(stats)}.json").is_file():
+            stats.append(json.loads(f.read_text()))
+        return stats
+
+    def save(self, index: int, arrays: TokenArrays, stats: dict) -> None:
+        path = self.dir / SHARDS / f"{index}.parquet"
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(shard_table(arrays), tmp, compression="zstd")
+        os.replace(tmp, path)
+        _write_atomic(self.dir / STATS / f"{index}.json", json.dumps(stats, indent=2))
+
+    def shard_files(self) -> list[Path]:
+        """The parquet files of the finished shards (a file without stats is an interrupted write)."""
+        return [self.dir / SHARDS / f"{i}.parquet" for i in range(len(self.done()))]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
+
+
+def read_shard(path: Path) -> TokenArrays:
+    """One token shard file as flat arrays."""
+    t = pq.read_table(path)
+    tok, tim = t.column("tokens").combine_chunks(), t.column("times").combine_chunks()
+    offsets = np.asarray(tok.offsets, dtype=np.int64)
+    birth = t.column("birth_time").combine_chunks()
+    return TokenArrays(
+        subject_id=np.asarray(t.column("subject_id"), dtype=np.int64),
+        offsets=offsets - offsets[0],
+        tokens=np.asarray(tok.flatten(), dtype=np.int32),
+        times=np.asarray(tim.flatten(), dtype=np.int64),
+        birth_time=np.asarray(birth.fill_null(NO_BIRTH), dtype=np.int64),
+    )
+
+
+def shard_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
+
+
+def generate_shard(model: Any, vocab: Vocab, grammar: Grammar, pool: PromptPool, scfg: SamplingConfig, g: DictConfig,
+                   index: int, n_prompts: int, first_id: int, wanted: int, progress: bool) -> tuple[TokenArrays, dict]:
+    """Sample `n_prompts` patients, decode them, keep at most `wanted` valid ones."""
+    seed = shard_seed(int(g.seed), index)
+    prompts = pool.draw(n_prompts, np.random.default_rng(seed))
+    flat = prompts.reshape(-1).astype(np.int64)
+    start = time.perf_counter()
+    samples = sample(model, vocab, flat, np.arange(0, len(flat) + 1, 4, dtype=np.int64), replace(scfg, seed=seed), num_samples=1, progress=progress)
+    seconds = time.perf_counter() - start
+    ids = first_id + np.arange(n_prompts, dtype=np.int64)
+    dec = decode_samples(vocab, prompts[samples.prompt_index], samples.tokens, samples.offsets, ids, seed,
+                         max_age=int(g.max_age), truncated=str(g.truncated), grammar=grammar)
+    arrays = dec.arrays
+    surplus = max(len(arrays) - wanted, 0)
+    if surplus:
+        rows = np.arange(wanted)
+        tokens, offsets = take_prefixes(arrays.tokens, arrays.offsets, rows, arrays.lengths()[:wanted])
+        times, _ = take_prefixes(arrays.times, arrays.offsets, rows, arrays.lengths()[:wanted])
+        arrays = TokenArrays(arrays.subject_id[:wanted], offsets, tokens, times, arrays.birth_time[:wanted])
+    stats = {"shard": index, "samples": n_prompts, "valid": len(dec.arrays), "kept": len(arrays), "surplus": surplus,
+             "dropped": dec.dropped, "repaired": dec.repaired, "stop": samples.stop_counts(),
+             "generated_tokens": int(len(samples.tokens)), "sampling_seconds": round(seconds, 3)}
+    return arrays, stats
+
+
+def plan_shard(requested: int, stats: list[dict], shard_size: int) -> int:
+    """Prompts for the next shard: enough for the patients still missing at the validity seen so far."""
+    attempts = sum(s["samples"] for s in stats)
+    kept = sum(s["kept"] for s in stats)
+    rate = sum(s["valid"] for s in stats) / attempts if attempts else 1.0
+    missing = requested - kept
+    need = missing if rate >= 1.0 else math.ceil(missing / max(rate, 0.05) * 1.05)
+    return max(1, min(shard_size, need))
+
+
+def sample_all(model: Any, vocab: Vocab, pool: PromptPool, scfg: SamplingConfig, g: DictConfig, work: Partial, console: Console) -> tuple[list[dict], int]:
+    """Generate shards until `num_patients` valid patients exist; finished shards are reused on resume.
+
+    Returns the stats of every shard and how many were reused from an earlier, interrupted run.
+    """
+    from tqdm.auto import tqdm
+
+    requested = int(g.num_patients)
+    stats = work.done()
+    resumed = len(stats)
+    grammar = Grammar.build(vocab)
+    max_samples = int(math.ceil(requested * float(g.max_attempts_factor)))
+    show = bool(g.progress)
+    bar = tqdm(total=requested, desc="patients", unit="pt", disable=not show, file=sys.stderr, position=0)
+    bar.update(sum(s["kept"] for s in stats))
+    if stats:
+        console.print(f"resuming after {len(stats)} finished shard(s) in {work.dir}")
+    try:
+        while sum(s["kept"] for s in stats) < requested:
+            attempts = sum(s["samples"] for s in stats)
+            if attempts >= max_samples:
+                console.print(f"[yellow]stopped after {attempts} samples (generate.max_attempts_factor={g.max_attempts_factor}): "
+                              f"{sum(s['kept'] for s in stats)} valid patients of {requested}[/yellow]")
+                break
+            n = min(plan_shard(requested, stats, int(g.shard_size)), max_samples - attempts)
+            wanted = requested - sum(s["kept"] for s in stats)
+            arrays, st = generate_shard(model, vocab, grammar, pool, scfg, g, len(stats), n, attempts + 1, wanted, show)
+            work.save(len(stats), arrays, st)
+            stats.append(st)
+            bar.update(st["kept"])
+            bar.set_postfix(tok_s=f"{st['generated_tokens'] / max(st['sampling_seconds'], 1e-9):.0f}", valid=f"{st['valid']}/{st['samples']}")
+    finally:
+        bar.close()
+    return stats, resumed
+
+
+# ------------------------------------------------------------------------ the task
+
+
+def run(cfg: DictConfig) -> dict:
+    g = cfg.generate
+    out = Path(str(cfg.output_dir))
+    if (out / MARKER).is_file() and not bool(cfg.overwrite):
+        raise CehrxError(f"{out} already holds a finished generate output ({MARKER}); pass overwrite=true to replace it")
+    if int(g.num_patients) < 1 or int(g.shard_size) < 1:
+        raise CehrxError(f"generate.num_patients and generate.shard_size must be >= 1 (got {g.num_patients}, {g.shard_size})")
+    if str(g.truncated) not in ("keep", "drop"):
+        raise CehrxError(f"generate.truncated must be keep or drop, got {g.truncated!r}")
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    device = resolve_device(g.device)
+    mdir = resolve_model_dir(cfg.model_dir)
+    model, vocab = load_pretrained(mdir, map_location=device)
+    prepared = prepared_dir_for(cfg, mdir)
+    if Vocab.load(prepared).tokens != vocab.tokens:
+        raise CehrxError(f"{prepared}/vocab.json differs from the model's {mdir}/vocab.json: pass the prepared dir the model was trained on (data.prepared_dir=...)")
+    prompts = OmegaConf.to_container(g.prompts, resolve=True) if g.prompts is not None else None
+    pool = config_pool(vocab, prompts) if prompts is not None else empirical_pool(prepared, vocab)
+    scfg = sampling_config(g, model.config.max_seq_len)
+    settings = {"model": str(mdir.resolve()), "model_fingerprint": model_fingerprint(mdir), "prepared_dir": str(prepared.resolve()),
+                "prompts": prompts, "sampling": asdict(scfg), "num_patients": int(g.num_patients), "shard_size": int(g.shard_size),
+                "max_age": int(g.max_age), "truncated": str(g.truncated), "max_attempts_factor": float(g.max_attempts_factor),
+                "device_type": device.type}
+    work = Partial(out, settings, bool(cfg.overwrite))
+    stats, resumed = sample_all(model, vocab, pool, scfg, g, work, console)
+    t_sampled = time.perf_counter()
+    with atomic_dir(out, MARKER, overwrite=bool(cfg.overwrite)) as tmp:
+        outputs = assemble(cfg, vocab, mdir, prepared, work, tmp, console)
+        report = summarize(stats, pool, settings, outputs, device)
+        report["resumed_shards"] = resumed
+        report["timings_s"] = {"load_and_sample": round(t_sampled - t0, 3), **outputs.pop("timings_s"), "total": round(time.perf_counter() - t0, 3)}
+        report["outputs"] = outputs
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (tmp / MARKER).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    shutil.rmtree(work.dir, ignore_errors=True)
+    p = report["patients"]
+    console.print(f"generated [bold]{p['generated']}[/bold] patients ({p['samples']} samples, {p['validity_rate']:.1%} valid), "
+                  f"{report['tokens']['per_second']:.0f} tokens/s -> {out}")
+    return report
+
+
+def assemble(cfg: DictConfig, vocab: Vocab, mdir: Path, prepared: Path, work: Partial, tmp: Path, console: Console) -> dict:
+    """Token shards, vocab.json, MEDS and OMOP from the finished shards, into `tmp`."""
+    t0 = time.perf_counter()
+    (tmp / SHARDS).mkdir(parents=True)
+    for f in work.shard_files():  # hard links: the partial dir stays intact until the output is in place
+        try:
+            os.link(f, tmp / SHARDS / f.name)
+        except OSError:
+            shutil.copy2(f, tmp / SHARDS / f.name)
+    shutil.copyfile(mdir / "vocab.json", tmp / "vocab.json")
+    g = cfg.generate
+    con = duck.connect(str(g.duckdb.memory_limit), g.duckdb.threads, temp_dir=tmp / ".duckdb_tmp")
+    try:
+        stage = Stage(con, vocab)
+        for i, f in enumerate(work.shard_files()):
+            stage.add(read_shard(f), seed=shard_seed(int(g.seed), 10_000 + i))
+        info = read_source_info(prepared, con, stage.keys())
+        codes = stage.finish(info)
+        t1 = time.perf_counter()
+        with console.status("writing MEDS ..."):
+            meds_rows = stage.write_meds(tmp / "meds", f"cehrx synthetic ({prepared.name})")
+        t2 = time.perf_counter()
+        with console.status("writing OMOP ..."):
+            omop_rows = write_omop(con, tmp / "omop", int(g.omop.type_concept_id), info.omop_path, str(g.omop.concepts))
+        t3 = time.perf_counter()
+    finally:
+        con.close()
+        shutil.rmtree(tmp / ".duckdb_tmp", ignore_errors=True)
+    return {"meds_rows": meds_rows, "omop_rows": omop_rows, "codes": codes, "concept_source": info.omop_path,
+            "timings_s": {"decode": round(t1 - t0, 3), "write_meds": round(t2 - t1, 3), "write_omop": round(t3 - t2, 3)}}
+
+
+def summarize(stats: list[dict], pool: PromptPool, settings: dict, outputs: dict, device: torch.device) -> dict:
+    """generate.json: counts, validity by reason, stop reasons, tokens/s, settings."""
+    total = lambda key: sum(s[key] for s in stats)  # noqa: E731
+    samples, valid = total("samples"), total("valid")
+    gen_tokens, secs = total("generated_tokens"), total("sampling_seconds")
+    return {
+        "patients": {
+            "requested": settings["num_patients"], "generated": total("kept"), "samples": samples, "valid": valid,
+            "validity_rate": valid / samples if samples else 0.0, "surplus_unused": total("surplus"),
+            "dropped": {r: sum(s["dropped"].get(r, 0) for s in stats) for r in DROP_REASONS},
+            "repaired": {TRUNCATED_KEY: sum(s["repaired"].get(TRUNCATED_KEY, 0) for s in stats)},
+        },
+        "stop": {name: sum(s["stop"].get(name, 0) for s in stats) for name in STOP_NAMES},
+        "tokens": {"generated": gen_tokens, "sampling_seconds": round(secs, 3), "per_second": gen_tokens / secs if secs else 0.0,
+                   "mean_per_sample": gen_tokens / samples if samples else 0.0},
+        "shards": len(stats),
+        "prompts": pool.summary(),
+        "settings": {**settings, "device": str(device)},
+    }

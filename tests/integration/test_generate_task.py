@@ -1,0 +1,123 @@
+"""`task=generate` end to end through the real Hydra configs, with a micro model trained a few steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from meds import CodeMetadataSchema, DataSchema
+
+from cehrx.data.grammar import check_sequence
+from cehrx.data.shards import SHARD_SCHEMA, load_split
+from cehrx.data.vocab import Vocab
+from cehrx.errors import CehrxError
+from cehrx.generate.cdm import CDM_TABLES
+from cehrx.tasks import generate, pretrain
+from tests.conftest import compose_cfg, make_prepared_dir
+
+pytestmark = pytest.mark.slow
+
+QUIET = ("trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0",
+         "logger=none", "callbacks=none")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(prepared dir, pretrain output dir): a micro model with a short context, trained 5 steps."""
+    root = tmp_path_factory.mktemp("gen_task")
+    prepared = make_prepared_dir(root / "prep", {"train": 24, "tuning": 6, "held_out": 2})
+    pretrain.run(compose_cfg(
+        "task=pretrain", "model=micro", "trainer=cpu", f"data.prepared_dir={prepared}", f"output_dir={root / 'model'}",
+        "model.max_seq_len=48", "task.datamodule.max_tokens_per_batch=256", "trainer.max_steps=5",
+        "trainer.val_check_interval=5", *QUIET,
+    ))
+    return prepared, root / "model"
+
+
+def gen_cfg(prepared: Path, model: Path, out: Path | None, *overrides: str, budget: int | None = 36):
+    """Generate 6 patients in shards of 4; output_dir None: the task's default (<model_dir>/../synthetic)."""
+    budget_arg = [f"generate.max_new_tokens={budget}"] if budget else []
+    return compose_cfg("task=generate", f"data.prepared_dir={prepared}", f"model_dir={model}",
+                       "generate.num_patients=6", "generate.shard_size=4", "generate.batch_size=4", "generate.progress=false",
+                       "generate.duckdb.threads=1", "generate.max_attempts_factor=10", *budget_arg, *([f"output_dir={out}"] if out else []), *overrides)
+
+
+def test_generate_end_to_end(trained: tuple[Path, Path]) -> None:
+    prepared, model = trained
+    cfg = gen_cfg(prepared, model, None, budget=None)
+    out = Path(cfg.output_dir)
+    assert out.resolve() == (model.parent / "synthetic").resolve()
+    report = generate.run(cfg)
+
+    p = report["patients"]
+    assert p["generated"] == 6 and p["samples"] == p["valid"] + sum(p["dropped"].values())
+    assert report["tokens"]["per_second"] > 0 and report["settings"]["sampling"]["max_new_tokens"] == 44
+    assert json.loads((out / "generate.json").read_text())["patients"]["generated"] == 6
+    assert not any(out.parent.glob(".synthetic.*")), "no partial or temporary dirs left behind"
+
+    # tokens: a prepared-dir view of the patients, every sequence valid
+    vocab = Vocab.load(out)
+    assert vocab.tokens == Vocab.load(prepared).tokens
+    assert pq.read_schema(next((out / "tokens" / "train").glob("*.parquet"))) == SHARD_SCHEMA
+    arrays = load_split(out, "train")
+    assert len(arrays) == 6 and len(set(arrays.subject_id.tolist())) == 6
+    assert all(check_sequence(vocab, arrays.subject(i)[0]) is None for i in range(len(arrays)))
+    assert (np.diff(arrays.times)[np.diff(np.repeat(np.arange(6), arrays.lengths())) == 0] >= 0).all()
+
+    # MEDS and OMOP
+    for f in (out / "meds" / "data").rglob("*.parquet"):
+        DataSchema.validate(pq.read_schema(f))
+    CodeMetadataSchema.validate(pq.read_table(out / "meds" / "metadata" / "codes.parquet"))
+    for table, cols in CDM_TABLES.items():
+        assert pq.read_schema(out / "omop" / f"{table}.parquet").names == [c for c, _ in cols]
+    assert pq.read_metadata(out / "omop" / "person.parquet").num_rows == 6
+    assert report["outputs"]["omop_rows"]["visit_occurrence"] == int((arrays.tokens == vocab["[VS]"]).sum())
+
+    with pytest.raises(CehrxError, match="overwrite=true"):
+        generate.run(cfg)
+
+
+def test_interrupted_run_resumes_to_the_same_patients(trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prepared, model = trained
+    real = generate.generate_shard
+    calls = []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_shard", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        generate.run(gen_cfg(prepared, model, tmp_path / "a"))
+    assert not (tmp_path / "a").exists() and (tmp_path / ".a.partial" / "shard_stats" / "0.json").is_file()
+    monkeypatch.setattr(generate, "generate_shard", real)
+    with pytest.raises(CehrxError, match="other settings"):
+        generate.run(gen_cfg(prepared, model, tmp_path / "a", "generate.temperature=0.5"))
+    resumed = generate.run(gen_cfg(prepared, model, tmp_path / "a"))
+    assert resumed["resumed_shards"] == 1 and resumed["patients"]["generated"] == 6
+
+    fresh = generate.run(gen_cfg(prepared, model, tmp_path / "b"))
+    assert fresh["resumed_shards"] == 0
+    a, b = load_split(tmp_path / "a", "train"), load_split(tmp_path / "b", "train")
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.times, b.times)
+    np.testing.assert_array_equal(a.subject_id, b.subject_id)
+
+
+def test_explicit_prompts_and_clear_errors(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    prepared, model = trained
+    report = generate.run(gen_cfg(prepared, model, tmp_path / "p", "generate.num_patients=3",
+                                  "generate.prompts=[[YEAR//2000,AGE//40,GENDER//F,RACE//1]]"))
+    arrays = load_split(tmp_path / "p", "train")
+    vocab = Vocab.load(tmp_path / "p")
+    assert report["prompts"]["source"] == "config"
+    assert {vocab.tokens[t] for t in arrays.tokens[arrays.offsets[:-1] + 1]} == {"AGE//40"}
+    with pytest.raises(CehrxError, match="max_seq_len=48"):
+        generate.run(gen_cfg(prepared, model, tmp_path / "q", "generate.max_new_tokens=100"))
+    with pytest.raises(CehrxError, match="not in the model's vocabulary"):
+        generate.run(gen_cfg(prepared, model, tmp_path / "r", "generate.prompts=[[YEAR//1066,AGE//40,GENDER//F,RACE//1]]"))
