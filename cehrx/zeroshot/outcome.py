@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from cehrx.data.duck import literal
 from cehrx.data.vocab import DEATH, Vocab
 from cehrx.errors import CehrxError
 
@@ -326,11 +327,10 @@ def _omop_source(prepared_dir: Path) -> Path | str | None:
 
 
 def _omop_descendants(codes: list[str], codes_pq: Path, source: Path | str) -> set[str] | None:
-    import duckdb
-
+    from cehrx.data.duck import connect
     from cehrx.data.omop_tables import open_omop
 
-    con = duckdb.connect()
+    con = connect()
     try:
         tables = open_omop(con, str(source))
         if not tables.has("concept_ancestor"):
@@ -338,7 +338,7 @@ def _omop_descendants(codes: list[str], codes_pq: Path, source: Path | str) -> s
         con.execute("CREATE TABLE want(code VARCHAR)")
         con.executemany("INSERT INTO want VALUES (?)", [[c] for c in codes])
         rows = con.sql(f"""
-            WITH m AS (SELECT code, omop_concept_id FROM read_parquet('{codes_pq}') WHERE omop_concept_id IS NOT NULL)
+            WITH m AS (SELECT code, omop_concept_id FROM read_parquet({literal(str(codes_pq))}) WHERE omop_concept_id IS NOT NULL)
             SELECT DISTINCT d.code FROM want w JOIN m a ON a.code = w.code
             JOIN omop_concept_ancestor ca ON ca.ancestor_concept_id = a.omop_concept_id
             JOIN m d ON d.omop_concept_id = ca.descendant_concept_id
@@ -362,14 +362,15 @@ def _meds_codes_parquet(prepared_dir: Path) -> Path | None:
 
 def _meds_descendants(codes: list[str], codes_pq: Path) -> set[str] | None:
     """Transitive children through `parent_codes` (a recursive CTE); None when the column is empty."""
-    import duckdb
+    from cehrx.data.duck import connect
 
-    con = duckdb.connect()
+    con = connect()
+    src = f"read_parquet({literal(str(codes_pq))})"
     try:
-        cols = {r[0] for r in con.sql(f"DESCRIBE SELECT * FROM read_parquet('{codes_pq}')").fetchall()}
+        cols = {r[0] for r in con.sql(f"DESCRIBE SELECT * FROM {src}").fetchall()}
         if "parent_codes" not in cols:
             return None
-        con.execute(f"CREATE TABLE edge AS SELECT code AS child, unnest(parent_codes) AS parent FROM read_parquet('{codes_pq}')")
+        con.execute(f"CREATE TABLE edge AS SELECT code AS child, unnest(parent_codes) AS parent FROM {src}")
         if con.sql("SELECT count(*) FROM edge").fetchall()[0][0] == 0:
             return None
         con.execute("CREATE TABLE want(code VARCHAR)")

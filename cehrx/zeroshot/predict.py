@@ -367,21 +367,21 @@ def trajectories(vocab: Vocab, s: Any, labels: LabelInputs, kept: np.ndarray, la
 
 def write_trajectories(work: Path, out_dir: Path, num_samples: int) -> list[Path]:
     """Gather chunk trajectories into `out_dir/<j>.parquet`, one MEDS file per sample index j."""
-    import duckdb
+    from cehrx.data.duck import connect, literal
 
     src = work / CHUNK_DIR / TRAJ_DIR
     files = sorted(src.glob("*.parquet"))
     out_dir.mkdir(parents=True, exist_ok=True)
     if not files:
         return []
-    con = duckdb.connect()
+    con = connect()
     paths = []
     try:
-        glob = str(src / "*.parquet")
+        glob = literal(str(src / "*.parquet"))
         for j in range(num_samples):
             p = out_dir / f"{j}.parquet"
-            con.execute(f"""COPY (SELECT subject_id, prediction_time, time, code, numeric_value FROM read_parquet('{glob}')
-                            WHERE sample = {j} ORDER BY subject_id, prediction_time, time NULLS FIRST) TO '{p}' (FORMAT parquet)""")
+            con.execute(f"""COPY (SELECT subject_id, prediction_time, time, code, numeric_value FROM read_parquet({glob})
+                            WHERE sample = {int(j)} ORDER BY subject_id, prediction_time, time NULLS FIRST) TO {literal(str(p))} (FORMAT parquet)""")
             paths.append(p)
     finally:
         con.close()

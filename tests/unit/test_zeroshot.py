@@ -257,3 +257,18 @@ def test_deterministic_for_a_seed(micro: GPT, vocab: Vocab, synthetic_prepared: 
     assert set(ta.column("sample").to_pylist()) <= set(range(4)) and ta.num_rows > 0
     first = ta.group_by(["subject_id", "prediction_time"]).aggregate([("time", "min")])
     assert all(t >= p - np.timedelta64(1, "D") for t, p in zip(first.column("time_min").to_pylist(), first.column("prediction_time").to_pylist()))
+
+
+def test_descendants_from_the_omop_source_concept_ancestor(vocab: Vocab, tmp_path: Path) -> None:
+    omop = tmp_path / "omop"
+    omop.mkdir()
+    pq.write_table(pa.table({"person_id": pa.array([1], pa.int64())}), omop / "person.parquet")
+    pq.write_table(pa.table({"ancestor_concept_id": pa.array([11, 11, 12, 13], pa.int64()), "descendant_concept_id": pa.array([11, 12, 12, 14], pa.int64())}),
+                   omop / "concept_ancestor.parquet")
+    prep = tmp_path / "prep"
+    (prep / "meds" / "metadata").mkdir(parents=True)
+    (prep / "config.yaml").write_text(f"data:\n  source: omop\n  path: {omop}\n")
+    pq.write_table(pa.table({"code": ["SNOMED/101", "SNOMED/110", "SNOMED/111", "SNOMED/112"], "omop_concept_id": pa.array([11, 12, 13, 14], pa.int64()),
+                             "parent_codes": pa.array([[], [], [], []], pa.list_(pa.string()))}), prep / "meds" / "metadata" / "codes.parquet")
+    out = resolve_outcome(vocab, None, outcome_codes=["SNOMED/101"], window_days=30, prepared_dir=prep)
+    assert sorted(vocab.tokens[i] for i in out.token_ids) == ["SNOMED/101", "SNOMED/110"] and out.descendants == "omop_concept_ancestor"
