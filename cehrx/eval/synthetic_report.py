@@ -28,7 +28,7 @@ def _color(name: str, names: list[str]) -> str:
 
 def _save(fig: plt.Figure, path: Path) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path.name
 
@@ -54,7 +54,7 @@ def plot_cooccurrence(out: Path, matrices: dict[str, np.ndarray]) -> str:
         im = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r")
         ax.set(title=f"{name}: top-code phi", xticks=[], yticks=[])
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    fig.savefig(out / "cooccurrence.png", dpi=110)
+    fig.savefig(out / "cooccurrence.png", dpi=90)
     plt.close(fig)
     return "cooccurrence.png"
 

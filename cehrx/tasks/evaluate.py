@@ -142,9 +142,20 @@ def evaluate(cfg: DictConfig, prepared: Path, synthetic: Path | None, baseline: 
             "utility": synthetic_report.plot_utility(out, {k: s.get("utility", {}).get("tasks", {}) for k, s in metrics["sets"].items()}),
         }
         metrics["figures"] = {k: v for k, v in figures.items() if v}
+        metrics["summary"] = {k: headline(s) for k, s in metrics["sets"].items()}
         metrics["timings_s"] = stages.timings
         synthetic_report.write_markdown(out, _clean(metrics), figures)
     return metrics
+
+
+def headline(s: dict) -> dict:
+    """The few numbers a reader looks for first (the pipeline summary finds them by key name)."""
+    get = synthetic_report._get
+    return {"prevalence_pearson": get(s, ("fidelity", "prevalence", "pearson")),
+            "mia_auc": get(s, ("privacy", "membership_inference", "auc")),
+            "privacy_loss": get(s, ("privacy", "adversarial", "privacy_loss")),
+            "exact_copy_rate": get(s, ("privacy", "exact_copies", "rate_full_sequence")),
+            "tstr_trtr_ratio": get(s, ("utility", "mean_ratio"))}
 
 
 def _n_patients(d: Path) -> int:
