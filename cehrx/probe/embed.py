@@ -1,0 +1,100 @@
+"""Patient embeddings from a frozen GPT: the representation that the probe scores.
+
+Histories (see `cehrx.data.history`) are packed into token-budget batches (`cu_seqlens`, no
+padding, the layout the model trained on), longest first so batches are full. The feature is
+the final hidden state (after the last RMSNorm) at each history's last token, which has
+attended to the whole history, or the mean over its tokens (`pooling="mean"`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cehrx.data.datamodule import pack_lengths
+from cehrx.data.history import Histories
+from cehrx.errors import CehrxError
+from cehrx.model.transformer import GPT
+
+POOLINGS = ("last", "mean")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise CehrxError(f"probe.device={device} but CUDA is not available")
+    return torch.device(device)
+
+
+@torch.inference_mode()
+def embed(
+    model: GPT,
+    histories: Histories,
+    pooling: str = "last",
+    max_tokens_per_batch: int = 16384,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """float32 `[len(histories), n_embd]` features, in the order of `histories`."""
+    if pooling not in POOLINGS:
+        raise CehrxError(f"probe.pooling must be one of {POOLINGS}, got {pooling!r}")
+    lengths = histories.lengths().astype(np.int64)
+    if len(lengths) and lengths.max() > model.config.max_seq_len:
+        raise CehrxError(f"a history has {int(lengths.max())} tokens but the model's max_seq_len is {model.config.max_seq_len}: lower probe.max_len")
+    dev = resolve_device(str(device) if device is not None else None)
+    model = model.to(dev).eval()
+    budget = max(int(max_tokens_per_batch), int(lengths.max()) if len(lengths) else 1)
+    order = np.argsort(-lengths, kind="stable")
+    batches = [order[b] for b in pack_lengths(lengths[order], budget)]
+    out = np.zeros((len(lengths), model.config.n_embd), dtype=np.float32)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    bar = tqdm(total=int(lengths.sum()), unit="tok", desc="embed", disable=not progress or not len(lengths), file=sys.stderr, mininterval=2.0)
+    with autocast:
+        for idx in batches:
+            out[idx] = _embed_batch(model, histories, idx, pooling, dev)
+            bar.update(int(lengths[idx].sum()))
+    bar.close()
+    return out
+
+
+def _embed_batch(model: GPT, h: Histories, idx: np.ndarray, pooling: str, dev: torch.device) -> np.ndarray:
+    starts, ends = h.offsets[idx], h.offsets[idx + 1]
+    lens = ends - starts
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    flat = np.repeat(starts - cu[:-1], lens) + np.arange(cu[-1])  # gather indices into h.tokens
+    ids = torch.from_numpy(np.asarray(h.tokens[flat], dtype=np.int64)).to(dev)
+    cu_t = torch.from_numpy(cu.astype(np.int32)).to(dev)
+    hidden = model(ids, cu_seqlens=cu_t, max_seqlen=int(lens.max()))
+    if pooling == "last":
+        feats = hidden[torch.from_numpy(cu[1:] - 1).to(dev)]
+    else:
+        seg = torch.from_numpy(np.repeat(np.arange(len(idx)), lens)).to(dev)
+        sums = torch.zeros(len(idx), hidden.shape[-1], device=dev, dtype=torch.float32).index_add_(0, seg, hidden.float())
+        feats = sums / torch.from_numpy(lens.astype(np.float32)).to(dev)[:, None]
+    return feats.float().cpu().numpy()
+
+
+def embed_unpacked(model: GPT, histories: Histories, pooling: str = "last", batch_size: int = 32) -> np.ndarray:
+    """Reference path: one padded `[B, T]` batch per group, no packing (for tests of the packed path).
+
+    Right padding with causal attention leaves the real tokens' states unchanged.
+    """
+    lengths = histories.lengths()
+    out = np.zeros((len(lengths), model.config.n_embd), dtype=np.float32)
+    with torch.inference_mode():
+        for a in range(0, len(lengths), batch_size):
+            idx = np.arange(a, min(a + batch_size, len(lengths)))
+            T = int(lengths[idx].max())
+            ids = np.zeros((len(idx), T), dtype=np.int64)
+            for r, i in enumerate(idx):  # test-only reference, a loop per history is fine here
+                ids[r, : lengths[i]] = histories.tokens[histories.offsets[i] : histories.offsets[i + 1]]
+            hidden = model(torch.from_numpy(ids))
+            for r, i in enumerate(idx):
+                n = int(lengths[i])
+                out[i] = (hidden[r, n - 1] if pooling == "last" else hidden[r, :n].mean(0)).float().numpy()
+    return out

@@ -1,0 +1,108 @@
+"""Fit-and-score protocol shared by every probe method (embeddings and baselines).
+
+- **split** (default when the held-out split has enough of both classes): fit on the prepared
+  data's `train` + `tuning` subjects (regularisation chosen by CV there), score on `held_out`.
+- **cv**: when `held_out` is too small to score (the 100-patient MIMIC-IV demo), subject-grouped
+  stratified K-fold cross-fitting over all labels; every label is scored by a model that never
+  saw its subject.
+
+Few-shot: train on k labels sampled from the training rows (stratified, at least one of each
+class), `repeats` times with different seeds, scored on the same test rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from cehrx.probe.classifier import fit_predict
+
+log = logging.getLogger("cehrx.probe")
+
+TRAIN_SPLITS = ("train", "tuning")
+TEST_SPLIT = "held_out"
+
+
+@dataclass
+class Protocol:
+    mode: str  # "split" | "cv"
+    folds: list[tuple[np.ndarray, np.ndarray]]  # (train rows, test rows)
+
+    @property
+    def test_rows(self) -> np.ndarray:
+        return np.sort(np.concatenate([t for _, t in self.folds]))
+
+
+def choose_protocol(split: np.ndarray, y: np.ndarray, groups: np.ndarray, mode: str, min_test: int, n_folds: int, seed: int) -> Protocol:
+    """`split` / `cv` / `auto` (split unless held_out has fewer than `min_test` of either class)."""
+    train = np.flatnonzero(np.isin(split, TRAIN_SPLITS))
+    test = np.flatnonzero(split == TEST_SPLIT)
+    yt = y[test]
+    enough = len(test) and min(int(yt.sum()), int((~yt).sum())) >= min_test
+    if mode == "split" or (mode == "auto" and enough):
+        return Protocol("split", [(train, test)])
+    if mode not in ("auto", "cv"):
+        raise ValueError(f"probe.evaluation must be auto | split | cv, got {mode!r}")
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    k = max(2, min(n_folds, int(y.sum()), int((~y).sum()), len(np.unique(groups))))
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return Protocol("cv", [(a, b) for a, b in cv.split(np.zeros(len(y)), y, groups)])
+
+
+def cross_fit(X, y: np.ndarray, groups: np.ndarray, protocol: Protocol, kind: str, seed: int) -> tuple[np.ndarray, list[dict]]:
+    """Out-of-sample P(y=1) for every test row (NaN elsewhere) and the classifier info per fold."""
+    probs = np.full(len(y), np.nan)
+    infos = []
+    for train, test in protocol.folds:
+        info: dict = {}
+        probs[test] = fit_predict(_rows(X, train), y[train], _rows(X, test), seed=seed, kind=kind, groups=groups[train], info=info)
+        infos.append(info)
+    return probs, infos
+
+
+def few_shot(
+    X, y: np.ndarray, groups: np.ndarray, protocol: Protocol, ks: list, repeats: int, kind: str, seed: int,
+    all_probs: np.ndarray | None = None,
+) -> list[dict]:
+    """AUROC (mean, sd over repeats) when training on k sampled labels; `all` = every training label
+    (`all_probs`, the full fit's predictions, are reused when given)."""
+    from sklearn.metrics import roc_auc_score
+
+    if protocol.mode != "split":
+        return []
+    train, test = protocol.folds[0]
+    yt = y[test]
+    if yt.all() or not yt.any():
+        return []
+    out = []
+    for k in ks:
+        if str(k) == "all" or int(k) >= len(train):
+            p = all_probs[test] if all_probs is not None else fit_predict(_rows(X, train), y[train], _rows(X, test), seed=seed, kind=kind, groups=groups[train])
+            out = [r for r in out if r["k"] != "all"]
+            out.append({"k": "all", "n_train": int(len(train)), "auroc": float(roc_auc_score(yt, p)), "auroc_sd": 0.0, "repeats": 1})
+            continue
+        scores = []
+        for r in range(repeats):
+            rows = stratified_sample(y[train], int(k), np.random.default_rng(seed + 1000 * r + int(k)))
+            sel = train[rows]
+            p = fit_predict(_rows(X, sel), y[sel], _rows(X, test), seed=seed + r, kind=kind, groups=groups[sel])
+            scores.append(roc_auc_score(yt, p))
+        out.append({"k": int(k), "n_train": int(k), "auroc": float(np.mean(scores)), "auroc_sd": float(np.std(scores)), "repeats": repeats})
+    return out
+
+
+def stratified_sample(y: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k row indices keeping the class balance, with at least one row of each class when possible."""
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    n_pos = int(round(k * len(pos) / max(len(y), 1)))
+    n_pos = min(max(n_pos, 1 if len(pos) else 0), len(pos), k - (1 if len(neg) else 0))
+    n_neg = min(k - n_pos, len(neg))
+    return np.sort(np.concatenate([rng.choice(pos, n_pos, replace=False), rng.choice(neg, n_neg, replace=False)]))
+
+
+def _rows(X, idx: np.ndarray):
+    return X[idx] if sp.issparse(X) else np.asarray(X)[idx]

@@ -1,0 +1,230 @@
+"""`cehrx task=probe`: patient embeddings at prediction time, scored by linear probing vs baselines.
+
+    cehrx task=probe model_dir=runs/site/model labels_dir=/path/to/labels output_dir=runs/site/probe
+    cehrx task=probe model_dir=runs/site/model probe.task=gibleed_after_nsaid
+
+Steps: labels (MEDS label files, or an ACES task config run on the prepared MEDS data) ->
+histories cut at each prediction time (`cehrx.data.history`) -> frozen-GPT embeddings
+(`cehrx.probe.embed`) -> logistic regression on train + tuning, scored on held_out
+(`cehrx.probe.evaluate`), side by side with count baselines on the same labels and splits, and
+a few-shot curve.
+
+Output (`output_dir`, written to a temporary sibling and renamed when complete):
+
+    labels.parquet            the labels used (after dropping those without history), with split
+    features.parquet          subject_id, prediction_time, boolean_value, split, embedding
+    predictions.parquet       the probe's held-out predictions (meds-evaluation schema)
+    predictions/<method>.parquet   every method's predictions, same schema
+    metrics.json              metrics with 95 % CIs per method, few-shot curve, label counts
+    report.md, roc.png        table + ROC plot (cehrx.eval.report)
+    config.yaml               resolved config
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cehrx.data.atomic import atomic_dir
+from cehrx.data.history import Histories, cut_histories, load_all_splits, subject_rows
+from cehrx.errors import CehrxError
+from cehrx.eval.metrics import binary_metrics, json_safe
+from cehrx.eval.predictions import write_predictions
+from cehrx.eval.report import write_report
+from cehrx.model.export import load_pretrained, model_dir as resolve_model_dir
+from cehrx.model.transformer import GPT
+from cehrx.probe import labels as L
+from cehrx.probe.counts import count_features
+from cehrx.probe.embed import embed
+from cehrx.probe.evaluate import Protocol, choose_protocol, cross_fit, few_shot
+from cehrx.tasks.inputs import prepared_dir_for
+
+log = logging.getLogger("cehrx.probe")
+MARKER = "metrics.json"
+BASELINES = ("counts", "counts_hgb")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    p = cfg.probe
+    bad = [b for b in (p.baselines or []) if b not in BASELINES]
+    if bad:
+        raise CehrxError(f"probe.baselines: unknown {bad} (choose from {list(BASELINES)})")
+    mdir = resolve_model_dir(cfg.model_dir)
+    prepared = prepared_dir_for(cfg, mdir)
+    out = Path(str(cfg.output_dir))
+    if (out / MARKER).exists() and not cfg.overwrite:  # fail before the expensive part
+        raise CehrxError(f"{out} already holds a finished probe ({MARKER}); pass overwrite=true to replace it")
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    table, source = read_labels(cfg, prepared)
+    timings["labels"] = _lap(start)
+    with atomic_dir(out, MARKER, overwrite=bool(cfg.overwrite)) as tmp:
+        result = probe(cfg, mdir, prepared, table, source, tmp, timings)
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (tmp / MARKER).write_text(json.dumps(json_safe(result), indent=2) + "\n")
+    _print_summary(result, out)
+    return result
+
+
+def read_labels(cfg: DictConfig, prepared: Path) -> tuple[pa.Table, dict]:
+    """The labels table and where it came from (task config or labels_dir)."""
+    task = cfg.probe.get("task")
+    if task:
+        meds = L.meds_dir_for(prepared)
+        table = L.extract_labels(str(task), meds)
+        return table, {"task": str(task), "description": L.task_description(str(task)), "meds_dir": str(meds), "config": str(L.task_config_path(str(task)))}
+    if cfg.get("labels_dir"):
+        return L.load_labels(cfg.labels_dir), {"labels_dir": str(cfg.labels_dir)}
+    raise CehrxError("no labels: pass labels_dir=<dir of MEDS label parquet files> or probe.task=<name> "
+                     f"(shipped: {', '.join(L.available_tasks())})")
+
+
+def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: dict, tmp: Path, timings: dict) -> dict:
+    p = cfg.probe
+    seed = int(p.seed)
+    torch.manual_seed(seed)
+    model, vocab = load_pretrained(mdir)
+    max_len = int(p.max_len or model.config.max_seq_len)
+    if max_len > model.config.max_seq_len:
+        raise CehrxError(f"probe.max_len={max_len} exceeds the model's max_seq_len={model.config.max_seq_len}")
+    t0 = time.perf_counter()
+    arrays, split_of = load_all_splits(prepared)
+    sid_all = table.column("subject_id").to_numpy()
+    hist = cut_histories(arrays, vocab, sid_all, L.times_seconds(table.column("prediction_time")), max_len)
+    if not len(hist):
+        raise CehrxError(f"none of the {len(table)} labels has a history in {prepared} before its prediction time ({hist.dropped})")
+    kept = table.take(pa.array(hist.label_index))
+    sid = kept.column("subject_id").to_numpy()
+    y = kept.column("boolean_value").to_numpy(zero_copy_only=False).astype(bool)
+    split = split_of[subject_rows(arrays, sid)]
+    timings["histories"] = _lap(t0)
+
+    features: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    features["probe"] = embed(model, hist, str(p.pooling), int(p.batch_tokens), p.device, bool(p.progress))
+    if p.random_init:
+        features["random_init"] = embed(random_init_like(model, seed), hist, str(p.pooling), int(p.batch_tokens), p.device, bool(p.progress))
+    timings["embed"] = _lap(t0)
+    write_features(tmp, kept, split, features)
+
+    t0 = time.perf_counter()
+    meds, count_info = None, {}
+    if p.baselines:
+        meds = L.meds_dir_for(prepared)
+        counts, names = count_features(meds, kept)
+        common = np.asarray((counts != 0).sum(0)).ravel() >= int(p.min_code_labels)
+        common[-2:] = True  # age columns
+        counts = counts[:, np.flatnonzero(common)]
+        count_info = {"codes": len(names) - 2, "columns_kept": int(common.sum())}
+        if "counts" in p.baselines:
+            logc = counts.copy()
+            logc.data = np.log1p(logc.data)
+            features["counts"] = logc
+        if "counts_hgb" in p.baselines:
+            features["counts_hgb"] = counts
+    timings["count_features"] = _lap(t0)
+
+    protocol = choose_protocol(split, y, sid, str(p.evaluation), int(p.min_test_class), int(p.cv_folds), seed)
+    t0 = time.perf_counter()
+    methods, curves, fs = {}, {}, {}
+    test = protocol.test_rows
+    for name, X in features.items():
+        kind = "hgb" if name == "counts_hgb" else "logistic"
+        probs, infos = cross_fit(X, y, sid, protocol, kind, seed)
+        m = binary_metrics(y[test], probs[test], sid[test], n_boot=int(p.n_boot), seed=seed)
+        m["classifier"] = infos
+        methods[name] = m
+        curves[name] = (y[test], probs[test])
+        kept_test = kept.take(pa.array(test))
+        path = write_predictions(tmp / "predictions" / f"{name}.parquet", sid[test], kept_test.column("prediction_time"), y[test], probs[test])
+        if name == "probe":
+            (tmp / "predictions.parquet").write_bytes(path.read_bytes())
+        if kind == "logistic" and p.few_shot and name in ("probe", "random_init", "counts"):
+            fs[name] = few_shot(X, y, sid, protocol, list(p.few_shot), int(p.few_shot_repeats), kind, seed, all_probs=probs)
+    timings["fit_score"] = _lap(t0)
+
+    result = summary(cfg, source, mdir, prepared, table, kept, split, y, hist, protocol, methods, fs, timings, max_len)
+    result["count_features"] = count_info
+    pq.write_table(kept.append_column("split", pa.array(split.astype(str))), tmp / "labels.parquet")
+    write_report(tmp, report_title(source), {k: v for k, v in methods.items()}, curves, sections=report_sections(result))
+    return result
+
+
+def random_init_like(model: GPT, seed: int) -> GPT:
+    """A freshly initialised GPT of the same architecture (the control every probe must beat)."""
+    torch.manual_seed(seed)
+    return GPT(model.config).eval()
+
+
+def write_features(out: Path, kept: pa.Table, split: np.ndarray, features: dict[str, np.ndarray]) -> None:
+    """`features.parquet` (the model's embedding) and `features_<method>.parquet` for other models."""
+    for name, X in features.items():
+        n, c = X.shape
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(X, dtype=np.float32).ravel()), c)
+        t = kept.append_column("split", pa.array(split.astype(str))).append_column("embedding", emb)
+        pq.write_table(t, out / ("features.parquet" if name == "probe" else f"features_{name}.parquet"))
+
+
+def summary(cfg, source, mdir, prepared, table, kept, split, y, hist: Histories, protocol: Protocol, methods, fs, timings, max_len) -> dict:
+    by_split = {s: {"n": int((split == s).sum()), "n_pos": int(y[split == s].sum()), "subjects": int(len(np.unique(kept.column("subject_id").to_numpy()[split == s])))}
+                for s in ("train", "tuning", "held_out")}
+    return {
+        **source,
+        "model_dir": str(mdir),
+        "prepared_dir": str(prepared),
+        "evaluation": protocol.mode if protocol.mode == "split" else f"cv{len(protocol.folds)}",
+        "labels": {"in": int(len(table)), "used": int(len(kept)), "positives": int(y.sum()), "dropped": hist.dropped, "by_split": by_split},
+        "history": {"max_len": max_len, "pooling": str(cfg.probe.pooling), **hist.stats,
+                    "mean_tokens": float(hist.lengths().mean()) if len(hist) else 0.0},
+        "methods": methods,
+        "few_shot": fs,
+        "timings_s": timings,
+    }
+
+
+def report_title(source: dict) -> str:
+    return f"Linear probe: {source.get('task') or source.get('labels_dir')}"
+
+
+def report_sections(result: dict) -> dict[str, str]:
+    lab = result["labels"]
+    rows = [f"- labels: {lab['in']} in, {lab['used']} used ({lab['positives']} positive); dropped: "
+            + (", ".join(f"{k} {v}" for k, v in lab["dropped"].items() if v) or "none")]
+    for s, d in lab["by_split"].items():
+        rows.append(f"- {s}: {d['n']} labels ({d['n_pos']} positive), {d['subjects']} subjects")
+    ev = result["evaluation"]
+    rows.append(f"- evaluation: {'fit on train + tuning, scored on held_out' if ev == 'split' else ev + ' subject-grouped cross-fitting over all labels (held_out too small)'}")
+    rows.append(f"- histories: up to {result['history']['max_len']} tokens ({result['history']['mean_tokens']:.0f} on average), "
+                f"{result['history'].get('truncated', 0)} left-truncated; pooling {result['history']['pooling']}")
+    if result.get("description"):
+        rows.insert(0, f"- task: {result['description']}")
+    sections = {"Data": "\n".join(rows)}
+    if result["few_shot"]:
+        ks = [r["k"] for r in next(iter(result["few_shot"].values()))]
+        lines = ["| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+        for name, curve in result["few_shot"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{r['auroc']:.3f} ± {r['auroc_sd']:.3f}" if r["auroc_sd"] else f"{r['auroc']:.3f}" for r in curve) + " |")
+        sections["Few-shot (held-out AUROC, mean ± sd over repeats)"] = "\n".join(lines)
+    return sections
+
+
+def _lap(t0: float) -> float:
+    return round(time.perf_counter() - t0, 2)
+
+
+def _print_summary(result: dict, out: Path) -> None:
+    import sys
+
+    from cehrx.eval.metrics import format_metric
+
+    parts = [f"{k} AUROC {format_metric(v['auroc'])}" for k, v in result["methods"].items()]
+    print(f"probe: {result['labels']['used']} labels ({result['labels']['positives']} positive), " + "; ".join(parts) + f" -> {out}", file=sys.stderr)
