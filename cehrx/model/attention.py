@@ -381,27 +381,32 @@ class KVCache:
 
     Preallocated to `max_len` so decoding appends in place. Layers call `update` (write the
     new keys, read back everything so far); the model calls `advance` once per forward, after
-    all layers, so every layer writes at the same offset.
+    all layers, so every layer writes at the same offset. Stored head-major
+    (`[n_layer, B, H, max_len, D]`): the cached prefix of each head is one contiguous block,
+    the layout sdpa reads fastest; `update` still takes and returns `[B, T, H, D]` views.
     """
 
     def __init__(self, n_layer: int, batch_size: int, max_len: int, n_head: int, head_dim: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
-        shape = (n_layer, batch_size, max_len, n_head, head_dim)
+        shape = (n_layer, batch_size, n_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store `k, v` (`[B, t, H, D]`) after the cached tokens; return all keys/values so far."""
+        """Store `k, v` (`[B, t, H, D]`) after the cached tokens; return all keys/values so far (`[B, T, H, D]` views)."""
         end = self.length + k.shape[1]
         if end > self.max_len:
             raise ValueError(f"KVCache holds {self.max_len} tokens; {end} requested")
-        self.k[layer, :, self.length : end] = k
-        self.v[layer, :, self.length : end] = v
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+        self.k[layer, :, :, self.length : end] = k.transpose(1, 2)
+        self.v[layer, :, :, self.length : end] = v.transpose(1, 2)
+        return self.k[layer, :, :, :end].transpose(1, 2), self.v[layer, :, :, :end].transpose(1, 2)
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
 
     @property
     def batch_size(self) -> int:
@@ -413,17 +418,14 @@ class KVCache:
         n = self.length
         k = self.k.new_empty((self.k.shape[0], len(index), *self.k.shape[2:]))  # the tail is written before it is read
         v = torch.empty_like(k)
-        k[:, :, :n] = self.k[:, index, :n]
-        v[:, :, :n] = self.v[:, index, :n]
+        k[:, :, :, :n] = self.k[:, index, :, :n]
+        v[:, :, :, :n] = self.v[:, index, :, :n]
         self.k, self.v = k, v
 
     def grow(self, max_len: int) -> None:
         """Make room for `max_len` tokens (keeping what is cached), e.g. after a prompt-sized prefill."""
         if max_len <= self.max_len:
             return
-        pad = (0, 0, 0, 0, 0, max_len - self.max_len)
+        pad = (0, 0, 0, max_len - self.max_len)
         self.k, self.v = F.pad(self.k, pad), F.pad(self.v, pad)
         self.max_len = max_len
-
-    def reset(self) -> None:
-        self.length = 0

@@ -111,9 +111,11 @@ def test_kv_cache_select_rows_and_grow() -> None:
     cache.advance(4)
     cache.select_rows(torch.tensor([2, 2, 0]))
     cache.grow(6)
-    assert cache.k.shape == (2, 3, 6, 1, 2) and cache.max_len == 6 and cache.length == 4
-    torch.testing.assert_close(cache.k[1, :, :4], k[[2, 2, 0]])
-    torch.testing.assert_close(cache.v[0, :, :4], k[[2, 2, 0]] + 1)
+    assert cache.batch_size == 3 and cache.max_len == 6 and cache.length == 4
+    keys, values = cache.update(1, k[:2, :1].repeat(3, 2, 1, 1)[:3], k[:3, :2])  # two more tokens
+    torch.testing.assert_close(keys[:, :4], k[[2, 2, 0]])
+    torch.testing.assert_close(values[:, :4], k[[2, 2, 0]] + 1)
+    assert keys.shape == (3, 6, 1, 2)
 
 
 # ------------------------------------------------------------------------------------- sampling
