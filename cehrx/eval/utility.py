@@ -97,9 +97,13 @@ def utility(tasks: list[str], real_meds: Path, synthetic_meds: dict[str, Path], 
             classifier: str = "logistic", n_boot: int = 200, seed: int = 0) -> dict[str, dict]:
     """`{set name: {"tasks": {task: metrics}, "mean_ratio": float}}` over the given ACES tasks."""
     per_set: dict[str, dict] = {name: {"tasks": {}} for name in synthetic_meds}
+    from cehrx.probe.labels import shipped_labels
+
     for task in tasks:
         log.info("utility: task %s", task)
         try:
+            if shipped_labels(task) is not None:  # fixed label files of one real data set: nothing to extract on synthetic patients
+                raise CehrxError(f"task {task} ships fixed labels instead of an ACES definition; it cannot label synthetic patients")
             real = real_task_data(task, real_meds, test_split)
             results = evaluate_task(task, real, synthetic_meds, classifier, n_boot, seed)
         except CehrxError as e:

@@ -250,3 +250,14 @@ def test_evaluate_clear_errors(synthetic_prepared: Path, tmp_path: Path) -> None
         run(compose_cfg("task=evaluate", f"data.prepared_dir={synthetic_prepared}", f"synthetic_dir={tmp_path}", f"output_dir={tmp_path / 'b'}"))
     with pytest.raises(CehrxError, match="only baseline"):
         run(compose_cfg("task=evaluate", f"data.prepared_dir={synthetic_prepared}", "evaluate.baseline=gan", f"output_dir={tmp_path / 'c'}"))
+
+
+def test_utility_skips_tasks_with_fixed_label_files(tmp_path: Path) -> None:
+    from cehrx.eval.utility import utility
+    from cehrx.probe.labels import available_tasks, shipped_labels
+
+    fixed = [t for t in available_tasks() if shipped_labels(t) is not None]
+    if not fixed:
+        pytest.skip("no shipped task with fixed label files")
+    out = utility(fixed[:1], tmp_path, {"model": tmp_path})
+    assert "ships fixed labels" in out["model"]["tasks"][fixed[0]]["skipped"] and np.isnan(out["model"]["mean_ratio"])
