@@ -84,7 +84,8 @@ def order_visits(con: duckdb.DuckDBPyConnection, inpatient_types: list[str], day
 
     A visit ends no earlier than its last kept event: only source visits need that check, a day
     visit already spans all of its events. One window (one sort) numbers a subject's visits and
-    carries the latest end before each. Subjects get their position in token order (`spos`).
+    carries the latest end before each. `demo_t.vbase` is the position of a subject's first visit in
+token order (split, subject_id), so a visit's position is vbase + r - 1.
     """
     inpatient = ", ".join(literal(str(t)) for t in inpatient_types) or "NULL"
     con.execute(f"""
@@ -116,7 +117,7 @@ def order_visits(con: duckdb.DuckDBPyConnection, inpatient_types: list[str], day
     con.execute(f"""
         CREATE OR REPLACE TABLE demo_t AS
         SELECT d.*, f.first_t, f.last_t, f.n_visits, CASE WHEN d.birth <= f.first_t THEN d.birth END AS birth_ok,
-               row_number() OVER (ORDER BY {SPLIT_RANK}, d.subject_id) - 1 AS spos
+               CAST(sum(f.n_visits) OVER (ORDER BY {SPLIT_RANK}, d.subject_id ROWS UNBOUNDED PRECEDING) - f.n_visits AS BIGINT) AS vbase
         FROM demo d JOIN (SELECT subject_id, min(est) AS first_t, max(eend) AS last_t, max(r) AS n_visits FROM vis GROUP BY subject_id) f
              USING (subject_id)
     """)
@@ -203,16 +204,21 @@ def fetch_ordered(con: duckdb.DuckDBPyConnection) -> Ordered:
                'GENDER//' || coalesce(gender, 'UNKNOWN') AS p2, 'RACE//' || coalesce(race, 'UNKNOWN') AS p3,
                death IS NOT NULL AS has_death, coalesce(epoch_us(greatest(death, last_t)), 0) AS death_us,
                coalesce(greatest(date_diff('day', CAST(last_t AS DATE), CAST(death AS DATE)), 0), -1) AS death_days
-        FROM demo_t ORDER BY sr, subject_id
+        FROM demo_t ORDER BY vbase
     """).to_arrow_table()
+    # visits come unsorted and are put in place by their position (subject's first visit + rank)
     vis = con.sql("""
-        SELECT coalesce(gap_days, -1) AS gap_days, epoch_us(est) AS est_us, epoch_us(eend) AS eend_us, vtype, discharge, inpatient
-        FROM vis ORDER BY sr, subject_id, r
+        SELECT d.vbase + v.r - 1 AS vpos, coalesce(v.gap_days, -1) AS gap_days, epoch_us(v.est) AS est_us, epoch_us(v.eend) AS eend_us,
+               v.vtype, v.discharge, v.inpatient
+        FROM vis v JOIN demo_t d USING (subject_id)
     """).to_arrow_table()
+    where = np.empty(vis.num_rows, dtype=np.int64)
+    where[vis.column("vpos").to_numpy()] = np.arange(vis.num_rows)
+    vis = vis.take(where)
     ev = con.sql("""
-        SELECT d.spos, v.r, epoch_us(greatest(b.time, v.est)) AS t_us, k.crank, coalesce(b.numeric_value, 'NaN'::DOUBLE) AS value
+        SELECT d.vbase + v.r - 1 AS vpos, epoch_us(greatest(b.time, v.est)) AS t_us, k.crank, coalesce(b.numeric_value, 'NaN'::DOUBLE) AS value
         FROM body b JOIN kept_codes k USING (code) JOIN vis v USING (subject_id, vkey) JOIN demo_t d USING (subject_id)
-        ORDER BY d.spos, v.r, b.time, b.trank, k.crank, b.numeric_value
+        ORDER BY vpos, b.time, b.trank, k.crank, b.numeric_value
     """).to_arrow_table()
     con.execute("DROP TABLE body")
     col = lambda t, c: t.column(c).to_numpy()  # noqa: E731
@@ -225,15 +231,9 @@ def fetch_ordered(con: duckdb.DuckDBPyConnection) -> Ordered:
         death_days=col(subj, "death_days").astype(np.int64),
         gap_days=col(vis, "gap_days"), est_us=col(vis, "est_us"), eend_us=col(vis, "eend_us"),
         vtype=vis.column("vtype").combine_chunks(), discharge=vis.column("discharge").combine_chunks(),
-        inpatient=col(vis, "inpatient").astype(bool), nev=visit_sizes(col(subj, "n_visits"), col(ev, "spos"), col(ev, "r")),
+        inpatient=col(vis, "inpatient").astype(bool), nev=np.bincount(col(ev, "vpos"), minlength=vis.num_rows).astype(np.int64),
         t_us=col(ev, "t_us"), crank=col(ev, "crank").astype(np.int32), value=col(ev, "value"),
     )
-
-
-def visit_sizes(n_visits: np.ndarray, spos: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Events per visit (in token order) from each event's subject position and visit rank."""
-    first = np.concatenate([[0], np.cumsum(n_visits)]).astype(np.int64)
-    return np.bincount(first[spos] + r - 1, minlength=int(first[-1])).astype(np.int64)
 
 
 class Resolver:
