@@ -244,6 +244,8 @@ def run(cfg: DictConfig) -> dict:
         raise CehrxError(f"generate.truncated must be keep or drop, got {g.truncated!r}")
     console = Console(stderr=True)
     t0 = time.perf_counter()
+    if g.get("threads"):  # small models decode one token per step: fewer CPU threads often run faster
+        torch.set_num_threads(int(g.threads))
     device = resolve_device(g.device)
     mdir = resolve_model_dir(cfg.model_dir)
     model, vocab = load_pretrained(mdir, map_location=device)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from meds import CodeMetadataSchema, DataSchema
 
 from cehrx.data.grammar import check_sequence
@@ -22,6 +23,15 @@ pytestmark = pytest.mark.slow
 
 QUIET = ("trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0",
          "logger=none", "callbacks=none")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A micro model decodes one token per step: one CPU thread is several times faster than many on a busy CI box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +52,7 @@ def gen_cfg(prepared: Path, model: Path, out: Path | None, *overrides: str, budg
     budget_arg = [f"generate.max_new_tokens={budget}"] if budget else []
     return compose_cfg("task=generate", f"data.prepared_dir={prepared}", f"model_dir={model}",
                        "generate.num_patients=6", "generate.shard_size=4", "generate.batch_size=4", "generate.progress=false",
-                       "generate.duckdb.threads=1", "generate.max_attempts_factor=10", *budget_arg, *([f"output_dir={out}"] if out else []), *overrides)
+                       "generate.duckdb.threads=1", "generate.threads=1", "generate.max_attempts_factor=10", *budget_arg, *([f"output_dir={out}"] if out else []), *overrides)
 
 
 def test_generate_end_to_end(trained: tuple[Path, Path]) -> None:
