@@ -39,22 +39,20 @@ SPLIT_RANK = "(CASE split " + " ".join(f"WHEN {literal(s)} THEN {i}" for i, s in
 
 
 def select_codes(con: duckdb.DuckDBPyConnection, min_subjects: int) -> dict:
-    """`kept_codes(code, subjects, crank)`: codes of body events seen in >= min_subjects train subjects.
+    """`kept_codes(cid, code, subjects)`: codes of body events seen in >= min_subjects train subjects.
 
-    One pass over `body` counts every code (train subjects and all rows); rare codes are not
-    deleted from `body`, they are left out when the events are ordered. `crank` numbers the kept
-    codes in code order (an integer sort key standing for the code).
+    One pass over `body` counts every code (train subjects and all rows) by its integer `cid`;
+    rare codes are not deleted from `body`, they are left out when the events are ordered.
     """
     con.execute("""
         CREATE OR REPLACE TEMP TABLE code_counts AS
-        SELECT b.code, count(*) AS n, count(DISTINCT b.subject_id) FILTER (WHERE d.split = 'train') AS subjects
-        FROM body b JOIN demo d USING (subject_id) GROUP BY b.code
+        SELECT b.cid, count(*) AS n, count(DISTINCT b.subject_id) FILTER (WHERE d.split = 'train') AS subjects
+        FROM body b JOIN demo d USING (subject_id) GROUP BY b.cid
     """)
     kept = f"subjects >= {int(min_subjects)} AND subjects > 0"  # a code absent from train is never kept
     con.execute(f"""
         CREATE OR REPLACE TABLE kept_codes AS
-        SELECT code, subjects, CAST(row_number() OVER (ORDER BY code) - 1 AS INTEGER) AS crank
-        FROM code_counts WHERE {kept} ORDER BY code
+        SELECT n.cid, c.code, n.subjects FROM code_counts n JOIN code_ids c USING (cid) WHERE {kept}
     """)
     dropped = con.execute(f"SELECT coalesce(sum(n), 0), count(*) FROM code_counts WHERE NOT ({kept})").fetchall()[0]
     con.execute("DROP TABLE code_counts")
@@ -62,7 +60,7 @@ def select_codes(con: duckdb.DuckDBPyConnection, min_subjects: int) -> dict:
 
 
 def learn_value_edges(con: duckdb.DuckDBPyConnection, num_bins: int, min_values: int) -> int:
-    """`edges(code, crank, cuts, lo, hi)`: per kept code, value quantiles on the train split.
+    """`edges(code, cid, cuts, lo, hi)`: per kept code, value quantiles on the train split.
 
     `cuts` holds the num_bins-1 inner cut points; lo/hi the observed range, so decoding can
     sample a value inside a bin.
@@ -70,11 +68,11 @@ def learn_value_edges(con: duckdb.DuckDBPyConnection, num_bins: int, min_values:
     qs = ", ".join(repr(i / num_bins) for i in range(1, num_bins))
     con.execute(f"""
         CREATE OR REPLACE TABLE edges AS
-        SELECT b.code, any_value(k.crank) AS crank, quantile_cont(b.numeric_value, [{qs}]) AS cuts,
+        SELECT any_value(k.code) AS code, b.cid, quantile_cont(b.numeric_value, [{qs}]) AS cuts,
                min(b.numeric_value) AS lo, max(b.numeric_value) AS hi
-        FROM body b JOIN demo d USING (subject_id) JOIN kept_codes k USING (code)
+        FROM body b JOIN demo d USING (subject_id) JOIN kept_codes k USING (cid)
         WHERE d.split = 'train' AND b.numeric_value IS NOT NULL
-        GROUP BY b.code HAVING count(*) >= {int(min_values)}
+        GROUP BY b.cid HAVING count(*) >= {int(min_values)}
     """)
     return con.execute("SELECT count(*) FROM edges").fetchall()[0][0]
 
@@ -91,7 +89,7 @@ token order (split, subject_id), so a visit's position is vbase + r - 1.
     con.execute(f"""
         CREATE OR REPLACE TABLE vis AS
         WITH m AS (
-            SELECT b.subject_id, b.vkey, max(b.time) AS tmax FROM body b SEMI JOIN kept_codes k USING (code)
+            SELECT b.subject_id, b.vkey, max(b.time) AS tmax FROM body b SEMI JOIN kept_codes k USING (cid)
             WHERE b.how < 2 GROUP BY ALL
         ), v AS (
             SELECT a.subject_id, a.vkey, a.vtype, a.vstart, greatest(a.vend, coalesce(m.tmax, a.vend)) AS vend2, a.discharge
@@ -184,14 +182,16 @@ class Ordered:
     inpatient: np.ndarray
     nev: np.ndarray
     t_us: np.ndarray  # event time (not before its visit's start)
-    crank: np.ndarray  # int32 kept-code rank
+    cid: np.ndarray  # int32 code number (code order)
     value: np.ndarray  # float64, NaN when none
     vfirst: np.ndarray = field(init=False)
     efirst: np.ndarray = field(init=False)
+    seconds: dict[str, np.ndarray] = field(init=False)  # output times (s) of first/death/est/eend/t
 
     def __post_init__(self) -> None:
         self.vfirst = np.concatenate([[0], np.cumsum(self.nvis)]).astype(np.int64)
         self.efirst = np.concatenate([[0], np.cumsum(self.nev)]).astype(np.int64)
+        self.seconds = {k: seconds(getattr(self, f"{k}_us")) for k in ("first", "death", "est", "eend", "t")}
 
 
 def fetch_ordered(con: duckdb.DuckDBPyConnection) -> Ordered:
@@ -216,9 +216,9 @@ def fetch_ordered(con: duckdb.DuckDBPyConnection) -> Ordered:
     where[vis.column("vpos").to_numpy()] = np.arange(vis.num_rows)
     vis = vis.take(where)
     ev = con.sql("""
-        SELECT d.vbase + v.r - 1 AS vpos, epoch_us(greatest(b.time, v.est)) AS t_us, k.crank, coalesce(b.numeric_value, 'NaN'::DOUBLE) AS value
-        FROM body b JOIN kept_codes k USING (code) JOIN vis v USING (subject_id, vkey) JOIN demo_t d USING (subject_id)
-        ORDER BY vpos, b.time, b.trank, k.crank, b.numeric_value
+        SELECT d.vbase + v.r - 1 AS vpos, epoch_us(greatest(b.time, v.est)) AS t_us, b.cid, coalesce(b.numeric_value, 'NaN'::DOUBLE) AS value
+        FROM body b SEMI JOIN kept_codes k USING (cid) JOIN vis v USING (subject_id, vkey) JOIN demo_t d USING (subject_id)
+        ORDER BY vpos, b.time, b.trank, b.cid, b.numeric_value
     """).to_arrow_table()
     con.execute("DROP TABLE body")
     col = lambda t, c: t.column(c).to_numpy()  # noqa: E731
@@ -232,7 +232,7 @@ def fetch_ordered(con: duckdb.DuckDBPyConnection) -> Ordered:
         gap_days=col(vis, "gap_days"), est_us=col(vis, "est_us"), eend_us=col(vis, "eend_us"),
         vtype=vis.column("vtype").combine_chunks(), discharge=vis.column("discharge").combine_chunks(),
         inpatient=col(vis, "inpatient").astype(bool), nev=np.bincount(col(ev, "vpos"), minlength=vis.num_rows).astype(np.int64),
-        t_us=col(ev, "t_us"), crank=col(ev, "crank").astype(np.int32), value=col(ev, "value"),
+        t_us=col(ev, "t_us"), cid=col(ev, "cid").astype(np.int32), value=col(ev, "value"),
     )
 
 
@@ -311,18 +311,19 @@ def token_ids(o: Ordered, res: Resolver, code_ids: np.ndarray, cuts: np.ndarray,
     prev[1:] = o.t_us[:-1]
     firsts = o.efirst[:-1][o.nev > 0]
     prev[firsts] = o.est_us[o.nev > 0]
-    itime_code = np.where(o.inpatient[vidx], inpatient_time_codes(o.t_us - prev, max_i), 0)
+    inp = np.flatnonzero(o.inpatient[vidx])
+    itime_code = inpatient_time_codes(o.t_us[inp] - prev[inp], max_i)
     itime = np.full(n_ev, -1, np.int32)
     sel = itime_code != 0
-    itime[sel] = res.mapped(itime_code[sel], inpatient_time_name)
+    itime[inp[sel]] = res.mapped(itime_code[sel], inpatient_time_name)
     # value deciles: 1 + number of cut points <= the value
     q = np.full(n_ev, -1, np.int32)
-    sel = has_cuts[o.crank] & ~np.isnan(o.value)
+    sel = has_cuts[o.cid] & ~np.isnan(o.value)
     if sel.any():
-        rank, value = o.crank[sel], o.value[sel]
+        cid, value = o.cid[sel], o.value[sel]
         k = np.ones(len(value), dtype=np.int64)
         for j in range(cuts.shape[1]):  # column by column: no [events x cuts] temporary
-            k += cuts[rank, j] <= value
+            k += cuts[cid, j] <= value
         q[sel] = res.mapped(k, lambda x: f"Q{x}")
     # visits: gap before (not for a subject's first visit), trailing inpatient time, discharge
     gap = np.full(n_vis, -1, np.int32)
@@ -341,7 +342,7 @@ def token_ids(o: Ordered, res: Resolver, code_ids: np.ndarray, cuts: np.ndarray,
         death_gap=death_gap, death=res.index["[DEATH]"],
         gap=gap, vs=res.index["[VS]"], visit=res.column(o.vtype, "VISIT//"), trail=trail,
         discharge=res.column(o.discharge, "DISCHARGE//"), ve=res.index["[VE]"],
-        itime=itime, code=code_ids[o.crank] if n_ev else np.zeros(0, np.int32), q=q,
+        itime=itime, code=code_ids[o.cid] if n_ev else np.zeros(0, np.int32), q=q,
     )
 
 
@@ -365,21 +366,22 @@ def assemble(o: Ordered, ids: TokenIds, s0: int, s1: int) -> tuple[np.ndarray, n
     total = int(vslots[-1] + 6 * ns)
     tok = np.full(total, -1, dtype=np.int32)
     tim = np.zeros(total, dtype=np.int64)
+    sec = o.seconds
 
-    def put(at: np.ndarray, values, times_us: np.ndarray) -> None:
+    def put(at: np.ndarray, values, times_s: np.ndarray) -> None:
         tok[at] = values
-        tim[at] = seconds(times_us)
+        tim[at] = times_s
 
-    first = o.first_us[s0:s1]
+    first = sec["first"][s0:s1]
     for i in range(4):
         put(sstart + i, ids.prompt[s0:s1, i], first)
-    est, eend = o.est_us[v0:v1], o.eend_us[v0:v1]
+    est, eend = sec["est"][v0:v1], sec["eend"][v0:v1]
     put(vstart, ids.gap[v0:v1], est)
     put(vstart + 1, ids.vs, est)
     put(vstart + 2, ids.visit[v0:v1], est)
     k = np.arange(ne) - np.repeat(o.efirst[v0:v1] - e0, nev)  # event index inside its visit
     eslot = np.repeat(vstart + 3, nev) + 3 * k
-    t = o.t_us[e0:e1]
+    t = sec["t"][e0:e1]
     put(eslot, ids.itime[e0:e1], t)
     put(eslot + 1, ids.code[e0:e1], t)
     put(eslot + 2, ids.q[e0:e1], t)
@@ -388,10 +390,9 @@ def assemble(o: Ordered, ids: TokenIds, s0: int, s1: int) -> tuple[np.ndarray, n
     put(end + 1, ids.discharge[v0:v1], eend)
     put(end + 2, ids.ve, eend)
     dead = o.has_death[s0:s1]
-    death_t = o.death_us[s0:s1]
+    death_t = sec["death"][s0:s1]
     put(dstart, np.where(dead, ids.death_gap[s0:s1], -1), death_t)
     put(dstart + 1, np.where(dead, ids.death, -1), death_t)
     keep = tok >= 0
-    kept = np.concatenate([[0], np.cumsum(keep)])
-    lengths = kept[np.append(sstart[1:], total)] - kept[sstart] if ns else np.zeros(0, np.int64)
+    lengths = np.add.reduceat(keep, sstart, dtype=np.int64) if ns else np.zeros(0, np.int64)
     return tok[keep], tim[keep], lengths

@@ -6,7 +6,7 @@
    (the latest one starting no later than the event).
 4. Otherwise it goes to a "day visit" that groups the subject's orphan events of that day.
 
-Produces `body(subject_id, time, code, numeric_value, trank, vkey)`, the source visits `allv_src` and
+Produces `body(subject_id, time, cid, numeric_value, trank, vkey)`, the source visits `allv_src` and
 the day visits `dayv`; a visit is identified by (subject_id, vkey).
 """
 
@@ -46,7 +46,8 @@ def table_rank(column: str) -> str:
 def build_demographics(con: duckdb.DuckDBPyConnection, data_cfg) -> dict:
     """`demo(subject_id, split, birth, gender, race, death)` from the static and birth/death events.
 
-    One scan of `events` also counts the static events that do not feed the prompt.
+    One scan of `events` (only the rows that matter are grouped) also counts the static events
+    that do not feed the prompt.
     """
     gender = like_any("code", list(data_cfg.gender_codes))
     race = like_any("code", list(data_cfg.race_codes))
@@ -61,7 +62,9 @@ def build_demographics(con: duckdb.DuckDBPyConnection, data_cfg) -> dict:
                    arg_min({code_value('code')}, code) FILTER (WHERE {race}) AS race,
                    min(time) FILTER (WHERE code = {literal(data_cfg.death_code)}) AS death,
                    count(*) FILTER (WHERE {static_other}) AS static_other
-            FROM events GROUP BY subject_id
+            FROM events
+            WHERE code IN ({literal(data_cfg.birth_code)}, {literal(data_cfg.death_code)}) OR {gender} OR {race} OR ({static_other})
+            GROUP BY subject_id
         ) d USING (subject_id)
     """)
     return {"static_events_not_in_prompt": int(con.execute("SELECT coalesce(sum(static_other), 0) FROM demo").fetchall()[0][0])}
@@ -70,15 +73,21 @@ def build_demographics(con: duckdb.DuckDBPyConnection, data_cfg) -> dict:
 def build_body(con: duckdb.DuckDBPyConnection, data_cfg) -> None:
     """`body`: the clinical events that become code tokens (no statics, visits, birth, death).
 
-    `trank` (the table's place in TABLE_ORDER) orders events of equal time inside a visit.
-    Rows are identified by DuckDB's `rowid` (the MEDS discharge events are deleted by it).
+    Codes become integers once: `code_ids(code, cid)` numbers every code in code order, so all
+    later grouping, joining and sorting by code works on `cid`. `trank` (the table's place in
+    TABLE_ORDER) orders events of equal time inside a visit. Rows are identified by DuckDB's
+    `rowid` (the MEDS discharge events are deleted by it).
     """
     excluded = ", ".join(literal(t) for t in NON_BODY_TABLES)
+    con.execute("""
+        CREATE OR REPLACE TABLE code_ids AS
+        SELECT code, CAST(row_number() OVER (ORDER BY code) - 1 AS INTEGER) AS cid FROM code_meta  -- one row per code of `events`
+    """)
     con.execute(f"""
         CREATE OR REPLACE TABLE body AS
-        SELECT subject_id, time, CAST(time AS DATE) AS day, code, numeric_value,
+        SELECT subject_id, time, CAST(time AS DATE) AS day, c.cid, numeric_value,
                CAST({table_rank('src_table')} AS TINYINT) AS trank, visit_id
-        FROM events
+        FROM events JOIN code_ids c USING (code)
         WHERE time IS NOT NULL AND coalesce(src_table, '') NOT IN ({excluded})
           AND code NOT IN ({literal(data_cfg.birth_code)}, {literal(data_cfg.death_code)})
           AND NOT {like_any('code', list(data_cfg.gender_codes))} AND NOT {like_any('code', list(data_cfg.race_codes))}
@@ -102,8 +111,8 @@ def build_source_visits(con: duckdb.DuckDBPyConnection, source: str, visit_patte
         parts.append(f"""
             SELECT s.subject_id, {literal(p['type'])} AS vtype, s.time AS vstart, coalesce(e.time, s.time) AS vend,
                    e.code AS discharge, e.eid AS discharge_eid
-            FROM (SELECT * FROM body WHERE {like_any('code', [p['start']])}) s
-            ASOF LEFT JOIN (SELECT rowid AS eid, * FROM body WHERE {like_any('code', [p['end']])}) e
+            FROM (SELECT b.*, c.code FROM body b JOIN code_ids c USING (cid) WHERE {like_any('c.code', [p['start']])}) s
+            ASOF LEFT JOIN (SELECT b.rowid AS eid, b.*, c.code FROM body b JOIN code_ids c USING (cid) WHERE {like_any('c.code', [p['end']])}) e
                  ON s.subject_id = e.subject_id AND e.time >= s.time
         """)
     union = " UNION ALL ".join(parts) if parts else (
@@ -123,7 +132,7 @@ def attach_events(con: duckdb.DuckDBPyConnection) -> dict:
     `DAY_KEY_BASE` + its day number: unique within the subject and ordered by day after every
     source visit, which is all the vkey is used for (with subject_id), so day visits need no
     numbering pass and no join back to their events.
-    Produces `body(subject_id, time, code, numeric_value, trank, vkey)`,
+    Produces `body(subject_id, time, cid, numeric_value, trank, vkey, how)`,
     `allv_src` (source visits) and `dayv` (day visits); drops src_visits.
     """
     con.execute("""
@@ -147,7 +156,7 @@ def attach_events(con: duckdb.DuckDBPyConnection) -> dict:
     base = con.execute("SELECT coalesce(max(vkey), 0) FROM allv_src").fetchall()[0][0] + DAY_KEY_BASE
     con.execute(f"""
         CREATE OR REPLACE TABLE body AS
-        SELECT b.subject_id, b.time, b.code, b.numeric_value, b.trank,
+        SELECT b.subject_id, b.time, b.cid, b.numeric_value, b.trank,
                coalesce(m.vkey, c.vkey, {base} + date_diff('day', DATE '1970-01-01', b.day)) AS vkey,
                CAST(CASE WHEN m.vkey IS NOT NULL THEN 0 WHEN c.vkey IS NOT NULL THEN 1 ELSE 2 END AS TINYINT) AS how
         FROM body b LEFT JOIN allv_src m ON m.subject_id = b.subject_id AND m.visit_id = b.visit_id

@@ -70,14 +70,16 @@ def candidate_tokens(con: duckdb.DuckDBPyConnection, min_subjects: int, num_bins
 
 
 def code_tables(con: duckdb.DuckDBPyConnection, index: dict[str, int], num_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per kept-code rank: its token id, its value cut points (NaN rows without) and whether it has them."""
-    codes = _col(con, "SELECT code FROM kept_codes ORDER BY crank")
-    code_ids = np.array([index[c] for c in codes], dtype=np.int32)
-    cuts = np.full((len(codes), max(num_bins - 1, 0)), np.nan)
-    has_cuts = np.zeros(len(codes), dtype=bool)
-    for crank, row in con.execute("SELECT crank, cuts FROM edges").fetchall():
-        cuts[crank, : len(row)] = row
-        has_cuts[crank] = True
+    """Per code number (cid): its token id (-1 when rare), value cut points (NaN rows without) and whether it has them."""
+    n = con.execute("SELECT count(*) FROM code_ids").fetchall()[0][0]
+    code_ids = np.full(n, -1, dtype=np.int32)
+    for cid, code in con.execute("SELECT cid, code FROM kept_codes").fetchall():
+        code_ids[cid] = index[code]
+    cuts = np.full((n, max(num_bins - 1, 0)), np.nan)
+    has_cuts = np.zeros(n, dtype=bool)
+    for cid, row in con.execute("SELECT cid, cuts FROM edges").fetchall():
+        cuts[cid, : len(row)] = row
+        has_cuts[cid] = True
     return code_ids, cuts, has_cuts
 
 
