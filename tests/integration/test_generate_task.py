@@ -131,3 +131,15 @@ def test_explicit_prompts_and_clear_errors(trained: tuple[Path, Path], tmp_path:
         generate.run(gen_cfg(prepared, model, tmp_path / "q", "generate.max_new_tokens=100"))
     with pytest.raises(CehrxError, match="not in the model's vocabulary"):
         generate.run(gen_cfg(prepared, model, tmp_path / "r", "generate.prompts=[[YEAR//1066,AGE//40,GENDER//F,RACE//1]]"))
+
+
+def test_prepared_dir_of_another_data_set_falls_back_to_the_models(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """`data.prepared_dir` defaults to runs/<data.name>: when that is some other prepared dir, use the model's own."""
+    prepared, model = trained
+    other = make_prepared_dir(tmp_path / "other", {"train": 4, "tuning": 1, "held_out": 1})
+    v = Vocab.load(other)  # one more code: a different vocabulary
+    Vocab(v.tokens + ["SNOMED/999999"], v.kinds + ["code"], v.counts + [1], v.subjects + [1], v.descriptions + [None]).save(other / "vocab.json")
+    cfg = gen_cfg(prepared, model, tmp_path / "o", "generate.num_patients=1")
+    cfg.data.prepared_dir = str(other)
+    report = generate.run(cfg)
+    assert Path(report["settings"]["prepared_dir"]) == prepared.resolve()
