@@ -14,7 +14,7 @@ compared with the Jaccard distance; nearest neighbours are computed in batches
   P[d_SR > d_SS]) with leave-one-out distances inside a set (ties count 1/2). AA_train uses
   train patients, AA_test held-out ones, each against an equally sized synthetic sample.
   ~0.5 = indistinguishable; privacy loss = AA_test - AA_train (> 0: the synthetic data sits
-  closer to training patients than to unseen ones).
+  closer to training patients than to unseen ones). Each AA uses two sets of equal size.
 - **Attribute inference**: an attacker knows a target's demographics and common codes and reads
   the target's other ("sensitive") codes off the nearest synthetic patient on the known part.
   Compared with the same attack on the other real training patients (leave-one-out: what the
@@ -80,18 +80,25 @@ def _greater(a: np.ndarray, b: np.ndarray) -> float:
 
 def adversarial_privacy(train: sp.csr_matrix, held_out: sp.csr_matrix, synthetic: sp.csr_matrix,
                         batch_size: int = 512, seed: int = 0) -> dict:
-    """AA_train, AA_test and privacy loss on samples of one common size."""
+    """AA_train, AA_test and privacy loss.
+
+    Each AA compares two sets of equal size (AA depends on how dense the sets are): AA_train uses
+    min(|train|, |synthetic|) patients of each, so a synthetic set as large as the training set is
+    used whole and a memorised patient always meets its source; AA_test uses the held-out patients
+    and an equally large synthetic sample.
+    """
     rng = np.random.default_rng(seed)
-    n = min(train.shape[0], held_out.shape[0], synthetic.shape[0])
-    if n < 2:
-        return {"aa_train": float("nan"), "aa_test": float("nan"), "privacy_loss": float("nan"), "n": n}
-    tr = train[_sample(train.shape[0], n, rng)]
-    te = held_out[_sample(held_out.shape[0], n, rng)]
-    syn_a = synthetic[_sample(synthetic.shape[0], n, rng)]
-    syn_b = synthetic[_sample(synthetic.shape[0], n, rng)]
-    aa_train = adversarial_accuracy(tr, syn_a, batch_size, " train")
-    aa_test = adversarial_accuracy(te, syn_b, batch_size, " test")
-    return {"aa_train": aa_train, "aa_test": aa_test, "privacy_loss": aa_test - aa_train, "n": n}
+    m = min(train.shape[0], synthetic.shape[0])
+    h = min(held_out.shape[0], synthetic.shape[0])
+    if m < 2 or h < 2:
+        return {"aa_train": float("nan"), "aa_test": float("nan"), "privacy_loss": float("nan"), "n_train": m, "n_test": h}
+    tr = train[_sample(train.shape[0], m, rng)]
+    syn_tr = synthetic[_sample(synthetic.shape[0], m, rng)]
+    te = held_out[_sample(held_out.shape[0], h, rng)]
+    syn_te = synthetic[_sample(synthetic.shape[0], h, rng)]
+    aa_train = adversarial_accuracy(tr, syn_tr, batch_size, " train")
+    aa_test = adversarial_accuracy(te, syn_te, batch_size, " test")
+    return {"aa_train": aa_train, "aa_test": aa_test, "privacy_loss": aa_test - aa_train, "n_train": m, "n_test": h}
 
 
 def attribute_inference(train: sp.csr_matrix, synthetic: sp.csr_matrix, known: np.ndarray, n_targets: int = 2000,

@@ -299,17 +299,27 @@ def _utility_text(metrics: dict) -> str:
     tasks = sorted({t for n in names for t in (metrics["sets"][n].get("utility", {}).get("tasks", {}) or {})})
     lines = ["Count-based classifier (probe) trained on real train (TRTR) or on a synthetic set (TSTR), tested on real "
              f"`{metrics['real']['non_member_split']}` patients; labels from the same ACES task definitions on each data set.", "",
-             "| task | TRTR AUROC | " + " | ".join(f"{n} TSTR AUROC | {n} ratio" for n in names) + " |",
+             "| task | TRTR AUROC [95% CI] | " + " | ".join(f"{n} TSTR AUROC [95% CI] | {n} ratio" for n in names) + " |",
              "|---|---|" + "---|---|" * len(names)]
+    notes: dict[str, str] = {}
     for t in tasks:
-        row = [t]
         trtr = None
         cells = []
         for n in names:
             m = metrics["sets"][n].get("utility", {}).get("tasks", {}).get(t, {})
-            trtr = trtr if trtr is not None else m.get("trtr_auroc")
-            cells += [_f(m.get("auroc")) if "auroc" in m else (m.get("skipped") or "–"), _f(m.get("ratio"))]
-        lines.append("| " + " | ".join(row + [_f(trtr)] + cells) + " |")
+            if trtr is None and m.get("trtr_auroc") is not None:
+                ci = m.get("trtr_auroc_ci") or (None, None)
+                trtr = f"{_f(m['trtr_auroc'])} [{_f(ci[0])}, {_f(ci[1])}]"
+            if "auroc" in m:
+                lo, hi = m.get("auroc_ci") or (None, None)
+                cells += [f"{_f(m['auroc'])} [{_f(lo)}, {_f(hi)}]", _f(m.get("ratio"))]
+            else:
+                cells += ["skipped", "–"]
+                if m.get("skipped"):
+                    notes.setdefault(f"{t} ({n})" if "synthetic labels" in m["skipped"] else t, m["skipped"])
+        lines.append("| " + " | ".join([t, trtr or "–"] + cells) + " |")
+    if notes:
+        lines += ["", "Skipped:", *[f"- {k}: {v}" for k, v in notes.items()]]
     return "\n".join(lines)
 
 
@@ -320,7 +330,8 @@ def _privacy_table(metrics: dict) -> str:
         ("MIA members / non-members", ("privacy", "membership_inference", "n_members")),
         ("MIA member DCR median", ("privacy", "membership_inference", "member_dcr_median")),
         ("MIA non-member DCR median", ("privacy", "membership_inference", "non_member_dcr_median")),
-        ("AA sample size", ("privacy", "adversarial", "n")),
+        ("AA_train sample size (each set)", ("privacy", "adversarial", "n_train")),
+        ("AA_test sample size (each set)", ("privacy", "adversarial", "n_test")),
         ("attr. inference F1 (synthetic)", ("privacy", "attribute_inference", "synthetic", "f1")),
         ("attr. inference F1 (real baseline)", ("privacy", "attribute_inference", "real_baseline", "f1")),
         ("held-out exact copy rate (base rate)", ("privacy", "exact_copies", "held_out_rate_full_sequence")),

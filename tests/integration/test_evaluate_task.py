@@ -62,6 +62,7 @@ def test_eunomia_copy_vs_marginal_baseline(eunomia: Path, tmp_path: Path, monkey
     assert copy["privacy"]["exact_copies"]["rate_full_sequence"] == 1.0
     assert copy["privacy"]["membership_inference"]["auc"] > 0.9
     assert copy["privacy"]["attribute_inference"]["f1_gain"] > 0.1
+    assert copy["privacy"]["adversarial"]["aa_train"] < 0.1 and copy["privacy"]["adversarial"]["privacy_loss"] > 0.3
     nsaid = copy["utility"]["tasks"]["gibleed_after_nsaid"]
     assert nsaid["trtr_auroc"] > 0.6 and nsaid["ratio"] == pytest.approx(1.0, abs=0.1)
     # the marginal baseline: right prevalences, no co-occurrence, no copies, no membership signal

@@ -141,7 +141,7 @@ def test_adversarial_accuracy_known_answers() -> None:
     near = record_matrix(patients([seq([list("GH")], gender="M", age=40), seq([list("GH")], gender="M", age=40)]), SPACE)
     assert privacy.adversarial_accuracy(far, near) == 1.0  # each set's nearest is always its own kind
     out = privacy.adversarial_privacy(real, record_matrix(patients(OTHERS), SPACE), real)
-    assert out["aa_train"] == 0.0 and out["privacy_loss"] > 0.2 and out["n"] == 6
+    assert out["aa_train"] == 0.0 and out["privacy_loss"] > 0.2 and out["n_train"] == out["n_test"] == 6
 
 
 def test_attribute_inference_copy_reveals_everything() -> None:
