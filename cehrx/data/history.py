@@ -75,7 +75,7 @@ def count_known(arrays: TokenArrays, rows: np.ndarray, prediction_times: np.ndar
     hi = int(times.max())
     t = np.clip(t, lo - 1, hi)  # before everything / after everything
     span_bits = int(hi - lo + 2).bit_length()
-    if span_bits + int(len(lengths)).bit_length() > 62:
+    if span_bits + len(lengths).bit_length() > 62:
         raise CehrxError(f"token times span {hi - lo} s over {len(lengths)} subjects: too wide for the history index")
     row_of_token = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
     key = (row_of_token << span_bits) | (times - lo + 1)
@@ -140,7 +140,7 @@ def _window_starts(
     bad = long[~ok]  # no visit starts inside the window: start mid-visit behind its header
     if len(bad):
         mid[bad] = True
-        start[bad] = off[bad] + n_known[bad] - (room - 2) - off[bad]
+        start[bad] = n_known[bad] - (room - 2)
         prev = np.searchsorted(vs, off[bad] + start[bad], side="right") - 1
         has_vs = (prev >= 0) & (vs[np.maximum(prev, 0)] >= off[bad] + PROMPT_LEN)
         header[bad[has_vs]] = vs[prev[has_vs]]

@@ -45,9 +45,9 @@ def binary_metrics(
         b = boots[m][np.isfinite(boots[m])]
         lo, hi = (float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5))) if len(b) else (math.nan, math.nan)
         out[m] = {"value": point[m], "ci_low": lo, "ci_high": hi}
-    out["n"] = int(len(y))
+    out["n"] = len(y)
     out["n_pos"] = int(y.sum())
-    out["n_subjects"] = int(len(np.unique(subject_ids))) if len(y) else 0
+    out["n_subjects"] = len(np.unique(subject_ids)) if len(y) else 0
     out["n_boot"] = int(n_boot)
     out["n_boot_valid"] = int(np.isfinite(boots["auroc"]).sum())
     return out

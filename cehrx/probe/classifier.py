@@ -99,7 +99,7 @@ def _hgb(X_train, y, X_test, seed: int, info: dict) -> np.ndarray:
         nnz = np.asarray((X_train != 0).sum(0)).ravel()
         cols = np.sort(np.argsort(-nnz, kind="stable")[:HGB_MAX_COLUMNS])
         X_train, X_test = X_train[:, cols], X_test[:, cols]
-    dense = lambda X: X.toarray() if sp.issparse(X) else np.asarray(X)  # noqa: E731
+    dense = lambda X: X.toarray() if sp.issparse(X) else np.asarray(X)
     clf = HistGradientBoostingClassifier(
         learning_rate=0.05, max_iter=300, max_leaf_nodes=15, l2_regularization=1.0,
         early_stopping=len(y) >= 200, validation_fraction=0.15, random_state=seed,

@@ -83,7 +83,7 @@ def few_shot(
         if str(k) == "all" or int(k) >= len(train):
             p = all_probs[test] if all_probs is not None else fit_predict(_rows(X, train), y[train], _rows(X, test), seed=seed, kind=kind, groups=groups[train])
             out = [r for r in out if r["k"] != "all"]
-            out.append({"k": "all", "n_train": int(len(train)), "auroc": float(roc_auc_score(yt, p)), "auroc_sd": 0.0, "repeats": 1})
+            out.append({"k": "all", "n_train": len(train), "auroc": float(roc_auc_score(yt, p)), "auroc_sd": 0.0, "repeats": 1})
             continue
         scores = []
         for r in range(repeats):

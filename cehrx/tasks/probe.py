@@ -40,7 +40,8 @@ from cehrx.errors import CehrxError
 from cehrx.eval.metrics import binary_metrics, json_safe
 from cehrx.eval.predictions import write_predictions
 from cehrx.eval.report import write_report
-from cehrx.model.export import load_pretrained, model_dir as resolve_model_dir
+from cehrx.model.export import load_pretrained
+from cehrx.model.export import model_dir as resolve_model_dir
 from cehrx.model.transformer import GPT
 from cehrx.probe import labels as L
 from cehrx.probe.counts import count_features
@@ -117,10 +118,9 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
     write_features(tmp, kept, split, features)
 
     t0 = time.perf_counter()
-    meds, count_info = None, {}
+    count_info: dict[str, int] = {}
     if p.baselines:
-        meds = L.meds_dir_for(prepared)
-        counts, names = count_features(meds, kept)
+        counts, names = count_features(L.meds_dir_for(prepared), kept)
         common = np.asarray((counts != 0).sum(0)).ravel() >= int(p.min_code_labels)
         common[-2:] = True  # age columns
         counts = counts[:, np.flatnonzero(common)]
@@ -168,21 +168,21 @@ def random_init_like(model: GPT, seed: int) -> GPT:
 def write_features(out: Path, kept: pa.Table, split: np.ndarray, features: dict[str, np.ndarray]) -> None:
     """`features.parquet` (the model's embedding) and `features_<method>.parquet` for other models."""
     for name, X in features.items():
-        n, c = X.shape
+        c = X.shape[1]
         emb = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(X, dtype=np.float32).ravel()), c)
         t = kept.append_column("split", pa.array(split.astype(str))).append_column("embedding", emb)
         pq.write_table(t, out / ("features.parquet" if name == "probe" else f"features_{name}.parquet"))
 
 
 def summary(cfg, source, mdir, prepared, table, kept, split, y, hist: Histories, protocol: Protocol, methods, fs, timings, max_len) -> dict:
-    by_split = {s: {"n": int((split == s).sum()), "n_pos": int(y[split == s].sum()), "subjects": int(len(np.unique(kept.column("subject_id").to_numpy()[split == s])))}
+    by_split = {s: {"n": int((split == s).sum()), "n_pos": int(y[split == s].sum()), "subjects": len(np.unique(kept.column("subject_id").to_numpy()[split == s]))}
                 for s in ("train", "tuning", "held_out")}
     return {
         **source,
         "model_dir": str(mdir),
         "prepared_dir": str(prepared),
         "evaluation": protocol.mode if protocol.mode == "split" else f"cv{len(protocol.folds)}",
-        "labels": {"in": int(len(table)), "used": int(len(kept)), "positives": int(y.sum()), "dropped": hist.dropped, "by_split": by_split},
+        "labels": {"in": len(table), "used": len(kept), "positives": int(y.sum()), "dropped": hist.dropped, "by_split": by_split},
         "history": {"max_len": max_len, "pooling": str(cfg.probe.pooling), **hist.stats,
                     "mean_tokens": float(hist.lengths().mean()) if len(hist) else 0.0},
         "methods": methods,

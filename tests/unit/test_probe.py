@@ -210,7 +210,7 @@ def test_load_labels_reads_a_directory_and_names_bad_files(tmp_path: Path) -> No
     labels = load_labels(d)
     assert labels.schema.names == ["subject_id", "prediction_time", "boolean_value"] and len(labels) == 2
     assert labels.schema.field("prediction_time").type == pa.timestamp("us")
-    assert times_seconds(labels.column("prediction_time")).tolist() == [int(day(1).replace(tzinfo=dt.timezone.utc).timestamp()), int(day(2).replace(tzinfo=dt.timezone.utc).timestamp())]
+    assert times_seconds(labels.column("prediction_time")).tolist() == [int(day(1).replace(tzinfo=dt.UTC).timestamp()), int(day(2).replace(tzinfo=dt.UTC).timestamp())]
     pq.write_table(t.drop(["boolean_value"]), d / "2.parquet")
     with pytest.raises(CehrxError, match=r"2.parquet.*boolean_value"):
         load_labels(d)
@@ -239,7 +239,7 @@ def test_count_features_see_only_the_past(tmp_path: Path) -> None:
     assert X[2].sum() == 1 and X[2, col["AGE_UNKNOWN"]] == 1  # nothing before day 0 23:59:59... except age flag
     assert X[0, col[AGE_COLUMN]] == pytest.approx(50.0, abs=0.1)
     planted = write_meds(tmp_path / "meds2", rows + [(1, day(10), "A"), (1, day(9, (13, 0, 0)), "D")])
-    X2, names2 = count_features(planted, labels, vocabulary=names[:-2])
+    X2, _ = count_features(planted, labels, vocabulary=names[:-2])
     assert np.array_equal(X2.toarray()[0], X[0])  # later events change nothing for the noon label
 
 
@@ -276,7 +276,7 @@ def test_bootstrap_resamples_subjects_not_rows() -> None:
     one_subject_each_half = np.array([0] * 50 + [1] * 50 + list(range(2, 12)))
     grouped = binary_metrics(y, p, one_subject_each_half, n_boot=400, seed=3)
     rows = binary_metrics(y, p, np.arange(len(y)), n_boot=400, seed=3)
-    width = lambda m: m["auroc"]["ci_high"] - m["auroc"]["ci_low"]  # noqa: E731
+    width = lambda m: m["auroc"]["ci_high"] - m["auroc"]["ci_low"]
     assert width(grouped) > width(rows)
 
 
