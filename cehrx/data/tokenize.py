@@ -393,6 +393,6 @@ def assemble(o: Ordered, ids: TokenIds, s0: int, s1: int) -> tuple[np.ndarray, n
     death_t = sec["death"][s0:s1]
     put(dstart, np.where(dead, ids.death_gap[s0:s1], -1), death_t)
     put(dstart + 1, np.where(dead, ids.death, -1), death_t)
-    keep = tok >= 0
-    lengths = np.add.reduceat(keep, sstart, dtype=np.int64) if ns else np.zeros(0, np.int64)
+    keep = np.flatnonzero(tok >= 0)
+    lengths = np.diff(np.searchsorted(keep, np.append(sstart, total))).astype(np.int64)
     return tok[keep], tim[keep], lengths
