@@ -44,11 +44,11 @@ STANDARD_VISITS = {  # visit type (concept_code of the OMOP Visit vocabulary) ->
 }
 _DEMOGRAPHIC = {(d, code): (cid, name) for cid, d, code, name, _ in DEMOGRAPHIC_CONCEPTS}
 _PREFIX_DOMAIN = [
-    (re.compile(r"^(DIAGNOSIS|CONDITION|ICD9CM|ICD10CM|ICD10|ICD9|ICD)(/|$)", re.I), "Condition"),
-    (re.compile(r"^(MEDICATION|DRUG|RXNORM|RXNORM EXTENSION|NDC|ATC|CVX)(/|$)", re.I), "Drug"),
-    (re.compile(r"^(PROCEDURE|CPT4|CPT|HCPCS|ICD9PROC|ICD10PCS)(/|$)", re.I), "Procedure"),
-    (re.compile(r"^(DEVICE)(/|$)", re.I), "Device"),
-    (re.compile(r"^(LAB|LOINC|MEASUREMENT|VITAL|VITALS)(/|$)", re.I), "Measurement"),
+    (re.compile(r"^(DIAGNOSIS|CONDITION|ICD9CM|ICD10CM|ICD10|ICD9|ICD)(/|$)", re.IGNORECASE), "Condition"),
+    (re.compile(r"^(MEDICATION|DRUG|RXNORM|RXNORM EXTENSION|NDC|ATC|CVX)(/|$)", re.IGNORECASE), "Drug"),
+    (re.compile(r"^(PROCEDURE|CPT4|CPT|HCPCS|ICD9PROC|ICD10PCS)(/|$)", re.IGNORECASE), "Procedure"),
+    (re.compile(r"^(DEVICE)(/|$)", re.IGNORECASE), "Device"),
+    (re.compile(r"^(LAB|LOINC|MEASUREMENT|VITAL|VITALS)(/|$)", re.IGNORECASE), "Measurement"),
 ]
 _OMOP_ID = re.compile(r"^OMOP_CONCEPT_ID/(\d+)$")
 _DEMO_KIND = {"gender": "Gender", "race": "Race", "visit": "Visit"}

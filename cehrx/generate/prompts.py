@@ -41,7 +41,7 @@ class PromptPool:
         return self.prompts[rng.choice(len(self.prompts), size=n, p=self.weights)]
 
     def summary(self) -> dict:
-        return {"source": self.source, "distinct": int(len(self.prompts)), "excluded_unknown_year_or_age": int(self.excluded)}
+        return {"source": self.source, "distinct": len(self.prompts), "excluded_unknown_year_or_age": int(self.excluded)}
 
 
 def unknown_ids(vocab: Vocab) -> np.ndarray:

@@ -180,7 +180,7 @@ def generate_shard(model: Any, vocab: Vocab, grammar: Grammar, pool: PromptPool,
         arrays = TokenArrays(arrays.subject_id[:wanted], offsets, tokens, times, arrays.birth_time[:wanted])
     stats = {"shard": index, "samples": n_prompts, "valid": len(dec.arrays), "kept": len(arrays), "surplus": surplus,
              "dropped": dec.dropped, "repaired": dec.repaired, "stop": samples.stop_counts(),
-             "generated_tokens": int(len(samples.tokens)), "sampling_seconds": round(seconds, 3)}
+             "generated_tokens": len(samples.tokens), "sampling_seconds": round(seconds, 3)}
     return arrays, stats
 
 
@@ -205,7 +205,7 @@ def sample_all(model: Any, vocab: Vocab, pool: PromptPool, scfg: SamplingConfig,
     stats = work.done()
     resumed = len(stats)
     grammar = Grammar.build(vocab)
-    max_samples = int(math.ceil(requested * float(g.max_attempts_factor)))
+    max_samples = math.ceil(requested * float(g.max_attempts_factor))
     show = bool(g.progress)
     bar = tqdm(total=requested, desc="patients", unit="pt", disable=not show, file=sys.stderr, position=0)
     bar.update(sum(s["kept"] for s in stats))
@@ -327,7 +327,7 @@ def assemble(cfg: DictConfig, vocab: Vocab, mdir: Path, prepared: Path, work: Pa
 
 def summarize(stats: list[dict], pool: PromptPool, settings: dict, outputs: dict, device: torch.device) -> dict:
     """generate.json: counts, validity by reason, stop reasons, tokens/s, settings."""
-    total = lambda key: sum(s[key] for s in stats)  # noqa: E731
+    total = lambda key: sum(s[key] for s in stats)
     samples, valid = total("samples"), total("valid")
     gen_tokens, secs = total("generated_tokens"), total("sampling_seconds")
     return {

@@ -9,22 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from meds import CodeMetadataSchema, DataSchema, DatasetMetadataSchema, SubjectSplitSchema
 
 from cehrx.data import duck
 from cehrx.data.grammar import check_sequence
-from cehrx.data.shards import SECONDS_PER_YEAR, load_split, prompt_ids
-from cehrx.data.vocab import KINDS, Vocab
+from cehrx.data.shards import TokenArrays, load_split, prompt_ids
+from cehrx.data.vocab import Vocab
+from cehrx.errors import CehrxError
 from cehrx.generate.cdm import CDM_TABLES, EVENT_TABLES
 from cehrx.generate.concepts import LOCAL_CONCEPT_BASE, SourceInfo, read_source_info
 from cehrx.generate.omop_writer import write_omop
-from cehrx.generate.patients import TRUNCATED_KEY, decode_samples, join_prompts, visit_table
+from cehrx.generate.patients import TRUNCATED_KEY, decode_samples, join_prompts, take_prefixes, visit_table
 from cehrx.generate.prompts import config_pool, empirical_pool
 from cehrx.generate.staging import Stage
-from cehrx.errors import CehrxError
 from tests.conftest import compose_cfg
 
 DAY = 86400
@@ -140,9 +139,6 @@ def write_outputs(vocab: Vocab, dec, out: Path, info: SourceInfo | None = None) 
     half = len(dec.arrays) // 2  # two shards, as the task adds them
     for rows in (np.arange(half), np.arange(half, len(dec.arrays))):
         a = dec.arrays
-        from cehrx.generate.patients import take_prefixes
-        from cehrx.data.shards import TokenArrays
-
         tok, off = take_prefixes(a.tokens, a.offsets, rows, a.lengths()[rows])
         tim, _ = take_prefixes(a.times, a.offsets, rows, a.lengths()[rows])
         stage.add(TokenArrays(a.subject_id[rows], off, tok, tim, a.birth_time[rows]), seed=int(rows[0]))
@@ -163,7 +159,7 @@ def written(decoded, tmp_path_factory):
 
 
 def test_meds_output_validates(written) -> None:
-    vocab, dec, out, codes, n, _ = written
+    vocab, dec, out, _, n, _ = written
     files = sorted((out / "meds" / "data").rglob("*.parquet"))
     assert {f.parent.name for f in files} == {"train", "tuning", "held_out"}
     total = 0
