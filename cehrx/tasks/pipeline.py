@@ -99,13 +99,17 @@ def _user_overrides() -> list[str]:
 
 
 def _applicable(overrides: list[str], user: list[str]) -> list[str]:
-    """The user overrides whose key exists in this stage's config (e.g. `probe.*` only for probe)."""
+    """The user overrides whose key exists in this stage's config, as plain `key=value`.
+
+    Stage options are not in the pipeline's own config, so the command line adds them with
+    `++` (`cehrx experiment=demo ++zeroshot.num_samples=5`); each stage gets the ones it has.
+    """
     cfg = compose("config", overrides=overrides)
     out = []
     for line in user:
-        key = line.split("=", 1)[0].lstrip("+~")
-        if line.startswith("+") or OmegaConf.select(cfg, key, default="__absent__") != "__absent__":
-            out.append(line)
+        key, _, value = line.lstrip("+").partition("=")
+        if OmegaConf.select(cfg, key, default="__absent__") != "__absent__":
+            out.append(f"{key}={value}")
     return out
 
 

@@ -66,8 +66,12 @@ def rows(summaries: dict[str, Any]) -> list[tuple[str, str, str]]:
     for stage in ("probe", "zeroshot"):
         for path, auroc in find(summaries.get(stage) or {}, "auroc"):
             out.append((stage, "AUROC " + "/".join(p for p in path if p not in ("metrics", "methods")), fmt(auroc)))
+    evaluate = summaries.get("evaluate") or {}
+    evaluate = evaluate.get("summary", evaluate)  # evaluate's headline block, one entry per synthetic set
     for label, key in SYNTHETIC_HEADLINES:
-        for path, value in find(summaries.get("evaluate") or {}, key):
+        for path, value in find(evaluate, key):
+            if value is None:
+                continue
             where = "/".join(p for p in path if p not in ("metrics", "privacy", "fidelity", "utility"))
             out.append(("evaluate", f"{label}{' (' + where + ')' if where else ''}", fmt(value)))
     return out

@@ -12,7 +12,7 @@ import pytest
 SMALL = (
     "model=micro", "trainer.max_steps=20", "trainer.val_check_interval=10", "trainer.enable_progress_bar=false",
     "trainer.num_sanity_val_steps=0", "logger=none",
-    "zeroshot.num_samples=2", "zeroshot.max_new_tokens=24", "generate.num_patients=40", "generate.max_new_tokens=64",
+    "++zeroshot.num_samples=2", "++zeroshot.max_new_tokens=24", "++generate.num_patients=40", "++generate.max_new_tokens=64",
 )
 
 
