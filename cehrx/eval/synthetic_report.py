@@ -23,7 +23,11 @@ PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
 
 
 def _color(name: str, names: list[str]) -> str:
-    return COLORS.get(name) or PALETTE[names.index(name) % len(PALETTE)]
+    """Real data in black/grey, synthetic sets in palette order (the same colour in every figure)."""
+    if name.startswith("real"):
+        return COLORS.get(name, "#777777")
+    sets = [n for n in names if not n.startswith("real")]
+    return PALETTE[sets.index(name) % len(PALETTE)]
 
 
 def _save(fig: plt.Figure, path: Path) -> str:
@@ -49,11 +53,11 @@ def plot_prevalence(out: Path, real: Patients, sets: dict[str, Patients], space:
 
 
 def plot_cooccurrence(out: Path, matrices: dict[str, np.ndarray]) -> str:
-    fig, axes = plt.subplots(1, len(matrices), figsize=(4 * len(matrices), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices) + 1, 3.6), squeeze=False, layout="constrained")
     for ax, (name, m) in zip(axes[0], matrices.items()):
         im = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r")
         ax.set(title=f"{name}: top-code phi", xticks=[], yticks=[])
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9)
     fig.savefig(out / "cooccurrence.png", dpi=90)
     plt.close(fig)
     return "cooccurrence.png"
@@ -147,7 +151,7 @@ def plot_utility(out: Path, utility: dict[str, dict]) -> str | None:
         for t in tasks:
             src = next(iter(utility.values())).get(t, {}) if n == names[0] else utility[n].get(t, {})
             vals.append((src.get("trtr_auroc") if n == names[0] else src.get("auroc")) or np.nan)
-        ax.bar(np.arange(len(tasks)) + i * width, vals, width, label=n, color=PALETTE[i % len(PALETTE)] if i else "#222222")
+        ax.bar(np.arange(len(tasks)) + i * width, vals, width, label=n, color=PALETTE[(i - 1) % len(PALETTE)] if i else "#222222")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=20, ha="right")
     ax.set(ylabel="AUROC on real held-out", ylim=(0.3, 1.0), title="utility")
