@@ -113,10 +113,13 @@ def test_probe_task_end_to_end(micro_model: tuple[Path, Path], tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_probe_needs_labels(micro_model: tuple[Path, Path], tmp_path: Path) -> None:
-    from cehrx.tasks.probe import run
+def test_probe_needs_labels(micro_model: tuple[Path, Path], synthetic_prepared: Path, tmp_path: Path) -> None:
+    from cehrx.model.export import model_dir
+    from cehrx.tasks.probe import matching_prepared_dir, run
 
-    _, model = micro_model
+    prepared, model = micro_model
+    # another prepared dir (e.g. the default runs/eunomia) is not fed to this model: its own is used
+    assert matching_prepared_dir(compose_cfg("task=probe", f"data.prepared_dir={synthetic_prepared}", f"model_dir={model}"), model_dir(model)) == prepared
     with pytest.raises(CehrxError, match="no labels"):
         run(compose_cfg("task=probe", f"model_dir={model}", f"output_dir={tmp_path / 'o'}"))
     with pytest.raises(CehrxError, match="unknown task"):

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Linear probe on the shipped Eunomia GiBleed tasks: a pretrained tiny model vs the same
+# architecture with random weights (probe.random_init=true) vs count baselines.
+# Reruns the numbers in RESULTS.md.
+#   bash experiments/probe/run.sh [root]        (default root: runs/probe_gibleed)
+set -euo pipefail
+ROOT=${1:-runs/probe_gibleed}
+[ -f "$ROOT/prepared/prepare.json" ] || cehrx task=prepare data=gibleed output_dir=$ROOT/prepared
+[ -f "$ROOT/model/model/config.json" ] || cehrx task=pretrain model=tiny trainer=cpu data=gibleed data.prepared_dir=$ROOT/prepared output_dir=$ROOT/model
+for task in gibleed_after_nsaid gibleed_after_osteoarthritis; do
+  cehrx task=probe model_dir=$ROOT/model data.prepared_dir=$ROOT/prepared probe.task=$task \
+    probe.random_init=true output_dir=$ROOT/probe/$task overwrite=true
+done
+python experiments/probe/summarize.py $ROOT/probe
