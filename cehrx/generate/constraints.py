@@ -52,7 +52,7 @@ class Grammar:
     inpatient_types: frozenset[str] | None
 
     @classmethod
-    def build(cls, vocab: Vocab, inpatient_types: set[str] | list[str] | None = None) -> "Grammar":
+    def build(cls, vocab: Vocab, inpatient_types: set[str] | list[str] | None = None) -> Grammar:
         """Tables for `vocab`. `inpatient_types` default: `vocab.meta["inpatient_visit_types"]`,
         and when the vocabulary does not record them, every visit type (as `check_sequence(None)`)."""
         if inpatient_types is None and "inpatient_visit_types" in vocab.meta:
@@ -100,7 +100,7 @@ class Grammar:
         nxt_t = torch.from_numpy(nxt)
         return cls(allowed=nxt_t != FORBIDDEN, next_state=nxt_t, inpatient_types=inp)
 
-    def to(self, device: torch.device | str) -> "Grammar":
+    def to(self, device: torch.device | str) -> Grammar:
         return Grammar(self.allowed.to(device), self.next_state.to(device), self.inpatient_types)
 
     def step(self, state: Tensor, tokens: Tensor) -> Tensor:

@@ -51,7 +51,7 @@ from cehrx.errors import CehrxError
 from cehrx.generate.constraints import Grammar
 from cehrx.model.transformer import GPT
 
-__all__ = ["SamplingConfig", "Samples", "sample", "sample_next", "STOP_END", "STOP_DEATH", "STOP_TOKENS", "STOP_TIME", "STOP_NAMES"]
+__all__ = ["STOP_DEATH", "STOP_END", "STOP_NAMES", "STOP_TIME", "STOP_TOKENS", "Samples", "SamplingConfig", "sample", "sample_next"]
 
 STOP_END, STOP_DEATH, STOP_TOKENS, STOP_TIME = 0, 1, 2, 3
 STOP_NAMES = ("end", "death", "tokens", "time")
@@ -311,7 +311,7 @@ def _wave_seed(seed: int, wave: int) -> int:
     return (int(seed) * 1_000_003 + wave) % (2**63 - 1)
 
 
-def _progress(enabled: bool, total: int):  # noqa: ANN202 - tqdm or None
+def _progress(enabled: bool, total: int):
     if not enabled:
         return None
     from tqdm.auto import tqdm
@@ -340,7 +340,7 @@ def _run_wave(
     init_state: np.ndarray,
     gen: torch.Generator,
     use_cache: bool,
-    bar,  # noqa: ANN001
+    bar,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Sample every row of one wave to its stop: `[B, max_new]` tokens, lengths, stop reasons, seconds.
 

@@ -362,7 +362,7 @@ def padded_causal_mask(key_mask: Tensor, n_query: int) -> Tensor:
     (0 * NaN is NaN). So every query also sees itself: padding rows stay finite, and real
     queries never see padding keys.
     """
-    B, Tk = key_mask.shape
+    Tk = key_mask.shape[1]
     if n_query == 1:  # one new (real) token: it sees every real key, itself included
         return key_mask[:, None, None, :].bool()
     qi = torch.arange(Tk - n_query, Tk, device=key_mask.device)

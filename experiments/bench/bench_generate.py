@@ -59,7 +59,7 @@ SIZES = {  # mirrors configs/model/*.yaml (kept here so the bench needs no Hydra
 def synthetic_vocab(size: int) -> Vocab:
     """A vocabulary with every token kind of DESIGN §4, filled up to `size` with codes."""
     toks = list(SPECIAL_TOKENS)
-    toks += [f"YEAR//{y}" for y in range(1950, 2025)] + [f"AGE//{a}" for a in range(0, 100)] + ["AGE//UNKNOWN"]
+    toks += [f"YEAR//{y}" for y in range(1950, 2025)] + [f"AGE//{a}" for a in range(100)] + ["AGE//UNKNOWN"]
     toks += ["GENDER//F", "GENDER//M", "RACE//1", "RACE//2", "VISIT//OP", "VISIT//IP", "VISIT//ER", "DISCHARGE//1", "DISCHARGE//2"]
     toks += [f"D{n}" for n in range(1080)] + [f"Y{n}" for n in range(3, 21)]
     toks += [f"i-D{n}" for n in range(1, 31)] + [f"i-H{n}" for n in range(24)] + [f"Q{k}" for k in range(1, 11)]

@@ -62,7 +62,7 @@ def micro(vocab: Vocab, seed: int = 0, max_seq_len: int = 256) -> GPT:
     return GPT(GPTConfig(vocab_size=len(vocab), n_layer=2, n_embd=64, n_head=2, max_seq_len=max_seq_len)).eval()
 
 
-def full_sequences(s, toks: np.ndarray, offs: np.ndarray) -> list[np.ndarray]:  # noqa: ANN001
+def full_sequences(s, toks: np.ndarray, offs: np.ndarray) -> list[np.ndarray]:
     return [np.concatenate([toks[offs[p] : offs[p + 1]], s.sequence(i)]) for i, p in enumerate(s.prompt_index)]
 
 
