@@ -332,7 +332,8 @@ def summarize(stats: list[dict], pool: PromptPool, settings: dict, outputs: dict
     gen_tokens, secs = total("generated_tokens"), total("sampling_seconds")
     return {
         "patients": {
-            "requested": settings["num_patients"], "generated": total("kept"), "samples": samples, "valid": valid,
+            "requested": settings["num_patients"], "generated": total("kept"), "complete": total("kept") == settings["num_patients"],
+            "samples": samples, "valid": valid,
             "validity_rate": valid / samples if samples else 0.0, "surplus_unused": total("surplus"),
             "dropped": {r: sum(s["dropped"].get(r, 0) for s in stats) for r in DROP_REASONS},
             "repaired": {TRUNCATED_KEY: sum(s["repaired"].get(TRUNCATED_KEY, 0) for s in stats)},

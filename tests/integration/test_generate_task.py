@@ -63,7 +63,7 @@ def test_generate_end_to_end(trained: tuple[Path, Path]) -> None:
     report = generate.run(cfg)
 
     p = report["patients"]
-    assert p["generated"] == 6 and p["samples"] == p["valid"] + sum(p["dropped"].values())
+    assert p["generated"] == 6 and p["complete"] and p["samples"] == p["valid"] + sum(p["dropped"].values())
     assert report["tokens"]["per_second"] > 0 and report["settings"]["sampling"]["max_new_tokens"] == 44
     assert json.loads((out / "generate.json").read_text())["patients"]["generated"] == 6
     assert not any(out.parent.glob(".synthetic.*")), "no partial or temporary dirs left behind"
