@@ -16,7 +16,7 @@ from meds import CodeMetadataSchema, DataSchema, DatasetMetadataSchema, SubjectS
 from cehrx.data import duck
 from cehrx.data.grammar import check_sequence
 from cehrx.data.shards import TokenArrays, load_split, prompt_ids
-from cehrx.data.vocab import Vocab
+from cehrx.data.vocab import Vocab, time_token_days
 from cehrx.errors import CehrxError
 from cehrx.generate.cdm import CDM_TABLES, EVENT_TABLES
 from cehrx.generate.concepts import LOCAL_CONCEPT_BASE, SourceInfo, read_source_info
@@ -62,8 +62,7 @@ def test_decoded_dates_match_time_tokens(decoded) -> None:
     # each step between consecutive tokens is exactly what the time token says (D = 1 day, Y = 365.25 days)
     steps = np.diff(p.times)
     same_seq = np.diff(np.repeat(np.arange(len(p)), p.lengths())) == 0
-    days = np.array([{"D": 1.0, "Y": 365.25, "i": 1.0}.get(t[0], 0.0) * float(t.lstrip("DYi-")) if k in ("gap", "inpatient_time") else 0.0
-                     for t, k in zip(np.asarray(vocab.tokens)[p.tokens[1:]], np.asarray(vocab.kinds)[p.tokens[1:]])])
+    days = np.array([time_token_days(vocab.tokens[t]) or 0.0 for t in p.tokens[1:]])
     np.testing.assert_array_equal(steps[same_seq], np.round(days[same_seq] * DAY).astype(np.int64))
     # the original (day-granular, no Y gaps) timelines are reproduced up to the start date
     no_y = np.array([not any(vocab.tokens[t].startswith("Y") for t in orig.subject(i)[0]) for i in range(len(orig))])
