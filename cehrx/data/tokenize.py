@@ -31,7 +31,6 @@ import pyarrow.compute as pc
 
 from cehrx.data.duck import literal
 from cehrx.data.shards import SPLITS
-from cehrx.data.visits import table_rank
 
 SECONDS_PER_YEAR = 365.25 * 86400
 US = 1_000_000
@@ -221,7 +220,7 @@ def fetch_ordered(con: duckdb.DuckDBPyConnection) -> Ordered:
         ORDER BY vpos, b.time, b.trank, b.cid, b.numeric_value
     """).to_arrow_table()
     con.execute("DROP TABLE body")
-    col = lambda t, c: t.column(c).to_numpy()  # noqa: E731
+    col = lambda t, c: t.column(c).to_numpy()
     has_death = col(subj, "has_death").astype(bool)
     return Ordered(
         subject_id=col(subj, "subject_id"), split=col(subj, "sr").astype(np.int8), nvis=col(subj, "n_visits").astype(np.int64),
@@ -355,7 +354,7 @@ def assemble(o: Ordered, ids: TokenIds, s0: int, s1: int) -> tuple[np.ndarray, n
     """
     v0, v1 = o.vfirst[s0], o.vfirst[s1]
     e0, e1 = o.efirst[v0], o.efirst[v1]
-    ns, nv, ne = s1 - s0, v1 - v0, e1 - e0
+    ns, ne = s1 - s0, e1 - e0
     nev = o.nev[v0:v1]
     vsub = np.repeat(np.arange(ns), o.nvis[s0:s1])  # local subject of each visit
     vslots = np.concatenate([[0], np.cumsum(6 + 3 * nev)])  # visit slot offsets, without subject parts

@@ -55,7 +55,7 @@ def candidate_tokens(con: duckdb.DuckDBPyConnection, min_subjects: int, num_bins
     if years[0] is not None:
         tokens += [f"YEAR//{y}" for y in range(int(years[0]), int(years[1]) + 1)]
     tokens += ["YEAR//UNKNOWN"]
-    tokens += [f"AGE//{a}" for a in range(0, int(max(max_age or 0, 0)) + 1)] + ["AGE//UNKNOWN"]
+    tokens += [f"AGE//{a}" for a in range(int(max(max_age or 0, 0)) + 1)] + ["AGE//UNKNOWN"]
     for kind, prefix in (("gender", "GENDER//"), ("race", "RACE//"), ("visit", "VISIT//")):
         tokens += sorted({t for t, _ in seen if kind_of(t) == kind} | {f"{prefix}UNKNOWN"})
     tokens += sorted(t for t, n in seen if kind_of(t) == "discharge" and n >= min_subjects)

@@ -15,9 +15,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -29,8 +29,20 @@ from cehrx.data.omop_tables import open_omop
 from cehrx.data.omop_to_meds import OPTIONAL_TABLES, omop_to_events
 from cehrx.data.shard_writer import Written, length_percentiles, write_shards
 from cehrx.data.splits import assign_splits
-from cehrx.data.tokenize import Resolver, fetch_ordered, learn_value_edges, order_visits, select_codes, token_ids
-from cehrx.data.visits import attach_events, build_body, build_demographics, build_source_visits
+from cehrx.data.tokenize import (
+    Resolver,
+    fetch_ordered,
+    learn_value_edges,
+    order_visits,
+    select_codes,
+    token_ids,
+)
+from cehrx.data.visits import (
+    attach_events,
+    build_body,
+    build_demographics,
+    build_source_visits,
+)
 from cehrx.data.vocab_build import candidate_tokens, code_tables, make_vocab
 from cehrx.errors import DataError
 from cehrx.export.meds import write_meds
@@ -137,7 +149,7 @@ def prepare(cfg: DictConfig, out: Path) -> dict:
 def summarize(con, events_in: int, stats: dict, demo_stats: dict, visit_stats: dict, code_stats: dict, tok_stats: dict,
               vocab_stats: dict, written: Written) -> dict:
     """Subjects and events in, kept, and dropped or repaired by reason."""
-    q = lambda sql: con.execute(sql).fetchall()[0][0]  # noqa: E731
+    q = lambda sql: con.execute(sql).fetchall()[0][0]
     n_subjects = q("SELECT count(*) FROM demo")
     tokenized = sum(written.per_split.values())
     no_birth = q("SELECT count(*) FROM demo_t WHERE birth IS NOT NULL AND birth_ok IS NULL")

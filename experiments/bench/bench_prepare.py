@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale_omop import cached, scale_omop  # noqa: E402
+from scale_omop import cached, scale_omop
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SRC = REPO / "shared" / "data" / "omop_eunomia_gibleed" / "parquet"
@@ -57,11 +57,16 @@ print(json.dumps({"rc": rc, "wall_s": wall, "maxrss_kib": ru.ru_maxrss, "user_s"
 """
 
 
-def run_prepare(data_path: Path, out_dir: Path, log_path: Path, extra: list[str]) -> dict:
-    """Run the prepare CLI in a fresh wrapper process; return wall, peak RSS and prepare.json."""
+def run_prepare(data_path: Path, out_dir: Path, log_path: Path, extra: list[str], code: Path | None = None) -> dict:
+    """Run the prepare CLI in a fresh wrapper process; return wall, peak RSS and prepare.json.
+
+    `code`: run the cehrx source tree at this path instead of the installed one (PYTHONPATH).
+    """
     cmd = [sys.executable, "-m", "cehrx", "task=prepare", "data=omop", f"data.path={data_path}",
            f"output_dir={out_dir}", "overwrite=true", *extra]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if code is not None:
+        env["PYTHONPATH"] = str(Path(code).resolve())
     # run from the work dir so Hydra's run dirs / logs land there, not in the repository
     res = subprocess.run([sys.executable, "-c", WRAPPER, str(log_path), *cmd], capture_output=True, text=True,
                          cwd=out_dir.parent, env=env, check=False)
@@ -74,8 +79,34 @@ def run_prepare(data_path: Path, out_dir: Path, log_path: Path, extra: list[str]
     return {"cmd": cmd, **m, "report": report}
 
 
+def summary_row(k: int, runs: list[tuple[dict, float]], scale_s: float, out: Path) -> dict:
+    """The fastest of `runs` (wall), with peak RSS over all of them."""
+    r, load = min(runs, key=lambda x: x[0]["wall_s"])
+    rep = r["report"]
+    ev = rep["events"]["in"]
+    return {
+        "scale": k, "persons_in": rep["subjects"]["in"], "subjects_kept": rep["subjects"]["tokenized"],
+        "events_in": ev, "events_tokenized": rep["events"]["tokenized"], "wall_s": round(r["wall_s"], 2),
+        "wall_s_all": [round(x["wall_s"], 2) for x, _ in runs], "cpu_s_all": [round(x["user_s"] + x["sys_s"], 1) for x, _ in runs],
+        "loadavg_1m_before": round(load, 2),
+        "prepare_total_s": rep["timings_s"]["total"], "events_per_s": round(ev / r["wall_s"]),
+        "peak_rss_mib": round(max(x["maxrss_kib"] for x, _ in runs) / 1024), "cpu_s": round(r["user_s"] + r["sys_s"], 1),
+        "tokens": rep["tokens"]["total"], "vocab": rep["vocab"]["size"],
+        "output_mib": round(dir_mib(out), 1) if out.exists() else None, "scale_s": round(scale_s, 1),
+        "timings_s": rep["timings_s"], "cmd": " ".join(r["cmd"]),
+    }
+
+
 def dir_mib(p: Path) -> float:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 2**20
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n| scale | persons | events in | wall s | prepare s | events/s | CPU s | peak RSS MiB | subjects kept | load before |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| x{r['scale']} | {r['persons_in']:,} | {r['events_in']:,} | {r['wall_s']:.2f} | {r['prepare_total_s']:.2f} | "
+              f"{r['events_per_s']:,} | {r['cpu_s']:.1f} | {r['peak_rss_mib']:,} | {r['subjects_kept']:,} | {r['loadavg_1m_before']:.1f} |")
 
 
 def main() -> int:
@@ -91,6 +122,9 @@ def main() -> int:
                     help="runs per scale; the fastest is reported (the machine is shared), peak RSS is the max")
     ap.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override for prepare (repeatable)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="also run this cehrx source tree (e.g. `git archive <commit> | tar -x -C DIR`), alternating "
+                         "run by run with the current code, and print both plus their CPU/wall ratios")
     args = ap.parse_args()
 
     src = args.src.resolve()
@@ -105,7 +139,7 @@ def main() -> int:
                "python": platform.python_version(), "duckdb": duckdb.__version__, "platform": platform.platform()}
     print(f"machine: {machine}\nsource: {src}\nworkdir: {workdir}", flush=True)
 
-    rows = []
+    rows, baseline_rows = [], []
     t_all = time.perf_counter()
     try:
         for k in scales:
@@ -121,23 +155,18 @@ def main() -> int:
                 else:
                     scale_s = 0.0
             out = workdir / f"prepared_x{k}"
-            runs = []
+            runs, base_runs = [], []
             for i in range(max(args.repeat, 1)):
                 load = os.getloadavg()[0]
                 runs.append((run_prepare(data, out, workdir / f"prepare_x{k}.log", args.override), load))
-            r, load = min(runs, key=lambda x: x[0]["wall_s"])
-            rep = r["report"]
-            ev = rep["events"]["in"]
-            row = {
-                "scale": k, "persons_in": rep["subjects"]["in"], "subjects_kept": rep["subjects"]["tokenized"],
-                "events_in": ev, "events_tokenized": rep["events"]["tokenized"], "wall_s": round(r["wall_s"], 2),
-                "wall_s_all": [round(x["wall_s"], 2) for x, _ in runs], "loadavg_1m_before": round(load, 2),
-                "prepare_total_s": rep["timings_s"]["total"], "events_per_s": round(ev / r["wall_s"]),
-                "peak_rss_mib": round(max(x["maxrss_kib"] for x, _ in runs) / 1024), "cpu_s": round(r["user_s"] + r["sys_s"], 1),
-                "tokens": rep["tokens"]["total"], "vocab": rep["vocab"]["size"],
-                "output_mib": round(dir_mib(out), 1), "scale_s": round(scale_s, 1),
-                "timings_s": rep["timings_s"], "cmd": " ".join(r["cmd"]),
-            }
+                if args.baseline is not None:  # alternate, so load from other jobs hits both alike
+                    load = os.getloadavg()[0]
+                    base_runs.append((run_prepare(data, workdir / f"baseline_x{k}", workdir / f"baseline_x{k}.log",
+                                                  args.override, code=args.baseline), load))
+            if base_runs:
+                baseline_rows.append(summary_row(k, base_runs, 0.0, workdir / f"baseline_x{k}"))
+            row = summary_row(k, runs, scale_s, out)
+            ev = row["events_in"]
             rows.append(row)
             print(f"x{k:<3} events {ev:>10,}  wall {row['wall_s']:7.2f}s  {row['events_per_s']:>9,} ev/s  "
                   f"peak RSS {row['peak_rss_mib']:>6,} MiB  kept {row['subjects_kept']:,}/{row['persons_in']:,}  "
@@ -149,11 +178,15 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     total_s = time.perf_counter() - t_all
 
-    print("\n| scale | persons | events in | wall s | prepare s | events/s | CPU s | peak RSS MiB | subjects kept | load before |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| x{r['scale']} | {r['persons_in']:,} | {r['events_in']:,} | {r['wall_s']:.2f} | {r['prepare_total_s']:.2f} | "
-              f"{r['events_per_s']:,} | {r['cpu_s']:.1f} | {r['peak_rss_mib']:,} | {r['subjects_kept']:,} | {r['loadavg_1m_before']:.1f} |")
+    print_table(rows)
+    if baseline_rows:
+        print(f"\nbaseline {args.baseline} (alternating with the runs above):")
+        print_table(baseline_rows)
+        print("\n| scale | CPU s baseline -> current | wall s baseline -> current | CPU speed-up | wall speed-up |")
+        print("|---:|---:|---:|---:|---:|")
+        for r, b in zip(rows, baseline_rows):
+            print(f"| x{r['scale']} | {b['cpu_s']:.1f} -> {r['cpu_s']:.1f} | {b['wall_s']:.2f} -> {r['wall_s']:.2f} | "
+                  f"{b['cpu_s'] / r['cpu_s']:.2f}x | {b['wall_s'] / r['wall_s']:.2f}x |")
     stages = list(rows[0]["timings_s"]) if rows else []
     print("\nper-stage seconds (prepare.json timings_s):")
     print("| stage | " + " | ".join(f"x{r['scale']}" for r in rows) + " |")
@@ -187,7 +220,8 @@ def main() -> int:
         print(f"  [{'met' if ok else 'MISSED'}] {name}")
     print(f"\nbenchmark wall time {total_s:.0f}s")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "rows": rows, "verdict": verdict, "total_s": total_s}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"machine": machine, "rows": rows, "baseline": str(args.baseline) if args.baseline else None,
+                                         "baseline_rows": baseline_rows, "verdict": verdict, "total_s": total_s}, indent=2) + "\n")
     return 0
 
 
