@@ -22,3 +22,4 @@ python -m cehrx task=generate data.prepared_dir=$P model_dir=$P/model output_dir
     generate.num_patients=$N_GEN generate.max_new_tokens=256 overwrite=true
 python -m cehrx task=evaluate data.prepared_dir=$P synthetic_dir=$P/synthetic evaluate.baseline=marginal \
     output_dir=$P/report_model overwrite=true
+python experiments/evaluate/summarize.py $ROOT/eunomia/report_copy $ROOT/eunomia/report_model $ROOT/synthea1k/report_copy
