@@ -233,24 +233,6 @@ def sample_all(model: Any, vocab: Vocab, pool: PromptPool, scfg: SamplingConfig,
 # ------------------------------------------------------------------------ the task
 
 
-def matching_prepared_dir(cfg: DictConfig, mdir: Path, vocab: Vocab) -> Path:
-    """The prepared dir the model was trained on: `data.prepared_dir`, else the one in the model's training config.
-
-    `data.prepared_dir` has a default (`runs/<data.name>`), so when it holds another data set's
-    prepared dir (its vocabulary differs from the model's), the model's recorded one is used.
-    """
-    first = prepared_dir_for(cfg, mdir)
-    candidates = [first]
-    recorded = OmegaConf.select(OmegaConf.load(mdir / "train_config.yaml"), "data.prepared_dir") if (mdir / "train_config.yaml").is_file() else None
-    if recorded and Path(str(recorded)) != first and (Path(str(recorded)) / "vocab.json").is_file():
-        candidates.append(Path(str(recorded)))
-    for cand in candidates:
-        if Vocab.load(cand).tokens == vocab.tokens:
-            return cand
-    raise CehrxError(f"{first}/vocab.json differs from the model's {mdir}/vocab.json: pass the prepared dir the model was trained on (data.prepared_dir=...)")
-
-
-
 def run(cfg: DictConfig) -> dict:
     g = cfg.generate
     out = Path(str(cfg.output_dir))
@@ -267,7 +249,7 @@ def run(cfg: DictConfig) -> dict:
     device = resolve_device(g.device)
     mdir = resolve_model_dir(cfg.model_dir)
     model, vocab = load_pretrained(mdir, map_location=device)
-    prepared = matching_prepared_dir(cfg, mdir, vocab)
+    prepared = prepared_dir_for(cfg, mdir)
     prompts = OmegaConf.to_container(g.prompts, resolve=True) if g.prompts is not None else None
     pool = config_pool(vocab, prompts) if prompts is not None else empirical_pool(prepared, vocab)
     scfg = sampling_config(g, model.config.max_seq_len)
