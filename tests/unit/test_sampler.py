@@ -274,6 +274,14 @@ def test_sample_next_top_k_top_p() -> None:
     assert (hot == 3).float().mean() > 0.15  # flattened by the temperature (0.05 -> ~0.2)
 
 
+def test_ungrammatical_prompt_is_sampled_unconstrained_with_a_warning(vocab: Vocab) -> None:
+    bad = [vocab[t] for t in ("YEAR//2000", "AGE//40", "GENDER//F", "RACE//1", "D3")]  # a gap before any visit
+    good = bad[:4]
+    with pytest.warns(UserWarning, match="1 prompt"):
+        s = sample(micro(vocab), vocab, np.array(bad + good), np.array([0, 5, 9]), SamplingConfig(max_new_tokens=5), progress=True)
+    assert len(s) == 2 and vocab.tokens[s.sequence(1)[0]] == "[VS]"  # the valid prompt stays constrained
+
+
 def test_no_prompts_gives_empty_samples(vocab: Vocab) -> None:
     s = sample(micro(vocab), vocab, np.zeros(0, np.int64), np.array([0]), SamplingConfig(), num_samples=3, progress=False)
     assert len(s) == 0 and s.offsets.tolist() == [0] and s.tokens.dtype == np.int32
