@@ -417,10 +417,12 @@ def _run_wave(
             if cache is not None:
                 cache.select_rows(keep)
         kmask = key_mask[live, : col + 1] if padded else None
+        # rows riding along after a full context would step past the rotary table: clamp (their output is discarded)
         if cache is not None:
-            h = model(tok[:, None], position_ids=(row_len[live] + step)[:, None], kv_cache=cache, key_mask=kmask)
+            pos = (row_len[live] + step).clamp_max(max_seq_len - 1)[:, None]
+            h = model(tok[:, None], position_ids=pos, kv_cache=cache, key_mask=kmask)
         elif padded:
-            h = model(seq[live, : col + 1], position_ids=(torch.cumsum(kmask, dim=1) - 1).clamp_min(0), key_mask=kmask)
+            h = model(seq[live, : col + 1], position_ids=(torch.cumsum(kmask, dim=1) - 1).clamp(0, max_seq_len - 1), key_mask=kmask)
         else:
             h = model(seq[live, : col + 1])
         logits = model.lm_head_logits(h[:, -1]).float()

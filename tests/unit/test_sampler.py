@@ -239,6 +239,12 @@ def test_context_limit_stops_rows(vocab: Vocab, histories: tuple[np.ndarray, np.
     s = sample(model, vocab, np.concatenate([p, toks[:4]]), np.array([0, len(p), len(p) + 4]), SamplingConfig(max_new_tokens=30),
                progress=False, stop_ids=())
     assert s.lengths().tolist() == [4, min(30, len(p))] and (s.stop == STOP_TOKENS).all()
+    # one full row among many keeps riding in the batch (< 1/8 finished): same results, cache or not
+    many = np.concatenate([p] + [toks[:4]] * 9)
+    offsets = np.concatenate([[0], len(p) + 4 * np.arange(10)])
+    for use_cache in (True, False):
+        s = sample(model, vocab, many, offsets, SamplingConfig(max_new_tokens=30, batch_size=16), progress=False, stop_ids=(), use_cache=use_cache)
+        assert s.lengths().tolist() == [4] + [min(30, len(p))] * 9
     with pytest.raises(CehrxError, match="max_seq_len"):
         sample(model, vocab, np.resize(p, len(p) + 4), np.array([0, len(p) + 4]), SamplingConfig(), progress=False)
 
