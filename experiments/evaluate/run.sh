@@ -6,7 +6,7 @@
 set -euo pipefail
 ROOT=${ROOT:-runs}
 STEPS=${STEPS:-120}
-N_GEN=${N_GEN:-200}
+N_GEN=${N_GEN:-300}
 for DATA in eunomia synthea1k; do
   P=$ROOT/$DATA
   [ -f $P/prepare.json ] || python -m cehrx task=prepare data=$DATA output_dir=$P
@@ -19,7 +19,7 @@ P=$ROOT/eunomia
     output_dir=$P/model trainer.max_steps=$STEPS trainer.val_check_interval=60 task.module.warmup_steps=20 \
     task.datamodule.max_tokens_per_batch=2048
 python -m cehrx task=generate data.prepared_dir=$P model_dir=$P/model output_dir=$P/synthetic \
-    generate.num_patients=$N_GEN generate.max_new_tokens=256 overwrite=true
+    generate.num_patients=$N_GEN generate.shard_size=100 generate.batch_size=100 overwrite=true
 python -m cehrx task=evaluate data.prepared_dir=$P synthetic_dir=$P/synthetic evaluate.baseline=marginal \
     output_dir=$P/report_model overwrite=true
 python experiments/evaluate/summarize.py $ROOT/eunomia/report_copy $ROOT/eunomia/report_model $ROOT/synthea1k/report_copy
