@@ -205,8 +205,11 @@ def write_synthetic_meds(out: Path, vocab: Vocab, arrays: TokenArrays, real_meds
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     real_codes = real_meds / "metadata" / "codes.parquet" if real_meds else None
-    if real_codes is not None and real_codes.is_file():
-        con.execute(f"CREATE VIEW real_codes AS SELECT code, description, omop_concept_id, omop_domain FROM read_parquet('{real_codes.as_posix()}')")
+    if real_codes is not None and real_codes.is_file():  # MEDS sources have no OMOP columns: NULL then
+        have = set(pq.read_schema(real_codes).names)
+        cols = ", ".join(c if c in have else f"NULL::{t} AS {c}" for c, t in
+                         (("code", "VARCHAR"), ("description", "VARCHAR"), ("omop_concept_id", "BIGINT"), ("omop_domain", "VARCHAR")))
+        con.execute(f"CREATE VIEW real_codes AS SELECT {cols} FROM read_parquet('{real_codes.as_posix()}')")
     else:
         con.execute("CREATE VIEW real_codes AS SELECT NULL::VARCHAR code, NULL::VARCHAR description, NULL::BIGINT omop_concept_id, NULL::VARCHAR omop_domain WHERE false")
     mapping = source_code_map(vocab, [r[0] for r in con.execute("SELECT code FROM real_codes").fetchall()])
