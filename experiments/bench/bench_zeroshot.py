@@ -3,7 +3,7 @@
 Compares the way `task=zeroshot` samples (many patients' histories batched together, each
 history prefilled once and its KV cache replicated for its futures, `batch_size` rows per
 forward) with running the same engine one patient at a time (one history, its 20 futures in
-one batch of 20). Histories are the real zero-shot prompts: GiBleed `gibleed_after_nsaid`
+one batch of 20), and, as the naive reference, one future at a time (batch of 1). Histories are the real zero-shot prompts: GiBleed `gibleed_after_nsaid`
 labels of the held_out split, cut at their prediction times to `max_seq_len - max_new_tokens`.
 
 Two workloads:
@@ -69,19 +69,27 @@ def load_model(args: argparse.Namespace, vocab: Vocab):
     return GPT(cfg).eval(), "random-init tiny"
 
 
-def run_mode(model, vocab, h, idx: np.ndarray, args: argparse.Namespace, batched: bool, workload: str) -> dict:
-    scfg = SamplingConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size if batched else args.num_samples,
-                          max_days=365.0 if workload == "zeroshot" else None, seed=0)
+MODES = {"batched": "batched", "patient": "one patient at a time", "future": "one future at a time"}
+
+
+def run_mode(model, vocab, h, idx: np.ndarray, args: argparse.Namespace, mode: str, workload: str) -> dict:
+    """`batched`: all patients in one call; `patient`: one call per patient (its futures batched);
+    `future`: one call per future (no batching, no KV replication: the naive reference)."""
+    size = {"batched": args.batch_size, "patient": args.num_samples, "future": 1}[mode]
     stop_ids = None if workload == "zeroshot" else ()
+    max_days = 365.0 if workload == "zeroshot" else None
     start, cpu0 = time.perf_counter(), time.process_time()
     n_tokens = 0
-    groups = [idx] if batched else [idx[i:i + 1] for i in range(len(idx))]
+    groups = [idx] if mode == "batched" else [idx[i:i + 1] for i in range(len(idx))]
+    reps = args.num_samples if mode == "future" else 1
     for g in groups:
         toks, offs = subset(h, g)
-        s = sample(model, vocab, toks, offs, scfg, num_samples=args.num_samples, progress=False, stop_ids=stop_ids)
-        n_tokens += len(s.tokens)
+        for r in range(reps):
+            scfg = SamplingConfig(max_new_tokens=args.max_new_tokens, batch_size=size, max_days=max_days, seed=r)
+            s = sample(model, vocab, toks, offs, scfg, num_samples=args.num_samples // reps, progress=False, stop_ids=stop_ids)
+            n_tokens += len(s.tokens)
     sec, cpu = time.perf_counter() - start, time.process_time() - cpu0
-    return {"mode": "batched" if batched else "one patient at a time", "workload": workload, "patients": len(idx), "seconds": round(sec, 2),
+    return {"mode": MODES[mode], "workload": workload, "patients": len(idx), "seconds": round(sec, 2),
             "cpu_seconds": round(cpu, 2), "patients_per_s": round(len(idx) / sec, 3), "patients_per_cpu_s": round(len(idx) / cpu, 3),
             "new_tokens_per_s": round(n_tokens / sec, 1), "mean_new_tokens": round(n_tokens / len(idx) / args.num_samples, 1)}
 
@@ -92,7 +100,8 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=None, help="trained tiny model (default: random-init tiny)")
     ap.add_argument("--task", default="gibleed_after_nsaid")
     ap.add_argument("--patients", type=int, default=64, help="patients in the batched run")
-    ap.add_argument("--serial-patients", type=int, default=8, help="patients in the one-at-a-time run (same first ones)")
+    ap.add_argument("--serial-patients", type=int, default=8, help="patients in the one-patient-at-a-time run (same first ones)")
+    ap.add_argument("--single-patients", type=int, default=1, help="patients in the one-future-at-a-time run (0 = skip)")
     ap.add_argument("--num-samples", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=256)
@@ -109,17 +118,21 @@ def main() -> None:
     idx = np.sort(rng.choice(len(h), min(args.patients, len(h)), replace=False))
     rows = []
     for workload in args.workloads.split(","):
-        serial = run_mode(model, vocab, h, idx[: args.serial_patients], args, False, workload)
-        batched = run_mode(model, vocab, h, idx, args, True, workload)
-        batched["speedup"] = round(batched["patients_per_s"] / serial["patients_per_s"], 2)
-        batched["speedup_cpu"] = round(batched["patients_per_cpu_s"] / serial["patients_per_cpu_s"], 2)
-        rows += [serial, batched]
+        ref = []
+        if args.single_patients:
+            ref.append(run_mode(model, vocab, h, idx[: args.single_patients], args, "future", workload))
+        serial = run_mode(model, vocab, h, idx[: args.serial_patients], args, "patient", workload)
+        batched = run_mode(model, vocab, h, idx, args, "batched", workload)
+        for r in (*ref, serial):  # speed-up of the batched run over each slower mode
+            r["speedup"] = round(batched["patients_per_s"] / r["patients_per_s"], 2)
+            r["speedup_cpu"] = round(batched["patients_per_cpu_s"] / r["patients_per_cpu_s"], 2)
+        rows += [*ref, serial, batched]
     info = {"model": what, "prepared": str(args.prepared), "task": args.task, "num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
             "batch_size": args.batch_size, "history_tokens_mean": round(float(h.lengths()[idx].mean()), 1), "torch_threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, "load_avg": os.getloadavg()}
     print(f"model: {what}; {info['num_samples']} futures x <= {info['max_new_tokens']} new tokens; batch_size {info['batch_size']}; "
           f"mean history {info['history_tokens_mean']} tokens; torch threads {info['torch_threads']}; load avg {info['load_avg']}")
-    print("| workload | mode | patients | wall s | CPU s | patients/s | patients/CPU-s | new tokens/s | mean new tokens / future | speed-up (wall / CPU) |")
+    print("| workload | mode | patients | wall s | CPU s | patients/s | patients/CPU-s | new tokens/s | mean new tokens / future | batched is x faster (wall / CPU) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         up = f"{r['speedup']} / {r['speedup_cpu']}" if "speedup" in r else ""
