@@ -8,6 +8,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from meds import CodeMetadataSchema, DataSchema, DatasetMetadataSchema, SubjectSplitSchema
 
@@ -22,29 +23,34 @@ def write_meds(con: duckdb.DuckDBPyConnection, root: Path, dataset_name: str, ba
 
     Rows are sorted by (subject_id, time) with static rows first, as MEDS expects.
     """
+    columns = """e.subject_id, e.time, e.code, CAST(e.numeric_value AS FLOAT) AS numeric_value, e.text_value,
+                 e.src_table AS "table", e.visit_id, e.visit_end, e.unit, e.omop_concept_id"""
+    # One sorted pass over all splits (the sort key is total, so the files are deterministic).
+    reader = con.sql(f"""
+        SELECT s.split AS _split, {columns}
+        FROM events e JOIN subject_split s USING (subject_id)
+        ORDER BY s.split, e.subject_id, e.time NULLS FIRST, e.code, e.numeric_value, e.text_value,
+                 e.src_table, e.visit_id, e.visit_end, e.unit, e.omop_concept_id
+    """).to_arrow_reader(batch_rows)
+    writers: dict[str, pq.ParquetWriter] = {}
     total = 0
+    for batch in reader:
+        table = pa.Table.from_batches([batch])
+        for split in pc.unique(table["_split"]).to_pylist():
+            part = DataSchema.align(table.filter(pc.equal(table["_split"], split)).drop_columns(["_split"]))
+            if split not in writers:
+                (root / "data" / split).mkdir(parents=True, exist_ok=True)
+                writers[split] = pq.ParquetWriter(root / "data" / split / "0.parquet", part.schema, compression="zstd")
+            writers[split].write_table(part)
+            total += part.num_rows
+    for w in writers.values():
+        w.close()
     for split in SPLITS:
         d = root / "data" / split
-        d.mkdir(parents=True, exist_ok=True)
-        reader = con.sql("""
-            SELECT e.subject_id, e.time, e.code, CAST(e.numeric_value AS FLOAT) AS numeric_value, e.text_value,
-                   e.src_table AS "table", e.visit_id, e.visit_end, e.unit, e.omop_concept_id
-            FROM events e JOIN subject_split s USING (subject_id) WHERE s.split = ?
-            ORDER BY e.subject_id, e.time NULLS FIRST, e.code, e.numeric_value, e.text_value
-        """, params=[split]).to_arrow_reader(batch_rows)
-        writer = None
-        for batch in reader:
-            table = DataSchema.align(pa.Table.from_batches([batch]))
-            if writer is None:
-                writer = pq.ParquetWriter(d / "0.parquet", table.schema, compression="zstd")
-            writer.write_table(table)
-            total += table.num_rows
-        if writer is None:  # empty split: still a valid, typed shard
-            empty = con.sql("""SELECT subject_id, time, code, CAST(numeric_value AS FLOAT) AS numeric_value, text_value,
-                   src_table AS "table", visit_id, visit_end, unit, omop_concept_id FROM events WHERE false""").to_arrow_table()
+        if split not in writers:  # empty split: still a valid, typed shard
+            d.mkdir(parents=True, exist_ok=True)
+            empty = con.sql(f"SELECT {columns} FROM events e WHERE false").to_arrow_table()
             pq.write_table(DataSchema.align(empty), d / "0.parquet")
-        else:
-            writer.close()
         DataSchema.validate(pq.read_schema(d / "0.parquet"))
     meta = root / "metadata"
     meta.mkdir(parents=True, exist_ok=True)
