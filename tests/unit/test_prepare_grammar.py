@@ -197,7 +197,7 @@ def test_deterministic_and_refuses_overwrite(tmp_path, prepared):
     again = tmp_path / "again"
     run_prepare(src, again)
     digest = lambda d: {p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-                        for p in sorted((d / "tokens").rglob("*.parquet")) + [d / "vocab.json"]}
+                        for p in sorted((d / "tokens").rglob("*.parquet")) + sorted((d / "meds" / "data").rglob("*.parquet")) + [d / "vocab.json"]}
     assert digest(again) == digest(out)
     with pytest.raises(CehrxError, match="overwrite=true"):
         run_prepare(src, again)
