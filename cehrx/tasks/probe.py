@@ -164,7 +164,9 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
         if name == "probe":
             (tmp / "predictions.parquet").write_bytes(path.read_bytes())
         if kind == "logistic" and p.few_shot and name in ("probe", "random_init", "counts"):
-            fs[name] = few_shot(X, y, sid, protocol, list(p.few_shot), int(p.few_shot_repeats), kind, seed, all_probs=probs)
+            curve = few_shot(X, y, sid, protocol, list(p.few_shot), int(p.few_shot_repeats), kind, seed, all_probs=probs)
+            if curve:  # none under cross-fitting
+                fs[name] = curve
     timings["fit_score"] = _lap(t0)
 
     result = summary(cfg, source, mdir, prepared, table, kept, split, y, hist, protocol, methods, fs, timings, max_len)

@@ -327,3 +327,16 @@ def test_stratified_sample_keeps_both_classes() -> None:
     y = np.array([True] * 3 + [False] * 97)
     idx = stratified_sample(y, 16, np.random.default_rng(0))
     assert len(idx) == 16 and y[idx].sum() == 1 and len(set(idx)) == 16
+
+
+def test_report_sections_under_cross_fitting() -> None:
+    from cehrx.tasks.probe import report_sections
+
+    result = {
+        "labels": {"in": 74, "used": 74, "positives": 9, "dropped": {"no_subject": 0},
+                   "by_split": {"held_out": {"n": 6, "n_pos": 0, "subjects": 4}}},
+        "evaluation": "cv5", "history": {"max_len": 256, "mean_tokens": 200.0, "truncated": 3, "pooling": "last"},
+        "few_shot": {},
+    }
+    sections = report_sections(result)
+    assert list(sections) == ["Data"] and "cv5 subject-grouped cross-fitting" in sections["Data"]
