@@ -26,6 +26,8 @@ demo: install ## the whole pipeline on the embedded Eunomia data, tiny model, CP
 bench: ## run the benchmarks in experiments/bench (see RESULTS.md there)
 	$(PYTHON) experiments/bench/bench_prepare.py
 	$(PYTHON) experiments/bench/bench_train_throughput.py
+	$(PYTHON) experiments/bench/bench_generate.py --threads 1
+	$(PYTHON) experiments/bench/bench_zeroshot.py
 
 clean: ## remove demo runs and caches
 	rm -rf runs .pytest_cache
