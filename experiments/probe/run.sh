@@ -15,4 +15,9 @@ for task in gibleed_after_nsaid gibleed_after_osteoarthritis; do
   cehrx task=probe model_dir=$ROOT/model data.prepared_dir=$ROOT/prepared probe.task=$task \
     probe.random_init=true output_dir=$ROOT/probe/$task overwrite=true
 done
+for task in gibleed_after_nsaid gibleed_after_osteoarthritis; do   # mean pooling (embeddings only)
+  cehrx task=probe model_dir=$ROOT/model data.prepared_dir=$ROOT/prepared probe.task=$task \
+    probe.random_init=true probe.pooling=mean probe.baselines=[] output_dir=$ROOT/probe_mean/$task overwrite=true
+done
 python experiments/probe/summarize.py $ROOT/probe
+python experiments/probe/summarize.py $ROOT/probe_mean

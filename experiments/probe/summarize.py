@@ -9,7 +9,10 @@ import json
 import sys
 from pathlib import Path
 
-from cehrx.eval.metrics import format_metric
+import numpy as np
+import pyarrow.parquet as pq
+
+from cehrx.eval.metrics import bootstrap, format_metric
 
 METHODS = ("probe", "random_init", "counts", "counts_hgb")
 
@@ -30,6 +33,33 @@ def main(root: Path) -> None:
         m = json.loads((r / "metrics.json").read_text())
         for name, curve in m.get("few_shot", {}).items():
             print(f"| {r.name} | {name} | " + " | ".join(f"{c['auroc']:.3f}" + (f" ± {c['auroc_sd']:.3f}" if c["auroc_sd"] else "") for c in curve) + " |")
+
+    print()
+    print("| task | pair | AUROC difference [95% CI, paired subject bootstrap] |")
+    print("|---|---|---:|")
+    for r in runs:
+        for a, b in (("probe", "random_init"), ("probe", "counts")):
+            d = paired_delta(r / "predictions" / f"{a}.parquet", r / "predictions" / f"{b}.parquet")
+            if d is not None:
+                print(f"| {r.name} | {a} - {b} | {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] |")
+
+
+def paired_delta(pa_path: Path, pb_path: Path, n_boot: int = 1000) -> tuple[float, float, float] | None:
+    """AUROC(a) - AUROC(b) on the same rows, CI from the same subject draws for both (same seed)."""
+    if not (pa_path.is_file() and pb_path.is_file()):
+        return None
+    ta, tb = pq.read_table(pa_path), pq.read_table(pb_path)
+    y = ta.column("boolean_value").to_numpy(zero_copy_only=False).astype(bool)
+    sid = ta.column("subject_id").to_numpy()
+    pa_ = ta.column("predicted_boolean_probability").to_numpy().astype(float)
+    pb_ = tb.column("predicted_boolean_probability").to_numpy().astype(float)
+    ba = bootstrap(y, pa_, sid, n_boot, 0)["auroc"]
+    bb = bootstrap(y, pb_, sid, n_boot, 0)["auroc"]
+    from sklearn.metrics import roc_auc_score
+
+    diff = ba - bb
+    diff = diff[np.isfinite(diff)]
+    return float(roc_auc_score(y, pa_) - roc_auc_score(y, pb_)), float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))
 
 
 if __name__ == "__main__":
