@@ -87,7 +87,7 @@ class ZeroshotConfig:
             raise CehrxError(f"zeroshot.chunk_size must be >= 1, got {self.chunk_size}")
 
     @classmethod
-    def from_mapping(cls, m: Any) -> "ZeroshotConfig":
+    def from_mapping(cls, m: Any) -> ZeroshotConfig:
         keys = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in dict(m).items() if k in keys})
 
@@ -320,8 +320,8 @@ def predict_chunk(
         scores = score_futures(vocab, outcome, s.tokens, s.offsets, s.stop, slack[s.prompt_index])
         agg = aggregate(scores, s.prompt_index, len(kept))
         local = hist.label_index
-        for c in out:
-            out[c][local] = agg[c]
+        for c, arr in out.items():
+            arr[local] = agg[c]
         prob[local], days[local] = agg["probability"], agg["expected_days"]
         for i, name in enumerate(STOP_NAMES):
             stops[name][local] = np.bincount(s.prompt_index, weights=s.stop == i, minlength=len(kept)).astype(np.int64)
@@ -405,7 +405,7 @@ def _write_atomic_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _bar(enabled: bool, total: int):  # noqa: ANN202 - tqdm or None
+def _bar(enabled: bool, total: int):
     if not enabled:
         return None
     from tqdm.auto import tqdm

@@ -64,7 +64,7 @@ def task_files(trained: tuple[Path, Path], tmp_path_factory: pytest.TempPathFact
 
 
 def cfg_for(trained: tuple[Path, Path], task_files: tuple[Path, Path], out: Path, *overrides: str):
-    model, prepared = trained
+    model, _ = trained
     task, labels = task_files
     return compose_cfg(
         "task=zeroshot", f"model_dir={model}", f"probe.task={task}", f"labels_dir={labels}", f"output_dir={out}", "split=all",
