@@ -36,7 +36,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from cehrx.data.atomic import atomic_dir
 from cehrx.data.history import Histories, cut_histories, load_all_splits, subject_rows
-from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
 from cehrx.eval.metrics import binary_metrics, json_safe
 from cehrx.eval.predictions import write_predictions
@@ -48,7 +47,7 @@ from cehrx.probe import labels as L
 from cehrx.probe.counts import count_features
 from cehrx.probe.embed import embed
 from cehrx.probe.evaluate import Protocol, choose_protocol, cross_fit, few_shot
-from cehrx.tasks.inputs import is_prepared_dir, prepared_dir_for
+from cehrx.tasks.inputs import prepared_dir_for
 
 log = logging.getLogger("cehrx.probe")
 MARKER = "metrics.json"
@@ -61,7 +60,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if bad:
         raise CehrxError(f"probe.baselines: unknown {bad} (choose from {list(BASELINES)})")
     mdir = resolve_model_dir(cfg.model_dir)
-    prepared = matching_prepared_dir(cfg, mdir)
+    prepared = prepared_dir_for(cfg, mdir)
     out = Path(str(cfg.output_dir))
     if (out / MARKER).exists() and not cfg.overwrite:  # fail before the expensive part
         raise CehrxError(f"{out} already holds a finished probe ({MARKER}); pass overwrite=true to replace it")
@@ -75,20 +74,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         (tmp / MARKER).write_text(json.dumps(json_safe(result), indent=2) + "\n")
     _print_summary(result, out)
     return result
-
-
-def matching_prepared_dir(cfg: DictConfig, mdir: Path) -> Path:
-    """The prepared dir whose vocabulary is the model's: `data.prepared_dir` if it matches, else the
-    one recorded in the model's training config (a default `data.prepared_dir` such as
-    runs/eunomia must not silently feed another site's tokens to the model)."""
-    model_tokens = Vocab.load(mdir / "vocab.json").tokens
-    first = prepared_dir_for(cfg, mdir)
-    if Vocab.load(first).tokens == model_tokens:
-        return first
-    recorded = OmegaConf.select(OmegaConf.load(mdir / "train_config.yaml"), "data.prepared_dir") if (mdir / "train_config.yaml").is_file() else None
-    if recorded and is_prepared_dir(recorded) and Vocab.load(recorded).tokens == model_tokens:
-        return Path(str(recorded))
-    raise CehrxError(f"{first}/vocab.json is not the vocabulary of the model in {mdir}: pass data.prepared_dir=<the prepared dir the model was trained on>")
 
 
 def read_labels(cfg: DictConfig, prepared: Path) -> tuple[pa.Table, dict]:

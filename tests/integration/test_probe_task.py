@@ -115,11 +115,12 @@ def test_probe_task_end_to_end(micro_model: tuple[Path, Path], tmp_path: Path) -
 @pytest.mark.slow
 def test_probe_needs_labels(micro_model: tuple[Path, Path], synthetic_prepared: Path, tmp_path: Path) -> None:
     from cehrx.model.export import model_dir
-    from cehrx.tasks.probe import matching_prepared_dir, run
+    from cehrx.tasks.inputs import prepared_dir_for
+    from cehrx.tasks.probe import run
 
     prepared, model = micro_model
     # another prepared dir (e.g. the default runs/eunomia) is not fed to this model: its own is used
-    assert matching_prepared_dir(compose_cfg("task=probe", f"data.prepared_dir={synthetic_prepared}", f"model_dir={model}"), model_dir(model)) == prepared
+    assert prepared_dir_for(compose_cfg("task=probe", f"data.prepared_dir={synthetic_prepared}", f"model_dir={model}"), model_dir(model)) == prepared
     with pytest.raises(CehrxError, match="no labels"):
         run(compose_cfg("task=probe", f"model_dir={model}", f"output_dir={tmp_path / 'o'}"))
     with pytest.raises(CehrxError, match="unknown task"):
