@@ -216,7 +216,7 @@ def _visits(con: duckdb.DuckDBPyConnection, t: OmopTables, stats: dict) -> None:
     stats["rows_in"][v] = con.execute("SELECT count(*) FROM visit_raw").fetchall()[0][0]
     _count(stats, "repaired", v, {"end_before_start (end set to start)": con.execute(
         "SELECT count(*) FROM visit_raw WHERE end_t < start_t").fetchall()[0][0]})
-    con.execute(f"""
+    con.execute("""
         CREATE OR REPLACE TEMP TABLE visit_ok AS
         SELECT r.person_id, r.visit_id, r.concept_id, r.start_t, greatest(coalesce(r.end_t, r.start_t), r.start_t) AS end_t, r.discharge_id
         FROM visit_raw r SEMI JOIN person_clean p ON p.person_id = r.person_id

@@ -12,6 +12,7 @@ import pytest
 SMALL = (
     "model=micro", "trainer.max_steps=20", "trainer.val_check_interval=10", "trainer.enable_progress_bar=false",
     "trainer.num_sanity_val_steps=0", "logger=none",
+    "++probe.few_shot=[]", "++probe.n_boot=100", "++probe.baselines=[counts]", "++zeroshot.n_boot=100", "++evaluate.n_boot=50",
     "++zeroshot.num_samples=2", "++zeroshot.max_new_tokens=24", "++generate.num_patients=40", "++generate.max_new_tokens=64",
 )
 
