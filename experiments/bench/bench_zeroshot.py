@@ -96,7 +96,7 @@ def run_mode(model, vocab, h, idx: np.ndarray, args: argparse.Namespace, mode: s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prepared", type=Path, required=True, help="prepared GiBleed dir (cehrx task=prepare data=gibleed)")
+    ap.add_argument("--prepared", type=Path, default=Path("runs/gibleed"), help="prepared GiBleed dir (default: `cehrx task=prepare data=gibleed`'s)")
     ap.add_argument("--model-dir", type=Path, default=None, help="trained tiny model (default: random-init tiny)")
     ap.add_argument("--task", default="gibleed_after_nsaid")
     ap.add_argument("--patients", type=int, default=64, help="patients in the batched run")
@@ -111,6 +111,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not (args.prepared / "vocab.json").is_file():
+        raise SystemExit(f"no prepared dir at {args.prepared}: run `cehrx task=prepare data=gibleed` (or pass --prepared)")
     vocab = Vocab.load(args.prepared)
     model, what = load_model(args, vocab)
     h = histories(args.prepared, vocab, args.task, model.config.max_seq_len - args.max_new_tokens)
