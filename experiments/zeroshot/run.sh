@@ -2,11 +2,12 @@
 # Zero-shot AUROC on the shipped GiBleed tasks: a pretrained tiny model vs the same architecture
 # with random weights (zeroshot.random_init=true). Reruns the numbers in RESULTS.md.
 #   bash experiments/zeroshot/run.sh [root]        (default root: runs/zeroshot_gibleed)
+# A root already holding prepared/ and model/ (e.g. experiments/probe/run.sh's) is reused.
 set -euo pipefail
 ROOT=${1:-runs/zeroshot_gibleed}
 SAMPLES=${SAMPLES:-20}
-cehrx task=prepare data=gibleed output_dir=$ROOT/prepared
-cehrx task=pretrain model=tiny trainer=cpu data=gibleed data.prepared_dir=$ROOT/prepared output_dir=$ROOT/model
+[ -f "$ROOT/prepared/prepare.json" ] || cehrx task=prepare data=gibleed output_dir=$ROOT/prepared
+[ -f "$ROOT/model/model/config.json" ] || cehrx task=pretrain model=tiny trainer=cpu data=gibleed data.prepared_dir=$ROOT/prepared output_dir=$ROOT/model
 for task in gibleed_after_nsaid gibleed_after_osteoarthritis; do
   for init in false true; do
     name=$task$([ "$init" = true ] && echo _random || true)
