@@ -17,10 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -28,6 +25,7 @@ from rich.console import Console
 
 from cehrx.data.atomic import atomic_dir
 from cehrx.data.vocab import Vocab
+from cehrx.progress import Stages
 from cehrx.errors import CehrxError
 from cehrx.eval import fidelity, marginal, privacy, synthetic_report
 from cehrx.eval.patients import Patients, TokenSpace, code_columns, load_patients, record_matrix
@@ -37,23 +35,6 @@ log = logging.getLogger("cehrx.evaluate")
 MARKER = "metrics.json"
 MODEL_SET = "model"
 BASELINE_SET = "marginal"
-
-
-class Stages:
-    """Named stages with a live status line; records their wall times (seconds)."""
-
-    def __init__(self, total: int) -> None:
-        self.console = Console(stderr=True)
-        self.total, self.done, self.timings = total, 0, {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        self.done += 1
-        start = time.perf_counter()
-        self.console.print(f"[{self.done}/{self.total}] {name} ...")
-        yield
-        self.timings[name] = round(time.perf_counter() - start, 2)
-        self.console.print(f"[green]✓[/green] [{self.done}/{self.total}] {name} ({self.timings[name]:.1f}s)")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -97,7 +78,7 @@ def evaluate(cfg: DictConfig, prepared: Path, synthetic: Path | None, baseline: 
     """Everything, stage by stage; returns metrics.json's content and writes the report into `out`."""
     e = cfg.evaluate
     seed, n_max, batch = int(e.seed), int(e.n_max_patients), int(e.nn_batch_size)
-    stages = Stages(total=6 + int(baseline is not None))
+    stages = Stages(total=6 + int(baseline is not None), spinner=False)
     real_meds = real_meds_dir(prepared)
     dirs: dict[str, Path] = {}
     if synthetic is not None:

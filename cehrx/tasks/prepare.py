@@ -15,8 +15,6 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -44,28 +42,12 @@ from cehrx.data.visits import (
     build_source_visits,
 )
 from cehrx.data.vocab_build import candidate_tokens, code_tables, make_vocab
+from cehrx.progress import Stages
 from cehrx.errors import DataError
 from cehrx.export.meds import write_meds
 
 log = logging.getLogger("cehrx.prepare")
 MARKER = "prepare.json"
-
-
-class Stages:
-    """Runs named stages with a live status line and records their wall times."""
-
-    def __init__(self, total: int) -> None:
-        self.console = Console(stderr=True)
-        self.total, self.done, self.timings = total, 0, {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        self.done += 1
-        start = time.perf_counter()
-        with self.console.status(f"[{self.done}/{self.total}] {name} ..."):
-            yield
-        self.timings[name] = round(time.perf_counter() - start, 3)
-        self.console.print(f"[green]✓[/green] [{self.done}/{self.total}] {name} ({self.timings[name]:.1f}s)")
 
 
 def run(cfg: DictConfig) -> dict:
