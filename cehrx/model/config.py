@@ -8,6 +8,7 @@ every checkpoint (`to_dict()` is JSON-safe), so a saved model can be rebuilt wit
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,3 +118,19 @@ class GPTConfig:
         when changing `n_embd` to get the new derived width.
         """
         return dataclasses.replace(self, **changes)
+
+
+def model_sizes() -> dict[str, dict[str, int]]:
+    """`{name: {n_layer, n_embd, n_head}}` of the shipped `configs/model/*.yaml` recipes.
+
+    Benchmarks build models of the configured sizes without composing Hydra configs.
+    """
+    from omegaconf import OmegaConf
+
+    from cehrx.cli import config_dir
+
+    out = {}
+    for path in sorted((Path(config_dir()) / "model").glob("*.yaml")):
+        c = OmegaConf.load(path)
+        out[path.stem] = {k: int(c[k]) for k in ("n_layer", "n_embd", "n_head")}
+    return out

@@ -46,16 +46,10 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from cehrx.model.config import GPTConfig  # noqa: E402
+from cehrx.model.config import GPTConfig, model_sizes  # noqa: E402
 from cehrx.model.transformer import GPT  # noqa: E402
 
-SIZES = {  # mirrors configs/model/*.yaml (kept here so the bench needs no Hydra)
-    "micro": dict(n_layer=2, n_embd=64, n_head=2),
-    "tiny": dict(n_layer=4, n_embd=128, n_head=4),
-    "small": dict(n_layer=6, n_embd=384, n_head=6),
-    "base": dict(n_layer=14, n_embd=768, n_head=12),
-    "large": dict(n_layer=24, n_embd=1024, n_head=16),
-}
+SIZES = model_sizes()  # configs/model/*.yaml: n_layer, n_embd, n_head
 
 
 @dataclass
