@@ -47,6 +47,7 @@ from cehrx.data.vocab import SPECIAL_TOKENS, Vocab, kind_of  # noqa: E402
 from cehrx.generate.sampler import SamplingConfig, sample  # noqa: E402
 from cehrx.model.config import GPTConfig, model_sizes  # noqa: E402
 from cehrx.model.transformer import GPT  # noqa: E402
+from machine import cpu_name  # noqa: E402  (experiments/bench/machine.py)
 
 SIZES = model_sizes()  # configs/model/*.yaml: n_layer, n_embd, n_head
 
@@ -110,15 +111,6 @@ def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from cehrx.model.config import GPTConfig, model_sizes  # noqa: E402
 from cehrx.model.transformer import GPT  # noqa: E402
+from machine import cpu_name  # noqa: E402  (experiments/bench/machine.py)
 
 SIZES = model_sizes()  # configs/model/*.yaml: n_layer, n_embd, n_head
 
@@ -159,15 +160,6 @@ def step_gpt2(model: torch.nn.Module, opt: torch.optim.Optimizer, b: Batch, amp:
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def sync(device: str) -> None:
