@@ -36,10 +36,17 @@ class Protocol:
         return np.sort(np.concatenate([t for _, t in self.folds]))
 
 
-def choose_protocol(split: np.ndarray, y: np.ndarray, groups: np.ndarray, mode: str, min_test: int, n_folds: int, seed: int) -> Protocol:
-    """`split` / `cv` / `auto` (split unless held_out has fewer than `min_test` of either class)."""
-    train = np.flatnonzero(np.isin(split, TRAIN_SPLITS))
-    test = np.flatnonzero(split == TEST_SPLIT)
+def choose_protocol(split: np.ndarray, y: np.ndarray, groups: np.ndarray, mode: str, min_test: int, n_folds: int, seed: int,
+                    test_split: str = TEST_SPLIT) -> Protocol:
+    """`split` / `cv` / `auto` (split unless the test split has fewer than `min_test` of either class).
+
+    The test split is held_out by default; `split=tuning` (MEDS-DEV) tests on tuning and
+    trains on train only: held_out never trains a classifier.
+    """
+    if test_split not in (*TRAIN_SPLITS, TEST_SPLIT):
+        raise ValueError(f"split must be one of {(*TRAIN_SPLITS, TEST_SPLIT)}, got {test_split!r}")
+    train = np.flatnonzero(np.isin(split, [s for s in TRAIN_SPLITS if s != test_split]))
+    test = np.flatnonzero(split == test_split)
     yt = y[test]
     enough = len(test) and min(int(yt.sum()), int((~yt).sum())) >= min_test
     if mode == "split" or (mode == "auto" and enough):

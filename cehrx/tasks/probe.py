@@ -133,7 +133,7 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
             features["counts_hgb"] = counts
     timings["count_features"] = _lap(t0)
 
-    protocol = choose_protocol(split, y, sid, str(p.evaluation), int(p.min_test_class), int(p.cv_folds), seed)
+    protocol = choose_protocol(split, y, sid, str(p.evaluation), int(p.min_test_class), int(p.cv_folds), seed, str(cfg.get("split") or "held_out"))
     t0 = time.perf_counter()
     methods, curves, fs = {}, {}, {}
     test = protocol.test_rows

@@ -340,3 +340,17 @@ def test_report_sections_under_cross_fitting() -> None:
     }
     sections = report_sections(result)
     assert list(sections) == ["Data"] and "cv5 subject-grouped cross-fitting" in sections["Data"]
+
+
+def test_protocol_tests_on_the_requested_split_and_never_trains_on_held_out() -> None:
+    from cehrx.probe.evaluate import choose_protocol
+
+    split = np.array(["train"] * 40 + ["tuning"] * 20 + ["held_out"] * 20)
+    y = np.tile([True, False], 40)
+    groups = np.arange(80)
+    held = choose_protocol(split, y, groups, "split", 1, 5, 0)
+    (train, test), = held.folds
+    assert set(split[train]) == {"train", "tuning"} and set(split[test]) == {"held_out"}
+    tuning = choose_protocol(split, y, groups, "split", 1, 5, 0, test_split="tuning")
+    (train, test), = tuning.folds
+    assert set(split[train]) == {"train"} and set(split[test]) == {"tuning"}
