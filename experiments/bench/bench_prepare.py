@@ -38,9 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_omop import cached, scale_omop
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_SRC = REPO / "shared" / "data" / "omop_eunomia_gibleed" / "parquet"
-if not DEFAULT_SRC.exists():
-    DEFAULT_SRC = Path("/work/shared/data/omop_eunomia_gibleed/parquet")
+DEFAULT_SRC = REPO.parent / "shared" / "data" / "omop_eunomia_gibleed" / "parquet"  # ../shared beside the project
 TARGET_EPS = 500_000
 TARGET_RSS_MIB = 4096
 # Reference (quoted from the issue, not re-measured): CEHR-GPT Spark ETL on GiBleed as is.
