@@ -162,7 +162,8 @@ def plot_utility(out: Path, utility: dict[str, dict]) -> str | None:
 # ------------------------------------------------------------------------------- markdown
 
 
-def _f(x: object, digits: int = 3) -> str:
+def fmt_value(x: object, digits: int = 3) -> str:
+    """A metric for a markdown cell: 3 decimals, `–` when missing or NaN."""
     if x is None:
         return "–"
     if isinstance(x, float):
@@ -198,7 +199,8 @@ SUMMARY_ROWS = [
 ]
 
 
-def _get(d: dict, path: tuple[str, ...]) -> object:
+def value_at(d: dict, path: tuple[str, ...]) -> object:
+    """`d[path[0]][path[1]]...`, or None where a key is missing (a set may lack a section)."""
     for k in path:
         if not isinstance(d, dict) or k not in d:
             return None
@@ -211,8 +213,8 @@ def summary_table(metrics: dict) -> str:
     ref = metrics.get("reference", {})
     lines = ["| metric | " + " | ".join(names) + " | real held-out (reference) | note |", "|---|" + "---|" * (len(names) + 2)]
     for label, path, note in SUMMARY_ROWS:
-        vals = [_f(_get(metrics["sets"][n], path)) for n in names]
-        lines.append(f"| {label} | " + " | ".join(vals) + f" | {_f(_get(ref, path))} | {note} |")
+        vals = [fmt_value(value_at(metrics["sets"][n], path)) for n in names]
+        lines.append(f"| {label} | " + " | ".join(vals) + f" | {fmt_value(value_at(ref, path))} | {note} |")
     return "\n".join(lines)
 
 
@@ -280,9 +282,9 @@ def _distribution_table(metrics: dict) -> str:
     lines = ["| distribution | distance | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for key in [*NUMERIC, *CATEGORICAL]:
         dist = "tvd" if key in CATEGORICAL else "ks"
-        lines.append(f"| {key} | {dist.upper()} | " + " | ".join(_f(_get(metrics["sets"][n], ("fidelity", "distributions", key, dist))) for n in names) + " |")
+        lines.append(f"| {key} | {dist.upper()} | " + " | ".join(fmt_value(value_at(metrics["sets"][n], ("fidelity", "distributions", key, dist))) for n in names) + " |")
         if key in NUMERIC:
-            lines.append(f"| {key} | W1 | " + " | ".join(_f(_get(metrics["sets"][n], ("fidelity", "distributions", key, "wasserstein"))) for n in names) + " |")
+            lines.append(f"| {key} | W1 | " + " | ".join(fmt_value(value_at(metrics["sets"][n], ("fidelity", "distributions", key, "wasserstein"))) for n in names) + " |")
     return "\n".join(lines)
 
 
@@ -291,7 +293,7 @@ def _labs_table(metrics: dict) -> str:
     first = metrics["sets"][names[0]]["fidelity"].get("labs", {}).get("codes", {})
     lines = ["| lab | real n | " + " | ".join(f"{n} KS" for n in names) + " |", "|---|---|" + "---|" * len(names)]
     for code, m in first.items():
-        lines.append(f"| {code} | {m['n_real']} | " + " | ".join(_f(_get(metrics["sets"][n], ("fidelity", "labs", "codes", code, "ks"))) for n in names) + " |")
+        lines.append(f"| {code} | {m['n_real']} | " + " | ".join(fmt_value(value_at(metrics["sets"][n], ("fidelity", "labs", "codes", code, "ks"))) for n in names) + " |")
     return "\n".join(lines)
 
 
@@ -313,10 +315,10 @@ def _utility_text(metrics: dict) -> str:
             m = metrics["sets"][n].get("utility", {}).get("tasks", {}).get(t, {})
             if trtr is None and m.get("trtr_auroc") is not None:
                 ci = m.get("trtr_auroc_ci") or (None, None)
-                trtr = f"{_f(m['trtr_auroc'])} [{_f(ci[0])}, {_f(ci[1])}]"
+                trtr = f"{fmt_value(m['trtr_auroc'])} [{fmt_value(ci[0])}, {fmt_value(ci[1])}]"
             if "auroc" in m:
                 lo, hi = m.get("auroc_ci") or (None, None)
-                cells += [f"{_f(m['auroc'])} [{_f(lo)}, {_f(hi)}]", _f(m.get("ratio"))]
+                cells += [f"{fmt_value(m['auroc'])} [{fmt_value(lo)}, {fmt_value(hi)}]", fmt_value(m.get("ratio"))]
             else:
                 cells += ["skipped", "–"]
                 if m.get("skipped"):
@@ -342,5 +344,5 @@ def _privacy_table(metrics: dict) -> str:
         ("held-out exact copy rate ignoring YEAR/AGE", ("privacy", "exact_copies", "held_out_rate_ignoring_year_age")),
     ]
     for label, path in rows:
-        lines.append(f"| {label} | " + " | ".join(_f(_get(metrics["sets"][n], path)) for n in names) + " |")
+        lines.append(f"| {label} | " + " | ".join(fmt_value(value_at(metrics["sets"][n], path)) for n in names) + " |")
     return "\n".join(lines)

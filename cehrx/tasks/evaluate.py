@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from rich.console import Console
 
 from cehrx.data.atomic import atomic_dir
 from cehrx.data.vocab import Vocab
+from cehrx.eval.metrics import json_safe
 from cehrx.progress import Stages
 from cehrx.errors import CehrxError
 from cehrx.eval import fidelity, marginal, privacy, synthetic_report
@@ -51,7 +51,7 @@ def run(cfg: DictConfig) -> dict:
         metrics = evaluate(cfg, prepared, synthetic, baseline, tmp)
         metrics["output_dir"] = str(out)
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (tmp / MARKER).write_text(json.dumps(_clean(metrics), indent=2) + "\n")
+        (tmp / MARKER).write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
     Console(stderr=True).print(f"synthetic data report -> {out / 'report.md'}")
     return metrics
 
@@ -125,7 +125,7 @@ def evaluate(cfg: DictConfig, prepared: Path, synthetic: Path | None, baseline: 
         metrics["figures"] = {k: v for k, v in figures.items() if v}
         metrics["summary"] = {k: headline(s) for k, s in metrics["sets"].items()}
         metrics["timings_s"] = stages.timings
-        synthetic_report.write_markdown(out, _clean(metrics), figures)
+        synthetic_report.write_markdown(out, json_safe(metrics), figures)
     return metrics
 
 
@@ -202,18 +202,3 @@ def _utility(e: DictConfig, real_meds: Path | None, dirs: dict[str, Path], metri
     results = utility(tasks, real_meds, syn_meds, str(e.test_split), str(e.classifier), int(e.n_boot), seed)
     for k, r in results.items():
         metrics["sets"][k]["utility"] = r
-
-
-def _clean(x):
-    """JSON-safe: NaN -> None, numpy scalars -> Python."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return None if not math.isfinite(float(x)) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from cehrx.eval.synthetic_report import fmt_value, value_at
+
 ROWS = [
     ("prevalence Pearson", ("fidelity", "prevalence", "pearson")),
     ("prevalence Spearman", ("fidelity", "prevalence", "spearman")),
@@ -28,16 +30,6 @@ ROWS = [
 ]
 
 
-def get(d: dict, path: tuple[str, ...]):
-    for k in path:
-        d = d.get(k) if isinstance(d, dict) else None
-    return d
-
-
-def fmt(x) -> str:
-    return "–" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
-
-
 def main(dirs: list[str]) -> None:
     cols = []
     for d in dirs:
@@ -48,7 +40,7 @@ def main(dirs: list[str]) -> None:
     print("| metric | " + " | ".join(c for c, _ in cols) + " |")
     print("|---|" + "---|" * len(cols))
     for label, path in ROWS:
-        print(f"| {label} | " + " | ".join(fmt(get(s, path)) for _, s in cols) + " |")
+        print(f"| {label} | " + " | ".join(fmt_value(value_at(s, path)) for _, s in cols) + " |")
 
 
 if __name__ == "__main__":
