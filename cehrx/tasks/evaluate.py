@@ -131,7 +131,7 @@ def evaluate(cfg: DictConfig, prepared: Path, synthetic: Path | None, baseline: 
 
 def headline(s: dict) -> dict:
     """The few numbers a reader looks for first (the pipeline summary finds them by key name)."""
-    get = synthetic_report._get
+    get = synthetic_report.value_at
     return {"prevalence_pearson": get(s, ("fidelity", "prevalence", "pearson")),
             "mia_auc": get(s, ("privacy", "membership_inference", "auc")),
             "privacy_loss": get(s, ("privacy", "adversarial", "privacy_loss")),
