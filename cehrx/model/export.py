@@ -173,3 +173,21 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
     if bad_missing or unexpected:
         raise CehrxError(f"{d}: weights do not match config.json (missing {sorted(bad_missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
     return gpt.to(map_location).eval(), vocab
+
+
+def resolve_device(name: str | None, option: str = "device") -> torch.device:
+    """`auto` (CUDA when available, else CPU) or an explicit device; CUDA asked for but absent is an error.
+
+    `option` names the config key in the error, e.g. `probe.device`.
+    """
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise CehrxError(f"{option}={name} but CUDA is not available (use {option}=cpu or auto)")
+    return torch.device(str(name))
+
+
+def random_init_like(model: GPT, seed: int) -> GPT:
+    """The same architecture with fresh weights: the control a pretrained model must beat."""
+    torch.manual_seed(seed)
+    return GPT(model.config).to(model.wte.weight.device).eval()

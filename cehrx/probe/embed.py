@@ -18,17 +18,10 @@ from tqdm.auto import tqdm
 from cehrx.data.datamodule import pack_lengths
 from cehrx.data.history import Histories
 from cehrx.errors import CehrxError
+from cehrx.model.export import resolve_device
 from cehrx.model.transformer import GPT
 
 POOLINGS = ("last", "mean")
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise CehrxError(f"probe.device={device} but CUDA is not available")
-    return torch.device(device)
 
 
 @torch.inference_mode()
@@ -46,7 +39,7 @@ def embed(
     lengths = histories.lengths().astype(np.int64)
     if len(lengths) and lengths.max() > model.config.max_seq_len:
         raise CehrxError(f"a history has {int(lengths.max())} tokens but the model's max_seq_len is {model.config.max_seq_len}: lower probe.max_len")
-    dev = resolve_device(str(device) if device is not None else None)
+    dev = resolve_device(str(device) if device is not None else None, "probe.device")
     model = model.to(dev).eval()
     budget = max(int(max_tokens_per_batch), int(lengths.max()) if len(lengths) else 1)
     order = np.argsort(-lengths, kind="stable")

@@ -50,7 +50,7 @@ from cehrx.generate.patients import DROP_REASONS, TRUNCATED_KEY, decode_samples,
 from cehrx.generate.prompts import PromptPool, config_pool, empirical_pool
 from cehrx.generate.sampler import STOP_NAMES, SamplingConfig, sample
 from cehrx.generate.staging import Stage
-from cehrx.model.export import load_pretrained
+from cehrx.model.export import load_pretrained, resolve_device
 from cehrx.model.export import model_dir as resolve_model_dir
 from cehrx.tasks.inputs import prepared_dir_for
 
@@ -70,14 +70,6 @@ def sampling_config(g: DictConfig, max_seq_len: int) -> SamplingConfig:
         raise CehrxError(f"generate.max_new_tokens={g.max_new_tokens}: the model's max_seq_len={max_seq_len} leaves room for 1..{room} tokens after the 4-token prompt")
     return SamplingConfig(temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p), max_new_tokens=max_new,
                           max_days=None, constrained=bool(g.constrained), batch_size=int(g.batch_size), seed=int(g.seed))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise CehrxError(f"generate.device={name} but CUDA is not available (use generate.device=cpu or auto)")
-    return torch.device(str(name))
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -246,7 +238,7 @@ def run(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     if g.get("threads"):  # small models decode one token per step: fewer CPU threads often run faster
         torch.set_num_threads(int(g.threads))
-    device = resolve_device(g.device)
+    device = resolve_device(g.device, "generate.device")
     mdir = resolve_model_dir(cfg.model_dir)
     model, vocab = load_pretrained(mdir, map_location=device)
     prepared = prepared_dir_for(cfg, mdir)

@@ -40,9 +40,8 @@ from cehrx.errors import CehrxError
 from cehrx.eval.metrics import binary_metrics, json_safe
 from cehrx.eval.predictions import write_predictions
 from cehrx.eval.report import write_report
-from cehrx.model.export import load_pretrained
+from cehrx.model.export import load_pretrained, random_init_like
 from cehrx.model.export import model_dir as resolve_model_dir
-from cehrx.model.transformer import GPT
 from cehrx.probe import labels as L
 from cehrx.probe.counts import count_features
 from cehrx.probe.embed import embed
@@ -159,12 +158,6 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
     pq.write_table(kept.append_column("split", pa.array(split.astype(str))), tmp / "labels.parquet")
     write_report(tmp, report_title(source), {k: v for k, v in methods.items()}, curves, sections=report_sections(result))
     return result
-
-
-def random_init_like(model: GPT, seed: int) -> GPT:
-    """A freshly initialised GPT of the same architecture (the control every probe must beat)."""
-    torch.manual_seed(seed)
-    return GPT(model.config).eval()
 
 
 def write_features(out: Path, kept: pa.Table, split: np.ndarray, features: dict[str, np.ndarray]) -> None:

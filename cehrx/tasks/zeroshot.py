@@ -68,9 +68,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     zc = cfg.zeroshot
     zcfg = ZeroshotConfig.from_mapping(OmegaConf.to_container(zc, resolve=True))
     task = OmegaConf.select(cfg, "probe.task")
-    from cehrx.model.export import load_pretrained, model_dir
+    from cehrx.model.export import load_pretrained, model_dir, random_init_like, resolve_device
 
-    device = resolve_device(str(zc.get("device", "auto")))
+    device = resolve_device(str(zc.get("device", "auto")), "zeroshot.device")
     model, vocab = load_pretrained(cfg.model_dir, map_location=device)
     random_init = bool(zc.get("random_init", False))
     if random_init:
@@ -101,24 +101,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- inputs
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def random_init_like(model: Any, seed: int) -> Any:
-    """The same architecture with fresh weights: the control a pretrained model must beat."""
-    import torch
-
-    from cehrx.model.transformer import GPT
-
-    torch.manual_seed(seed)
-    return GPT(model.config).to(model.wte.weight.device).eval()
 
 
 def check_vocab(vocab: Vocab, prepared: Path) -> None:

@@ -38,6 +38,7 @@ from omegaconf import OmegaConf
 from cehrx.data.duck import literal
 from cehrx.data.vocab import DEATH, Vocab
 from cehrx.errors import CehrxError
+from cehrx.probe.labels import task_config_path
 
 log = logging.getLogger("cehrx.zeroshot")
 
@@ -385,21 +386,6 @@ def _meds_descendants(codes: list[str], codes_pq: Path) -> set[str] | None:
 
 
 # ------------------------------------------------------------------------------------ resolve
-
-
-def task_config_path(name: str) -> Path:
-    """`configs/aces/<name>.yaml` (probe's task files), or `name` itself when it is a yaml path."""
-    p = Path(name)
-    if p.suffix in (".yaml", ".yml") and p.is_file():
-        return p
-    try:
-        from cehrx.probe.labels import task_config_path as probe_path
-
-        return Path(probe_path(name))
-    except ImportError:  # probe not installed alongside: same layout
-        from cehrx.cli import config_dir
-
-        return Path(config_dir()) / "aces" / f"{name}.yaml"
 
 
 def resolve_outcome(
