@@ -5,32 +5,32 @@ prompt `num_samples` times and returns the continuations as flat arrays (`Sample
 
 How a run is organised (and why):
 
-- **Waves.** Prompts are sorted by length and their `(prompt, sample)` rows cut into waves of
-  `cfg.batch_size` rows, so prompts of similar length share a wave and little is padded
-  (zero-shot histories range from a few to thousands of tokens). Results are put back in
-  prompt-major order: row `i * num_samples + j` is sample `j` of prompt `i`.
-- **Prefill once, replicate.** A wave's distinct prompts are left-padded into one `[P, L]`
-  batch and run once; the KV cache rows are then repeated for each sample
-  (`KVCache.select_rows`), so a prompt's history is never recomputed per sample. Left padding
-  keeps every row's newest token in the last column; `key_mask` hides the padding keys and
-  per-row `position_ids` start each sequence at 0, so a padded prompt gets exactly the
-  logits it gets alone.
+- **A stream of rows.** Every `(prompt, sample)` pair is a row; row `i * num_samples + j` is
+  sample `j` of prompt `i` (results come back in that prompt-major order). Rows enter the batch
+  longest prompt first, at most `cfg.batch_size` at a time, so prompts of similar length share
+  a prefill and pad little (zero-shot histories range from a few to thousands of tokens).
+- **Prefill once, share the keys.** Entering prompts are left-padded into one `[P, L]` batch
+  and run once; `key_mask` hides the padding keys and per-row `position_ids` start each
+  sequence at 0, so a padded prompt gets exactly the logits it gets alone. Its samples then
+  read its cached keys together (`SharedPrefixKVCache`): one copy per prompt, not per sample.
 - **Decode.** One token per row per step through the cache (`[B, 1]` forward; the lm head
   runs on the real last position only, never on padding).
 - **Stops.** A row stops at `[END]` or `[DEATH]` (included), when it has `max_new_tokens`
   tokens or its context is full (`max_seq_len`), or when its generated time tokens (gap and
   inpatient time, `cehrx.data.decode.token_seconds`) pass `max_days` (the crossing token is
   included). The reason is `Samples.stop`.
-- **Shrinking batch.** Finished rows are dropped from the batch (cache, masks, states) as soon
-  as at least 1/8 of the batch has finished, so compute follows the live rows; there is no
-  refill (a wave ends when its last row stops, then the next wave is prefilled). Waves sorted
-  by length finish at similar times, which keeps this simple scheme efficient.
+- **Shrinking batch, refilled.** Finished rows leave the batch (cache, states) once at least
+  1/8 of it has finished, and once a quarter of it is free the next rows' prompts are
+  prefilled and join it. Zero-shot futures mostly stop within a few tokens while a few run
+  long; without refill every batch would end in a long tail of nearly empty forwards.
 - **Grammar.** With `cfg.constrained`, every step masks what the token grammar forbids in each
   row's state (`cehrx.generate.constraints.Grammar`), starting from the state the prompt ends
   in. A sample that ends with `[END]`/`[DEATH]` is then always valid for `check_sequence`; one
   cut by a budget may end inside a visit (cut it at its last `[VE]`).
-- **Reproducible.** Each wave draws from its own generator seeded with `(cfg.seed, wave)`:
-  the same inputs, seed and `batch_size` give the same samples (on the same device).
+- **Reproducible whatever the batching.** The uniform number behind each draw is a hash of
+  `(cfg.seed, prompt id, sample, step)` (`cehrx.generate.draws.row_uniforms`), so the same
+  inputs and seed give the same samples for any `batch_size`, with or without the cache (up
+  to float rounding on other devices), and in one call or split over several (`prompt_ids`).
 
 Everything runs under `torch.inference_mode()` with the model in eval mode (restored after).
 """
@@ -49,6 +49,8 @@ from cehrx.data.decode import token_seconds
 from cehrx.data.vocab import DEATH, END, Vocab
 from cehrx.errors import CehrxError
 from cehrx.generate.constraints import Grammar
+from cehrx.generate.draws import row_uniforms, sample_next
+from cehrx.model.kv_cache import SharedPrefixKVCache
 from cehrx.model.transformer import GPT
 
 __all__ = ["STOP_DEATH", "STOP_END", "STOP_NAMES", "STOP_TIME", "STOP_TOKENS", "Samples", "SamplingConfig", "sample", "sample_next"]
@@ -57,6 +59,7 @@ STOP_END, STOP_DEATH, STOP_TOKENS, STOP_TIME = 0, 1, 2, 3
 STOP_NAMES = ("end", "death", "tokens", "time")
 _RUNNING = -1
 COMPACT_FRACTION = 8  # drop finished rows once >= 1/8 of the batch has finished
+REFILL_FRACTION = 4  # admit new prompts once >= 1/4 of the batch is free
 
 
 @dataclass
@@ -115,66 +118,6 @@ class Samples:
 
 
 # --------------------------------------------------------------------------------------------
-# one sampling step
-
-
-def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> Tensor:
-    """Token ids `[B]` drawn from `logits` (`[B, V]`, float, -inf = forbidden).
-
-    Temperature 0 is greedy. top-k keeps the k largest logits; top-p then keeps the smallest
-    set of most probable tokens whose probability reaches `top_p` (renormalised after top-k,
-    as Hugging Face does; the token that crosses `top_p` is kept, so one always survives).
-
-    Why not `torch.multinomial` and a full sort: on CPU both cost far more than the model's
-    own step at realistic vocabularies (multinomial draws V random numbers per row; a
-    `[256, 30000]` sort takes longer than a forward of the base model). Here a row costs one
-    uniform number and a `searchsorted` in its cumulative distribution, and top-p sorts only
-    the top-k tokens that hold `top_p` of the mass (k grows x4 until they do, exact).
-    """
-    if temperature == 0:
-        return logits.argmax(-1)
-    if temperature != 1.0:
-        logits = logits / temperature
-    V = logits.shape[-1]
-    if 0 < top_k < V:
-        vals, idx = torch.topk(logits, top_k, dim=-1)  # sorted, descending
-        probs = torch.softmax(vals, dim=-1)
-        if top_p < 1.0:
-            probs = _nucleus(probs, top_p)
-        return idx.gather(-1, _draw(probs, generator)[:, None])[:, 0]
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        k = min(V, 64)
-        while True:
-            vals, idx = torch.topk(probs, k, dim=-1)
-            if k == V or bool((vals.sum(-1) >= top_p).all()):
-                break
-            k = min(V, 4 * k)
-        return idx.gather(-1, _draw(_nucleus(vals, top_p), generator)[:, None])[:, 0]
-    return _draw(probs, generator)
-
-
-def _nucleus(sorted_probs: Tensor, top_p: float) -> Tensor:
-    """Zero the tokens (probabilities sorted descending) after the mass before them reaches top_p."""
-    before = sorted_probs.cumsum(-1) - sorted_probs
-    return sorted_probs.masked_fill(before >= top_p, 0.0)
-
-
-def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Inverse-CDF draw, one uniform per row, from non-negative (unnormalised) weights `[B, V]`.
-
-    `searchsorted(..., right=True)` returns the first token whose cumulative weight exceeds the
-    uniform, which always has a positive weight: a forbidden (zero) token never comes out. The
-    clamp handles the float edge where `u * total` rounds up to `total`.
-    """
-    cdf = probs.cumsum(-1)
-    total = cdf[:, -1:].contiguous()
-    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype) * total
-    idx = torch.searchsorted(cdf, u, right=True)
-    return torch.minimum(idx, torch.searchsorted(cdf, total))[:, 0]  # first index reaching the total: the last weighted token
-
-
-# --------------------------------------------------------------------------------------------
 # the engine
 
 
@@ -192,6 +135,67 @@ class _Prepared:
     death_id: int
     max_seconds: float  # time budget in seconds (inf = none)
     cache_dtype: torch.dtype  # the keys' dtype: the weights', or autocast's when it is on
+    max_seq_len: int
+    max_new: int  # cfg.max_new_tokens
+
+
+@dataclass
+class _Live:
+    """The rows in the batch, one entry each (finished rows ride along until compaction)."""
+
+    row: Tensor  # int64 global row id (prompt * num_samples + sample)
+    key: Tensor  # int64 the row's random-number key (prompt id * num_samples + sample)
+    plen: Tensor  # int64 prompt length
+    n: Tensor  # int64 tokens drawn so far
+    secs: Tensor  # int64 seconds advanced by drawn time tokens
+    state: Tensor | None  # int64 grammar state
+    alive: Tensor  # bool: still sampling
+
+    def select(self, index: Tensor) -> _Live:
+        return _Live(*(None if t is None else t[index] for t in self._fields()))
+
+    def cat(self, other: _Live) -> _Live:
+        return _Live(*(None if a is None else torch.cat((a, b)) for a, b in zip(self._fields(), other._fields())))
+
+    def _fields(self) -> tuple:
+        return self.row, self.key, self.plen, self.n, self.secs, self.state, self.alive
+
+
+class _Record:
+    """What the rows drew and why they stopped, gathered into `Samples` at the end."""
+
+    def __init__(self, n_rows: int, device: torch.device) -> None:
+        self.stop = torch.full((n_rows,), _RUNNING, dtype=torch.int8, device=device)
+        self.n_out = torch.zeros(n_rows, dtype=torch.int64, device=device)
+        self.secs = torch.zeros(n_rows, dtype=torch.int64, device=device)
+        self.drawn: list[tuple[Tensor, Tensor, Tensor]] = []  # per step: (rows, index within the row, token)
+
+    def settle(self, live: _Live, tok: Tensor, reason: Tensor, bar) -> int:
+        """Keep this step's tokens; record the rows that just stopped. Returns how many did."""
+        self.drawn.append((live.row, live.n - 1, tok))
+        finished = live.alive & (reason != _RUNNING)
+        n_fin = int(finished.sum())  # the one host sync per step
+        if n_fin:
+            rows = live.row[finished]
+            self.stop[rows] = reason[finished].to(torch.int8)
+            self.n_out[rows] = live.n[finished]
+            self.secs[rows] = live.secs[finished]
+            live.alive = live.alive & ~finished
+            if bar is not None:
+                bar.update(n_fin)
+        return n_fin
+
+    def samples(self, n_prompts: int, num_samples: int) -> Samples:
+        """Flat tokens in row order (vectorised); tokens a finished row drew while riding along are dropped."""
+        n_out = self.n_out.cpu().numpy()
+        offsets = np.concatenate([[0], np.cumsum(n_out)]).astype(np.int64)
+        tokens = np.zeros(int(offsets[-1]), dtype=np.int32)
+        if self.drawn:
+            rows, k, tok = (torch.cat(parts).cpu().numpy() for parts in zip(*self.drawn))
+            keep = k < n_out[rows]
+            tokens[offsets[rows[keep]] + k[keep]] = tok[keep]
+        return Samples(tokens=tokens, offsets=offsets, stop=self.stop.cpu().numpy(), elapsed_days=self.secs.cpu().numpy() / 86400.0,
+                       prompt_index=np.repeat(np.arange(n_prompts, dtype=np.int64), num_samples))
 
 
 def sample(
@@ -205,14 +209,18 @@ def sample(
     progress: bool = True,
     use_cache: bool = True,
     stop_ids: Sequence[int] | None = None,
+    prompt_ids: np.ndarray | None = None,
 ) -> Samples:
     """Continue each prompt `num_samples` times (prompt-major output, see the module doc).
 
     `prompt_tokens`/`prompt_offsets` are flat (prompt i is `tokens[offsets[i]:offsets[i+1]]`,
     at least one token, at most `max_seq_len - 1`). `use_cache=False` recomputes the whole
-    prefix at every step (the reference the cache is tested and benchmarked against; same
-    draws for the same seed). `stop_ids` overrides the stop tokens (default `[END]` and
-    `[DEATH]`; `()` runs every row to its budget, as the benchmark does).
+    prefix at every step (the reference the cache is tested and benchmarked against; the same
+    samples for the same seed). `stop_ids` overrides the stop tokens (default `[END]` and
+    `[DEATH]`; `()` runs every row to its budget, as the benchmark does). A row's random numbers
+    depend on the seed, its prompt's id (`prompt_ids`, default `0..n-1`) and its sample index
+    only: a caller that splits its prompts over several calls and passes their global ids gets
+    the samples of one call.
     """
     if num_samples < 1:
         raise CehrxError(f"num_samples must be >= 1, got {num_samples}")
@@ -221,6 +229,9 @@ def sample(
     lengths = _check_prompts(model, vocab, tokens, offsets)
     prep = _prepare(model, vocab, cfg, stop_ids)
     n_prompts = len(lengths)
+    keys = np.arange(n_prompts, dtype=np.int64) if prompt_ids is None else np.asarray(prompt_ids, dtype=np.int64)
+    if keys.shape != (n_prompts,):
+        raise CehrxError(f"prompt_ids must hold one id per prompt ({n_prompts}), got shape {keys.shape}")
     init_state = prep.grammar.prompt_states(tokens, offsets) if prep.grammar is not None else np.zeros(n_prompts, np.int64)
     if prep.grammar is not None and prep.grammar.is_free(init_state).any():
         import warnings
@@ -228,48 +239,26 @@ def sample(
         bad = np.flatnonzero(prep.grammar.is_free(init_state))
         warnings.warn(f"{len(bad)} prompt(s) break the token grammar (first: prompt {bad[0]}); they are sampled unconstrained", stacklevel=2)
 
-    # rows in length order, cut into waves of batch_size rows
-    order = np.argsort(lengths, kind="stable")
-    rows = (order[:, None] * num_samples + np.arange(num_samples)[None, :]).reshape(-1)  # global row ids
-    n_rows = n_prompts * num_samples
-    waves: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (global rows, [B, max_new] tokens, lengths)
-    lens = np.zeros(n_rows, dtype=np.int64)
-    stop = np.full(n_rows, _RUNNING, dtype=np.int8)
-    elapsed = np.zeros(n_rows, dtype=np.float64)
-
-    bar = _progress(progress, n_rows)
+    # rows longest prompt first: prompts of similar length share a prefill and pad little, and
+    # prompts joining a running batch are never wider than its cached prefix
+    order = np.argsort(-lengths, kind="stable")
+    rows = (order[:, None] * num_samples + np.arange(num_samples)[None, :]).reshape(-1)
+    record = _Record(n_prompts * num_samples, prep.device)
+    bar = _progress(progress, len(rows))
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for w, start in enumerate(range(0, n_rows, cfg.batch_size)):
-                wave = rows[start : start + cfg.batch_size]
-                gen = torch.Generator(device=prep.device).manual_seed(_wave_seed(cfg.seed, w))
-                out, n, stops, secs = _run_wave(model, prep, cfg, tokens, offsets, wave // num_samples, init_state, gen, use_cache, bar)
-                waves.append((wave, out, n))
-                lens[wave], stop[wave], elapsed[wave] = n, stops, secs / 86400.0
+            if use_cache:
+                _run_stream(model, prep, cfg, tokens, offsets, rows, num_samples, init_state, keys, record, bar)
+            else:
+                for start in range(0, len(rows), cfg.batch_size):
+                    _run_recompute(model, prep, cfg, tokens, offsets, rows[start : start + cfg.batch_size], num_samples, init_state, keys, record, bar)
     finally:
         model.train(was_training)
         if bar is not None:
             bar.close()
-    out_offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    return Samples(
-        tokens=_scatter_rows(waves, out_offsets),
-        offsets=out_offsets,
-        stop=stop,
-        elapsed_days=elapsed,
-        prompt_index=np.repeat(np.arange(n_prompts, dtype=np.int64), num_samples),
-    )
-
-
-def _scatter_rows(waves: list[tuple[np.ndarray, np.ndarray, np.ndarray]], offsets: np.ndarray) -> np.ndarray:
-    """Flat int32 tokens in global row order from each wave's `[B, max_new]` block (vectorised)."""
-    flat = np.zeros(int(offsets[-1]), dtype=np.int32)
-    for rows, out, n in waves:
-        keep = np.arange(out.shape[1])[None, :] < n[:, None]
-        within = np.arange(out.shape[1])[None, :].repeat(len(rows), 0)[keep]  # row-major, like out[keep]
-        flat[np.repeat(offsets[rows], n) + within] = out[keep]
-    return flat
+    return record.samples(n_prompts, num_samples)
 
 
 def _check_prompts(model: GPT, vocab: Vocab, tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -304,11 +293,9 @@ def _prepare(model: GPT, vocab: Vocab, cfg: SamplingConfig, stop_ids: Sequence[i
         death_id=vocab[DEATH],
         max_seconds=math.inf if cfg.max_days is None else float(cfg.max_days) * 86400.0,
         cache_dtype=torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.wte.weight.dtype,
+        max_seq_len=model.config.max_seq_len,
+        max_new=cfg.max_new_tokens,
     )
-
-
-def _wave_seed(seed: int, wave: int) -> int:
-    return (int(seed) * 1_000_003 + wave) % (2**63 - 1)
 
 
 def _progress(enabled: bool, total: int):
@@ -330,109 +317,121 @@ def _left_pad(tokens: np.ndarray, offsets: np.ndarray, prompts: np.ndarray, widt
     return ids, real
 
 
-def _run_wave(
-    model: GPT,
-    prep: _Prepared,
-    cfg: SamplingConfig,
-    tokens: np.ndarray,
-    offsets: np.ndarray,
-    row_prompt: np.ndarray,
-    init_state: np.ndarray,
-    gen: torch.Generator,
-    use_cache: bool,
-    bar,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Sample every row of one wave to its stop: `[B, max_new]` tokens, lengths, stop reasons, seconds.
+def _new_live(prep: _Prepared, rows: np.ndarray, plen: np.ndarray, init_state: np.ndarray, keys: np.ndarray, num_samples: int) -> _Live:
+    dev = prep.device
+    state = torch.from_numpy(init_state[rows // num_samples]).to(dev) if prep.grammar is not None else None
+    zeros = torch.zeros(len(rows), dtype=torch.int64, device=dev)
+    key = torch.from_numpy(keys[rows // num_samples] * num_samples + rows % num_samples).to(dev)
+    return _Live(torch.from_numpy(rows).to(dev), key, torch.from_numpy(plen).to(dev), zeros, zeros.clone(), state,
+                 torch.ones(len(rows), dtype=torch.bool, device=dev))
 
-    `live` maps batch rows to wave rows; `alive` marks batch rows still sampling (finished rows
-    ride along until the next compaction, their results already recorded).
-    """
-    device, max_seq_len = prep.device, model.config.max_seq_len
+
+def _draw_step(prep: _Prepared, cfg: SamplingConfig, logits: Tensor, live: _Live) -> tuple[Tensor, Tensor]:
+    """Mask what the grammar forbids, draw one token per row, advance the rows; (tokens, STOP_* or _RUNNING)."""
+    if live.state is not None:
+        logits.masked_fill_(prep.forbidden[live.state], float("-inf"))
+    else:
+        logits[:, prep.pad_id] = float("-inf")
+    tok = sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniform=row_uniforms(cfg.seed, live.key, live.n))
+    live.n = live.n + 1
+    live.secs = live.secs + prep.seconds[tok]
+    if live.state is not None:
+        live.state = prep.grammar.step(live.state, tok)
+    return tok, _stop_reason(prep, tok, live.secs, (live.plen + live.n >= prep.max_seq_len) | (live.n >= prep.max_new))
+
+
+def _prefill(model: GPT, prep: _Prepared, tokens: np.ndarray, offsets: np.ndarray, rows: np.ndarray, num_samples: int,
+             init_state: np.ndarray, keys: np.ndarray) -> tuple[SharedPrefixKVCache, Tensor, _Live]:
+    """Run each distinct prompt of `rows` once (left-padded batch, lm head on the last column
+    only); its samples then share its cached keys instead of one copy per sample."""
+    row_prompt = rows // num_samples
     uniq, inverse = np.unique(row_prompt, return_inverse=True)
     lengths = offsets[uniq + 1] - offsets[uniq]
-    width = int(lengths.max())
-    B = len(row_prompt)
-    row_len = torch.from_numpy(lengths[inverse]).to(device)
-    max_new = min(cfg.max_new_tokens, max_seq_len - int(lengths.min()))  # the shortest prompt has the most room
-
-    ids_np, real_np = _left_pad(tokens, offsets, uniq, width, 0)
-    ids, real = torch.from_numpy(ids_np).to(device), torch.from_numpy(real_np).to(device)
-    idx = torch.from_numpy(inverse).to(device)
-    pos = (torch.cumsum(real, dim=1) - 1).clamp_min(0)
-
-    # prefill each distinct prompt once (lm head on the last, real, column only), then replicate per sample
+    ids_np, real_np = _left_pad(tokens, offsets, uniq, int(lengths.max()), 0)
+    ids, real = torch.from_numpy(ids_np).to(prep.device), torch.from_numpy(real_np).to(prep.device)
     padded = not bool(real.all())  # equal-length prompts (generate) need no key mask at all
-    cache = model.new_kv_cache(len(uniq), width + max_new, dtype=prep.cache_dtype) if use_cache else None
-    h = model(ids, position_ids=pos, kv_cache=cache, key_mask=real if padded else None)
+    prefix = model.new_kv_cache(len(uniq), ids.shape[1], dtype=prep.cache_dtype)
+    h = model(ids, position_ids=(torch.cumsum(real, dim=1) - 1).clamp_min(0), kv_cache=prefix, key_mask=real if padded else None)
+    idx = torch.from_numpy(inverse).to(prep.device)
     logits = model.lm_head_logits(h[:, -1]).float()[idx]
-    if cache is not None:
-        cache.select_rows(idx)
-    key_mask = torch.zeros(B, width + max_new, dtype=torch.bool, device=device)
-    key_mask[:, :width] = real[idx]
-    seq = torch.zeros(B, width + max_new, dtype=torch.int64, device=device) if cache is None else None
-    if seq is not None:
-        seq[:, :width] = ids[idx]
+    slot = torch.from_numpy(rows % num_samples).to(prep.device)
+    cache = SharedPrefixKVCache(prefix, real if padded else None, idx, slot, num_samples)
+    return cache, logits, _new_live(prep, rows, lengths[inverse], init_state, keys, num_samples)
 
-    state = torch.from_numpy(init_state[row_prompt]).to(device) if prep.grammar is not None else None
-    out = torch.zeros(B, max_new, dtype=torch.int32, device=device)
-    n_out = torch.zeros(B, dtype=torch.int64, device=device)
-    stop_out = torch.full((B,), _RUNNING, dtype=torch.int8, device=device)
-    secs_out = torch.zeros(B, dtype=torch.int64, device=device)
 
-    live = torch.arange(B, device=device)
-    alive = torch.ones(B, dtype=torch.bool, device=device)
-    secs = torch.zeros(B, dtype=torch.int64, device=device)
-    for step in range(max_new):
-        if state is not None:
-            logits.masked_fill_(prep.forbidden[state], float("-inf"))
-        else:
-            logits[:, prep.pad_id] = float("-inf")
-        tok = sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, gen)
-        out[live, step] = tok.to(torch.int32)
-        secs = secs + prep.seconds[tok]
-        if state is not None:
-            state = prep.grammar.step(state, tok)
-        reason = _stop_reason(prep, tok, secs, row_len[live] + step + 1 >= max_seq_len, step + 1 >= max_new)
-        finished = alive & (reason != _RUNNING)
-        n_fin = int(finished.sum())  # the one host sync per step
-        if n_fin:
-            rows = live[finished]
-            stop_out[rows] = reason[finished].to(torch.int8)
-            n_out[rows] = step + 1
-            secs_out[rows] = secs[finished]
-            alive = alive & ~finished
-            if bar is not None:
-                bar.update(n_fin)
-        n_alive = len(live) - int((~alive).sum()) if n_fin else None
-        if n_fin and n_alive == 0:
-            break
-        col = width + step
-        key_mask[live, col] = True
-        if seq is not None:
-            seq[live, col] = tok
-        if n_fin and (len(live) - n_alive) * COMPACT_FRACTION >= len(live):
-            keep = torch.nonzero(alive)[:, 0]
-            live, tok, secs, alive = live[keep], tok[keep], secs[keep], alive[keep]
-            state = state[keep] if state is not None else None
-            if cache is not None:
-                cache.select_rows(keep)
-        kmask = key_mask[live, : col + 1] if padded else None
+def _run_stream(model: GPT, prep: _Prepared, cfg: SamplingConfig, tokens: np.ndarray, offsets: np.ndarray, rows: np.ndarray,
+                num_samples: int, init_state: np.ndarray, keys: np.ndarray, record: _Record, bar) -> None:
+    """Sample every row with the KV cache, `cfg.batch_size` rows at a time, refilling as rows stop.
+
+    Rows enter in `rows` order: whenever a quarter of the batch is free, the next rows' prompts
+    are prefilled and join the running batch, so the long tail of a few slow futures runs
+    alongside new work instead of in nearly empty forwards. Finished rows leave at the next
+    compaction (>= 1/8 of the batch finished).
+    """
+    cache: SharedPrefixKVCache | None = None
+    live: _Live | None = None
+    logits = None
+    n_alive, nxt = 0, 0
+    while True:
+        in_batch = 0 if live is None else len(live.row)
+        free = cfg.batch_size - in_batch
+        if nxt < len(rows) and (n_alive == 0 or free * REFILL_FRACTION >= cfg.batch_size):
+            if n_alive == 0:
+                cache = live = logits = None
+                free = cfg.batch_size
+            take = rows[nxt : nxt + free]
+            nxt += len(take)
+            new_cache, new_logits, new_live = _prefill(model, prep, tokens, offsets, take, num_samples, init_state, keys)
+            if live is None:
+                cache, logits, live = new_cache, new_logits, new_live
+            else:
+                cache.extend(new_cache)
+                logits, live = torch.cat((logits, new_logits)), live.cat(new_live)
+            n_alive += len(take)
+        if n_alive == 0:
+            return
+        tok, reason = _draw_step(prep, cfg, logits, live)
+        n_fin = record.settle(live, tok, reason, bar)
+        n_alive -= n_fin
+        if n_alive == 0:
+            continue  # everything stopped: the next round admits new rows or returns
+        if n_fin and (len(live.row) - n_alive) * COMPACT_FRACTION >= len(live.row):
+            keep = torch.nonzero(live.alive)[:, 0]
+            live, tok = live.select(keep), tok[keep]
+            cache.select_rows(keep)
         # rows riding along after a full context would step past the rotary table: clamp (their output is discarded)
-        if cache is not None:
-            pos = (row_len[live] + step).clamp_max(max_seq_len - 1)[:, None]
-            h = model(tok[:, None], position_ids=pos, kv_cache=cache, key_mask=kmask)
-        elif padded:
-            h = model(seq[live, : col + 1], position_ids=(torch.cumsum(kmask, dim=1) - 1).clamp(0, max_seq_len - 1), key_mask=kmask)
-        else:
-            h = model(seq[live, : col + 1])
+        pos = (live.plen + live.n - 1).clamp_max(prep.max_seq_len - 1)[:, None]
+        h = model(tok[:, None], position_ids=pos, kv_cache=cache)
         logits = model.lm_head_logits(h[:, -1]).float()
-    return out.cpu().numpy(), n_out.cpu().numpy(), stop_out.cpu().numpy(), secs_out.cpu().numpy().astype(np.float64)
 
 
-def _stop_reason(prep: _Prepared, tok: Tensor, secs: Tensor, context_full: Tensor, budget_spent: bool) -> Tensor:
+def _run_recompute(model: GPT, prep: _Prepared, cfg: SamplingConfig, tokens: np.ndarray, offsets: np.ndarray, rows: np.ndarray,
+                   num_samples: int, init_state: np.ndarray, keys: np.ndarray, record: _Record, bar) -> None:
+    """The cache-free reference: one fixed batch, the whole left-padded sequence recomputed every step."""
+    lengths = offsets[rows // num_samples + 1] - offsets[rows // num_samples]
+    width = int(lengths.max())
+    max_new = min(cfg.max_new_tokens, prep.max_seq_len - int(lengths.min()))
+    ids_np, real_np = _left_pad(tokens, offsets, rows // num_samples, width, 0)
+    seq = torch.zeros(len(rows), width + max_new, dtype=torch.int64, device=prep.device)
+    key_mask = torch.zeros_like(seq, dtype=torch.bool)
+    seq[:, :width], key_mask[:, :width] = torch.from_numpy(ids_np), torch.from_numpy(real_np)
+    live = _new_live(prep, rows, lengths, init_state, keys, num_samples)
+    n_alive = len(rows)
+    for step in range(max_new):
+        kmask = key_mask[:, : width + step]
+        pos = (torch.cumsum(kmask, dim=1) - 1).clamp(0, prep.max_seq_len - 1)
+        logits = model.lm_head_logits(model(seq[:, : width + step], position_ids=pos, key_mask=kmask)[:, -1]).float()
+        tok, reason = _draw_step(prep, cfg, logits, live)
+        n_alive -= record.settle(live, tok, reason, bar)
+        if n_alive == 0:
+            return
+        seq[:, width + step], key_mask[:, width + step] = tok, True
+
+
+def _stop_reason(prep: _Prepared, tok: Tensor, secs: Tensor, out_of_room: Tensor) -> Tensor:
     """STOP_* per row for the token just drawn, or _RUNNING. Precedence: [END]/[DEATH], then
-    the time budget, then the token budget / full context."""
-    reason = torch.where(context_full, STOP_TOKENS, _RUNNING) if not budget_spent else torch.full_like(tok, STOP_TOKENS)
+    the time budget, then the token budget / full context (`out_of_room`)."""
+    reason = torch.where(out_of_room, STOP_TOKENS, _RUNNING)
     reason = torch.where(secs > prep.max_seconds, STOP_TIME, reason)
     is_stop = torch.isin(tok, prep.stop_ids)
     return torch.where(is_stop, torch.where(tok == prep.death_id, STOP_DEATH, STOP_END), reason)

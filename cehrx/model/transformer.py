@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cehrx.model.attention import (
-    KVCache,
     PackedMask,
     attention,
     build_packed_mask,
@@ -31,8 +30,9 @@ from cehrx.model.attention import (
     resolve_backend,
 )
 from cehrx.model.config import GPTConfig
+from cehrx.model.kv_cache import KVCache, SharedPrefixKVCache
 
-__all__ = ["GPT", "Block", "Attention", "MLP", "RMSNorm", "RotaryEmbedding", "KVCache", "positions_from_cu_seqlens"]
+__all__ = ["GPT", "MLP", "Attention", "Block", "KVCache", "RMSNorm", "RotaryEmbedding", "positions_from_cu_seqlens"]
 
 
 class RMSNorm(nn.Module):
@@ -110,15 +110,16 @@ class Attention(nn.Module):
         x: Tensor,
         rope: tuple[Tensor, Tensor],
         packed_mask: PackedMask | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | SharedPrefixKVCache | None = None,
         key_mask: Tensor | None = None,
     ) -> Tensor:
         qkv = self.qkv(x).view(*x.shape[:-1], 3, self.n_head, self.head_dim)
         q, k = apply_rotary(qkv[..., :2, :, :], *rope).unbind(-3)  # q and k rotated in one pass
         v = qkv[..., 2, :, :]
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)
-        y = attention(q, k, v, packed_mask=packed_mask, dropout_p=self.dropout if self.training else 0.0, key_mask=key_mask)
+            y = kv_cache.attend(self.layer_idx, q, k, v, key_mask)
+        else:
+            y = attention(q, k, v, packed_mask=packed_mask, dropout_p=self.dropout if self.training else 0.0, key_mask=key_mask)
         return self.proj(y.reshape(*x.shape[:-1], -1))
 
 
@@ -153,7 +154,7 @@ class Block(nn.Module):
         x: Tensor,
         rope: tuple[Tensor, Tensor],
         packed_mask: PackedMask | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | SharedPrefixKVCache | None = None,
         key_mask: Tensor | None = None,
     ) -> Tensor:
         x = x + self.drop(self.attn(self.norm_1(x), rope, packed_mask, kv_cache, key_mask))
@@ -219,7 +220,7 @@ class GPT(nn.Module):
         position_ids: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
         max_seqlen: int | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | SharedPrefixKVCache | None = None,
         key_mask: Tensor | None = None,
     ) -> Tensor:
         """Hidden states `[T, C]` for packed `[T]` input (needs `cu_seqlens`) or `[B, T, C]` for `[B, T]`.

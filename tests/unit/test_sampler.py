@@ -24,8 +24,8 @@ from cehrx.generate.sampler import (
     sample,
     sample_next,
 )
-from cehrx.model.attention import KVCache
 from cehrx.model.config import GPTConfig
+from cehrx.model.kv_cache import KVCache
 from cehrx.model.transformer import GPT
 
 ENDS_OPEN = "sequence ends inside a visit or after a gap"  # a budget stop may cut a visit
@@ -131,6 +131,61 @@ def test_kv_cache_sampling_equals_full_recompute(vocab: Vocab, histories: tuple[
     np.testing.assert_array_equal(a.offsets, b.offsets)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.stop, b.stop)
+
+
+def test_samples_do_not_depend_on_batching(vocab: Vocab, histories: tuple[np.ndarray, np.ndarray]) -> None:
+    """Each (row, step) has its own random number, so a tiny batch that refills finished rows
+    with new prompts dozens of times, one batch holding everything, and the cache-free
+    reference all give the same samples."""
+    toks, offs = histories
+    model = micro(vocab)
+    runs = [sample(model, vocab, toks[: offs[20]], offs[:21], SamplingConfig(max_new_tokens=30, batch_size=bs, seed=5, top_k=40), num_samples=3,
+                   progress=False, use_cache=cache) for bs, cache in ((5, True), (64, True), (7, False))]
+    assert (runs[0].stop != STOP_TOKENS).sum() > 10  # rows stopped early, so the small batch refilled
+    cfg = SamplingConfig(max_new_tokens=30, batch_size=16, seed=5, top_k=40)
+    halves = [sample(model, vocab, toks[offs[a] : offs[b]], offs[a : b + 1] - offs[a], cfg, num_samples=3, progress=False, prompt_ids=np.arange(a, b))
+              for a, b in ((0, 8), (8, 20))]  # split over two calls with their global prompt ids
+    np.testing.assert_array_equal(np.concatenate([h.tokens for h in halves]), runs[0].tokens)
+    for other in runs[1:]:
+        for field in ("tokens", "offsets", "stop", "elapsed_days"):
+            np.testing.assert_array_equal(getattr(runs[0], field), getattr(other, field))
+
+
+@torch.no_grad()
+def test_shared_prefix_cache_equals_replicated_cache(vocab: Vocab) -> None:
+    """Rows joining (`extend`, other prompts, later start) and leaving (`select_rows`) a shared-
+    prefix cache get the logits of a plain cache replicated per row, i.e. of each row alone."""
+    from cehrx.model.kv_cache import SharedPrefixKVCache
+
+    model = micro(vocab)
+    g = torch.Generator().manual_seed(2)
+
+    def prefill(lengths: list[int], n_slots: int):
+        width = max(lengths)
+        ids = torch.randint(1, len(vocab), (len(lengths), width), generator=g)
+        real = torch.arange(width)[None, :] >= width - torch.tensor(lengths)[:, None]
+        prefix = model.new_kv_cache(len(lengths), width)
+        h = model(ids, position_ids=(real.cumsum(1) - 1).clamp_min(0), kv_cache=prefix, key_mask=real)
+        rows = torch.arange(len(lengths) * n_slots)
+        cache = SharedPrefixKVCache(prefix, real, rows // n_slots, rows % n_slots, n_slots)
+        seqs = [ids[p, width - n :] for p, n in enumerate(lengths) for _ in range(n_slots)]
+        return cache, seqs, h[:, -1].repeat_interleave(n_slots, 0)
+
+    cache, seqs, _ = prefill([5, 9], 3)
+    for step in range(4):
+        if step == 2:  # two more prompts join, one longer than any before; then two rows leave
+            new, new_seqs, _ = prefill([12, 2], 3)
+            cache.extend(new)
+            seqs += new_seqs
+            keep = torch.tensor([0, 2, 3, 4, 6, 7, 8, 9, 10, 11])
+            cache.select_rows(keep)
+            seqs = [seqs[i] for i in keep.tolist()]
+        tok = torch.randint(1, len(vocab), (len(seqs),), generator=g)
+        seqs = [torch.cat((s, t[None])) for s, t in zip(seqs, tok)]
+        pos = torch.tensor([len(s) - 1 for s in seqs])[:, None]
+        h = model(tok[:, None], position_ids=pos, kv_cache=cache)[:, 0]
+        for i, s in enumerate(seqs):
+            torch.testing.assert_close(h[i], model(s[None])[0, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_same_seed_same_output(vocab: Vocab, histories: tuple[np.ndarray, np.ndarray]) -> None:
