@@ -22,6 +22,8 @@ tokens removed at the end. No table of token strings is ever built, and nothing 
 from __future__ import annotations
 
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import duckdb
@@ -190,7 +192,9 @@ class Ordered:
     def __post_init__(self) -> None:
         self.vfirst = np.concatenate([[0], np.cumsum(self.nvis)]).astype(np.int64)
         self.efirst = np.concatenate([[0], np.cumsum(self.nev)]).astype(np.int64)
-        self.seconds = {k: seconds(getattr(self, f"{k}_us")) for k in ("first", "death", "est", "eend", "t")}
+        names = ("first", "death", "est", "eend", "t")
+        with ThreadPoolExecutor(max_workers=2) as pool:  # numpy releases the GIL: use both cores
+            self.seconds = dict(zip(names, pool.map(seconds, [getattr(self, f"{k}_us") for k in names])))
 
 
 def fetch_ordered(con: duckdb.DuckDBPyConnection) -> Ordered:
@@ -246,6 +250,7 @@ class Resolver:
     def __init__(self, index: dict[str, int]) -> None:
         self.index = index
         self.not_in_vocab: dict[str, int] = {}
+        self.lock = threading.Lock()  # token_ids resolves from two threads
 
     def ids(self, tokens: list[str | None], counts: np.ndarray | None = None) -> np.ndarray:
         """int32 ids of `tokens` (-1: dropped or None); `counts` = rows each token stands for (default 1)."""
@@ -261,7 +266,8 @@ class Resolver:
                 if n:
                     p = re.match(r"^([A-Za-z]+)", tok)
                     key = f"{p.group(1) if p else ''} ({'dropped' if tid is None else 'as UNKNOWN'})"
-                    self.not_in_vocab[key] = self.not_in_vocab.get(key, 0) + n
+                    with self.lock:
+                        self.not_in_vocab[key] = self.not_in_vocab.get(key, 0) + n
             out[i] = -1 if tid is None else tid
         return out
 
@@ -314,8 +320,27 @@ class TokenIds:
 
 
 def token_ids(o: Ordered, res: Resolver, code_ids: np.ndarray, cuts: np.ndarray, has_cuts: np.ndarray, max_gap_days: int) -> TokenIds:
-    """Map every slot of `o` to a token id (vectorised; strings only for distinct values)."""
-    max_i = max_gap_days - 1
+    """Map every slot of `o` to a token id (vectorised; strings only for distinct values).
+
+    The event slots and the visit and subject slots are independent, so the events (the larger
+    part) are done in a second thread: numpy releases the GIL, and this stage would otherwise
+    leave a core idle.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        events = pool.submit(event_ids, o, res, code_ids, cuts, has_cuts, max_gap_days - 1)
+        gap, trail, visit, discharge = visit_ids(o, res, max_gap_days)
+        prompt, death_gap = subject_ids(o, res, max_gap_days)
+        itime, q, code = events.result()
+    return TokenIds(
+        prompt=prompt, death_gap=death_gap, death=res.index["[DEATH]"],
+        gap=gap, vs=res.index["[VS]"], visit=visit, trail=trail, discharge=discharge, ve=res.index["[VE]"],
+        itime=itime, code=code, q=q,
+    )
+
+
+def event_ids(o: Ordered, res: Resolver, code_ids: np.ndarray, cuts: np.ndarray, has_cuts: np.ndarray,
+              max_i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per event: the inpatient time token, the value decile token and the code token."""
     n_vis, n_ev = len(o.est_us), len(o.t_us)
     # events: time since the previous event of the visit (its start for the first), inside inpatient-like visits
     vidx = np.repeat(np.arange(n_vis), o.nev)
@@ -337,25 +362,30 @@ def token_ids(o: Ordered, res: Resolver, code_ids: np.ndarray, cuts: np.ndarray,
         for j in range(cuts.shape[1]):  # column by column: no [events x cuts] temporary
             k += cuts[cid, j] <= value
         q[sel] = res.mapped(k, lambda x: f"Q{x}")
-    # visits: gap before (not for a subject's first visit), trailing inpatient time, discharge
+    return itime, q, code_ids[o.cid] if n_ev else np.zeros(0, np.int32)
+
+
+def visit_ids(o: Ordered, res: Resolver, max_gap_days: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per visit: the gap before (not for a subject's first visit), trailing inpatient time, type, discharge."""
+    n_vis, n_ev = len(o.est_us), len(o.t_us)
     gap = np.full(n_vis, -1, np.int32)
     sel = o.gap_days >= 0
     gap[sel] = res.mapped(o.gap_days[sel], lambda d: gap_names(np.array([d]), max_gap_days)[0])
     last = np.where(o.nev > 0, o.t_us[np.maximum(o.efirst[1:] - 1, 0)] if n_ev else 0, o.est_us)
-    trail_code = np.where(o.inpatient, inpatient_time_codes(o.eend_us - last, max_i), 0)
+    trail_code = np.where(o.inpatient, inpatient_time_codes(o.eend_us - last, max_gap_days - 1), 0)
     trail = np.full(n_vis, -1, np.int32)
     sel = trail_code != 0
     trail[sel] = res.mapped(trail_code[sel], inpatient_time_name)
+    return gap, trail, res.column(o.vtype, "VISIT//"), res.column(o.discharge, "DISCHARGE//")
+
+
+def subject_ids(o: Ordered, res: Resolver, max_gap_days: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per subject: the four prompt tokens and the gap before death (-1 without death)."""
     death_gap = np.full(len(o.subject_id), -1, np.int32)
     if o.has_death.any():
         death_gap[o.has_death] = res.mapped(o.death_days[o.has_death], lambda d: gap_names(np.array([d]), max_gap_days)[0])
-    return TokenIds(
-        prompt=np.stack([res.column(p) for p in o.prompt], axis=1) if len(o.subject_id) else np.zeros((0, 4), np.int32),
-        death_gap=death_gap, death=res.index["[DEATH]"],
-        gap=gap, vs=res.index["[VS]"], visit=res.column(o.vtype, "VISIT//"), trail=trail,
-        discharge=res.column(o.discharge, "DISCHARGE//"), ve=res.index["[VE]"],
-        itime=itime, code=code_ids[o.cid] if n_ev else np.zeros(0, np.int32), q=q,
-    )
+    prompt = np.stack([res.column(p) for p in o.prompt], axis=1) if len(o.subject_id) else np.zeros((0, 4), np.int32)
+    return prompt, death_gap
 
 
 def assemble(o: Ordered, ids: TokenIds, s0: int, s1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
