@@ -182,10 +182,10 @@ class SharedPrefixKVCache:
         self._resize(index, self.k.shape[3])
         self.row_prompt, self.row_slot = self.row_prompt[index], self.row_slot[index]
         kept, inverse = torch.unique(self.row_prompt, return_inverse=True)
+        width = int(self.plen[kept].max()) if len(kept) else 0
         if (self.pk.shape[1] - len(kept)) * 4 >= self.pk.shape[1]:
             self.pk, self.pv, self.plen, self.row_prompt = self.pk[:, kept], self.pv[:, kept], self.plen[kept], inverse
             self.bias = self.bias[kept] if self.bias is not None else None
-        width = int(self.plen[kept if len(kept) < len(self.plen) else slice(None)].max()) if len(kept) else 0
         if 0 < width < self.pk.shape[3]:  # prompts are right-aligned: the left columns are padding for everyone left
             self.pk, self.pv = self.pk[:, :, :, -width:], self.pv[:, :, :, -width:]
             self.bias = self.bias[..., -width:] if self.bias is not None else None
@@ -249,9 +249,9 @@ def _left_pad_prefix(c: SharedPrefixKVCache, width: int) -> tuple[Tensor, Tensor
     pad = width - c.pk.shape[3]
     if pad == 0:
         return c.pk, c.pv, c.bias
-    bias = torch.zeros((c.pk.shape[1], 1, 1, c.pk.shape[3]), dtype=c.pk.dtype, device=c.pk.device) if c.bias is None else c.bias
-    return F.pad(c.pk, (0, 0, pad, 0)), F.pad(c.pv, (0, 0, pad, 0)), F.pad(bias, (pad, 0), value=float("-inf"))
+    return F.pad(c.pk, (0, 0, pad, 0)), F.pad(c.pv, (0, 0, pad, 0)), F.pad(_or_zero(c.bias, c.pk), (pad, 0), value=float("-inf"))
 
 
 def _or_zero(bias: Tensor | None, pk: Tensor) -> Tensor:
+    """The prefix bias, or an all-zero one (no padding) shaped for `pk`'s prompts."""
     return torch.zeros((pk.shape[1], 1, 1, pk.shape[3]), dtype=pk.dtype, device=pk.device) if bias is None else bias

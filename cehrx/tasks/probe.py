@@ -111,8 +111,8 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
     features: dict[str, Any] = {}
     t0 = time.perf_counter()
     features["probe"] = embed(model, hist, str(p.pooling), int(p.batch_tokens), p.device, bool(p.progress))
-    if p.random_init:
-        features["random_init"] = embed(random_init_like(model, seed), hist, str(p.pooling), int(p.batch_tokens), p.device, bool(p.progress))
+    for k in range(int(p.get("random_init_seeds", 1)) if p.random_init else 0):  # several draws: one random model is a noisy control
+        features[random_init_name(k)] = embed(random_init_like(model, seed + k), hist, str(p.pooling), int(p.batch_tokens), p.device, bool(p.progress))
     timings["embed"] = _lap(t0)
     write_features(tmp, kept, split, features)
 
@@ -155,9 +155,33 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
 
     result = summary(cfg, source, mdir, prepared, table, kept, split, y, hist, protocol, methods, fs, timings, max_len)
     result["count_features"] = count_info
+    result["random_init_seeds"] = random_init_summary(methods, seed)
     pq.write_table(kept.append_column("split", pa.array(split.astype(str))), tmp / "labels.parquet")
     write_report(tmp, report_title(source), {k: v for k, v in methods.items()}, curves, sections=report_sections(result))
     return result
+
+
+def random_init_name(k: int) -> str:
+    """Method name of the k-th random-init control (seed + k): `random_init`, `random_init_2`, ..."""
+    return "random_init" if k == 0 else f"random_init_{k + 1}"
+
+
+def random_init_summary(methods: dict, seed: int) -> dict | None:
+    """The probe against the spread of its random-init controls (AUROC per seed, mean, sd).
+
+    Why: with a few hundred held-out labels, two random initialisations of the same architecture
+    differ by several AUROC points, so one random model is a noisy bar; the mean over seeds is
+    the fair one, and the per-seed values show how often the probe beats a single draw.
+    """
+    names = [n for n in methods if n == "random_init" or n.startswith("random_init_")]
+    if not names or "probe" not in methods:
+        return None
+    aurocs = np.array([methods[n]["auroc"]["value"] for n in names], dtype=float)
+    probe_auroc = float(methods["probe"]["auroc"]["value"])
+    return {"seeds": [seed + k for k in range(len(names))], "methods": names, "auroc": aurocs.round(4).tolist(),
+            "auroc_mean": float(aurocs.mean()), "auroc_sd": float(aurocs.std(ddof=1)) if len(aurocs) > 1 else 0.0,
+            "probe_auroc": probe_auroc, "probe_minus_mean": probe_auroc - float(aurocs.mean()),
+            "probe_beats": int((probe_auroc > aurocs).sum())}
 
 
 def write_features(out: Path, kept: pa.Table, split: np.ndarray, features: dict[str, np.ndarray]) -> None:
@@ -203,6 +227,12 @@ def report_sections(result: dict) -> dict[str, str]:
     if result.get("description"):
         rows.insert(0, f"- task: {result['description']}")
     sections = {"Data": "\n".join(rows)}
+    ri = result.get("random_init_seeds")
+    if ri and len(ri["auroc"]) > 1:
+        sections["Pretrained vs random init"] = (
+            f"- random init over {len(ri['auroc'])} seeds ({', '.join(map(str, ri['seeds']))}): AUROC {ri['auroc_mean']:.3f} ± {ri['auroc_sd']:.3f} "
+            f"({', '.join(f'{a:.3f}' for a in ri['auroc'])})\n"
+            f"- probe {ri['probe_auroc']:.3f}: {ri['probe_minus_mean']:+.3f} vs the mean; above {ri['probe_beats']} of {len(ri['auroc'])} seeds")
     if result["few_shot"]:
         ks = [r["k"] for r in next(iter(result["few_shot"].values()))]
         lines = ["| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]

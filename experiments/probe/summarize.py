@@ -27,6 +27,15 @@ def main(root: Path) -> None:
         cells = [format_metric(m["methods"][k]["auroc"]) if k in m["methods"] else "-" for k in METHODS]
         print(f"| {r.name} | {ho['n']} ({ho['n_pos']}) | " + " | ".join(cells) + " |")
     print()
+    print("| task | probe | random init, mean ± sd over seeds (each seed) | probe - mean | probe above |")
+    print("|---|---:|---|---:|---:|")
+    for r in runs:
+        ri = json.loads((r / "metrics.json").read_text()).get("random_init_seeds")
+        if ri:
+            each = ", ".join(f"{a:.3f}" for a in ri["auroc"])
+            print(f"| {r.name} | {ri['probe_auroc']:.3f} | {ri['auroc_mean']:.3f} ± {ri['auroc_sd']:.3f} ({each}) | "
+                  f"{ri['probe_minus_mean']:+.3f} | {ri['probe_beats']} of {len(ri['auroc'])} seeds |")
+    print()
     print("| task | method | " + " | ".join(f"k={k}" for k in ("16", "64", "256", "all")) + " |")
     print("|---|---|" + "---:|" * 4)
     for r in runs:

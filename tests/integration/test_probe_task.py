@@ -82,10 +82,14 @@ def test_probe_task_end_to_end(micro_model: tuple[Path, Path], tmp_path: Path) -
 
     prepared, model = micro_model
     out = tmp_path / "probe"
-    result = run(compose_cfg("task=probe", f"model_dir={model}", "probe.task=gibleed_after_nsaid", f"output_dir={out}", "probe.random_init=true", *FAST_PROBE))
+    result = run(compose_cfg("task=probe", f"model_dir={model}", "probe.task=gibleed_after_nsaid", f"output_dir={out}", "probe.random_init=true",
+                             "probe.random_init_seeds=2", *FAST_PROBE))
     assert result["labels"]["used"] > 100 and 20 < result["labels"]["positives"] < result["labels"]["used"] - 20
     assert result["evaluation"] == "split" and result["prepared_dir"] == str(prepared)
-    assert set(result["methods"]) == {"probe", "random_init", "counts", "counts_hgb"}
+    assert set(result["methods"]) == {"probe", "random_init", "random_init_2", "counts", "counts_hgb"}
+    ri = result["random_init_seeds"]  # two random models with different weights, summarised against the probe
+    assert ri["methods"] == ["random_init", "random_init_2"] and ri["seeds"][1] == ri["seeds"][0] + 1
+    assert ri["auroc"][0] != ri["auroc"][1] and ri["auroc_mean"] == pytest.approx(np.mean(ri["auroc"]), abs=1e-4)
     m = result["methods"]["counts"]
     assert m["n"] == result["labels"]["by_split"]["held_out"]["n"] and m["auroc"]["value"] > 0.7  # the planted risk code
     for name in ("probe", "random_init", "counts"):
@@ -98,7 +102,7 @@ def test_probe_task_end_to_end(micro_model: tuple[Path, Path], tmp_path: Path) -
     assert feats.num_rows == result["labels"]["used"] and pa.types.is_fixed_size_list(feats.schema.field("embedding").type)
     assert feats.schema.field("embedding").type.list_size == 64  # micro n_embd
     report = (out / "report.md").read_text()
-    assert "| probe |" in report and "| counts_hgb |" in report and "Few-shot" in report and (out / "roc.png").is_file()
+    assert "| probe |" in report and "| counts_hgb |" in report and "Few-shot" in report and "random init over 2 seeds" in report and (out / "roc.png").is_file()
     with pytest.raises(CehrxError, match="overwrite=true"):
         run(compose_cfg("task=probe", f"model_dir={model}", "probe.task=gibleed_after_nsaid", f"output_dir={out}", *FAST_PROBE))
 
