@@ -42,13 +42,15 @@ SPLIT_RANK = "(CASE split " + " ".join(f"WHEN {literal(s)} THEN {i}" for i, s in
 def select_codes(con: duckdb.DuckDBPyConnection, min_subjects: int) -> dict:
     """`kept_codes(cid, code, subjects)`: codes of body events seen in >= min_subjects train subjects.
 
-    One pass over `body` counts every code (train subjects and all rows) by its integer `cid`;
+    One pass over `body` counts every (code, subject) pair, then codes by their integer `cid`
+    (train subjects and all rows: cheaper than a count(DISTINCT) after joining every event to `demo`);
     rare codes are not deleted from `body`, they are left out when the events are ordered.
     """
     con.execute("""
         CREATE OR REPLACE TEMP TABLE code_counts AS
-        SELECT b.cid, count(*) AS n, count(DISTINCT b.subject_id) FILTER (WHERE d.split = 'train') AS subjects
-        FROM body b JOIN demo d USING (subject_id) GROUP BY b.cid
+        SELECT c.cid, CAST(sum(c.n) AS BIGINT) AS n, count(*) FILTER (WHERE d.split = 'train') AS subjects
+        FROM (SELECT cid, subject_id, count(*) AS n FROM body GROUP BY cid, subject_id) c JOIN demo d USING (subject_id)
+        GROUP BY c.cid
     """)
     kept = f"subjects >= {int(min_subjects)} AND subjects > 0"  # a code absent from train is never kept
     con.execute(f"""
