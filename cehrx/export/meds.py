@@ -16,21 +16,27 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Self
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from meds import CodeMetadataSchema, DataSchema, DatasetMetadataSchema, SubjectSplitSchema
+from meds import (
+    CodeMetadataSchema,
+    DataSchema,
+    DatasetMetadataSchema,
+    SubjectSplitSchema,
+)
 
 import cehrx
 from cehrx.data.shards import SPLITS
 
 EXTENSION_COLUMNS = ("table", "visit_id", "visit_end", "unit", "omop_concept_id")
-# Keys after (subject, time, code) in the total order, with the columns that hold them in `sorted_events`.
+# The keys after (subject, time, code) in the total order, as columns of `ordered_batches`.
 TIE_KEYS = ("value_key", "text_value", "table_rank", "visit_id", "visit_end", "unit", "omop_concept_id")
 OUT_COLUMNS = ("subject_id", "time", "code", "numeric_value", "text_value", "table", "visit_id", "visit_end", "unit", "omop_concept_id")
 
@@ -53,7 +59,7 @@ def write_meds(con: duckdb.DuckDBPyConnection, root: Path, dataset_name: str, ba
     pq.write_table(SubjectSplitSchema.align(splits), meta / "subject_splits.parquet")
     info = {"dataset_name": dataset_name, "dataset_version": "unknown", "etl_name": "cehrx",
             "etl_version": cehrx.__version__, "meds_version": "0.4.1",
-            "created_at": datetime.now(timezone.utc).isoformat(),
+            "created_at": datetime.now(UTC).isoformat(),
             "raw_source_id_columns": ["visit_id", "omop_concept_id"], "code_modifier_columns": ["unit"]}
     DatasetMetadataSchema.validate(info)
     (meta / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -99,7 +105,7 @@ class SplitWriters:
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.pending: list[Future] = []
 
-    def __enter__(self) -> "SplitWriters":
+    def __enter__(self) -> Self:
         return self
 
     def add(self, split: str, table: pa.Table) -> None:
