@@ -165,16 +165,15 @@ def test_shared_prefix_cache_equals_replicated_cache(vocab: Vocab) -> None:
         ids = torch.randint(1, len(vocab), (len(lengths), width), generator=g)
         real = torch.arange(width)[None, :] >= width - torch.tensor(lengths)[:, None]
         prefix = model.new_kv_cache(len(lengths), width)
-        h = model(ids, position_ids=(real.cumsum(1) - 1).clamp_min(0), kv_cache=prefix, key_mask=real)
+        model(ids, position_ids=(real.cumsum(1) - 1).clamp_min(0), kv_cache=prefix, key_mask=real)
         rows = torch.arange(len(lengths) * n_slots)
         cache = SharedPrefixKVCache(prefix, real, rows // n_slots, rows % n_slots, n_slots)
-        seqs = [ids[p, width - n :] for p, n in enumerate(lengths) for _ in range(n_slots)]
-        return cache, seqs, h[:, -1].repeat_interleave(n_slots, 0)
+        return cache, [ids[p, width - n :] for p, n in enumerate(lengths) for _ in range(n_slots)]
 
-    cache, seqs, _ = prefill([5, 9], 3)
+    cache, seqs = prefill([5, 9], 3)
     for step in range(4):
         if step == 2:  # two more prompts join, one longer than any before; then two rows leave
-            new, new_seqs, _ = prefill([12, 2], 3)
+            new, new_seqs = prefill([12, 2], 3)
             cache.extend(new)
             seqs += new_seqs
             keep = torch.tensor([0, 2, 3, 4, 6, 7, 8, 9, 10, 11])
