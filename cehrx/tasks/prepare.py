@@ -15,7 +15,6 @@ import json
 import logging
 import shutil
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -66,18 +65,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def prepare(cfg: DictConfig, out: Path) -> dict:
-    """The whole pipeline on one DuckDB database; returns the prepare.json report.
-
-    The MEDS dataset (OMOP sources) is written by a second thread on its own cursor while the
-    main thread builds visits and tokens: both mostly run in DuckDB, numpy and Arrow, which
-    release the GIL, and neither stage keeps both cores busy alone. `events` is dropped once
-    both are done with it.
-    """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cehrx-meds") as pool:  # exit waits for the writer
-        return _prepare(cfg, out, pool)
-
-
-def _prepare(cfg: DictConfig, out: Path, pool: ThreadPoolExecutor) -> dict:
+    """The whole pipeline on one DuckDB connection; returns the prepare.json report."""
     t = cfg.task
     stages = Stages(total=8 if cfg.data.source == "omop" else 7)
     start = time.perf_counter()
@@ -99,32 +87,27 @@ def _prepare(cfg: DictConfig, out: Path, pool: ThreadPoolExecutor) -> dict:
     events_in = con.execute("SELECT count(*) FROM events").fetchall()[0][0]
     with stages("splits"):
         report["splits"] = assign_splits(con, {k: float(t.splits[k]) for k in ("train", "tuning", "held_out")}, str(t.splits.salt), use_source=bool(stats.get("source_splits")))
-    meds: Future | None = None
-    if source == "omop":  # on its own cursor: the writer's temp tables and queries stay apart
-        meds = pool.submit(write_meds, con.cursor(), out / "meds", cfg.data.name)
+    if source == "omop":
+        with stages("write MEDS dataset"):
+            write_meds(con, out / "meds", cfg.data.name)
     with stages("visits"):
         demo_stats = build_demographics(con, cfg.data)
         build_body(con, cfg.data)
         build_source_visits(con, source, OmegaConf.to_container(cfg.data.visits) if cfg.data.get("visits") else [])
-        if meds is None:
-            con.execute("DROP TABLE events")  # the rest works on body/demo/src_visits: free memory before the big sorts
+        con.execute("DROP TABLE events")  # the rest works on body/demo/src_visits: free memory before the big sorts
         visit_stats = attach_events(con)
     with stages("vocabulary codes and value deciles"):
         code_stats = select_codes(con, int(t.min_subjects))
         n_edges = learn_value_edges(con, int(t.quantiles.num_bins), int(t.quantiles.min_values))
     inpatient = [str(x) for x in t.inpatient_visit_types]
     with stages("tokenize"):
-        rare = code_stats["rare_codes_dropped"] > 0
+        rare = code_stats["rare_codes_dropped"] > 0  # else kept_codes filters nothing: not joined
         order_visits(con, inpatient, str(t.day_visit_type), rare_codes=rare)
         tokens = candidate_tokens(con, int(t.min_subjects), int(t.quantiles.num_bins), int(t.max_gap_days))
         resolver = Resolver({tok: i for i, tok in enumerate(tokens)})
         code_ids, cuts, has_cuts = code_tables(con, resolver.index, int(t.quantiles.num_bins))
         ordered = fetch_ordered(con, rare_codes=rare)
         ids = token_ids(ordered, resolver, code_ids, cuts, has_cuts, int(t.max_gap_days))
-    if meds is not None:
-        with stages("write MEDS dataset (rest, written beside visits and tokenize)"):
-            meds.result()
-            con.execute("DROP TABLE events")
     with stages("token shards"):
         written = write_shards(ordered, ids, out, int(t.subjects_per_shard), len(tokens))
     with stages("vocab.json"):
