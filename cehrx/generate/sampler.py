@@ -59,7 +59,8 @@ STOP_END, STOP_DEATH, STOP_TOKENS, STOP_TIME = 0, 1, 2, 3
 STOP_NAMES = ("end", "death", "tokens", "time")
 _RUNNING = -1
 COMPACT_FRACTION = 8  # drop finished rows once >= 1/8 of the batch has finished
-REFILL_FRACTION = 4  # admit new prompts once >= 1/4 of the batch is free
+REFILL_FRACTION = 4  # admit new prompts once >= 1/4 of the batch is free ...
+REFILL_MAX_WINDOW = 64  # ... and the running rows' generated part is at most this long (see _run_stream)
 
 
 @dataclass
@@ -366,7 +367,10 @@ def _run_stream(model: GPT, prep: _Prepared, cfg: SamplingConfig, tokens: np.nda
     Rows enter in `rows` order: whenever a quarter of the batch is free, the next rows' prompts
     are prefilled and join the running batch, so the long tail of a few slow futures runs
     alongside new work instead of in nearly empty forwards. Finished rows leave at the next
-    compaction (>= 1/8 of the batch finished).
+    compaction (>= 1/8 of the batch finished). Joining rows attend over the columns the running
+    rows have generated so far (masked for them), so rows join only while that part is short
+    (`REFILL_MAX_WINDOW`): zero-shot futures mostly stop within a few tokens and refill often;
+    long generated patients run in waves, as they would without refill.
     """
     cache: SharedPrefixKVCache | None = None
     live: _Live | None = None
@@ -375,7 +379,7 @@ def _run_stream(model: GPT, prep: _Prepared, cfg: SamplingConfig, tokens: np.nda
     while True:
         in_batch = 0 if live is None else len(live.row)
         free = cfg.batch_size - in_batch
-        if nxt < len(rows) and (n_alive == 0 or free * REFILL_FRACTION >= cfg.batch_size):
+        if nxt < len(rows) and (n_alive == 0 or (free * REFILL_FRACTION >= cfg.batch_size and not cache.folded and cache.length <= REFILL_MAX_WINDOW)):
             if n_alive == 0:
                 cache = live = logits = None
                 free = cfg.batch_size

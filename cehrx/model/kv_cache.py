@@ -119,9 +119,20 @@ class SharedPrefixKVCache:
         self.v = torch.empty_like(self.k)
         self.start = torch.zeros(len(row_prompt), dtype=torch.int64, device=self.pk.device)  # first own column per row
         self.staggered = False  # True once rows with different starts share the batch
-        self.length = 0  # columns written
+        self.length = 0  # columns written: after every compaction the earliest kept row starts at 0,
+        # so this is also how many generated columns every step scores
         self.scale = 1.0 / math.sqrt(head_dim)
         self._own_bias: Tensor | None = None
+        # One row per prompt (e.g. generate, one sample each): nothing to share, so each row's prompt
+        # keys go to the front of its own buffer and a step is one fused attention over that buffer.
+        self.folded = n_slots == 1 and len(self.row_prompt) == n_prompts
+        self.fold_mask = None  # [B, Lp] real prompt columns of folded rows (None: no padding)
+        if self.folded:
+            self.k = self.pk.new_empty((n_layer, len(row_prompt), n_head, width + 16, head_dim))
+            self.v = torch.empty_like(self.k)
+            self.k[:, :, :, :width], self.v[:, :, :, :width] = self.pk[:, self.row_prompt], self.pv[:, self.row_prompt]
+            self.fold_mask = prefix_mask[self.row_prompt] if prefix_mask is not None else None
+            self.length = width
 
     @property
     def batch_size(self) -> int:
@@ -140,6 +151,8 @@ class SharedPrefixKVCache:
             self._resize(torch.arange(self.batch_size, device=self.k.device), 2 * self.k.shape[3])
         self.k[layer, :, :, self.length] = k[:, 0]
         self.v[layer, :, :, self.length] = v[:, 0]
+        if self.folded:
+            return self._attend_folded(layer, q, end)
         grid = self.row_prompt * self.n_slots + self.row_slot  # each row's cell on the [P, S] grid
         qr = q[:, 0] * self.scale  # [B, H, D]
         # prefix part on the grid: unnormalised softmax numerators, their max and sum per row
@@ -164,6 +177,15 @@ class SharedPrefixKVCache:
         out = (out_p * a[..., None] + out_s * b[..., None]) / (sum_p * a + sum_s * b)[..., None]
         return out.to(q.dtype)[:, None]
 
+    def _attend_folded(self, layer: int, q: Tensor, end: int) -> Tensor:
+        mask = None
+        if self.fold_mask is not None:
+            if self._own_bias is None:  # reused by every layer of this step
+                self._own_bias = F.pad(self.fold_mask, (0, end - self.fold_mask.shape[1]), value=True)[:, None, None, :]
+            mask = self._own_bias
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[layer, :, :, :end], self.v[layer, :, :, :end], attn_mask=mask)
+        return out.transpose(1, 2)
+
     def _to_grid(self, x: Tensor) -> Tensor:
         """Rows `[B, H, D]` onto the zero-filled grid `[P, H, S, D]` (empty cells: finished or absent samples)."""
         cells = x.new_zeros((self.pk.shape[1] * self.n_slots, *x.shape[1:]))
@@ -181,6 +203,9 @@ class SharedPrefixKVCache:
         its share of the prefix matmul), and the prefix is cut to its longest remaining prompt."""
         self._resize(index, self.k.shape[3])
         self.row_prompt, self.row_slot = self.row_prompt[index], self.row_slot[index]
+        if self.folded:
+            self.fold_mask = self.fold_mask[index] if self.fold_mask is not None else None
+            return
         kept, inverse = torch.unique(self.row_prompt, return_inverse=True)
         width = int(self.plen[kept].max()) if len(kept) else 0
         if (self.pk.shape[1] - len(kept)) * 4 >= self.pk.shape[1]:
@@ -192,8 +217,8 @@ class SharedPrefixKVCache:
 
     def extend(self, other: SharedPrefixKVCache) -> None:
         """Append the rows (and prompts) of a freshly prefilled cache; they start at the current column."""
-        if other.length or other.n_slots != self.n_slots:
-            raise ValueError("extend takes a fresh cache (nothing decoded yet) with the same number of samples per prompt")
+        if self.folded or other.folded or other.length or other.n_slots != self.n_slots:
+            raise ValueError("extend takes a fresh cache (nothing decoded yet) with the same number of samples per prompt, neither folded")
         width = max(self.pk.shape[3], other.pk.shape[3])
         pk, pv, bias = _left_pad_prefix(self, width)
         opk, opv, obias = _left_pad_prefix(other, width)

@@ -146,6 +146,10 @@ def test_samples_do_not_depend_on_batching(vocab: Vocab, histories: tuple[np.nda
     halves = [sample(model, vocab, toks[offs[a] : offs[b]], offs[a : b + 1] - offs[a], cfg, num_samples=3, progress=False, prompt_ids=np.arange(a, b))
               for a, b in ((0, 8), (8, 20))]  # split over two calls with their global prompt ids
     np.testing.assert_array_equal(np.concatenate([h.tokens for h in halves]), runs[0].tokens)
+    # one sample per prompt: the cache folds each prompt into its row (no sharing), same samples
+    one = [sample(model, vocab, toks[: offs[20]], offs[:21], cfg, num_samples=1, progress=False, use_cache=c) for c in (True, False)]
+    np.testing.assert_array_equal(one[0].tokens, one[1].tokens)
+    np.testing.assert_array_equal(one[0].stop, one[1].stop)
     for other in runs[1:]:
         for field in ("tokens", "offsets", "stop", "elapsed_days"):
             np.testing.assert_array_equal(getattr(runs[0], field), getattr(other, field))
