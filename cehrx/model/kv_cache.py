@@ -102,7 +102,9 @@ class SharedPrefixKVCache:
     (`[P, Lp]`, True = real token) hides left padding, None when no prompt is padded.
     Rows can join a running batch (`extend`, with their own prompts) and leave it
     (`select_rows`): all rows write their new token in the same column, and a row that joined
-    later ignores the columns before its `start`.
+    later ignores the columns before its `start`. With one row per prompt there is nothing to
+    share (`folded`): each prompt's keys are copied to the front of its row and a step is one
+    fused sdpa, as with a plain `KVCache`; such a cache takes no joining rows.
     """
 
     def __init__(self, prefix: KVCache, prefix_mask: Tensor | None, row_prompt: Tensor, row_slot: Tensor, n_slots: int) -> None:
