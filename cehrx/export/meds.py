@@ -190,10 +190,11 @@ def ordered_batches(con: duckdb.DuckDBPyConnection, batch_rows: int):
     for batch in reader:
         table = pa.Table.from_batches([batch]) if carry is None else pa.concat_tables([carry, pa.Table.from_batches([batch])])
         # hold back the rows that tie with the last one: the next batch may continue their group
-        same = np.flatnonzero(~ties_previous(table))
+        tie = ties_previous(table)
+        same = np.flatnonzero(~tie)
         cut = int(same[-1]) if len(same) else 0
         if cut:
-            yield resolve_ties(table.slice(0, cut))
+            yield resolve_ties(table.slice(0, cut), tie[:cut])
         carry = table.slice(cut)
     if carry is not None and carry.num_rows:
         yield resolve_ties(carry)
@@ -215,9 +216,12 @@ def ties_previous(table: pa.Table) -> np.ndarray:
     return out
 
 
-def resolve_ties(table: pa.Table) -> pa.Table:
-    """Order the rows of each tie group by the remaining keys (ascending, nulls last, as DuckDB does)."""
-    tie = ties_previous(table)
+def resolve_ties(table: pa.Table, tie: np.ndarray | None = None) -> pa.Table:
+    """Order the rows of each tie group by the remaining keys (ascending, nulls last, as DuckDB does).
+
+    `tie` is `ties_previous(table)` when the caller has it already.
+    """
+    tie = ties_previous(table) if tie is None else tie
     if not tie.any():
         return table
     member = tie.copy()

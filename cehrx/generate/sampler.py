@@ -20,9 +20,10 @@ How a run is organised (and why):
   inpatient time, `cehrx.data.decode.token_seconds`) pass `max_days` (the crossing token is
   included). The reason is `Samples.stop`.
 - **Shrinking batch, refilled.** Finished rows leave the batch (cache, states) once at least
-  1/8 of it has finished, and once a quarter of it is free the next rows' prompts are
-  prefilled and join it. Zero-shot futures mostly stop within a few tokens while a few run
-  long; without refill every batch would end in a long tail of nearly empty forwards.
+  1/8 of it has finished, and once a quarter of it is free (and the running rows have generated
+  at most `REFILL_MAX_WINDOW` tokens) the next rows' prompts are prefilled and join it.
+  Zero-shot futures mostly stop within a few tokens while a few run long; without refill every
+  batch would end in a long tail of nearly empty forwards.
 - **Grammar.** With `cfg.constrained`, every step masks what the token grammar forbids in each
   row's state (`cehrx.generate.constraints.Grammar`), starting from the state the prompt ends
   in. A sample that ends with `[END]`/`[DEATH]` is then always valid for `check_sequence`; one
@@ -137,7 +138,6 @@ class _Prepared:
     max_seconds: float  # time budget in seconds (inf = none)
     cache_dtype: torch.dtype  # the keys' dtype: the weights', or autocast's when it is on
     max_seq_len: int
-    max_new: int  # cfg.max_new_tokens
 
 
 @dataclass
@@ -295,7 +295,6 @@ def _prepare(model: GPT, vocab: Vocab, cfg: SamplingConfig, stop_ids: Sequence[i
         max_seconds=math.inf if cfg.max_days is None else float(cfg.max_days) * 86400.0,
         cache_dtype=torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.wte.weight.dtype,
         max_seq_len=model.config.max_seq_len,
-        max_new=cfg.max_new_tokens,
     )
 
 
@@ -338,7 +337,7 @@ def _draw_step(prep: _Prepared, cfg: SamplingConfig, logits: Tensor, live: _Live
     live.secs = live.secs + prep.seconds[tok]
     if live.state is not None:
         live.state = prep.grammar.step(live.state, tok)
-    return tok, _stop_reason(prep, tok, live.secs, (live.plen + live.n >= prep.max_seq_len) | (live.n >= prep.max_new))
+    return tok, _stop_reason(prep, tok, live.secs, (live.plen + live.n >= prep.max_seq_len) | (live.n >= cfg.max_new_tokens))
 
 
 def _prefill(model: GPT, prep: _Prepared, tokens: np.ndarray, offsets: np.ndarray, rows: np.ndarray, num_samples: int,
@@ -412,10 +411,11 @@ def _run_stream(model: GPT, prep: _Prepared, cfg: SamplingConfig, tokens: np.nda
 def _run_recompute(model: GPT, prep: _Prepared, cfg: SamplingConfig, tokens: np.ndarray, offsets: np.ndarray, rows: np.ndarray,
                    num_samples: int, init_state: np.ndarray, keys: np.ndarray, record: _Record, bar) -> None:
     """The cache-free reference: one fixed batch, the whole left-padded sequence recomputed every step."""
-    lengths = offsets[rows // num_samples + 1] - offsets[rows // num_samples]
+    row_prompt = rows // num_samples
+    lengths = offsets[row_prompt + 1] - offsets[row_prompt]
     width = int(lengths.max())
     max_new = min(cfg.max_new_tokens, prep.max_seq_len - int(lengths.min()))
-    ids_np, real_np = _left_pad(tokens, offsets, rows // num_samples, width, 0)
+    ids_np, real_np = _left_pad(tokens, offsets, row_prompt, width, 0)
     seq = torch.zeros(len(rows), width + max_new, dtype=torch.int64, device=prep.device)
     key_mask = torch.zeros_like(seq, dtype=torch.bool)
     seq[:, :width], key_mask[:, :width] = torch.from_numpy(ids_np), torch.from_numpy(real_np)

@@ -158,7 +158,7 @@ class SharedPrefixKVCache:
         grid = self.row_prompt * self.n_slots + self.row_slot  # each row's cell on the [P, S] grid
         qr = q[:, 0] * self.scale  # [B, H, D]
         # prefix part on the grid: unnormalised softmax numerators, their max and sum per row
-        scores = self._to_grid(qr) @ self.pk[layer].transpose(-1, -2)  # [P, H, S, Lp]
+        scores = self._to_grid(qr, grid) @ self.pk[layer].transpose(-1, -2)  # [P, H, S, Lp]
         if self.bias is not None:
             scores += self.bias
         m_p, sum_p, out_p = _partial_softmax(scores.float(), self.pv[layer])
@@ -188,10 +188,10 @@ class SharedPrefixKVCache:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[layer, :, :, :end], self.v[layer, :, :, :end], attn_mask=mask)
         return out.transpose(1, 2)
 
-    def _to_grid(self, x: Tensor) -> Tensor:
+    def _to_grid(self, x: Tensor, grid: Tensor) -> Tensor:
         """Rows `[B, H, D]` onto the zero-filled grid `[P, H, S, D]` (empty cells: finished or absent samples)."""
         cells = x.new_zeros((self.pk.shape[1] * self.n_slots, *x.shape[1:]))
-        cells.index_copy_(0, self.row_prompt * self.n_slots + self.row_slot, x)
+        cells.index_copy_(0, grid, x)
         return cells.view(self.pk.shape[1], self.n_slots, *x.shape[1:]).transpose(1, 2)
 
     @staticmethod
