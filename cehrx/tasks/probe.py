@@ -58,6 +58,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     bad = [b for b in (p.baselines or []) if b not in BASELINES]
     if bad:
         raise CehrxError(f"probe.baselines: unknown {bad} (choose from {list(BASELINES)})")
+    if p.random_init and int(p.get("random_init_seeds", 1)) < 1:
+        raise CehrxError(f"probe.random_init_seeds must be >= 1 with probe.random_init=true, got {p.random_init_seeds}")
     mdir = resolve_model_dir(cfg.model_dir)
     prepared = prepared_dir_for(cfg, mdir)
     out = Path(str(cfg.output_dir))

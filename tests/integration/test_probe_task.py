@@ -131,3 +131,5 @@ def test_probe_needs_labels(micro_model: tuple[Path, Path], synthetic_prepared: 
         run(compose_cfg("task=probe", f"model_dir={model}", "probe.task=nope", f"output_dir={tmp_path / 'o'}"))
     with pytest.raises(CehrxError, match="exceeds the model's max_seq_len"):
         run(compose_cfg("task=probe", f"model_dir={model}", "probe.task=gibleed_after_nsaid", "probe.max_len=4096", f"output_dir={tmp_path / 'o'}"))
+    with pytest.raises(CehrxError, match="random_init_seeds must be >= 1"):
+        run(compose_cfg("task=probe", f"model_dir={model}", "probe.random_init=true", "probe.random_init_seeds=0", f"output_dir={tmp_path / 'o'}"))
