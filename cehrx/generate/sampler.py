@@ -51,7 +51,7 @@ from cehrx.data.vocab import DEATH, END, Vocab
 from cehrx.errors import CehrxError
 from cehrx.generate.constraints import Grammar
 from cehrx.generate.draws import row_uniforms, sample_next
-from cehrx.model.kv_cache import SharedPrefixKVCache
+from cehrx.model.kv_cache import SharedPrefixKVCache, compaction_order
 from cehrx.model.transformer import GPT
 
 __all__ = ["STOP_DEATH", "STOP_END", "STOP_NAMES", "STOP_TIME", "STOP_TOKENS", "Samples", "SamplingConfig", "sample", "sample_next"]
@@ -399,7 +399,7 @@ def _run_stream(model: GPT, prep: _Prepared, cfg: SamplingConfig, tokens: np.nda
         if n_alive == 0:
             continue  # everything stopped: the next round admits new rows or returns
         if n_fin and (len(live.row) - n_alive) * COMPACT_FRACTION >= len(live.row):
-            keep = torch.nonzero(live.alive)[:, 0]
+            keep = compaction_order(live.alive)  # few rows move: the cache copies only those
             live, tok = live.select(keep), tok[keep]
             cache.select_rows(keep)
         # rows riding along after a full context would step past the rotary table: clamp (their output is discarded)

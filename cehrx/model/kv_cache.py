@@ -14,6 +14,9 @@ calls `advance(t)` once per forward, after every layer.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +24,7 @@ from torch import Tensor
 
 from cehrx.model.attention import attention
 
-__all__ = ["KVCache", "SharedPrefixKVCache"]
+__all__ = ["KVCache", "SharedPrefixKVCache", "compaction_order"]
 
 
 class KVCache:
@@ -86,6 +89,19 @@ class KVCache:
         self.max_len = max_len
 
 
+@dataclass
+class _Tier:
+    """Rows whose prefix attention runs as one grid: batch rows `rows` (None: all, in order) at
+    `cells` of a `[n, slots]` grid over the prompts `prompts` (None: all; else a copy of their
+    keys' last `width` columns)."""
+
+    rows: Tensor | None
+    cells: Tensor
+    slots: int
+    prompts: Tensor | None
+    width: int
+
+
 class SharedPrefixKVCache:
     """Decode `num_samples` continuations of each prefilled prompt without copying its keys.
 
@@ -137,6 +153,8 @@ class SharedPrefixKVCache:
             self._k[:, :, :, : self.width], self._v[:, :, :, : self.width] = self.pk[:, self.row_prompt], self.pv[:, self.row_prompt]
             self.fold_mask = prefix_mask[self.row_prompt] if prefix_mask is not None else None
             self.length = self.width
+        else:
+            self._reslot()
 
     @property
     def pk(self) -> Tensor:
@@ -175,10 +193,8 @@ class SharedPrefixKVCache:
         self.v[layer, :, :, self.length] = v[:, 0]
         if self.folded:
             return self._attend_folded(layer, q, end)
-        grid = self.row_prompt * self.n_slots + self.row_slot  # each row's cell on the [P, S] grid
-        # prefix part on the grid: each prompt's samples against its keys, one attention call
-        out_p, lse_p = _attention_lse(self._to_grid(q[:, 0], grid), self.pk[layer], self.pv[layer], self.bias, self.scale)  # [P, H, S, *]
-        out_p, lse_p = self._from_grid(out_p, grid), self._from_grid(lse_p, grid)  # [B, H, D], [B, H]
+        # prefix part: each prompt's samples against its keys on a [prompt, sample] grid (see _reslot)
+        out_p, lse_p = self._attend_prefix(layer, q[:, 0])  # [B, H, D], [B, H]
         # own part, per row: the tokens this row generated (columns before a joining row's start are masked)
         if self.staggered and self._own_bias is None:
             cols = torch.arange(end, device=self.start.device)
@@ -199,16 +215,28 @@ class SharedPrefixKVCache:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[layer, :, :, :end], self.v[layer, :, :, :end], attn_mask=mask)
         return out.transpose(1, 2)
 
-    def _to_grid(self, x: Tensor, grid: Tensor) -> Tensor:
-        """Rows `[B, H, D]` onto the zero-filled grid `[P, H, S, D]` (empty cells: finished or absent samples)."""
-        cells = x.new_zeros((self.n_prompts * self.n_slots, *x.shape[1:]))
-        cells.index_copy_(0, grid, x)
-        return cells.view(self.n_prompts, self.n_slots, *x.shape[1:]).transpose(1, 2)
-
-    @staticmethod
-    def _from_grid(x: Tensor, grid: Tensor) -> Tensor:
-        """Grid `[P, H, S, *X]` back to rows `[B, H, *X]`."""
-        return x.transpose(1, 2).flatten(0, 1).index_select(0, grid)
+    def _attend_prefix(self, layer: int, q: Tensor) -> tuple[Tensor, Tensor]:
+        """Prefix attention of every row (`q`: `[B, H, D]`), tier by tier (see `_reslot`)."""
+        pk, pv = self.pk[layer], self.pv[layer]
+        parts = []
+        for t in self._tiers:
+            k, v, bias = pk, pv, self.bias
+            if t.prompts is not None:  # the few busy prompts' keys, cut to their longest prompt
+                k, v = pk[:, :, -t.width :].index_select(0, t.prompts), pv[:, :, -t.width :].index_select(0, t.prompts)
+                bias = None if bias is None else bias[..., -t.width :].index_select(0, t.prompts)
+            rows_q = q if t.rows is None else q.index_select(0, t.rows)
+            cells = rows_q.new_zeros((k.shape[0] * t.slots, *q.shape[1:]))  # empty cells: finished or absent samples
+            cells.index_copy_(0, t.cells, rows_q)
+            out, lse = _attention_lse(cells.view(k.shape[0], t.slots, *q.shape[1:]).transpose(1, 2), k, v, bias, self.scale)  # [P, H, S, *]
+            parts.append((t.rows, out.transpose(1, 2).flatten(0, 1).index_select(0, t.cells), lse.transpose(1, 2).flatten(0, 1).index_select(0, t.cells)))
+        if len(parts) == 1 and parts[0][0] is None:
+            return parts[0][1], parts[0][2]
+        out = q.new_empty(q.shape)
+        lse = torch.empty(q.shape[:2], dtype=parts[0][2].dtype, device=q.device)
+        for rows, o, l in parts:
+            out.index_copy_(0, rows, o)
+            lse.index_copy_(0, rows, l)
+        return out, lse
 
     def select_rows(self, index: Tensor) -> None:
         """Keep batch rows `index` (finished rows leave). Prompts with no row left are dropped once
@@ -220,28 +248,57 @@ class SharedPrefixKVCache:
         if self.folded:
             self.fold_mask = self.fold_mask[index] if self.fold_mask is not None else None
             return
-        kept, inverse = torch.unique(self.row_prompt, return_inverse=True)
+        kept = torch.unique(self.row_prompt)
         width = int(self.plen[kept].max()) if len(kept) else 0
         if (self.n_prompts - len(kept)) * 4 >= self.n_prompts:
+            used = torch.zeros(self.n_prompts, dtype=torch.bool, device=kept.device)
+            used[kept] = True
+            order = compaction_order(used)  # kept prompts past the new end fill the holes: only they are copied
+            moved = torch.nonzero(order != torch.arange(len(order), device=order.device))[:, 0]
             cols = slice(self._pk.shape[3] - self.width, None)
-            self._pk[:, : len(kept), :, cols] = self._pk[:, kept, :, cols]  # the gather copies first: overlap is safe
-            self._pv[:, : len(kept), :, cols] = self._pv[:, kept, :, cols]
-            self.n_prompts, self.plen, self.row_prompt = len(kept), self.plen[kept], inverse
-            self.bias = self.bias[kept] if self.bias is not None else None
+            self._pk[:, moved, :, cols] = self._pk[:, order[moved], :, cols]
+            self._pv[:, moved, :, cols] = self._pv[:, order[moved], :, cols]
+            new_index = torch.empty(self.n_prompts, dtype=torch.int64, device=order.device)
+            new_index[order] = torch.arange(len(order), device=order.device)
+            self.n_prompts, self.plen, self.row_prompt = len(order), self.plen[order], new_index[self.row_prompt]
+            self.bias = self.bias[order] if self.bias is not None else None
         if 0 < width < self.width:  # prompts are right-aligned: the left columns are padding for everyone left
             self.width = width
             self.bias = self.bias[..., -width:] if self.bias is not None else None
         self._reslot()
 
     def _reslot(self) -> None:
-        """Place each row at its rank among its prompt's rows: the grid is then only as wide as the
-        busiest prompt's live samples, not `num_samples` (most futures stop early, leaving cells empty)."""
-        counts = torch.bincount(self.row_prompt, minlength=self.n_prompts)
+        """Lay the rows out for the prefix attention: each row at its rank among its prompt's rows,
+        in one or two tiers.
+
+        A grid `[prompts, slots]` is as wide as the busiest prompt, and zero-shot futures stop
+        at very different times: a few prompts keep most of their 20 samples while most keep
+        one or two, so a single grid would be mostly empty cells. So the first `s` ranks of every
+        prompt form one grid over all prompts, and the ranks past `s` of the few busier prompts a
+        second one over copies of just their keys; `s` minimises the cells scored (plus the copy).
+        """
+        counts_t = torch.bincount(self.row_prompt, minlength=self.n_prompts)
         order = torch.argsort(self.row_prompt, stable=True)
-        first = torch.cumsum(counts, 0) - counts
+        first = torch.cumsum(counts_t, 0) - counts_t
         slot = torch.empty_like(self.row_slot)
         slot[order] = torch.arange(len(order), device=order.device) - first[self.row_prompt[order]]
-        self.row_slot, self.n_slots = slot, max(int(counts.max()) if len(counts) else 1, 1)
+        self.row_slot = slot
+        counts = counts_t.cpu().numpy()
+        top = max(int(counts.max()) if len(counts) else 1, 1)
+        s = np.arange(1, top + 1)
+        busy = (counts[None, :] > s[:, None]).sum(1)
+        split = int(s[np.argmin(self.n_prompts * s + busy * (top - s + 2))])
+        if split == top:
+            self._tiers = [_Tier(None, self.row_prompt * top + slot, top, None, 0)]
+            return
+        low = torch.nonzero(slot < split)[:, 0]
+        high = torch.nonzero(slot >= split)[:, 0]
+        prompts = torch.from_numpy(np.flatnonzero(counts > split)).to(slot.device)
+        pos = torch.full((self.n_prompts,), -1, dtype=torch.int64, device=slot.device)
+        pos[prompts] = torch.arange(len(prompts), device=slot.device)
+        width = min(int(self.plen[prompts].max()), self.width)
+        self._tiers = [_Tier(low, self.row_prompt[low] * split + slot[low], split, None, 0),
+                       _Tier(high, pos[self.row_prompt[high]] * (top - split) + slot[high] - split, top - split, prompts, width)]
 
     def extend(self, other: SharedPrefixKVCache) -> None:
         """Append the rows (and prompts) of a freshly prefilled cache; they start at the current column."""
@@ -252,11 +309,11 @@ class SharedPrefixKVCache:
         self.plen = torch.cat((self.plen, other.plen))
         self.row_prompt = torch.cat((self.row_prompt, other.row_prompt + n_prompts))
         self.row_slot = torch.cat((self.row_slot, other.row_slot))
-        self.n_slots = max(self.n_slots, other.n_slots)
         self._resize(None, self._k.shape[3], extra_rows=other.batch_size, n_rows=n_old)
         self.start = torch.cat((self.start, torch.full((other.batch_size,), self.length, dtype=torch.int64, device=self.start.device)))
         self.staggered = self.staggered or (n_old > 0 and self.length > 0)
         self._own_bias = None
+        self._reslot()
 
     def _add_prompts(self, other: SharedPrefixKVCache) -> None:
         """Write `other`'s prompt keys after ours (growing the buffer only when it is full), both
@@ -287,9 +344,6 @@ class SharedPrefixKVCache:
         earliest kept `start`) are moved."""
         if rows is None:
             rows = torch.arange(self.batch_size if n_rows is None else n_rows, device=self._k.device)
-            in_order = True
-        else:
-            in_order = False
         lo = int(self.start[rows].min()) if len(rows) and self.length else 0
         n = self.length - lo
         capacity = max(capacity, n + 1)
@@ -299,8 +353,13 @@ class SharedPrefixKVCache:
         if need > cap_rows or capacity > cap_cols:
             shape = (L, max(need, cap_rows), H, max(capacity, cap_cols), D)
             k, v = self._k.new_empty(shape), self._v.new_empty(shape)
-        if n and not (in_order and lo == 0 and k is self._k):
-            k[:, : len(rows), :, :n] = self._k[:, rows, :, lo : self.length]  # the gather copies first: overlap is safe
+        if n and k is self._k and lo == 0:  # in place: move only the rows whose position changes
+            moved = torch.nonzero(rows != torch.arange(len(rows), device=rows.device))[:, 0]
+            if len(moved):  # (see `compaction_order`: few rows move when the caller fills holes from the end)
+                k[:, moved, :, :n] = self._k[:, rows[moved], :, :n]  # the gather copies first: overlap is safe
+                v[:, moved, :, :n] = self._v[:, rows[moved], :, :n]
+        elif n:
+            k[:, : len(rows), :, :n] = self._k[:, rows, :, lo : self.length]
             v[:, : len(rows), :, :n] = self._v[:, rows, :, lo : self.length]
         k[:, len(rows) : need, :, :n] = 0  # joining rows mask these columns out; 0 * garbage could be NaN
         v[:, len(rows) : need, :, :n] = 0
@@ -330,6 +389,20 @@ def _attention_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: 
         scores = scores + bias
     lse = torch.logsumexp(scores, -1)
     return (torch.exp(scores - lse[..., None]).to(v.dtype) @ v), lse
+
+
+def compaction_order(keep: Tensor) -> Tensor:
+    """The indices of the True entries of `keep`, ordered to move as few as possible when they are
+    packed to the front: entries already inside the packed range stay put, those past it fill the
+    holes. Compacting a batch row order this way copies only the moved rows' cached keys.
+
+    >>> compaction_order(torch.tensor([True, False, True, False, True, True])).tolist()
+    [0, 4, 2, 5]
+    """
+    n = int(keep.sum())
+    order = torch.arange(n, device=keep.device)
+    order[torch.nonzero(~keep[:n])[:, 0]] = torch.nonzero(keep[n:])[:, 0] + n
+    return order
 
 
 def _mask_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
