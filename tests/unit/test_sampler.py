@@ -191,6 +191,58 @@ def test_shared_prefix_cache_equals_replicated_cache(vocab: Vocab) -> None:
             torch.testing.assert_close(h[i], model(s[None])[0, -1], atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_shared_prefix_cache_tiers_compaction_and_buffer_reuse(vocab: Vocab) -> None:
+    """The zero-shot life of a cache: samples stop unevenly (one busy prompt: a two-tier grid),
+    whole prompts leave (their keys are compacted away, the prefix narrows), narrower and wider
+    prompts join into the reused buffers, and rows outgrow the first 16 generated columns.
+    Every row still gets the logits it gets alone."""
+    from cehrx.model.kv_cache import SharedPrefixKVCache, compaction_order
+
+    model = micro(vocab)
+    g = torch.Generator().manual_seed(3)
+
+    def prefill(lengths: list[int], n_slots: int):
+        width = max(lengths)
+        ids = torch.randint(1, len(vocab), (len(lengths), width), generator=g)
+        real = torch.arange(width)[None, :] >= width - torch.tensor(lengths)[:, None]
+        prefix = model.new_kv_cache(len(lengths), width)
+        model(ids, position_ids=(real.cumsum(1) - 1).clamp_min(0), kv_cache=prefix, key_mask=real)
+        rows = torch.arange(len(lengths) * n_slots)
+        cache = SharedPrefixKVCache(prefix, real, rows // n_slots, rows % n_slots, n_slots)
+        return cache, [ids[p, width - n :] for p, n in enumerate(lengths) for _ in range(n_slots)]
+
+    cache, seqs = prefill([7, 20, 11, 4], 5)
+    prompt = [i // 5 for i in range(20)]
+
+    def keep_rows(alive: list[bool]) -> None:
+        nonlocal seqs, prompt
+        keep = compaction_order(torch.tensor(alive))
+        cache.select_rows(keep)
+        seqs, prompt = [seqs[i] for i in keep.tolist()], [prompt[i] for i in keep.tolist()]
+
+    tiers = set()
+    for step in range(22):
+        if step == 1:  # prompt 1 keeps its 5 samples, the others one each: two tiers
+            keep_rows([p == 1 or i % 5 == 0 for i, p in enumerate(prompt)])
+        if step == 3:  # prompts 1 (the longest) and 3 leave: dropped, prefix cut to 11 columns
+            keep_rows([p in (0, 2) for p in prompt])
+            assert cache.n_prompts == 2 and cache.width == 11
+        if step in (4, 5, 7):  # prompts join: narrower (in the buffer), wider (widened in the buffer), then one too many (buffer grows)
+            new, new_seqs = prefill(*{4: ([3], 2), 5: ([15], 3), 7: ([6], 2)}[step])
+            cache.extend(new)
+            seqs += new_seqs
+            assert cache.width == {4: 11, 5: 15, 7: 15}[step] and cache._pk.shape[1] == (4 if step < 7 else 8)
+        tiers.add(len(cache._tiers))
+        tok = torch.randint(1, len(vocab), (len(seqs),), generator=g)
+        seqs = [torch.cat((s, t[None])) for s, t in zip(seqs, tok)]
+        pos = torch.tensor([len(s) - 1 for s in seqs])[:, None]
+        h = model(tok[:, None], position_ids=pos, kv_cache=cache)[:, 0]
+        for i, s in enumerate(seqs):
+            torch.testing.assert_close(h[i], model(s[None])[0, -1], atol=1e-5, rtol=1e-5)
+    assert tiers == {1, 2} and cache.length > 16
+
+
 def test_same_seed_same_output(vocab: Vocab, histories: tuple[np.ndarray, np.ndarray]) -> None:
     toks, offs = histories
     model = micro(vocab)
