@@ -279,16 +279,28 @@ def _check_prompts(model: GPT, vocab: Vocab, tokens: np.ndarray, offsets: np.nda
     return lengths
 
 
+_TABLES: list = [None, None, None]  # (vocab, device, (grammar, forbidden, seconds)) of the last call
+
+
+def _vocab_tables(vocab: Vocab, device: torch.device) -> tuple[Grammar, Tensor, Tensor]:
+    """The grammar, its forbidden-token table and each token's seconds, kept for the next call
+    with the same vocabulary object (callers that sample patient by patient pay them once)."""
+    if _TABLES[0] is not vocab or _TABLES[1] != device:
+        grammar = Grammar.build(vocab).to(device)
+        _TABLES[:] = [vocab, device, (grammar, ~grammar.allowed, torch.from_numpy(token_seconds(vocab)).to(device))]
+    return _TABLES[2]
+
+
 def _prepare(model: GPT, vocab: Vocab, cfg: SamplingConfig, stop_ids: Sequence[int] | None) -> _Prepared:
     device = model.wte.weight.device
     stops = [vocab[END], vocab[DEATH]] if stop_ids is None else list(stop_ids)
-    grammar = Grammar.build(vocab).to(device) if cfg.constrained else None
+    grammar, forbidden, seconds = _vocab_tables(vocab, device)
     return _Prepared(
         device=device,
-        grammar=grammar,
-        forbidden=~grammar.allowed if grammar is not None else None,
+        grammar=grammar if cfg.constrained else None,
+        forbidden=forbidden if cfg.constrained else None,
         pad_id=vocab.pad_id,
-        seconds=torch.from_numpy(token_seconds(vocab)).to(device),
+        seconds=seconds,
         stop_ids=torch.tensor(stops, dtype=torch.int64, device=device),
         end_id=vocab[END],
         death_id=vocab[DEATH],

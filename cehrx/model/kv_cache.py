@@ -109,18 +109,23 @@ class SharedPrefixKVCache:
     every decode step reads by the number of samples. On CPU a 256-row decode over a few hundred
     cached tokens is then bound by memory traffic (the keys of 20 copies of each history), not
     arithmetic, so batching more patients stopped paying off. Here the rows are laid on a
-    `[prompt, sample]` grid: each prompt's samples score its prefix in one `[S, D] x [D, Lp]`
-    matmul per head, and each row scores only the tokens it generated itself. One softmax over
-    both parts gives exactly the attention over the replicated cache.
+    `[prompt, sample]` grid: each prompt's samples attend over its prefix together (one fused
+    attention call for the whole grid), and each row over only the tokens it generated itself.
+    The two partial attentions merge exactly by their log-sum-exps (`_attention_lse`), which
+    gives the attention over the replicated cache.
 
     Decoding only (one new token per row per forward). `row_prompt[i]` is the prefix row that
     batch row `i` continues and `row_slot[i] < n_slots` its sample index; `prefix_mask`
     (`[P, Lp]`, True = real token) hides left padding, None when no prompt is padded.
     Rows can join a running batch (`extend`, with their own prompts) and leave it
     (`select_rows`): all rows write their new token in the same column, and a row that joined
-    later ignores the columns before its `start`. With one row per prompt there is nothing to
-    share (`folded`): each prompt's keys are copied to the front of its row and a step is one
-    fused sdpa, as with a plain `KVCache`; such a cache takes no joining rows.
+    later ignores the columns before its `start`. Prompt keys and generated keys live in
+    buffers with spare room, so joining writes in place and leaving moves only the rows
+    `compaction_order` puts in holes. Rows are re-laid on the grid as samples stop
+    (`_reslot`: rank within their prompt, busy prompts on a second grid). With one row per
+    prompt there is nothing to share (`folded`): each prompt's keys are copied to the front of
+    its row and a step is one fused sdpa, as with a plain `KVCache`; such a cache takes no
+    joining rows.
     """
 
     def __init__(self, prefix: KVCache, prefix_mask: Tensor | None, row_prompt: Tensor, row_slot: Tensor, n_slots: int) -> None:
