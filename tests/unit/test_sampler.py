@@ -191,14 +191,19 @@ def test_shared_prefix_cache_equals_replicated_cache(vocab: Vocab) -> None:
             torch.testing.assert_close(h[i], model(s[None])[0, -1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["cpu-flash", "reference"])
 @torch.no_grad()
-def test_shared_prefix_cache_tiers_compaction_and_buffer_reuse(vocab: Vocab) -> None:
+def test_shared_prefix_cache_tiers_compaction_and_buffer_reuse(vocab: Vocab, fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The zero-shot life of a cache: samples stop unevenly (one busy prompt: a two-tier grid),
     whole prompts leave (their keys are compacted away, the prefix narrows), narrower and wider
     prompts join into the reused buffers, and rows outgrow the first 16 generated columns.
-    Every row still gets the logits it gets alone."""
+    Every row still gets the logits it gets alone, with the fused CPU kernel and with the
+    reference formula other devices use."""
+    import cehrx.model.kv_cache as kv
     from cehrx.model.kv_cache import SharedPrefixKVCache, compaction_order
 
+    if not fused:
+        monkeypatch.setattr(kv, "_FLASH_CPU", None)
     model = micro(vocab)
     g = torch.Generator().manual_seed(3)
 
