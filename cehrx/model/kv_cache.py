@@ -115,7 +115,8 @@ class SharedPrefixKVCache:
     gives the attention over the replicated cache.
 
     Decoding only (one new token per row per forward). `row_prompt[i]` is the prefix row that
-    batch row `i` continues and `row_slot[i] < n_slots` its sample index; `prefix_mask`
+    batch row `i` continues and `row_slot[i] < n_slots` its sample index (its grid cell; re-laid
+    by rank as rows leave); `prefix_mask`
     (`[P, Lp]`, True = real token) hides left padding, None when no prompt is padded.
     Rows can join a running batch (`extend`, with their own prompts) and leave it
     (`select_rows`): all rows write their new token in the same column, and a row that joined
