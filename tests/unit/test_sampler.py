@@ -155,24 +155,42 @@ def test_samples_do_not_depend_on_batching(vocab: Vocab, histories: tuple[np.nda
             np.testing.assert_array_equal(getattr(runs[0], field), getattr(other, field))
 
 
+def _shared_prefix_cache(model, g: torch.Generator, lengths: list[int], n_slots: int):
+    """Random left-padded prompts of `lengths`, prefilled; a shared-prefix cache with `n_slots`
+    rows per prompt, and each row's prompt ids (to replay it alone)."""
+    from cehrx.model.kv_cache import SharedPrefixKVCache
+
+    width = max(lengths)
+    ids = torch.randint(1, model.config.vocab_size, (len(lengths), width), generator=g)
+    real = torch.arange(width)[None, :] >= width - torch.tensor(lengths)[:, None]
+    prefix = model.new_kv_cache(len(lengths), width)
+    model(ids, position_ids=(real.cumsum(1) - 1).clamp_min(0), kv_cache=prefix, key_mask=real)
+    rows = torch.arange(len(lengths) * n_slots)
+    cache = SharedPrefixKVCache(prefix, real, rows // n_slots, rows % n_slots, n_slots)
+    return cache, [ids[p, width - n :] for p, n in enumerate(lengths) for _ in range(n_slots)]
+
+
+def _decode_and_check(model, cache, seqs: list[torch.Tensor], g: torch.Generator) -> list[torch.Tensor]:
+    """One random token per row through the cache; each row's hidden state must equal a full
+    forward of that row alone. Returns the rows with their new token."""
+    tok = torch.randint(1, model.config.vocab_size, (len(seqs),), generator=g)
+    seqs = [torch.cat((s, t[None])) for s, t in zip(seqs, tok)]
+    pos = torch.tensor([len(s) - 1 for s in seqs])[:, None]
+    h = model(tok[:, None], position_ids=pos, kv_cache=cache)[:, 0]
+    for i, s in enumerate(seqs):
+        torch.testing.assert_close(h[i], model(s[None])[0, -1], atol=1e-5, rtol=1e-5)
+    return seqs
+
+
 @torch.no_grad()
 def test_shared_prefix_cache_equals_replicated_cache(vocab: Vocab) -> None:
     """Rows joining (`extend`, other prompts, later start) and leaving (`select_rows`) a shared-
     prefix cache get the logits of a plain cache replicated per row, i.e. of each row alone."""
-    from cehrx.model.kv_cache import SharedPrefixKVCache
-
     model = micro(vocab)
     g = torch.Generator().manual_seed(2)
 
     def prefill(lengths: list[int], n_slots: int):
-        width = max(lengths)
-        ids = torch.randint(1, len(vocab), (len(lengths), width), generator=g)
-        real = torch.arange(width)[None, :] >= width - torch.tensor(lengths)[:, None]
-        prefix = model.new_kv_cache(len(lengths), width)
-        model(ids, position_ids=(real.cumsum(1) - 1).clamp_min(0), kv_cache=prefix, key_mask=real)
-        rows = torch.arange(len(lengths) * n_slots)
-        cache = SharedPrefixKVCache(prefix, real, rows // n_slots, rows % n_slots, n_slots)
-        return cache, [ids[p, width - n :] for p, n in enumerate(lengths) for _ in range(n_slots)]
+        return _shared_prefix_cache(model, g, lengths, n_slots)
 
     cache, seqs = prefill([5, 9], 3)
     for step in range(4):
@@ -183,12 +201,7 @@ def test_shared_prefix_cache_equals_replicated_cache(vocab: Vocab) -> None:
             keep = torch.tensor([0, 2, 3, 4, 6, 7, 8, 9, 10, 11])
             cache.select_rows(keep)
             seqs = [seqs[i] for i in keep.tolist()]
-        tok = torch.randint(1, len(vocab), (len(seqs),), generator=g)
-        seqs = [torch.cat((s, t[None])) for s, t in zip(seqs, tok)]
-        pos = torch.tensor([len(s) - 1 for s in seqs])[:, None]
-        h = model(tok[:, None], position_ids=pos, kv_cache=cache)[:, 0]
-        for i, s in enumerate(seqs):
-            torch.testing.assert_close(h[i], model(s[None])[0, -1], atol=1e-5, rtol=1e-5)
+        seqs = _decode_and_check(model, cache, seqs, g)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["cpu-flash", "reference"])
@@ -200,7 +213,7 @@ def test_shared_prefix_cache_tiers_compaction_and_buffer_reuse(vocab: Vocab, fus
     Every row still gets the logits it gets alone, with the fused CPU kernel and with the
     reference formula other devices use."""
     import cehrx.model.kv_cache as kv
-    from cehrx.model.kv_cache import SharedPrefixKVCache, compaction_order
+    from cehrx.model.kv_cache import compaction_order
 
     if not fused:
         monkeypatch.setattr(kv, "_FLASH_CPU", None)
@@ -208,14 +221,7 @@ def test_shared_prefix_cache_tiers_compaction_and_buffer_reuse(vocab: Vocab, fus
     g = torch.Generator().manual_seed(3)
 
     def prefill(lengths: list[int], n_slots: int):
-        width = max(lengths)
-        ids = torch.randint(1, len(vocab), (len(lengths), width), generator=g)
-        real = torch.arange(width)[None, :] >= width - torch.tensor(lengths)[:, None]
-        prefix = model.new_kv_cache(len(lengths), width)
-        model(ids, position_ids=(real.cumsum(1) - 1).clamp_min(0), kv_cache=prefix, key_mask=real)
-        rows = torch.arange(len(lengths) * n_slots)
-        cache = SharedPrefixKVCache(prefix, real, rows // n_slots, rows % n_slots, n_slots)
-        return cache, [ids[p, width - n :] for p, n in enumerate(lengths) for _ in range(n_slots)]
+        return _shared_prefix_cache(model, g, lengths, n_slots)
 
     cache, seqs = prefill([7, 20, 11, 4], 5)
     prompt = [i // 5 for i in range(20)]
@@ -239,12 +245,7 @@ def test_shared_prefix_cache_tiers_compaction_and_buffer_reuse(vocab: Vocab, fus
             seqs += new_seqs
             assert cache.width == {4: 11, 5: 15, 7: 15}[step] and cache._pk.shape[1] == (4 if step < 7 else 8)
         tiers.add(len(cache._tiers))
-        tok = torch.randint(1, len(vocab), (len(seqs),), generator=g)
-        seqs = [torch.cat((s, t[None])) for s, t in zip(seqs, tok)]
-        pos = torch.tensor([len(s) - 1 for s in seqs])[:, None]
-        h = model(tok[:, None], position_ids=pos, kv_cache=cache)[:, 0]
-        for i, s in enumerate(seqs):
-            torch.testing.assert_close(h[i], model(s[None])[0, -1], atol=1e-5, rtol=1e-5)
+        seqs = _decode_and_check(model, cache, seqs, g)
     assert tiers == {1, 2} and cache.length > 16
 
 
