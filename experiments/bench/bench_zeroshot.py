@@ -14,6 +14,7 @@ Two workloads:
 
     python experiments/bench/bench_zeroshot.py --prepared /tmp/zs/gibleed --model-dir runs/eunomia/model
     python experiments/bench/bench_zeroshot.py --prepared runs/gibleed            # random-init tiny
+    python experiments/bench/bench_zeroshot.py --prepared ... --model-dir ... --patients 261 --serial-patients 261 --device cuda
 
 Prints a markdown table and writes JSON (--out). On a shared machine run with `--threads 1` and
 read the CPU-seconds columns (`time.process_time`): wall time there measures the other tenants.
@@ -110,6 +111,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workloads", default="fixed,zeroshot")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs (cuda: the ratio the issue expects to be large)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -117,7 +119,10 @@ def main() -> None:
     if not (args.prepared / "vocab.json").is_file():
         raise SystemExit(f"no prepared dir at {args.prepared}: run `cehrx task=prepare data=gibleed` (or pass --prepared)")
     vocab = Vocab.load(args.prepared)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible")
     model, what = load_model(args, vocab)
+    model = model.to(args.device)
     h = histories(args.prepared, vocab, args.task, model.config.max_seq_len - args.max_new_tokens)
     rng = np.random.default_rng(0)
     idx = np.sort(rng.choice(len(h), min(args.patients, len(h)), replace=False))
@@ -134,9 +139,9 @@ def main() -> None:
         rows += [*ref, serial, batched]
     info = {"model": what, "prepared": str(args.prepared), "task": args.task, "num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
             "batch_size": args.batch_size, "history_tokens_mean": round(float(h.lengths()[idx].mean()), 1), "torch_threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, "load_avg": os.getloadavg()}
+            "cpu": platform.processor() or platform.machine(), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "cores": os.cpu_count(), "torch": torch.__version__, "load_avg": os.getloadavg()}
     print(f"model: {what}; {info['num_samples']} futures x <= {info['max_new_tokens']} new tokens; batch_size {info['batch_size']}; "
-          f"mean history {info['history_tokens_mean']} tokens; torch threads {info['torch_threads']}; load avg {info['load_avg']}")
+          f"mean history {info['history_tokens_mean']} tokens; torch threads {info['torch_threads']}; device {info['device']}; load avg {info['load_avg']}")
     print("| workload | mode | patients | wall s | CPU s | patients/s | patients/CPU-s | new tokens/s | mean new tokens / future | batched is x faster (wall / CPU) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
