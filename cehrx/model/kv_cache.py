@@ -8,7 +8,7 @@ calls `advance(t)` once per forward, after every layer.
   `key_mask`) and plain decoding.
 - `SharedPrefixKVCache`: many samples of few prompts (zero-shot: 20 futures per history). Each
   prompt's prefilled keys are kept once, not once per sample, and the samples of a prompt score
-  them together in one matmul; only the tokens a row generated are stored per row.
+  them together in one attention call; only the tokens a row generated are stored per row.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ class SharedPrefixKVCache:
         self.n_prompts, self.width = n_prompts, prefix.length
         self.bias = None if prefix_mask is None else _mask_bias(prefix_mask, self._pk.dtype)[:, None, None, :]  # [P, 1, 1, width]
         self.plen = prefix_mask.sum(1) if prefix_mask is not None else torch.full((n_prompts,), self.width, dtype=torch.int64, device=self._pk.device)
-        self.row_prompt, self.row_slot, self.n_slots = row_prompt.long(), row_slot.long(), n_slots
+        self.row_prompt, self.row_slot = row_prompt.long(), row_slot.long()
         # generated tokens, per row (`_k`: [L, B_cap, H, C_cap, D]); allocated for a few tokens and doubled
         # when full, because most zero-shot futures stop after a handful of tokens while the budget allows hundreds
         self._k = self._pk.new_empty((n_layer, len(row_prompt), n_head, 16, head_dim))
@@ -260,10 +260,7 @@ class SharedPrefixKVCache:
             used = torch.zeros(self.n_prompts, dtype=torch.bool, device=kept.device)
             used[kept] = True
             order = compaction_order(used)  # kept prompts past the new end fill the holes: only they are copied
-            moved = torch.nonzero(order != torch.arange(len(order), device=order.device))[:, 0]
-            cols = slice(self._pk.shape[3] - self.width, None)
-            self._pk[:, moved, :, cols] = self._pk[:, order[moved], :, cols]
-            self._pv[:, moved, :, cols] = self._pv[:, order[moved], :, cols]
+            _reorder_in_place((self._pk, self._pv), order, slice(self._pk.shape[3] - self.width, None))
             new_index = torch.empty(self.n_prompts, dtype=torch.int64, device=order.device)
             new_index[order] = torch.arange(len(order), device=order.device)
             self.n_prompts, self.plen, self.row_prompt = len(order), self.plen[order], new_index[self.row_prompt]
@@ -360,10 +357,7 @@ class SharedPrefixKVCache:
             shape = (L, max(need, cap_rows), H, max(capacity, cap_cols), D)
             k, v = self._k.new_empty(shape), self._v.new_empty(shape)
         if n and k is self._k and lo == 0:  # in place: move only the rows whose position changes
-            moved = torch.nonzero(rows != torch.arange(len(rows), device=rows.device))[:, 0]
-            if len(moved):  # (see `compaction_order`: few rows move when the caller fills holes from the end)
-                k[:, moved, :, :n] = self._k[:, rows[moved], :, :n]  # the gather copies first: overlap is safe
-                v[:, moved, :, :n] = self._v[:, rows[moved], :, :n]
+            _reorder_in_place((k, v), rows, slice(0, n))
         elif n:
             k[:, : len(rows), :, :n] = self._k[:, rows, :, lo : self.length]
             v[:, : len(rows), :, :n] = self._v[:, rows, :, lo : self.length]
@@ -395,6 +389,16 @@ def _attention_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: 
         scores = scores + bias
     lse = torch.logsumexp(scores, -1)
     return (torch.exp(scores - lse[..., None]).to(v.dtype) @ v), lse
+
+
+def _reorder_in_place(buffers: tuple[Tensor, ...], order: Tensor, cols: slice) -> None:
+    """Put entry `order[i]` of dim 1 at position `i` (columns `cols` of dim 3), copying only the
+    entries that change position (few, with `compaction_order`). The gather copies first, so
+    sources and destinations may overlap."""
+    moved = torch.nonzero(order != torch.arange(len(order), device=order.device))[:, 0]
+    if len(moved):
+        for b in buffers:
+            b[:, moved, :, cols] = b[:, order[moved], :, cols]
 
 
 def compaction_order(keep: Tensor) -> Tensor:
