@@ -62,6 +62,7 @@ _RUNNING = -1
 COMPACT_FRACTION = 8  # drop finished rows once >= 1/8 of the batch has finished
 REFILL_FRACTION = 4  # admit new prompts once >= 1/4 of the batch is free ...
 REFILL_MAX_WINDOW = 64  # ... and the running rows' generated part is at most this long (see _run_stream)
+PREFILL_TOKENS = 1024  # padded prompt tokens per prefill forward (see _prefill)
 
 
 @dataclass
@@ -354,21 +355,55 @@ def _draw_step(prep: _Prepared, cfg: SamplingConfig, logits: Tensor, live: _Live
 
 def _prefill(model: GPT, prep: _Prepared, tokens: np.ndarray, offsets: np.ndarray, rows: np.ndarray, num_samples: int,
              init_state: np.ndarray, keys: np.ndarray) -> tuple[SharedPrefixKVCache, Tensor, _Live]:
-    """Run each distinct prompt of `rows` once (left-padded batch, lm head on the last column
-    only); its samples then share its cached keys instead of one copy per sample."""
+    """Run each distinct prompt of `rows` once (left-padded, lm head on the last column only);
+    its samples then share its cached keys instead of one copy per sample.
+
+    Prompts run longest first in forwards of about `PREFILL_TOKENS` padded tokens, each written
+    right-aligned into one prefix cache: one forward over hundreds of histories is slower on CPU
+    than several (its activations fall out of cache) and pads short prompts to the longest."""
     row_prompt = rows // num_samples
     uniq, inverse = np.unique(row_prompt, return_inverse=True)
     lengths = offsets[uniq + 1] - offsets[uniq]
-    ids_np, real_np = _left_pad(tokens, offsets, uniq, int(lengths.max()), 0)
-    ids, real = torch.from_numpy(ids_np).to(prep.device), torch.from_numpy(real_np).to(prep.device)
+    order = np.argsort(-lengths, kind="stable")  # prefix row i holds prompt uniq[order[i]]
+    uniq, lengths = uniq[order], lengths[order]
+    width = int(lengths[0])
+    real = torch.from_numpy(np.arange(width)[None, :] >= width - lengths[:, None]).to(prep.device)
     padded = not bool(real.all())  # equal-length prompts (generate) need no key mask at all
-    prefix = model.new_kv_cache(len(uniq), ids.shape[1], dtype=prep.cache_dtype)
-    h = model(ids, position_ids=(torch.cumsum(real, dim=1) - 1).clamp_min(0), kv_cache=prefix, key_mask=real if padded else None)
-    idx = torch.from_numpy(inverse).to(prep.device)
-    logits = model.lm_head_logits(h[:, -1]).float()[idx]
+    prefix = model.new_kv_cache(len(uniq), width, dtype=prep.cache_dtype)
+    last = []
+    for a, b in _prefill_chunks(lengths, PREFILL_TOKENS):
+        w = int(lengths[a])
+        ids_np, real_np = _left_pad(tokens, offsets, uniq[a:b], w, 0)
+        ids, kmask = torch.from_numpy(ids_np).to(prep.device), torch.from_numpy(real_np).to(prep.device)
+        if w < width:  # columns left of this chunk are padding for its prompts: zero them (0 * garbage could be NaN)
+            prefix.k[:, a:b, :, : width - w] = 0
+            prefix.v[:, a:b, :, : width - w] = 0
+        h = model(ids, position_ids=(torch.cumsum(kmask, dim=1) - 1).clamp_min(0), kv_cache=prefix.window(slice(a, b), w),
+                  key_mask=kmask if bool((real_np[:, 0] == 0).any()) else None)
+        last.append(h[:, -1])
+    prefix.advance(width)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    idx = torch.from_numpy(rank[inverse]).to(prep.device)
+    logits = model.lm_head_logits(torch.cat(last)).float()[idx]
     slot = torch.from_numpy(rows % num_samples).to(prep.device)
     cache = SharedPrefixKVCache(prefix, real if padded else None, idx, slot, num_samples)
-    return cache, logits, _new_live(prep, rows, lengths[inverse], init_state, keys, num_samples)
+    return cache, logits, _new_live(prep, rows, lengths[rank[inverse]], init_state, keys, num_samples)
+
+
+def _prefill_chunks(lengths: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Split prompts sorted longest first into runs `[a, b)` of at most `budget` padded tokens
+    (`(b - a) * lengths[a]`; a prompt longer than the budget runs alone).
+
+    >>> _prefill_chunks(np.array([300, 200, 200, 100, 100, 100]), 600)
+    [(0, 2), (2, 5), (5, 6)]
+    """
+    chunks, a = [], 0
+    while a < len(lengths):
+        b = a + max(1, budget // int(lengths[a]))
+        chunks.append((a, min(b, len(lengths))))
+        a = b
+    return chunks
 
 
 def _run_stream(model: GPT, prep: _Prepared, cfg: SamplingConfig, tokens: np.ndarray, offsets: np.ndarray, rows: np.ndarray,

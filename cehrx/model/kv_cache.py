@@ -80,6 +80,14 @@ class KVCache:
         v[:, :, :, :n] = self.v[:, index, :, :n]
         self.k, self.v = k, v
 
+    def window(self, rows: slice, width: int) -> KVCache:
+        """An empty cache over batch rows `rows` and the last `width` columns of this one, sharing
+        its memory: prompts prefilled in several forwards land right-aligned in one buffer."""
+        win = object.__new__(KVCache)
+        win.k, win.v = self.k[:, rows, :, self.max_len - width :], self.v[:, rows, :, self.max_len - width :]
+        win.max_len, win.length = width, 0
+        return win
+
     def grow(self, max_len: int) -> None:
         """Make room for `max_len` tokens (keeping what is cached), e.g. after a prompt-sized prefill."""
         if max_len <= self.max_len:
