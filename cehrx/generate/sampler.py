@@ -63,6 +63,7 @@ COMPACT_FRACTION = 8  # drop finished rows once >= 1/8 of the batch has finished
 REFILL_FRACTION = 4  # admit new prompts once >= 1/4 of the batch is free ...
 REFILL_MAX_WINDOW = 64  # ... and the running rows' generated part is at most this long (see _run_stream)
 PREFILL_TOKENS = 1024  # padded prompt tokens per prefill forward (see _prefill)
+SPARE_PROMPTS = 3  # a batch's prompt buffer has room for this many times its first prompts' count more (joining prompts go there)
 
 
 @dataclass
@@ -354,41 +355,57 @@ def _draw_step(prep: _Prepared, cfg: SamplingConfig, logits: Tensor, live: _Live
 
 
 def _prefill(model: GPT, prep: _Prepared, tokens: np.ndarray, offsets: np.ndarray, rows: np.ndarray, num_samples: int,
-             init_state: np.ndarray, keys: np.ndarray) -> tuple[SharedPrefixKVCache, Tensor, _Live]:
+             init_state: np.ndarray, keys: np.ndarray, into: SharedPrefixKVCache | None = None,
+             refilled: bool = False, budget: int = 16) -> tuple[SharedPrefixKVCache, Tensor, _Live]:
     """Run each distinct prompt of `rows` once (left-padded, lm head on the last column only);
     its samples then share its cached keys instead of one copy per sample.
 
     Prompts run longest first in forwards of about `PREFILL_TOKENS` padded tokens, each written
-    right-aligned into one prefix cache: one forward over hundreds of histories is slower on CPU
-    than several (its activations fall out of cache) and pads short prompts to the longest."""
+    right-aligned into one prompt buffer: one forward over hundreds of histories is slower on CPU
+    than several (its activations fall out of cache) and pads short prompts to the longest.
+    The buffer is a new cache's, or the running cache `into`'s, which the new prompts and rows
+    then join: their keys are written once, where they are read. A new batch that other rows
+    will join (`refilled`) gets room for them up front: `SPARE_PROMPTS` times as many prompts
+    and, on CPU, generated columns for the token `budget` plus the refill window. Untouched
+    pages cost nothing, while growing a large buffer means a fresh allocation whose every page
+    faults on first write (tens of ms per step on a VM); GPU buffers start small and double."""
     row_prompt = rows // num_samples
     uniq, inverse = np.unique(row_prompt, return_inverse=True)
     lengths = offsets[uniq + 1] - offsets[uniq]
-    order = np.argsort(-lengths, kind="stable")  # prefix row i holds prompt uniq[order[i]]
+    order = np.argsort(-lengths, kind="stable")  # prompt buffer row i holds prompt uniq[order[i]]
     uniq, lengths = uniq[order], lengths[order]
     width = int(lengths[0])
-    real = torch.from_numpy(np.arange(width)[None, :] >= width - lengths[:, None]).to(prep.device)
-    padded = not bool(real.all())  # equal-length prompts (generate) need no key mask at all
-    prefix = model.new_kv_cache(len(uniq), width, dtype=prep.cache_dtype)
+    if into is None:
+        spare = SPARE_PROMPTS if refilled and num_samples > 1 else 0
+        target = model.new_kv_cache(len(uniq) * (1 + spare), width, dtype=prep.cache_dtype)
+    else:
+        target = into.reserve_prompts(len(uniq), width)
     last = []
     for a, b in _prefill_chunks(lengths, PREFILL_TOKENS):
         w = int(lengths[a])
         ids_np, real_np = _left_pad(tokens, offsets, uniq[a:b], w, 0)
         ids, kmask = torch.from_numpy(ids_np).to(prep.device), torch.from_numpy(real_np).to(prep.device)
-        if w < width:  # columns left of this chunk are padding for its prompts: zero them (0 * garbage could be NaN)
-            prefix.k[:, a:b, :, : width - w] = 0
-            prefix.v[:, a:b, :, : width - w] = 0
-        h = model(ids, position_ids=(torch.cumsum(kmask, dim=1) - 1).clamp_min(0), kv_cache=prefix.window(slice(a, b), w),
-                  key_mask=kmask if bool((real_np[:, 0] == 0).any()) else None)
+        if w < target.max_len:  # columns left of this chunk are padding for its prompts: zero them (0 * garbage could be NaN)
+            target.k[:, a:b, :, : target.max_len - w] = 0
+            target.v[:, a:b, :, : target.max_len - w] = 0
+        h = model(ids, position_ids=(torch.cumsum(kmask, dim=1) - 1).clamp_min(0), kv_cache=target.window(slice(a, b), w),
+                  key_mask=kmask if not real_np[:, 0].all() else None)
         last.append(h[:, -1])
-    prefix.advance(width)
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
     idx = torch.from_numpy(rank[inverse]).to(prep.device)
     logits = model.lm_head_logits(torch.cat(last)).float()[idx]
     slot = torch.from_numpy(rows % num_samples).to(prep.device)
-    cache = SharedPrefixKVCache(prefix, real if padded else None, idx, slot, num_samples)
-    return cache, logits, _new_live(prep, rows, lengths[rank[inverse]], init_state, keys, num_samples)
+    plen = torch.from_numpy(lengths).to(prep.device)
+    if into is None:
+        target.advance(width)
+        real = torch.arange(width, device=prep.device)[None, :] >= width - plen[:, None]
+        padded = not bool(real.all())  # equal-length prompts (generate) need no key mask at all
+        capacity = budget + REFILL_MAX_WINDOW + 1 if refilled and prep.device.type == "cpu" else 16
+        into = SharedPrefixKVCache(target, real if padded else None, idx, slot, num_samples, n_prompts=len(uniq), capacity=capacity)
+    else:
+        into.join(plen, idx, slot)
+    return into, logits, _new_live(prep, rows, lengths[rank[inverse]], init_state, keys, num_samples)
 
 
 def _prefill_chunks(lengths: np.ndarray, budget: int) -> list[tuple[int, int]]:
@@ -431,11 +448,11 @@ def _run_stream(model: GPT, prep: _Prepared, cfg: SamplingConfig, tokens: np.nda
                 free = cfg.batch_size
             take = rows[nxt : nxt + free]
             nxt += len(take)
-            new_cache, new_logits, new_live = _prefill(model, prep, tokens, offsets, take, num_samples, init_state, keys)
+            cache, new_logits, new_live = _prefill(model, prep, tokens, offsets, take, num_samples, init_state, keys, into=cache,
+                                                   refilled=nxt < len(rows), budget=min(cfg.max_new_tokens, prep.max_seq_len))
             if live is None:
-                cache, logits, live = new_cache, new_logits, new_live
+                logits, live = new_logits, new_live
             else:
-                cache.extend(new_cache)
                 logits, live = torch.cat((logits, new_logits)), live.cat(new_live)
             n_alive += len(take)
         if n_alive == 0:

@@ -80,13 +80,17 @@ class KVCache:
         v[:, :, :, :n] = self.v[:, index, :, :n]
         self.k, self.v = k, v
 
+    @classmethod
+    def over(cls, k: Tensor, v: Tensor) -> KVCache:
+        """An empty cache writing into `k`, `v` (`[n_layer, B, H, max_len, D]`, views allowed)."""
+        cache = object.__new__(cls)
+        cache.k, cache.v, cache.max_len, cache.length = k, v, k.shape[3], 0
+        return cache
+
     def window(self, rows: slice, width: int) -> KVCache:
         """An empty cache over batch rows `rows` and the last `width` columns of this one, sharing
         its memory: prompts prefilled in several forwards land right-aligned in one buffer."""
-        win = object.__new__(KVCache)
-        win.k, win.v = self.k[:, rows, :, self.max_len - width :], self.v[:, rows, :, self.max_len - width :]
-        win.max_len, win.length = width, 0
-        return win
+        return KVCache.over(self.k[:, rows, :, self.max_len - width :], self.v[:, rows, :, self.max_len - width :])
 
     def grow(self, max_len: int) -> None:
         """Make room for `max_len` tokens (keeping what is cached), e.g. after a prompt-sized prefill."""
@@ -137,19 +141,22 @@ class SharedPrefixKVCache:
     joining rows.
     """
 
-    def __init__(self, prefix: KVCache, prefix_mask: Tensor | None, row_prompt: Tensor, row_slot: Tensor, n_slots: int) -> None:
-        n_layer, n_prompts, n_head, _, head_dim = prefix.k.shape
+    def __init__(self, prefix: KVCache, prefix_mask: Tensor | None, row_prompt: Tensor, row_slot: Tensor, n_slots: int,
+                 n_prompts: int | None = None, capacity: int = 16) -> None:
+        n_layer, _, n_head, _, head_dim = prefix.k.shape
+        n_prompts = prefix.k.shape[1] if n_prompts is None else n_prompts  # prefix rows past it: spare room for joining prompts
         # Prompt keys live in buffers with room for more prompts (`_pk`: [L, P_cap, H, W, D]),
         # right-aligned; `pk` is the used part. Rows joining and leaving a running batch then
         # write into / compact within the buffers instead of concatenating the whole prefix.
         self._pk, self._pv = prefix.k[:, :, :, : prefix.length], prefix.v[:, :, :, : prefix.length]
         self.n_prompts, self.width = n_prompts, prefix.length
-        self.bias = None if prefix_mask is None else _mask_bias(prefix_mask, self._pk.dtype)[:, None, None, :]  # [P, 1, 1, width]
         self.plen = prefix_mask.sum(1) if prefix_mask is not None else torch.full((n_prompts,), self.width, dtype=torch.int64, device=self._pk.device)
+        self._set_bias()
         self.row_prompt, self.row_slot = row_prompt.long(), row_slot.long()
-        # generated tokens, per row (`_k`: [L, B_cap, H, C_cap, D]); allocated for a few tokens and doubled
-        # when full, because most zero-shot futures stop after a handful of tokens while the budget allows hundreds
-        self._k = self._pk.new_empty((n_layer, len(row_prompt), n_head, 16, head_dim))
+        # generated tokens, per row (`_k`: [L, B_cap, H, C_cap, D]); allocated for `capacity` tokens and doubled
+        # when full. Most zero-shot futures stop after a handful of tokens while the budget allows hundreds:
+        # on GPU start small; on CPU, where untouched pages cost nothing and reallocating costs page faults, the caller sizes it for the budget.
+        self._k = self._pk.new_empty((n_layer, len(row_prompt), n_head, capacity, head_dim))
         self._v = torch.empty_like(self._k)
         self.start = torch.zeros(len(row_prompt), dtype=torch.int64, device=self._pk.device)  # first own column per row
         self.staggered = False  # True once rows with different starts share the batch
@@ -265,18 +272,22 @@ class SharedPrefixKVCache:
         kept = torch.unique(self.row_prompt)
         width = int(self.plen[kept].max()) if len(kept) else 0
         if (self.n_prompts - len(kept)) * 4 >= self.n_prompts:
-            used = torch.zeros(self.n_prompts, dtype=torch.bool, device=kept.device)
-            used[kept] = True
-            order = compaction_order(used)  # kept prompts past the new end fill the holes: only they are copied
-            _reorder_in_place((self._pk, self._pv), order, slice(self._pk.shape[3] - self.width, None))
-            new_index = torch.empty(self.n_prompts, dtype=torch.int64, device=order.device)
-            new_index[order] = torch.arange(len(order), device=order.device)
-            self.n_prompts, self.plen, self.row_prompt = len(order), self.plen[order], new_index[self.row_prompt]
-            self.bias = self.bias[order] if self.bias is not None else None
+            self._drop_idle_prompts(kept)
         if 0 < width < self.width:  # prompts are right-aligned: the left columns are padding for everyone left
             self.width = width
-            self.bias = self.bias[..., -width:] if self.bias is not None else None
+            self._set_bias()
         self._reslot()
+
+    def _drop_idle_prompts(self, kept: Tensor) -> None:
+        """Keep only prompts `kept` (sorted ids): those past the new end fill the holes, so only they are copied."""
+        used = torch.zeros(self.n_prompts, dtype=torch.bool, device=kept.device)
+        used[kept] = True
+        order = compaction_order(used)
+        _reorder_in_place((self._pk, self._pv), order, slice(self._pk.shape[3] - self.width, None))
+        new_index = torch.empty(self.n_prompts, dtype=torch.int64, device=order.device)
+        new_index[order] = torch.arange(len(order), device=order.device)
+        self.n_prompts, self.plen, self.row_prompt = len(order), self.plen[order], new_index[self.row_prompt]
+        self._set_bias()
 
     def _reslot(self) -> None:
         """Lay the rows out for the prefix attention: each row at its rank among its prompt's rows,
@@ -311,42 +322,61 @@ class SharedPrefixKVCache:
         self._tiers = [_Tier(low, self.row_prompt[low] * split + slot[low], split, None, 0),
                        _Tier(high, pos[self.row_prompt[high]] * (top - split) + slot[high] - split, top - split, prompts, width)]
 
-    def extend(self, other: SharedPrefixKVCache) -> None:
-        """Append the rows (and prompts) of a freshly prefilled cache; they start at the current column."""
-        if self.folded or other.folded or other.length:
-            raise ValueError("extend takes a fresh cache (nothing decoded yet), neither folded")
-        n_old, n_prompts = self.batch_size, self.n_prompts
-        self._add_prompts(other)
-        self.plen = torch.cat((self.plen, other.plen))
-        self.row_prompt = torch.cat((self.row_prompt, other.row_prompt + n_prompts))
-        self.row_slot = torch.cat((self.row_slot, other.row_slot))
-        self._resize(None, self._k.shape[3], extra_rows=other.batch_size, n_rows=n_old)
-        self.start = torch.cat((self.start, torch.full((other.batch_size,), self.length, dtype=torch.int64, device=self.start.device)))
-        self.staggered = self.staggered or (n_old > 0 and self.length > 0)
-        self._own_bias = None
-        self._reslot()
-
-    def _add_prompts(self, other: SharedPrefixKVCache) -> None:
-        """Write `other`'s prompt keys after ours (growing the buffer only when it is full), both
-        right-aligned to the wider of the two; the columns a prompt does not use are masked."""
-        width = max(self.width, other.width)
-        n, m = self.n_prompts, other.n_prompts
+    def reserve_prompts(self, m: int, width: int) -> KVCache:
+        """Room for `m` more prompts of at most `width` tokens: an empty `KVCache` over their rows
+        of the prompt buffer and its last `max(self.width, width)` columns. Prefill them into it
+        right-aligned (`KVCache.window`; columns left of a prompt's window must be zeroed), then
+        `join` them. Idle prompts are dropped first; the buffer grows only when still full."""
+        if self.folded:
+            raise ValueError("a folded cache (one row per prompt) takes no joining prompts")
+        if self.n_prompts + m > self._pk.shape[1]:
+            self._drop_idle_prompts(torch.unique(self.row_prompt))
+        n = self.n_prompts
         L, cap, H, W, D = self._pk.shape
         if n + m > cap or width > W:
             shape = (L, max(n + m, 2 * cap), H, max(width, W), D)
             pk, pv = self._pk.new_empty(shape), self._pv.new_empty(shape)
             pk[:, :n, :, shape[3] - self.width :], pv[:, :n, :, shape[3] - self.width :] = self.pk, self.pv
             self._pk, self._pv, W = pk, pv, shape[3]
+        cols = slice(W - max(self.width, width), W)
+        return KVCache.over(self._pk[:, n : n + m, :, cols], self._pv[:, n : n + m, :, cols])
+
+    def join(self, plen: Tensor, row_prompt: Tensor, row_slot: Tensor) -> None:
+        """Add the `len(plen)` prompts just prefilled into `reserve_prompts`' rows (their lengths)
+        and their rows (`row_prompt` counts from 0 among them); the rows start at the current column."""
+        n, n_old, W = self.n_prompts, self.batch_size, self._pk.shape[3]
+        width = max(self.width, int(plen.max()))
         if width > self.width:  # our prompts' new left columns: padding, zeroed (0 * garbage could be NaN)
             self._pk[:, :n, :, W - width : W - self.width] = 0
             self._pv[:, :n, :, W - width : W - self.width] = 0
-        self._pk[:, n : n + m, :, W - other.width :], self._pv[:, n : n + m, :, W - other.width :] = other.pk, other.pv
-        if other.width < width:
-            self._pk[:, n : n + m, :, W - width : W - other.width] = 0
-            self._pv[:, n : n + m, :, W - width : W - other.width] = 0
-        if self.bias is not None or other.bias is not None or self.width != other.width:
-            self.bias = torch.cat((_pad_bias(self.bias, n, self.width, width, self._pk), _pad_bias(other.bias, m, other.width, width, self._pk)))
-        self.n_prompts, self.width = n + m, width
+        self.n_prompts, self.width = n + len(plen), width
+        self.plen = torch.cat((self.plen, plen))
+        self._set_bias()
+        self.row_prompt = torch.cat((self.row_prompt, row_prompt.long() + n))
+        self.row_slot = torch.cat((self.row_slot, row_slot.long()))
+        self._resize(None, self._k.shape[3], extra_rows=len(row_prompt), n_rows=n_old)
+        self.start = torch.cat((self.start, torch.full((len(row_prompt),), self.length, dtype=torch.int64, device=self.start.device)))
+        self.staggered = self.staggered or (n_old > 0 and self.length > 0)
+        self._own_bias = None
+        self._reslot()
+
+    def extend(self, other: SharedPrefixKVCache) -> None:
+        """Append the rows (and prompts) of a freshly prefilled cache: its keys are copied into
+        ours (`reserve_prompts` + `join`; the sampler prefills into ours directly instead)."""
+        if other.folded or other.length:
+            raise ValueError("extend takes a fresh cache (nothing decoded yet), not folded")
+        target = self.reserve_prompts(other.n_prompts, other.width)
+        pad = target.max_len - other.width
+        for buf, keys in ((target.k, other.pk), (target.v, other.pv)):
+            buf[:, :, :, pad:] = keys
+            buf[:, :, :, :pad] = 0
+        self.join(other.plen, other.row_prompt, other.row_slot)
+
+    def _set_bias(self) -> None:
+        """The additive prefix mask `[P, 1, 1, width]` from the prompt lengths (None: no padding)."""
+        cols = torch.arange(self.width, device=self.plen.device)
+        pad = cols[None, :] < self.width - self.plen[:, None]
+        self.bias = _mask_bias(~pad, self._pk.dtype)[:, None, None, :] if bool(pad.any()) else None
 
     def _resize(self, rows: Tensor | None, capacity: int, extra_rows: int = 0, n_rows: int | None = None) -> None:
         """Keep batch rows `rows` (None: the first `n_rows`, default all, in order) at the front of
@@ -357,7 +387,8 @@ class SharedPrefixKVCache:
             rows = torch.arange(self.batch_size if n_rows is None else n_rows, device=self._k.device)
         lo = int(self.start[rows].min()) if len(rows) and self.length else 0
         n = self.length - lo
-        capacity = max(capacity, n + 1)
+        if n + 1 > capacity:  # full: double (growing by the one column the next step needs would reallocate every step)
+            capacity = max(2 * capacity, n + 1)
         need = len(rows) + extra_rows
         L, cap_rows, H, cap_cols, D = self._k.shape
         k, v = self._k, self._v
@@ -405,8 +436,10 @@ def _reorder_in_place(buffers: tuple[Tensor, ...], order: Tensor, cols: slice) -
     sources and destinations may overlap."""
     moved = torch.nonzero(order != torch.arange(len(order), device=order.device))[:, 0]
     if len(moved):
+        src = order[moved]
         for b in buffers:
-            b[:, moved, :, cols] = b[:, order[moved], :, cols]
+            for layer in b[:, :, :, cols]:  # per layer: index_select/index_copy_ on dim 0 are ~2x faster on CPU than 5-d advanced indexing
+                layer.index_copy_(0, moved, layer.index_select(0, src))
 
 
 def compaction_order(keep: Tensor) -> Tensor:
@@ -426,10 +459,3 @@ def compaction_order(keep: Tensor) -> Tensor:
 def _mask_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """0 where `mask` is True, -inf where False (added to attention scores)."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-
-
-def _pad_bias(bias: Tensor | None, n_prompts: int, width: int, to: int, like: Tensor) -> Tensor:
-    """A prefix bias (`[P, 1, 1, width]`, None = no padding) left-padded with -inf to `to` columns."""
-    if bias is None:
-        bias = torch.zeros((n_prompts, 1, 1, width), dtype=like.dtype, device=like.device)
-    return F.pad(bias, (to - width, 0), value=float("-inf")) if to > width else bias
