@@ -249,6 +249,24 @@ def test_shared_prefix_cache_tiers_compaction_and_buffer_reuse(vocab: Vocab, fus
     assert tiers == {1, 2} and cache.length > 16
 
 
+@pytest.mark.parametrize("top", [(0, 1.0), (40, 0.9)], ids=["plain", "top-k-top-p"])
+def test_scoring_by_grammar_state_draws_what_the_full_head_draws(vocab: Vocab, histories: tuple[np.ndarray, np.ndarray],
+                                                                   top: tuple[int, float], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lm head scored per grammar state on its allowed tokens only gives the draws of the
+    full head with the forbidden tokens masked (same seed, same futures)."""
+    import cehrx.generate.sampler as sampler
+
+    toks, offs = histories
+    model = micro(vocab)
+    cfg = SamplingConfig(max_new_tokens=40, batch_size=32, top_k=top[0], top_p=top[1], seed=3)
+    by_state = sample(model, vocab, toks, offs, cfg, num_samples=3, progress=False)
+    monkeypatch.setattr(sampler, "_score_by_state", lambda hidden: False)
+    full = sample(model, vocab, toks, offs, cfg, num_samples=3, progress=False)
+    assert len(by_state.tokens) > 100
+    for field in ("tokens", "offsets", "stop", "elapsed_days"):
+        np.testing.assert_array_equal(getattr(by_state, field), getattr(full, field))
+
+
 def test_same_seed_same_output(vocab: Vocab, histories: tuple[np.ndarray, np.ndarray]) -> None:
     toks, offs = histories
     model = micro(vocab)
