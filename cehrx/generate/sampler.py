@@ -9,12 +9,14 @@ How a run is organised (and why):
   sample `j` of prompt `i` (results come back in that prompt-major order). Rows enter the batch
   longest prompt first, at most `cfg.batch_size` at a time, so prompts of similar length share
   a prefill and pad little (zero-shot histories range from a few to thousands of tokens).
-- **Prefill once, share the keys.** Entering prompts are left-padded into one `[P, L]` batch
-  and run once; `key_mask` hides the padding keys and per-row `position_ids` start each
-  sequence at 0, so a padded prompt gets exactly the logits it gets alone. Its samples then
-  read its cached keys together (`SharedPrefixKVCache`): one copy per prompt, not per sample.
+- **Prefill once, share the keys.** Entering prompts run longest first, left-padded, in
+  forwards of about `PREFILL_TOKENS` tokens, written straight into the batch's prompt buffer;
+  `key_mask` hides the padding keys and per-row `position_ids` start each sequence at 0, so a
+  padded prompt gets exactly the logits it gets alone. Its samples then read its cached keys
+  together (`SharedPrefixKVCache`): one copy per prompt, not per sample.
 - **Decode.** One token per row per step through the cache (`[B, 1]` forward; the lm head
-  runs on the real last position only, never on padding).
+  runs on the real last position only, never on padding, and with the grammar on only over
+  the tokens the row's grammar state allows).
 - **Stops.** A row stops at `[END]` or `[DEATH]` (included), when it has `max_new_tokens`
   tokens or its context is full (`max_seq_len`), or when its generated time tokens (gap and
   inpatient time, `cehrx.data.decode.token_seconds`) pass `max_days` (the crossing token is

@@ -73,7 +73,7 @@ class ZeroshotConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    batch_size: int = 256  # rows (prompt x sample) per forward batch
+    batch_size: int = 1024  # rows (prompt x sample) per forward batch
     constrained: bool = True
     history_len: int | None = None  # default: the model's max_seq_len - max_new_tokens
     chunk_size: int = 512  # labels per resumable chunk

@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--single-patients", type=int, default=1, help="patients in the one-future-at-a-time run (0 = skip)")
     ap.add_argument("--num-samples", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=1024, help="rows per forward in the batched run (task=zeroshot's default)")
     ap.add_argument("--workloads", default="fixed,zeroshot")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs (cuda: the ratio the issue expects to be large)")
