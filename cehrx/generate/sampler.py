@@ -54,7 +54,7 @@ from cehrx.data.vocab import DEATH, END, Vocab
 from cehrx.errors import CehrxError
 from cehrx.generate.constraints import Grammar
 from cehrx.generate.draws import row_uniforms, sample_next
-from cehrx.model.kv_cache import SharedPrefixKVCache, compaction_order
+from cehrx.model.kv_cache import KVCache, SharedPrefixKVCache, compaction_order
 from cehrx.model.transformer import GPT
 
 __all__ = ["STOP_DEATH", "STOP_END", "STOP_NAMES", "STOP_TIME", "STOP_TOKENS", "Samples", "SamplingConfig", "sample", "sample_next"]
@@ -419,21 +419,11 @@ def _prefill(model: GPT, prep: _Prepared, tokens: np.ndarray, offsets: np.ndarra
         target = model.new_kv_cache(len(uniq) * (1 + spare), width, dtype=prep.cache_dtype)
     else:
         target = into.reserve_prompts(len(uniq), width)
-    last = []
-    for a, b in _prefill_chunks(lengths, PREFILL_TOKENS):
-        w = int(lengths[a])
-        ids_np, real_np = _left_pad(tokens, offsets, uniq[a:b], w, 0)
-        ids, kmask = torch.from_numpy(ids_np).to(prep.device), torch.from_numpy(real_np).to(prep.device)
-        if w < target.max_len:  # columns left of this chunk are padding for its prompts: zero them (0 * garbage could be NaN)
-            target.k[:, a:b, :, : target.max_len - w] = 0
-            target.v[:, a:b, :, : target.max_len - w] = 0
-        h = model(ids, position_ids=(torch.cumsum(kmask, dim=1) - 1).clamp_min(0), kv_cache=target.window(slice(a, b), w),
-                  key_mask=kmask if not real_np[:, 0].all() else None)
-        last.append(h[:, -1])
+    last = _prefill_chunked(model, prep, tokens, offsets, uniq, lengths, target)
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
     idx = torch.from_numpy(rank[inverse]).to(prep.device)
-    hidden = torch.cat(last)[idx]
+    hidden = last[idx]
     slot = torch.from_numpy(rows % num_samples).to(prep.device)
     plen = torch.from_numpy(lengths).to(prep.device)
     if into is None:
@@ -445,6 +435,24 @@ def _prefill(model: GPT, prep: _Prepared, tokens: np.ndarray, offsets: np.ndarra
     else:
         into.join(plen, idx, slot)
     return into, hidden, _new_live(prep, rows, lengths[rank[inverse]], init_state, keys, num_samples)
+
+
+def _prefill_chunked(model: GPT, prep: _Prepared, tokens: np.ndarray, offsets: np.ndarray, prompts: np.ndarray, lengths: np.ndarray,
+                     target: KVCache) -> Tensor:
+    """Prefill `prompts` (sorted longest first, `lengths` tokens) into rows `0..len-1` of `target`,
+    right-aligned, `PREFILL_TOKENS` at a time; each prompt's last hidden state `[P, n_embd]`."""
+    last = []
+    for a, b in _prefill_chunks(lengths, PREFILL_TOKENS):
+        w = int(lengths[a])
+        ids_np, real_np = _left_pad(tokens, offsets, prompts[a:b], w, 0)
+        ids, kmask = torch.from_numpy(ids_np).to(prep.device), torch.from_numpy(real_np).to(prep.device)
+        if w < target.max_len:  # columns left of this chunk are padding for its prompts: zero them (0 * garbage could be NaN)
+            target.k[:, a:b, :, : target.max_len - w] = 0
+            target.v[:, a:b, :, : target.max_len - w] = 0
+        h = model(ids, position_ids=(torch.cumsum(kmask, dim=1) - 1).clamp_min(0), kv_cache=target.window(slice(a, b), w),
+                  key_mask=kmask if not real_np[:, 0].all() else None)
+        last.append(h[:, -1])
+    return torch.cat(last)
 
 
 def _prefill_chunks(lengths: np.ndarray, budget: int) -> list[tuple[int, int]]:

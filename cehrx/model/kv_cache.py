@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -130,11 +129,13 @@ class SharedPrefixKVCache:
     batch row `i` continues and `row_slot[i] < n_slots` its sample index (its grid cell; re-laid
     by rank as rows leave); `prefix_mask`
     (`[P, Lp]`, True = real token) hides left padding, None when no prompt is padded.
-    Rows can join a running batch (`extend`, with their own prompts) and leave it
-    (`select_rows`): all rows write their new token in the same column, and a row that joined
-    later ignores the columns before its `start`. Prompt keys and generated keys live in
-    buffers with spare room, so joining writes in place and leaving moves only the rows
-    `compaction_order` puts in holes. Rows are re-laid on the grid as samples stop
+    Rows can join a running batch with their own prompts (`reserve_prompts`, prefill into it,
+    `join`; or `extend` with a separately prefilled cache) and leave it (`select_rows`): all
+    rows write their new token in the same column, and a row that joined later ignores the
+    columns before its `start`. Prompt keys and generated keys live in buffers with spare room
+    (`n_prompts` of the prefix's rows are in use, the rest are room; `capacity` generated
+    columns), so joining writes in place and leaving moves only the rows `compaction_order`
+    puts in holes. Rows are re-laid on the grid as samples stop
     (`_reslot`: rank within their prompt, busy prompts on a second grid). With one row per
     prompt there is nothing to share (`folded`): each prompt's keys are copied to the front of
     its row and a step is one fused sdpa, as with a plain `KVCache`; such a cache takes no

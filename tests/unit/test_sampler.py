@@ -254,7 +254,7 @@ def test_scoring_by_grammar_state_draws_what_the_full_head_draws(vocab: Vocab, h
                                                                    top: tuple[int, float], monkeypatch: pytest.MonkeyPatch) -> None:
     """The lm head scored per grammar state on its allowed tokens only gives the draws of the
     full head with the forbidden tokens masked (same seed, same futures)."""
-    import cehrx.generate.sampler as sampler
+    from cehrx.generate import sampler
 
     toks, offs = histories
     model = micro(vocab)
