@@ -43,57 +43,14 @@ if [[ "${1:-all}" != paired ]]; then
 fi
 
 # 4. AUROC(probe) - mean AUROC of the five random-init seeds, paired subject bootstrap (same draws for all).
-OUT=$OUT BASE_MEAN=$BASE_MEAN python - <<'EOF'
-import os
-from pathlib import Path
-
-import numpy as np
-import pyarrow.parquet as pq
-from sklearn.metrics import roc_auc_score
-
-from cehrx.eval.metrics import bootstrap
-
-out, base_mean = Path(os.environ["OUT"]), Path(os.environ["BASE_MEAN"])
-SEEDS = ["random_init"] + [f"random_init_{k}" for k in range(2, 6)]
-
-
-def load(path):
-    t = pq.read_table(path).sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
-    return (t.column("boolean_value").to_numpy(zero_copy_only=False).astype(bool), t.column("subject_id").to_numpy(),
-            t.column("predicted_boolean_probability").to_numpy().astype(float))
-
-
-def paired(probe_path, control_dir, n_boot=1000):
-    y, sid, p = load(probe_path)
-    boot_p = bootstrap(y, p, sid, n_boot, 0)["auroc"]
-    ctrl, boot_c = [], []
-    for s in SEEDS:
-        yc, sc, pc = load(control_dir / "predictions" / f"{s}.parquet")
-        assert (yc == y).all() and (sc == sid).all(), "probe and control rows differ"
-        ctrl.append(roc_auc_score(y, pc))
-        boot_c.append(bootstrap(y, pc, sid, n_boot, 0)["auroc"])
-    d = boot_p - np.mean(boot_c, 0)
-    d = d[np.isfinite(d)]
-    return roc_auc_score(y, p) - np.mean(ctrl), np.percentile(d, 2.5), np.percentile(d, 97.5)
-
-
-rows = [
-    ("600-step model (runs/study_synthea), last", Path("runs/study_synthea/probe/synthea_inpatient_1y/predictions/probe.parquet"), out / "probe/synthea_inpatient_1y"),
-    ("600-step model (runs/study_synthea), mean", base_mean / "predictions/probe.parquet", base_mean),
-    ("600-step model (runs/study_synthea), last, readmission", Path("runs/study_synthea/probe/synthea_readmission_30d/predictions/probe.parquet"), out / "probe/synthea_readmission_30d"),
-    ("step-900 best (2400-step schedule), last", out / "probe/synthea_inpatient_1y/predictions/probe.parquet", out / "probe/synthea_inpatient_1y"),
-    ("step-900 best (2400-step schedule), mean", out / "probe_mean/synthea_inpatient_1y/predictions/probe.parquet", base_mean),
-    ("step-900 best (2400-step schedule), last, readmission", out / "probe/synthea_readmission_30d/predictions/probe.parquet", out / "probe/synthea_readmission_30d"),
-    ("step-2400 weights, last", out / "probe_last/synthea_inpatient_1y/predictions/probe.parquet", out / "probe/synthea_inpatient_1y"),
-    ("step-2400 weights, mean", out / "probe_last_mean/synthea_inpatient_1y/predictions/probe.parquet", base_mean),
-    ("step-2400 weights, last, readmission", out / "probe_last/synthea_readmission_30d/predictions/probe.parquet", out / "probe/synthea_readmission_30d"),
-]
-print("| model, pooling | probe - mean of 5 random-init seeds [95% CI, paired subject bootstrap] |")
-print("|---|---:|")
-for name, probe, ctrl in rows:
-    if probe.is_file() and (ctrl / "predictions/random_init_5.parquet").is_file():
-        d, lo, hi = paired(probe, ctrl)
-        print(f"| {name} | {d:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
-    else:
-        print(f"| {name} | (not run) |")
-EOF
+S=runs/study_synthea/probe
+python experiments/probe/paired.py \
+  "600-step model (runs/study_synthea), last=$S/synthea_inpatient_1y/predictions/probe.parquet:$OUT/probe/synthea_inpatient_1y" \
+  "600-step model (runs/study_synthea), mean=$BASE_MEAN/predictions/probe.parquet:$BASE_MEAN" \
+  "600-step model (runs/study_synthea), last, readmission=$S/synthea_readmission_30d/predictions/probe.parquet:$OUT/probe/synthea_readmission_30d" \
+  "step-900 best (2400-step schedule), last=$OUT/probe/synthea_inpatient_1y/predictions/probe.parquet:$OUT/probe/synthea_inpatient_1y" \
+  "step-900 best (2400-step schedule), mean=$OUT/probe_mean/synthea_inpatient_1y/predictions/probe.parquet:$BASE_MEAN" \
+  "step-900 best (2400-step schedule), last, readmission=$OUT/probe/synthea_readmission_30d/predictions/probe.parquet:$OUT/probe/synthea_readmission_30d" \
+  "step-2400 weights, last=$OUT/probe_last/synthea_inpatient_1y/predictions/probe.parquet:$OUT/probe/synthea_inpatient_1y" \
+  "step-2400 weights, mean=$OUT/probe_last_mean/synthea_inpatient_1y/predictions/probe.parquet:$BASE_MEAN" \
+  "step-2400 weights, last, readmission=$OUT/probe_last/synthea_readmission_30d/predictions/probe.parquet:$OUT/probe/synthea_readmission_30d"
