@@ -10,7 +10,7 @@ OUT=${OUT:-runs/study_synthea_split40}
 P=$OUT/prepared
 # each step is skipped when its output is there (rerun after an interruption)
 [[ -f $P/vocab.json ]] || cehrx task=prepare data=synthea1k task.splits.train=0.5 task.splits.tuning=0.1 task.splits.held_out=0.4 output_dir=$P
-[[ -f $OUT/model/vocab.json ]] || cehrx task=pretrain data=synthea1k model=tiny trainer=cpu data.prepared_dir=$P output_dir=$OUT/model logger=none
+[[ -f $OUT/model/model/config.json ]] || cehrx task=pretrain data=synthea1k model=tiny trainer=cpu data.prepared_dir=$P output_dir=$OUT/model logger=none
 for pooling in last mean; do
   [[ -f $OUT/probe_$pooling/synthea_inpatient_1y/metrics.json ]] || cehrx task=probe model_dir=$OUT/model data.prepared_dir=$P probe.task=synthea_inpatient_1y probe.pooling=$pooling \
     probe.random_init=true probe.random_init_seeds=5 'probe.few_shot=[]' output_dir=$OUT/probe_$pooling/synthea_inpatient_1y
