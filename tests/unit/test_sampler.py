@@ -267,6 +267,23 @@ def test_scoring_by_grammar_state_draws_what_the_full_head_draws(vocab: Vocab, h
         np.testing.assert_array_equal(getattr(by_state, field), getattr(full, field))
 
 
+def test_prefill_in_small_chunks_and_refills_gives_the_same_samples(vocab: Vocab, histories: tuple[np.ndarray, np.ndarray],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts prefilled a few at a time (right-aligned into one buffer, the running batch's when
+    they join it) sample exactly what one prefill forward per batch samples."""
+    from cehrx.generate import sampler
+
+    toks, offs = histories
+    model = micro(vocab)
+    cfg = SamplingConfig(max_new_tokens=30, batch_size=12, seed=5)
+    whole = sample(model, vocab, toks, offs, cfg, num_samples=3, progress=False)
+    monkeypatch.setattr(sampler, "PREFILL_TOKENS", 8)  # about one prompt per forward
+    chunked = sample(model, vocab, toks, offs, cfg, num_samples=3, progress=False)
+    assert len(offs) - 1 > 4 and len(whole.tokens) > 50
+    for field in ("tokens", "offsets", "stop", "elapsed_days"):
+        np.testing.assert_array_equal(getattr(whole, field), getattr(chunked, field))
+
+
 def test_same_seed_same_output(vocab: Vocab, histories: tuple[np.ndarray, np.ndarray]) -> None:
     toks, offs = histories
     model = micro(vocab)
