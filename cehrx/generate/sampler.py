@@ -446,9 +446,6 @@ def _prefill_chunked(model: GPT, prep: _Prepared, tokens: np.ndarray, offsets: n
         w = int(lengths[a])
         ids_np, real_np = _left_pad(tokens, offsets, prompts[a:b], w, 0)
         ids, kmask = torch.from_numpy(ids_np).to(prep.device), torch.from_numpy(real_np).to(prep.device)
-        if w < target.max_len:  # columns left of this chunk are padding for its prompts: zero them (0 * garbage could be NaN)
-            target.k[:, a:b, :, : target.max_len - w] = 0
-            target.v[:, a:b, :, : target.max_len - w] = 0
         h = model(ids, position_ids=(torch.cumsum(kmask, dim=1) - 1).clamp_min(0), kv_cache=target.window(slice(a, b), w),
                   key_mask=kmask if not real_np[:, 0].all() else None)
         last.append(h[:, -1])

@@ -88,8 +88,13 @@ class KVCache:
 
     def window(self, rows: slice, width: int) -> KVCache:
         """An empty cache over batch rows `rows` and the last `width` columns of this one, sharing
-        its memory: prompts prefilled in several forwards land right-aligned in one buffer."""
-        return KVCache.over(self.k[:, rows, :, self.max_len - width :], self.v[:, rows, :, self.max_len - width :])
+        its memory: prompts prefilled in several forwards land right-aligned in one buffer. The
+        columns left of the window are those rows' padding: zeroed here, since attention masks
+        them by adding -inf and 0 * uninitialised memory could be NaN."""
+        pad = self.max_len - width
+        for buf in (self.k, self.v):
+            buf[:, rows, :, :pad] = 0
+        return KVCache.over(self.k[:, rows, :, pad:], self.v[:, rows, :, pad:])
 
     def grow(self, max_len: int) -> None:
         """Make room for `max_len` tokens (keeping what is cached), e.g. after a prompt-sized prefill."""
@@ -326,8 +331,7 @@ class SharedPrefixKVCache:
     def reserve_prompts(self, m: int, width: int) -> KVCache:
         """Room for `m` more prompts of at most `width` tokens: an empty `KVCache` over their rows
         of the prompt buffer and its last `max(self.width, width)` columns. Prefill them into it
-        right-aligned (`KVCache.window`; columns left of a prompt's window must be zeroed), then
-        `join` them. Idle prompts are dropped first; the buffer grows only when still full."""
+        right-aligned (`KVCache.window`), then `join` them. Idle prompts are dropped first; the buffer grows only when still full."""
         if self.folded:
             raise ValueError("a folded cache (one row per prompt) takes no joining prompts")
         if self.n_prompts + m > self._pk.shape[1]:
@@ -366,11 +370,9 @@ class SharedPrefixKVCache:
         ours (`reserve_prompts` + `join`; the sampler prefills into ours directly instead)."""
         if other.folded or other.length:
             raise ValueError("extend takes a fresh cache (nothing decoded yet), not folded")
-        target = self.reserve_prompts(other.n_prompts, other.width)
-        pad = target.max_len - other.width
-        for buf, keys in ((target.k, other.pk), (target.v, other.pv)):
-            buf[:, :, :, pad:] = keys
-            buf[:, :, :, :pad] = 0
+        win = self.reserve_prompts(other.n_prompts, other.width).window(slice(None), other.width)
+        win.k.copy_(other.pk)
+        win.v.copy_(other.pv)
         self.join(other.plen, other.row_prompt, other.row_slot)
 
     def _set_bias(self) -> None:
