@@ -23,7 +23,7 @@ from torch import Tensor
 
 from cehrx.data.vocab import Vocab
 from cehrx.model.config import GPTConfig
-from cehrx.model.objectives import IGNORE_INDEX, LossSum, TimeHeads, next_token_loss, token_accuracy
+from cehrx.model.objectives import IGNORE_INDEX, FutureCodesHead, LossSum, TimeHeads, next_token_loss, token_accuracy
 from cehrx.model.transformer import GPT, Block
 
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -87,6 +87,9 @@ class CehrxLightningModule(L.LightningModule):
         max_steps: int | None = None,
         time_to_visit_weight: float = 0.0,
         ymd_weight: float = 0.0,
+        future_codes_weight: float = 0.0,
+        future_codes_horizon_days: float = 365.0,
+        future_codes_n: int = 256,
         compile: bool = False,
         compile_mode: str | None = None,
     ) -> None:
@@ -104,6 +107,7 @@ class CehrxLightningModule(L.LightningModule):
         self.register_buffer("token_kind", kinds)
         self.model: GPT | None = None
         self.time_heads: TimeHeads | None = None
+        self.future_codes: FutureCodesHead | None = None
         self._decay_names: set[str] = set()
         self._val: dict[str, Tensor] = {}
         self._last_step_time: float | None = None
@@ -118,6 +122,8 @@ class CehrxLightningModule(L.LightningModule):
         hp = self.hparams
         self.model = GPT(self.config)
         self.time_heads = TimeHeads(self.config.n_embd, self.config.vocab_size, hp.time_to_visit_weight, hp.ymd_weight, self.vocab)
+        if hp.future_codes_weight > 0:
+            self.future_codes = FutureCodesHead(self.config.n_embd, self.config.vocab_size, hp.future_codes_horizon_days, hp.future_codes_n, self.vocab)
         # Decided here, on the unwrapped modules: under FSDP (use_orig_params) parameters become
         # flat 1-D shards, so their ndim can no longer tell matrices from gains.
         self._decay_names = {n for n, p in self.named_parameters() if p.ndim >= 2}
@@ -181,6 +187,10 @@ class CehrxLightningModule(L.LightningModule):
             for name, ls in self.time_heads(h, batch["input_ids"], labels, batch["times"]).items():
                 losses[f"loss_{name}"] = ls
                 loss = loss + self.time_heads.weights[name] * ls.mean()
+        if self.future_codes is not None:
+            ls = self.future_codes(h, batch["input_ids"], labels, batch["times"], batch["cu_seqlens"])
+            losses["loss_future_codes"] = ls
+            loss = loss + self.hparams.future_codes_weight * ls.mean()
         return loss, losses, token_accuracy(logits.detach(), target, self.token_kind)
 
     # ------------------------------------------------------------------------ train / val

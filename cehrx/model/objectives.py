@@ -1,4 +1,4 @@
-"""Training objectives on packed batches: next-token cross-entropy and auxiliary time heads.
+"""Training objectives on packed batches: next-token cross-entropy and auxiliary heads.
 
 Every loss is a mean over *real* targets: labels are -100 on padding and at the last token of
 each packed patient, so nothing is learned across a patient boundary or from padding.
@@ -12,6 +12,13 @@ Auxiliary heads (CEHR-XGPT style), each off when its weight is 0:
 - year/month/day: wherever the next token is a gap token, classify the years, months and
   days its interval decomposes into (three small softmax heads), a smoother signal than one
   of ~1,200 gap tokens.
+
+Future codes (CEHR-XGPT's time-to-event idea, as a multi-label head): at a `[VE]`, predict which
+of the `n_codes` most common codes occur within `horizon_days` after it. Next-token training only
+asks the last state of a visit to predict the next gap; this asks it to summarise the patient's
+near-term risks, which is what a linear probe reads at a prediction time (the last token of a
+history cut at a visit end is a `[VE]`). A `[VE]` whose horizon runs past the end of its crop is
+censored (skipped), so an absent code always means "not in the next `horizon_days`".
 """
 
 from __future__ import annotations
@@ -128,6 +135,73 @@ class TimeHeads(nn.Module):
             total = sum(F.cross_entropy(p, target[:, i], reduction="sum") for i, p in enumerate(parts)) / 3.0
             out["ymd"] = LossSum(total, torch.tensor(len(idx), device=h.device))
         return out
+
+
+def future_code_classes(vocab: Vocab, n_codes: int) -> np.ndarray:
+    """Class of each token id for the future-codes head: the `n_codes` code tokens most train
+    subjects have (ties by id), -1 for every other token."""
+    kinds = vocab.kind_array()
+    subjects = np.asarray(vocab.subjects, dtype=np.int64)
+    candidates = np.flatnonzero((kinds == KINDS.index("code")) & (subjects > 0))
+    top = candidates[np.argsort(-subjects[candidates], kind="stable")[:n_codes]]
+    classes = np.full(len(vocab), -1, dtype=np.int64)
+    classes[top] = np.arange(len(top))
+    return classes
+
+
+def future_code_targets(input_ids: Tensor, labels: Tensor, times: Tensor, cu_seqlens: Tensor, ve_id: Tensor,
+                        classes: Tensor, horizon_s: int, n_codes: int) -> tuple[Tensor, Tensor]:
+    """(`[VE]` positions, multi-hot `[n, n_codes]` of the codes within `horizon_s` after each).
+
+    Set-based over the packed batch: one sorted `(segment, time)` key, one `searchsorted` for
+    each window's end, and a scatter of the window's code classes. A window must end inside its
+    own segment (the patient's crop), otherwise that `[VE]` is censored and left out.
+    """
+    T = len(input_ids)
+    cu = cu_seqlens.long()
+    seg = torch.searchsorted(cu[1:], torch.arange(T, device=cu.device), right=True)
+    key = torch.cummax((seg << 36) | (times - times.min()), 0).values  # sorted even if a prompt time runs ahead
+    idx = torch.nonzero((input_ids == ve_id) & (labels != IGNORE_INDEX)).squeeze(-1)
+    end = key[idx] + int(horizon_s)
+    observed = key[cu[seg[idx] + 1] - 1] >= end
+    idx, end = idx[observed], end[observed]
+    n = torch.searchsorted(key, end, right=True) - idx - 1  # tokens after each [VE] within the horizon
+    rows = torch.repeat_interleave(torch.arange(len(idx), device=idx.device), n)
+    starts = torch.cumsum(n, 0) - n
+    pos = torch.repeat_interleave(idx + 1 - starts, n) + torch.arange(int(n.sum()), device=idx.device)
+    cls = classes[input_ids[pos]]
+    keep = cls >= 0
+    target = torch.zeros(len(idx), n_codes, device=idx.device)
+    target[rows[keep], cls[keep]] = 1.0
+    return idx, target
+
+
+class FutureCodesHead(nn.Module):
+    """Multi-label head at `[VE]`: which common codes occur in the next `horizon_days` (see module docstring).
+
+    The class table is a persistent buffer, so a checkpoint carries it and no vocabulary is
+    needed at load time; the output width is always `n_codes`.
+    """
+
+    def __init__(self, n_embd: int, vocab_size: int, horizon_days: float = 365.0, n_codes: int = 256, vocab: Vocab | None = None) -> None:
+        super().__init__()
+        self.horizon_s = int(round(float(horizon_days) * SECONDS_PER_DAY))
+        self.n_codes = int(n_codes)
+        self.proj = nn.Linear(n_embd, self.n_codes)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        nn.init.constant_(self.proj.bias, -3.0)  # most codes are absent from most windows
+        classes = future_code_classes(vocab, self.n_codes) if vocab is not None else np.full(vocab_size, -1, dtype=np.int64)
+        if len(classes) != vocab_size:
+            raise ValueError(f"vocabulary has {len(classes)} tokens but the model's vocab_size is {vocab_size}")
+        self.register_buffer("classes", torch.from_numpy(classes))
+        self.register_buffer("ve_id", torch.tensor(vocab[VE] if vocab is not None else -1, dtype=torch.long))
+
+    def forward(self, h: Tensor, input_ids: Tensor, labels: Tensor, times: Tensor, cu_seqlens: Tensor) -> LossSum:
+        """Binary cross-entropy summed over codes, as (sum, number of uncensored `[VE]`s)."""
+        idx, target = future_code_targets(input_ids, labels, times, cu_seqlens, self.ve_id, self.classes, self.horizon_s, self.n_codes)
+        logits = self.proj(h[idx]).float()
+        total = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+        return LossSum(total, torch.tensor(len(idx), device=h.device))
 
 
 def token_accuracy(logits: Tensor, labels: Tensor, token_kind: Tensor) -> dict[str, tuple[Tensor, Tensor]]:

@@ -16,7 +16,7 @@ from cehrx.data.vocab import VE, Vocab
 from cehrx.model.config import GPTConfig
 from cehrx.model.export import export_checkpoint, load_pretrained
 from cehrx.model.lightning_module import CehrxLightningModule
-from cehrx.model.objectives import time_tables
+from cehrx.model.objectives import future_code_classes, future_code_targets, time_tables
 
 MAX_LEN, BUDGET = 48, 160
 MICRO = dict(n_layer=2, n_head=2, n_embd=32, max_seq_len=MAX_LEN, attn_backend="sdpa")
@@ -104,6 +104,56 @@ def test_time_heads_weighted_and_off_at_zero(dm: PretrainDataModule) -> None:
     assert int(ymd.count) == int(next_gap.sum())
     loss.backward()
     assert on.time_heads.ymd.weight.grad is not None and torch.isfinite(on.time_heads.ymd.weight.grad).all()
+
+
+def _future_codes_reference(batch: dict, classes: np.ndarray, ve_id: int, horizon_s: int, n_codes: int) -> dict[int, np.ndarray]:
+    """Per-[VE] loop (test only): codes of the same patient after it, at most `horizon_s` later."""
+    ids, labels, times, cu = (batch[k].numpy() for k in ("input_ids", "labels", "times", "cu_seqlens"))
+    out = {}
+    for a, b in zip(cu[:-1], cu[1:]):
+        for i in range(a, b):
+            if ids[i] != ve_id or labels[i] == IGNORE_INDEX or times[a:b].max() < times[i] + horizon_s:
+                continue
+            out[i] = np.zeros(n_codes, dtype=np.float32)
+            for k in range(i + 1, b):
+                if times[k] <= times[i] + horizon_s and classes[ids[k]] >= 0:
+                    out[i][classes[ids[k]]] = 1.0
+    return out
+
+
+def test_future_code_targets_match_a_per_visit_loop(dm: PretrainDataModule) -> None:
+    """The set-based targets equal a loop over each [VE]: own patient only, within the horizon, censored
+    when the crop ends first. Fails if windows cross a pack boundary or ignore the horizon."""
+    classes = future_code_classes(dm.vocab, 16)
+    assert (classes >= 0).sum() == 16 and sorted(classes[classes >= 0]) == list(range(16))
+    ve = dm.vocab[VE]
+    checked = positives = 0
+    for days in (7, 60, 400):
+        for b in range(3):
+            batch = samples_batch(dm, b=b)
+            assert (np.diff(batch["times"].numpy())[np.diff(np.searchsorted(batch["cu_seqlens"].numpy(), np.arange(batch["n_tokens"]), "right")) == 0] >= 0).all()
+            idx, target = future_code_targets(batch["input_ids"], batch["labels"], batch["times"], batch["cu_seqlens"], torch.tensor(ve),
+                                              torch.from_numpy(classes), days * 86400, 16)
+            want = _future_codes_reference(batch, classes, ve, days * 86400, 16)
+            assert idx.tolist() == sorted(want)
+            if len(want):
+                np.testing.assert_array_equal(target.numpy(), np.stack([want[i] for i in sorted(want)]))
+            checked += len(want)
+            positives += int(target.sum())
+    assert checked > 0 and positives > 0
+
+
+def test_future_codes_head_weighted_and_learns(dm: PretrainDataModule) -> None:
+    m = make_module(dm.vocab, future_codes_weight=0.5, future_codes_horizon_days=60.0, future_codes_n=16)
+    assert make_module(dm.vocab).future_codes is None
+    batch = samples_batch(dm)
+    loss, losses, _ = m.compute_losses(batch)
+    fc = losses["loss_future_codes"]
+    torch.testing.assert_close(loss, losses["loss"].mean() + 0.5 * fc.mean())
+    assert int(fc.count) > 0
+    loss.backward()
+    assert torch.isfinite(m.future_codes.proj.weight.grad).all() and m.future_codes.proj.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.model.blocks[0].parameters())
 
 
 def test_weight_decay_only_on_matrices(dm: PretrainDataModule) -> None:
