@@ -14,7 +14,7 @@ Auxiliary heads (CEHR-XGPT style), each off when its weight is 0:
   of ~1,200 gap tokens.
 
 Future codes (CEHR-XGPT's time-to-event idea, as a multi-label head): at a `[VE]`, predict which
-of the `n_codes` most common codes occur within `horizon_days` after it. Next-token training only
+visit types, `[DEATH]` and most common codes (`n_codes` classes) occur within `horizon_days` after it. Next-token training only
 asks the last state of a visit to predict the next gap; this asks it to summarise the patient's
 near-term risks, which is what a linear probe reads at a prediction time (the last token of a
 history cut at a visit end is a `[VE]`). A `[VE]` whose horizon runs past the end of its crop is
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cehrx.data.vocab import KINDS, VE, Vocab, time_token_days
+from cehrx.data.vocab import DEATH, KINDS, VE, Vocab, time_token_days
 
 IGNORE_INDEX = -100
 N_YEARS, N_MONTHS, N_DAYS = 128, 12, 31
@@ -138,12 +138,18 @@ class TimeHeads(nn.Module):
 
 
 def future_code_classes(vocab: Vocab, n_codes: int) -> np.ndarray:
-    """Class of each token id for the future-codes head: the `n_codes` code tokens most train
-    subjects have (ties by id), -1 for every other token."""
+    """Class of each token id for the future-codes head, -1 for tokens it does not predict.
+
+    The classes are the visit types and `[DEATH]` (the outcomes most tasks are about), then the
+    code tokens most train subjects have, `n_codes` in all (ties by id).
+    """
     kinds = vocab.kind_array()
     subjects = np.asarray(vocab.subjects, dtype=np.int64)
-    candidates = np.flatnonzero((kinds == KINDS.index("code")) & (subjects > 0))
-    top = candidates[np.argsort(-subjects[candidates], kind="stable")[:n_codes]]
+    events = np.flatnonzero(kinds == KINDS.index("visit"))
+    if DEATH in vocab:
+        events = np.append(events, vocab[DEATH])
+    codes = np.flatnonzero((kinds == KINDS.index("code")) & (subjects > 0))
+    top = np.concatenate([events, codes[np.argsort(-subjects[codes], kind="stable")]])[:n_codes]
     classes = np.full(len(vocab), -1, dtype=np.int64)
     classes[top] = np.arange(len(top))
     return classes
@@ -197,11 +203,16 @@ class FutureCodesHead(nn.Module):
         self.register_buffer("ve_id", torch.tensor(vocab[VE] if vocab is not None else -1, dtype=torch.long))
 
     def forward(self, h: Tensor, input_ids: Tensor, labels: Tensor, times: Tensor, cu_seqlens: Tensor) -> LossSum:
-        """Binary cross-entropy summed over codes, as (sum, number of uncensored `[VE]`s)."""
+        """Binary cross-entropy summed over classes and uncensored `[VE]`s, per `[VE]` plus positive.
+
+        Dividing by the positives too keeps the loss on one scale whether a data set records two
+        codes a year or twenty (a plain per-`[VE]` sum grows with code density and then drowns
+        the next-token loss); each `[VE]` counts once so a window with no event still weighs.
+        """
         idx, target = future_code_targets(input_ids, labels, times, cu_seqlens, self.ve_id, self.classes, self.horizon_s, self.n_codes)
         logits = self.proj(h[idx]).float()
         total = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
-        return LossSum(total, torch.tensor(len(idx), device=h.device))
+        return LossSum(total, len(idx) + target.sum().long())
 
 
 def token_accuracy(logits: Tensor, labels: Tensor, token_kind: Tensor) -> dict[str, tuple[Tensor, Tensor]]:

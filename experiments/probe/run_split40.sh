@@ -7,22 +7,32 @@
 #   bash experiments/probe/run_split40.sh                                    # Synthea 1k, synthea_inpatient_1y
 #   DATA=gibleed OUT=runs/study_gibleed_split40 TASKS="gibleed_after_nsaid gibleed_after_osteoarthritis" \
 #     bash experiments/probe/run_split40.sh
+#
+# A variant of the pretraining recipe: TAG names it, PRETRAIN_ARGS are its overrides. Its model is probed
+# without random-init models (they do not depend on the pretrained weights) and compared with the five
+# controls of the plain run in the same OUT, which must have run first:
+#   TAG=_fc PRETRAIN_ARGS="task.module.future_codes_weight=0.1" bash experiments/probe/run_split40.sh
 set -euo pipefail
 DATA=${DATA:-synthea1k}
 OUT=${OUT:-runs/study_synthea_split40}
 TASKS=${TASKS:-synthea_inpatient_1y}
+TAG=${TAG:-}
+PRETRAIN_ARGS=${PRETRAIN_ARGS:-}
 P=$OUT/prepared
+M=$OUT/model$TAG
 [[ -f $P/vocab.json ]] || cehrx task=prepare data=$DATA task.splits.train=0.5 task.splits.tuning=0.1 task.splits.held_out=0.4 output_dir=$P
-[[ -f $OUT/model/model/config.json ]] || cehrx task=pretrain data=$DATA model=tiny trainer=cpu data.prepared_dir=$P output_dir=$OUT/model logger=none
+# shellcheck disable=SC2086  # PRETRAIN_ARGS is a list of overrides
+[[ -f $M/model/config.json ]] || cehrx task=pretrain data=$DATA model=tiny trainer=cpu data.prepared_dir=$P output_dir=$M logger=none $PRETRAIN_ARGS
+if [[ -n $TAG ]]; then controls="probe.random_init=false 'probe.baselines=[]'"; else controls="probe.random_init=true probe.random_init_seeds=5"; fi
 specs=()
 for T in $TASKS; do
   for pooling in last mean; do
-    D=$OUT/probe_$pooling/$T
-    [[ -f $D/metrics.json ]] || cehrx task=probe model_dir=$OUT/model data.prepared_dir=$P probe.task=$T probe.pooling=$pooling \
-      probe.random_init=true probe.random_init_seeds=5 'probe.few_shot=[]' output_dir=$D
-    specs+=("$T, $pooling=$D/predictions/probe.parquet:$D")
+    D=$OUT/probe${TAG}_$pooling/$T
+    [[ -f $D/metrics.json ]] || eval cehrx task=probe model_dir=$M data.prepared_dir=$P probe.task=$T probe.pooling=$pooling \
+      "$controls" "'probe.few_shot=[]'" output_dir=$D
+    specs+=("$T, $pooling${TAG}=$D/predictions/probe.parquet:$OUT/probe_$pooling/$T")
   done
 done
-python experiments/probe/summarize.py $OUT/probe_last
-python experiments/probe/summarize.py $OUT/probe_mean
+python experiments/probe/summarize.py $OUT/probe${TAG}_last
+python experiments/probe/summarize.py $OUT/probe${TAG}_mean
 python experiments/probe/paired.py "${specs[@]}"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cehrx.data.datamodule import IGNORE_INDEX, PretrainDataModule, collate_packed
-from cehrx.data.vocab import VE, Vocab
+from cehrx.data.vocab import KINDS, VE, Vocab
 from cehrx.model.config import GPTConfig
 from cehrx.model.export import export_checkpoint, load_pretrained
 from cehrx.model.lightning_module import CehrxLightningModule
@@ -126,6 +126,7 @@ def test_future_code_targets_match_a_per_visit_loop(dm: PretrainDataModule) -> N
     when the crop ends first. Fails if windows cross a pack boundary or ignore the horizon."""
     classes = future_code_classes(dm.vocab, 16)
     assert (classes >= 0).sum() == 16 and sorted(classes[classes >= 0]) == list(range(16))
+    assert (classes[dm.vocab.kind_array() == KINDS.index("visit")] >= 0).all()  # visit types are outcomes too
     ve = dm.vocab[VE]
     checked = positives = 0
     for days in (7, 60, 400):
