@@ -329,6 +329,30 @@ def test_stratified_sample_keeps_both_classes() -> None:
     assert len(idx) == 16 and y[idx].sum() == 1 and len(set(idx)) == 16
 
 
+def test_logistic_reports_its_training_cv_auroc() -> None:
+    """`cv_auroc` is the fold-mean AUROC at the chosen C on the training rows (a recipe can be
+    compared without the test rows): high for a real signal, near 0.5 for noise."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from cehrx.probe.classifier import cv_splits, fit_predict
+
+    rng = np.random.default_rng(0)
+    n = 400
+    groups = np.repeat(np.arange(n // 2), 2)
+    y = rng.random(n) < 0.3
+    signal = rng.normal(size=(n, 6)) + 0.8 * y[:, None] * (np.arange(6) < 2)
+    info: dict = {}
+    fit_predict(signal, y, signal[:3], seed=1, groups=groups, info=info)
+    X = StandardScaler().fit_transform(signal)
+    folds = [roc_auc_score(y[b], LogisticRegression(C=info["C"], max_iter=5000).fit(X[a], y[a]).decision_function(X[b]))
+             for a, b in cv_splits(y, groups, 1)]
+    assert info["cv_auroc"] == pytest.approx(np.mean(folds), abs=2e-3) and info["cv_auroc"] > 0.75
+    noise: dict = {}
+    fit_predict(rng.normal(size=(n, 6)), y, signal[:3], seed=1, groups=groups, info=noise)
+    assert 0.35 < noise["cv_auroc"] < 0.65
+
+
 def test_report_sections_under_cross_fitting() -> None:
     from cehrx.tasks.probe import report_sections
 
