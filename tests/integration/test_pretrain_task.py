@@ -44,6 +44,16 @@ def test_fast_dev_run_through_hydra_configs(prepared: Path, tmp_path: Path) -> N
     assert (out / "model" / "train_config.yaml").is_file()
 
 
+def test_future_codes_head_through_hydra_configs(prepared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = compose_cfg("task=pretrain", "model=micro", "trainer=cpu", "trainer.fast_dev_run=true", "task.module.future_codes_weight=0.3",
+                      "task.module.future_codes_n=32", f"data.prepared_dir={prepared}", f"output_dir={out}", *QUIET)
+    metrics = run(cfg)
+    assert metrics["val/loss_future_codes"] > 0 and metrics["val/loss"] > 0
+    gpt, _ = load_pretrained(out)  # the export holds the backbone only
+    assert not any("future" in k for k in gpt.state_dict())
+
+
 def test_resume_continues_the_step_count(prepared: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     common = ("trainer.val_check_interval=2", "callbacks.last.every_n_train_steps=2", "task.module.warmup_steps=1")
