@@ -18,8 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from cehrx.probe.classifier import fit_predict
-
-SEEDS = ["random_init"] + [f"random_init_{k}" for k in range(2, 6)]
+from paired import SEEDS, parse_spec  # experiments/probe/paired.py, beside this script
 SEED = 42  # the probe's default seed: the same CV folds as the probe runs
 
 
@@ -37,8 +36,7 @@ def main(specs: list[str]) -> None:
     print("| run | probe CV AUROC | random init: mean ± sd over 5 seeds (each) | probe - mean | seeds beaten |")
     print("|---|---:|---|---:|---:|")
     for spec in specs:
-        label, paths = spec.split("=", 1)
-        probe_dir, control_dir = (Path(p) for p in paths.split(":"))
+        label, probe_dir, control_dir = parse_spec(spec)
         p = cv_auroc(probe_dir / "features.parquet")
         ctrl = np.array([cv_auroc(control_dir / f"features_{s}.parquet") for s in SEEDS])
         each = ", ".join(f"{c:.3f}" for c in ctrl)

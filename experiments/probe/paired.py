@@ -43,12 +43,18 @@ def paired(probe_path: Path, control_dir: Path, n_boot: int = 1000) -> tuple[flo
     return auc - np.mean(ctrl), np.percentile(d, 2.5), np.percentile(d, 97.5), int(sum(auc > c for c in ctrl))
 
 
+def parse_spec(spec: str) -> tuple[str, Path, Path]:
+    """`label=PROBE:CONTROL_DIR` -> (label, probe path, control dir)."""
+    label, paths = spec.split("=", 1)
+    probe, ctrl = paths.split(":")
+    return label, Path(probe), Path(ctrl)
+
+
 def main(specs: list[str]) -> None:
     print("| model, pooling | probe - mean of 5 random-init seeds [95% CI, paired subject bootstrap] | seeds beaten |")
     print("|---|---:|---:|")
     for spec in specs:
-        name, paths = spec.split("=", 1)
-        probe, ctrl = (Path(x) for x in paths.split(":"))
+        name, probe, ctrl = parse_spec(spec)
         if probe.is_file() and (ctrl / "predictions/random_init_5.parquet").is_file():
             d, lo, hi, beaten = paired(probe, ctrl)
             print(f"| {name} | {d:+.3f} [{lo:+.3f}, {hi:+.3f}] | {beaten} of 5 |")
