@@ -23,7 +23,14 @@ from torch import Tensor
 
 from cehrx.data.vocab import Vocab
 from cehrx.model.config import GPTConfig
-from cehrx.model.objectives import IGNORE_INDEX, FutureCodesHead, LossSum, TimeHeads, next_token_loss, token_accuracy
+from cehrx.model.objectives import (
+    IGNORE_INDEX,
+    FutureCodesHead,
+    LossSum,
+    TimeHeads,
+    next_token_loss,
+    token_accuracy,
+)
 from cehrx.model.transformer import GPT, Block
 
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")

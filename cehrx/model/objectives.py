@@ -168,7 +168,7 @@ def future_code_targets(input_ids: Tensor, labels: Tensor, times: Tensor, cu_seq
     seg = torch.searchsorted(cu[1:], torch.arange(T, device=cu.device), right=True)
     key = torch.cummax((seg << 36) | (times - times.min()), 0).values  # sorted even if a prompt time runs ahead
     idx = torch.nonzero((input_ids == ve_id) & (labels != IGNORE_INDEX)).squeeze(-1)
-    end = key[idx] + int(horizon_s)
+    end = key[idx] + horizon_s
     observed = key[cu[seg[idx] + 1] - 1] >= end
     idx, end = idx[observed], end[observed]
     n = torch.searchsorted(key, end, right=True) - idx - 1  # tokens after each [VE] within the horizon

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from paired import SEEDS, parse_spec  # experiments/probe/paired.py, beside this script
 
 from cehrx.probe.classifier import fit_predict
-from paired import SEEDS, parse_spec  # experiments/probe/paired.py, beside this script
+
 SEED = 42  # the probe's default seed: the same CV folds as the probe runs
 
 
