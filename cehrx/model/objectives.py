@@ -14,8 +14,8 @@ Auxiliary heads (CEHR-XGPT style), each off when its weight is 0:
   of ~1,200 gap tokens.
 
 Future codes (CEHR-XGPT's time-to-event idea, as a multi-label head): at a `[VE]`, predict which
-visit types, `[DEATH]` and most common codes (`n_codes` classes) occur within `horizon_days` after it. Next-token training only
-asks the last state of a visit to predict the next gap; this asks it to summarise the patient's
+visit types, `[DEATH]` and most common codes (`n_codes` classes) occur within `horizon_days` after
+it. Next-token training only asks the last state of a visit to predict the next gap; this asks it to summarise the patient's
 near-term risks, which is what a linear probe reads at a prediction time (the last token of a
 history cut at a visit end is a `[VE]`). A `[VE]` whose horizon runs past the end of its crop is
 censored (skipped), so an absent code always means "not in the next `horizon_days`".
@@ -183,7 +183,7 @@ def future_code_targets(input_ids: Tensor, labels: Tensor, times: Tensor, cu_seq
 
 
 class FutureCodesHead(nn.Module):
-    """Multi-label head at `[VE]`: which common codes occur in the next `horizon_days` (see module docstring).
+    """Multi-label head at `[VE]`: which visit types and common codes occur in the next `horizon_days`.
 
     The class table is a persistent buffer, so a checkpoint carries it and no vocabulary is
     needed at load time; the output width is always `n_codes`.
