@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cehrx.data.vocab import DEATH, KINDS, VE, Vocab, time_token_days
+from cehrx.model.attention import seq_ids_from_cu_seqlens
 
 IGNORE_INDEX = -100
 N_YEARS, N_MONTHS, N_DAYS = 128, 12, 31
@@ -163,9 +164,8 @@ def future_code_targets(input_ids: Tensor, labels: Tensor, times: Tensor, cu_seq
     each window's end, and a scatter of the window's code classes. A window must end inside its
     own segment (the patient's crop), otherwise that `[VE]` is censored and left out.
     """
-    T = len(input_ids)
     cu = cu_seqlens.long()
-    seg = torch.searchsorted(cu[1:], torch.arange(T, device=cu.device), right=True)
+    seg = seq_ids_from_cu_seqlens(cu, len(input_ids))
     key = torch.cummax((seg << 36) | (times - times.min()), 0).values  # sorted even if a prompt time runs ahead
     idx = torch.nonzero((input_ids == ve_id) & (labels != IGNORE_INDEX)).squeeze(-1)
     end = key[idx] + horizon_s
@@ -191,7 +191,7 @@ class FutureCodesHead(nn.Module):
 
     def __init__(self, n_embd: int, vocab_size: int, horizon_days: float = 365.0, n_codes: int = 256, vocab: Vocab | None = None) -> None:
         super().__init__()
-        self.horizon_s = int(round(float(horizon_days) * SECONDS_PER_DAY))
+        self.horizon_s = round(float(horizon_days) * SECONDS_PER_DAY)
         self.n_codes = int(n_codes)
         self.proj = nn.Linear(n_embd, self.n_codes)
         nn.init.normal_(self.proj.weight, std=0.02)

@@ -23,13 +23,13 @@ M=$OUT/model$TAG
 [[ -f $P/vocab.json ]] || cehrx task=prepare data=$DATA task.splits.train=0.5 task.splits.tuning=0.1 task.splits.held_out=0.4 output_dir=$P
 # shellcheck disable=SC2086  # PRETRAIN_ARGS is a list of overrides
 [[ -f $M/model/config.json ]] || cehrx task=pretrain data=$DATA model=tiny trainer=cpu data.prepared_dir=$P output_dir=$M logger=none $PRETRAIN_ARGS
-if [[ -n $TAG ]]; then controls="probe.random_init=false 'probe.baselines=[]'"; else controls="probe.random_init=true probe.random_init_seeds=5"; fi
+if [[ -n $TAG ]]; then controls=(probe.random_init=false 'probe.baselines=[]'); else controls=(probe.random_init=true probe.random_init_seeds=5); fi
 specs=()
 for T in $TASKS; do
   for pooling in last mean; do
     D=$OUT/probe${TAG}_$pooling/$T
-    [[ -f $D/metrics.json ]] || eval cehrx task=probe model_dir=$M data.prepared_dir=$P probe.task=$T probe.pooling=$pooling \
-      "$controls" "'probe.few_shot=[]'" output_dir=$D
+    [[ -f $D/metrics.json ]] || cehrx task=probe model_dir=$M data.prepared_dir=$P probe.task=$T probe.pooling=$pooling \
+      "${controls[@]}" 'probe.few_shot=[]' output_dir=$D
     specs+=("$T, $pooling${TAG}=$D/predictions/probe.parquet:$OUT/probe_$pooling/$T")
   done
 done
