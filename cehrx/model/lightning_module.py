@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from cehrx.data.vocab import Vocab
+from cehrx.errors import CehrxError
 from cehrx.model.config import GPTConfig
 from cehrx.model.objectives import (
     IGNORE_INDEX,
@@ -108,6 +109,9 @@ class CehrxLightningModule(L.LightningModule):
             raise ValueError("model_config.vocab_size is None: fill it from the prepared dir's vocab.json")
         if vocab is not None and len(vocab) != self.config.vocab_size:
             raise ValueError(f"vocab has {len(vocab)} tokens but model_config.vocab_size={self.config.vocab_size}")
+        if future_codes_weight > 0 and (future_codes_n < 1 or future_codes_horizon_days <= 0):  # at build time, before any output
+            raise CehrxError(f"the future-codes head needs task.module.future_codes_n >= 1 and future_codes_horizon_days > 0, "
+                             f"got {future_codes_n} and {future_codes_horizon_days}")
         self.vocab = vocab
         self._vocab_json = vocab.to_json() if vocab is not None else None
         kinds = torch.from_numpy(vocab.kind_array().astype(np.int64)) if vocab is not None else torch.zeros(self.config.vocab_size, dtype=torch.long)

@@ -52,6 +52,11 @@ def test_future_codes_head_through_hydra_configs(prepared: Path, tmp_path: Path)
     assert metrics["val/loss_future_codes"] > 0 and metrics["val/loss"] > 0
     gpt, _ = load_pretrained(out)  # the export holds the backbone only
     assert not any("future" in k for k in gpt.state_dict())
+    bad = tmp_path / "bad"
+    with pytest.raises(CehrxError, match="future_codes_n >= 1"):
+        run(compose_cfg("task=pretrain", "model=micro", "trainer=cpu", "trainer.fast_dev_run=true", "task.module.future_codes_weight=0.3",
+                        "task.module.future_codes_n=0", f"data.prepared_dir={prepared}", f"output_dir={bad}", *QUIET))
+    assert not (bad / "model").exists() and not (bad / "checkpoints").exists()
 
 
 def test_resume_continues_the_step_count(prepared: Path, tmp_path: Path) -> None:
