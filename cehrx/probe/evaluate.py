@@ -24,6 +24,7 @@ log = logging.getLogger("cehrx.probe")
 
 TRAIN_SPLITS = ("train", "tuning")
 TEST_SPLIT = "held_out"
+PRETRAIN_SPLIT = "train"  # the split pretraining fits on (CehrxDataModule's train_split)
 
 
 @dataclass
@@ -58,6 +59,20 @@ def choose_protocol(split: np.ndarray, y: np.ndarray, groups: np.ndarray, mode: 
     k = max(2, min(n_folds, int(y.sum()), int((~y).sum()), len(np.unique(groups))))
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     return Protocol("cv", [(a, b) for a, b in cv.split(np.zeros(len(y)), y, groups)])
+
+
+def scored_rows(split: np.ndarray, y: np.ndarray, groups: np.ndarray, protocol: Protocol) -> dict[str, int]:
+    """Who the reported metrics rest on: labels, subjects, and how many were in pretraining.
+
+    Why: positives cluster in few subjects (22 held-out positives can be 9 patients), which the
+    label count hides; and cross-fitting scores `train` subjects, whose whole timelines, outcomes
+    included, the model was pretrained on, which favours the pretrained embedding.
+    """
+    test = protocol.test_rows
+    seen = test[split[test] == PRETRAIN_SPLIT]
+    return {"labels": len(test), "positives": int(y[test].sum()), "subjects": len(np.unique(groups[test])),
+            "positive_subjects": len(np.unique(groups[test][y[test]])),
+            "pretraining_labels": len(seen), "pretraining_subjects": len(np.unique(groups[seen]))}
 
 
 def cross_fit(X, y: np.ndarray, groups: np.ndarray, protocol: Protocol, kind: str, seed: int) -> tuple[np.ndarray, list[dict]]:

@@ -45,7 +45,7 @@ from cehrx.model.export import model_dir as resolve_model_dir
 from cehrx.probe import labels as L
 from cehrx.probe.counts import count_features
 from cehrx.probe.embed import embed
-from cehrx.probe.evaluate import Protocol, choose_protocol, cross_fit, few_shot
+from cehrx.probe.evaluate import Protocol, choose_protocol, cross_fit, few_shot, scored_rows
 from cehrx.tasks.inputs import prepared_dir_for
 
 log = logging.getLogger("cehrx.probe")
@@ -157,6 +157,10 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
 
     result = summary(cfg, source, mdir, prepared, table, kept, split, y, hist, protocol, methods, fs, timings, max_len)
     result["count_features"] = count_info
+    if result["scored"]["pretraining_labels"]:
+        log.warning("%d of the %d scored labels are of subjects in the pretraining split (%s cross-fitting): the model saw "
+                    "their outcomes, so the probe's metrics are optimistic against random init and counts",
+                    result["scored"]["pretraining_labels"], result["scored"]["labels"], result["evaluation"])
     result["random_init_seeds"] = random_init_summary(methods, seed)
     pq.write_table(kept.append_column("split", pa.array(split.astype(str))), tmp / "labels.parquet")
     write_report(tmp, report_title(source), {k: v for k, v in methods.items()}, curves, sections=report_sections(result))
@@ -204,6 +208,7 @@ def summary(cfg, source, mdir, prepared, table, kept, split, y, hist: Histories,
         "prepared_dir": str(prepared),
         "evaluation": protocol.mode if protocol.mode == "split" else f"cv{len(protocol.folds)}",
         "labels": {"in": len(table), "used": len(kept), "positives": int(y.sum()), "dropped": hist.dropped, "by_split": by_split},
+        "scored": scored_rows(split, y, kept.column("subject_id").to_numpy(), protocol),
         "history": {"max_len": max_len, "pooling": str(cfg.probe.pooling), **hist.stats,
                     "mean_tokens": float(hist.lengths().mean()) if len(hist) else 0.0},
         "methods": methods,
@@ -224,6 +229,13 @@ def report_sections(result: dict) -> dict[str, str]:
         rows.append(f"- {s}: {d['n']} labels ({d['n_pos']} positive), {d['subjects']} subjects")
     ev = result["evaluation"]
     rows.append(f"- evaluation: {'fit on train + tuning, scored on held_out' if ev == 'split' else ev + ' subject-grouped cross-fitting over all labels (held_out too small)'}")
+    sc = result["scored"]
+    rows.append(f"- scored: {sc['labels']} labels ({sc['positives']} positive) from {sc['subjects']} subjects "
+                f"({sc['positive_subjects']} with a positive label)")
+    if sc["pretraining_labels"]:
+        rows.append(f"- **note**: {sc['pretraining_labels']} scored labels ({sc['pretraining_subjects']} subjects) are from the `train` split "
+                    "the model was pretrained on; it saw their whole timelines, outcomes included, which favours the pretrained "
+                    "embedding over random init and the count baselines")
     rows.append(f"- histories: up to {result['history']['max_len']} tokens ({result['history']['mean_tokens']:.0f} on average), "
                 f"{result['history'].get('truncated', 0)} left-truncated; pooling {result['history']['pooling']}")
     if result.get("description"):

@@ -6,7 +6,7 @@ the training labels, which outnumber the held-out ones. Recomputed here from the
 that runs made before `cv_auroc` was recorded compare too. A control dir is a probe output dir run with
 `probe.random_init=true probe.random_init_seeds=5` (its `features_random_init*.parquet`).
 
-    python experiments/probe/cv_auroc.py "label=PROBE_DIR:CONTROL_DIR" ...
+    python experiments/probe/cv_auroc.py "label=PROBE_DIR[,PROBE_DIR...]:CONTROL_DIR" ...
 """
 
 from __future__ import annotations
@@ -37,11 +37,13 @@ def main(specs: list[str]) -> None:
     print("| run | probe CV AUROC | random init: mean ± sd over 5 seeds (each) | probe - mean | seeds beaten |")
     print("|---|---:|---|---:|---:|")
     for spec in specs:
-        label, probe_dir, control_dir = parse_spec(spec)
-        p = cv_auroc(probe_dir / "features.parquet")
+        label, probe_dirs, control_dir = parse_spec(spec)
         ctrl = np.array([cv_auroc(control_dir / f"features_{s}.parquet") for s in SEEDS])
         each = ", ".join(f"{c:.3f}" for c in ctrl)
-        print(f"| {label} | {p:.3f} | {ctrl.mean():.3f} ± {ctrl.std(ddof=1):.3f} ({each}) | {p - ctrl.mean():+.3f} | {int((p > ctrl).sum())} of 5 |")
+        for probe_dir in probe_dirs:
+            p = cv_auroc(probe_dir / "features.parquet")
+            name = label if len(probe_dirs) == 1 else f"{label}, {probe_dir}"
+            print(f"| {name} | {p:.3f} | {ctrl.mean():.3f} ± {ctrl.std(ddof=1):.3f} ({each}) | {p - ctrl.mean():+.3f} | {int((p > ctrl).sum())} of 5 |")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ the difference itself, not two overlapping intervals. A control dir is a probe o
 `probe.random_init=true probe.random_init_seeds=5` (its `predictions/random_init*.parquet`).
 
     python experiments/probe/paired.py "label=PROBE_PREDICTIONS.parquet:CONTROL_DIR" ...
+
+Several probe files, comma-separated (`label=P1,P2,P3:CONTROL_DIR`, e.g. models pretrained with
+different seeds), get a row each and a row for their mean AUROC minus the controls' mean, on the same
+draws: the spread between pretraining runs is part of what the comparison has to beat.
 """
 
 from __future__ import annotations
@@ -27,37 +31,52 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             t.column("predicted_boolean_probability").to_numpy().astype(float))
 
 
-def paired(probe_path: Path, control_dir: Path, n_boot: int = 1000) -> tuple[float, float, float, int]:
-    """(difference, CI low, CI high, seeds the probe beats)."""
-    y, sid, p = load(probe_path)
-    auc = roc_auc_score(y, p)
-    boot_p = bootstrap(y, p, sid, n_boot, 0)["auroc"]
-    ctrl, boot_c = [], []
-    for s in SEEDS:
-        yc, sc, pc = load(control_dir / "predictions" / f"{s}.parquet")
-        assert (yc == y).all() and (sc == sid).all(), "probe and control rows differ"
-        ctrl.append(roc_auc_score(y, pc))
-        boot_c.append(bootstrap(y, pc, sid, n_boot, 0)["auroc"])
-    d = boot_p - np.mean(boot_c, 0)
-    d = d[np.isfinite(d)]
-    return auc - np.mean(ctrl), np.percentile(d, 2.5), np.percentile(d, 97.5), int(sum(auc > c for c in ctrl))
+def auroc_boot(path: Path, n_boot: int) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    """(labels, subjects, AUROC, AUROC on each subject-bootstrap draw of seed 0)."""
+    y, sid, p = load(path)
+    return y, sid, roc_auc_score(y, p), bootstrap(y, p, sid, n_boot, 0)["auroc"]
 
 
-def parse_spec(spec: str) -> tuple[str, Path, Path]:
-    """`label=PROBE:CONTROL_DIR` -> (label, probe path, control dir)."""
+def paired(probe_paths: list[Path], control_dir: Path, n_boot: int = 1000) -> list[tuple[float, float, float, int]]:
+    """Per probe file, then (if several) for their mean: (difference, CI low, CI high, seeds beaten)."""
+    runs = [auroc_boot(p, n_boot) for p in probe_paths]
+    controls = [auroc_boot(control_dir / "predictions" / f"{s}.parquet", n_boot) for s in SEEDS]
+    y, sid = runs[0][:2]
+    for path, (yc, sc, _, _) in zip(probe_paths[1:] + [control_dir] * len(SEEDS), runs[1:] + controls):
+        assert (yc == y).all() and (sc == sid).all(), f"{path}: rows differ from {probe_paths[0]}"
+    ctrl = [auc for _, _, auc, _ in controls]
+    boot_c = np.mean([boot for _, _, _, boot in controls], 0)
+    rows = [(auc, boot) for _, _, auc, boot in runs]
+    if len(rows) > 1:
+        rows.append((float(np.mean([a for a, _ in rows])), np.mean([b for _, b in rows], 0)))
+    out = []
+    for auc, boot in rows:
+        d = boot - boot_c
+        d = d[np.isfinite(d)]
+        out.append((auc - np.mean(ctrl), np.percentile(d, 2.5), np.percentile(d, 97.5), int(sum(auc > c for c in ctrl))))
+    return out
+
+
+def parse_spec(spec: str) -> tuple[str, list[Path], Path]:
+    """`label=PROBE[,PROBE...]:CONTROL_DIR` -> (label, probe paths, control dir).
+
+    >>> parse_spec("oa=a/p.parquet,b/p.parquet:ctrl")
+    ('oa', [PosixPath('a/p.parquet'), PosixPath('b/p.parquet')], PosixPath('ctrl'))
+    """
     label, paths = spec.split("=", 1)
-    probe, ctrl = paths.split(":")
-    return label, Path(probe), Path(ctrl)
+    probes, ctrl = paths.split(":")
+    return label, [Path(p) for p in probes.split(",")], Path(ctrl)
 
 
 def main(specs: list[str]) -> None:
     print("| model, pooling | probe - mean of 5 random-init seeds [95% CI, paired subject bootstrap] | seeds beaten |")
     print("|---|---:|---:|")
     for spec in specs:
-        name, probe, ctrl = parse_spec(spec)
-        if probe.is_file() and (ctrl / "predictions/random_init_5.parquet").is_file():
-            d, lo, hi, beaten = paired(probe, ctrl)
-            print(f"| {name} | {d:+.3f} [{lo:+.3f}, {hi:+.3f}] | {beaten} of 5 |")
+        name, probes, ctrl = parse_spec(spec)
+        if all(p.is_file() for p in probes) and (ctrl / "predictions/random_init_5.parquet").is_file():
+            names = [name] if len(probes) == 1 else [f"{name}, {p.parent.parent.parent.name}" for p in probes]
+            for row, (d, lo, hi, beaten) in zip(names + [f"{name}, mean of {len(probes)}"], paired(probes, ctrl)):
+                print(f"| {row} | {d:+.3f} [{lo:+.3f}, {hi:+.3f}] | {beaten} of 5 |")
         else:
             print(f"| {name} | (not run) | |")
 

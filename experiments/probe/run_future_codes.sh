@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The pretrain recipe plus the future-codes head (task.module.future_codes_weight=0.1) against the controls
-# of the earlier studies (experiments/probe/RESULTS.md, section "The future-codes head"). Each model is
+# The pretrain recipe plus the future-codes head (task.module.future_codes_weight: FC_WEIGHT, default 0.3)
+# against the controls of the earlier studies (experiments/probe/RESULTS.md, section "The future-codes head"). Each model is
 # probed without random-init models: those do not depend on the pretrained weights, so the five controls of
 # the plain-recipe run on the same prepared data and labels are reused, paired subject by subject.
 # Run from the repository root after run_split40.sh (both data sets), run.sh and run_other_tasks.sh;

@@ -11,7 +11,7 @@
 # A variant of the pretraining recipe: TAG names it, PRETRAIN_ARGS are its overrides. Its model is probed
 # without random-init models (they do not depend on the pretrained weights) and compared with the five
 # controls of the plain run in the same OUT, which must have run first:
-#   TAG=_fc PRETRAIN_ARGS="task.module.future_codes_weight=0.1" bash experiments/probe/run_split40.sh
+#   TAG=_fc PRETRAIN_ARGS="task.module.future_codes_weight=0.3" bash experiments/probe/run_split40.sh
 set -euo pipefail
 DATA=${DATA:-synthea1k}
 OUT=${OUT:-runs/study_synthea_split40}

@@ -86,6 +86,8 @@ def test_probe_task_end_to_end(micro_model: tuple[Path, Path], tmp_path: Path) -
                              "probe.random_init_seeds=2", *FAST_PROBE))
     assert result["labels"]["used"] > 100 and 20 < result["labels"]["positives"] < result["labels"]["used"] - 20
     assert result["evaluation"] == "split" and result["prepared_dir"] == str(prepared)
+    held = result["labels"]["by_split"]["held_out"]  # held-out scoring: no subject the model was pretrained on
+    assert result["scored"]["labels"] == held["n"] and result["scored"]["pretraining_labels"] == 0
     assert set(result["methods"]) == {"probe", "random_init", "random_init_2", "counts", "counts_hgb"}
     ri = result["random_init_seeds"]  # two random models with different weights, summarised against the probe
     assert ri["methods"] == ["random_init", "random_init_2"] and ri["seeds"][1] == ri["seeds"][0] + 1

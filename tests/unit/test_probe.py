@@ -360,10 +360,29 @@ def test_report_sections_under_cross_fitting() -> None:
         "labels": {"in": 74, "used": 74, "positives": 9, "dropped": {"no_subject": 0},
                    "by_split": {"held_out": {"n": 6, "n_pos": 0, "subjects": 4}}},
         "evaluation": "cv5", "history": {"max_len": 256, "mean_tokens": 200.0, "truncated": 3, "pooling": "last"},
+        "scored": {"labels": 74, "positives": 9, "subjects": 60, "positive_subjects": 9, "pretraining_labels": 50, "pretraining_subjects": 40},
         "few_shot": {},
     }
     sections = report_sections(result)
     assert list(sections) == ["Data"] and "cv5 subject-grouped cross-fitting" in sections["Data"]
+    assert "9 with a positive label" in sections["Data"] and "50 scored labels (40 subjects) are from the `train` split" in sections["Data"]
+    result["scored"].update(pretraining_labels=0, pretraining_subjects=0)
+    assert "pretrained on" not in report_sections(result)["Data"]
+
+
+def test_scored_rows_count_positive_subjects_and_pretraining_overlap() -> None:
+    """Held-out scoring never touches pretraining subjects; cross-fitting does, and says how many."""
+    from cehrx.probe.evaluate import choose_protocol, scored_rows
+
+    split = np.array(["train"] * 40 + ["tuning"] * 20 + ["held_out"] * 20)
+    groups = np.arange(80) // 2  # two labels per subject
+    y = np.zeros(80, bool)
+    y[[41, 60, 61, 62, 70]] = True  # one tuning positive; held_out rows 60-62 and 70 are subjects 30, 30, 31 and 35
+    y[:40:4] = True
+    held = scored_rows(split, y, groups, choose_protocol(split, y, groups, "split", 1, 5, 0))
+    assert held == {"labels": 20, "positives": 4, "subjects": 10, "positive_subjects": 3, "pretraining_labels": 0, "pretraining_subjects": 0}
+    cv = scored_rows(split, y, groups, choose_protocol(split, y, groups, "cv", 1, 5, 0))
+    assert cv["labels"] == 80 and cv["pretraining_labels"] == 40 and cv["pretraining_subjects"] == 20
 
 
 def test_protocol_tests_on_the_requested_split_and_never_trains_on_held_out() -> None:
