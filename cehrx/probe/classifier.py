@@ -87,8 +87,9 @@ def _logistic(X_train, y, X_test, seed: int, groups, info: dict) -> np.ndarray:
         warnings.simplefilter("ignore")  # convergence chatter at the weakest regularisation
         model.fit(X_train, y)
     if splits is not None:
-        # The CV AUROC of the chosen C on the training rows: compares representations (or pretraining
-        # recipes) without looking at the test rows.
+        # The CV AUROC of the chosen C on the training rows: compares count features or pretraining recipes
+        # without looking at the test rows. Not pretrained vs random init: the training rows are mostly of
+        # patients the model was pretrained on, outcomes included.
         cv_auroc = float(np.max(np.mean(next(iter(clf.scores_.values())), axis=0)))
         info.update({"kind": "logistic", "C": float(np.ravel(clf.C_)[0]), "folds": len(splits), "cv_auroc": cv_auroc})
     return model.predict_proba(X_test)[:, 1]
