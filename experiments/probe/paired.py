@@ -74,7 +74,7 @@ def main(specs: list[str]) -> None:
     for spec in specs:
         name, probes, ctrl = parse_spec(spec)
         if all(p.is_file() for p in probes) and (ctrl / "predictions/random_init_5.parquet").is_file():
-            names = [name] if len(probes) == 1 else [f"{name}, {p.parent.parent.parent.name}" for p in probes]
+            names = [name] if len(probes) == 1 else [f"{name}, {p.parent.parent}" for p in probes]  # the probe output dirs
             for row, (d, lo, hi, beaten) in zip(names + [f"{name}, mean of {len(probes)}"], paired(probes, ctrl)):
                 print(f"| {row} | {d:+.3f} [{lo:+.3f}, {hi:+.3f}] | {beaten} of 5 |")
         else:

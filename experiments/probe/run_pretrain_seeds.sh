@@ -2,14 +2,16 @@
 # Pretraining-run variance (experiments/probe/RESULTS.md, section "Three pretraining seeds"): the probing
 # recipe (tiny, the pretrain schedule, future-codes head at weight 0.3) pretrained with seeds 42, 43 and 44,
 # each probed with the last-token readout and compared with the same five random-init controls (seeds 42-46
-# of the probe; they do not depend on the pretrained weights, so they are run once, beside the seed-42
-# model's probe). Run from the repository root; each step is skipped when its output is there.
+# of the probe; they do not depend on the pretrained weights, so they are run once, beside the first
+# seed's probe). Run from the repository root; each step is skipped when its output is there.
 #
 #   bash experiments/probe/run_pretrain_seeds.sh                 # default splits: Synthea 1k, MIMIC-IV demo
 #   STUDIES=synthea1k_split40 bash experiments/probe/run_pretrain_seeds.sh   # Synthea, 40 % held out
+#   FC_WEIGHT=0 OUT=runs/study_seeds_plain STUDIES=mimic_demo bash experiments/probe/run_pretrain_seeds.sh   # plain recipe
 set -euo pipefail
 FC=task.module.future_codes_weight=${FC_WEIGHT:-0.3}
 SEEDS=${SEEDS:-42 43 44}
+FIRST=${SEEDS%% *}
 OUT=${OUT:-runs/study_seeds}
 STUDIES=${STUDIES:-synthea1k mimic_demo}
 SPLIT40=(task.splits.train=0.5 task.splits.tuning=0.1 task.splits.held_out=0.4)
@@ -25,11 +27,11 @@ study() {  # name, data, tasks, prepare overrides (a bash array name), pretrain 
   done
   for T in $tasks; do
     local C=$OUT/$name/controls/$T probes=()
-    [[ -f $C/metrics.json ]] || cehrx task=probe model_dir="$OUT/$name/model_s42" data.prepared_dir="$P" probe.task="$T" \
+    [[ -f $C/metrics.json ]] || cehrx task=probe model_dir="$OUT/$name/model_s$FIRST" data.prepared_dir="$P" probe.task="$T" \
       probe.random_init=true probe.random_init_seeds=5 'probe.few_shot=[]' output_dir="$C"
     for s in $SEEDS; do
       local D=$OUT/$name/probe_s$s/$T
-      [[ $s == 42 ]] && D=$C
+      [[ $s == "$FIRST" ]] && D=$C  # its probe is the controls' run
       [[ -f $D/metrics.json ]] || cehrx task=probe model_dir="$OUT/$name/model_s$s" data.prepared_dir="$P" probe.task="$T" \
         probe.random_init=false 'probe.baselines=[]' 'probe.few_shot=[]' output_dir="$D"
       probes+=("$D/predictions/probe.parquet")
