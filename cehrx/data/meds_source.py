@@ -15,6 +15,7 @@ from meds import DataSchema
 
 from cehrx.data.duck import literal
 from cehrx.data.omop_to_meds import EVENTS_DDL
+from cehrx.data.splits import load_split_file
 from cehrx.errors import DataError
 
 
@@ -98,14 +99,6 @@ def _codes(con: duckdb.DuckDBPyConnection, root: Path) -> None:
 
 def _splits(con: duckdb.DuckDBPyConnection, root: Path) -> bool:
     f = root / "metadata" / "subject_splits.parquet"
-    if not f.is_file():
-        return False
-    names = pq.read_schema(f).names
-    if not {"subject_id", "split"} <= set(names):
-        raise DataError(f"{f} must have columns subject_id and split (has {', '.join(names)})")
-    con.execute(f"""
-        CREATE OR REPLACE TABLE source_splits AS
-        SELECT TRY_CAST(subject_id AS BIGINT) AS subject_id, any_value(CAST(split AS VARCHAR)) AS split
-        FROM read_parquet({literal(str(f))}) GROUP BY 1
-    """)
-    return True
+    if f.is_file():
+        load_split_file(con, f)
+    return f.is_file()

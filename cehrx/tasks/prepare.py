@@ -26,7 +26,7 @@ from cehrx.data.meds_source import meds_to_events
 from cehrx.data.omop_tables import open_omop
 from cehrx.data.omop_to_meds import OPTIONAL_TABLES, omop_to_events
 from cehrx.data.shard_writer import Written, length_percentiles, write_shards
-from cehrx.data.splits import assign_splits
+from cehrx.data.splits import assign_splits, load_split_file
 from cehrx.data.tokenize import (
     Resolver,
     fetch_ordered,
@@ -86,7 +86,12 @@ def prepare(cfg: DictConfig, out: Path) -> dict:
             raise DataError(f"data.source must be 'omop' or 'meds', got {source!r}")
     events_in = con.execute("SELECT count(*) FROM events").fetchall()[0][0]
     with stages("splits"):
-        report["splits"] = assign_splits(con, {k: float(t.splits[k]) for k in ("train", "tuning", "held_out")}, str(t.splits.salt), use_source=bool(stats.get("source_splits")))
+        if t.splits.get("file"):  # the user's file wins over the dataset's own splits
+            load_split_file(con, str(t.splits.file), strict=True)
+        use_source = bool(t.splits.get("file") or stats.get("source_splits"))
+        report["splits"] = assign_splits(con, {k: float(t.splits[k]) for k in ("train", "tuning", "held_out")}, str(t.splits.salt), use_source=use_source)
+        if t.splits.get("file"):
+            report["splits"].update(method="file", file=str(t.splits.file))
     if source == "omop":
         with stages("write MEDS dataset"):
             write_meds(con, out / "meds", cfg.data.name)

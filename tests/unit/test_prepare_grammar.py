@@ -278,6 +278,25 @@ def test_meds_errors_name_the_file(tmp_path):
         run_prepare(tmp_path / "meds", tmp_path / "out", source="meds")
 
 
+def test_splits_file_assigns_subjects_and_refuses_unknown_splits(tmp_path):
+    src = write_omop(tmp_path / "src")
+    f = tmp_path / "splits.csv"
+    f.write_text("subject_id,split\n1,held_out\n2,val\n")  # 3 is not listed: hash-assigned (train=1.0 here), no events
+    report = run_prepare(src, tmp_path / "out", f"task.splits.file={f}")
+    assert report["splits"]["method"] == "file" and report["splits"]["hash_assigned"] == 1
+    assert report["splits"]["subjects"] == {"held_out": 1, "train": 1, "tuning": 1}
+    assert [list(load_split(tmp_path / "out", s).subject_id) for s in ("train", "tuning", "held_out")] == [[], [2], [1]]
+    for body, message in [("subject_id,split\n1,held_out\n2,test_set\n", "split 'test_set' is not one of train, tuning, held_out"),
+                          ("subject_id,split\n1,held_out\n1,train\n", "subject_id 1 is listed under several splits"),
+                          ("subject_id,fold\n1,0\n", "must have columns subject_id and split")]:
+        f.write_text(body)
+        with pytest.raises(DataError, match=f"{f.name}.*{message}"):
+            run_prepare(src, tmp_path / "out2", f"task.splits.file={f}")
+    assert not (tmp_path / "out2").exists()  # nothing half-written
+    with pytest.raises(DataError, match="splits file not found"):
+        run_prepare(src, tmp_path / "out2", f"task.splits.file={tmp_path / 'nope.parquet'}")
+
+
 def test_show_prints_a_subject(prepared, capsys):
     from cehrx.tasks import show
 
