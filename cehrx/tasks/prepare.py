@@ -86,12 +86,13 @@ def prepare(cfg: DictConfig, out: Path) -> dict:
             raise DataError(f"data.source must be 'omop' or 'meds', got {source!r}")
     events_in = con.execute("SELECT count(*) FROM events").fetchall()[0][0]
     with stages("splits"):
-        if t.splits.get("file"):  # the user's file wins over the dataset's own splits
-            load_split_file(con, str(t.splits.file), strict=True)
-        use_source = bool(t.splits.get("file") or stats.get("source_splits"))
+        split_file = t.splits.get("file")
+        if split_file:  # the user's file wins over the dataset's own splits
+            load_split_file(con, str(split_file), strict=True)
+        use_source = bool(split_file or stats.get("source_splits"))
         report["splits"] = assign_splits(con, {k: float(t.splits[k]) for k in ("train", "tuning", "held_out")}, str(t.splits.salt), use_source=use_source)
-        if t.splits.get("file"):
-            report["splits"].update(method="file", file=str(t.splits.file))
+        if split_file:
+            report["splits"].update(method="file", file=str(split_file))
     if source == "omop":
         with stages("write MEDS dataset"):
             write_meds(con, out / "meds", cfg.data.name)

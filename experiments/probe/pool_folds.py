@@ -15,15 +15,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from paired import SEEDS, load  # this folder's script: the same prediction files and readers
 from sklearn.metrics import roc_auc_score
 
 from cehrx.eval.metrics import bootstrap
 
-METHODS = ["probe", "random_init", "random_init_2", "random_init_3", "random_init_4", "random_init_5", "counts", "counts_hgb"]
-
-
-def auroc(t: pa.Table) -> float:
-    return float(roc_auc_score(t.column("boolean_value").to_numpy(zero_copy_only=False), t.column("predicted_boolean_probability").to_numpy()))
+METHODS = ["probe", *SEEDS, "counts", "counts_hgb"]
 
 
 def main(out: Path, folds: list[Path]) -> None:
@@ -31,22 +28,18 @@ def main(out: Path, folds: list[Path]) -> None:
     print("| method | " + " | ".join(f"fold {i}" for i in range(len(folds))) + " | pooled [95 % CI] |")
     print("|---|" + "---:|" * (len(folds) + 1))
     for m in METHODS:
-        parts = [pq.read_table(f / "predictions" / f"{m}.parquet") for f in folds if (f / "predictions" / f"{m}.parquet").is_file()]
-        if len(parts) < len(folds):
+        paths = [f / "predictions" / f"{m}.parquet" for f in folds]
+        if not all(p.is_file() for p in paths):
             continue
-        t = pa.concat_tables(parts)
-        sids = t.column("subject_id").to_numpy()
-        assert len(np.unique(np.concatenate([p.column("subject_id").unique().to_numpy() for p in parts]))) == sum(
-            len(p.column("subject_id").unique()) for p in parts), "folds share subjects"
-        pq.write_table(t, out / "predictions" / f"{m}.parquet")
-        y = t.column("boolean_value").to_numpy(zero_copy_only=False).astype(bool)
-        boot = bootstrap(y, t.column("predicted_boolean_probability").to_numpy().astype(float), sids, 1000, 0)["auroc"]
-        lo, hi = np.nanpercentile(boot, [2.5, 97.5])
-        print(f"| {m} | " + " | ".join(f"{auroc(p):.3f}" for p in parts) + f" | {auroc(t):.3f} [{lo:.3f}, {hi:.3f}] |")
-    t = pq.read_table(out / "predictions" / "probe.parquet")
-    y, sid = t.column("boolean_value").to_numpy(zero_copy_only=False), t.column("subject_id").to_numpy()
-    print(f"\npooled: {len(y)} labels, {int(y.sum())} positive, {len(np.unique(sid))} subjects, "
-          f"{len(np.unique(sid[y]))} with a positive")
+        pq.write_table(pa.concat_tables([pq.read_table(p) for p in paths]), out / "predictions" / f"{m}.parquet")
+        y, sid, p = load(out / "predictions" / f"{m}.parquet")
+        assert len(np.unique(sid)) == sum(len(np.unique(load(f)[1])) for f in paths), "folds share subjects"
+        lo, hi = np.nanpercentile(bootstrap(y, p, sid, 1000, 0)["auroc"], [2.5, 97.5])
+        each = " | ".join(f"{roc_auc_score(*load(f)[::2]):.3f}" for f in paths)
+        print(f"| {m} | {each} | {roc_auc_score(y, p):.3f} [{lo:.3f}, {hi:.3f}] |")
+        if m == "probe":
+            counts = f"{len(y)} labels, {int(y.sum())} positive, {len(np.unique(sid))} subjects, {len(np.unique(sid[y]))} with a positive"
+    print(f"\npooled: {counts}")
 
 
 if __name__ == "__main__":
