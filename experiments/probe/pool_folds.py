@@ -2,7 +2,8 @@
 
 Each fold's probe dir scored its own held-out subjects; the folds are disjoint, so concatenating
 them gives every subject once. Writes `OUT/predictions/<method>.parquet` (what `paired.py` reads)
-and prints per-fold and pooled AUROC with a subject-bootstrap 95 % CI per method.
+and prints per-fold and pooled AUROC with a subject-bootstrap 95 % CI per method. Reads the
+files with `paired.py`'s reader (the script beside this one).
 
     python experiments/probe/pool_folds.py OUT FOLD0_PROBE_DIR FOLD1_PROBE_DIR ...
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from paired import SEEDS, load  # this folder's script: the same prediction files and readers
+from paired import SEEDS, load
 from sklearn.metrics import roc_auc_score
 
 from cehrx.eval.metrics import bootstrap
