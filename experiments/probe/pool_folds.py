@@ -1,7 +1,8 @@
 """Pool the held-out predictions of cross-fitted probe runs (one per fold) into one probe-like dir.
 
 Each fold's probe dir scored its own held-out subjects; the folds are disjoint, so concatenating
-them gives every subject once. Writes `OUT/predictions/<method>.parquet` (what `paired.py` reads)
+them gives every subject once (a fold whose labels are all of one class has no AUROC of its own,
+"n/a", but its predictions count in the pooled one). Writes `OUT/predictions/<method>.parquet` (what `paired.py` reads)
 and prints per-fold and pooled AUROC with a subject-bootstrap 95 % CI per method. Reads the
 files with `paired.py`'s reader (the script beside this one).
 
@@ -34,9 +35,10 @@ def main(out: Path, folds: list[Path]) -> None:
             continue
         pq.write_table(pa.concat_tables([pq.read_table(p) for p in paths]), out / "predictions" / f"{m}.parquet")
         y, sid, p = load(out / "predictions" / f"{m}.parquet")
-        assert len(np.unique(sid)) == sum(len(np.unique(load(f)[1])) for f in paths), "folds share subjects"
+        parts = [load(f) for f in paths]
+        assert len(np.unique(sid)) == sum(len(np.unique(s)) for _, s, _ in parts), "folds share subjects"
         lo, hi = np.nanpercentile(bootstrap(y, p, sid, 1000, 0)["auroc"], [2.5, 97.5])
-        each = " | ".join(f"{roc_auc_score(*load(f)[::2]):.3f}" for f in paths)
+        each = " | ".join(f"{roc_auc_score(yf, pf):.3f}" if 0 < yf.sum() < len(yf) else "n/a" for yf, _, pf in parts)
         print(f"| {m} | {each} | {roc_auc_score(y, p):.3f} [{lo:.3f}, {hi:.3f}] |")
         if m == "probe":
             counts = f"{len(y)} labels, {int(y.sum())} positive, {len(np.unique(sid))} subjects, {len(np.unique(sid[y]))} with a positive"

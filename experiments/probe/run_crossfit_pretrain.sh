@@ -8,6 +8,10 @@
 #
 #   bash experiments/probe/run_crossfit_pretrain.sh                      # Synthea 1k, inpatient within 1 y, K=4
 #   K=5 OUT=runs/study_crossfit5 bash experiments/probe/run_crossfit_pretrain.sh
+#   POOLING=mean bash experiments/probe/run_crossfit_pretrain.sh        # the same models, mean-pooled readout
+#   TASK=synthea_readmission_30d bash experiments/probe/run_crossfit_pretrain.sh   # the same models, another task
+#   DATA=mimic_demo TASK=mimic_icu_mortality OUT=runs/study_crossfit_mimic FC_WEIGHT=0 \
+#     PRETRAIN_ARGS="trainer.max_steps=400 model.max_seq_len=1024" bash experiments/probe/run_crossfit_pretrain.sh
 #
 # Each step is skipped when its output is there. Run from the repository root.
 set -euo pipefail
@@ -16,8 +20,11 @@ OUT=${OUT:-runs/study_crossfit}
 DATA=${DATA:-synthea1k}
 TASK=${TASK:-synthea_inpatient_1y}
 FC=task.module.future_codes_weight=${FC_WEIGHT:-0.3}
+POOLING=${POOLING:-last}
+read -ra PRETRAIN_ARGS <<< "${PRETRAIN_ARGS:-}"   # extra pretrain overrides (an experiment's schedule)
+PROBE=probe; [[ $POOLING == last ]] || PROBE=probe_$POOLING   # the last-token runs keep their original paths
 
-# All subject ids: from a default prepare's MEDS splits (seconds).
+# All subject ids: those with a sequence in a default prepare (seconds; any source).
 [[ -f $OUT/all/prepared/vocab.json ]] || cehrx task=prepare data="$DATA" output_dir="$OUT/all/prepared"
 python - "$OUT" "$K" <<'PY'
 import sys
@@ -26,7 +33,7 @@ from pathlib import Path
 import duckdb
 
 out, k = Path(sys.argv[1]), int(sys.argv[2])
-src = out / "all" / "prepared" / "meds" / "metadata" / "subject_splits.parquet"
+src = out / "all" / "prepared" / "tokens" / "*" / "*.parquet"
 tuning = round(100 * k / (k - 1))  # per mille of the other folds: 10 % of all subjects, as in the default split
 for fold in range(k):  # fold by md5 of the subject
     f = out / f"fold{fold}" / "subject_splits.parquet"
@@ -37,7 +44,7 @@ for fold in range(k):  # fold by md5 of the subject
         COPY (SELECT subject_id, CASE WHEN md5_number('fold/' || subject_id) % {k} = {fold} THEN 'held_out'
                                       WHEN md5_number('tuning/' || subject_id) % 1000 < {tuning}
                                       THEN 'tuning' ELSE 'train' END AS split
-              FROM read_parquet('{src}') ORDER BY subject_id) TO '{f}' (FORMAT parquet)
+              FROM (SELECT DISTINCT subject_id FROM read_parquet('{src}')) ORDER BY subject_id) TO '{f}' (FORMAT parquet)
     """)
 PY
 
@@ -46,10 +53,12 @@ for ((f = 0; f < K; f++)); do
   D=$OUT/fold$f
   [[ -f $D/prepared/vocab.json ]] || cehrx task=prepare data="$DATA" output_dir="$D/prepared" task.splits.file="$D/subject_splits.parquet"
   [[ -f $D/model/model/config.json ]] || cehrx task=pretrain data="$DATA" model=tiny trainer=cpu data.prepared_dir="$D/prepared" \
-    output_dir="$D/model" logger=none seed=42 "$FC"
-  [[ -f $D/probe/$TASK/metrics.json ]] || cehrx task=probe model_dir="$D/model" data.prepared_dir="$D/prepared" probe.task="$TASK" \
-    probe.evaluation=split probe.random_init=true probe.random_init_seeds=5 'probe.few_shot=[]' output_dir="$D/probe/$TASK"
-  probes+=("$D/probe/$TASK")
+    output_dir="$D/model" logger=none seed=42 "$FC" "${PRETRAIN_ARGS[@]}"
+  [[ -f $D/$PROBE/$TASK/metrics.json ]] || cehrx task=probe model_dir="$D/model" data.prepared_dir="$D/prepared" probe.task="$TASK" \
+    probe.evaluation=split probe.pooling="$POOLING" probe.random_init=true probe.random_init_seeds=5 'probe.few_shot=[]' \
+    output_dir="$D/$PROBE/$TASK"
+  probes+=("$D/$PROBE/$TASK")
 done
-python experiments/probe/pool_folds.py "$OUT/pooled/$TASK" "${probes[@]}"
-python experiments/probe/paired.py "$DATA $TASK, pooled over $K folds=$OUT/pooled/$TASK/predictions/probe.parquet:$OUT/pooled/$TASK"
+POOLED=$OUT/pooled; [[ $POOLING == last ]] || POOLED=$OUT/pooled_$POOLING
+python experiments/probe/pool_folds.py "$POOLED/$TASK" "${probes[@]}"
+python experiments/probe/paired.py "$DATA $TASK, $POOLING, pooled over $K folds=$POOLED/$TASK/predictions/probe.parquet:$POOLED/$TASK"
