@@ -2,9 +2,9 @@
 
 Each fold's probe dir scored its own held-out subjects; the folds are disjoint, so concatenating
 them gives every subject once (a fold whose labels are all of one class has no AUROC of its own,
-"n/a", but its predictions count in the pooled one). Writes `OUT/predictions/<method>.parquet` (what `paired.py` reads)
-and prints per-fold and pooled AUROC with a subject-bootstrap 95 % CI per method. Reads the
-files with `paired.py`'s reader (the script beside this one).
+"n/a", but its predictions count in the pooled one). Writes `OUT/predictions/<method>.parquet`
+(what `paired.py` reads) and prints per-fold and pooled AUROC with a subject-bootstrap 95 % CI per
+method. Reads the files with `paired.py`'s reader (the script beside this one).
 
     python experiments/probe/pool_folds.py OUT FOLD0_PROBE_DIR FOLD1_PROBE_DIR ...
 """
