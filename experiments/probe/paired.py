@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
@@ -26,7 +27,12 @@ SEEDS = ["random_init"] + [f"random_init_{k}" for k in range(2, 6)]
 
 
 def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    t = pq.read_table(path).sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
+    return arrays(pq.read_table(path))
+
+
+def arrays(t: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, subjects, probabilities) of a prediction table, in (subject, time) order."""
+    t = t.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
     return (t.column("boolean_value").to_numpy(zero_copy_only=False).astype(bool), t.column("subject_id").to_numpy(),
             t.column("predicted_boolean_probability").to_numpy().astype(float))
 

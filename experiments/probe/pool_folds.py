@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from paired import SEEDS, load
+from paired import SEEDS, arrays
 from sklearn.metrics import roc_auc_score
 
 from cehrx.eval.metrics import bootstrap
@@ -29,13 +29,16 @@ def main(out: Path, folds: list[Path]) -> None:
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     print("| method | " + " | ".join(f"fold {i}" for i in range(len(folds))) + " | pooled [95 % CI] |")
     print("|---|" + "---:|" * (len(folds) + 1))
+    counts = "no probe predictions"
     for m in METHODS:
         paths = [f / "predictions" / f"{m}.parquet" for f in folds]
         if not all(p.is_file() for p in paths):
             continue
-        pq.write_table(pa.concat_tables([pq.read_table(p) for p in paths]), out / "predictions" / f"{m}.parquet")
-        y, sid, p = load(out / "predictions" / f"{m}.parquet")
-        parts = [load(f) for f in paths]
+        tables = [pq.read_table(p) for p in paths]
+        pooled = pa.concat_tables(tables)
+        pq.write_table(pooled, out / "predictions" / f"{m}.parquet")
+        y, sid, p = arrays(pooled)
+        parts = [arrays(t) for t in tables]
         assert len(np.unique(sid)) == sum(len(np.unique(s)) for _, s, _ in parts), "folds share subjects"
         lo, hi = np.nanpercentile(bootstrap(y, p, sid, 1000, 0)["auroc"], [2.5, 97.5])
         each = " | ".join(f"{roc_auc_score(yf, pf):.3f}" if 0 < yf.sum() < len(yf) else "n/a" for yf, _, pf in parts)
