@@ -48,6 +48,15 @@ class Histories:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def take(self, idx: np.ndarray) -> "Histories":
+        """Histories `idx`, in that order (e.g. the ones a feature cache lacks)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        lens = self.lengths()[idx]
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        flat = np.repeat(self.offsets[idx] - offsets[:-1], lens) + np.arange(offsets[-1])
+        return Histories(self.tokens[flat], offsets, self.times[flat], self.label_index[idx], self.last_time[idx],
+                         dict(self.dropped), dict(self.stats))
+
 
 def subject_rows(arrays: TokenArrays, subject_ids: np.ndarray) -> np.ndarray:
     """Row of each subject id in `arrays` (-1 when absent). Subject ids must be unique in `arrays`."""

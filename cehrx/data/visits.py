@@ -108,12 +108,22 @@ def build_source_visits(con: duckdb.DuckDBPyConnection, source: str, visit_patte
         return
     parts = []
     for p in visit_patterns:
+        # An end event closes the latest start of its pattern at or before it, so a start with no end
+        # of its own (a visit that lasts no time, as Synthea's outpatient visits) stays a zero-length
+        # visit instead of running to the end code of a later visit.
         parts.append(f"""
             SELECT s.subject_id, {literal(p['type'])} AS vtype, s.time AS vstart, coalesce(e.time, s.time) AS vend,
                    e.code AS discharge, e.eid AS discharge_eid
-            FROM (SELECT b.*, c.code FROM body b JOIN code_ids c USING (cid) WHERE {like_any('c.code', [p['start']])}) s
-            ASOF LEFT JOIN (SELECT b.rowid AS eid, b.*, c.code FROM body b JOIN code_ids c USING (cid) WHERE {like_any('c.code', [p['end']])}) e
-                 ON s.subject_id = e.subject_id AND e.time >= s.time
+            FROM (SELECT b.rowid AS sid, b.*, c.code FROM body b JOIN code_ids c USING (cid) WHERE {like_any('c.code', [p['start']])}) s
+            LEFT JOIN (
+                SELECT e.*, s.sid FROM
+                    (SELECT b.rowid AS eid, b.subject_id, b.time, c.code FROM body b JOIN code_ids c USING (cid)
+                     WHERE {like_any('c.code', [p['end']])}) e
+                    ASOF JOIN (SELECT b.rowid AS sid, b.subject_id, b.time FROM body b JOIN code_ids c USING (cid)
+                               WHERE {like_any('c.code', [p['start']])}) s
+                    ON s.subject_id = e.subject_id AND s.time <= e.time
+                QUALIFY row_number() OVER (PARTITION BY s.sid ORDER BY e.time, e.eid) = 1
+            ) e ON e.sid = s.sid
         """)
     union = " UNION ALL ".join(parts) if parts else (
         "SELECT NULL::BIGINT AS subject_id, NULL::VARCHAR AS vtype, NULL::TIMESTAMP AS vstart, NULL::TIMESTAMP AS vend, "

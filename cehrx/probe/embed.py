@@ -24,7 +24,6 @@ from cehrx.model.transformer import GPT
 POOLINGS = ("last", "mean")
 
 
-@torch.inference_mode()
 def embed(
     model: GPT,
     histories: Histories,
@@ -36,6 +35,26 @@ def embed(
     """float32 `[len(histories), n_embd]` features, in the order of `histories`."""
     if pooling not in POOLINGS:
         raise CehrxError(f"probe.pooling must be one of {POOLINGS}, got {pooling!r}")
+    return embed_poolings(model, histories, (pooling,), max_tokens_per_batch, device, progress)[pooling]
+
+
+@torch.inference_mode()
+def embed_poolings(
+    model: GPT,
+    histories: Histories,
+    poolings: tuple[str, ...] = POOLINGS,
+    max_tokens_per_batch: int = 16384,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Every readout in `poolings` from one forward pass: `{pooling: float32 [n, n_embd]}`.
+
+    Why one pass: the forward is the whole cost, and both readouts are cheap reductions of the same
+    hidden states (a study that reports both pays once; `cehrx.probe.feature_cache` stores both).
+    """
+    bad = [p for p in poolings if p not in POOLINGS]
+    if bad or not poolings:
+        raise CehrxError(f"probe.pooling must be one of {POOLINGS}, got {list(poolings)!r}")
     lengths = histories.lengths().astype(np.int64)
     if len(lengths) and lengths.max() > model.config.max_seq_len:
         raise CehrxError(f"a history has {int(lengths.max())} tokens but the model's max_seq_len is {model.config.max_seq_len}: lower probe.max_len")
@@ -44,18 +63,19 @@ def embed(
     budget = max(int(max_tokens_per_batch), int(lengths.max()) if len(lengths) else 1)
     order = np.argsort(-lengths, kind="stable")
     batches = [order[b] for b in pack_lengths(lengths[order], budget)]
-    out = np.zeros((len(lengths), model.config.n_embd), dtype=np.float32)
+    out = {p: np.zeros((len(lengths), model.config.n_embd), dtype=np.float32) for p in poolings}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     bar = tqdm(total=int(lengths.sum()), unit="tok", desc="embed", disable=not progress or not len(lengths), file=sys.stderr, mininterval=2.0)
     with autocast:
         for idx in batches:
-            out[idx] = _embed_batch(model, histories, idx, pooling, dev)
+            for p, feats in _embed_batch(model, histories, idx, poolings, dev).items():
+                out[p][idx] = feats
             bar.update(int(lengths[idx].sum()))
     bar.close()
     return out
 
 
-def _embed_batch(model: GPT, h: Histories, idx: np.ndarray, pooling: str, dev: torch.device) -> np.ndarray:
+def _embed_batch(model: GPT, h: Histories, idx: np.ndarray, poolings: tuple[str, ...], dev: torch.device) -> dict[str, np.ndarray]:
     starts, ends = h.offsets[idx], h.offsets[idx + 1]
     lens = ends - starts
     cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
@@ -63,13 +83,14 @@ def _embed_batch(model: GPT, h: Histories, idx: np.ndarray, pooling: str, dev: t
     ids = torch.from_numpy(np.asarray(h.tokens[flat], dtype=np.int64)).to(dev)
     cu_t = torch.from_numpy(cu.astype(np.int32)).to(dev)
     hidden = model(ids, cu_seqlens=cu_t, max_seqlen=int(lens.max()))
-    if pooling == "last":
-        feats = hidden[torch.from_numpy(cu[1:] - 1).to(dev)]
-    else:
+    out = {}
+    if "last" in poolings:
+        out["last"] = hidden[torch.from_numpy(cu[1:] - 1).to(dev)].float().cpu().numpy()
+    if "mean" in poolings:
         seg = torch.from_numpy(np.repeat(np.arange(len(idx)), lens)).to(dev)
         sums = torch.zeros(len(idx), hidden.shape[-1], device=dev, dtype=torch.float32).index_add_(0, seg, hidden.float())
-        feats = sums / torch.from_numpy(lens.astype(np.float32)).to(dev)[:, None]
-    return feats.float().cpu().numpy()
+        out["mean"] = (sums / torch.from_numpy(lens.astype(np.float32)).to(dev)[:, None]).cpu().numpy()
+    return out
 
 
 def embed_unpacked(model: GPT, histories: Histories, pooling: str = "last", batch_size: int = 32) -> np.ndarray:

@@ -8,6 +8,11 @@ A label is `(subject_id, prediction_time, boolean_value)` (MEDS `LabelSchema`). 
   config may also name a shipped label directory (`metadata: {cehrx_labels: <path>}`, a key
   ACES ignores), for data sets that come with official labels (MIMIC-IV demo ICU mortality);
   those labels are then used as given.
+
+Besides ACES's own criteria, a task config may ask for a follow-up (`metadata: {cehrx_followup_days: N}`,
+a key ACES ignores): prediction times later than N days before the data set's last event are dropped,
+so that no label is a negative only because the extract ended inside its window (administrative
+censoring). It depends only on the prediction time, never on the outcome.
 """
 
 from __future__ import annotations
@@ -55,6 +60,21 @@ def task_description(name: str) -> str:
     """The `description` field of a task config (for reports)."""
     data = yaml.safe_load(task_config_path(name).read_text()) or {}
     return str(data.get("description", "")).strip()
+
+
+def followup_days(name: str) -> float | None:
+    """A task config's `metadata.cehrx_followup_days` (None when absent)."""
+    path = task_config_path(name)
+    value = ((yaml.safe_load(path.read_text()) or {}).get("metadata") or {}).get("cehrx_followup_days")
+    if value is None:
+        return None
+    try:
+        days = float(value)
+    except (TypeError, ValueError):
+        days = -1.0
+    if not days >= 0:
+        raise CehrxError(f"{path}: metadata.cehrx_followup_days must be a number of days >= 0, got {value!r}")
+    return days
 
 
 def shipped_labels(name: str) -> Path | None:
@@ -162,6 +182,7 @@ def extract_labels(task_name: str, meds_dir: str | Path, *, use_shipped: bool = 
         con = duckdb.connect()
         names = {c for (c, *_rest) in con.execute(f"DESCRIBE SELECT * FROM read_parquet({[str(f) for f in files]!r}, union_by_name=true)").fetchall()}
         con.execute(f"COPY ({aces_events_sql(files, names)}) TO '{events}' (FORMAT parquet)")
+        data_end = con.execute(f"SELECT max(time) FROM read_parquet('{events}')").fetchall()[0][0]
         con.close()
         try:
             pred = predicates.get_predicates_df(task, DictConfig({"path": str(events), "standard": "meds"}))
@@ -177,7 +198,22 @@ def extract_labels(task_name: str, meds_dir: str | Path, *, use_shipped: bool = 
         "prediction_time": out.column("index_timestamp").cast(pa.timestamp("us")),
         "boolean_value": pc.greater(out.column("label").cast(pa.int64()), 0),
     }, schema=LABEL_SCHEMA)
+    table = apply_followup(table, followup_days(task_name), data_end, path.name)
     return dedupe(table.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")]), path.name)
+
+
+def apply_followup(table: pa.Table, days: float | None, data_end, name: str) -> pa.Table:
+    """Drop labels whose prediction time is later than `days` before `data_end` (see the module doc)."""
+    if days is None or data_end is None or not len(table):
+        return table
+    import datetime as dt
+
+    cutoff = pa.scalar(data_end - dt.timedelta(days=days), pa.timestamp("us"))
+    keep = pc.less_equal(table.column("prediction_time"), cutoff)
+    out = table.filter(keep)
+    log.info("task %s: %d of %d labels dropped for follow-up (prediction time after %s, %g days before the last event)",
+             name, len(table) - len(out), len(table), cutoff.as_py(), days)
+    return out
 
 
 def aces_events_sql(files: list[Path], names: set[str]) -> str:

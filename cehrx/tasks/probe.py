@@ -44,7 +44,8 @@ from cehrx.model.export import load_pretrained, random_init_like
 from cehrx.model.export import model_dir as resolve_model_dir
 from cehrx.probe import labels as L
 from cehrx.probe.counts import count_features
-from cehrx.probe.embed import embed
+from cehrx.probe.embed import embed, embed_poolings
+from cehrx.probe.feature_cache import READOUTS, FeatureCache, file_sha256, prepared_identity
 from cehrx.probe.evaluate import Protocol, choose_protocol, cross_fit, few_shot, scored_rows
 from cehrx.tasks.inputs import prepared_dir_for
 
@@ -100,6 +101,8 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
         raise CehrxError(f"probe.max_len={max_len} exceeds the model's max_seq_len={model.config.max_seq_len}")
     t0 = time.perf_counter()
     arrays, split_of = load_all_splits(prepared)
+    test_split = str(cfg.get("split") or "held_out")
+    table, thinned = thin_training_labels(table, arrays, split_of, float(p.get("train_label_fraction") or 1.0), test_split)
     sid_all = table.column("subject_id").to_numpy()
     hist = cut_histories(arrays, vocab, sid_all, L.times_seconds(table.column("prediction_time")), max_len)
     if not len(hist):
@@ -112,9 +115,11 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
 
     features: dict[str, Any] = {}
     t0 = time.perf_counter()
-    features["probe"] = embed(model, hist, str(p.pooling), int(p.batch_tokens), p.device, bool(p.progress))
+    embedder = Embedder(p, hist, sid, prepared, max_len)
+    features["probe"] = embedder(model, {"model_sha256": weights_sha256(mdir)})
     for k in range(int(p.get("random_init_seeds", 1)) if p.random_init else 0):  # several draws: one random model is a noisy control
-        features[random_init_name(k)] = embed(random_init_like(model, seed + k), hist, str(p.pooling), int(p.batch_tokens), p.device, bool(p.progress))
+        rand = random_init_like(model, seed + k)
+        features[random_init_name(k)] = embedder(rand, {"random_init_seed": seed + k, "config": rand.config.to_dict(), "torch": torch.__version__})
     timings["embed"] = _lap(t0)
     write_features(tmp, kept, split, features)
 
@@ -134,7 +139,7 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
             features["counts_hgb"] = counts
     timings["count_features"] = _lap(t0)
 
-    protocol = choose_protocol(split, y, sid, str(p.evaluation), int(p.min_test_class), int(p.cv_folds), seed, str(cfg.get("split") or "held_out"))
+    protocol = choose_protocol(split, y, sid, str(p.evaluation), int(p.min_test_class), int(p.cv_folds), seed, test_split)
     t0 = time.perf_counter()
     methods, curves, fs = {}, {}, {}
     test = protocol.test_rows
@@ -156,6 +161,8 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
     timings["fit_score"] = _lap(t0)
 
     result = summary(cfg, source, mdir, prepared, table, kept, split, y, hist, protocol, methods, fs, timings, max_len)
+    result["labels"]["thinned"] = thinned
+    result["feature_cache"] = embedder.report()
     result["count_features"] = count_info
     if result["scored"]["pretraining_labels"]:
         log.warning("%d of the %d scored labels are of subjects in the pretraining split (%s cross-fitting): the model saw "
@@ -165,6 +172,69 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
     pq.write_table(kept.append_column("split", pa.array(split.astype(str))), tmp / "labels.parquet")
     write_report(tmp, report_title(source), {k: v for k, v in methods.items()}, curves, sections=report_sections(result))
     return result
+
+
+def thin_training_labels(table: pa.Table, arrays, split_of: np.ndarray, fraction: float, test_split: str) -> tuple[pa.Table, dict]:
+    """Keep a fixed `fraction` of the labels outside the test split (`probe.train_label_fraction`).
+
+    Why: a task triggered at every routine visit has ~10 labels per subject, so the training side
+    can be far larger than a linear probe needs while every label costs a forward pass. The test
+    split is never thinned. A label is kept when a hash of (subject_id, prediction_time) falls
+    below `fraction`: independent of the outcome and of the seed, so every task and run keeps the
+    same prediction times (and `probe.cache_dir` embeds them once).
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise CehrxError(f"probe.train_label_fraction must be in (0, 1], got {fraction}")
+    info = {"train_label_fraction": fraction, "dropped": 0}
+    if fraction >= 1.0 or not len(table):
+        return table, info
+    sid = table.column("subject_id").to_numpy()
+    rows = subject_rows(arrays, sid)
+    split = np.where(rows >= 0, split_of[np.maximum(rows, 0)], "")
+    keep = (split == test_split) | (rows < 0) | (unit_hash(sid, L.times_seconds(table.column("prediction_time"))) < fraction)
+    info["dropped"] = int((~keep).sum())
+    return table.filter(pa.array(keep)), info
+
+
+def unit_hash(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A uniform number in [0, 1) per (a, b) pair of int64s (splitmix64 finaliser), the same everywhere."""
+    x = np.asarray(a, np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ np.asarray(b, np.int64).astype(np.uint64)
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        x = (x ^ (x >> np.uint64(shift))) * np.uint64(mult)
+    x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def weights_sha256(mdir: Path) -> str:
+    for name in ("model.safetensors", "model.pt"):
+        if (mdir / name).is_file():
+            return file_sha256(mdir / name)
+    raise CehrxError(f"{mdir} has no model.safetensors or model.pt")
+
+
+class Embedder:
+    """The features of one run's histories for any model, read from `probe.cache_dir` when set."""
+
+    def __init__(self, p: DictConfig, hist: Histories, sid: np.ndarray, prepared: Path, max_len: int) -> None:
+        self.p, self.hist, self.sid, self.max_len = p, hist, sid, max_len
+        self.cache_root = p.get("cache_dir")
+        self.prepared_key = prepared_identity(prepared) if self.cache_root else None
+        self.hits = self.rows = 0
+
+    def __call__(self, model, model_key: dict) -> np.ndarray:
+        p, pooling = self.p, str(self.p.pooling)
+        args = (int(p.batch_tokens), p.device, bool(p.progress))
+        if not self.cache_root:
+            return embed(model, self.hist, pooling, *args)
+        cache = FeatureCache(self.cache_root, {**model_key, "prepared": self.prepared_key, "max_len": self.max_len, "format": 1})
+        feats, hits = cache.get(self.sid, self.hist.last_time, lambda rows: embed_poolings(model, self.hist.take(rows), READOUTS, *args))
+        self.hits, self.rows = self.hits + hits, self.rows + len(self.sid)
+        return feats[pooling]
+
+    def report(self) -> dict | None:
+        if not self.cache_root:
+            return None
+        return {"dir": str(self.cache_root), "histories": self.rows, "found": self.hits}
 
 
 def random_init_name(k: int) -> str:

@@ -397,3 +397,92 @@ def test_protocol_tests_on_the_requested_split_and_never_trains_on_held_out() ->
     tuning = choose_protocol(split, y, groups, "split", 1, 5, 0, test_split="tuning")
     (train, test), = tuning.folds
     assert set(split[train]) == {"train"} and set(split[test]) == {"tuning"}
+
+
+# --------------------------------------------------------------------------------------------
+# scale: several readouts in one pass, the feature store, training-label thinning, follow-up
+
+
+def test_one_pass_gives_every_readout_and_take_selects_histories(prepared, gpt) -> None:
+    from cehrx.probe.embed import embed_poolings
+
+    arrays, _, vocab = prepared
+    rows = np.arange(len(arrays))
+    h = cut_histories(arrays, vocab, arrays.subject_id[rows], mid_times(arrays, rows), max_len=64)
+    both = embed_poolings(gpt, h, ("last", "mean"), max_tokens_per_batch=300, progress=False)
+    for pooling in ("last", "mean"):
+        np.testing.assert_array_equal(both[pooling], embed(gpt, h, pooling, max_tokens_per_batch=300, progress=False))
+    idx = np.array([5, 0, 3])
+    sub = h.take(idx)
+    assert [sub.tokens[sub.offsets[i]:sub.offsets[i + 1]].tolist() for i in range(3)] == [h.tokens[h.offsets[i]:h.offsets[i + 1]].tolist() for i in idx]
+    np.testing.assert_allclose(embed(gpt, sub, "mean", progress=False), both["mean"][idx], atol=2e-5)
+
+
+def test_feature_cache_embeds_each_history_once(prepared, gpt, tmp_path: Path) -> None:
+    from cehrx.probe.embed import embed_poolings
+    from cehrx.probe.feature_cache import READOUTS, FeatureCache
+
+    arrays, _, vocab = prepared
+    rows = np.arange(len(arrays))
+    h = cut_histories(arrays, vocab, arrays.subject_id[rows], mid_times(arrays, rows), max_len=64)
+    sid = arrays.subject_id[rows][h.label_index]
+    calls = []
+
+    def compute(r):
+        calls.append(len(r))
+        return embed_poolings(gpt, h.take(r), READOUTS, progress=False)
+
+    cache = FeatureCache(tmp_path, {"model": "m", "max_len": 64})
+    half = np.arange(len(h)) % 2 == 0
+    first, found = cache.get(sid[half], h.last_time[half], lambda r: compute(np.flatnonzero(half)[r]))
+    assert found == 0 and calls == [int(half.sum())]
+    feats, found = FeatureCache(tmp_path, {"model": "m", "max_len": 64}).get(sid, h.last_time, compute)
+    assert found == int(half.sum()) and calls[-1] == int((~half).sum())  # only the missing half is embedded
+    ref = embed_poolings(gpt, h, READOUTS, progress=False)
+    for r in READOUTS:
+        np.testing.assert_allclose(feats[r], ref[r], atol=2e-5)
+        np.testing.assert_array_equal(feats[r][half], first[r])
+    again, found = FeatureCache(tmp_path, {"model": "m", "max_len": 64}).get(sid, h.last_time, compute)
+    assert found == len(h) and len(calls) == 2
+    assert not list(tmp_path.rglob(".*tmp*")), "no temporary part is left behind"
+    _, found = FeatureCache(tmp_path, {"model": "other", "max_len": 64}).get(sid[:3], h.last_time[:3], compute)
+    assert found == 0, "another model never reads these features"
+
+
+def test_thinning_keeps_the_test_split_and_the_same_times_for_every_task(prepared) -> None:
+    from cehrx.tasks.probe import thin_training_labels, unit_hash
+
+    arrays, split, _ = prepared
+    sid = np.repeat(arrays.subject_id, 20)
+    t = np.tile(np.arange(20) * DAY, len(arrays)) + 10**9
+    table = pa.table({"subject_id": sid, "prediction_time": pa.array(t * 10**6, pa.timestamp("us")), "boolean_value": np.arange(len(sid)) % 3 == 0})
+    kept, info = thin_training_labels(table, arrays, split, 0.25, "held_out")
+    kept_split = split[np.searchsorted(arrays.subject_id, kept.column("subject_id").to_numpy())]
+    assert (kept_split == "held_out").sum() == (np.repeat(split, 20) == "held_out").sum()
+    frac = (kept_split != "held_out").sum() / (np.repeat(split, 20) != "held_out").sum()
+    assert 0.15 < frac < 0.35 and info["dropped"] == len(table) - len(kept)
+    flipped = table.set_column(2, "boolean_value", pa.array(~table.column("boolean_value").to_numpy()))
+    again, _ = thin_training_labels(flipped, arrays, split, 0.25, "held_out")
+    assert again.column("prediction_time").equals(kept.column("prediction_time")), "the outcome never decides what is kept"
+    u = unit_hash(np.arange(10000), np.zeros(10000, np.int64))
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.02
+    with pytest.raises(CehrxError, match="train_label_fraction"):
+        thin_training_labels(table, arrays, split, 0.0, "held_out")
+
+
+def test_followup_drops_labels_whose_window_runs_past_the_data(tmp_path: Path) -> None:
+    from cehrx.probe.labels import apply_followup, followup_days
+
+    task = tmp_path / "t.yaml"
+    task.write_text(NSAID_TASK.read_text() + "\nmetadata:\n  cehrx_followup_days: 30\n")
+    assert followup_days(str(task)) == 30
+    meds = write_meds(tmp_path / "meds", [
+        (1, day(10), "RxNorm/140587"), (2, day(80), "RxNorm/140587"), (3, day(100), "LOINC/1"),  # data end: day 100
+    ])
+    labels = extract_labels(str(task), meds)
+    assert labels.column("subject_id").to_pylist() == [1]  # day 80 + 30 > day 100: dropped
+    table = pa.table({"subject_id": [1], "prediction_time": pa.array([day(0)], pa.timestamp("us")), "boolean_value": [True]})
+    assert len(apply_followup(table, None, day(1), "x")) == 1
+    task.write_text(NSAID_TASK.read_text() + "\nmetadata:\n  cehrx_followup_days: soon\n")
+    with pytest.raises(CehrxError, match="cehrx_followup_days"):
+        followup_days(str(task))
