@@ -53,6 +53,33 @@ def binary_metrics(
     return out
 
 
+def paired_difference(
+    y_true: np.ndarray, subject_ids: np.ndarray, p_a: np.ndarray, p_controls: list[np.ndarray], n_boot: int = 1000, seed: int = 0,
+    metrics: tuple[str, ...] = ("auroc", "auprc"),
+) -> dict:
+    """`metric(a) - mean(metric(control) for control in p_controls)` with a paired 95 % CI.
+
+    Every score set is evaluated on the same subject-bootstrap draws (same `seed`, same rows), so
+    the interval is of the difference itself: two methods whose own CIs overlap can still differ
+    clearly. With several controls (random-init seeds) their mean is the bar. `beats` counts the
+    controls `a` is above.
+    """
+    y = np.asarray(y_true).astype(bool)
+    sid = np.asarray(subject_ids)
+    pa_, pcs = np.asarray(p_a, np.float64), [np.asarray(c, np.float64) for c in p_controls]
+    point_a, points_c = _point(y, pa_), [_point(y, c) for c in pcs]
+    boot_a = bootstrap(y, pa_, sid, n_boot, seed)
+    boots_c = [bootstrap(y, c, sid, n_boot, seed) for c in pcs]
+    out: dict = {"n_controls": len(pcs), "n_boot": int(n_boot)}
+    for m in metrics:
+        d = boot_a[m] - np.mean([b[m] for b in boots_c], 0)
+        d = d[np.isfinite(d)]
+        lo, hi = (float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))) if len(d) else (math.nan, math.nan)
+        ctrl = [c[m] for c in points_c]
+        out[m] = {"value": point_a[m] - float(np.mean(ctrl)), "ci_low": lo, "ci_high": hi, "beats": int(sum(point_a[m] > c for c in ctrl))}
+    return out
+
+
 def _point(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     both = 0 < y.sum() < len(y)
     return {

@@ -85,30 +85,36 @@ class FeatureCache:
         os.replace(tmp, self.dir / f"part-{name}.npz")
 
     def get(
-        self, sid: np.ndarray, t: np.ndarray, compute: Callable[[np.ndarray], dict[str, np.ndarray]]
+        self, sid: np.ndarray, t: np.ndarray, compute: Callable[[np.ndarray], dict[str, np.ndarray]], chunk: int = 8192
     ) -> tuple[dict[str, np.ndarray], int]:
-        """Features of the rows `(sid, t)`; `compute(rows)` embeds the rows not stored yet (both readouts).
+        """Features of the rows `(sid, t)`; `compute(rows)` embeds rows not stored yet (both readouts).
 
-        Returns the features in row order and how many rows were found in the store.
+        Missing rows are embedded and stored `chunk` at a time, so a run killed after hours keeps what
+        it finished and its rerun starts from there. Returns the features in row order and how many
+        rows were found in the store.
         """
         sid, t = np.asarray(sid, np.int64), np.asarray(t, np.int64)
         c_sid, c_t, c_feats = self.load()
         pos = match_rows(c_sid, c_t, sid, t)
         found = pos >= 0
         missing = np.flatnonzero(~found)
-        new = compute(missing) if len(missing) else {}
-        if len(missing):
-            _, first = np.unique(np.stack([sid[missing], t[missing]], 1), axis=0, return_index=True)
-            keep = missing[np.sort(first)]  # duplicate keys among the missing rows are stored once
-            sel = np.searchsorted(missing, keep)
-            self.save(sid[keep], t[keep], {r: new[r][sel] for r in READOUTS})
-        d = next(iter(new.values())).shape[1] if new else next(iter(c_feats.values())).shape[1]
+        _, first = np.unique(np.stack([sid[missing], t[missing]], 1), axis=0, return_index=True)
+        todo = missing[np.sort(first)]  # a key asked for twice is embedded once
+        new = []
+        for a in range(0, len(todo), chunk):
+            rows = todo[a : a + chunk]
+            feats = compute(rows)
+            self.save(sid[rows], t[rows], feats)
+            new.append(feats)
+        d = new[0]["last"].shape[1] if new else c_feats["last"].shape[1] if len(c_sid) else 0
         out = {r: np.zeros((len(sid), d), np.float32) for r in READOUTS}
-        for r in READOUTS:
-            if found.any():
+        if found.any():
+            for r in READOUTS:
                 out[r][found] = c_feats[r][pos[found]]
-            if len(missing):
-                out[r][missing] = new[r]
+        if len(todo):
+            at = match_rows(sid[todo], t[todo], sid[missing], t[missing])  # each missing row's embedded twin
+            for r in READOUTS:
+                out[r][missing] = np.concatenate([f[r] for f in new])[at]
         return out, int(found.sum())
 
 

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from cehrx.data.atomic import atomic_dir
 from cehrx.data.history import Histories, cut_histories, load_all_splits, subject_rows
 from cehrx.errors import CehrxError
-from cehrx.eval.metrics import binary_metrics, json_safe
+from cehrx.eval.metrics import binary_metrics, json_safe, paired_difference
 from cehrx.eval.predictions import write_predictions
 from cehrx.eval.report import write_report
 from cehrx.model.export import load_pretrained, random_init_like
@@ -169,6 +169,7 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
                     "their outcomes, so the probe's metrics are optimistic against random init and counts",
                     result["scored"]["pretraining_labels"], result["scored"]["labels"], result["evaluation"])
     result["random_init_seeds"] = random_init_summary(methods, seed)
+    result["paired"] = paired_comparisons(curves, sid[test], int(p.n_boot), seed)
     pq.write_table(kept.append_column("split", pa.array(split.astype(str))), tmp / "labels.parquet")
     write_report(tmp, report_title(source), {k: v for k, v in methods.items()}, curves, sections=report_sections(result))
     return result
@@ -260,6 +261,17 @@ def random_init_summary(methods: dict, seed: int) -> dict | None:
             "probe_beats": int((probe_auroc > aurocs).sum())}
 
 
+def paired_comparisons(curves: dict[str, tuple[np.ndarray, np.ndarray]], sid_test: np.ndarray, n_boot: int, seed: int) -> dict:
+    """The probe minus each control on the same subject-bootstrap draws (`cehrx.eval.metrics.paired_difference`):
+    the mean of the random-init seeds, and each count baseline."""
+    if "probe" not in curves or n_boot <= 0:
+        return {}
+    y, p = curves["probe"]
+    controls = {"random_init": [curves[n][1] for n in curves if n == "random_init" or n.startswith("random_init_")]}
+    controls |= {b: [curves[b][1]] for b in BASELINES if b in curves}
+    return {f"probe - {name}": paired_difference(y, sid_test, p, ps, n_boot, seed) for name, ps in controls.items() if ps}
+
+
 def write_features(out: Path, kept: pa.Table, split: np.ndarray, features: dict[str, np.ndarray]) -> None:
     """`features.parquet` (the model's embedding) and `features_<method>.parquet` for other models."""
     for name, X in features.items():
@@ -317,6 +329,12 @@ def report_sections(result: dict) -> dict[str, str]:
             f"- random init over {len(ri['auroc'])} seeds ({', '.join(map(str, ri['seeds']))}): AUROC {ri['auroc_mean']:.3f} ± {ri['auroc_sd']:.3f} "
             f"({', '.join(f'{a:.3f}' for a in ri['auroc'])})\n"
             f"- probe {ri['probe_auroc']:.3f}: {ri['probe_minus_mean']:+.3f} vs the mean; above {ri['probe_beats']} of {len(ri['auroc'])} seeds")
+    if result.get("paired"):
+        lines = ["| comparison | AUROC difference [95% CI] | AUPRC difference [95% CI] |", "|---|---:|---:|"]
+        for name, d in result["paired"].items():
+            cells = [f"{d[m]['value']:+.3f} [{d[m]['ci_low']:+.3f}, {d[m]['ci_high']:+.3f}]" for m in ("auroc", "auprc")]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        sections["Paired differences (same subject-bootstrap draws)"] = "\n".join(lines)
     if result["few_shot"]:
         ks = [r["k"] for r in next(iter(result["few_shot"].values()))]
         lines = ["| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]

@@ -486,3 +486,19 @@ def test_followup_drops_labels_whose_window_runs_past_the_data(tmp_path: Path) -
     task.write_text(NSAID_TASK.read_text() + "\nmetadata:\n  cehrx_followup_days: soon\n")
     with pytest.raises(CehrxError, match="cehrx_followup_days"):
         followup_days(str(task))
+
+
+def test_paired_difference_uses_the_same_draws_for_every_method() -> None:
+    from cehrx.eval.metrics import paired_difference
+
+    rng = np.random.default_rng(0)
+    sid = np.repeat(np.arange(150), 4)
+    y = rng.random(len(sid)) < 0.3
+    noise = rng.random(len(sid))
+    good = (y + noise) / 2  # a better score than the noise alone
+    same = paired_difference(y, sid, noise, [noise, noise], n_boot=200)
+    assert same["auroc"]["value"] == 0 and same["auroc"]["ci_low"] == same["auroc"]["ci_high"] == 0, "paired: identical scores differ by exactly 0"
+    other = rng.random(len(sid))
+    d = paired_difference(y, sid, good, [noise, other], n_boot=200)
+    assert d["auroc"]["ci_low"] > 0.2 and d["auroc"]["beats"] == 2 and d["n_controls"] == 2
+    assert d["auroc"]["value"] == pytest.approx(roc_auc_score(y, good) - (roc_auc_score(y, noise) + roc_auc_score(y, other)) / 2)

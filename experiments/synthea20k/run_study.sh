@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The Synthea 20k study (experiments/synthea20k/RESULTS.md): every shipped synthea20k_* task.
+#
+#   bash experiments/synthea20k/run_study.sh [probe|zeroshot|synthetic|all]     (default: all)
+#
+# Needs the model of `cehrx experiment=synthea20k` (runs/synthea20k/model). Runs one heavy job at a
+# time; rerun the same command after an interruption: finished runs are skipped, the probe's feature
+# store (runs/synthea20k/probe_cache) keeps every history already embedded, zero-shot keeps its chunks.
+# Then: python experiments/synthea20k/summarize.py > tables.md
+set -euo pipefail
+set -f  # no globbing: probe.few_shot=[...] is an override, not a pattern
+cd "$(dirname "$0")/../.."
+
+ROOT=${ROOT:-runs/synthea20k}
+MODEL=${MODEL:-$ROOT/model}
+STUDY=${STUDY:-$ROOT/study}
+TASKS=${TASKS:-$(ls configs/aces/synthea20k_*.yaml | xargs -n1 basename | sed 's/\.yaml$//')}
+# Probe: 512-token histories, 3 random-init seeds, 15 % of the train/tuning labels (a fixed hash of
+# subject and time, so every task keeps the same prediction times); held_out is never thinned.
+PROBE_ARGS=${PROBE_ARGS:-"probe.max_len=512 probe.random_init=true probe.random_init_seeds=3 probe.train_label_fraction=0.15 \
+probe.cache_dir=$ROOT/probe_cache probe.few_shot=[16,64,256,1024,all] probe.progress=false"}
+# Zero-shot: 10 futures of up to 512 new tokens after a 512-token history, on 2,000 held-out labels.
+ZS_ARGS=${ZS_ARGS:-"zeroshot.num_samples=10 zeroshot.max_new_tokens=512 zeroshot.history_len=512 zeroshot.max_labels=2000 zeroshot.progress=false"}
+WHAT=${1:-all}
+
+log() { echo "[$(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)] $*"; }
+run() {  # run OUT_DIR CMD...: skip when OUT_DIR/metrics.json exists
+  local out=$1; shift
+  if [[ -f $out/metrics.json ]]; then log "done already: $out"; return; fi
+  log "start: $out"
+  /usr/bin/time -f "  wall %e s, peak RSS %M KB" "$@" output_dir="$out"
+  log "end: $out"
+}
+
+if [[ $WHAT == probe || $WHAT == all ]]; then
+  for task in $TASKS; do
+    run "$STUDY/probe_last/$task" python -m cehrx task=probe model_dir="$MODEL" probe.task="$task" probe.pooling=last $PROBE_ARGS
+    # the mean readout: the same histories (read from the feature store); the count baselines are the last run's
+    run "$STUDY/probe_mean/$task" python -m cehrx task=probe model_dir="$MODEL" probe.task="$task" probe.pooling=mean "probe.baselines=[]" $PROBE_ARGS
+  done
+fi
+
+if [[ $WHAT == zeroshot || $WHAT == all ]]; then
+  for task in $TASKS; do
+    run "$STUDY/zeroshot/$task" python -m cehrx task=zeroshot model_dir="$MODEL" probe.task="$task" $ZS_ARGS
+    run "$STUDY/zeroshot_random_init/$task" python -m cehrx task=zeroshot model_dir="$MODEL" probe.task="$task" zeroshot.random_init=true $ZS_ARGS
+  done
+fi
+
+if [[ $WHAT == synthetic || $WHAT == all ]]; then
+  # 5,000 synthetic patients and the evaluate report (model vs the independent-marginals baseline)
+  log "start: generate + evaluate"
+  /usr/bin/time -f "  wall %e s, peak RSS %M KB" python -m cehrx experiment=synthea20k "pipeline.stages=[generate,evaluate]"
+  log "end: generate + evaluate"
+fi
