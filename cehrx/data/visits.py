@@ -95,44 +95,71 @@ def build_body(con: duckdb.DuckDBPyConnection, data_cfg) -> None:
 
 
 def build_source_visits(con: duckdb.DuckDBPyConnection, source: str, visit_patterns: list) -> None:
-    """`src_visits(subject_id, visit_id, vtype, vstart, vend, discharge, discharge_eid)`."""
+    """`src_visits(subject_id, visit_id, vtype, vstart, vend, discharge, discharge_eid, start_eid)`.
+
+    `start_eid` is the body row of a MEDS start event that the visit replaces (a pattern with
+    `keep_start_code: false`), NULL when the start code stays a token of its visit.
+    """
     if source == "omop":
         con.execute(f"""
             CREATE OR REPLACE TABLE src_visits AS
             SELECT v.subject_id, v.visit_id, {code_value('v.code')} AS vtype, v.time AS vstart,
-                   greatest(coalesce(v.visit_end, v.time), v.time) AS vend, d.code AS discharge, NULL::BIGINT AS discharge_eid
+                   greatest(coalesce(v.visit_end, v.time), v.time) AS vend, d.code AS discharge, NULL::BIGINT AS discharge_eid,
+                   NULL::BIGINT AS start_eid
             FROM events v LEFT JOIN (SELECT visit_id, subject_id, min(code) AS code FROM events WHERE src_table = 'visit_discharge' GROUP BY ALL) d
                  USING (subject_id, visit_id)
             WHERE v.src_table = 'visit_occurrence'
         """)
         return
     parts = []
-    for p in visit_patterns:
-        # An end event closes the latest start of its pattern at or before it, so a start with no end
-        # of its own (a visit that lasts no time, as Synthea's outpatient visits) stays a zero-length
-        # visit instead of running to the end code of a later visit.
-        parts.append(f"""
-            SELECT s.subject_id, {literal(p['type'])} AS vtype, s.time AS vstart, coalesce(e.time, s.time) AS vend,
-                   e.code AS discharge, e.eid AS discharge_eid
-            FROM (SELECT b.rowid AS sid, b.*, c.code FROM body b JOIN code_ids c USING (cid) WHERE {like_any('c.code', [p['start']])}) s
-            LEFT JOIN (
-                SELECT e.*, s.sid FROM
-                    (SELECT b.rowid AS eid, b.subject_id, b.time, c.code FROM body b JOIN code_ids c USING (cid)
-                     WHERE {like_any('c.code', [p['end']])}) e
-                    ASOF JOIN (SELECT b.rowid AS sid, b.subject_id, b.time FROM body b JOIN code_ids c USING (cid)
-                               WHERE {like_any('c.code', [p['start']])}) s
-                    ON s.subject_id = e.subject_id AND s.time <= e.time
-                QUALIFY row_number() OVER (PARTITION BY s.sid ORDER BY e.time, e.eid) = 1
-            ) e ON e.sid = s.sid
+    for i, p in enumerate(visit_patterns):
+        start, end = like_any("c.code", [p["start"]]), like_any("c.code", [p["end"]])
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE vev_{i} AS
+            SELECT *, sum(d) OVER w AS depth, row_number() OVER w AS ord
+            FROM (SELECT b.rowid AS eid, b.subject_id, b.time, c.code, CASE WHEN {end} THEN -1 ELSE 1 END AS d
+                  FROM body b JOIN code_ids c USING (cid) WHERE {start} OR {end})
+            WINDOW w AS (PARTITION BY subject_id ORDER BY time, d, eid ROWS UNBOUNDED PRECEDING)
         """)
+        parts.append(_pattern_visits_sql(p, f"vev_{i}"))
     union = " UNION ALL ".join(parts) if parts else (
         "SELECT NULL::BIGINT AS subject_id, NULL::VARCHAR AS vtype, NULL::TIMESTAMP AS vstart, NULL::TIMESTAMP AS vend, "
-        "NULL::VARCHAR AS discharge, NULL::BIGINT AS discharge_eid WHERE false")
+        "NULL::VARCHAR AS discharge, NULL::BIGINT AS discharge_eid, NULL::BIGINT AS start_eid WHERE false")
     con.execute(f"""
         CREATE OR REPLACE TABLE src_visits AS
-        SELECT subject_id, row_number() OVER (ORDER BY subject_id, vstart, vtype, vend) AS visit_id, vtype, vstart, vend, discharge, discharge_eid
+        SELECT subject_id, row_number() OVER (ORDER BY subject_id, vstart, vtype, vend) AS visit_id, vtype, vstart, vend, discharge,
+               discharge_eid, start_eid
         FROM ({union})
     """)
+    for i in range(len(visit_patterns)):
+        con.execute(f"DROP TABLE vev_{i}")
+
+
+def _pattern_visits_sql(p, events: str) -> str:
+    """SQL: the visits of one MEDS visit pattern, start and end events paired like parentheses.
+
+    Per subject, in time order (an end before a start at the same time, so a stay that ends when
+    the next begins closes first), a start opens a level and an end closes the innermost open
+    one: the end pairs with the latest start at its own nesting level. Nested stays of one type
+    (a hospital stay inside a nursing-facility stay) keep both lengths, and a start with no end of
+    its own (Synthea's outpatient visits, which last no time) is a zero-length visit that never
+    takes a later visit's end. A code matching both patterns counts as an end. `events` holds the
+    pattern's start (d = 1) and end (d = -1) events with their running `depth` and order `ord`.
+    """
+    keep = bool(p.get("keep_start_code", True))
+    return f"""
+        SELECT s.subject_id, {literal(p['type'])} AS vtype, s.time AS vstart, coalesce(m.time, s.time) AS vend,
+               m.code AS discharge, m.eid AS discharge_eid, {'NULL::BIGINT' if keep else 's.eid'} AS start_eid
+        FROM {events} s
+        LEFT JOIN (
+            SELECT e.eid, e.time, e.code, o.eid AS start_of
+            FROM (SELECT eid, subject_id, time, code, ord, depth + 1 AS level FROM {events} WHERE d = -1) e
+            ASOF JOIN (SELECT eid, subject_id, ord, depth AS level FROM {events} WHERE d = 1) o
+                 ON o.subject_id = e.subject_id AND o.level = e.level AND o.ord <= e.ord
+            QUALIFY row_number() OVER (PARTITION BY o.eid ORDER BY e.ord) = 1
+        ) m ON m.start_of = s.eid
+        WHERE s.d = 1
+    """
 
 
 def attach_events(con: duckdb.DuckDBPyConnection) -> dict:
@@ -148,12 +175,15 @@ def attach_events(con: duckdb.DuckDBPyConnection) -> dict:
     con.execute("""
         CREATE OR REPLACE TABLE allv_src AS
         SELECT subject_id, row_number() OVER (ORDER BY subject_id, vstart, vend, vtype, visit_id) AS vkey, visit_id, vtype,
-               vstart, vend, CAST(vstart AS DATE) AS sday, CAST(vend AS DATE) AS eday, discharge, discharge_eid
+               vstart, vend, CAST(vstart AS DATE) AS sday, CAST(vend AS DATE) AS eday, discharge, discharge_eid, start_eid
         FROM src_visits
     """)
     con.execute("DROP TABLE src_visits")
-    # MEDS: the discharge events that close a visit become its DISCHARGE token, not a body event.
-    con.execute("DELETE FROM body WHERE rowid IN (SELECT discharge_eid FROM allv_src WHERE discharge_eid IS NOT NULL)")
+    # MEDS: the discharge events that close a visit become its DISCHARGE token, not a body event, and so
+    # do the start events of patterns with `keep_start_code: false` (their VISIT token says it all).
+    starts_dropped, closed = con.execute("SELECT count(start_eid), count(discharge_eid) FROM allv_src").fetchall()[0]
+    con.execute("""DELETE FROM body WHERE rowid IN (SELECT discharge_eid FROM allv_src WHERE discharge_eid IS NOT NULL
+                   UNION ALL SELECT start_eid FROM allv_src WHERE start_eid IS NOT NULL)""")
     # events whose visit id does not name a visit of theirs: the covering visit that starts last
     # (preferring one started no later than the event)
     con.execute("""
@@ -183,4 +213,6 @@ def attach_events(con: duckdb.DuckDBPyConnection) -> dict:
         "events_attached": dict(sorted(attached.items())),
         "visits_from_source": con.execute("SELECT count(*) FROM allv_src").fetchall()[0][0],
         "day_visits_created": con.execute("SELECT count(*) FROM dayv").fetchall()[0][0],
+        **({"end_codes_made_discharge_tokens": closed} if closed else {}),
+        **({"start_codes_replaced_by_visit_token": starts_dropped} if starts_dropped else {}),
     }

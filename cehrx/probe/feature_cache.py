@@ -10,7 +10,9 @@ What identifies a feature:
   architecture and the torch version (the initialisation is torch's RNG);
 - the prepared data it reads: `vocab.json`'s content and each token shard's name, size and mtime;
 - the history: `max_len`, the subject and the time of the history's last token. A history is every
-  token up to a time, so two prediction times with no token between them share one feature.
+  token up to a time, so two prediction times with no token between them share one feature;
+- the device type (CUDA embeds in bf16, the CPU in fp32) and a format number, to be raised when the
+  history cut or the model's forward pass changes what a feature is.
 
 Both readouts (`last`, `mean`) are stored. Layout: `<cache_dir>/<key>/key.json` (what the key is
 made of) and `part-*.npz` (subject_id, last_time, last, mean), each written to a temporary name and

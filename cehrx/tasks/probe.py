@@ -40,11 +40,11 @@ from cehrx.errors import CehrxError
 from cehrx.eval.metrics import binary_metrics, json_safe, paired_difference
 from cehrx.eval.predictions import write_predictions
 from cehrx.eval.report import write_report
-from cehrx.model.export import load_pretrained, random_init_like
+from cehrx.model.export import load_pretrained, random_init_like, resolve_device
 from cehrx.model.export import model_dir as resolve_model_dir
 from cehrx.probe import labels as L
 from cehrx.probe.counts import count_features
-from cehrx.probe.embed import embed, embed_poolings
+from cehrx.probe.embed import POOLINGS, embed, embed_poolings
 from cehrx.probe.feature_cache import READOUTS, FeatureCache, file_sha256, prepared_identity
 from cehrx.probe.evaluate import Protocol, choose_protocol, cross_fit, few_shot, scored_rows
 from cehrx.tasks.inputs import prepared_dir_for
@@ -59,6 +59,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     bad = [b for b in (p.baselines or []) if b not in BASELINES]
     if bad:
         raise CehrxError(f"probe.baselines: unknown {bad} (choose from {list(BASELINES)})")
+    if str(p.pooling) not in POOLINGS:
+        raise CehrxError(f"probe.pooling must be one of {POOLINGS}, got {p.pooling!r}")
     if p.random_init and int(p.get("random_init_seeds", 1)) < 1:
         raise CehrxError(f"probe.random_init_seeds must be >= 1 with probe.random_init=true, got {p.random_init_seeds}")
     mdir = resolve_model_dir(cfg.model_dir)
@@ -102,7 +104,12 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
     t0 = time.perf_counter()
     arrays, split_of = load_all_splits(prepared)
     test_split = str(cfg.get("split") or "held_out")
-    table, thinned = thin_training_labels(table, arrays, split_of, float(p.get("train_label_fraction") or 1.0), test_split)
+    n_in = len(table)
+    fraction = p.get("train_label_fraction")
+    table, thinned = thin_training_labels(table, arrays, split_of, 1.0 if fraction is None else float(fraction), test_split)
+    if len(table) > 50_000 and not p.get("cache_dir"):
+        log.warning("%d labels: each costs a forward pass (minutes per 10,000 on CPU); probe.train_label_fraction thins the "
+                    "training side and probe.cache_dir keeps the features for later runs", len(table))
     sid_all = table.column("subject_id").to_numpy()
     hist = cut_histories(arrays, vocab, sid_all, L.times_seconds(table.column("prediction_time")), max_len)
     if not len(hist):
@@ -161,6 +168,7 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
     timings["fit_score"] = _lap(t0)
 
     result = summary(cfg, source, mdir, prepared, table, kept, split, y, hist, protocol, methods, fs, timings, max_len)
+    result["labels"]["in"] = n_in
     result["labels"]["thinned"] = thinned
     result["feature_cache"] = embedder.report()
     result["count_features"] = count_info
@@ -180,7 +188,7 @@ def thin_training_labels(table: pa.Table, arrays, split_of: np.ndarray, fraction
 
     Why: a task triggered at every routine visit has ~10 labels per subject, so the training side
     can be far larger than a linear probe needs while every label costs a forward pass. The test
-    split is never thinned. A label is kept when a hash of (subject_id, prediction_time) falls
+    split (held_out, or `split=`) is never thinned. A label is kept when a hash of (subject_id, prediction_time) falls
     below `fraction`: independent of the outcome and of the seed, so every task and run keeps the
     same prediction times (and `probe.cache_dir` embeds them once).
     """
@@ -227,7 +235,9 @@ class Embedder:
         args = (int(p.batch_tokens), p.device, bool(p.progress))
         if not self.cache_root:
             return embed(model, self.hist, pooling, *args)
-        cache = FeatureCache(self.cache_root, {**model_key, "prepared": self.prepared_key, "max_len": self.max_len, "format": 1})
+        # the device is part of the key: CUDA runs in bf16, CPU in fp32, and the two must not mix
+        device = resolve_device(str(p.device) if p.device is not None else None, "probe.device").type
+        cache = FeatureCache(self.cache_root, {**model_key, "prepared": self.prepared_key, "max_len": self.max_len, "device": device, "format": 1})
         feats, hits = cache.get(self.sid, self.hist.last_time, lambda rows: embed_poolings(model, self.hist.take(rows), READOUTS, *args))
         self.hits, self.rows = self.hits + hits, self.rows + len(self.sid)
         return feats[pooling]

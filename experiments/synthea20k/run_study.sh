@@ -8,7 +8,6 @@
 # store (runs/synthea20k/probe_cache) keeps every history already embedded, zero-shot keeps its chunks.
 # Then: python experiments/synthea20k/summarize.py > tables.md
 set -euo pipefail
-set -f  # no globbing: probe.few_shot=[...] is an override, not a pattern
 cd "$(dirname "$0")/../.."
 
 ROOT=${ROOT:-runs/synthea20k}
@@ -22,6 +21,7 @@ probe.cache_dir=$ROOT/probe_cache probe.few_shot=[16,64,256,1024,all] probe.prog
 # Zero-shot: 10 futures of up to 512 new tokens after a 512-token history, on 2,000 held-out labels.
 ZS_ARGS=${ZS_ARGS:-"zeroshot.num_samples=10 zeroshot.max_new_tokens=512 zeroshot.history_len=512 zeroshot.max_labels=2000 zeroshot.progress=false"}
 WHAT=${1:-all}
+set -f  # from here on no globbing: probe.few_shot=[...] is an override, not a pattern
 
 log() { echo "[$(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)] $*"; }
 run() {  # run OUT_DIR CMD...: skip when OUT_DIR/metrics.json exists
@@ -50,6 +50,6 @@ fi
 if [[ $WHAT == synthetic || $WHAT == all ]]; then
   # 5,000 synthetic patients and the evaluate report (model vs the independent-marginals baseline)
   log "start: generate + evaluate"
-  /usr/bin/time -f "  wall %e s, peak RSS %M KB" python -m cehrx experiment=synthea20k "pipeline.stages=[generate,evaluate]"
+  /usr/bin/time -f "  wall %e s, peak RSS %M KB" python -m cehrx experiment=synthea20k output_dir="$ROOT" "pipeline.stages=[generate,evaluate]"
   log "end: generate + evaluate"
 fi

@@ -100,11 +100,12 @@ def few_shot_table(study: Path) -> None:
                     rows.append((task, f"{name} ({r})" if name != "counts" else name, curve))
     if not rows:
         return
-    ks = [c["k"] for c in rows[0][2]]
+    ks = list(dict.fromkeys(str(c["k"]) for _, _, curve in rows for c in curve))  # a k >= the training set is "all"
     print("| task | method | " + " | ".join(f"k={k}" for k in ks) + " |")
     print("|---|---|" + "---:|" * len(ks))
     for task, name, curve in rows:
-        print(f"| {task} | {name} | " + " | ".join(f"{c['auroc']:.3f}" + (f" ± {c['auroc_sd']:.3f}" if c["auroc_sd"] else "") for c in curve) + " |")
+        by_k = {str(c["k"]): f"{c['auroc']:.3f}" + (f" ± {c['auroc_sd']:.3f}" if c["auroc_sd"] else "") for c in curve}
+        print(f"| {task} | {name} | " + " | ".join(by_k.get(k, "-") for k in ks) + " |")
     print()
 
 

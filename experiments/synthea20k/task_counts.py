@@ -3,8 +3,9 @@
     python experiments/synthea20k/task_counts.py                                  # every synthea20k_* task, all splits
     python experiments/synthea20k/task_counts.py --splits held_out --tasks synthea20k_t2d_3y
 
-Labels come from `cehrx.probe.labels.extract_labels` (ACES plus the task's `cehrx_followup_days`),
-run on each split's MEDS files separately, exactly as probe and zeroshot read them.
+Labels come from `cehrx.probe.labels.extract_labels` (ACES plus the task's `cehrx_followup_days`), run on
+each split's MEDS files separately (so the follow-up cutoff is that split's last event, within hours of the
+whole set's); these are ACES labels, before probe drops any label without a history.
 """
 
 from __future__ import annotations

@@ -119,6 +119,35 @@ def test_probe_task_end_to_end(micro_model: tuple[Path, Path], tmp_path: Path) -
 
 
 @pytest.mark.slow
+def test_probe_with_a_feature_store_and_thinned_training_labels(micro_model: tuple[Path, Path], tmp_path: Path) -> None:
+    """Two readouts, one forward pass per model: the second run finds every history in the store and
+    gives what an uncached run gives; thinning drops training labels only."""
+    from cehrx.tasks.probe import run
+
+    _, model = micro_model
+    common = (f"model_dir={model}", "probe.task=gibleed_after_nsaid", "probe.random_init=true", "probe.random_init_seeds=1",
+              f"probe.cache_dir={tmp_path / 'store'}", "probe.train_label_fraction=0.5", "probe.baselines=[counts]", *FAST_PROBE)
+    last = run(compose_cfg("task=probe", *common, f"output_dir={tmp_path / 'last'}"))
+    assert last["feature_cache"]["found"] == 0 and last["feature_cache"]["histories"] == 2 * last["labels"]["used"]
+    thinned = last["labels"]["thinned"]
+    assert thinned["train_label_fraction"] == 0.5 and thinned["dropped"] > 20
+    full = run(compose_cfg("task=probe", f"model_dir={model}", "probe.task=gibleed_after_nsaid", "probe.baselines=[]", *FAST_PROBE,
+                           f"output_dir={tmp_path / 'full'}"))
+    assert last["labels"]["by_split"]["held_out"] == full["labels"]["by_split"]["held_out"], "the test split is never thinned"
+    assert last["labels"]["in"] == full["labels"]["in"]
+    assert last["paired"]["probe - random_init"]["n_controls"] == 1 and "probe - counts" in last["paired"]
+    mean = run(compose_cfg("task=probe", *common, "probe.pooling=mean", f"output_dir={tmp_path / 'mean'}"))
+    assert mean["feature_cache"]["found"] == mean["feature_cache"]["histories"], "the mean readout was stored by the first run"
+    plain = run(compose_cfg("task=probe", f"model_dir={model}", "probe.task=gibleed_after_nsaid", "probe.train_label_fraction=0.5",
+                            "probe.baselines=[]", "probe.pooling=mean", *FAST_PROBE, f"output_dir={tmp_path / 'plain'}"))
+    a = pq.read_table(tmp_path / "mean" / "features.parquet").column("embedding").to_numpy(zero_copy_only=False)
+    b = pq.read_table(tmp_path / "plain" / "features.parquet").column("embedding").to_numpy(zero_copy_only=False)
+    np.testing.assert_allclose(np.stack(a), np.stack(b), atol=1e-5)
+    assert plain["feature_cache"] is None
+    assert "Paired differences" in (tmp_path / "last" / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_probe_needs_labels(micro_model: tuple[Path, Path], synthetic_prepared: Path, tmp_path: Path) -> None:
     from cehrx.model.export import model_dir
     from cehrx.tasks.inputs import prepared_dir_for

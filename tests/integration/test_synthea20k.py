@@ -62,16 +62,19 @@ def sliced(tmp_path_factory) -> tuple[Path, Path, dict]:
 
 def test_every_subject_and_event_is_accounted_for(sliced) -> None:
     meds, out, report = sliced
-    s, e = report["subjects"], report["events"]
-    n_subjects, n_events = duckdb.sql(f"SELECT count(DISTINCT subject_id), count(*) FROM read_parquet('{meds}/data/*/*.parquet')").fetchall()[0]
+    s, e, v = report["subjects"], report["events"], report["visits"]
+    n_subjects, n_events, n_static = duckdb.sql(f"""
+        SELECT count(DISTINCT subject_id), count(*),
+               count(*) FILTER (WHERE code IN ('MEDS_BIRTH', 'MEDS_DEATH') OR code LIKE 'Gender/%' OR code LIKE 'Race/%')
+        FROM read_parquet('{meds}/data/*/*.parquet')""").fetchall()[0]
     assert s["in"] == n_subjects > 0.9 * N_SUBJECTS
     assert s["in"] == s["tokenized"] + sum(s["dropped"].values())
     assert sum(len(load_split(out, sp)) for sp in SPLITS) == s["tokenized"]
-    dropped = sum(sum(v.values()) if isinstance(v, dict) else v for v in e["dropped"].values())
-    assert e["in"] == n_events
-    # every event in is tokenized, dropped by reason, a rare code, or a static/prompt/visit/birth/death row
-    assert e["tokenized"] + dropped + e["rare_code_events_dropped"] <= e["in"]
-    assert e["tokenized"] > 0.95 * e["in"]
+    assert e["in"] == n_events and not e["dropped"]
+    # every other event is a token, a discharge token, a start code its visit token replaces, or a rare code
+    consumed = v["end_codes_made_discharge_tokens"] + v["start_codes_replaced_by_visit_token"]
+    assert e["tokenized"] == n_events - n_static - consumed - e["rare_code_events_dropped"]
+    assert v["start_codes_replaced_by_visit_token"] == v["visits_from_source"]
 
 
 def test_visits_come_from_the_visit_codes_and_sequences_parse(sliced) -> None:
@@ -105,23 +108,33 @@ def test_outpatient_visits_without_an_end_code_last_no_time(sliced) -> None:
     assert longest <= 3 * 86400, f"an outpatient visit lasts {longest / 86400:.0f} days"
 
 
-def test_meds_visit_pairing_closes_only_the_latest_start() -> None:
+def test_meds_visit_pairing_nests_like_parentheses() -> None:
     from cehrx.data.visits import build_source_visits
 
     con = duckdb.connect()
     con.execute("CREATE TABLE code_ids AS SELECT * FROM (VALUES (1, 'Visit/OP'), (2, 'Visit/OP/END'), (3, 'Visit/IP'), (4, 'Visit/IP/END')) t(cid, code)")
-    t = [dt.datetime(2020, 1, d) for d in range(1, 10)]
+    t = [dt.datetime(2020, 1, d) for d in range(1, 20)]
     con.execute("CREATE TABLE body (subject_id BIGINT, time TIMESTAMP, cid INTEGER)")
     con.executemany("INSERT INTO body VALUES (?, ?, ?)", [
         (1, t[0], 1),                  # OP with no end: zero length
         (1, t[2], 1), (1, t[3], 2),    # OP that lasts a day
-        (1, t[4], 3), (1, t[8], 4),    # IP over days 5..9, no matter the OP inside it
-        (1, t[5], 1),                  # OP during the stay, no end
+        (1, t[4], 3), (1, t[8], 4),    # IP over days 5..9 ...
+        (1, t[5], 1),                  # ... with an OP inside, no end
+        (1, t[6], 3), (1, t[7], 4),    # ... and a shorter IP stay nested in it
+        (1, t[10], 3), (1, t[12], 4),  # IP that ends the moment the next one starts
+        (1, t[12], 3), (1, t[15], 4),
+        (2, t[1], 4),                  # an end with nothing open: closes nothing
+        (2, t[2], 3), (2, t[3], 4),
     ])
     patterns = [{"type": "OP", "start": "Visit/OP", "end": "Visit/OP/END"}, {"type": "IP", "start": "Visit/IP", "end": "Visit/IP/END"}]
     build_source_visits(con, "meds", patterns)
-    got = con.execute("SELECT vtype, vstart, vend FROM src_visits ORDER BY vstart").fetchall()
-    assert got == [("OP", t[0], t[0]), ("OP", t[2], t[3]), ("IP", t[4], t[8]), ("OP", t[5], t[5])]
+    got = con.execute("SELECT subject_id, vtype, vstart, vend, start_eid FROM src_visits ORDER BY subject_id, vstart, vtype").fetchall()
+    assert got == [(1, "OP", t[0], t[0], None), (1, "OP", t[2], t[3], None), (1, "IP", t[4], t[8], None), (1, "OP", t[5], t[5], None),
+                   (1, "IP", t[6], t[7], None), (1, "IP", t[10], t[12], None), (1, "IP", t[12], t[15], None),
+                   (2, "IP", t[2], t[3], None)]
+    build_source_visits(con, "meds", [{**p, "keep_start_code": False} for p in patterns])
+    starts = con.execute("SELECT count(start_eid), count(DISTINCT start_eid) FROM src_visits").fetchall()[0]
+    assert starts == (8, 8), "every start event is named once, to be replaced by the visit's own token"
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -447,6 +447,11 @@ def test_feature_cache_embeds_each_history_once(prepared, gpt, tmp_path: Path) -
     assert not list(tmp_path.rglob(".*tmp*")), "no temporary part is left behind"
     _, found = FeatureCache(tmp_path, {"model": "other", "max_len": 64}).get(sid[:3], h.last_time[:3], compute)
     assert found == 0, "another model never reads these features"
+    twice = np.array([4, 1, 4, 1, 2])  # one query asking for the same histories twice: each embedded once
+    n_calls = len(calls)
+    dup, found = FeatureCache(tmp_path, {"model": "dup", "max_len": 64}).get(sid[twice], h.last_time[twice], lambda r: compute(twice[r]))
+    assert found == 0 and calls[n_calls:] == [3]
+    np.testing.assert_allclose(dup["last"], ref["last"][twice], atol=2e-5)
 
 
 def test_thinning_keeps_the_test_split_and_the_same_times_for_every_task(prepared) -> None:
@@ -464,7 +469,7 @@ def test_thinning_keeps_the_test_split_and_the_same_times_for_every_task(prepare
     flipped = table.set_column(2, "boolean_value", pa.array(~table.column("boolean_value").to_numpy()))
     again, _ = thin_training_labels(flipped, arrays, split, 0.25, "held_out")
     assert again.column("prediction_time").equals(kept.column("prediction_time")), "the outcome never decides what is kept"
-    u = unit_hash(np.arange(10000), np.zeros(10000, np.int64))
+    u = unit_hash(np.arange(10000), np.full(10000, -2_000_000_000, np.int64))  # times before 1970 too
     assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.02
     with pytest.raises(CehrxError, match="train_label_fraction"):
         thin_training_labels(table, arrays, split, 0.0, "held_out")
