@@ -31,7 +31,11 @@ from typing import Callable
 import numpy as np
 
 from cehrx.data import shards
+from cehrx.data.history import Histories
 from cehrx.data.shards import SPLITS
+from cehrx.errors import CehrxError
+from cehrx.model.export import resolve_device
+from cehrx.probe.embed import embed, embed_poolings
 
 READOUTS = ("last", "mean")
 
@@ -130,3 +134,39 @@ def match_rows(a_sid: np.ndarray, a_t: np.ndarray, q_sid: np.ndarray, q_t: np.nd
     slot = np.full(inverse.max() + 1, -1, np.int64)
     slot[inverse[: len(a_sid)]] = np.arange(len(a_sid))
     return slot[inverse[len(a_sid):]]
+
+
+def weights_sha256(mdir: Path) -> str:
+    """The sha256 of an exported model's weights file: the key of its features."""
+    for name in ("model.safetensors", "model.pt"):
+        if (mdir / name).is_file():
+            return file_sha256(mdir / name)
+    raise CehrxError(f"{mdir} has no model.safetensors or model.pt")
+
+
+class Embedder:
+    """The features of one probe run's histories for any model (`p`: the `probe.*` options), read from and
+    added to the store at `probe.cache_dir` when it is set, else embedded directly."""
+
+    def __init__(self, p, hist: Histories, sid: np.ndarray, prepared: Path, max_len: int) -> None:
+        self.p, self.hist, self.sid, self.max_len = p, hist, sid, max_len
+        self.cache_root = p.get("cache_dir")
+        self.prepared_key = prepared_identity(prepared) if self.cache_root else None
+        self.hits = self.rows = 0
+
+    def __call__(self, model, model_key: dict) -> np.ndarray:
+        p, pooling = self.p, str(self.p.pooling)
+        args = (int(p.batch_tokens), p.device, bool(p.progress))
+        if not self.cache_root:
+            return embed(model, self.hist, pooling, *args)
+        # the device is part of the key: CUDA runs in bf16, CPU in fp32, and the two must not mix
+        device = resolve_device(str(p.device) if p.device is not None else None, "probe.device").type
+        cache = FeatureCache(self.cache_root, {**model_key, "prepared": self.prepared_key, "max_len": self.max_len, "device": device, "format": 1})
+        feats, hits = cache.get(self.sid, self.hist.last_time, lambda rows: embed_poolings(model, self.hist.take(rows), READOUTS, *args))
+        self.hits, self.rows = self.hits + hits, self.rows + len(self.sid)
+        return feats[pooling]
+
+    def report(self) -> dict | None:
+        if not self.cache_root:
+            return None
+        return {"dir": str(self.cache_root), "histories": self.rows, "found": self.hits}

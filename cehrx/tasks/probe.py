@@ -40,12 +40,12 @@ from cehrx.errors import CehrxError
 from cehrx.eval.metrics import binary_metrics, json_safe, paired_difference
 from cehrx.eval.predictions import write_predictions
 from cehrx.eval.report import write_report
-from cehrx.model.export import load_pretrained, random_init_like, resolve_device
+from cehrx.model.export import load_pretrained, random_init_like
 from cehrx.model.export import model_dir as resolve_model_dir
 from cehrx.probe import labels as L
 from cehrx.probe.counts import count_features
-from cehrx.probe.embed import POOLINGS, embed, embed_poolings
-from cehrx.probe.feature_cache import READOUTS, FeatureCache, file_sha256, prepared_identity
+from cehrx.probe.embed import POOLINGS
+from cehrx.probe.feature_cache import Embedder, weights_sha256
 from cehrx.probe.evaluate import Protocol, choose_protocol, cross_fit, few_shot, scored_rows
 from cehrx.tasks.inputs import prepared_dir_for
 
@@ -106,7 +106,7 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
     test_split = str(cfg.get("split") or "held_out")
     n_in = len(table)
     fraction = p.get("train_label_fraction")
-    table, thinned = thin_training_labels(table, arrays, split_of, 1.0 if fraction is None else float(fraction), test_split)
+    table, thinned = L.thin_training_labels(table, arrays, split_of, 1.0 if fraction is None else float(fraction), test_split)
     if len(table) > 50_000 and not p.get("cache_dir"):
         log.warning("%d labels: each costs a forward pass (minutes per 10,000 on CPU); probe.train_label_fraction thins the "
                     "training side and probe.cache_dir keeps the features for later runs", len(table))
@@ -181,71 +181,6 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
     pq.write_table(kept.append_column("split", pa.array(split.astype(str))), tmp / "labels.parquet")
     write_report(tmp, report_title(source), {k: v for k, v in methods.items()}, curves, sections=report_sections(result))
     return result
-
-
-def thin_training_labels(table: pa.Table, arrays, split_of: np.ndarray, fraction: float, test_split: str) -> tuple[pa.Table, dict]:
-    """Keep a fixed `fraction` of the labels outside the test split (`probe.train_label_fraction`).
-
-    Why: a task triggered at every routine visit has ~10 labels per subject, so the training side
-    can be far larger than a linear probe needs while every label costs a forward pass. The test
-    split (held_out, or `split=`) is never thinned. A label is kept when a hash of (subject_id, prediction_time) falls
-    below `fraction`: independent of the outcome and of the seed, so every task and run keeps the
-    same prediction times (and `probe.cache_dir` embeds them once).
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise CehrxError(f"probe.train_label_fraction must be in (0, 1], got {fraction}")
-    info = {"train_label_fraction": fraction, "dropped": 0}
-    if fraction >= 1.0 or not len(table):
-        return table, info
-    sid = table.column("subject_id").to_numpy()
-    rows = subject_rows(arrays, sid)
-    split = np.where(rows >= 0, split_of[np.maximum(rows, 0)], "")
-    keep = (split == test_split) | (rows < 0) | (unit_hash(sid, L.times_seconds(table.column("prediction_time"))) < fraction)
-    info["dropped"] = int((~keep).sum())
-    return table.filter(pa.array(keep)), info
-
-
-def unit_hash(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """A uniform number in [0, 1) per (a, b) pair of int64s (splitmix64 finaliser), the same everywhere."""
-    x = np.asarray(a, np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ np.asarray(b, np.int64).astype(np.uint64)
-    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
-        x = (x ^ (x >> np.uint64(shift))) * np.uint64(mult)
-    x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
-def weights_sha256(mdir: Path) -> str:
-    for name in ("model.safetensors", "model.pt"):
-        if (mdir / name).is_file():
-            return file_sha256(mdir / name)
-    raise CehrxError(f"{mdir} has no model.safetensors or model.pt")
-
-
-class Embedder:
-    """The features of one run's histories for any model, read from `probe.cache_dir` when set."""
-
-    def __init__(self, p: DictConfig, hist: Histories, sid: np.ndarray, prepared: Path, max_len: int) -> None:
-        self.p, self.hist, self.sid, self.max_len = p, hist, sid, max_len
-        self.cache_root = p.get("cache_dir")
-        self.prepared_key = prepared_identity(prepared) if self.cache_root else None
-        self.hits = self.rows = 0
-
-    def __call__(self, model, model_key: dict) -> np.ndarray:
-        p, pooling = self.p, str(self.p.pooling)
-        args = (int(p.batch_tokens), p.device, bool(p.progress))
-        if not self.cache_root:
-            return embed(model, self.hist, pooling, *args)
-        # the device is part of the key: CUDA runs in bf16, CPU in fp32, and the two must not mix
-        device = resolve_device(str(p.device) if p.device is not None else None, "probe.device").type
-        cache = FeatureCache(self.cache_root, {**model_key, "prepared": self.prepared_key, "max_len": self.max_len, "device": device, "format": 1})
-        feats, hits = cache.get(self.sid, self.hist.last_time, lambda rows: embed_poolings(model, self.hist.take(rows), READOUTS, *args))
-        self.hits, self.rows = self.hits + hits, self.rows + len(self.sid)
-        return feats[pooling]
-
-    def report(self) -> dict | None:
-        if not self.cache_root:
-            return None
-        return {"dir": str(self.cache_root), "histories": self.rows, "found": self.hits}
 
 
 def random_init_name(k: int) -> str:
