@@ -25,12 +25,15 @@ _CHUNK_CELLS = 20_000_000  # bootstrap replicates are processed in chunks of ~th
 
 
 def binary_metrics(
-    y_true: np.ndarray, y_prob: np.ndarray, subject_ids: np.ndarray, n_boot: int = 1000, seed: int = 0
+    y_true: np.ndarray, y_prob: np.ndarray, subject_ids: np.ndarray, n_boot: int = 1000, seed: int = 0,
+    sample_weight: np.ndarray | None = None,
 ) -> dict:
     """Point estimates and percentile 95 % CIs (subject-level bootstrap) of AUROC, AUPRC, Brier, ECE.
 
     AUROC/AUPRC are NaN when `y_true` has a single class; bootstrap replicates with a single class
-    are skipped for those two (their count is in `n_boot_valid`).
+    are skipped for those two (their count is in `n_boot_valid`). `sample_weight` (e.g. inverse
+    sampling probabilities of a case-control sample) weights every row in the point estimates and
+    in each bootstrap replicate, so the metrics estimate those of the population sampled from.
     """
     y = np.asarray(y_true).astype(bool)
     p = np.asarray(y_prob, dtype=np.float64)
@@ -38,8 +41,11 @@ def binary_metrics(
         raise ValueError(f"y_true and y_prob must be 1-D of equal length, got {y.shape} and {p.shape}")
     if len(y) and not np.isfinite(p).all():
         raise ValueError("y_prob has NaN or infinite values")
-    point = _point(y, p)
-    boots = bootstrap(y, p, np.asarray(subject_ids), n_boot, seed) if n_boot > 0 and len(y) else {m: np.full(0, np.nan) for m in METRICS}
+    sw = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if sw is not None and (sw.shape != y.shape or not (np.isfinite(sw) & (sw > 0)).all()):
+        raise ValueError("sample_weight must be positive and finite, one per row")
+    point = _point(y, p) if sw is None else _weighted_point(y, p, sw)
+    boots = bootstrap(y, p, np.asarray(subject_ids), n_boot, seed, sw) if n_boot > 0 and len(y) else {m: np.full(0, np.nan) for m in METRICS}
     out: dict = {}
     for m in METRICS:
         b = boots[m][np.isfinite(boots[m])]
@@ -50,26 +56,30 @@ def binary_metrics(
     out["n_subjects"] = len(np.unique(subject_ids)) if len(y) else 0
     out["n_boot"] = int(n_boot)
     out["n_boot_valid"] = int(np.isfinite(boots["auroc"]).sum())
+    if sw is not None:
+        out["weighted"] = True
     return out
 
 
 def paired_difference(
     y_true: np.ndarray, subject_ids: np.ndarray, p_a: np.ndarray, p_controls: list[np.ndarray], n_boot: int = 1000, seed: int = 0,
-    metrics: tuple[str, ...] = ("auroc", "auprc"),
+    metrics: tuple[str, ...] = ("auroc", "auprc"), sample_weight: np.ndarray | None = None,
 ) -> dict:
     """`metric(a) - mean(metric(control) for control in p_controls)` with a paired 95 % CI.
 
     Every score set is evaluated on the same subject-bootstrap draws (same `seed`, same rows), so
     the interval is of the difference itself: two methods whose own CIs overlap can still differ
     clearly. With several controls (random-init seeds) their mean is the bar. `beats` counts the
-    controls `a` is above.
+    controls `a` is above. `sample_weight` as in `binary_metrics`.
     """
     y = np.asarray(y_true).astype(bool)
     sid = np.asarray(subject_ids)
+    sw = None if sample_weight is None else np.asarray(sample_weight, np.float64)
     pa_, pcs = np.asarray(p_a, np.float64), [np.asarray(c, np.float64) for c in p_controls]
-    point_a, points_c = _point(y, pa_), [_point(y, c) for c in pcs]
-    boot_a = bootstrap(y, pa_, sid, n_boot, seed)
-    boots_c = [bootstrap(y, c, sid, n_boot, seed) for c in pcs]
+    point = (lambda q: _point(y, q)) if sw is None else (lambda q: _weighted_point(y, q, sw))
+    point_a, points_c = point(pa_), [point(c) for c in pcs]
+    boot_a = bootstrap(y, pa_, sid, n_boot, seed, sw)
+    boots_c = [bootstrap(y, c, sid, n_boot, seed, sw) for c in pcs]
     out: dict = {"n_controls": len(pcs), "n_boot": int(n_boot)}
     for m in metrics:
         d = boot_a[m] - np.mean([b[m] for b in boots_c], 0)
@@ -88,6 +98,17 @@ def _point(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
         "brier": float(brier_score_loss(y, p)) if len(y) else math.nan,
         "ece": expected_calibration_error(y, p),
     }
+
+
+def _weighted_point(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> dict[str, float]:
+    """`_point` with row weights: the same weighted formulas the bootstrap replicates use."""
+    if not len(y):
+        return {m: math.nan for m in METRICS}
+    order = np.argsort(-p, kind="stable")
+    ps = p[order]
+    group = np.concatenate([[0], np.cumsum(ps[1:] != ps[:-1])])
+    res = _weighted_metrics(w[order][None, :], y[order].astype(np.float64), ps, group, int(group[-1]) + 1, _bins(ps, ECE_BINS))
+    return {m: float(res[m][0]) for m in METRICS}
 
 
 def expected_calibration_error(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = ECE_BINS) -> float:
@@ -109,13 +130,16 @@ def _bins(p: np.ndarray, n_bins: int) -> np.ndarray:
     return np.clip((p * n_bins).astype(np.int64), 0, n_bins - 1)
 
 
-def bootstrap(y: np.ndarray, p: np.ndarray, subject_ids: np.ndarray, n_boot: int, seed: int) -> dict[str, np.ndarray]:
-    """Each metric on `n_boot` subject-level bootstrap replicates (NaN where undefined)."""
+def bootstrap(y: np.ndarray, p: np.ndarray, subject_ids: np.ndarray, n_boot: int, seed: int,
+              sample_weight: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Each metric on `n_boot` subject-level bootstrap replicates (NaN where undefined); rows weigh
+    their subject's draw count times their `sample_weight`."""
     subjects, row_subject = np.unique(subject_ids, return_inverse=True)
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(len(subjects), np.full(len(subjects), 1.0 / len(subjects)), size=n_boot)
     order = np.argsort(-p, kind="stable")  # descending score, as sklearn's curves
     ys, ps, rs = y[order].astype(np.float64), p[order], row_subject[order]
+    sws = None if sample_weight is None else np.asarray(sample_weight, np.float64)[order]
     group = np.concatenate([[0], np.cumsum(ps[1:] != ps[:-1])]) if len(ps) else np.zeros(0, np.int64)
     n_groups = int(group[-1]) + 1 if len(group) else 0
     onehot_bins = _bins(ps, ECE_BINS)
@@ -123,6 +147,8 @@ def bootstrap(y: np.ndarray, p: np.ndarray, subject_ids: np.ndarray, n_boot: int
     step = max(1, _CHUNK_CELLS // max(len(y), 1))
     for a in range(0, n_boot, step):
         w = counts[a : a + step][:, rs].astype(np.float64)  # [b, n] row weights
+        if sws is not None:
+            w *= sws
         res = _weighted_metrics(w, ys, ps, group, n_groups, onehot_bins)
         for m in METRICS:
             out[m][a : a + step] = res[m]

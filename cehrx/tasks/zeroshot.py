@@ -84,8 +84,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     arrays, split_of = load_all_splits(prepared)
     table, label_source = task_labels(cfg, task, prepared)
     split = str(cfg.get("split") or "held_out")
-    table = select_split(table, arrays.subject_id, split_of, split, _int(zc.get("max_labels")), zcfg.seed)
-    labels = labels_from(table)
+    table = select_split(table, arrays.subject_id, split_of, split)
+    table, weight, sample_info = sample_labels(table, _int(zc.get("max_labels")), str(zc.get("label_sample") or "uniform"), zcfg.seed)
+    labels = labels_from(table, weight)
     fp = fingerprint({"model": str(model_dir(cfg.model_dir).resolve()), "model_mtime": _mtime(model_dir(cfg.model_dir)),
                       "outcome": outcome.describe(vocab), "zeroshot": config_dict(zcfg), "prepared": str(prepared.resolve()),
                       "random_init": random_init, "split": split}, labels)
@@ -96,7 +97,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results = run_chunks(model, vocab, arrays, labels, outcome, zcfg, out, progress=bool(zc.get("progress", True)))
     seconds = time.perf_counter() - start
     facts = {"task": task, "label_source": label_source, "split": split, "prepared_dir": str(prepared), "model_dir": str(cfg.model_dir),
-             "random_init": random_init, "device": str(device), "seconds": round(seconds, 1), "resumed_chunks": resumed}
+             "random_init": random_init, "device": str(device), "seconds": round(seconds, 1), "resumed_chunks": resumed,
+             "label_sample": sample_info}
     return finish(cfg, out, vocab, outcome, labels, results, zcfg, facts)
 
 
@@ -123,8 +125,8 @@ def task_labels(cfg: DictConfig, task: str | None, prepared: Path) -> tuple[pa.T
     return extract_labels(task, meds), f"aces:{task} on {meds}"
 
 
-def select_split(table: pa.Table, subject_ids: np.ndarray, split_of: np.ndarray, split: str, max_labels: int | None, seed: int) -> pa.Table:
-    """Labels of subjects in `split` (`all`: every label), optionally a seeded subsample."""
+def select_split(table: pa.Table, subject_ids: np.ndarray, split_of: np.ndarray, split: str) -> pa.Table:
+    """Labels of subjects in `split` (`all`: every label)."""
     if split != "all":
         if split not in SPLITS:
             raise CehrxError(f"split={split!r}: choose one of {', '.join(SPLITS)} or all")
@@ -132,19 +134,50 @@ def select_split(table: pa.Table, subject_ids: np.ndarray, split_of: np.ndarray,
         table = table.filter(pc.is_in(table.column("subject_id"), value_set=keep))
     if not len(table):
         raise CehrxError(f"no labels for split {split!r} (subjects of the prepared dir's {split} split)")
-    if max_labels and len(table) > max_labels:
-        idx = np.sort(np.random.default_rng(seed).choice(len(table), int(max_labels), replace=False))
-        table = table.take(pa.array(idx))
     return table
 
 
-def labels_from(table: pa.Table) -> LabelInputs:
+LABEL_SAMPLES = ("uniform", "case_control")
+
+
+def sample_labels(table: pa.Table, max_labels: int | None, how: str, seed: int) -> tuple[pa.Table, np.ndarray | None, dict]:
+    """At most `max_labels` labels (seeded), and each kept label's weight (None: unweighted).
+
+    `uniform` keeps a simple random sample. `case_control` keeps the positive labels (up to half of
+    `max_labels`) and fills the rest with negatives: for a rare outcome (0.6 % of the labels) a
+    uniform sample of 2,000 holds ~12 positives, this one every positive. Each label then weighs
+    1 / its sampling probability (class count / class sample size), and the metrics are computed
+    with those weights, so AUROC, AUPRC, Brier and ECE estimate those of all the split's labels.
+    """
+    if how not in LABEL_SAMPLES:
+        raise CehrxError(f"zeroshot.label_sample must be one of {LABEL_SAMPLES}, got {how!r}")
+    n = len(table)
+    info = {"method": how, "labels_in_split": n}
+    if not max_labels or n <= max_labels:
+        return table, None, {**info, "kept": n}
+    rng = np.random.default_rng(seed)
+    if how == "uniform":
+        idx = np.sort(rng.choice(n, int(max_labels), replace=False))
+        return table.take(pa.array(idx)), None, {**info, "kept": len(idx)}
+    y = table.column("boolean_value").to_numpy(zero_copy_only=False).astype(bool)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    n_pos = min(len(pos), int(max_labels) // 2)
+    n_neg = min(len(neg), int(max_labels) - n_pos)
+    idx = np.sort(np.concatenate([rng.choice(pos, n_pos, replace=False), rng.choice(neg, n_neg, replace=False)]))
+    w_pos, w_neg = len(pos) / max(n_pos, 1), len(neg) / max(n_neg, 1)
+    weight = np.where(y[idx], w_pos, w_neg)
+    return table.take(pa.array(idx)), weight, {**info, "kept": len(idx), "positives": f"{n_pos} of {len(pos)}",
+                                               "negatives": f"{n_neg} of {len(neg)}", "weight_positive": w_pos, "weight_negative": w_neg}
+
+
+def labels_from(table: pa.Table, weight: np.ndarray | None = None) -> LabelInputs:
     from cehrx.probe.labels import times_seconds
 
     return LabelInputs(
         subject_id=table.column("subject_id").to_numpy().astype(np.int64),
         prediction_time=times_seconds(table.column("prediction_time")),
         boolean_value=table.column("boolean_value").to_numpy(zero_copy_only=False).astype(bool),
+        weight=weight,
     )
 
 
@@ -166,7 +199,8 @@ def finish(cfg: DictConfig, out: Path, vocab: Vocab, outcome: Outcome, labels: L
     y, sid, t = labels.boolean_value[lr], labels.subject_id[lr], labels.prediction_time[lr]
     if not len(lr):
         raise CehrxError("no label has a history before its prediction time: nothing to predict")
-    metrics = binary_metrics(y, prob, sid, n_boot=int(cfg.zeroshot.get("n_boot", 1000)), seed=zcfg.seed)
+    w = labels.weight[lr] if labels.weight is not None else None
+    metrics = binary_metrics(y, prob, sid, n_boot=int(cfg.zeroshot.get("n_boot", 1000)), seed=zcfg.seed, sample_weight=w)
     summary = futures_summary(kept, fallback, rate, len(rows) - len(lr))
     metrics.update({"method": "zeroshot", "outcome": outcome.describe(vocab), "futures": summary, "run": facts,
                     "labels_per_s": round(len(rows) / max(facts["seconds"], 1e-9), 2), "zeroshot": config_dict(zcfg)})
@@ -194,6 +228,8 @@ def details(kept: pa.Table, labels: LabelInputs, lr: np.ndarray, prob: np.ndarra
         "probability": pa.array(prob),
         "fallback": pa.array(fallback),
     }
+    if labels.weight is not None:
+        cols["weight"] = pa.array(labels.weight[lr])
     for c in kept.column_names:
         if c not in ("label_row", "has_history", "probability"):
             cols[c] = kept.column(c)

@@ -218,6 +218,7 @@ class LabelInputs:
     subject_id: np.ndarray  # int64
     prediction_time: np.ndarray  # int64 seconds
     boolean_value: np.ndarray  # bool
+    weight: np.ndarray | None = None  # float64: inverse sampling probability (case-control samples), else None
 
 
 def fingerprint(parts: dict[str, Any], labels: LabelInputs) -> str:

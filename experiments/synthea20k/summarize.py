@@ -32,6 +32,14 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | 
             t.column("prediction_time").cast("int64").to_numpy(), t.column("predicted_boolean_probability").to_numpy().astype(float))
 
 
+def weights(run: Path) -> np.ndarray | None:
+    """A zero-shot run's label weights (case-control samples), in (subject, time) order, else None."""
+    t = pq.read_table(run / "details.parquet")
+    if "weight" not in t.column_names:
+        return None
+    return t.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")]).column("weight").to_numpy()
+
+
 def seeds(run: Path) -> list[Path]:
     return sorted(run.glob("predictions/random_init*.parquet"))
 
@@ -124,7 +132,7 @@ def zeroshot_table(study: Path, n_boot: int) -> None:
         met = m  # zero-shot's metrics.json has the metrics at its top level
         diff, rand_auc = "-", "-"
         if a is not None and b is not None and np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2]):
-            d = paired_difference(a[0], a[1], a[3], [b[3]], n_boot=n_boot)["auroc"]
+            d = paired_difference(a[0], a[1], a[3], [b[3]], n_boot=n_boot, sample_weight=weights(f.parent))["auroc"]
             diff = f"{d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
             rand_auc = format_metric(json.loads((rnd / "metrics.json").read_text())["auroc"])
         n = f"{int(a[0].size):,} ({int(a[0].sum()):,})" if a is not None else "-"

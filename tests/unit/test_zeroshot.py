@@ -272,3 +272,45 @@ def test_descendants_from_the_omop_source_concept_ancestor(vocab: Vocab, tmp_pat
                              "parent_codes": pa.array([[], [], [], []], pa.list_(pa.string()))}), prep / "meds" / "metadata" / "codes.parquet")
     out = resolve_outcome(vocab, None, outcome_codes=["SNOMED/101"], window_days=30, prepared_dir=prep)
     assert sorted(vocab.tokens[i] for i in out.token_ids) == ["SNOMED/101", "SNOMED/110"] and out.descendants == "omop_concept_ancestor"
+
+
+def test_case_control_sample_keeps_the_positives_and_weights_back_to_the_split() -> None:
+    import pyarrow as pa
+
+    from cehrx.tasks.zeroshot import sample_labels
+
+    n = 5000
+    y = np.zeros(n, bool)
+    y[::100] = True  # 50 positives, 1 %
+    table = pa.table({"subject_id": np.arange(n), "prediction_time": pa.array(np.arange(n) * 10**6, pa.timestamp("us")), "boolean_value": y})
+    kept, w, info = sample_labels(table, 400, "case_control", seed=1)
+    ky = kept.column("boolean_value").to_numpy(zero_copy_only=False)
+    assert ky.sum() == 50 and len(kept) == 400 and info["positives"] == "50 of 50"
+    assert w[ky].sum() == pytest.approx(50) and w[~ky].sum() == pytest.approx(n - 50), "weights add up to the split's classes"
+    uni, w_uni, _ = sample_labels(table, 400, "uniform", seed=1)
+    assert w_uni is None and len(uni) == 400
+    same, w_all, _ = sample_labels(table, None, "case_control", seed=1)
+    assert w_all is None and len(same) == n
+    with pytest.raises(CehrxError, match="label_sample"):
+        sample_labels(table, 400, "stratified", seed=1)
+
+
+def test_weighted_metrics_equal_repeated_rows_and_sklearn() -> None:
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from cehrx.eval.metrics import binary_metrics
+
+    rng = np.random.default_rng(0)
+    y = rng.random(300) < 0.3
+    p = np.clip(0.3 * y + 0.7 * rng.random(300), 0, 1)
+    w = rng.integers(1, 4, 300).astype(float)
+    m = binary_metrics(y, p, np.arange(300), n_boot=20, sample_weight=w)
+    assert m["auroc"]["value"] == pytest.approx(roc_auc_score(y, p, sample_weight=w))
+    assert m["auprc"]["value"] == pytest.approx(average_precision_score(y, p, sample_weight=w))
+    rep = np.repeat(np.arange(300), w.astype(int))
+    r = binary_metrics(y[rep], p[rep], rep, n_boot=0)
+    for k in ("auroc", "auprc", "brier", "ece"):
+        assert m[k]["value"] == pytest.approx(r[k]["value"])
+    assert m["weighted"] and m["auroc"]["ci_low"] < m["auroc"]["value"] < m["auroc"]["ci_high"]
+    with pytest.raises(ValueError, match="sample_weight"):
+        binary_metrics(y, p, np.arange(300), n_boot=0, sample_weight=-w)
