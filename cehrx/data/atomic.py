@@ -38,3 +38,21 @@ def atomic_dir(target: str | Path, marker: str, overwrite: bool = False) -> Iter
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path that is renamed onto `target` only if the block succeeds.
+
+    For single files that several runs read (caches, stores): a killed writer leaves either the
+    previous file or none, never a half-written one.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)

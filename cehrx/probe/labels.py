@@ -13,10 +13,17 @@ Besides ACES's own criteria, a task config may ask for a follow-up (`metadata: {
 a key ACES ignores): prediction times later than N days before the data set's last event are dropped,
 so that no label is a negative only because the extract ended inside its window (administrative
 censoring). It depends only on the prediction time, never on the outcome.
+
+ACES on a large MEDS set takes minutes, and a study asks for the same task's labels many times
+(each readout, zero-shot, its control). `extract_labels(..., cache_dir=...)` keeps each result as
+`<cache_dir>/<task>-<key>.parquet`, the key a hash of the task config's text, the MEDS files' names,
+sizes and modification times, and the ACES version: editing the task or the data makes a new entry.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -27,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
+from cehrx.data.atomic import atomic_file
 from cehrx.errors import CehrxError
 
 log = logging.getLogger("cehrx.labels")
@@ -154,15 +162,43 @@ def meds_data_files(meds_dir: str | Path) -> list[Path]:
     return files
 
 
-def extract_labels(task_name: str, meds_dir: str | Path, *, use_shipped: bool = True) -> pa.Table:
+def extract_labels(task_name: str, meds_dir: str | Path, *, use_shipped: bool = True, cache_dir: str | Path | None = None) -> pa.Table:
     """Run an ACES task config on a MEDS dataset; returns `LABEL_SCHEMA` rows sorted by subject, time.
 
     ACES reads one events file, so the dataset's shards are first combined (core MEDS columns,
-    sorted by subject and time) into a temporary parquet file with DuckDB.
+    sorted by subject and time) into a temporary parquet file with DuckDB. With `cache_dir`, a
+    result for the same task config and MEDS files is read back instead (see the module doc).
     """
     shipped = shipped_labels(task_name) if use_shipped else None
     if shipped is not None:
         return load_labels(shipped)
+    if cache_dir is None:
+        return _run_aces(task_name, meds_dir)
+    cached = Path(cache_dir) / f"{Path(task_name).stem}-{labels_cache_key(task_name, meds_dir)}.parquet"
+    if cached.exists():
+        log.info("task %s: labels from the cache %s", task_name, cached)
+        return load_labels(cached)
+    table = _run_aces(task_name, meds_dir)
+    with atomic_file(cached) as tmp:
+        pq.write_table(table, tmp)
+    log.info("task %s: labels cached in %s", task_name, cached)
+    return table
+
+
+def labels_cache_key(task_name: str, meds_dir: str | Path) -> str:
+    """16 hex digits naming one task config text on one set of MEDS files (names, sizes, mtimes)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        aces_version = version("es-aces")
+    except PackageNotFoundError:
+        aces_version = "?"
+    files = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in meds_data_files(meds_dir)]
+    blob = json.dumps({"format": 1, "task": task_config_path(task_name).read_text(), "files": files, "aces": aces_version})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _run_aces(task_name: str, meds_dir: str | Path) -> pa.Table:
     import duckdb
     from aces import config as aces_config
     from aces import predicates, query

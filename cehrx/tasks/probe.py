@@ -85,7 +85,7 @@ def read_labels(cfg: DictConfig, prepared: Path) -> tuple[pa.Table, dict]:
     task = cfg.probe.get("task")
     if task:
         meds = L.meds_dir_for(prepared)
-        table = L.extract_labels(str(task), meds)
+        table = L.extract_labels(str(task), meds, cache_dir=cfg.probe.get("labels_cache_dir"))
         return table, {"task": str(task), "description": L.task_description(str(task)), "meds_dir": str(meds), "config": str(L.task_config_path(str(task)))}
     if cfg.get("labels_dir"):
         return L.load_labels(cfg.labels_dir), {"labels_dir": str(cfg.labels_dir)}

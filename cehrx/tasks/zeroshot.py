@@ -122,7 +122,7 @@ def task_labels(cfg: DictConfig, task: str | None, prepared: Path) -> tuple[pa.T
     if not task:
         raise CehrxError("no labels: pass probe.task=<name> (configs/aces/<name>.yaml) or labels_dir=<MEDS label parquet files>")
     meds = meds_dir_for(prepared)
-    return extract_labels(task, meds), f"aces:{task} on {meds}"
+    return extract_labels(task, meds, cache_dir=cfg.probe.get("labels_cache_dir")), f"aces:{task} on {meds}"
 
 
 def select_split(table: pa.Table, subject_ids: np.ndarray, split_of: np.ndarray, split: str) -> pa.Table:

@@ -493,6 +493,27 @@ def test_followup_drops_labels_whose_window_runs_past_the_data(tmp_path: Path) -
         followup_days(str(task))
 
 
+def test_label_cache_reuses_a_result_until_the_task_or_the_data_changes(tmp_path: Path, monkeypatch) -> None:
+    import cehrx.probe.labels as L
+
+    task = tmp_path / "t.yaml"
+    task.write_text(NSAID_TASK.read_text())
+    rows = [(1, day(10), "RxNorm/140587"), (1, day(100), "SNOMED/74474003"), (2, day(10), "RxNorm/140587")]
+    meds = write_meds(tmp_path / "meds", rows)
+    cache = tmp_path / "cache"
+    first = extract_labels(str(task), meds, cache_dir=cache)
+    assert len(list(cache.glob("t-*.parquet"))) == 1 and not list(cache.glob(".*"))  # no temporary left behind
+    calls = []
+    monkeypatch.setattr(L, "_run_aces", lambda *a: calls.append(a) or L.LABEL_SCHEMA.empty_table())
+    assert extract_labels(str(task), meds, cache_dir=cache).equals(first) and not calls   # read back, ACES not run
+    task.write_text(NSAID_TASK.read_text() + "\n# edited\n")
+    extract_labels(str(task), meds, cache_dir=cache)
+    assert len(calls) == 1                                                                # a new task text: ACES again
+    write_meds(tmp_path / "meds", rows + [(3, day(10), "RxNorm/140587")])
+    extract_labels(str(task), meds, cache_dir=cache)
+    assert len(calls) == 2 and len(list(cache.glob("t-*.parquet"))) == 3                  # new data: a new entry
+
+
 def test_paired_difference_uses_the_same_draws_for_every_method() -> None:
     from cehrx.eval.metrics import paired_difference
 
