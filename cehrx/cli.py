@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cehrx.errors import CehrxError
 from cehrx.meds_dev import translate
@@ -28,6 +28,15 @@ def config_dir() -> str:
     if (repo / "config.yaml").is_file():
         return str(repo)
     return str(resources.files("cehrx._configs"))
+
+
+def gpus_per_node(accelerator: str, devices: object) -> object:
+    """SLURM GPUs per node for a trainer (`hydra/launcher=slurm`): none for a CPU trainer, whose
+    `devices` counts processes, not GPUs (a CPU job asking for GPUs never starts on a CPU partition)."""
+    return 0 if str(accelerator) == "cpu" else devices
+
+
+OmegaConf.register_new_resolver("cehrx.gpus_per_node", gpus_per_node, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")

@@ -48,8 +48,9 @@ from cehrx.generate.constraints import Grammar
 from cehrx.generate.omop_writer import write_omop
 from cehrx.generate.patients import DROP_REASONS, TRUNCATED_KEY, decode_samples, shard_table, take_prefixes
 from cehrx.generate.prompts import PromptPool, config_pool, empirical_pool
-from cehrx.generate.sampler import STOP_NAMES, SamplingConfig, sample
+from cehrx.generate.sampler import STOP_NAMES, SamplingConfig
 from cehrx.generate.staging import Stage
+from cehrx.generate.windows import sample_windows
 from cehrx.model.export import load_pretrained, resolve_device
 from cehrx.model.export import model_dir as resolve_model_dir
 from cehrx.tasks.inputs import prepared_dir_for
@@ -156,9 +157,9 @@ def generate_shard(model: Any, vocab: Vocab, grammar: Grammar, pool: PromptPool,
     """Sample `n_prompts` patients, decode them, keep at most `wanted` valid ones."""
     seed = shard_seed(int(g.seed), index)
     prompts = pool.draw(n_prompts, np.random.default_rng(seed))
-    flat = prompts.reshape(-1).astype(np.int64)
     start = time.perf_counter()
-    samples = sample(model, vocab, flat, np.arange(0, len(flat) + 1, 4, dtype=np.int64), replace(scfg, seed=seed), num_samples=1, progress=progress)
+    samples = sample_windows(model, vocab, prompts, replace(scfg, seed=seed), max_total_tokens=_int_or_none(g.get("max_total_tokens")),
+                             keep=_int_or_none(g.get("window_keep")), progress=progress)
     seconds = time.perf_counter() - start
     ids = first_id + np.arange(n_prompts, dtype=np.int64)
     dec = decode_samples(vocab, prompts[samples.prompt_index], samples.tokens, samples.offsets, ids, seed,
@@ -174,6 +175,10 @@ def generate_shard(model: Any, vocab: Vocab, grammar: Grammar, pool: PromptPool,
              "dropped": dec.dropped, "repaired": dec.repaired, "stop": samples.stop_counts(),
              "generated_tokens": len(samples.tokens), "sampling_seconds": round(seconds, 3)}
     return arrays, stats
+
+
+def _int_or_none(v: Any) -> int | None:
+    return None if v is None else int(v)
 
 
 def plan_shard(requested: int, stats: list[dict], shard_size: int) -> int:
@@ -247,7 +252,8 @@ def run(cfg: DictConfig) -> dict:
     scfg = sampling_config(g, model.config.max_seq_len)
     settings = {"model": str(mdir.resolve()), "model_fingerprint": model_fingerprint(mdir), "prepared_dir": str(prepared.resolve()),
                 "prompts": prompts, "sampling": asdict(scfg), "num_patients": int(g.num_patients), "shard_size": int(g.shard_size),
-                "max_age": int(g.max_age), "truncated": str(g.truncated), "max_attempts_factor": float(g.max_attempts_factor),
+                "max_age": int(g.max_age), "truncated": str(g.truncated),
+                "max_total_tokens": _int_or_none(g.get("max_total_tokens")), "window_keep": _int_or_none(g.get("window_keep")), "max_attempts_factor": float(g.max_attempts_factor),
                 "device_type": device.type}
     work = Partial(out, settings, bool(cfg.overwrite))
     stats, resumed = sample_all(model, vocab, pool, scfg, g, work, console)

@@ -54,6 +54,8 @@ def test_slurm_launcher_takes_its_shape_from_the_trainer() -> None:
     assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (3, 4, 4)
     assert launcher["partition"] == "gpu" and launcher["account"] == "my_account"  # site keys from configs/local
     assert launcher["max_num_timeout"] > 0 and launcher["submitit_folder"].startswith(cfg.output_dir)
+    cpu = compose_with_hydra("hydra/launcher=slurm", "task=pretrain", "trainer=cpu", "local=example")
+    assert OmegaConf.to_container(cpu.hydra.launcher, resolve=True)["gpus_per_node"] == 0  # a CPU job asks for no GPU
 
 
 def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path: Path) -> None:

@@ -90,6 +90,17 @@ def test_generate_end_to_end(trained: tuple[Path, Path]) -> None:
         generate.run(cfg)
 
 
+def test_patients_longer_than_the_context_continue_in_windows(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    prepared, model = trained
+    report = generate.run(gen_cfg(prepared, model, tmp_path / "long", "generate.max_total_tokens=160", budget=None))
+    assert report["settings"]["max_total_tokens"] == 160 and report["patients"]["generated"] == 6
+    vocab, arrays = Vocab.load(tmp_path / "long"), load_split(tmp_path / "long", "train")
+    assert arrays.lengths().max() > 48, "some patient runs past the 48-token context"
+    assert (arrays.lengths() <= 160 + 4).all()
+    assert all(check_sequence(vocab, arrays.subject(i)[0]) is None for i in range(len(arrays)))
+    assert (np.diff(arrays.times)[np.diff(np.repeat(np.arange(len(arrays)), arrays.lengths())) == 0] >= 0).all()
+
+
 def test_interrupted_run_resumes_to_the_same_patients(trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     prepared, model = trained
     real = generate.generate_shard
