@@ -30,6 +30,10 @@ How a run is organised (and why):
   row's state (`cehrx.generate.constraints.Grammar`), starting from the state the prompt ends
   in. A sample that ends with `[END]`/`[DEATH]` is then always valid for `check_sequence`; one
   cut by a budget may end inside a visit (cut it at its last `[VE]`).
+- **Watched tokens.** With `watch_ids`, every step also records the probability that the token
+  it draws is one of them (under the distribution it draws from): `Samples.watch_prob`, one
+  number per generated token. Zero-shot's hazard estimator (`cehrx.zeroshot.predict`) sums
+  these instead of counting the outcome tokens that happened to be drawn.
 - **Reproducible whatever the batching.** The uniform number behind each draw is a hash of
   `(cfg.seed, prompt id, sample, step)` (`cehrx.generate.draws.row_uniforms`), so the same
   inputs and seed give the same samples for any `batch_size`, with or without the cache (up
@@ -110,6 +114,7 @@ class Samples:
     stop: np.ndarray  # int8 [n] STOP_* reason
     elapsed_days: np.ndarray  # float64 [n] days advanced by generated time tokens (incl. the crossing one)
     prompt_index: np.ndarray  # int64 [n] which prompt each sample continues
+    watch_prob: np.ndarray | None = None  # float32 like tokens: P(the step's draw is a watched token) (`watch_ids`), else None
 
     def __len__(self) -> int:
         return len(self.stop)
@@ -144,6 +149,7 @@ class _Prepared:
     max_seconds: float  # time budget in seconds (inf = none)
     cache_dtype: torch.dtype  # the keys' dtype: the weights', or autocast's when it is on
     max_seq_len: int
+    watch: Tensor | None = None  # bool [V]: the tokens whose probability each step records (`watch_ids`)
     state_heads: dict = field(default_factory=dict)  # grammar state -> (allowed token ids, their lm-head rows), built on first use
 
 
@@ -172,15 +178,19 @@ class _Live:
 class _Record:
     """What the rows drew and why they stopped, gathered into `Samples` at the end."""
 
-    def __init__(self, n_rows: int, device: torch.device) -> None:
+    def __init__(self, n_rows: int, device: torch.device, watch: bool = False) -> None:
+        self.watch = watch
         self.stop = torch.full((n_rows,), _RUNNING, dtype=torch.int8, device=device)
         self.n_out = torch.zeros(n_rows, dtype=torch.int64, device=device)
         self.secs = torch.zeros(n_rows, dtype=torch.int64, device=device)
         self.drawn: list[tuple[Tensor, Tensor, Tensor]] = []  # per step: (rows, index within the row, token)
+        self.watched: list[Tensor] = []  # per step (with watch_ids): P(watched token) per row
 
-    def settle(self, live: _Live, tok: Tensor, reason: Tensor, bar) -> int:
+    def settle(self, live: _Live, tok: Tensor, reason: Tensor, bar, watch_p: Tensor | None = None) -> int:
         """Keep this step's tokens; record the rows that just stopped. Returns how many did."""
         self.drawn.append((live.row, live.n - 1, tok))
+        if watch_p is not None:
+            self.watched.append(watch_p)
         finished = live.alive & (reason != _RUNNING)
         n_fin = int(finished.sum())  # the one host sync per step
         if n_fin:
@@ -198,12 +208,15 @@ class _Record:
         n_out = self.n_out.cpu().numpy()
         offsets = np.concatenate([[0], np.cumsum(n_out)]).astype(np.int64)
         tokens = np.zeros(int(offsets[-1]), dtype=np.int32)
+        watch = np.zeros(int(offsets[-1]), dtype=np.float32) if self.watch else None
         if self.drawn:
             rows, k, tok = (torch.cat(parts).cpu().numpy() for parts in zip(*self.drawn))
             keep = k < n_out[rows]
             tokens[offsets[rows[keep]] + k[keep]] = tok[keep]
+            if watch is not None:
+                watch[offsets[rows[keep]] + k[keep]] = torch.cat(self.watched).float().cpu().numpy()[keep]
         return Samples(tokens=tokens, offsets=offsets, stop=self.stop.cpu().numpy(), elapsed_days=self.secs.cpu().numpy() / 86400.0,
-                       prompt_index=np.repeat(np.arange(n_prompts, dtype=np.int64), num_samples))
+                       prompt_index=np.repeat(np.arange(n_prompts, dtype=np.int64), num_samples), watch_prob=watch)
 
 
 def sample(
@@ -218,6 +231,7 @@ def sample(
     use_cache: bool = True,
     stop_ids: Sequence[int] | None = None,
     prompt_ids: np.ndarray | None = None,
+    watch_ids: Sequence[int] | None = None,
 ) -> Samples:
     """Continue each prompt `num_samples` times (prompt-major output, see the module doc).
 
@@ -228,14 +242,15 @@ def sample(
     `[DEATH]`; `()` runs every row to its budget, as the benchmark does). A row's random numbers
     depend on the seed, its prompt's id (`prompt_ids`, default `0..n-1`) and its sample index
     only: a caller that splits its prompts over several calls and passes their global ids gets
-    the samples of one call.
+    the samples of one call. `watch_ids`: record each step's probability of drawing one of these
+    tokens (`Samples.watch_prob`; temperature and grammar applied, top-k/top-p not).
     """
     if num_samples < 1:
         raise CehrxError(f"num_samples must be >= 1, got {num_samples}")
     tokens = np.asarray(prompt_tokens, dtype=np.int64)
     offsets = np.asarray(prompt_offsets, dtype=np.int64)
     lengths = _check_prompts(model, vocab, tokens, offsets)
-    prep = _prepare(model, vocab, cfg, stop_ids)
+    prep = _prepare(model, vocab, cfg, stop_ids, watch_ids)
     n_prompts = len(lengths)
     keys = np.arange(n_prompts, dtype=np.int64) if prompt_ids is None else np.asarray(prompt_ids, dtype=np.int64)
     if keys.shape != (n_prompts,):
@@ -251,7 +266,7 @@ def sample(
     # prompts joining a running batch are never wider than its cached prefix
     order = np.argsort(-lengths, kind="stable")
     rows = (order[:, None] * num_samples + np.arange(num_samples)[None, :]).reshape(-1)
-    record = _Record(n_prompts * num_samples, prep.device)
+    record = _Record(n_prompts * num_samples, prep.device, watch=prep.watch is not None)
     bar = _progress(progress, len(rows))
     was_training = model.training
     model.eval()
@@ -298,8 +313,12 @@ def _vocab_tables(vocab: Vocab, device: torch.device) -> tuple[Grammar, Tensor, 
     return _TABLES[2]
 
 
-def _prepare(model: GPT, vocab: Vocab, cfg: SamplingConfig, stop_ids: Sequence[int] | None) -> _Prepared:
+def _prepare(model: GPT, vocab: Vocab, cfg: SamplingConfig, stop_ids: Sequence[int] | None, watch_ids: Sequence[int] | None = None) -> _Prepared:
     device = model.wte.weight.device
+    watch = None
+    if watch_ids is not None:
+        watch = torch.zeros(len(vocab), dtype=torch.bool, device=device)
+        watch[torch.as_tensor(np.asarray(watch_ids, dtype=np.int64), device=device)] = True
     stops = [vocab[END], vocab[DEATH]] if stop_ids is None else list(stop_ids)
     grammar, forbidden, seconds = _vocab_tables(vocab, device)
     return _Prepared(
@@ -314,6 +333,7 @@ def _prepare(model: GPT, vocab: Vocab, cfg: SamplingConfig, stop_ids: Sequence[i
         max_seconds=math.inf if cfg.max_days is None else float(cfg.max_days) * 86400.0,
         cache_dtype=torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.wte.weight.dtype,
         max_seq_len=model.config.max_seq_len,
+        watch=watch,
     )
 
 
@@ -345,9 +365,9 @@ def _new_live(prep: _Prepared, rows: np.ndarray, plen: np.ndarray, init_state: n
                  torch.ones(len(rows), dtype=torch.bool, device=dev))
 
 
-def _draw_step(prep: _Prepared, cfg: SamplingConfig, model: GPT, hidden: Tensor, live: _Live) -> tuple[Tensor, Tensor]:
+def _draw_step(prep: _Prepared, cfg: SamplingConfig, model: GPT, hidden: Tensor, live: _Live) -> tuple[Tensor, Tensor, Tensor | None]:
     """Score the next token from each row's last hidden state, mask what the grammar forbids,
-    draw one token per row, advance the rows; (tokens, STOP_* or _RUNNING).
+    draw one token per row, advance the rows; (tokens, STOP_* or _RUNNING, P(watched) or None).
 
     With the grammar on, the lm head runs per grammar state on that state's allowed tokens only
     (`_draw_by_state`): a zero-shot state allows a fifth of the vocabulary on average (a time
@@ -359,7 +379,7 @@ def _draw_step(prep: _Prepared, cfg: SamplingConfig, model: GPT, hidden: Tensor,
     """
     u = row_uniforms(cfg.seed, live.key, live.n)
     if live.state is not None and _score_by_state(hidden):
-        tok = _draw_by_state(prep, cfg, model, hidden, live.state, u)
+        tok, watch_p = _draw_by_state(prep, cfg, model, hidden, live.state, u)
     else:
         logits = model.lm_head_logits(hidden).float()
         if live.state is not None:
@@ -367,30 +387,48 @@ def _draw_step(prep: _Prepared, cfg: SamplingConfig, model: GPT, hidden: Tensor,
         else:
             logits[:, prep.pad_id] = float("-inf")
         tok = sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniform=u)
+        watch_p = None if prep.watch is None else _watched_mass(logits, prep.watch, tok, prep.watch[tok], cfg.temperature)
     live.n = live.n + 1
     live.secs = live.secs + prep.seconds[tok]
     if live.state is not None:
         live.state = prep.grammar.step(live.state, tok)
-    return tok, _stop_reason(prep, tok, live.secs, (live.plen + live.n >= prep.max_seq_len) | (live.n >= cfg.max_new_tokens))
+    return tok, _stop_reason(prep, tok, live.secs, (live.plen + live.n >= prep.max_seq_len) | (live.n >= cfg.max_new_tokens)), watch_p
+
+
+def _watched_mass(logits: Tensor, watch: Tensor, tok: Tensor, drawn_watched: Tensor, temperature: float) -> Tensor:
+    """P(the draw is a watched token) per row from (masked) logits: a ratio of two logsumexps.
+    Greedy decoding (temperature 0) draws its argmax with certainty: 1 if it is watched, else 0."""
+    if temperature == 0:
+        return drawn_watched.float()
+    if not bool(watch.any()):
+        return torch.zeros(len(logits), device=logits.device)
+    z = logits / temperature
+    return torch.exp(torch.logsumexp(z[:, watch], dim=-1) - torch.logsumexp(z, dim=-1)).nan_to_num(0.0)
 
 
 def _score_by_state(hidden: Tensor) -> bool:
     return hidden.device.type == "cpu" or len(hidden) >= SPARSE_HEAD_MIN_ROWS
 
 
-def _draw_by_state(prep: _Prepared, cfg: SamplingConfig, model: GPT, hidden: Tensor, state: Tensor, u: Tensor) -> Tensor:
-    """One token per row, the rows grouped by grammar state, each group scored on its state's allowed tokens."""
+def _draw_by_state(prep: _Prepared, cfg: SamplingConfig, model: GPT, hidden: Tensor, state: Tensor, u: Tensor) -> tuple[Tensor, Tensor | None]:
+    """One token per row, the rows grouped by grammar state, each group scored on its state's allowed
+    tokens; with watched tokens also each row's probability of drawing one."""
     states, group = torch.unique(state, return_inverse=True)
     rows_by_group = torch.split(torch.argsort(group, stable=True), torch.bincount(group, minlength=len(states)).tolist())
     tok = torch.empty(len(state), dtype=torch.int64, device=state.device)
+    watch_p = None if prep.watch is None else torch.zeros(len(state), device=state.device)
     for s, rows in zip(states.tolist(), rows_by_group):
         if s not in prep.state_heads:
             ids = torch.nonzero(~prep.forbidden[s])[:, 0]
             prep.state_heads[s] = (ids, model.lm_head.weight.index_select(0, ids))
         ids, weight = prep.state_heads[s]
         logits = F.linear(hidden.index_select(0, rows), weight).float()
-        tok[rows] = ids[sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniform=u[rows])]
-    return tok
+        drawn = sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniform=u[rows])
+        tok[rows] = ids[drawn]
+        if watch_p is not None:
+            w = prep.watch[ids]
+            watch_p[rows] = _watched_mass(logits, w, drawn, w[drawn], cfg.temperature)
+    return tok, watch_p
 
 
 def _prefill(model: GPT, prep: _Prepared, tokens: np.ndarray, offsets: np.ndarray, rows: np.ndarray, num_samples: int,
@@ -501,8 +539,8 @@ def _run_stream(model: GPT, prep: _Prepared, cfg: SamplingConfig, tokens: np.nda
             n_alive += len(take)
         if n_alive == 0:
             return
-        tok, reason = _draw_step(prep, cfg, model, hidden, live)
-        n_fin = record.settle(live, tok, reason, bar)
+        tok, reason, watch_p = _draw_step(prep, cfg, model, hidden, live)
+        n_fin = record.settle(live, tok, reason, bar, watch_p)
         n_alive -= n_fin
         if n_alive == 0:
             continue  # everything stopped: the next round admits new rows or returns
@@ -533,8 +571,8 @@ def _run_recompute(model: GPT, prep: _Prepared, cfg: SamplingConfig, tokens: np.
         kmask = key_mask[:, : width + step]
         pos = (torch.cumsum(kmask, dim=1) - 1).clamp(0, prep.max_seq_len - 1)
         hidden = model(seq[:, : width + step], position_ids=pos, key_mask=kmask)[:, -1]
-        tok, reason = _draw_step(prep, cfg, model, hidden, live)
-        n_alive -= record.settle(live, tok, reason, bar)
+        tok, reason, watch_p = _draw_step(prep, cfg, model, hidden, live)
+        n_alive -= record.settle(live, tok, reason, bar, watch_p)
         if n_alive == 0:
             return
         seq[:, width + step], key_mask[:, width + step] = tok, True

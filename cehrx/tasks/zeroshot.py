@@ -10,10 +10,12 @@ window, `cehrx.zeroshot.outcome`). Predictions are for the subjects of `split` (
 
 Output (`output_dir`; the finished dir appears at once, `metrics.json` marks it finished):
 
-    predictions.parquet   meds-evaluation schema (label + predicted probability)
+    predictions.parquet   meds-evaluation schema (label + predicted probability of `zeroshot.estimator`)
     details.parquet       per label: futures sampled / resolved / with the outcome, expected days
-                          to the outcome, fallback flag, history length, stop reasons
-    metrics.json          AUROC, AUPRC, Brier, ECE with subject-level bootstrap CIs + run facts
+                          to the outcome, fallback flag, history length, stop reasons; the hazard
+                          estimate, its standard error, expected days and cumulative incidence curve
+    metrics.json          AUROC, AUPRC, Brier, ECE with subject-level bootstrap CIs + run facts; with
+                          both estimators (`estimators`: mc and hazard, and their paired difference)
     report.md, roc.png    the report format `probe` writes
     trajectories/<j>.parquet   sample j of every label as MEDS rows (zeroshot.write_trajectories)
     chunks/               per-chunk results: an interrupted run resumes from them
@@ -46,6 +48,7 @@ from cehrx.tasks.inputs import prepared_dir_for
 from cehrx.zeroshot.outcome import Outcome, resolve_outcome
 from cehrx.zeroshot.predict import (
     CHUNK_DIR,
+    ESTIMATORS,
     LabelInputs,
     ZeroshotConfig,
     config_dict,
@@ -88,8 +91,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     table, weight, sample_info = sample_labels(table, _int(zc.get("max_labels")), str(zc.get("label_sample") or "uniform"), zcfg.seed)
     labels = labels_from(table, weight)
     fp = fingerprint({"model": str(model_dir(cfg.model_dir).resolve()), "model_mtime": _mtime(model_dir(cfg.model_dir)),
-                      "outcome": outcome.describe(vocab), "zeroshot": config_dict(zcfg), "prepared": str(prepared.resolve()),
-                      "random_init": random_init, "split": split}, labels)
+                      "outcome": outcome.describe(vocab), "prepared": str(prepared.resolve()),
+                      "random_init": random_init, "split": split,
+                      "zeroshot": {k: v for k, v in config_dict(zcfg).items() if k != "estimator"}}, labels)  # the chunks hold both estimators
     resumed = prepare_work_dir(out, fp, bool(cfg.overwrite))
     if resumed:
         print(f"zeroshot: resuming, {resumed} chunk(s) already done in {out / CHUNK_DIR}", file=sys.stderr)
@@ -194,23 +198,29 @@ def finish(cfg: DictConfig, out: Path, vocab: Vocab, outcome: Outcome, labels: L
     rows = results.column("label_row").to_numpy()
     ok = results.column("has_history").to_numpy(zero_copy_only=False).astype(bool)
     kept = results.filter(pa.array(ok))
-    prob, fallback, rate = finalize_probabilities(kept)
     lr = rows[ok]
     y, sid, t = labels.boolean_value[lr], labels.subject_id[lr], labels.prediction_time[lr]
     if not len(lr):
         raise CehrxError("no label has a history before its prediction time: nothing to predict")
     w = labels.weight[lr] if labels.weight is not None else None
-    metrics = binary_metrics(y, prob, sid, n_boot=int(cfg.zeroshot.get("n_boot", 1000)), seed=zcfg.seed, sample_weight=w)
+    n_boot = int(cfg.zeroshot.get("n_boot", 1000))
+    estimates = {e: finalize_probabilities(kept, e) for e in ESTIMATORS if e == "mc" or "hazard_probability" in kept.column_names}
+    prob, fallback, rate = estimates[zcfg.estimator]
+    metrics = binary_metrics(y, prob, sid, n_boot=n_boot, seed=zcfg.seed, sample_weight=w)
     summary = futures_summary(kept, fallback, rate, len(rows) - len(lr))
-    metrics.update({"method": "zeroshot", "outcome": outcome.describe(vocab), "futures": summary, "run": facts,
+    metrics.update({"method": "zeroshot", "estimator": zcfg.estimator, "outcome": outcome.describe(vocab), "futures": summary, "run": facts,
                     "labels_per_s": round(len(rows) / max(facts["seconds"], 1e-9), 2), "zeroshot": config_dict(zcfg)})
+    if len(estimates) > 1:
+        metrics["estimators"] = compare_estimators(estimates, kept, y, sid, w, n_boot, zcfg.seed)
     with atomic_dir(out, MARKER, overwrite=True) as tmp:
         write_predictions(tmp / "predictions.parquet", sid, t, y, prob)
         pq.write_table(details(kept, labels, lr, prob, fallback), tmp / "details.parquet")
         if zcfg.write_trajectories:
             write_trajectories(out, tmp / "trajectories", zcfg.num_samples)
-        name = f"zero-shot{' random-init' if facts['random_init'] else ''} ({zcfg.num_samples} futures)"
-        write_report(tmp, f"Zero-shot: {facts['task'] or outcome.name}", {name: metrics}, {name: (y, prob)}, sections=report_sections(outcome, summary, facts))
+        kind = f"zero-shot{' random-init' if facts['random_init'] else ''} ({zcfg.num_samples} futures"
+        shown = {f"{kind}, {e})": (metrics if e == zcfg.estimator else metrics["estimators"][e]) for e in estimates}
+        write_report(tmp, f"Zero-shot: {facts['task'] or outcome.name}", shown, {f"{kind}, {e})": (y, estimates[e][0]) for e in estimates},
+                     sections=report_sections(outcome, summary, facts, metrics.get("estimators")))
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (tmp / MARKER).write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
         os.replace(out / CHUNK_DIR, tmp / CHUNK_DIR)  # last: keep the chunks with the finished run
@@ -218,6 +228,23 @@ def finish(cfg: DictConfig, out: Path, vocab: Vocab, outcome: Outcome, labels: L
     print(f"zeroshot: AUROC {auroc['value']:.3f} [{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}] on {metrics['n']} labels "
           f"({metrics['n_pos']} positive), {metrics['labels_per_s']} labels/s -> {out}", file=sys.stderr)
     return metrics
+
+
+def compare_estimators(estimates: dict[str, tuple], kept: pa.Table, y: np.ndarray, sid: np.ndarray, w: np.ndarray | None,
+                      n_boot: int, seed: int) -> dict[str, Any]:
+    """Both estimators' metrics on the same labels, and hazard minus Monte Carlo on the same bootstrap draws.
+
+    Also the mean per-label standard error of each: the Monte Carlo one is that of a binomial share
+    of the resolved futures, the hazard one the spread of its per-future sums (`cehrx.zeroshot.predict`)."""
+    from cehrx.eval.metrics import binary_metrics, paired_difference
+
+    out: dict[str, Any] = {e: binary_metrics(y, p, sid, n_boot=n_boot, seed=seed, sample_weight=w) for e, (p, _, _) in estimates.items()}
+    res = np.maximum(kept.column("n_resolved").to_numpy(), 1)
+    p_mc = estimates["mc"][0]
+    out["mc"]["mean_label_se"] = float(np.mean(np.sqrt(p_mc * (1 - p_mc) / res)))
+    out["hazard"]["mean_label_se"] = float(np.nanmean(kept.column("hazard_se").to_numpy(zero_copy_only=False)))
+    out["hazard - mc"] = paired_difference(y, sid, estimates["hazard"][0], [p_mc], n_boot, seed, sample_weight=w)
+    return out
 
 
 def details(kept: pa.Table, labels: LabelInputs, lr: np.ndarray, prob: np.ndarray, fallback: np.ndarray) -> pa.Table:
@@ -254,7 +281,7 @@ def futures_summary(kept: pa.Table, fallback: np.ndarray, rate: float, n_dropped
     }
 
 
-def report_sections(outcome: Outcome, s: dict[str, Any], facts: dict[str, Any]) -> dict[str, str]:
+def report_sections(outcome: Outcome, s: dict[str, Any], facts: dict[str, Any], estimators: dict[str, Any] | None = None) -> dict[str, str]:
     w = outcome.window
     end = "unbounded" if math.isinf(w.end_days) else f"{w.end_days:g} days"
     win = f"{'[' if w.start_inclusive else '('}{w.start_days:g} days, {end}{']' if w.end_inclusive else ')'} after the prediction time"
@@ -268,8 +295,21 @@ def report_sections(outcome: Outcome, s: dict[str, Any], facts: dict[str, Any]) 
                     f"- labels whose futures were all unresolved (given the cohort rate {s['fallback_probability']:.3f}): {s['labels_all_unresolved']}\n"
                     f"- labels without a history before the prediction time (dropped): {s['labels_without_history']}\n"
                     f"- median expected days to the outcome: {s['median_expected_days_to_outcome']:.0f}"),
+        **({"Estimators": _estimator_lines(estimators)} if estimators else {}),
         "Run": "\n".join(f"- {k}: {v}" for k, v in facts.items()),
     }
+
+
+def _estimator_lines(e: dict[str, Any]) -> str:
+    """Monte Carlo count vs hazard sum on the same futures (see cehrx.zeroshot.predict)."""
+    lines = ["| estimator | AUROC (95 % CI) | AUPRC | Brier | mean per-label SE |", "|---|---|---|---|---|"]
+    for name in ESTIMATORS:
+        m = e[name]
+        lines.append(f"| {name} | {m['auroc']['value']:.3f} [{m['auroc']['ci_low']:.3f}, {m['auroc']['ci_high']:.3f}] | "
+                     f"{m['auprc']['value']:.3f} | {m['brier']['value']:.4f} | {m['mean_label_se']:.4f} |")
+    d = e["hazard - mc"]["auroc"]
+    lines.append(f"\nhazard - mc AUROC: {d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] (paired bootstrap)")
+    return "\n".join(lines)
 
 
 def _mtime(d: Path) -> float:

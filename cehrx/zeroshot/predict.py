@@ -27,6 +27,28 @@ Reading a future (`score_futures`, vectorised over all tokens of all futures):
 - **Expected time to outcome** = mean days from the prediction time to the first outcome token,
   over the futures that have one in the window (NaN when none does).
 
+**The hazard estimator** (`zeroshot.estimator=hazard`) reads the same futures differently. At
+every step t the sampler also records p_t, the probability that the token it draws is an outcome
+token (`sample(watch_ids=...)`). Let H_t = 1 when no outcome has been drawn inside the window
+before step t, and w_t = 1 when an outcome drawn at step t would fall inside the window (its
+time and visit count are those of the tokens before it, as outcome codes carry no time). Then
+
+    P(outcome in window) = E[ sum_t H_t w_t 1{x_t outcome} ] = E[ sum_t H_t w_t p_t ]
+
+because the indicator's expectation given the past is p_t and H_t, w_t depend on the past only
+(the tower rule; the sum has at most one non-zero indicator, at the first outcome). So each
+future's `sum_t H_t w_t p_t` (steps up to and including its first outcome) is an unbiased
+estimate of the label's risk, like its 0/1 indicator, but it spends the probability of every
+step instead of one draw: for a rare outcome most futures contribute a small positive number
+rather than 0, and the variance drops by orders of magnitude. The futures are the same
+(recording p_t changes no draw). Assumptions: the distribution the futures are drawn from is the
+model's (temperature applied, no top-k/top-p truncation: refused); resolution and the fallback
+are those of the Monte Carlo count. An outcome code that needs a value (`allowed_q`) cannot be
+priced before its value is drawn: its term stays the realised indicator, which keeps the sum
+unbiased. The per-label standard error is the spread of the per-future sums over sqrt(resolved).
+From the same terms: the expected days to the outcome (the terms weighting their times) and a
+cumulative incidence curve (the terms summed up to each of `CIF_POINTS` times in the window).
+
 Labels are processed in chunks of `chunk_size`; each finished chunk is written as
 `chunks/<k>.parquet` (temporary name, then rename), so a rerun after an interruption skips the
 finished chunks and the final result does not depend on where it stopped (each chunk samples
@@ -64,10 +86,16 @@ TRAJ_DIR = "trajectories"
 MANIFEST = "manifest.json"
 
 
+ESTIMATORS = ("mc", "hazard")
+HAZARD_COLUMNS = ("hazard_sum", "hazard_probability", "hazard_se", "hazard_expected_days")
+CIF_POINTS = 10  # cumulative incidence at window_end * k / CIF_POINTS, k = 1..CIF_POINTS
+
+
 @dataclass
 class ZeroshotConfig:
     """The `zeroshot:` config block (sampling and bookkeeping)."""
 
+    estimator: str = "mc"  # which estimate is the prediction (both are computed when the sampling allows)
     num_samples: int = 20
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -85,6 +113,15 @@ class ZeroshotConfig:
             raise CehrxError(f"zeroshot.num_samples must be >= 1, got {self.num_samples}")
         if self.chunk_size < 1:
             raise CehrxError(f"zeroshot.chunk_size must be >= 1, got {self.chunk_size}")
+        if self.estimator not in ESTIMATORS:
+            raise CehrxError(f"zeroshot.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.estimator == "hazard" and not self.hazard_possible:
+            raise CehrxError("zeroshot.estimator=hazard reads the distribution the futures are drawn from: it needs temperature > 0, "
+                             f"top_k=0 and top_p=1 (got temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p})")
+
+    @property
+    def hazard_possible(self) -> bool:
+        return self.temperature > 0 and self.top_k == 0 and self.top_p >= 1.0
 
     @classmethod
     def from_mapping(cls, m: Any) -> ZeroshotConfig:
@@ -111,6 +148,9 @@ class FutureScores:
     has_outcome: np.ndarray  # bool [n]
     resolved: np.ndarray  # bool [n]
     days_to_outcome: np.ndarray  # float64 [n], NaN without outcome
+    hazard: np.ndarray | None = None  # float64 [n]: sum_t H_t w_t p_t (see the module doc), with watch probabilities
+    hazard_days: np.ndarray | None = None  # float64 [n]: the same terms times their days after the prediction time
+    cif: np.ndarray | None = None  # float64 [n, CIF_POINTS]: the terms up to each grid time (finite windows)
 
 
 def outcome_mask(tokens: np.ndarray, offsets: np.ndarray, outcome: Outcome, vocab_size: int) -> np.ndarray:
@@ -139,10 +179,13 @@ def score_futures(
     offsets: np.ndarray,
     stop: np.ndarray,
     slack_s: np.ndarray,
+    watch_prob: np.ndarray | None = None,
 ) -> FutureScores:
     """Score generated futures (flat tokens/offsets, `stop` reasons of the sampler).
 
     `slack_s[i]` = prediction time - last history time (seconds, >= 0) of future i's prompt.
+    `watch_prob` (per token: P(the step draws a plain outcome token), `hazard_watch_ids`) adds
+    the hazard estimator's per-future sums.
     """
     from cehrx.generate.sampler import STOP_DEATH, STOP_END
 
@@ -172,7 +215,50 @@ def score_futures(
     if w.visits is not None:
         passed |= visits_total > w.visits
     ended = np.isin(np.asarray(stop), [STOP_END, STOP_DEATH])
-    return FutureScores(has, has | passed | ended, days)
+    scores = FutureScores(has, has | passed | ended, days)
+    if watch_prob is not None:
+        is_vs = (tokens == vocab[VS]).astype(np.int64)
+        before = _Before(rel=np.maximum(elapsed - steps - slack[seg], 0), visits=_segment_cumsum(is_vs, offsets) - is_vs)
+        _add_hazard(scores, vocab, outcome, tokens, offsets, seg, inside, before, np.asarray(watch_prob, dtype=np.float64))
+    return scores
+
+
+@dataclass
+class _Before:
+    """Per token, what an outcome drawn at its step would have: seconds after the prediction time, visits before it."""
+
+    rel: np.ndarray  # int64 seconds
+    visits: np.ndarray  # int64
+
+
+def hazard_watch_ids(outcome: Outcome) -> np.ndarray:
+    """The outcome tokens whose probability the sampler records: those that need no value."""
+    return np.setdiff1d(outcome.token_ids, np.asarray(list(outcome.allowed_q), dtype=np.int64))
+
+
+def _add_hazard(scores: FutureScores, vocab: Vocab, outcome: Outcome, tokens: np.ndarray, offsets: np.ndarray, seg: np.ndarray,
+                inside: np.ndarray, before: _Before, p: np.ndarray) -> None:
+    """Fill `scores.hazard`, `hazard_days`, `cif` (module doc): the terms H_t w_t p_t of every step up
+    to the first outcome in the window, plus the realised indicator of a first outcome that needs a value."""
+    n = len(offsets) - 1
+    w = outcome.window
+    pos = np.arange(len(tokens)) - np.repeat(offsets[:-1], np.diff(offsets))
+    first = np.full(n, np.iinfo(np.int64).max)
+    np.minimum.at(first, seg[inside], pos[inside])
+    alive = pos <= first[seg]  # H_t: no outcome in the window before step t
+    in_window = _in_time(before.rel, w)
+    if w.visits is not None:
+        in_window &= before.visits <= w.visits
+    term = np.where(alive & in_window, p, 0.0)
+    valued = np.zeros(len(vocab), dtype=bool)
+    valued[np.asarray(list(outcome.allowed_q), dtype=np.int64)] = True
+    term = term + (inside & (pos == first[seg]) & valued[tokens])  # the first outcome needs a value: its realised indicator
+    days = before.rel / DAY
+    scores.hazard = np.bincount(seg, weights=term, minlength=n)
+    scores.hazard_days = np.bincount(seg, weights=term * days, minlength=n)
+    if np.isfinite(w.end_days):
+        grid = w.end_days * np.arange(1, CIF_POINTS + 1) / CIF_POINTS
+        scores.cif = np.stack([np.bincount(seg, weights=term * (days <= g), minlength=n) for g in grid], axis=1)
 
 
 def _segment_cumsum(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -205,7 +291,23 @@ def aggregate(scores: FutureScores, prompt_index: np.ndarray, n_prompts: int) ->
     with np.errstate(invalid="ignore", divide="ignore"):
         prob = np.where(res > 0, pos / np.maximum(res, 1), np.nan)
         days = np.where(pos > 0, dsum / np.maximum(pos, 1), np.nan)
-    return {"n_futures": n, "n_resolved": res, "n_outcome": pos, "probability": prob, "expected_days": days}
+    out = {"n_futures": n, "n_resolved": res, "n_outcome": pos, "probability": prob, "expected_days": days}
+    if scores.hazard is not None:
+        r = scores.resolved.astype(np.float64)
+        hsum = np.bincount(pi, weights=scores.hazard * r, minlength=n_prompts)
+        hsq = np.bincount(pi, weights=scores.hazard**2 * r, minlength=n_prompts)
+        hdays = np.bincount(pi, weights=scores.hazard_days * r, minlength=n_prompts)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(res > 0, hsum / np.maximum(res, 1), np.nan)
+            var = np.where(res > 1, (hsq - res * mean**2) / np.maximum(res - 1, 1), np.nan)
+            out["hazard_sum"] = hsum
+            out["hazard_probability"] = mean
+            out["hazard_se"] = np.sqrt(np.maximum(var, 0.0) / np.maximum(res, 1))
+            out["hazard_expected_days"] = np.where(hsum > 0, hdays / hsum, np.nan)
+            if scores.cif is not None:
+                cif = np.stack([np.bincount(pi, weights=scores.cif[:, k] * r, minlength=n_prompts) for k in range(scores.cif.shape[1])], axis=1)
+                out["hazard_cif"] = np.where(res[:, None] > 0, cif / np.maximum(res, 1)[:, None], np.nan)
+    return out
 
 
 # ---------------------------------------------------------------------------- chunked runner
@@ -313,17 +415,24 @@ def predict_chunk(
                           max_days=max_days, constrained=zcfg.constrained, batch_size=zcfg.batch_size, seed=chunk_seed(zcfg.seed, chunk))
     out = {c: np.full(len(rows), v) for c, v in (("n_futures", 0), ("n_resolved", 0), ("n_outcome", 0))}
     prob, days = np.full(len(rows), np.nan), np.full(len(rows), np.nan)
+    hazard = {c: np.full(len(rows), np.nan) for c in HAZARD_COLUMNS} if zcfg.hazard_possible else {}
+    cif = np.full((len(rows), CIF_POINTS), np.nan) if zcfg.hazard_possible and np.isfinite(w.end_days) else None
     stops = {name: np.zeros(len(rows), dtype=np.int64) for name in STOP_NAMES}
     history_len = np.zeros(len(rows), dtype=np.int64)
     traj = None
     if len(kept):
-        s = sample(model, vocab, hist.tokens, hist.offsets, scfg, num_samples=zcfg.num_samples, progress=progress)
-        scores = score_futures(vocab, outcome, s.tokens, s.offsets, s.stop, slack[s.prompt_index])
+        watch = hazard_watch_ids(outcome) if zcfg.hazard_possible else None
+        s = sample(model, vocab, hist.tokens, hist.offsets, scfg, num_samples=zcfg.num_samples, progress=progress, watch_ids=watch)
+        scores = score_futures(vocab, outcome, s.tokens, s.offsets, s.stop, slack[s.prompt_index], s.watch_prob)
         agg = aggregate(scores, s.prompt_index, len(kept))
         local = hist.label_index
         for c, arr in out.items():
             arr[local] = agg[c]
         prob[local], days[local] = agg["probability"], agg["expected_days"]
+        for c, arr in hazard.items():
+            arr[local] = agg[c]
+        if cif is not None:
+            cif[local] = agg["hazard_cif"]
         for i, name in enumerate(STOP_NAMES):
             stops[name][local] = np.bincount(s.prompt_index, weights=s.stop == i, minlength=len(kept)).astype(np.int64)
         history_len[local] = hist.lengths()
@@ -338,6 +447,8 @@ def predict_chunk(
         **{c: pa.array(v.astype(np.int64)) for c, v in out.items()},
         "probability": pa.array(prob),
         "expected_days": pa.array(days),
+        **{c: pa.array(v) for c, v in hazard.items()},
+        **({} if cif is None else {"hazard_cif": pa.array(list(cif), pa.list_(pa.float64()))}),
         **{f"stop_{k}": pa.array(v) for k, v in stops.items()},
     })
     return table, traj
@@ -414,15 +525,18 @@ def _bar(enabled: bool, total: int):
     return tqdm(total=total, unit="label", desc="zero-shot", dynamic_ncols=True)
 
 
-def finalize_probabilities(results: pa.Table) -> tuple[np.ndarray, np.ndarray, float]:
-    """Probabilities with the documented fallback for labels whose futures were all unresolved.
+def finalize_probabilities(results: pa.Table, estimator: str = "mc") -> tuple[np.ndarray, np.ndarray, float]:
+    """Probabilities of `estimator` with the documented fallback for labels whose futures were all unresolved.
 
-    Returns (probability, fallback flag, fallback value = outcome share over all resolved futures).
+    Returns (probability, fallback flag, fallback value = the estimate over all resolved futures of the run).
     """
-    prob = results.column("probability").to_numpy(zero_copy_only=False).astype(np.float64)
+    column, total = ("probability", "n_outcome") if estimator == "mc" else ("hazard_probability", "hazard_sum")
+    if column not in results.column_names:
+        raise CehrxError(f"zero-shot results hold no {estimator} estimates (the hazard estimator needs temperature > 0, top_k=0, top_p=1)")
+    prob = results.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
     res = results.column("n_resolved").to_numpy()
-    pos = results.column("n_outcome").to_numpy()
-    rate = float(pos.sum() / res.sum()) if res.sum() else 0.0
+    pos = results.column(total).to_numpy(zero_copy_only=False).astype(np.float64)
+    rate = float(np.nansum(pos) / res.sum()) if res.sum() else 0.0
     fb = ~np.isfinite(prob)
     return np.where(fb, rate, prob), fb, rate
 

@@ -84,13 +84,33 @@ def test_end_to_end_outputs(trained, task_files, tmp_path: Path) -> None:
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["outcome"]["window"]["end_days"] == 180 and sorted(saved["outcome"]["tokens"]) == ["SNOMED/101", "SNOMED/102"]
     assert saved["futures"]["futures"] == 3 * 66 and 0 < saved["futures"]["resolved_share"] <= 1
-    assert "| zero-shot (3 futures) |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| zero-shot (3 futures, mc) |" in report and "| zero-shot (3 futures, hazard) |" in report and "hazard - mc AUROC" in report
+    est = saved["estimators"]  # both estimators from the same futures, and their paired difference
+    assert est["mc"]["auroc"]["value"] == saved["auroc"]["value"] and "value" in est["hazard - mc"]["auroc"]
+    assert est["hazard"]["mean_label_se"] < est["mc"]["mean_label_se"], "the hazard sum is the less noisy estimate"
+    det = pq.read_table(out / "details.parquet")
+    h = det.column("hazard_probability").to_numpy()
+    assert ((h >= 0) & (h <= 1 + 1e-6)).all() and (det.column("hazard_se").to_numpy() >= 0).all()
+    cif = np.stack(det.column("hazard_cif").to_pylist())
+    assert cif.shape == (66, 10) and (np.diff(cif, axis=1) >= -1e-12).all() and np.allclose(cif[:, -1], h)  # rises to the risk at the window's end
     traj = sorted((out / "trajectories").glob("*.parquet"))
     assert [t.stem for t in traj] == ["0", "1", "2"]  # one MEDS file per sample index
     t0 = pq.read_table(traj[0])
     assert t0.column_names == ["subject_id", "prediction_time", "time", "code", "numeric_value"] and t0.num_rows > 0
     with pytest.raises(CehrxError, match="overwrite=true"):
         run(cfg_for(trained, task_files, out))
+
+
+def test_hazard_estimator_is_the_prediction_when_chosen(trained, task_files, tmp_path: Path) -> None:
+    m = run(cfg_for(trained, task_files, tmp_path / "hz", "zeroshot.estimator=hazard"))
+    assert m["estimator"] == "hazard" and m["auroc"]["value"] == m["estimators"]["hazard"]["auroc"]["value"]
+    det = pq.read_table(tmp_path / "hz" / "details.parquet")
+    np.testing.assert_allclose(det.column("probability").to_numpy(), det.column("hazard_probability").to_numpy())
+    with pytest.raises(CehrxError, match="top_k=0"):
+        run(cfg_for(trained, task_files, tmp_path / "hz2", "zeroshot.estimator=hazard", "zeroshot.top_k=5"))
+    topk = run(cfg_for(trained, task_files, tmp_path / "topk", "zeroshot.top_k=5"))  # Monte Carlo alone still runs
+    assert "estimators" not in topk
 
 
 def test_resume_after_interruption_gives_the_same_result(trained, task_files, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -139,4 +159,4 @@ def test_random_init_control_and_label_subsample(trained, task_files, tmp_path: 
     out = tmp_path / "rand"
     metrics = run(cfg_for(trained, task_files, out, "zeroshot.random_init=true", "zeroshot.max_labels=12"))
     assert metrics["run"]["random_init"] is True and metrics["n"] == 12
-    assert "| zero-shot random-init (3 futures) |" in (out / "report.md").read_text()
+    assert "| zero-shot random-init (3 futures, mc) |" in (out / "report.md").read_text()

@@ -449,3 +449,48 @@ def test_bad_settings_are_one_line_errors(vocab: Vocab) -> None:
         SamplingConfig(top_p=0.0)
     with pytest.raises(CehrxError, match="vocab_size"):
         sample(GPT(GPTConfig(vocab_size=len(vocab) + 1, n_layer=1, n_embd=32, n_head=2)), vocab, np.zeros(4, np.int64), np.array([0, 4]), SamplingConfig(), progress=False)
+
+
+@torch.no_grad()
+def test_watched_probability_is_the_exact_step_probability(vocab: Vocab, histories: tuple[np.ndarray, np.ndarray]) -> None:
+    """`watch_ids`: over two steps, the mean of p1 + [x1 not watched] * p2 (the hazard sum of
+    `cehrx.zeroshot.predict`) equals P(a watched token among the first two draws), enumerated
+    exactly from the model and the grammar; the Monte Carlo indicator agrees within its (larger) noise."""
+    toks, offs = histories
+    grammar = Grammar.build(vocab)
+    states = grammar.prompt_states(toks, offs)
+    codes = np.flatnonzero(np.array([k == "code" for k in vocab.kinds]))
+    watch = codes[::3]
+    allows_codes = grammar.allowed[torch.from_numpy(states)][:, torch.from_numpy(codes)].any(1).numpy()
+    inside = int(np.flatnonzero(allows_codes & (np.diff(offs) > 8))[0])  # a history that ends inside a visit
+    prompt = toks[offs[inside] : offs[inside + 1]]
+    model = micro(vocab, seed=4)
+
+    def dist(seq: np.ndarray, state: int) -> torch.Tensor:  # the constrained next-token distribution
+        logits = model.lm_head_logits(model(torch.from_numpy(seq)[None])[:, -1])[0].float()
+        return torch.softmax(logits.masked_fill(~grammar.allowed[state], float("-inf")), -1)
+
+    s0 = int(states[inside])
+    p1 = dist(prompt, s0)
+    exact = float(p1[watch].sum())
+    stops = {vocab["[END]"], vocab["[DEATH]"]}
+    for x1 in torch.nonzero(p1 > 0)[:, 0].tolist():
+        if x1 in set(watch.tolist()) or x1 in stops:
+            continue
+        s1 = int(grammar.step(torch.tensor([s0]), torch.tensor([x1]))[0])
+        exact += float(p1[x1]) * float(dist(np.append(prompt, x1), s1)[watch].sum())
+    n = 3000
+    s = sample(model, vocab, prompt, np.array([0, len(prompt)]), SamplingConfig(max_new_tokens=2, batch_size=512, seed=0),
+               num_samples=n, progress=False, watch_ids=watch)
+    assert s.watch_prob is not None and s.watch_prob.shape == s.tokens.shape
+    first, second = s.offsets[:-1], s.offsets[:-1] + 1
+    two = s.lengths() == 2
+    hit1 = np.isin(s.tokens[first], watch)
+    hazard = s.watch_prob[first] + np.where(two & ~hit1, s.watch_prob[np.minimum(second, len(s.tokens) - 1)], 0.0)
+    mc = hit1 | (two & np.isin(s.tokens[np.minimum(second, len(s.tokens) - 1)], watch))
+    assert abs(hazard.mean() - exact) < 4 * hazard.std() / np.sqrt(n) + 1e-6, (hazard.mean(), exact)
+    assert abs(mc.mean() - exact) < 4 * mc.std() / np.sqrt(n) + 1e-6
+    assert 0.05 < exact < 0.95 and hazard.std() < mc.std(), (exact, "the hazard sum varies less than the indicator")
+    np.testing.assert_allclose(s.watch_prob[first], float(p1[watch].sum()), rtol=1e-4)   # the first step is exact per row
+    plain = sample(model, vocab, prompt, np.array([0, len(prompt)]), SamplingConfig(max_new_tokens=2, batch_size=512, seed=0), num_samples=n, progress=False)
+    assert plain.watch_prob is None and np.array_equal(plain.tokens, s.tokens), "watching changes no draw"

@@ -110,6 +110,31 @@ def test_value_constrained_outcome_needs_an_allowed_decile(vocab: Vocab) -> None
     assert s.has_outcome.tolist() == [True, False, False]
 
 
+def test_hazard_sums_each_steps_outcome_probability_inside_the_window_until_the_first_outcome(vocab: Vocab) -> None:
+    """Per token: the probability the sampler gave an outcome at that step. A step counts when an
+    outcome drawn there would lie inside the window (the time of the tokens before it) and no
+    outcome came before it in the window; a first outcome that needs a value adds its indicator."""
+    out = outcome_of(vocab, Window(start_days=2, end_days=30))
+    seqs = ["SNOMED/100 [VE] D3 [VS] VISIT//OP SNOMED/100 SNOMED/101 SNOMED/100 [VE] D40 [VS] VISIT//OP SNOMED/100",
+            "[VE] D20 [VS] VISIT//OP SNOMED/100 [VE] D20 [VS] VISIT//OP SNOMED/100"]
+    tokens, offsets = ids(vocab, *seqs)
+    p = np.linspace(0.01, 0.2, len(tokens))
+    s = score_futures(vocab, out, tokens, offsets, np.array([STOP_TIME, STOP_TIME], np.int8), np.zeros(2, np.int64), p)
+    # future 0: the window opens after D3 (day 3 > 2): steps 3..6 ([VS] VISIT//OP SNOMED/100 SNOMED/101); SNOMED/101 is the first outcome
+    # (D3 itself is priced at day 0, before the window, since a code drawn instead of D3 would be at day 0)
+    # future 1: steps 2..6 lie at day 20 (the second D20 moves the rest to day 40, outside)
+    n0 = len(seqs[0].split())
+    np.testing.assert_allclose(s.hazard, [p[3:7].sum(), p[n0 + 2 : n0 + 7].sum()])
+    assert s.has_outcome.tolist() == [True, False]
+    np.testing.assert_allclose(s.hazard_days[0], 3 * p[3:7].sum())
+    np.testing.assert_allclose(s.cif[:, -1], s.hazard)  # the curve at days 3, 6, ..., 30
+    assert s.cif[0, 0] == s.hazard[0] and s.cif[1, 5] == 0 and s.cif[1, 6] == s.hazard[1]  # future 1's terms at day 20
+    valued = Outcome("t", ["SNOMED/101"], np.array([vocab["SNOMED/101"]]), Window(end_days=30), allowed_q={vocab["SNOMED/101"]: np.array([vocab["Q10"]])})
+    tokens, offsets = ids(vocab, "SNOMED/100 SNOMED/101 Q10 SNOMED/100 [VE]", "SNOMED/100 SNOMED/101 Q2 [VE]")
+    s = score_futures(vocab, valued, tokens, offsets, np.array([STOP_END, STOP_END], np.int8), np.zeros(2, np.int64), np.full(len(tokens), 0.1))
+    np.testing.assert_allclose(s.hazard, [0.2 + 1.0, 0.4])  # priced steps up to the first outcome, then its realised indicator
+
+
 # ------------------------------------------------------------------------------ denominator rule
 
 
@@ -219,8 +244,12 @@ def _labels(arrays, n: int = 6) -> LabelInputs:
 
 def same(a: pa.Table, b: pa.Table) -> bool:
     """Tables equal column by column, NaN == NaN (pa.Table.equals says NaN != NaN)."""
+    def values(t: pa.Table, c: str) -> np.ndarray:
+        col = t.column(c)
+        return np.stack(col.to_pylist()).astype(float) if pa.types.is_list(col.type) else col.to_numpy(zero_copy_only=False)
+
     return a.column_names == b.column_names and all(
-        np.array_equal(a.column(c).to_numpy(zero_copy_only=False), b.column(c).to_numpy(zero_copy_only=False), equal_nan=a.column(c).type == pa.float64())
+        np.array_equal(values(a, c), values(b, c), equal_nan=pa.types.is_floating(a.column(c).type) or pa.types.is_list(a.column(c).type))
         for c in a.column_names)
 
 
