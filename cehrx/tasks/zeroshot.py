@@ -88,7 +88,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     table, label_source = task_labels(cfg, task, prepared)
     split = str(cfg.get("split") or "held_out")
     table = select_split(table, arrays.subject_id, split_of, split)
-    table, weight, sample_info = sample_labels(table, _int(zc.get("max_labels")), str(zc.get("label_sample") or "uniform"), zcfg.seed)
+    table, weight, sample_info = sample_labels(table, _int(zc.get("max_labels")), str(zc.get("label_sample") or "uniform"),
+                                               int(zc.get("label_seed", zcfg.seed)))
     labels = labels_from(table, weight)
     fp = fingerprint({"model": str(model_dir(cfg.model_dir).resolve()), "model_mtime": _mtime(model_dir(cfg.model_dir)),
                       "outcome": outcome.describe(vocab), "prepared": str(prepared.resolve()),
