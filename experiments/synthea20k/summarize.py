@@ -4,7 +4,8 @@
 
 Tables: probe AUROC/AUPRC per method and readout; paired differences (probe minus the mean of the
 random-init seeds, minus counts LR, minus counts HGB; both readouts, on the same subject-bootstrap
-draws, `cehrx.eval.metrics.paired_difference`); the few-shot curves; zero-shot vs random init.
+draws, `cehrx.eval.metrics.paired_difference`); the few-shot curves; zero-shot vs random init with both
+estimators (Monte Carlo count and hazard sum) from the same futures.
 The mean-readout runs skip the count baselines (`probe.baselines=[]`): they are paired with the
 last-token run's count predictions, which score exactly the same labels (checked row by row).
 """
@@ -30,14 +31,6 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | 
     t = pq.read_table(path).sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
     return (t.column("boolean_value").to_numpy(zero_copy_only=False).astype(bool), t.column("subject_id").to_numpy(),
             t.column("prediction_time").cast("int64").to_numpy(), t.column("predicted_boolean_probability").to_numpy().astype(float))
-
-
-def weights(run: Path) -> np.ndarray | None:
-    """A zero-shot run's label weights (case-control samples), in (subject, time) order, else None."""
-    t = pq.read_table(run / "details.parquet")
-    if "weight" not in t.column_names:
-        return None
-    return t.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")]).column("weight").to_numpy()
 
 
 def seeds(run: Path) -> list[Path]:
@@ -117,27 +110,48 @@ def few_shot_table(study: Path) -> None:
     print()
 
 
+def estimates(run: Path) -> dict[str, np.ndarray]:
+    """A zero-shot run's per-label inputs and both estimators (as the task finalises them), in (subject, time) order."""
+    t = pq.read_table(run / "details.parquet").sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
+    col = lambda c: t.column(c).to_numpy(zero_copy_only=False)
+    res = col("n_resolved")
+    out = {"y": col("boolean_value").astype(bool), "sid": col("subject_id"), "time": t.column("prediction_time").cast("int64").to_numpy(),
+           "w": col("weight") if "weight" in t.column_names else None}
+    for name, num in (("mc", "n_outcome"), ("hazard", "hazard_sum")):
+        if num in t.column_names:
+            x = col(num).astype(float)
+            rate = float(np.nansum(x) / res.sum()) if res.sum() else 0.0
+            out[name] = np.where(res > 0, x / np.maximum(res, 1), rate)
+    return out
+
+
 def zeroshot_table(study: Path, n_boot: int) -> None:
     runs = sorted((study / "zeroshot").glob("*/metrics.json"))
     if not runs:
         return
-    print("### Zero-shot: held-out AUROC / Brier / ECE, model vs random init\n")
-    print("| task | labels (pos) | model AUROC | random init AUROC | model - random [95% CI] | model Brier | model ECE |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("### Zero-shot: held-out AUROC / Brier / ECE, model vs random init, both estimators from the same futures\n")
+    print("| task | labels (pos) | estimator | model AUROC | random init AUROC | model - random [95% CI] | model Brier | model ECE | mean label SE |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for f in runs:
         task = f.parent.name
         m = json.loads(f.read_text())
         rnd = study / "zeroshot_random_init" / task
-        a, b = load(f.parent / "predictions.parquet"), load(rnd / "predictions.parquet")
-        met = m  # zero-shot's metrics.json has the metrics at its top level
-        diff, rand_auc = "-", "-"
-        if a is not None and b is not None and np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2]):
-            d = paired_difference(a[0], a[1], a[3], [b[3]], n_boot=n_boot, sample_weight=weights(f.parent))["auroc"]
-            diff = f"{d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
-            rand_auc = format_metric(json.loads((rnd / "metrics.json").read_text())["auroc"])
-        n = f"{int(a[0].size):,} ({int(a[0].sum()):,})" if a is not None else "-"
-        print(f"| {task} | {n} | {format_metric(met['auroc']) if 'auroc' in met else '-'} | {rand_auc} | {diff} | "
-              f"{format_metric(met['brier']) if 'brier' in met else '-'} | {format_metric(met['ece']) if 'ece' in met else '-'} |")
+        a = estimates(f.parent)
+        b = estimates(rnd) if (rnd / "metrics.json").is_file() else None
+        mr = json.loads((rnd / "metrics.json").read_text()) if b is not None else {}
+        n = f"{a['y'].size:,} ({int(a['y'].sum()):,})"
+        for e in ("mc", "hazard"):
+            if e not in a:
+                continue
+            me = m.get("estimators", {}).get(e, m)
+            diff, rand_auc = "-", "-"
+            if b is not None and e in b and np.array_equal(a["sid"], b["sid"]) and np.array_equal(a["time"], b["time"]):
+                d = paired_difference(a["y"], a["sid"], a[e], [b[e]], n_boot=n_boot, sample_weight=a["w"])["auroc"]
+                diff = f"{d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+                rand_auc = format_metric(mr.get("estimators", {}).get(e, mr)["auroc"])
+            se = me.get("mean_label_se")
+            print(f"| {task} | {n} | {e} | {format_metric(me['auroc'])} | {rand_auc} | {diff} | {format_metric(me['brier'])} | "
+                  f"{format_metric(me['ece'])} | {'-' if se is None else f'{se:.4f}'} |")
     print()
 
 
