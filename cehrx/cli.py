@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -36,7 +38,19 @@ def gpus_per_node(accelerator: str, devices: object) -> object:
     return 0 if str(accelerator) == "cpu" else devices
 
 
+def job_dirname(overrides: str) -> str:
+    """A sweep job's directory name (`hydra.sweep.subdir`): its overrides (`model.lr=0.001,trainer.max_steps=9`),
+    `/` made `_`; past `MAX_JOB_DIRNAME` characters, their start plus a hash of them all. File systems
+    refuse names over 255 bytes, and the name must come out the same when a requeued job looks for it."""
+    name = overrides.replace("/", "_")
+    if len(name) <= MAX_JOB_DIRNAME:
+        return name
+    return f"{name[: MAX_JOB_DIRNAME - 14]}..{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+
+
+MAX_JOB_DIRNAME = 160
 OmegaConf.register_new_resolver("cehrx.gpus_per_node", gpus_per_node, replace=True)
+OmegaConf.register_new_resolver("cehrx.job_dirname", job_dirname, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
@@ -49,6 +63,8 @@ def app(cfg: DictConfig) -> object:
         return fn(cfg)
     except CehrxError as e:  # bad input: one clear line, no traceback
         print(f"cehrx: error: {e}", file=sys.stderr)
+        if os.environ.get("SUBMITIT_EXECUTOR"):
+            raise  # a SLURM job: submitit records the failure and the submitting `cehrx -m` exits non-zero (an exit would leave it waiting)
         sys.exit(2)
 
 

@@ -58,6 +58,16 @@ def test_slurm_launcher_takes_its_shape_from_the_trainer() -> None:
     assert OmegaConf.to_container(cpu.hydra.launcher, resolve=True)["gpus_per_node"] == 0  # a CPU job asks for no GPU
 
 
+def test_sweep_job_dirnames_stay_short_and_stable() -> None:
+    from cehrx.cli import MAX_JOB_DIRNAME, job_dirname
+
+    assert job_dirname("model.lr=0.001,trainer.max_steps=9") == "model.lr=0.001,trainer.max_steps=9"
+    assert job_dirname("probe.task=/a/b.yaml") == "probe.task=_a_b.yaml"  # never a nested path
+    long = ",".join(f"trainer.key_{i}=value_{i}" for i in range(30))
+    name = job_dirname(long)
+    assert len(name) == MAX_JOB_DIRNAME and name == job_dirname(long) and name != job_dirname(long + "x")
+
+
 def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path: Path) -> None:
     assert resolve_ckpt_path("auto", tmp_path) is None
     (tmp_path / "checkpoints").mkdir()
