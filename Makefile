@@ -15,7 +15,7 @@ install: ## install cehrx with dev extras (torch $(TORCH_VERSION) only if torch 
 	$(PYTHON) -m pip install -e ".[dev]"
 
 test: install ## run the whole test suite (what CI runs)
-	$(PYTHON) -m pytest -n 2 $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: ## unit tests only, no install step
 	$(PYTHON) -m pytest -m "not slow" tests/unit $(PYTEST_ARGS)

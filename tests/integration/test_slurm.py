@@ -20,7 +20,7 @@ import torch
 from cehrx.model.export import load_pretrained
 from tests.slurm_cluster import SCRIPT, ensure_cluster
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one worker starts and stops the cluster
 
 LAUNCH = ("-m", "hydra/launcher=slurm", "local=localhost_slurm")
 TRAIN = ("task=pretrain", "model=micro", "trainer=cpu", "model.max_seq_len=64", "task.datamodule.max_tokens_per_batch=512",
@@ -62,7 +62,7 @@ def test_two_value_sweep_runs_as_two_jobs_with_their_own_dirs(slurm, synthetic_p
 
 
 def test_requeued_job_resumes_to_the_same_final_step_and_weights(slurm, synthetic_prepared: Path, tmp_path: Path) -> None:
-    steps = 240
+    steps = 600  # ~20 s: longer than SLURM's KillWait (5 s), during which the job runs on after `scontrol requeue`'s SIGTERM
     run = (*TRAIN, f"trainer.max_steps={steps}", "trainer.val_check_interval=60", "callbacks.last.every_n_train_steps=20",
            "trainer.log_every_n_steps=1", "ckpt_path=auto", "callbacks.early_stopping=null", f"data.prepared_dir={synthetic_prepared}")
     ref = cehrx(*run, f"output_dir={tmp_path / 'ref'}", env=slurm, cwd=tmp_path)  # the same run, never interrupted, outside SLURM
@@ -77,7 +77,7 @@ def test_requeued_job_resumes_to_the_same_final_step_and_weights(slurm, syntheti
     finally:
         proc.kill()
     assert proc.returncode == 0, stdout[-3000:]
-    info = subprocess.run(["scontrol", "show", "job", job_id], env=slurm, capture_output=True, text=True).stdout
+    info = _job_info(job_id, slurm)
     assert re.search(r"Restarts=1\b", info) and "JobState=COMPLETED" in info, info
 
     (job,) = [p for p in (out / "multirun").iterdir() if p.is_dir()]
@@ -100,6 +100,16 @@ def _requeue_after_first_checkpoint(out: Path, env: dict[str, str]) -> str:
             return ids[0]
         time.sleep(0.2)
     raise AssertionError(f"no running job with a checkpoint under {out} after 300 s")
+
+
+def _job_info(job_id: str, env: dict[str, str]) -> str:
+    """`scontrol show job` once the job has left RUNNING/COMPLETING (the result file can come a moment earlier)."""
+    for _ in range(100):
+        info = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+        if "JobState=RUNNING" not in info and "JobState=COMPLETING" not in info:
+            break
+        time.sleep(0.2)
+    return info
 
 
 def _logged_steps(path: Path) -> set[int]:
