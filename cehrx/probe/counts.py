@@ -68,3 +68,17 @@ def count_features(
     unknown = ~np.isfinite(age)
     X_age = sp.csr_matrix(np.stack([np.where(unknown, 0.0, age), unknown.astype(np.float64)], 1))
     return sp.hstack([X_codes, X_age], format="csr"), [*vocabulary, AGE_COLUMN, AGE_UNKNOWN]
+
+
+def window_counts(tokens: np.ndarray, offsets: np.ndarray, vocab_size: int) -> sp.csr_matrix:
+    """Token counts of each history window the model reads (`Histories.tokens/offsets`): `[n, vocab_size]`.
+
+    The `counts_window` baseline: a linear model on exactly the tokens the transformer sees
+    (prompt with age, gender and race; the last `max_len` tokens), where `counts` sees every
+    event since birth. Their gap measures what the window leaves out of a lifelong history.
+    """
+    n = len(offsets) - 1
+    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
+    X = sp.csr_matrix((np.ones(len(rows)), (rows, np.asarray(tokens, dtype=np.int64))), shape=(n, vocab_size))
+    X.sum_duplicates()
+    return X

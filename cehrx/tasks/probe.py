@@ -43,7 +43,7 @@ from cehrx.eval.report import write_report
 from cehrx.model.export import load_pretrained, random_init_like
 from cehrx.model.export import model_dir as resolve_model_dir
 from cehrx.probe import labels as L
-from cehrx.probe.counts import count_features
+from cehrx.probe.counts import count_features, window_counts
 from cehrx.probe.embed import POOLINGS
 from cehrx.probe.feature_cache import Embedder, weights_sha256
 from cehrx.probe.evaluate import Protocol, choose_protocol, cross_fit, few_shot, scored_rows
@@ -51,7 +51,7 @@ from cehrx.tasks.inputs import prepared_dir_for
 
 log = logging.getLogger("cehrx.probe")
 MARKER = "metrics.json"
-BASELINES = ("counts", "counts_hgb")
+BASELINES = ("counts", "counts_hgb", "counts_window")  # counts_window: the model's own window, bag of tokens (a diagnostic)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -132,7 +132,7 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
 
     t0 = time.perf_counter()
     count_info: dict[str, int] = {}
-    if p.baselines:
+    if {"counts", "counts_hgb"} & set(p.baselines or []):
         counts, names = count_features(L.meds_dir_for(prepared), kept)
         common = np.asarray((counts != 0).sum(0)).ravel() >= int(p.min_code_labels)
         common[-2:] = True  # age columns
@@ -144,6 +144,11 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
             features["counts"] = logc
         if "counts_hgb" in p.baselines:
             features["counts_hgb"] = counts
+    if "counts_window" in (p.baselines or []):
+        win = window_counts(hist.tokens, hist.offsets, len(vocab))
+        win = win[:, np.flatnonzero(np.asarray((win != 0).sum(0)).ravel() >= int(p.min_code_labels))]
+        win.data = np.log1p(win.data)
+        features["counts_window"] = win
     timings["count_features"] = _lap(t0)
 
     protocol = choose_protocol(split, y, sid, str(p.evaluation), int(p.min_test_class), int(p.cv_folds), seed, test_split)

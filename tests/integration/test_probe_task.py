@@ -126,9 +126,10 @@ def test_probe_with_a_feature_store_and_thinned_training_labels(micro_model: tup
 
     _, model = micro_model
     common = (f"model_dir={model}", "probe.task=gibleed_after_nsaid", "probe.random_init=true", "probe.random_init_seeds=1",
-              f"probe.cache_dir={tmp_path / 'store'}", "probe.train_label_fraction=0.5", "probe.baselines=[counts]", *FAST_PROBE)
+              f"probe.cache_dir={tmp_path / 'store'}", "probe.train_label_fraction=0.5", "probe.baselines=[counts,counts_window]", *FAST_PROBE)
     last = run(compose_cfg("task=probe", *common, f"output_dir={tmp_path / 'last'}"))
     assert last["feature_cache"]["found"] == 0 and last["feature_cache"]["histories"] == 2 * last["labels"]["used"]
+    assert {"counts", "counts_window"} <= set(last["methods"]) and "probe - counts_window" in last["paired"]
     thinned = last["labels"]["thinned"]
     assert thinned["train_label_fraction"] == 0.5 and thinned["dropped"] > 20
     full = run(compose_cfg("task=probe", f"model_dir={model}", "probe.task=gibleed_after_nsaid", "probe.baselines=[]", *FAST_PROBE,

@@ -493,6 +493,13 @@ def test_followup_drops_labels_whose_window_runs_past_the_data(tmp_path: Path) -
         followup_days(str(task))
 
 
+def test_window_counts_are_the_tokens_of_each_history() -> None:
+    from cehrx.probe.counts import window_counts
+
+    X = window_counts(np.array([3, 5, 5, 7, 3]), np.array([0, 3, 5]), 8)
+    assert X.shape == (2, 8) and X.toarray()[0].tolist() == [0, 0, 0, 1, 0, 2, 0, 0] and X.toarray()[1].tolist() == [0, 0, 0, 1, 0, 0, 0, 1]
+
+
 def test_label_cache_reuses_a_result_until_the_task_or_the_data_changes(tmp_path: Path, monkeypatch) -> None:
     import cehrx.probe.labels as L
 
