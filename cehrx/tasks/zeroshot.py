@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -224,7 +225,9 @@ def finish(cfg: DictConfig, out: Path, vocab: Vocab, outcome: Outcome, labels: L
                      sections=report_sections(outcome, summary, facts, metrics.get("estimators")))
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (tmp / MARKER).write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
-        os.replace(out / CHUNK_DIR, tmp / CHUNK_DIR)  # last: keep the chunks with the finished run
+        # last: the chunks go with the finished run as hard links, so a kill before the final rename
+        # leaves them in place for the rerun (a move would leave them in a temporary dir)
+        shutil.copytree(out / CHUNK_DIR, tmp / CHUNK_DIR, copy_function=os.link)
     auroc = metrics["auroc"]
     print(f"zeroshot: AUROC {auroc['value']:.3f} [{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}] on {metrics['n']} labels "
           f"({metrics['n_pos']} positive), {metrics['labels_per_s']} labels/s -> {out}", file=sys.stderr)
