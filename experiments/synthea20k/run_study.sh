@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Synthea 20k study (experiments/synthea20k/RESULTS.md): every shipped synthea20k_* task.
 #
-#   bash experiments/synthea20k/run_study.sh [probe|zeroshot|synthetic|all]     (default: all)
+#   bash experiments/synthea20k/run_study.sh [probe|window|zeroshot|synthetic|all]     (default: all)
 #
 # Needs the model of `cehrx experiment=synthea20k` (runs/synthea20k/model). Runs one heavy job at a
 # time; rerun the same command after an interruption: finished runs are skipped, the probe's feature
@@ -41,6 +41,15 @@ if [[ $WHAT == probe || $WHAT == all ]]; then
     run "$STUDY/probe_last/$task" python -m cehrx task=probe model_dir="$MODEL" probe.task="$task" probe.pooling=last $PROBE_ARGS
     # the mean readout: the same histories (read from the feature store); the count baselines are the last run's
     run "$STUDY/probe_mean/$task" python -m cehrx task=probe model_dir="$MODEL" probe.task="$task" probe.pooling=mean "probe.baselines=[]" $PROBE_ARGS
+  done
+fi
+
+if [[ $WHAT == window || $WHAT == all ]]; then
+  # Diagnostic: a logistic regression on the bag of tokens of the model's own 512-token window
+  # (counts_window) against counts over the whole history: what does the window leave out?
+  for task in $TASKS; do
+    run "$STUDY/probe_window/$task" python -m cehrx task=probe model_dir="$MODEL" probe.task="$task" probe.pooling=mean \
+      $PROBE_ARGS "probe.baselines=[counts_window]" probe.random_init=false "probe.few_shot=[]"  # the last value of a key wins
   done
 fi
 
