@@ -222,7 +222,7 @@ def finish(cfg: DictConfig, out: Path, vocab: Vocab, outcome: Outcome, labels: L
         kind = f"zero-shot{' random-init' if facts['random_init'] else ''} ({zcfg.num_samples} futures"
         shown = {f"{kind}, {e})": (metrics if e == zcfg.estimator else metrics["estimators"][e]) for e in estimates}
         write_report(tmp, f"Zero-shot: {facts['task'] or outcome.name}", shown, {f"{kind}, {e})": (y, estimates[e][0]) for e in estimates},
-                     sections=report_sections(outcome, summary, facts, metrics.get("estimators")))
+                     sections=report_sections(outcome, summary, facts, metrics.get("estimators")), sample_weight=w)
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (tmp / MARKER).write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
         # last: the chunks go with the finished run as hard links, so a kill before the final rename

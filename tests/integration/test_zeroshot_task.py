@@ -76,7 +76,7 @@ def cfg_for(trained: tuple[Path, Path], task_files: tuple[Path, Path], out: Path
 def test_end_to_end_outputs(trained, task_files, tmp_path: Path) -> None:
     out = tmp_path / "zs"
     metrics = run(cfg_for(trained, task_files, out, "zeroshot.write_trajectories=true"))
-    assert {p.name for p in out.iterdir()} >= {"predictions.parquet", "details.parquet", "metrics.json", "report.md", "roc.png", "config.yaml", "chunks", "trajectories"}
+    assert {p.name for p in out.iterdir()} >= {"predictions.parquet", "details.parquet", "metrics.json", "report.md", "roc.png", "calibration.png", "config.yaml", "chunks", "trajectories"}
     preds = read_predictions(out / "predictions.parquet")  # meds-evaluation schema
     assert len(preds) == metrics["n"] == 66
     p = preds.column("predicted_boolean_probability").to_numpy()
