@@ -20,9 +20,10 @@ LABELS="probe.labels_cache_dir=$ROOT/labels_cache"  # each task's ACES labels ar
 # every task keeps the same prediction times and the feature store serves them all); held_out is never thinned.
 PROBE_ARGS=${PROBE_ARGS:-"probe.max_len=512 probe.random_init=true probe.random_init_seeds=1 probe.train_label_fraction=0.15 \
 probe.cache_dir=$ROOT/probe_cache probe.few_shot=[16,64,256,1024,all] probe.progress=false $LABELS"}
-# Zero-shot: 10 futures of up to 512 new tokens after a 512-token history, on 2,000 held-out labels: every
-# positive label (up to 1,000) plus negatives, weighted back to the whole held-out split (label_sample).
-ZS_ARGS=${ZS_ARGS:-"zeroshot.num_samples=10 zeroshot.max_new_tokens=512 zeroshot.history_len=512 zeroshot.max_labels=2000 \
+# Zero-shot: 10 futures of up to 512 new tokens after a 512-token history, on 400 held-out labels: 200
+# positive labels plus 200 negatives, weighted back to the whole held-out split (label_sample). Both
+# estimators (Monte Carlo count, hazard sum) come from the same futures.
+ZS_ARGS=${ZS_ARGS:-"zeroshot.num_samples=10 zeroshot.max_new_tokens=512 zeroshot.history_len=512 zeroshot.max_labels=400 \
 zeroshot.label_sample=case_control zeroshot.progress=false $LABELS"}
 WHAT=${1:-all}
 set -f  # from here on no globbing: probe.few_shot=[...] is an override, not a pattern
