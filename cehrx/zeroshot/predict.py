@@ -3,7 +3,7 @@
 For each label `(subject, prediction_time)` the history cut at the prediction time
 (`cehrx.data.history.cut_histories`, the cut `probe` uses: no token later than the prediction
 time) is the prompt. The shared engine (`cehrx.generate.sampler.sample`) continues it
-`num_samples` times, prefilling each history once and replicating its KV cache per sample,
+`num_samples` times, prefilling each history once and sharing its cached keys with its futures (`SharedPrefixKVCache`),
 with a time budget of the window's end so futures stop as soon as they pass it.
 
 Reading a future (`score_futures`, vectorised over all tokens of all futures):
