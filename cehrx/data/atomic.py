@@ -113,3 +113,25 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """`path` holds `text` completely or keeps what it held (see `atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_parquet(table, path: str | Path, **kwargs) -> Path:
+    """`pyarrow.parquet.write_table` to a temporary name, then renamed onto `path`."""
+    import pyarrow.parquet as pq
+
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp, **kwargs)
+    return Path(path)

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from cehrx.data import duck
-from cehrx.data.atomic import atomic_dir
+from cehrx.data.atomic import atomic_dir, write_parquet, write_text
 from cehrx.data.shards import NO_BIRTH, TokenArrays
 from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
@@ -106,7 +106,7 @@ class Partial:
                 shutil.rmtree(self.dir)
         (self.dir / SHARDS).mkdir(parents=True, exist_ok=True)
         (self.dir / STATS).mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.settings_file, json.dumps(settings, indent=2, sort_keys=True))
+        write_text(self.settings_file, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
     def done(self) -> list[dict]:
         """Stats of the finished shards, in order (a shard is finished once its stats exist)."""
@@ -116,21 +116,12 @@ class Partial:
         return stats
 
     def save(self, index: int, arrays: TokenArrays, stats: dict) -> None:
-        path = self.dir / SHARDS / f"{index}.parquet"
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(shard_table(arrays), tmp, compression="zstd")
-        os.replace(tmp, path)
-        _write_atomic(self.dir / STATS / f"{index}.json", json.dumps(stats, indent=2))
+        write_parquet(shard_table(arrays), self.dir / SHARDS / f"{index}.parquet", compression="zstd")
+        write_text(self.dir / STATS / f"{index}.json", json.dumps(stats, indent=2) + "\n")
 
     def shard_files(self) -> list[Path]:
         """The parquet files of the finished shards (a file without stats is an interrupted write)."""
         return [self.dir / SHARDS / f"{i}.parquet" for i in range(len(self.done()))]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, path)
 
 
 def read_shard(path: Path) -> TokenArrays:

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cehrx.data.atomic import write_text
 from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
 from cehrx.model.export import MARKER, MODEL_SUBDIR, checkpoint_step, export_checkpoint
@@ -161,13 +160,6 @@ def fill_vocab_size(cfg: DictConfig, vocab: Vocab, vocab_path: Path) -> None:
         cfg.model.vocab_size = len(vocab)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def build_callbacks(cfg: DictConfig) -> list[Callback]:
     """Instantiate `callbacks.*`, minus those the rest of the config switched off.
 
@@ -196,7 +188,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fill_vocab_size(cfg, vocab, vocab_path)
     L.seed_everything(int(cfg.seed), workers=True)
     if rank_zero_only.rank == 0:
-        write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     datamodule, module, trainer = build(cfg, vocab, out / CKPT_SUBDIR / "last.ckpt")
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -232,7 +224,7 @@ def finish(cfg: DictConfig, trainer: L.Trainer, module: Any, datamodule: Any, fi
         lg.log_metrics({"val/unigram_ppl": metrics["unigram_ppl"]}, step=metrics["global_step"])
         lg.save()
     export_checkpoint(source, out / MODEL_SUBDIR, vocab_path, train_config=cfg, overwrite=True, info={"metrics": metrics})
-    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     _report(metrics, out)
     return metrics
 

@@ -60,9 +60,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +69,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cehrx.data.atomic import write_parquet, write_text
 from cehrx.data.decode import decode_events, token_seconds
 from cehrx.data.history import cut_histories
 from cehrx.data.shards import TokenArrays
@@ -349,7 +348,7 @@ def prepare_work_dir(work: Path, fp: str, overwrite: bool) -> int:
             raise CehrxError(f"{chunks} holds chunks of a different zero-shot run (other model, labels, outcome or settings): "
                              "pass overwrite=true to start over, or use another output_dir")
     chunks.mkdir(parents=True, exist_ok=True)
-    _write_atomic_bytes(man, (json.dumps({"fingerprint": fp}) + "\n").encode())
+    write_text(man, json.dumps({"fingerprint": fp}) + "\n")
     return len(list(chunks.glob("*.parquet")))
 
 
@@ -378,8 +377,8 @@ def run_chunks(
             else:
                 table, traj = predict_chunk(model, vocab, arrays, labels, rows, outcome, zcfg, max_len, k, progress and n_chunks == 1)
                 if traj is not None:
-                    _write_parquet_atomic(traj, work / CHUNK_DIR / TRAJ_DIR / f"{k}.parquet")
-                _write_parquet_atomic(table, path)
+                    write_parquet(traj, work / CHUNK_DIR / TRAJ_DIR / f"{k}.parquet")
+                write_parquet(table, path)
             if bar is not None:
                 bar.update(len(rows))
     finally:
@@ -502,19 +501,6 @@ def write_trajectories(work: Path, out_dir: Path, num_samples: int) -> list[Path
 
 def _empty_chunk() -> pa.Table:
     return pa.table({"label_row": pa.array([], pa.int64())})
-
-
-def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def _write_atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _bar(enabled: bool, total: int):
