@@ -14,7 +14,6 @@ Output (`output_dir`, written to a temporary sibling and renamed when complete):
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -22,17 +21,22 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from cehrx.data.atomic import atomic_dir
 from cehrx.data.vocab import Vocab
-from cehrx.eval.metrics import json_safe
-from cehrx.progress import Stages
 from cehrx.errors import CehrxError
 from cehrx.eval import fidelity, marginal, privacy, synthetic_report
-from cehrx.eval.patients import Patients, TokenSpace, code_columns, load_patients, record_matrix
+from cehrx.eval.metrics import json_safe
+from cehrx.eval.patients import (
+    Patients,
+    TokenSpace,
+    code_columns,
+    load_patients,
+    record_matrix,
+)
+from cehrx.progress import Stages
 from cehrx.tasks.inputs import is_prepared_dir, prepared_dir_for
+from cehrx.tasks.scaffold import task_output, write_marker
 
 log = logging.getLogger("cehrx.evaluate")
-MARKER = "metrics.json"
 MODEL_SET = "model"
 BASELINE_SET = "marginal"
 
@@ -47,11 +51,10 @@ def run(cfg: DictConfig) -> dict:
     if synthetic is None and baseline is None:
         raise CehrxError("nothing to evaluate: pass synthetic_dir=<a generate output> and/or evaluate.baseline=marginal")
     out = Path(cfg.output_dir)
-    with atomic_dir(out, MARKER, overwrite=bool(cfg.overwrite)) as tmp:
+    with task_output(cfg, "evaluate") as tmp:
         metrics = evaluate(cfg, prepared, synthetic, baseline, tmp)
         metrics["output_dir"] = str(out)
-        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (tmp / MARKER).write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
+        write_marker(tmp, "evaluate", metrics)
     Console(stderr=True).print(f"synthetic data report -> {out / 'report.md'}")
     return metrics
 

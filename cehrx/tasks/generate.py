@@ -39,14 +39,20 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from cehrx.data import duck
-from cehrx.data.atomic import atomic_dir, write_parquet, write_text
+from cehrx.data.atomic import write_parquet, write_text
 from cehrx.data.shards import NO_BIRTH, TokenArrays
 from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
 from cehrx.generate.concepts import read_source_info
 from cehrx.generate.constraints import Grammar
 from cehrx.generate.omop_writer import write_omop
-from cehrx.generate.patients import DROP_REASONS, TRUNCATED_KEY, decode_samples, shard_table, take_prefixes
+from cehrx.generate.patients import (
+    DROP_REASONS,
+    TRUNCATED_KEY,
+    decode_samples,
+    shard_table,
+    take_prefixes,
+)
 from cehrx.generate.prompts import PromptPool, config_pool, empirical_pool
 from cehrx.generate.sampler import STOP_NAMES, SamplingConfig
 from cehrx.generate.staging import Stage
@@ -54,8 +60,8 @@ from cehrx.generate.windows import sample_windows
 from cehrx.model.export import load_pretrained, resolve_device
 from cehrx.model.export import model_dir as resolve_model_dir
 from cehrx.tasks.inputs import prepared_dir_for
+from cehrx.tasks.scaffold import guard, task_output, write_marker
 
-MARKER = "generate.json"
 SHARDS = Path("tokens") / "train"
 STATS = "shard_stats"
 
@@ -224,8 +230,7 @@ def sample_all(model: Any, vocab: Vocab, pool: PromptPool, scfg: SamplingConfig,
 def run(cfg: DictConfig) -> dict:
     g = cfg.generate
     out = Path(str(cfg.output_dir))
-    if (out / MARKER).is_file() and not bool(cfg.overwrite):
-        raise CehrxError(f"{out} already holds a finished generate output ({MARKER}); pass overwrite=true to replace it")
+    guard("generate", out, bool(cfg.overwrite))
     if int(g.num_patients) < 1 or int(g.shard_size) < 1:
         raise CehrxError(f"generate.num_patients and generate.shard_size must be >= 1 (got {g.num_patients}, {g.shard_size})")
     if str(g.truncated) not in ("keep", "drop"):
@@ -249,14 +254,13 @@ def run(cfg: DictConfig) -> dict:
     work = Partial(out, settings, bool(cfg.overwrite))
     stats, resumed = sample_all(model, vocab, pool, scfg, g, work, console)
     t_sampled = time.perf_counter()
-    with atomic_dir(out, MARKER, overwrite=bool(cfg.overwrite)) as tmp:
+    with task_output(cfg, "generate") as tmp:
         outputs = assemble(cfg, vocab, mdir, prepared, work, tmp, console)
         report = summarize(stats, pool, settings, outputs, device)
         report["resumed_shards"] = resumed
         report["timings_s"] = {"load_and_sample": round(t_sampled - t0, 3), **outputs.pop("timings_s"), "total": round(time.perf_counter() - t0, 3)}
         report["outputs"] = outputs
-        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (tmp / MARKER).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_marker(tmp, "generate", report)
     shutil.rmtree(work.dir, ignore_errors=True)
     p = report["patients"]
     console.print(f"generated [bold]{p['generated']}[/bold] patients ({p['samples']} samples, {p['validity_rate']:.1%} valid), "

@@ -21,30 +21,24 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from cehrx.errors import CehrxError
+from cehrx.tasks.scaffold import OUTPUTS, is_finished
 from cehrx.tasks.summary import print_summary
 
 log = logging.getLogger("cehrx")
 
 # stage -> (sub dir of the root, file that exists once the stage finished)
-STAGES: dict[str, tuple[str, str]] = {
-    "prepare": ("prepared", "prepare.json"),
-    "pretrain": ("model", "model/config.json"),
-    "probe": ("probe", "metrics.json"),
-    "zeroshot": ("zeroshot", "metrics.json"),
-    "generate": ("synthetic", "generate.json"),
-    "evaluate": ("synthetic_report", "metrics.json"),
-}
+STAGES = tuple(OUTPUTS)  # in pipeline order; each stage's folder and done marker: cehrx.tasks.scaffold.OUTPUTS
 GROUPS = ("data", "model", "trainer", "callbacks", "logger", "local")
 OWN_KEYS = ("task", "experiment", "output_dir", "pipeline", "data.prepared_dir", "model_dir", "synthetic_dir")
 
 
 def stage_dirs(root: Path) -> dict[str, Path]:
     """Where each stage writes under the pipeline root."""
-    return {stage: root / sub for stage, (sub, _) in STAGES.items()}
+    return {stage: root / OUTPUTS[stage].stage_dir for stage in STAGES}
 
 
 def is_done(stage: str, out: Path) -> bool:
-    return (out / STAGES[stage][1]).is_file()
+    return is_finished(stage, out)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -114,7 +108,7 @@ def _applicable(overrides: list[str], user: list[str]) -> list[str]:
 
 
 def _read_summary(stage: str, out: Path) -> Any:
-    path = out / STAGES[stage][1]
+    path = out / OUTPUTS[stage].marker
     if path.suffix != ".json" or not path.is_file():
         return None
     if stage == "pretrain":

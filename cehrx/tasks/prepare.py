@@ -11,7 +11,6 @@ Output (`output_dir`, written to a temporary sibling and renamed when complete):
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import shutil
 import time
@@ -21,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from cehrx.data import duck
-from cehrx.data.atomic import atomic_dir
 from cehrx.data.meds_source import meds_to_events
 from cehrx.data.omop_tables import open_omop
 from cehrx.data.omop_to_meds import OPTIONAL_TABLES, omop_to_events
@@ -45,17 +43,16 @@ from cehrx.data.vocab_build import candidate_tokens, code_tables, make_vocab
 from cehrx.errors import DataError
 from cehrx.export.meds import write_meds
 from cehrx.progress import Stages
+from cehrx.tasks.scaffold import task_output, write_marker
 
 log = logging.getLogger("cehrx.prepare")
-MARKER = "prepare.json"
 
 
 def run(cfg: DictConfig) -> dict:
     out = Path(cfg.output_dir)
-    with atomic_dir(out, MARKER, overwrite=bool(cfg.overwrite)) as tmp:
+    with task_output(cfg, "prepare") as tmp:
         report = prepare(cfg, tmp)
-        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (tmp / MARKER).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_marker(tmp, "prepare", report)
     log.info("prepared %s subjects into %s", report["subjects"]["tokenized"], out)
     Console(stderr=True).print(
         f"prepared [bold]{report['subjects']['tokenized']}[/bold] subjects, "

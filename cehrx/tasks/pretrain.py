@@ -27,7 +27,14 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+    RichProgressBar,
+    TQDMProgressBar,
+)
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.strategies import FSDPStrategy
@@ -37,7 +44,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cehrx.data.atomic import write_text
 from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
-from cehrx.model.export import MARKER, MODEL_SUBDIR, checkpoint_step, export_checkpoint
+from cehrx.model.export import MODEL_SUBDIR, checkpoint_step, export_checkpoint
+from cehrx.tasks.scaffold import guard, is_finished
 
 CKPT_SUBDIR = "checkpoints"
 
@@ -140,8 +148,7 @@ def check_inputs(prepared_dir: Path) -> Path:
 
 def guard_output(out: Path, overwrite: bool, resuming: bool) -> None:
     """Refuse to clobber a finished model or an unfinished run's checkpoints without overwrite=true."""
-    if (out / MODEL_SUBDIR / MARKER).is_file() and not overwrite:
-        raise CehrxError(f"{out} already holds a finished model ({MODEL_SUBDIR}/{MARKER}); pass overwrite=true to train again")
+    guard("pretrain", out, overwrite)
     ckpts = out / CKPT_SUBDIR
     if not resuming and ckpts.is_dir() and any(ckpts.iterdir()):
         if not overwrite:
@@ -179,7 +186,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     prepared = Path(cfg.data.prepared_dir)
     vocab_path = check_inputs(prepared)
     out = Path(cfg.output_dir)
-    if cfg.get("ckpt_path") == "auto" and (out / MODEL_SUBDIR / MARKER).is_file() and not cfg.overwrite:
+    if cfg.get("ckpt_path") == "auto" and is_finished("pretrain", out) and not cfg.overwrite:
         print(f"cehrx: {out} already holds a finished model; nothing to resume (ckpt_path=auto)")
         return json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)

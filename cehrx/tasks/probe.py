@@ -22,7 +22,6 @@ Output (`output_dir`, written to a temporary sibling and renamed when complete):
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -32,12 +31,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from cehrx.data.atomic import atomic_dir
 from cehrx.data.history import Histories, cut_histories, load_all_splits, subject_rows
 from cehrx.errors import CehrxError
-from cehrx.eval.metrics import binary_metrics, json_safe, paired_difference
+from cehrx.eval.metrics import binary_metrics, paired_difference
 from cehrx.eval.predictions import write_predictions
 from cehrx.eval.report import write_report
 from cehrx.model.export import load_pretrained, random_init_like
@@ -45,12 +43,18 @@ from cehrx.model.export import model_dir as resolve_model_dir
 from cehrx.probe import labels as L
 from cehrx.probe.counts import count_features, window_counts
 from cehrx.probe.embed import POOLINGS
+from cehrx.probe.evaluate import (
+    Protocol,
+    choose_protocol,
+    cross_fit,
+    few_shot,
+    scored_rows,
+)
 from cehrx.probe.feature_cache import Embedder, weights_sha256
-from cehrx.probe.evaluate import Protocol, choose_protocol, cross_fit, few_shot, scored_rows
 from cehrx.tasks.inputs import prepared_dir_for
+from cehrx.tasks.scaffold import guard, task_output, write_marker
 
 log = logging.getLogger("cehrx.probe")
-MARKER = "metrics.json"
 BASELINES = ("counts", "counts_hgb", "counts_window")  # counts_window: the model's own window, bag of tokens (a diagnostic)
 
 
@@ -66,16 +70,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     mdir = resolve_model_dir(cfg.model_dir)
     prepared = prepared_dir_for(cfg, mdir)
     out = Path(str(cfg.output_dir))
-    if (out / MARKER).exists() and not cfg.overwrite:  # fail before the expensive part
-        raise CehrxError(f"{out} already holds a finished probe ({MARKER}); pass overwrite=true to replace it")
+    guard("probe", out, bool(cfg.overwrite))
     start = time.perf_counter()
     timings: dict[str, float] = {}
     table, source = read_labels(cfg, prepared)
     timings["labels"] = _lap(start)
-    with atomic_dir(out, MARKER, overwrite=bool(cfg.overwrite)) as tmp:
+    with task_output(cfg, "probe") as tmp:
         result = probe(cfg, mdir, prepared, table, source, tmp, timings)
-        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (tmp / MARKER).write_text(json.dumps(json_safe(result), indent=2) + "\n")
+        write_marker(tmp, "probe", result)
     _print_summary(result, out)
     return result
 

@@ -24,7 +24,6 @@ Output (`output_dir`; the finished dir appears at once, `metrics.json` marks it 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -40,12 +39,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
-from cehrx.data.atomic import atomic_dir
 from cehrx.data.history import NO_HISTORY, load_all_splits
 from cehrx.data.shards import SPLITS
 from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
 from cehrx.tasks.inputs import prepared_dir_for
+from cehrx.tasks.scaffold import guard, task_output, write_marker
 from cehrx.zeroshot.outcome import Outcome, resolve_outcome
 from cehrx.zeroshot.predict import (
     CHUNK_DIR,
@@ -61,18 +60,21 @@ from cehrx.zeroshot.predict import (
 )
 
 log = logging.getLogger("cehrx.zeroshot")
-MARKER = "metrics.json"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Labels -> histories -> sampled futures -> probabilities -> predictions, metrics, report."""
     out = Path(cfg.output_dir)
-    if (out / MARKER).is_file() and not cfg.overwrite:
-        raise CehrxError(f"{out} already holds a finished zero-shot run ({MARKER}); pass overwrite=true to run again")
+    guard("zeroshot", out, bool(cfg.overwrite))
     zc = cfg.zeroshot
     zcfg = ZeroshotConfig.from_mapping(OmegaConf.to_container(zc, resolve=True))
     task = OmegaConf.select(cfg, "probe.task")
-    from cehrx.model.export import load_pretrained, model_dir, random_init_like, resolve_device
+    from cehrx.model.export import (
+        load_pretrained,
+        model_dir,
+        random_init_like,
+        resolve_device,
+    )
 
     device = resolve_device(str(zc.get("device", "auto")), "zeroshot.device")
     model, vocab = load_pretrained(cfg.model_dir, map_location=device)
@@ -193,7 +195,7 @@ def labels_from(table: pa.Table, weight: np.ndarray | None = None) -> LabelInput
 def finish(cfg: DictConfig, out: Path, vocab: Vocab, outcome: Outcome, labels: LabelInputs, results: pa.Table, zcfg: ZeroshotConfig,
            facts: dict[str, Any]) -> dict[str, Any]:
     """Write predictions, details, metrics and the report into a finished output dir."""
-    from cehrx.eval.metrics import binary_metrics, json_safe
+    from cehrx.eval.metrics import binary_metrics
     from cehrx.eval.predictions import write_predictions
     from cehrx.eval.report import write_report
 
@@ -214,7 +216,7 @@ def finish(cfg: DictConfig, out: Path, vocab: Vocab, outcome: Outcome, labels: L
                     "labels_per_s": round(len(rows) / max(facts["seconds"], 1e-9), 2), "zeroshot": config_dict(zcfg)})
     if len(estimates) > 1:
         metrics["estimators"] = compare_estimators(estimates, kept, y, sid, w, n_boot, zcfg.seed)
-    with atomic_dir(out, MARKER, overwrite=True) as tmp:
+    with task_output(cfg, "zeroshot", overwrite=True) as tmp:  # its chunks already live in out: guarded in run()
         write_predictions(tmp / "predictions.parquet", sid, t, y, prob)
         pq.write_table(details(kept, labels, lr, prob, fallback), tmp / "details.parquet")
         if zcfg.write_trajectories:
@@ -223,8 +225,7 @@ def finish(cfg: DictConfig, out: Path, vocab: Vocab, outcome: Outcome, labels: L
         shown = {f"{kind}, {e})": (metrics if e == zcfg.estimator else metrics["estimators"][e]) for e in estimates}
         write_report(tmp, f"Zero-shot: {facts['task'] or outcome.name}", shown, {f"{kind}, {e})": (y, estimates[e][0]) for e in estimates},
                      sections=report_sections(outcome, summary, facts, metrics.get("estimators")), sample_weight=w)
-        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (tmp / MARKER).write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
+        write_marker(tmp, "zeroshot", metrics)
         # last: the chunks go with the finished run as hard links, so a kill before the final rename
         # leaves them in place for the rerun (a move would leave them in a temporary dir)
         shutil.copytree(out / CHUNK_DIR, tmp / CHUNK_DIR, copy_function=os.link)

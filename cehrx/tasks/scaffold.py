@@ -1,0 +1,82 @@
+"""What every task does around its own work, written once: the output contract.
+
+A task's output is a directory (`output_dir`) that is *finished* when its marker file exists.
+The rules every task follows, and the pipeline relies on:
+
+- **Refuse to clobber**: a finished output is replaced only with `overwrite=true`; `guard` checks
+  it before the expensive part, `task_output` again when the result is in place.
+- **Appear at once**: the task writes into a temporary sibling (`cehrx.data.atomic.atomic_dir`),
+  which replaces `output_dir` only when the block succeeds, with the resolved `config.yaml`.
+- **The marker is the summary**: `write_marker` writes the task's result JSON as the marker, last.
+
+`OUTPUTS` names each task's marker and its folder under a `task=pipeline` root, so the pipeline
+knows when a stage is done without repeating any task's file names.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+from cehrx.data.atomic import atomic_dir
+from cehrx.errors import CehrxError
+from cehrx.model.export import MARKER as MODEL_MARKER
+from cehrx.model.export import MODEL_SUBDIR
+
+
+@dataclass(frozen=True)
+class TaskOutput:
+    marker: str  # the file (relative to output_dir) whose presence means the output is finished
+    stage_dir: str  # the task's folder under a pipeline root
+
+
+OUTPUTS: dict[str, TaskOutput] = {
+    "prepare": TaskOutput("prepare.json", "prepared"),
+    "pretrain": TaskOutput(f"{MODEL_SUBDIR}/{MODEL_MARKER}", "model"),
+    "probe": TaskOutput("metrics.json", "probe"),
+    "zeroshot": TaskOutput("metrics.json", "zeroshot"),
+    "generate": TaskOutput("generate.json", "synthetic"),
+    "evaluate": TaskOutput("metrics.json", "synthetic_report"),
+}
+
+
+def marker(task: str) -> str:
+    return OUTPUTS[task].marker
+
+
+def is_finished(task: str, out: str | Path) -> bool:
+    return (Path(out) / marker(task)).is_file()
+
+
+def guard(task: str, out: str | Path, overwrite: bool) -> None:
+    """Fail before the expensive part when `out` already holds a finished output of `task`."""
+    if is_finished(task, out) and not overwrite:
+        raise CehrxError(f"{out} already holds a finished {task} output ({marker(task)}); pass overwrite=true to replace it")
+
+
+@contextmanager
+def task_output(cfg: DictConfig, task: str, *, overwrite: bool | None = None) -> Iterator[Path]:
+    """A temporary sibling of `cfg.output_dir` to write the output into; on success the resolved
+    config is added as `config.yaml` and the directory renamed into place (see the module doc).
+    The block must end with `write_marker`."""
+    out = Path(str(cfg.output_dir))
+    with atomic_dir(out, marker(task), overwrite=bool(cfg.overwrite) if overwrite is None else overwrite) as tmp:
+        yield tmp
+        if not (tmp / marker(task)).is_file():
+            raise CehrxError(f"task {task} finished without writing its marker {marker(task)}: the output would never count as finished")
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def write_marker(tmp: Path, task: str, result: Any) -> Path:
+    """The task's summary JSON as its marker file (NaN and numpy values made JSON-safe)."""
+    from cehrx.eval.metrics import json_safe
+
+    path = tmp / marker(task)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_safe(result), indent=2, default=str) + "\n")
+    return path
