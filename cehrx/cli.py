@@ -6,30 +6,17 @@ import hashlib
 import logging
 import os
 import sys
-from importlib import resources
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cehrx.configs import config_dir
 from cehrx.errors import CehrxError
 from cehrx.meds_dev import translate
 
 log = logging.getLogger("cehrx")
-
-
-def config_dir() -> str:
-    """Absolute path of the Hydra configs, so `cehrx` works from any directory and when installed.
-
-    A source checkout (or editable install) uses the repository's `configs/`; a wheel carries
-    the same files as the package data `cehrx._configs`.
-    """
-    repo = Path(__file__).resolve().parent.parent / "configs"
-    if (repo / "config.yaml").is_file():
-        return str(repo)
-    return str(resources.files("cehrx._configs"))
 
 
 def gpus_per_node(accelerator: str, devices: object) -> object:

@@ -8,8 +8,8 @@ every checkpoint (`to_dict()` is JSON-safe), so a saved model can be rebuilt wit
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 ATTN_BACKENDS = ("auto", "sdpa", "flex", "flash_attn")
@@ -127,7 +127,7 @@ def model_sizes() -> dict[str, dict[str, int]]:
     """
     from omegaconf import OmegaConf
 
-    from cehrx.cli import config_dir
+    from cehrx.configs import config_dir
 
     out = {}
     for path in sorted((Path(config_dir()) / "model").glob("*.yaml")):

@@ -44,7 +44,7 @@ MEDS_CORE = ("subject_id", "time", "code", "numeric_value", "text_value")
 
 
 def aces_config_dir() -> Path:
-    from cehrx.cli import config_dir
+    from cehrx.configs import config_dir
 
     return Path(config_dir()) / "aces"
 

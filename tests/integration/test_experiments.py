@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cehrx.cli import config_dir
+from cehrx.configs import config_dir
 from cehrx.model.export import load_pretrained
 from cehrx.tasks.pretrain import resolve_ckpt_path
 from tests.conftest import REPO, compose_cfg

@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from cehrx.cli import config_dir
+from cehrx.configs import config_dir
 from cehrx.model import attention as attn_mod
 from cehrx.model.attention import (
     attention,

@@ -30,3 +30,11 @@ def test_task_output_appears_finished_with_its_config_or_not_at_all(tmp_path: Pa
 def test_the_pipeline_takes_its_stages_from_the_task_outputs(tmp_path: Path) -> None:
     assert pipeline.STAGES == tuple(OUTPUTS) == ("prepare", "pretrain", "probe", "zeroshot", "generate", "evaluate")
     assert pipeline.stage_dirs(tmp_path)["pretrain"] == tmp_path / "model" and OUTPUTS["pretrain"].marker == "model/config.json"
+
+
+def test_no_library_module_imports_the_cli() -> None:
+    """The CLI sits on top: library code reads the configs through `cehrx.configs`."""
+    root = Path(__file__).resolve().parents[2] / "cehrx"
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if p.name not in ("cli.py", "__main__.py") and "cehrx.cli" in p.read_text()]
+    assert offenders == []
