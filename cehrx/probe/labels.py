@@ -332,3 +332,22 @@ def unit_hash(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         x = (x ^ (x >> np.uint64(shift))) * np.uint64(mult)
     x = x ^ (x >> np.uint64(31))
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def read_labels(cfg, prepared: str | Path) -> tuple[pa.Table, dict]:
+    """The labels of a probe / zero-shot run and where they came from: the one precedence rule.
+
+    `labels_dir=...` (MEDS label files) wins; else `probe.task` (an ACES config) is run on the MEDS
+    data the prepared dir was made from (kept in `probe.labels_cache_dir` when set). With both, the
+    task still names the outcome zero-shot looks for, but the labels are the given ones.
+    """
+    task = cfg.probe.get("task") if "probe" in cfg else None
+    if cfg.get("labels_dir"):
+        return load_labels(cfg.labels_dir), {"labels_dir": str(cfg.labels_dir)}
+    if not task:
+        raise CehrxError("no labels: pass labels_dir=<dir of MEDS label parquet files> or probe.task=<name> "
+                         f"(shipped: {', '.join(available_tasks())})")
+    meds = meds_dir_for(prepared)
+    table = extract_labels(str(task), meds, cache_dir=cfg.probe.get("labels_cache_dir"))
+    return table, {"task": str(task), "description": task_description(str(task)), "meds_dir": str(meds),
+                   "config": str(task_config_path(str(task)))}

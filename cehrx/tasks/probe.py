@@ -73,26 +73,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     guard("probe", out, bool(cfg.overwrite))
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    table, source = read_labels(cfg, prepared)
+    table, source = L.read_labels(cfg, prepared)
     timings["labels"] = _lap(start)
     with task_output(cfg, "probe") as tmp:
         result = probe(cfg, mdir, prepared, table, source, tmp, timings)
         write_marker(tmp, "probe", result)
     _print_summary(result, out)
     return result
-
-
-def read_labels(cfg: DictConfig, prepared: Path) -> tuple[pa.Table, dict]:
-    """The labels table and where it came from (task config or labels_dir)."""
-    task = cfg.probe.get("task")
-    if task:
-        meds = L.meds_dir_for(prepared)
-        table = L.extract_labels(str(task), meds, cache_dir=cfg.probe.get("labels_cache_dir"))
-        return table, {"task": str(task), "description": L.task_description(str(task)), "meds_dir": str(meds), "config": str(L.task_config_path(str(task)))}
-    if cfg.get("labels_dir"):
-        return L.load_labels(cfg.labels_dir), {"labels_dir": str(cfg.labels_dir)}
-    raise CehrxError("no labels: pass labels_dir=<dir of MEDS label parquet files> or probe.task=<name> "
-                     f"(shipped: {', '.join(L.available_tasks())})")
 
 
 def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: dict, tmp: Path, timings: dict) -> dict:

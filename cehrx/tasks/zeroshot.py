@@ -88,7 +88,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         prepared, bool(zc.get("include_descendants", True)),
     )
     arrays, split_of = load_all_splits(prepared)
-    table, label_source = task_labels(cfg, task, prepared)
+    from cehrx.probe.labels import read_labels
+
+    table, label_source = read_labels(cfg, prepared)
     split = str(cfg.get("split") or "held_out")
     table = select_split(table, arrays.subject_id, split_of, split)
     table, weight, sample_info = sample_labels(table, _int(zc.get("max_labels")), str(zc.get("label_sample") or "uniform"),
@@ -119,18 +121,6 @@ def check_vocab(vocab: Vocab, prepared: Path) -> None:
     if data.tokens != vocab.tokens:
         raise CehrxError(f"{prepared}/vocab.json differs from the model's vocab.json ({len(data)} vs {len(vocab)} tokens): "
                          "zero-shot needs the prepared dir the model was trained on (or one prepared with its vocabulary)")
-
-
-def task_labels(cfg: DictConfig, task: str | None, prepared: Path) -> tuple[pa.Table, str]:
-    """Labels from `labels_dir`, else extracted by the ACES task from the prepared dir's MEDS data."""
-    from cehrx.probe.labels import extract_labels, load_labels, meds_dir_for
-
-    if cfg.get("labels_dir"):
-        return load_labels(cfg.labels_dir), str(cfg.labels_dir)
-    if not task:
-        raise CehrxError("no labels: pass probe.task=<name> (configs/aces/<name>.yaml) or labels_dir=<MEDS label parquet files>")
-    meds = meds_dir_for(prepared)
-    return extract_labels(task, meds, cache_dir=cfg.probe.get("labels_cache_dir")), f"aces:{task} on {meds}"
 
 
 def select_split(table: pa.Table, subject_ids: np.ndarray, split_of: np.ndarray, split: str) -> pa.Table:

@@ -500,6 +500,22 @@ def test_window_counts_are_the_tokens_of_each_history() -> None:
     assert X.shape == (2, 8) and X.toarray()[0].tolist() == [0, 0, 0, 1, 0, 2, 0, 0] and X.toarray()[1].tolist() == [0, 0, 0, 1, 0, 0, 0, 1]
 
 
+def test_one_precedence_rule_for_labels(tmp_path: Path) -> None:
+    """labels_dir wins over probe.task (whose outcome zero-shot still reads); neither is an error."""
+    from omegaconf import OmegaConf
+
+    from cehrx.probe.labels import read_labels
+
+    d = tmp_path / "labels"
+    d.mkdir()
+    pq.write_table(pa.table({"subject_id": [1], "prediction_time": pa.array([day(3)], pa.timestamp("us")), "boolean_value": [True]}), d / "0.parquet")
+    both = OmegaConf.create({"labels_dir": str(d), "probe": {"task": "gibleed_after_nsaid"}})
+    table, source = read_labels(both, tmp_path / "no_prepared_dir_needed")
+    assert source == {"labels_dir": str(d)} and len(table) == 1
+    with pytest.raises(CehrxError, match="no labels"):
+        read_labels(OmegaConf.create({"labels_dir": None, "probe": {"task": None}}), tmp_path)
+
+
 def test_label_cache_reuses_a_result_until_the_task_or_the_data_changes(tmp_path: Path, monkeypatch) -> None:
     import cehrx.probe.labels as L
 
