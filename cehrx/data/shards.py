@@ -97,7 +97,16 @@ def read_split_table(prepared_dir: str | Path, split: str, columns: list[str] | 
 
 def load_split(prepared_dir: str | Path, split: str) -> TokenArrays:
     """Read a split's shards into flat arrays (list columns flattened without Python objects)."""
-    table = read_split_table(prepared_dir, split)
+    return arrays_from_table(read_split_table(prepared_dir, split))
+
+
+def load_shard(path: str | Path) -> TokenArrays:
+    """One token shard file as flat arrays."""
+    return arrays_from_table(pq.read_table(path))
+
+
+def arrays_from_table(table: pa.Table) -> TokenArrays:
+    """A table of `SHARD_SCHEMA` rows as flat arrays."""
     tok = table.column("tokens").combine_chunks()
     tim = table.column("times").combine_chunks()
     offsets = np.asarray(tok.offsets, dtype=np.int64)

@@ -33,14 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from cehrx.data import duck
 from cehrx.data.atomic import write_parquet, write_text
-from cehrx.data.shards import NO_BIRTH, TokenArrays
+from cehrx.data.shards import TokenArrays, load_shard
 from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
 from cehrx.generate.concepts import read_source_info
@@ -128,21 +127,6 @@ class Partial:
     def shard_files(self) -> list[Path]:
         """The parquet files of the finished shards (a file without stats is an interrupted write)."""
         return [self.dir / SHARDS / f"{i}.parquet" for i in range(len(self.done()))]
-
-
-def read_shard(path: Path) -> TokenArrays:
-    """One token shard file as flat arrays."""
-    t = pq.read_table(path)
-    tok, tim = t.column("tokens").combine_chunks(), t.column("times").combine_chunks()
-    offsets = np.asarray(tok.offsets, dtype=np.int64)
-    birth = t.column("birth_time").combine_chunks()
-    return TokenArrays(
-        subject_id=np.asarray(t.column("subject_id"), dtype=np.int64),
-        offsets=offsets - offsets[0],
-        tokens=np.asarray(tok.flatten(), dtype=np.int32),
-        times=np.asarray(tim.flatten(), dtype=np.int64),
-        birth_time=np.asarray(birth.fill_null(NO_BIRTH), dtype=np.int64),
-    )
 
 
 def shard_seed(seed: int, index: int) -> int:
@@ -283,7 +267,7 @@ def assemble(cfg: DictConfig, vocab: Vocab, mdir: Path, prepared: Path, work: Pa
     try:
         stage = Stage(con, vocab)
         for i, f in enumerate(work.shard_files()):
-            stage.add(read_shard(f), seed=shard_seed(int(g.seed), 10_000 + i))
+            stage.add(load_shard(f), seed=shard_seed(int(g.seed), 10_000 + i))
         info = read_source_info(prepared, con, stage.keys())
         codes = stage.finish(info)
         t1 = time.perf_counter()
