@@ -8,14 +8,13 @@ written (written to a temporary name, then renamed), so an invalid file is never
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cehrx.data.atomic import write_parquet
 from cehrx.errors import CehrxError
 
 
@@ -58,9 +57,7 @@ def write_predictions(path: str | Path, subject_id, prediction_time, boolean_val
     path = Path(path)
     table = predictions_table(subject_id, prediction_time, boolean_value, probability, threshold)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_parquet(table, path)
     return path
 
 

@@ -6,12 +6,11 @@ extra markdown sections (a few-shot table, notes on dropped labels) go in `secti
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from cehrx.data.atomic import atomic_file, write_text
 from cehrx.eval.metrics import METRICS, format_metric
 
 HEADERS = {"auroc": "AUROC", "auprc": "AUPRC", "brier": "Brier", "ece": "ECE"}
@@ -52,10 +51,9 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -94,10 +92,9 @@ def plot_reliability(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]
            title=f"{title}: reliability")
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -124,7 +121,4 @@ def write_report(
     for name, body in (sections or {}).items():
         parts += [f"## {name}", "", body.rstrip(), ""]
     path = out / "report.md"
-    tmp = path.with_name(f".report.md.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text("\n".join(parts))
-    os.replace(tmp, path)
-    return path
+    return write_text(path, "\n".join(parts))

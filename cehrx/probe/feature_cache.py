@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -31,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 from cehrx.data import shards
+from cehrx.data.atomic import atomic_file, write_text
 from cehrx.data.history import Histories
 from cehrx.data.shards import SPLITS
 from cehrx.errors import CehrxError
@@ -82,13 +82,10 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         key_file = self.dir / "key.json"
         if not key_file.is_file():
-            tmp = self.dir / f".key.json.tmp-{uuid.uuid4().hex}"
-            tmp.write_text(json.dumps(self.key, indent=1, sort_keys=True) + "\n")
-            os.replace(tmp, key_file)
+            write_text(key_file, json.dumps(self.key, indent=1, sort_keys=True) + "\n")
         name = uuid.uuid4().hex
-        tmp = self.dir / f".part-{name}.tmp.npz"
-        np.savez(tmp, subject_id=sid.astype(np.int64), last_time=t.astype(np.int64), **{r: feats[r] for r in READOUTS})
-        os.replace(tmp, self.dir / f"part-{name}.npz")
+        with atomic_file(self.dir / f"part-{name}.npz") as tmp, open(tmp, "wb") as f:  # a file object: np.savez adds no suffix
+            np.savez(f, subject_id=sid.astype(np.int64), last_time=t.astype(np.int64), **{r: feats[r] for r in READOUTS})
 
     def get(
         self, sid: np.ndarray, t: np.ndarray, compute: Callable[[np.ndarray], dict[str, np.ndarray]], chunk: int = 8192
