@@ -154,6 +154,10 @@ def _window_starts(
         has_vs = (prev >= 0) & (vs[np.maximum(prev, 0)] >= off[bad] + PROMPT_LEN)
         header[bad[has_vs]] = vs[prev[has_vs]]
         start[bad[~has_vs]] = n_known[bad[~has_vs]] - room  # no visit at all: plain tail
+        # a value token (Q<k>) belongs to the code before it: a window never starts on an orphan value
+        kinds = np.asarray(vocab.kinds, dtype=object)
+        orphan = bad[(kinds[np.asarray(arrays.tokens)[off[bad] + start[bad]]] == "quantile") & (start[bad] + 1 < n_known[bad])]
+        start[orphan] += 1
     return start, mid, header
 
 

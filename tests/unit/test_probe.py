@@ -150,6 +150,28 @@ def test_left_truncation_starts_at_a_visit_with_recomputed_prompt(prepared) -> N
         assert np.array_equal(w[PROMPT_LEN:], tok[len(tok) - (len(w) - PROMPT_LEN):])
 
 
+def test_a_window_that_starts_inside_a_visit_never_starts_on_an_orphan_value(prepared) -> None:
+    """One long visit of (code, value) pairs: a window that must start inside it skips a leading value
+    token whose code was cut off, so the history stays grammatical (zero-shot samples it constrained)."""
+    from cehrx.data.shards import TokenArrays
+    from cehrx.generate.constraints import Grammar
+
+    _, _, vocab = prepared
+    code = next(i for i, k in enumerate(vocab.kinds) if k == "code")
+    q = next(i for i, k in enumerate(vocab.kinds) if k == "quantile")
+    head = [vocab.tokens.index(t) for t in ("YEAR//2000", "AGE//30")] + [next(i for i, t in enumerate(vocab.tokens) if t.startswith(p)) for p in ("GENDER//", "RACE//")]
+    body = [vocab[VS], vocab.tokens.index("VISIT//OP")] + [code, q] * 30
+    tokens = np.array(head + body, dtype=np.int32)
+    arrays = TokenArrays(np.array([7]), np.array([0, len(tokens)]), tokens, np.full(len(tokens), 10**9, dtype=np.int64), np.array([0]))
+    grammar = Grammar.build(vocab)
+    for max_len in (20, 21):  # the raw start falls on a value for one of the two parities
+        h = cut_histories(arrays, vocab, np.array([7]), np.array([10**9]), max_len)
+        assert h.stats["truncated_mid_visit"] == 1 and h.lengths()[0] <= max_len
+        w = h.tokens[h.offsets[0] : h.offsets[1]]
+        assert vocab.kinds[w[PROMPT_LEN + 2]] == "code", [vocab.tokens[x] for x in w[:8]]
+        assert not grammar.is_free(grammar.prompt_states(w, np.array([0, len(w)])))[0]
+
+
 def test_dropped_labels_are_counted(prepared) -> None:
     arrays, _, vocab = prepared
     first = arrays.times[arrays.offsets[0]]
