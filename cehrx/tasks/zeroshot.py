@@ -90,9 +90,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     arrays, split_of = load_all_splits(prepared)
     from cehrx.probe.labels import read_labels
 
-    table, label_source = read_labels(cfg, prepared)
+    all_labels, label_source = read_labels(cfg, prepared)
     split = str(cfg.get("split") or "held_out")
-    table = select_split(table, arrays.subject_id, split_of, split)
+    table = select_split(all_labels, arrays.subject_id, split_of, split)
     table, weight, sample_info = sample_labels(table, _int(zc.get("max_labels")), str(zc.get("label_sample") or "uniform"),
                                                int(zc.get("label_seed", zcfg.seed)))
     labels = labels_from(table, weight)
@@ -106,10 +106,52 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     results = run_chunks(model, vocab, arrays, labels, outcome, zcfg, out, progress=bool(zc.get("progress", True)))
     seconds = time.perf_counter() - start
+    recal = None
+    if bool(zc.get("recalibrate", False)):
+        recal = recalibration(cfg, model, vocab, arrays, split_of, all_labels, outcome, zcfg, out, fp)
     facts = {"task": task, "label_source": label_source, "split": split, "prepared_dir": str(prepared), "model_dir": str(cfg.model_dir),
              "random_init": random_init, "device": str(device), "seconds": round(seconds, 1), "resumed_chunks": resumed,
              "label_sample": sample_info}
-    return finish(cfg, out, vocab, outcome, labels, results, zcfg, facts)
+    return finish(cfg, out, vocab, outcome, labels, results, zcfg, facts, recal)
+
+
+RECAL_DIR = "recalibration"
+
+
+def recalibration(cfg: DictConfig, model: Any, vocab: Vocab, arrays: Any, split_of: np.ndarray, table: pa.Table, outcome: Outcome,
+                  zcfg: ZeroshotConfig, out: Path, fp: str) -> dict[str, Any]:
+    """Platt scaling of the chosen estimator, fitted on zero-shot predictions for the tuning split's labels
+    (sampled as the test labels are, in `<output_dir>/recalibration/chunks`, resumable): on the logit of
+    the raw probability, a weighted logistic regression gives `sigmoid(a * logit(p) + b)`. The model's
+    own probabilities stay in `details.parquet` (`probability_uncalibrated`)."""
+    from sklearn.linear_model import LogisticRegression
+
+    zc = cfg.zeroshot
+    tune = select_split(table, arrays.subject_id, split_of, "tuning")
+    tune, weight, info = sample_labels(tune, _int(zc.get("max_labels")), str(zc.get("label_sample") or "uniform"), int(zc.get("label_seed", zcfg.seed)))
+    labels = labels_from(tune, weight)
+    work = out / RECAL_DIR
+    prepare_work_dir(work, fingerprint({"test_run": fp, "split": "tuning"}, labels), bool(cfg.overwrite))
+    res = run_chunks(model, vocab, arrays, labels, outcome, zcfg, work, progress=bool(zc.get("progress", True)))
+    ok = res.column("has_history").to_numpy(zero_copy_only=False).astype(bool)
+    rows = res.column("label_row").to_numpy()[ok]
+    p = finalize_probabilities(res.filter(pa.array(ok)), zcfg.estimator)[0]
+    y = labels.boolean_value[rows]
+    if y.all() or not y.any():
+        raise CehrxError(f"zeroshot.recalibrate: the tuning split's {len(y)} sampled labels hold one class only; nothing to fit")
+    w = None if labels.weight is None else labels.weight[rows]
+    lr = LogisticRegression(C=1e6).fit(_logit(p)[:, None], y, sample_weight=w)
+    return {"method": "platt on the tuning split", "a": float(lr.coef_[0, 0]), "b": float(lr.intercept_[0]),
+            "n": int(len(y)), "n_pos": int(y.sum()), "label_sample": info}
+
+
+def recalibrate(p: np.ndarray, recal: dict[str, Any]) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-(recal["a"] * _logit(p) + recal["b"])))
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return np.log(q / (1 - q))
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -183,7 +225,7 @@ def labels_from(table: pa.Table, weight: np.ndarray | None = None) -> LabelInput
 
 
 def finish(cfg: DictConfig, out: Path, vocab: Vocab, outcome: Outcome, labels: LabelInputs, results: pa.Table, zcfg: ZeroshotConfig,
-           facts: dict[str, Any]) -> dict[str, Any]:
+           facts: dict[str, Any], recal: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write predictions, details, metrics and the report into a finished output dir."""
     from cehrx.eval.metrics import binary_metrics
     from cehrx.eval.predictions import write_predictions
@@ -200,25 +242,39 @@ def finish(cfg: DictConfig, out: Path, vocab: Vocab, outcome: Outcome, labels: L
     n_boot = int(cfg.zeroshot.get("n_boot", 1000))
     estimates = {e: finalize_probabilities(kept, e) for e in ESTIMATORS if e == "mc" or "hazard_probability" in kept.column_names}
     prob, fallback, rate = estimates[zcfg.estimator]
+    raw = prob
+    if recal is not None:  # the prediction is recalibrated; the model's own probability is kept beside it
+        prob = recalibrate(prob, recal)
+        recal = {**recal, "uncalibrated": binary_metrics(y, raw, sid, n_boot=n_boot, seed=zcfg.seed, sample_weight=w)}
     metrics = binary_metrics(y, prob, sid, n_boot=n_boot, seed=zcfg.seed, sample_weight=w)
     summary = futures_summary(kept, fallback, rate, len(rows) - len(lr))
     metrics.update({"method": "zeroshot", "estimator": zcfg.estimator, "outcome": outcome.describe(vocab), "futures": summary, "run": facts,
                     "labels_per_s": round(len(rows) / max(facts["seconds"], 1e-9), 2), "zeroshot": config_dict(zcfg)})
     if len(estimates) > 1:
         metrics["estimators"] = compare_estimators(estimates, kept, y, sid, w, n_boot, zcfg.seed)
+    if recal is not None:
+        metrics["recalibration"] = recal
     with task_output(cfg, "zeroshot", overwrite=True) as tmp:  # its chunks already live in out: guarded in run()
         write_predictions(tmp / "predictions.parquet", sid, t, y, prob)
-        pq.write_table(details(kept, labels, lr, prob, fallback), tmp / "details.parquet")
+        det = details(kept, labels, lr, prob, fallback)
+        pq.write_table(det if recal is None else det.append_column("probability_uncalibrated", pa.array(raw)), tmp / "details.parquet")
         if zcfg.write_trajectories:
             write_trajectories(out, tmp / "trajectories", zcfg.num_samples)
         kind = f"zero-shot{' random-init' if facts['random_init'] else ''} ({zcfg.num_samples} futures"
-        shown = {f"{kind}, {e})": (metrics if e == zcfg.estimator else metrics["estimators"][e]) for e in estimates}
-        write_report(tmp, f"Zero-shot: {facts['task'] or outcome.name}", shown, {f"{kind}, {e})": (y, estimates[e][0]) for e in estimates},
+        raw_metrics = metrics.get("estimators") or {zcfg.estimator: recal["uncalibrated"] if recal else metrics}
+        shown = {f"{kind}, {e})": raw_metrics[e] for e in estimates}
+        curves = {f"{kind}, {e})": (y, estimates[e][0]) for e in estimates}
+        if recal is not None:
+            name = f"{kind}, {zcfg.estimator}, recalibrated on tuning)"
+            shown[name], curves[name] = metrics, (y, prob)
+        write_report(tmp, f"Zero-shot: {facts['task'] or outcome.name}", shown, curves,
                      sections=report_sections(outcome, summary, facts, metrics.get("estimators")), sample_weight=w)
         write_marker(tmp, "zeroshot", metrics)
         # last: the chunks go with the finished run as hard links, so a kill before the final rename
         # leaves them in place for the rerun (a move would leave them in a temporary dir)
         shutil.copytree(out / CHUNK_DIR, tmp / CHUNK_DIR, copy_function=os.link)
+        if (out / RECAL_DIR).is_dir():
+            shutil.copytree(out / RECAL_DIR, tmp / RECAL_DIR, copy_function=os.link)
     auroc = metrics["auroc"]
     print(f"zeroshot: AUROC {auroc['value']:.3f} [{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}] on {metrics['n']} labels "
           f"({metrics['n_pos']} positive), {metrics['labels_per_s']} labels/s -> {out}", file=sys.stderr)

@@ -113,6 +113,17 @@ def test_hazard_estimator_is_the_prediction_when_chosen(trained, task_files, tmp
     assert "estimators" not in topk
 
 
+def test_recalibration_on_the_tuning_split_is_labelled_and_keeps_the_raw_probability(trained, task_files, tmp_path: Path) -> None:
+    m = run(cfg_for(trained, task_files, tmp_path / "rc", "zeroshot.recalibrate=true", "zeroshot.estimator=hazard"))
+    r = m["recalibration"]
+    assert r["method"] == "platt on the tuning split" and r["n"] > 0 and 0 < r["n_pos"] < r["n"] and "auroc" in r["uncalibrated"]
+    det = pq.read_table(tmp_path / "rc" / "details.parquet")
+    raw, cal = det.column("probability_uncalibrated").to_numpy(), det.column("probability").to_numpy()
+    assert not np.allclose(raw, cal) and (np.argsort(raw, kind="stable") == np.argsort(cal, kind="stable")).mean() > 0.9  # monotone map
+    assert "recalibrated on tuning" in (tmp_path / "rc" / "report.md").read_text()
+    assert (tmp_path / "rc" / "recalibration" / "chunks").is_dir()
+
+
 def test_resume_after_interruption_gives_the_same_result(trained, task_files, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     full = run(cfg_for(trained, task_files, tmp_path / "full", "zeroshot.chunk_size=20"))
     real = zp.predict_chunk
