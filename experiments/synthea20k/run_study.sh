@@ -8,6 +8,9 @@
 # store (runs/synthea20k/probe_cache) keeps every history already embedded, zero-shot keeps its chunks.
 # Then: python experiments/synthea20k/summarize.py > tables.md
 set -euo pipefail
+# The body is one function, parsed whole before it runs: editing this file while a study runs (hours)
+# cannot change what the running study does (bash otherwise reads scripts as it goes).
+main() {
 cd "$(dirname "$0")/../.."
 
 ROOT=${ROOT:-runs/synthea20k}
@@ -67,3 +70,6 @@ if [[ $WHAT == synthetic || $WHAT == all ]]; then
   /usr/bin/time -f "  wall %e s, peak RSS %M KB" python -m cehrx experiment=synthea20k output_dir="$ROOT" "pipeline.stages=[generate,evaluate]"
   log "end: generate + evaluate"
 fi
+}
+main "$@"
+exit

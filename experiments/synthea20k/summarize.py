@@ -54,7 +54,7 @@ def probe_table(study: Path) -> None:
             sc = m["scored"]
             ri = m.get("random_init_seeds") or {}
             cell = {k: f"{format_metric(v['auroc'])} / {format_metric(v['auprc'])}" for k, v in m["methods"].items()}
-            rand = f"{ri['auroc_mean']:.3f} ± {ri['auroc_sd']:.3f}" if ri else "-"
+            rand = "-" if not ri else (f"{ri['auroc_mean']:.3f} ± {ri['auroc_sd']:.3f}" if len(ri["seeds"]) > 1 else f"{ri['auroc_mean']:.3f} (1 seed)")
             print(f"| {task} | {sc['labels']:,} ({sc['positives']:,}) / {sc['positive_subjects']} | {r} | {cell.get('probe', '-')} | {rand} | "
                   f"{cell.get('counts', '-')} | {cell.get('counts_hgb', '-')} |")
     print()
