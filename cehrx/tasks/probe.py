@@ -119,11 +119,14 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
     timings["embed"] = _lap(t0)
     write_features(tmp, kept, split, features)
 
+    protocol = choose_protocol(split, y, sid, str(p.evaluation), int(p.min_test_class), int(p.cv_folds), seed, test_split)
+    # count columns are chosen on training histories only (split: the train rows; cv: every row trains some fold)
+    select = protocol.folds[0][0] if protocol.mode == "split" else np.arange(len(y))
     t0 = time.perf_counter()
     count_info: dict[str, int] = {}
     if {"counts", "counts_hgb"} & set(p.baselines or []):
         counts, names = count_features(L.meds_dir_for(prepared), kept)
-        common = np.asarray((counts != 0).sum(0)).ravel() >= int(p.min_code_labels)
+        common = frequent_columns(counts, select, int(p.min_code_labels))
         common[-2:] = True  # age columns
         counts = counts[:, np.flatnonzero(common)]
         count_info = {"codes": len(names) - 2, "columns_kept": int(common.sum())}
@@ -135,12 +138,11 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
             features["counts_hgb"] = counts
     if "counts_window" in (p.baselines or []):
         win = window_counts(hist.tokens, hist.offsets, len(vocab))
-        win = win[:, np.flatnonzero(np.asarray((win != 0).sum(0)).ravel() >= int(p.min_code_labels))]
+        win = win[:, np.flatnonzero(frequent_columns(win, select, int(p.min_code_labels)))]
         win.data = np.log1p(win.data)
         features["counts_window"] = win
     timings["count_features"] = _lap(t0)
 
-    protocol = choose_protocol(split, y, sid, str(p.evaluation), int(p.min_test_class), int(p.cv_folds), seed, test_split)
     t0 = time.perf_counter()
     methods, curves, fs = {}, {}, {}
     test = protocol.test_rows
@@ -175,6 +177,11 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
     pq.write_table(kept.append_column("split", pa.array(split.astype(str))), tmp / "labels.parquet")
     write_report(tmp, report_title(source), {k: v for k, v in methods.items()}, curves, sections=report_sections(result))
     return result
+
+
+def frequent_columns(X: Any, rows: np.ndarray, min_labels: int) -> np.ndarray:
+    """bool per column: non-zero in at least `min_labels` of the given (training) rows' histories."""
+    return np.asarray((X[rows] != 0).sum(0)).ravel() >= min_labels
 
 
 def random_init_name(k: int) -> str:

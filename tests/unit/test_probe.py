@@ -515,6 +515,16 @@ def test_followup_drops_labels_whose_window_runs_past_the_data(tmp_path: Path) -
         followup_days(str(task))
 
 
+def test_count_columns_are_chosen_on_training_rows_only() -> None:
+    import scipy.sparse as sp
+
+    from cehrx.tasks.probe import frequent_columns
+
+    X = sp.csr_matrix(np.array([[1, 0, 0], [1, 0, 0], [0, 1, 1], [0, 1, 1], [0, 1, 1]]))
+    assert frequent_columns(X, np.array([0, 1]), 2).tolist() == [True, False, False]  # rows 2-4 (test) never decide
+    assert frequent_columns(X, np.arange(5), 2).tolist() == [True, True, True]
+
+
 def test_window_counts_are_the_tokens_of_each_history() -> None:
     from cehrx.probe.counts import window_counts
 
