@@ -159,11 +159,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study", type=Path, default=Path("runs/synthea20k/study"))
     ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--only", choices=["probe", "zeroshot"], default=None, help="one part of the study")
     args = ap.parse_args()
-    probe_table(args.study)
-    paired_table(args.study, args.n_boot)
-    few_shot_table(args.study)
-    zeroshot_table(args.study, args.n_boot)
+    if args.only in (None, "probe"):
+        probe_table(args.study)
+        paired_table(args.study, args.n_boot)
+        few_shot_table(args.study)
+    if args.only in (None, "zeroshot"):
+        zeroshot_table(args.study, args.n_boot)
 
 
 if __name__ == "__main__":
