@@ -17,6 +17,7 @@ from cehrx.errors import CehrxError
 from cehrx.meds_dev import translate
 
 log = logging.getLogger("cehrx")
+MAX_JOB_DIRNAME = 160  # characters of a sweep job's directory name (see job_dirname)
 
 
 def gpus_per_node(accelerator: str, devices: object) -> object:
@@ -35,7 +36,6 @@ def job_dirname(overrides: str) -> str:
     return f"{name[: MAX_JOB_DIRNAME - 14]}..{hashlib.sha1(name.encode()).hexdigest()[:12]}"
 
 
-MAX_JOB_DIRNAME = 160
 OmegaConf.register_new_resolver("cehrx.gpus_per_node", gpus_per_node, replace=True)
 OmegaConf.register_new_resolver("cehrx.job_dirname", job_dirname, replace=True)
 
