@@ -150,7 +150,7 @@ class _Prepared:
     cache_dtype: torch.dtype  # the keys' dtype: the weights', or autocast's when it is on
     max_seq_len: int
     watch: Tensor | None = None  # bool [V]: the tokens whose probability each step records (`watch_ids`)
-    state_heads: dict = field(default_factory=dict)  # grammar state -> (allowed token ids, their lm-head rows), built on first use
+    state_heads: dict = field(default_factory=dict)  # grammar state -> (allowed ids, their lm-head rows, which are watched, any watched), built on first use
 
 
 @dataclass
@@ -420,13 +420,13 @@ def _draw_by_state(prep: _Prepared, cfg: SamplingConfig, model: GPT, hidden: Ten
     for s, rows in zip(states.tolist(), rows_by_group):
         if s not in prep.state_heads:
             ids = torch.nonzero(~prep.forbidden[s])[:, 0]
-            prep.state_heads[s] = (ids, model.lm_head.weight.index_select(0, ids))
-        ids, weight = prep.state_heads[s]
+            w = None if prep.watch is None else prep.watch[ids]  # the state's allowed tokens that are watched
+            prep.state_heads[s] = (ids, model.lm_head.weight.index_select(0, ids), w, w is not None and bool(w.any()))
+        ids, weight, w, any_watched = prep.state_heads[s]
         logits = F.linear(hidden.index_select(0, rows), weight).float()
         drawn = sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniform=u[rows])
         tok[rows] = ids[drawn]
-        if watch_p is not None:
-            w = prep.watch[ids]
+        if watch_p is not None and any_watched:  # a state that allows no watched token leaves its rows at 0
             watch_p[rows] = _watched_mass(logits, w, drawn, w[drawn], cfg.temperature)
     return tok, watch_p
 
