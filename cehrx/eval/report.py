@@ -49,12 +49,7 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title
         return None
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1))
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_reliability(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, n_bins: int = 10,
@@ -90,6 +85,13 @@ def plot_reliability(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]
     ax.plot([lo, 1], [lo, 1], ls="--", c="grey", lw=1)
     ax.set(xscale="log", yscale="log", xlim=(lo, 1), ylim=(lo, 1), xlabel="mean predicted risk (bin)", ylabel="observed rate (bin)",
            title=f"{title}: reliability")
+    return _save(fig, ax, path)
+
+
+def _save(fig, ax, path: Path) -> Path:
+    """Legend, layout, then the PNG written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     with atomic_file(path) as tmp:
