@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
@@ -10,34 +9,13 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
-from cehrx.configs import config_dir
+from cehrx.configs import config_dir  # also registers the config resolvers (cehrx.configs)
 from cehrx.errors import CehrxError
 from cehrx.meds_dev import translate
 
 log = logging.getLogger("cehrx")
-MAX_JOB_DIRNAME = 160  # characters of a sweep job's directory name (see job_dirname)
-
-
-def gpus_per_node(accelerator: str, devices: object) -> object:
-    """SLURM GPUs per node for a trainer (`hydra/launcher=slurm`): none for a CPU trainer, whose
-    `devices` counts processes, not GPUs (a CPU job asking for GPUs never starts on a CPU partition)."""
-    return 0 if str(accelerator) == "cpu" else devices
-
-
-def job_dirname(overrides: str) -> str:
-    """A sweep job's directory name (`hydra.sweep.subdir`): its overrides (`model.lr=0.001,trainer.max_steps=9`),
-    `/` made `_`; past `MAX_JOB_DIRNAME` characters, their start plus a hash of them all. File systems
-    refuse names over 255 bytes, and the name must come out the same when a requeued job looks for it."""
-    name = overrides.replace("/", "_")
-    if len(name) <= MAX_JOB_DIRNAME:
-        return name
-    return f"{name[: MAX_JOB_DIRNAME - 14]}..{hashlib.sha1(name.encode()).hexdigest()[:12]}"
-
-
-OmegaConf.register_new_resolver("cehrx.gpus_per_node", gpus_per_node, replace=True)
-OmegaConf.register_new_resolver("cehrx.job_dirname", job_dirname, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")

@@ -59,13 +59,21 @@ def test_slurm_launcher_takes_its_shape_from_the_trainer() -> None:
 
 
 def test_sweep_job_dirnames_stay_short_and_stable() -> None:
-    from cehrx.cli import MAX_JOB_DIRNAME, job_dirname
+    from cehrx.configs import MAX_JOB_DIRNAME, job_dirname
 
     assert job_dirname("model.lr=0.001,trainer.max_steps=9") == "model.lr=0.001,trainer.max_steps=9"
     assert job_dirname("probe.task=/a/b.yaml") == "probe.task=_a_b.yaml"  # never a nested path
     long = ",".join(f"trainer.key_{i}=value_{i}" for i in range(30))
     name = job_dirname(long)
     assert len(name) == MAX_JOB_DIRNAME and name == job_dirname(long) and name != job_dirname(long + "x")
+
+
+def test_data_shortcuts_resolve_from_any_directory(tmp_path: Path) -> None:
+    """`data=gibleed` etc. name ../shared/data relative to the project, not to where cehrx runs."""
+    proc = run_cli("task=show", "data=synthea20k", "--cfg", "job", "--resolve", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    path = Path(OmegaConf.create(proc.stdout).data.path)
+    assert path.is_absolute() and path == (REPO.parent / "shared" / "data" / "synthea20k" / "meds").resolve()
 
 
 def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path: Path) -> None:
