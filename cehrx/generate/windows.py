@@ -35,13 +35,16 @@ ROUND_SEED_STRIDE = 1_000_003  # round r samples with seed + r * stride: its dra
 
 
 def sample_windows(model: GPT, vocab: Vocab, prompts: np.ndarray, cfg: SamplingConfig, *, max_total_tokens: int | None = None,
-                   keep: int | None = None, progress: bool = False) -> Samples:
+                   keep: int | None = None, end_time: int | None = None, progress: bool = False) -> Samples:
     """Continue each `[YEAR, AGE, GENDER, RACE]` prompt (`[n, 4]`) once, across as many windows as it takes.
 
     Returns one `Samples` row per prompt (generated tokens of every window, in order; `stop` the last
     window's reason, `STOP_TOKENS` also for a patient cut by `max_total_tokens` or by a visit longer
     than `keep`). `max_total_tokens=None` samples one window (plain `sample`). `keep` defaults to
-    half the context.
+    half the context. `end_time` (seconds since 1970: the real data's last event) ends a record where
+    the real ones end: no new window starts after it, and each patient is cut at its first token past
+    it (stop `STOP_TOKENS`: decoding then keeps the visits before it), as a model under-generates
+    `[END]` when training crops rarely hold a record's end.
     """
     prompts = np.asarray(prompts, dtype=np.int64)
     n, ctx = len(prompts), model.config.max_seq_len
@@ -60,7 +63,7 @@ def sample_windows(model: GPT, vocab: Vocab, prompts: np.ndarray, cfg: SamplingC
     active = np.flatnonzero(stop == STOP_TOKENS)
     for r in range(1, 1 + 4 * max_total_tokens // max(ctx - PROMPT_LEN - keep, 1)):
         active = active[np.array([len(parts[i]) for i in active], dtype=np.int64) < max_total_tokens]
-        rows, tokens, offs = _next_windows(vocab, prompts, parts, active, keep, clock)
+        rows, tokens, offs = _next_windows(vocab, prompts, parts, active, keep, clock, end_time)
         if not len(rows):
             break
         s = sample(model, vocab, tokens, offs, replace(cfg, seed=int(cfg.seed) + r * ROUND_SEED_STRIDE), num_samples=1,
@@ -69,6 +72,11 @@ def sample_windows(model: GPT, vocab: Vocab, prompts: np.ndarray, cfg: SamplingC
             parts[i] = np.concatenate([parts[i], s.sequence(j)])
         stop[rows], days[rows] = s.stop, days[rows] + s.elapsed_days
         active = rows[s.stop == STOP_TOKENS]
+    if end_time is not None:
+        for i, p in enumerate(parts):  # per patient, vectorised over its tokens
+            past = np.flatnonzero(clock.start[i] + np.cumsum(clock.seconds[p]) > end_time)
+            if len(past):
+                parts[i], stop[i] = p[: past[0]], STOP_TOKENS
     lengths = np.array([min(len(p), max_total_tokens) for p in parts], dtype=np.int64)
     stop[lengths < np.array([len(p) for p in parts])] = STOP_TOKENS
     flat = np.concatenate([p[:k] for p, k in zip(parts, lengths)]).astype(np.int32) if n else np.zeros(0, np.int32)
@@ -91,7 +99,7 @@ class _Clock:
 
 
 def _next_windows(vocab: Vocab, prompts: np.ndarray, parts: list[np.ndarray], active: np.ndarray, keep: int,
-                  clock: _Clock) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  clock: _Clock, end_time: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The next window's prompt of each active patient that has a `[VS]` in its last `keep` tokens."""
     vs = vocab[VS]
     rows, starts, bodies = [], [], []
@@ -102,6 +110,8 @@ def _next_windows(vocab: Vocab, prompts: np.ndarray, parts: list[np.ndarray], ac
         if not len(hits):
             continue
         p = lo + int(hits[0])
+        if end_time is not None and clock.start[i] + int(clock.seconds[seq].sum()) > end_time:
+            continue  # the record already runs past the data's end: no further window
         rows.append(i)
         starts.append(clock.start[i] + int(clock.seconds[seq[: p + 1]].sum()))
         bodies.append(seq[p:])

@@ -134,13 +134,13 @@ def shard_seed(seed: int, index: int) -> int:
 
 
 def generate_shard(model: Any, vocab: Vocab, grammar: Grammar, pool: PromptPool, scfg: SamplingConfig, g: DictConfig,
-                   index: int, n_prompts: int, first_id: int, wanted: int, progress: bool) -> tuple[TokenArrays, dict]:
+                   index: int, n_prompts: int, first_id: int, wanted: int, progress: bool, end_time: int | None = None) -> tuple[TokenArrays, dict]:
     """Sample `n_prompts` patients, decode them, keep at most `wanted` valid ones."""
     seed = shard_seed(int(g.seed), index)
     prompts = pool.draw(n_prompts, np.random.default_rng(seed))
     start = time.perf_counter()
     samples = sample_windows(model, vocab, prompts, replace(scfg, seed=seed), max_total_tokens=_int_or_none(g.get("max_total_tokens")),
-                             keep=_int_or_none(g.get("window_keep")), progress=progress)
+                             keep=_int_or_none(g.get("window_keep")), end_time=end_time, progress=progress)
     seconds = time.perf_counter() - start
     ids = first_id + np.arange(n_prompts, dtype=np.int64)
     dec = decode_samples(vocab, prompts[samples.prompt_index], samples.tokens, samples.offsets, ids, seed,
@@ -158,6 +158,24 @@ def generate_shard(model: Any, vocab: Vocab, grammar: Grammar, pool: PromptPool,
     return arrays, stats
 
 
+def data_end_time(value: Any, prepared: Path, windowed: bool) -> int | None:
+    """`generate.end_date`: `auto` = the prepared train split's last event time when generating in windows
+    (real records end there, at death or at the extract's end), else none; null = none; or a date."""
+    if value is None or (value == "auto" and not windowed):
+        return None
+    if value == "auto":
+        import pyarrow.compute as pc
+
+        from cehrx.data.shards import read_split_table
+
+        times = read_split_table(prepared, "train", columns=["times"]).column("times")
+        return int(pc.max(pc.list_flatten(times)).as_py())
+    try:
+        return int(np.datetime64(str(value), "s").astype(np.int64))
+    except ValueError as e:
+        raise CehrxError(f"generate.end_date={value!r}: expected auto, null or a date like 2025-01-01") from e
+
+
 def _int_or_none(v: Any) -> int | None:
     return None if v is None else int(v)
 
@@ -172,7 +190,8 @@ def plan_shard(requested: int, stats: list[dict], shard_size: int) -> int:
     return max(1, min(shard_size, need))
 
 
-def sample_all(model: Any, vocab: Vocab, pool: PromptPool, scfg: SamplingConfig, g: DictConfig, work: Partial, console: Console) -> tuple[list[dict], int]:
+def sample_all(model: Any, vocab: Vocab, pool: PromptPool, scfg: SamplingConfig, g: DictConfig, work: Partial, console: Console,
+               end_time: int | None = None) -> tuple[list[dict], int]:
     """Generate shards until `num_patients` valid patients exist; finished shards are reused on resume.
 
     Returns the stats of every shard and how many were reused from an earlier, interrupted run.
@@ -198,7 +217,7 @@ def sample_all(model: Any, vocab: Vocab, pool: PromptPool, scfg: SamplingConfig,
                 break
             n = min(plan_shard(requested, stats, int(g.shard_size)), max_samples - attempts)
             wanted = requested - sum(s["kept"] for s in stats)
-            arrays, st = generate_shard(model, vocab, grammar, pool, scfg, g, len(stats), n, attempts + 1, wanted, show)
+            arrays, st = generate_shard(model, vocab, grammar, pool, scfg, g, len(stats), n, attempts + 1, wanted, show, end_time=end_time)
             work.save(len(stats), arrays, st)
             stats.append(st)
             bar.update(st["kept"])
@@ -230,13 +249,14 @@ def run(cfg: DictConfig) -> dict:
     prompts = OmegaConf.to_container(g.prompts, resolve=True) if g.prompts is not None else None
     pool = config_pool(vocab, prompts) if prompts is not None else empirical_pool(prepared, vocab)
     scfg = sampling_config(g, model.config.max_seq_len)
+    end_time = data_end_time(g.get("end_date", "auto"), prepared, g.get("max_total_tokens") is not None)
     settings = {"model": str(mdir.resolve()), "model_fingerprint": model_fingerprint(mdir), "prepared_dir": str(prepared.resolve()),
                 "prompts": prompts, "sampling": asdict(scfg), "num_patients": int(g.num_patients), "shard_size": int(g.shard_size),
                 "max_age": int(g.max_age), "truncated": str(g.truncated),
-                "max_total_tokens": _int_or_none(g.get("max_total_tokens")), "window_keep": _int_or_none(g.get("window_keep")), "max_attempts_factor": float(g.max_attempts_factor),
+                "max_total_tokens": _int_or_none(g.get("max_total_tokens")), "window_keep": _int_or_none(g.get("window_keep")), "end_time": end_time, "max_attempts_factor": float(g.max_attempts_factor),
                 "device_type": device.type}
     work = Partial(out, settings, bool(cfg.overwrite))
-    stats, resumed = sample_all(model, vocab, pool, scfg, g, work, console)
+    stats, resumed = sample_all(model, vocab, pool, scfg, g, work, console, end_time=end_time)
     t_sampled = time.perf_counter()
     with task_output(cfg, "generate") as tmp:
         outputs = assemble(cfg, vocab, mdir, prepared, work, tmp, console)

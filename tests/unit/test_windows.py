@@ -75,6 +75,16 @@ def test_windows_carry_the_last_visits_behind_a_recomputed_prompt(vocab: Vocab, 
     assert np.array_equal(out.sequence(0)[:8], np.resize(visit, 8))
     with pytest.raises(CehrxError, match="keep"):
         windows.sample_windows(micro(vocab), vocab, p, SamplingConfig(), max_total_tokens=100, keep=CTX)
+    # records end where the real data ends: each patient is cut at its first token past end_time
+    end = int(np.datetime64("2010-01-01", "s").astype(np.int64))
+    seen.clear()
+    cut = windows.sample_windows(micro(vocab), vocab, p, SamplingConfig(seed=5), max_total_tokens=1000, keep=10, end_time=end)
+    clock = windows._Clock(vocab, p)
+    for i in range(2):
+        t = clock.start[i] + np.cumsum(clock.seconds[cut.sequence(i)])
+        assert (t <= end).all() and cut.stop[i] == STOP_TOKENS
+    assert cut.lengths()[1] < cut.lengths()[0] < 1000, "born later in the data's time, the 2000 prompt reaches the end sooner"
+    assert len(seen) < 10, "no window starts once every record has passed the end"
 
 
 def test_real_model_windows_make_valid_patients_longer_than_the_context(vocab: Vocab) -> None:
