@@ -122,12 +122,6 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def write_bytes(path: str | Path, data: bytes) -> Path:
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
 def write_parquet(table, path: str | Path, **kwargs) -> Path:
     """`pyarrow.parquet.write_table` to a temporary name, then renamed onto `path`."""
     import pyarrow.parquet as pq

@@ -110,10 +110,11 @@ def _next_windows(vocab: Vocab, prompts: np.ndarray, parts: list[np.ndarray], ac
         if not len(hits):
             continue
         p = lo + int(hits[0])
-        if end_time is not None and clock.start[i] + int(clock.seconds[seq].sum()) > end_time:
+        elapsed = np.cumsum(clock.seconds[seq])
+        if end_time is not None and clock.start[i] + int(elapsed[-1]) > end_time:
             continue  # the record already runs past the data's end: no further window
         rows.append(i)
-        starts.append(clock.start[i] + int(clock.seconds[seq[: p + 1]].sum()))
+        starts.append(clock.start[i] + int(elapsed[p]))
         bodies.append(seq[p:])
     if not rows:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64)
