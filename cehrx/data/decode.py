@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from cehrx.data.grammar import PREFIX
 from cehrx.data.shards import NO_BIRTH, SECONDS_PER_YEAR
 from cehrx.data.vocab import KINDS, Vocab, time_token_days
 
@@ -65,7 +66,7 @@ def decode_events(
     codes = names[tokens[idx]].copy()
     codes[tokens[idx] == vocab["[DEATH]"]] = "MEDS_DEATH"
     dis = kinds[idx] == _KIND["discharge"]
-    codes[dis] = np.array([c[len("DISCHARGE//"):] for c in codes[dis]], dtype=object)
+    codes[dis] = np.array([c[len(PREFIX["discharge"]):] for c in codes[dis]], dtype=object)
     values = _values(vocab, tokens, kinds, idx, seed)
 
     static_idx = np.flatnonzero(np.isin(kinds, [_KIND["gender"], _KIND["race"]]))

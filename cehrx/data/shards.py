@@ -28,9 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cehrx.data.grammar import PREFIX, UNKNOWN, prompt_token
+from cehrx.data.grammar import PROMPT_LEN as PROMPT_LEN  # re-exported: part of the shard contract
 from cehrx.data.vocab import Vocab
 
-PROMPT_LEN = 4
 SPLITS = ("train", "tuning", "held_out")
 SECONDS_PER_YEAR = 365.25 * 86400
 
@@ -131,12 +132,12 @@ def prompt_ids(vocab: Vocab, start_times: np.ndarray, birth_times: np.ndarray, g
     """
     start_times = np.asarray(start_times, dtype=np.int64)
     years = start_times.astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64) + 1970
-    year_ids = _clamped_ids(vocab, "YEAR//", years)
+    year_ids = _clamped_ids(vocab, PREFIX["year"], years)
     birth_times = np.asarray(birth_times, dtype=np.int64)
     known = birth_times != NO_BIRTH
     ages = np.where(known, np.floor((start_times - np.where(known, birth_times, 0)) / SECONDS_PER_YEAR), 0).astype(np.int64)
-    age_ids = _clamped_ids(vocab, "AGE//", np.maximum(ages, 0))
-    age_ids = np.where(known, age_ids, vocab.id("AGE//UNKNOWN"))
+    age_ids = _clamped_ids(vocab, PREFIX["age"], np.maximum(ages, 0))
+    age_ids = np.where(known, age_ids, vocab.id(prompt_token("age", UNKNOWN)))
     return np.stack([year_ids, age_ids, np.asarray(gender_ids), np.asarray(race_ids)], axis=1).astype(np.int32)
 
 

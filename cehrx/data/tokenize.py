@@ -15,8 +15,10 @@ How (for speed, the output is the same token for token): DuckDB sorts the visits
 events once, by (split, subject_id, visit rank, time, table, code, value), and returns them as
 integer/float columns (`Ordered`); the vocabulary is decided from small aggregates before any
 token exists (vocab_build.py); `assemble` then writes every token id straight into its slot with
-numpy: per subject 4 prompt slots, per visit 3 + 3 per event + 3 slots, 2 death slots, absent
-tokens removed at the end. No table of token strings is ever built, and nothing sorts tokens.
+numpy, in the layout the grammar declares (`grammar.PROMPT_KINDS`, `VISIT_HEAD`, `EVENT_SLOTS`,
+`VISIT_TAIL`, `DEATH_SLOTS`), absent tokens removed at the end. Token spellings (gaps, inpatient
+times, deciles, prefixes) come from `grammar` too. No table of token strings is ever built, and
+nothing sorts tokens.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cehrx.data import grammar as g
 from cehrx.data.duck import literal
+from cehrx.data.grammar import PREFIX, UNKNOWN, gap_names, inpatient_time_codes, inpatient_time_name, quantile_name
 from cehrx.data.shards import SPLITS
 
 SECONDS_PER_YEAR = 365.25 * 86400
-US = 1_000_000
 SPLIT_RANK = "(CASE split " + " ".join(f"WHEN {literal(s)} THEN {i}" for i, s in enumerate(SPLITS)) + f" ELSE {len(SPLITS)} END)"
 
 
@@ -134,35 +137,6 @@ def order_visits(con: duckdb.DuckDBPyConnection, inpatient_types: list[str], day
     """)
 
 
-def gap_token(days: str, max_gap_days: int) -> str:
-    """SQL: D<n> below max_gap_days, else Y<round(n/365.25)>."""
-    days = f"({days})"
-    return f"(CASE WHEN {days} >= {int(max_gap_days)} THEN 'Y' || CAST(round({days} / 365.25) AS BIGINT) ELSE 'D' || CAST({days} AS BIGINT) END)"
-
-
-def gap_names(days: np.ndarray, max_gap_days: int) -> list[str]:
-    """gap_token for an array of day counts (Python side; round half away from zero like DuckDB).
-
-    >>> gap_names(np.array([0, 57, 1079, 1080, 2000]), 1080)
-    ['D0', 'D57', 'D1079', 'Y3', 'Y5']
-    """
-    return [f"Y{int(np.floor(d / 365.25 + 0.5))}" if d >= max_gap_days else f"D{int(d)}" for d in days.tolist()]
-
-
-def inpatient_time_codes(dt_us: np.ndarray, max_days: int) -> np.ndarray:
-    """Time inside an inpatient visit as an integer code: n >= 1 for i-D<n>, -h for i-H<h>, 0 for none.
-
-    i-D<days> (capped at max_days) for a day or more, i-H<hours> for an hour or more.
-    """
-    days = np.minimum(np.floor_divide(dt_us, 86400 * US), max_days)
-    hours = np.floor_divide(dt_us, 3600 * US)
-    return np.where(dt_us >= 86400 * US, days, np.where(dt_us >= 3600 * US, -hours, 0)).astype(np.int64)
-
-
-def inpatient_time_name(code: int) -> str:
-    return f"i-D{code}" if code > 0 else f"i-H{-code}"
-
-
 def seconds(us: np.ndarray) -> np.ndarray:
     """`CAST(epoch(t) AS BIGINT)` of DuckDB from microseconds: the same double, rounded half to even."""
     return np.rint(us / 1e6).astype(np.int64)
@@ -216,12 +190,14 @@ def fetch_ordered(con: duckdb.DuckDBPyConnection, rare_codes: bool = True) -> Or
     columns are dictionary-encoded first, so only int32 indices are permuted. `rare_codes` as in
     `order_visits`.
     """
+    year, age, gender, race = (literal(PREFIX[k]) for k in g.PROMPT_KINDS)
+    unknown = literal(UNKNOWN)
     subj = con.sql(f"""
         SELECT subject_id, {SPLIT_RANK} AS sr, n_visits, CAST(epoch(birth_ok) AS BIGINT) AS birth_s, epoch_us(first_t) AS first_us,
-               'YEAR//' || CAST(year(first_t) AS VARCHAR) AS p0,
-               CASE WHEN birth_ok IS NULL THEN 'AGE//UNKNOWN'
-                    ELSE 'AGE//' || CAST(CAST(floor((epoch(first_t) - epoch(birth_ok)) / {SECONDS_PER_YEAR}) AS BIGINT) AS VARCHAR) END AS p1,
-               'GENDER//' || coalesce(gender, 'UNKNOWN') AS p2, 'RACE//' || coalesce(race, 'UNKNOWN') AS p3,
+               {year} || CAST(year(first_t) AS VARCHAR) AS p0,
+               CASE WHEN birth_ok IS NULL THEN {age} || {unknown}
+                    ELSE {age} || CAST(CAST(floor((epoch(first_t) - epoch(birth_ok)) / {SECONDS_PER_YEAR}) AS BIGINT) AS VARCHAR) END AS p1,
+               {gender} || coalesce(gender, {unknown}) AS p2, {race} || coalesce(race, {unknown}) AS p3,
                death IS NOT NULL AS has_death, coalesce(epoch_us(greatest(death, last_t)), 0) AS death_us,
                coalesce(greatest(date_diff('day', CAST(last_t AS DATE), CAST(death AS DATE)), 0), -1) AS death_days
         FROM demo_t ORDER BY vbase
@@ -247,7 +223,7 @@ def fetch_ordered(con: duckdb.DuckDBPyConnection, rare_codes: bool = True) -> Or
     return Ordered(
         subject_id=col(subj, "subject_id"), split=col(subj, "sr").astype(np.int8), nvis=col(subj, "n_visits").astype(np.int64),
         birth_s=subj.column("birth_s").combine_chunks(), first_us=col(subj, "first_us"),
-        prompt=[subj.column(f"p{i}").combine_chunks() for i in range(4)],
+        prompt=[subj.column(f"p{i}").combine_chunks() for i in range(g.PROMPT_LEN)],
         death_us=col(subj, "death_us"), has_death=has_death,
         death_days=col(subj, "death_days").astype(np.int64),
         gap_days=placed("gap_days"), est_us=placed("est_us"), eend_us=placed("eend_us"),
@@ -279,8 +255,7 @@ class Resolver:
             n = 1 if counts is None else int(counts[i])
             tid = self.index.get(tok)
             if tid is None:
-                m = re.match(r"^([A-Z]+//)", tok)
-                tid = self.index.get((m.group(1) if m else "") + "UNKNOWN")
+                tid = self.index.get(g.unknown_fallback(tok))
                 if n:
                     p = re.match(r"^([A-Za-z]+)", tok)
                     key = f"{p.group(1) if p else ''} ({'dropped' if tid is None else 'as UNKNOWN'})"
@@ -323,7 +298,7 @@ class Resolver:
 class TokenIds:
     """Every slot's token id (-1: absent) for subjects, visits and events of `Ordered`."""
 
-    prompt: np.ndarray  # [S, 4]
+    prompt: np.ndarray  # [S, PROMPT_LEN]
     death_gap: np.ndarray  # [S], -1 without death
     death: int
     gap: np.ndarray  # [V], -1 for first visits
@@ -345,19 +320,19 @@ def token_ids(o: Ordered, res: Resolver, code_ids: np.ndarray, cuts: np.ndarray,
     leave a core idle.
     """
     with ThreadPoolExecutor(max_workers=1) as pool:
-        events = pool.submit(event_ids, o, res, code_ids, cuts, has_cuts, max_gap_days - 1)
+        events = pool.submit(event_ids, o, res, code_ids, cuts, has_cuts, max_gap_days)
         gap, trail, visit, discharge = visit_ids(o, res, max_gap_days)
         prompt, death_gap = subject_ids(o, res, max_gap_days)
         itime, q, code = events.result()
     return TokenIds(
-        prompt=prompt, death_gap=death_gap, death=res.index["[DEATH]"],
-        gap=gap, vs=res.index["[VS]"], visit=visit, trail=trail, discharge=discharge, ve=res.index["[VE]"],
+        prompt=prompt, death_gap=death_gap, death=res.index[g.DEATH],
+        gap=gap, vs=res.index[g.VS], visit=visit, trail=trail, discharge=discharge, ve=res.index[g.VE],
         itime=itime, code=code, q=q,
     )
 
 
 def event_ids(o: Ordered, res: Resolver, code_ids: np.ndarray, cuts: np.ndarray, has_cuts: np.ndarray,
-              max_i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              max_gap_days: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per event: the inpatient time token, the value decile token and the code token."""
     n_vis, n_ev = len(o.est_us), len(o.t_us)
     # events: time since the previous event of the visit (its start for the first), inside inpatient-like visits
@@ -367,7 +342,7 @@ def event_ids(o: Ordered, res: Resolver, code_ids: np.ndarray, cuts: np.ndarray,
     firsts = o.efirst[:-1][o.nev > 0]
     prev[firsts] = o.est_us[o.nev > 0]
     inp = np.flatnonzero(o.inpatient[vidx])
-    itime_code = inpatient_time_codes(o.t_us[inp] - prev[inp], max_i)
+    itime_code = inpatient_time_codes(o.t_us[inp] - prev[inp], max_gap_days)
     itime = np.full(n_ev, -1, np.int32)
     sel = itime_code != 0
     itime[inp[sel]] = res.mapped(itime_code[sel], inpatient_time_name)
@@ -379,7 +354,7 @@ def event_ids(o: Ordered, res: Resolver, code_ids: np.ndarray, cuts: np.ndarray,
         k = np.ones(len(value), dtype=np.int64)
         for j in range(cuts.shape[1]):  # column by column: no [events x cuts] temporary
             k += cuts[cid, j] <= value
-        q[sel] = res.mapped(k, lambda x: f"Q{x}")
+        q[sel] = res.mapped(k, quantile_name)
     return itime, q, code_ids[o.cid] if n_ev else np.zeros(0, np.int32)
 
 
@@ -390,11 +365,11 @@ def visit_ids(o: Ordered, res: Resolver, max_gap_days: int) -> tuple[np.ndarray,
     sel = o.gap_days >= 0
     gap[sel] = res.mapped(o.gap_days[sel], lambda d: gap_names(np.array([d]), max_gap_days)[0])
     last = np.where(o.nev > 0, o.t_us[np.maximum(o.efirst[1:] - 1, 0)] if n_ev else 0, o.est_us)
-    trail_code = np.where(o.inpatient, inpatient_time_codes(o.eend_us - last, max_gap_days - 1), 0)
+    trail_code = np.where(o.inpatient, inpatient_time_codes(o.eend_us - last, max_gap_days), 0)
     trail = np.full(n_vis, -1, np.int32)
     sel = trail_code != 0
     trail[sel] = res.mapped(trail_code[sel], inpatient_time_name)
-    return gap, trail, res.column(o.vtype, "VISIT//"), res.column(o.discharge, "DISCHARGE//")
+    return gap, trail, res.column(o.vtype, PREFIX["visit"]), res.column(o.discharge, PREFIX["discharge"])
 
 
 def subject_ids(o: Ordered, res: Resolver, max_gap_days: int) -> tuple[np.ndarray, np.ndarray]:
@@ -402,57 +377,51 @@ def subject_ids(o: Ordered, res: Resolver, max_gap_days: int) -> tuple[np.ndarra
     death_gap = np.full(len(o.subject_id), -1, np.int32)
     if o.has_death.any():
         death_gap[o.has_death] = res.mapped(o.death_days[o.has_death], lambda d: gap_names(np.array([d]), max_gap_days)[0])
-    prompt = np.stack([res.column(p) for p in o.prompt], axis=1) if len(o.subject_id) else np.zeros((0, 4), np.int32)
+    prompt = np.stack([res.column(p) for p in o.prompt], axis=1) if len(o.subject_id) else np.zeros((0, g.PROMPT_LEN), np.int32)
     return prompt, death_gap
 
 
 def assemble(o: Ordered, ids: TokenIds, s0: int, s1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Token ids, times (s) and per-subject lengths of subjects s0..s1-1, laid out by slot.
 
-    Subject block: 4 prompt slots, then per visit (gap, [VS], VISIT, 3 per event (time, code,
-    decile), trailing time, discharge, [VE]), then (death gap, [DEATH]). Slots whose token is
-    absent (-1) are removed at the end, which keeps everything else in order.
+    Subject block, as the grammar lays it out: the prompt slots (`PROMPT_KINDS`), then per visit
+    `VISIT_HEAD`, `EVENT_SLOTS` per event and `VISIT_TAIL`, then `DEATH_SLOTS`. Slots whose token
+    is absent (-1) are removed at the end, which keeps everything else in order.
     """
+    n_prompt, n_head, n_event, n_tail = g.PROMPT_LEN, len(g.VISIT_HEAD), len(g.EVENT_SLOTS), len(g.VISIT_TAIL)
+    per_subject = n_prompt + len(g.DEATH_SLOTS)  # slots of a subject outside its visits
     v0, v1 = o.vfirst[s0], o.vfirst[s1]
     e0, e1 = o.efirst[v0], o.efirst[v1]
     ns, ne = s1 - s0, e1 - e0
     nev = o.nev[v0:v1]
     vsub = np.repeat(np.arange(ns), o.nvis[s0:s1])  # local subject of each visit
-    vslots = np.concatenate([[0], np.cumsum(6 + 3 * nev)])  # visit slot offsets, without subject parts
-    vstart = vslots[:-1] + 6 * vsub + 4  # first slot of each visit
+    vslots = np.concatenate([[0], np.cumsum(n_head + n_tail + n_event * nev)])  # visit slot offsets, without subject parts
+    vstart = vslots[:-1] + per_subject * vsub + n_prompt  # first slot of each visit
     vfirst_local = o.vfirst[s0:s1 + 1] - v0
-    sstart = vslots[vfirst_local[:-1]] + 6 * np.arange(ns)
-    dstart = vslots[vfirst_local[1:]] + 6 * np.arange(ns) + 4
-    total = int(vslots[-1] + 6 * ns)
+    sstart = vslots[vfirst_local[:-1]] + per_subject * np.arange(ns)
+    dstart = vslots[vfirst_local[1:]] + per_subject * np.arange(ns) + n_prompt
+    total = int(vslots[-1] + per_subject * ns)
     tok = np.full(total, -1, dtype=np.int32)
     tim = np.zeros(total, dtype=np.int64)
     sec = o.seconds
 
-    def put(at: np.ndarray, values, times_s: np.ndarray) -> None:
-        tok[at] = values
-        tim[at] = times_s
+    def put(first_slot: np.ndarray, layout: tuple[str, ...], values: dict, times_s: np.ndarray) -> None:
+        for j, slot in enumerate(layout):
+            tok[first_slot + j] = values[slot]
+            tim[first_slot + j] = times_s
 
-    first = sec["first"][s0:s1]
-    for i in range(4):
-        put(sstart + i, ids.prompt[s0:s1, i], first)
-    est, eend = sec["est"][v0:v1], sec["eend"][v0:v1]
-    put(vstart, ids.gap[v0:v1], est)
-    put(vstart + 1, ids.vs, est)
-    put(vstart + 2, ids.visit[v0:v1], est)
+    prompt = {k: ids.prompt[s0:s1, i] for i, k in enumerate(g.PROMPT_KINDS)}
+    put(sstart, g.PROMPT_KINDS, prompt, sec["first"][s0:s1])
+    head = {"gap": ids.gap[v0:v1], g.VS: ids.vs, "visit": ids.visit[v0:v1]}
+    put(vstart, g.VISIT_HEAD, head, sec["est"][v0:v1])
     k = np.arange(ne) - np.repeat(o.efirst[v0:v1] - e0, nev)  # event index inside its visit
-    eslot = np.repeat(vstart + 3, nev) + 3 * k
-    t = sec["t"][e0:e1]
-    put(eslot, ids.itime[e0:e1], t)
-    put(eslot + 1, ids.code[e0:e1], t)
-    put(eslot + 2, ids.q[e0:e1], t)
-    end = vstart + 3 + 3 * nev
-    put(end, ids.trail[v0:v1], eend)
-    put(end + 1, ids.discharge[v0:v1], eend)
-    put(end + 2, ids.ve, eend)
+    event = {"inpatient_time": ids.itime[e0:e1], "code": ids.code[e0:e1], "quantile": ids.q[e0:e1]}
+    put(np.repeat(vstart + n_head, nev) + n_event * k, g.EVENT_SLOTS, event, sec["t"][e0:e1])
+    tail = {"inpatient_time": ids.trail[v0:v1], "discharge": ids.discharge[v0:v1], g.VE: ids.ve}
+    put(vstart + n_head + n_event * nev, g.VISIT_TAIL, tail, sec["eend"][v0:v1])
     dead = o.has_death[s0:s1]
-    death_t = sec["death"][s0:s1]
-    put(dstart, np.where(dead, ids.death_gap[s0:s1], -1), death_t)
-    put(dstart + 1, np.where(dead, ids.death, -1), death_t)
+    death = {"gap": np.where(dead, ids.death_gap[s0:s1], -1), g.DEATH: np.where(dead, ids.death, -1)}
+    put(dstart, g.DEATH_SLOTS, death, sec["death"][s0:s1])
     keep = np.flatnonzero(tok >= 0)
     lengths = np.diff(np.searchsorted(keep, np.append(sstart, total))).astype(np.int64)
     return tok[keep], tim[keep], lengths

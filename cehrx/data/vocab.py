@@ -7,72 +7,27 @@ back into clinical codes and the time grammar can be decoded without the origina
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-PAD, END, UNK, VS, VE, DEATH = "[PAD]", "[END]", "[UNK]", "[VS]", "[VE]", "[DEATH]"
-SPECIAL_TOKENS = (PAD, END, UNK, VS, VE, DEATH)
-
-# Token kinds, in the order they are laid out in the vocabulary.
-KINDS = (
-    "special",  # [PAD] [END] [UNK] [VS] [VE] [DEATH]
-    "year",  # YEAR//1998
-    "age",  # AGE//43
-    "gender",  # GENDER//F
-    "race",  # RACE//5
-    "visit",  # VISIT//IP
-    "discharge",  # DISCHARGE//<code>
-    "gap",  # D<n>, Y<n>: time between visits
-    "inpatient_time",  # i-D<n>, i-H<h>: time inside inpatient-like visits
-    "quantile",  # Q1..Q10: value decile of the preceding code
-    "code",  # clinical codes
+# The token kinds and special tokens are the grammar's (`cehrx.data.grammar`); re-exported here
+# because every reader of a vocabulary needs them.
+from cehrx.data.grammar import (  # noqa: F401
+    DEATH,
+    END,
+    KINDS,
+    PAD,
+    PROMPT_KINDS,
+    SPECIAL_TOKENS,
+    TIME_KINDS,
+    UNK,
+    VE,
+    VS,
+    kind_of,
+    time_token_days,
 )
-TIME_KINDS = frozenset({"gap", "inpatient_time"})
-PROMPT_KINDS = ("year", "age", "gender", "race")
-
-_TIME_RE = re.compile(r"^(D|Y|i-D|i-H)(\d+)$")
-
-
-def kind_of(token: str) -> str:
-    """The kind of a token string, from its spelling alone.
-
-    >>> [kind_of(t) for t in ["[VS]", "YEAR//1998", "D12", "i-H3", "Q7", "SNOMED/123"]]
-    ['special', 'year', 'gap', 'inpatient_time', 'quantile', 'code']
-    """
-    if token in SPECIAL_TOKENS:
-        return "special"
-    for prefix, kind in (
-        ("YEAR//", "year"),
-        ("AGE//", "age"),
-        ("GENDER//", "gender"),
-        ("RACE//", "race"),
-        ("VISIT//", "visit"),
-        ("DISCHARGE//", "discharge"),
-    ):
-        if token.startswith(prefix):
-            return kind
-    m = _TIME_RE.match(token)
-    if m:
-        return "inpatient_time" if m.group(1).startswith("i-") else "gap"
-    if re.fullmatch(r"Q\d+", token):
-        return "quantile"
-    return "code"
-
-
-def time_token_days(token: str) -> float | None:
-    """Days a time token stands for (Y<n> as n*365.25, i-H<h> as h/24); None for other tokens.
-
-    >>> time_token_days("D3"), time_token_days("Y4"), time_token_days("i-H6"), time_token_days("VISIT//IP")
-    (3.0, 1461.0, 0.25, None)
-    """
-    m = _TIME_RE.match(token)
-    if not m:
-        return None
-    unit, n = m.group(1), int(m.group(2))
-    return {"D": 1.0, "Y": 365.25, "i-D": 1.0, "i-H": 1 / 24}[unit] * n
 
 
 @dataclass

@@ -11,8 +11,12 @@ from __future__ import annotations
 import duckdb
 import numpy as np
 
-from cehrx.data.tokenize import gap_token
-from cehrx.data.vocab import KINDS, SPECIAL_TOKENS, Vocab, kind_of
+from cehrx.data import grammar as g
+from cehrx.data.duck import literal
+from cehrx.data.grammar import KINDS, PREFIX, SPECIAL_TOKENS, UNKNOWN, gap_sql, kind_of, parse_time, prompt_token
+from cehrx.data.vocab import Vocab
+
+MIN_MAX_YEARS = 150  # Y gap tokens go at least this far, however short the longest gap seen in train
 
 
 def _col(con: duckdb.DuckDBPyConnection, sql: str) -> list:
@@ -27,14 +31,16 @@ def seen_in_train(con: duckdb.DuckDBPyConnection, max_gap_days: int) -> dict[str
     any token row exists.
     """
     death_days = "greatest(date_diff('day', CAST(last_t AS DATE), CAST(death AS DATE)), 0)"
+    gender, race, visit, discharge = (literal(PREFIX[k]) for k in ("gender", "race", "visit", "discharge"))
+    unknown = literal(UNKNOWN)
     rows = con.execute(f"""
         SELECT token, count(DISTINCT subject_id) FROM (
-            SELECT subject_id, 'GENDER//' || coalesce(gender, 'UNKNOWN') AS token FROM demo_t WHERE split = 'train'
-            UNION ALL SELECT subject_id, 'RACE//' || coalesce(race, 'UNKNOWN') FROM demo_t WHERE split = 'train'
-            UNION ALL SELECT subject_id, 'VISIT//' || vtype FROM vis WHERE split = 'train'
-            UNION ALL SELECT subject_id, 'DISCHARGE//' || discharge FROM vis WHERE split = 'train' AND discharge IS NOT NULL
-            UNION ALL SELECT subject_id, {gap_token('gap_days', max_gap_days)} FROM vis WHERE split = 'train' AND gap_days >= {int(max_gap_days)}
-            UNION ALL SELECT subject_id, {gap_token(death_days, max_gap_days)} FROM demo_t
+            SELECT subject_id, {gender} || coalesce(gender, {unknown}) AS token FROM demo_t WHERE split = 'train'
+            UNION ALL SELECT subject_id, {race} || coalesce(race, {unknown}) FROM demo_t WHERE split = 'train'
+            UNION ALL SELECT subject_id, {visit} || vtype FROM vis WHERE split = 'train'
+            UNION ALL SELECT subject_id, {discharge} || discharge FROM vis WHERE split = 'train' AND discharge IS NOT NULL
+            UNION ALL SELECT subject_id, {gap_sql('gap_days', max_gap_days)} FROM vis WHERE split = 'train' AND gap_days >= {int(max_gap_days)}
+            UNION ALL SELECT subject_id, {gap_sql(death_days, max_gap_days)} FROM demo_t
                       WHERE split = 'train' AND death IS NOT NULL AND {death_days} >= {int(max_gap_days)}
         ) WHERE token IS NOT NULL GROUP BY token
     """).fetchall()
@@ -53,16 +59,16 @@ def candidate_tokens(con: duckdb.DuckDBPyConnection, min_subjects: int, num_bins
     seen = list(seen_in_train(con, max_gap_days).items())
     tokens: list[str] = list(SPECIAL_TOKENS)
     if years[0] is not None:
-        tokens += [f"YEAR//{y}" for y in range(int(years[0]), int(years[1]) + 1)]
-    tokens += ["YEAR//UNKNOWN"]
-    tokens += [f"AGE//{a}" for a in range(int(max(max_age or 0, 0)) + 1)] + ["AGE//UNKNOWN"]
-    for kind, prefix in (("gender", "GENDER//"), ("race", "RACE//"), ("visit", "VISIT//")):
-        tokens += sorted({t for t, _ in seen if kind_of(t) == kind} | {f"{prefix}UNKNOWN"})
+        tokens += [prompt_token("year", y) for y in range(int(years[0]), int(years[1]) + 1)]
+    tokens += [prompt_token("year", UNKNOWN)]
+    tokens += [prompt_token("age", a) for a in range(int(max(max_age or 0, 0)) + 1)] + [prompt_token("age", UNKNOWN)]
+    for kind in ("gender", "race", "visit"):
+        tokens += sorted({t for t, _ in seen if kind_of(t) == kind} | {prompt_token(kind, UNKNOWN)})
     tokens += sorted(t for t, n in seen if kind_of(t) == "discharge" and n >= min_subjects)
-    max_years = max([int(t[1:]) for t, _ in seen if t.startswith("Y") and t[1:].isdigit()] + [150])
-    tokens += [f"D{n}" for n in range(max_gap_days)] + [f"Y{n}" for n in range(3, max_years + 1)]
-    tokens += [f"i-D{n}" for n in range(1, max_gap_days)] + [f"i-H{n}" for n in range(1, 24)]
-    tokens += [f"Q{k}" for k in range(1, num_bins + 1)]
+    years_seen = [p[1] for t, _ in seen if (p := parse_time(t)) is not None and p[0].unit == "Y"]
+    tokens += g.gap_tokens(max_gap_days, max(years_seen + [MIN_MAX_YEARS]))
+    tokens += g.inpatient_time_tokens(max_gap_days)
+    tokens += g.quantile_tokens(num_bins)
     tokens += _col(con, "SELECT code FROM kept_codes ORDER BY code")
     order = {k: i for i, k in enumerate(KINDS)}
     # stable sort by kind keeps the numeric order inside each kind
@@ -99,7 +105,8 @@ def make_vocab(con: duckdb.DuckDBPyConnection, tokens: list[str], counts: np.nda
     )
 
 
-_SOURCE_PREFIXES = {"gender": ("Gender/", "GENDER//"), "race": ("Race/", "RACE//"), "visit": ("Visit/", "VISIT//")}
+# GENDER//F -> the description of Gender/F (OMOP sources) or of GENDER//F itself (MEDS sources)
+_SOURCE_PREFIXES = {k: (k.capitalize() + "/", PREFIX[k]) for k in ("gender", "race", "visit")}
 
 
 def describe(token: str, code_desc: dict[str, str]) -> str | None:
@@ -111,16 +118,13 @@ def describe(token: str, code_desc: dict[str, str]) -> str | None:
     ('FEMALE', 'Inpatient Visit')
     """
     kind = kind_of(token)
-    if kind == "gap":
-        n = int(token[1:])
-        return f"{n} days" if token[0] == "D" else f"{n} years"
-    if kind == "inpatient_time":
-        n = int(token[3:])
-        return f"{n} {'days' if token[2] == 'D' else 'hours'} inside the visit"
+    if kind in g.TIME_KINDS:
+        unit, n = parse_time(token)
+        return f"{n} {unit.words}"
     if kind == "quantile":
         return f"value decile {token[1:]}"
     if kind == "discharge":
-        code = token[len("DISCHARGE//"):]
+        code = token[len(PREFIX["discharge"]):]
         return f"discharge: {code_desc.get(code, code)}"
     if kind == "code":
         return code_desc.get(token)
@@ -130,5 +134,5 @@ def describe(token: str, code_desc: dict[str, str]) -> str | None:
             if prefix + value in code_desc:
                 return code_desc[prefix + value]
         return None
-    return {"[PAD]": "padding", "[END]": "end of record", "[UNK]": "unknown", "[VS]": "visit start",
-            "[VE]": "visit end", "[DEATH]": "death"}.get(token)
+    return {g.PAD: "padding", g.END: "end of record", g.UNK: "unknown", g.VS: "visit start",
+            g.VE: "visit end", g.DEATH: "death"}.get(token)

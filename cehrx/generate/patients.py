@@ -26,9 +26,10 @@ import numpy as np
 import pyarrow as pa
 
 from cehrx.data.decode import rebuild_times
+from cehrx.data.grammar import PREFIX
 from cehrx.data.shards import NO_BIRTH, SECONDS_PER_YEAR, TokenArrays
 from cehrx.data.vocab import DEATH, END, KINDS, VE, VS, Vocab
-from cehrx.generate.constraints import N_BASE, Grammar
+from cehrx.generate.constraints import Grammar
 
 DAY = 86400
 END_OF_DAY = DAY - 1
@@ -36,7 +37,7 @@ DROP_REASONS = ("grammar", "no_visits", "unknown_year_or_age", "impossible_age")
 TRUNCATED_KEY = "truncated_at_token_budget (cut after the last complete visit)"
 _KIND = {k: i for i, k in enumerate(KINDS)}
 # automaton states a complete patient may end in (after its last visit, or after death)
-ACCEPT_STATES = np.array([s for s in range(2 * N_BASE) if Grammar.state_name(s) in ("between", "dead", "end")])
+ACCEPT_STATES = Grammar.accept_states()
 
 
 @dataclass
@@ -225,7 +226,7 @@ def visit_table(vocab: Vocab, arrays: TokenArrays) -> pa.Table:
     kinds = vocab.kind_array()[tok]
     dis = np.flatnonzero(kinds == _KIND["discharge"])
     discharge = np.full(len(vs), None, dtype=object)
-    discharge[global_visit[dis]] = np.array([s[len("DISCHARGE//"):] for s in names[tok[dis]]], dtype=object)
+    discharge[global_visit[dis]] = np.array([s[len(PREFIX["discharge"]):] for s in names[tok[dis]]], dtype=object)
     vtype = np.array([s.split("//", 1)[1] for s in names[tok[vs + 1]]], dtype=object)
     return pa.table({
         "subject_id": pa.array(arrays.subject_id[seq[vs]], type=pa.int64()),

@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
+from cehrx.data.grammar import PREFIX
 from cehrx.data.shards import PROMPT_LEN, read_split_table
 from cehrx.data.vocab import PROMPT_KINDS, Vocab
 from cehrx.errors import CehrxError
-
-_PREFIX = {"year": "YEAR//", "age": "AGE//", "gender": "GENDER//", "race": "RACE//"}
 
 
 @dataclass
@@ -104,7 +103,7 @@ def config_pool(vocab: Vocab, prompts: Sequence) -> PromptPool:
 
 def _token(kind: str, value: object) -> str:
     s = str(value)
-    return s if s.startswith(_PREFIX[kind]) else _PREFIX[kind] + s
+    return s if s.startswith(PREFIX[kind]) else PREFIX[kind] + s
 
 
 def _check_kinds(vocab: Vocab, rows: np.ndarray, where: str) -> None:
