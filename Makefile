@@ -5,7 +5,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast demo bench clean
+.PHONY: help install lint format test test-fast demo bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -14,7 +14,17 @@ install: ## install cehrx with dev extras (torch $(TORCH_VERSION) only if torch 
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
 	$(PYTHON) -m pip install -e ".[dev]"
 
-test: install ## run the whole test suite (what CI runs)
+LINT_PATHS ?= cehrx tests experiments
+
+lint: ## ruff: lint and check formatting (a second or two; `make test` runs it first)
+	$(PYTHON) -m ruff check $(LINT_PATHS)
+	$(PYTHON) -m ruff format --check $(LINT_PATHS)
+
+format: ## ruff: fix what lint can fix and reformat
+	$(PYTHON) -m ruff check --fix $(LINT_PATHS)
+	$(PYTHON) -m ruff format $(LINT_PATHS)
+
+test: install lint ## lint, then the whole test suite (what CI runs)
 	$(PYTHON) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: ## unit tests only, no install step

@@ -260,9 +260,9 @@ class SharedPrefixKVCache:
             return parts[0][1], parts[0][2]
         out = q.new_empty(q.shape)
         lse = torch.empty(q.shape[:2], dtype=parts[0][2].dtype, device=q.device)
-        for rows, o, l in parts:
-            out.index_copy_(0, rows, o)
-            lse.index_copy_(0, rows, l)
+        for rows, part_out, part_lse in parts:
+            out.index_copy_(0, rows, part_out)
+            lse.index_copy_(0, rows, part_lse)
         return out, lse
 
     def select_rows(self, index: Tensor) -> None:
