@@ -68,7 +68,12 @@ def make_prepared_dir(root: Path, n_subjects: dict[str, int] | None = None, seed
             t = birth + int(rng.integers(1 * 365, 50 * 365)) * day
             year = 1970 + int(t // (365.25 * day))
             age = int((t - birth) // (365.25 * day))
-            toks = [f"YEAR//{year}", f"AGE//{age}", str(rng.choice(["GENDER//F", "GENDER//M"])), str(rng.choice(["RACE//1", "RACE//2"]))]
+            toks = [
+                f"YEAR//{year}",
+                f"AGE//{age}",
+                str(rng.choice(["GENDER//F", "GENDER//M"])),
+                str(rng.choice(["RACE//1", "RACE//2"])),
+            ]
             times = [t] * 4
             for v in range(int(rng.integers(1, 13))):
                 if v:
@@ -112,3 +117,35 @@ def make_prepared_dir(root: Path, n_subjects: dict[str, int] | None = None, seed
 def synthetic_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A session-wide synthetic prepared dir (read-only for tests: copy it to modify)."""
     return make_prepared_dir(tmp_path_factory.mktemp("prepared") / "synth")
+
+
+# --------------------------------------------------------------------------------------------
+# prepare.json accounting, checked on every public set and every fuzzed input.
+
+
+def assert_counts_balance(out: Path, report: dict) -> None:
+    """A finished prepare output is not empty and accounts for everything it read (README, prepare.json).
+
+    Subjects in = tokenized + dropped by reason; MEDS events in = code tokens + `not_code_tokens` by
+    reason; per source table, rows in = rows kept + rows dropped by reason. The tokenized counts are
+    checked against the shards themselves (subjects, and tokens of kind `code`).
+    """
+    import json
+
+    import numpy as np
+
+    from cehrx.data.shards import SPLITS, load_split
+    from cehrx.data.vocab import KINDS, Vocab
+
+    assert report == json.loads((out / "prepare.json").read_text())
+    s, e = report["subjects"], report["events"]
+    assert s["tokenized"] > 0 and e["tokenized"] > 0, "a finished output holds subjects and clinical events"
+    assert s["in"] == s["tokenized"] + sum(s["dropped"].values()), s
+    assert e["in"] == e["tokenized"] + sum(e["not_code_tokens"].values()), e
+    for table, n in e["rows_in_by_table"].items():
+        assert n == e["rows_kept_by_table"][table] + sum(e["dropped"].get(table, {}).values()), (table, e)
+    vocab = Vocab.load(out)
+    code = np.flatnonzero(vocab.kind_array() == KINDS.index("code"))
+    splits = [load_split(out, split) for split in SPLITS]
+    assert sum(len(a) for a in splits) == s["tokenized"]
+    assert sum(int(np.isin(a.tokens, code).sum()) for a in splits) == e["tokenized"]

@@ -28,9 +28,7 @@ def ensure_cluster(timeout: float = 600) -> dict[str, str] | str:
     The timeout covers a first-time `apt-get install` too.
     """
     try:
-        proc = subprocess.run(
-            ["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=timeout
-        )
+        proc = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"local SLURM cluster could not start: {exc}"
     if proc.returncode != 0:

@@ -130,7 +130,9 @@ class Samples:
         return Samples(*(getattr(self, f)[idx] for f in ("subject", "start", "n_body", "end", "prompt", "prompt_time")))
 
 
-def crop_starts(arrays: TokenArrays, visit_starts: np.ndarray, max_seq_len: int, rng: np.random.Generator | None) -> np.ndarray:
+def crop_starts(
+    arrays: TokenArrays, visit_starts: np.ndarray, max_seq_len: int, rng: np.random.Generator | None
+) -> np.ndarray:
     """Start (relative to each subject) of every subject's crop; `PROMPT_LEN` for whole sequences.
 
     A crop holds the prompt, then body tokens from a `[VS]`, then `[END]` if it reaches the end.
@@ -156,7 +158,9 @@ def crop_starts(arrays: TokenArrays, visit_starts: np.ndarray, max_seq_len: int,
     return starts
 
 
-def make_samples(arrays: TokenArrays, visit_starts: np.ndarray, vocab: Vocab, max_seq_len: int, rng: np.random.Generator | None) -> Samples:
+def make_samples(
+    arrays: TokenArrays, visit_starts: np.ndarray, vocab: Vocab, max_seq_len: int, rng: np.random.Generator | None
+) -> Samples:
     """Crops of every subject (see `crop_starts`) with their prompts, as flat arrays."""
     n = len(arrays)
     off, length = arrays.offsets[:-1].astype(np.int64), arrays.lengths().astype(np.int64)
@@ -277,7 +281,9 @@ def collate_packed(
     }
 
 
-def empty_batch(pad_id: int, pad_to: int | None = None, pad_segment: int | None = None, max_seqlen: int | None = None) -> dict[str, Any]:
+def empty_batch(
+    pad_id: int, pad_to: int | None = None, pad_segment: int | None = None, max_seqlen: int | None = None
+) -> dict[str, Any]:
     """A batch of padding only (no targets): keeps ranks in lockstep when batches run out."""
     n = max(pad_to or 1, 1)
     step = min(pad_segment or n, n)
@@ -326,7 +332,9 @@ class PackedCropDataset(Dataset):
         lookahead: int = 256,
     ) -> None:
         if max_seq_len > max_tokens_per_batch:
-            raise ValueError(f"max_seq_len={max_seq_len} exceeds max_tokens_per_batch={max_tokens_per_batch}: a crop must fit in a batch")
+            raise ValueError(
+                f"max_seq_len={max_seq_len} exceeds max_tokens_per_batch={max_tokens_per_batch}: a crop must fit in a batch"
+            )
         if max_seq_len <= PROMPT_LEN + 1:
             raise ValueError(f"max_seq_len={max_seq_len} leaves no room after the {PROMPT_LEN}-token prompt")
         self.cache_dir, self.vocab = Path(cache_dir), vocab
@@ -372,7 +380,9 @@ class PackedCropDataset(Dataset):
         if b < 0:
             return empty_batch(self.pad_id, pad_to, self.max_seq_len, fixed)
         plan = self.plan(epoch)
-        return collate_packed(self.arrays, plan.samples.take(plan.batches[b]), self.end_id, self.pad_id, pad_to, self.max_seq_len, fixed)
+        return collate_packed(
+            self.arrays, plan.samples.take(plan.batches[b]), self.end_id, self.pad_id, pad_to, self.max_seq_len, fixed
+        )
 
     def __len__(self) -> int:
         return len(self.plan(0).batches)
@@ -390,7 +400,9 @@ class PackedBatchSampler(DistributedSampler):
     mid-epoch resume the epoch continues where it stopped instead of replaying its start.
     """
 
-    def __init__(self, dataset: PackedCropDataset, rank: int = 0, world_size: int = 1, skip_fn: Callable[[], int] | None = None) -> None:  # noqa: D107
+    def __init__(
+        self, dataset: PackedCropDataset, rank: int = 0, world_size: int = 1, skip_fn: Callable[[], int] | None = None
+    ) -> None:  # noqa: D107
         self.dataset, self.rank, self.num_replicas, self.skip_fn = dataset, rank, world_size, skip_fn
         self.epoch, self.shuffle, self.drop_last, self.seed = 0, dataset.train, False, dataset.seed
         n0 = len(dataset.plan(0).batches)
@@ -466,7 +478,11 @@ class PretrainDataModule(L.LightningDataModule):
         self.max_seq_len, self.budget = int(max_seq_len), int(max_tokens_per_batch)
         self.val_budget = int(val_max_tokens_per_batch or max_tokens_per_batch)
         self.pad_to_budget, self.seed, self.lookahead = pad_to_budget, seed, lookahead
-        self.num_workers, self.prefetch_factor, self.persistent_workers = num_workers, prefetch_factor, persistent_workers
+        self.num_workers, self.prefetch_factor, self.persistent_workers = (
+            num_workers,
+            prefetch_factor,
+            persistent_workers,
+        )
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.splits = {"train": train_split, "val": val_split}
         self.vocab: Vocab | None = None
@@ -477,7 +493,9 @@ class PretrainDataModule(L.LightningDataModule):
         if self.vocab is None:
             path = self.prepared_dir / "vocab.json"
             if not path.is_file():
-                raise DataError(f"no vocab.json in {self.prepared_dir}: not a prepared dir (run `cehrx task=prepare output_dir={self.prepared_dir}`)")
+                raise DataError(
+                    f"no vocab.json in {self.prepared_dir}: not a prepared dir (run `cehrx task=prepare output_dir={self.prepared_dir}`)"
+                )
             self.vocab = Vocab.load(path)
         return self.vocab
 
@@ -494,12 +512,24 @@ class PretrainDataModule(L.LightningDataModule):
             return
         self.prepare_data()  # no-op when fresh; covers use without a Trainer
         vocab = self._load_vocab()
-        kw = dict(vocab=vocab, max_seq_len=self.max_seq_len, seed=self.seed, pad_to_budget=self.pad_to_budget, lookahead=self.lookahead)
-        self.train_set = PackedCropDataset(self.cache_root / self.splits["train"], max_tokens_per_batch=self.budget, train=True, **kw)
-        self.val_set = PackedCropDataset(self.cache_root / self.splits["val"], max_tokens_per_batch=self.val_budget, train=False, **kw)
+        kw = dict(
+            vocab=vocab,
+            max_seq_len=self.max_seq_len,
+            seed=self.seed,
+            pad_to_budget=self.pad_to_budget,
+            lookahead=self.lookahead,
+        )
+        self.train_set = PackedCropDataset(
+            self.cache_root / self.splits["train"], max_tokens_per_batch=self.budget, train=True, **kw
+        )
+        self.val_set = PackedCropDataset(
+            self.cache_root / self.splits["val"], max_tokens_per_batch=self.val_budget, train=False, **kw
+        )
         for name, ds in (("train", self.train_set), ("val", self.val_set)):
             if len(ds.arrays) == 0:
-                raise DataError(f"the {self.splits[name]!r} split of {self.prepared_dir} has no subjects: {name} needs some (check task.splits of prepare)")
+                raise DataError(
+                    f"the {self.splits[name]!r} split of {self.prepared_dir} has no subjects: {name} needs some (check task.splits of prepare)"
+                )
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)

@@ -66,30 +66,49 @@ def decode_events(
     codes = names[tokens[idx]].copy()
     codes[tokens[idx] == vocab["[DEATH]"]] = "MEDS_DEATH"
     dis = kinds[idx] == _KIND["discharge"]
-    codes[dis] = np.array([c[len(PREFIX["discharge"]):] for c in codes[dis]], dtype=object)
+    codes[dis] = np.array([c[len(PREFIX["discharge"]) :] for c in codes[dis]], dtype=object)
     values = _values(vocab, tokens, kinds, idx, seed)
 
     static_idx = np.flatnonzero(np.isin(kinds, [_KIND["gender"], _KIND["race"]]))
     parts = [
-        (seq[static_idx], np.full(len(static_idx), np.iinfo(np.int64).min), names[tokens[static_idx]], np.full(len(static_idx), np.nan), np.zeros(len(static_idx), np.int64)),
+        (
+            seq[static_idx],
+            np.full(len(static_idx), np.iinfo(np.int64).min),
+            names[tokens[static_idx]],
+            np.full(len(static_idx), np.nan),
+            np.zeros(len(static_idx), np.int64),
+        ),
         (seq[idx], times[idx], codes, values, visit[idx]),
     ]
     if birth_times is not None:
         b = np.asarray(birth_times, dtype=np.int64)
         known = np.flatnonzero(b != NO_BIRTH)
-        parts.insert(0, (known, b[known], np.full(len(known), "MEDS_BIRTH", dtype=object), np.full(len(known), np.nan), np.zeros(len(known), np.int64)))
+        parts.insert(
+            0,
+            (
+                known,
+                b[known],
+                np.full(len(known), "MEDS_BIRTH", dtype=object),
+                np.full(len(known), np.nan),
+                np.zeros(len(known), np.int64),
+            ),
+        )
     s, t, c, v, vid = (np.concatenate(x) for x in zip(*parts))
     order = np.lexsort((vid, t, s))
     t = t[order]
-    time_col = pa.array(np.where(t == np.iinfo(np.int64).min, 0, t).astype("datetime64[s]").astype("datetime64[us]"),
-                        mask=t == np.iinfo(np.int64).min)
-    return pa.table({
-        "subject_id": pa.array(np.asarray(subject_ids, dtype=np.int64)[s[order]]),
-        "time": time_col,
-        "code": pa.array(c[order].tolist(), type=pa.string()),
-        "numeric_value": pa.array(v[order].astype(np.float32), mask=np.isnan(v[order])),
-        "visit_id": pa.array(vid[order]),
-    })
+    time_col = pa.array(
+        np.where(t == np.iinfo(np.int64).min, 0, t).astype("datetime64[s]").astype("datetime64[us]"),
+        mask=t == np.iinfo(np.int64).min,
+    )
+    return pa.table(
+        {
+            "subject_id": pa.array(np.asarray(subject_ids, dtype=np.int64)[s[order]]),
+            "time": time_col,
+            "code": pa.array(c[order].tolist(), type=pa.string()),
+            "numeric_value": pa.array(v[order].astype(np.float32), mask=np.isnan(v[order])),
+            "visit_id": pa.array(vid[order]),
+        }
+    )
 
 
 def _per_sequence_cumsum(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -242,7 +242,19 @@ class Rule:
 PROMPT_STATES = tuple(f"prompt{i}" for i in range(PROMPT_LEN))
 # States in id order (the sampler's tables index them). `free` is no grammar state: the sampler
 # gives it to a prompt the grammar rejects, and leaves such a row unconstrained.
-STATES = (*PROMPT_STATES, "start", "visit_type", "body", "after_code", "discharged", "between", "gap", "dead", "end", "free")
+STATES = (
+    *PROMPT_STATES,
+    "start",
+    "visit_type",
+    "body",
+    "after_code",
+    "discharged",
+    "between",
+    "gap",
+    "dead",
+    "end",
+    "free",
+)
 VISIT_STATES = ("body", "after_code", "discharged")  # the states that carry the inpatient flag
 ACCEPTING = ("between", "dead", "end")  # a complete patient: after a visit, after death, ended
 FREE = "free"

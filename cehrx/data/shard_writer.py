@@ -40,13 +40,16 @@ def shard_table(o: Ordered, ids: TokenIds, s0: int, s1: int) -> tuple[pa.Table, 
     """One shard of subjects s0..s1-1 as a SHARD_SCHEMA table, plus its flat token ids."""
     tok, tim, lengths = assemble(o, ids, s0, s1)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    table = pa.Table.from_arrays([
-        pa.array(o.subject_id[s0:s1], pa.int64()),
-        pa.ListArray.from_arrays(offsets, pa.array(tok, pa.int32())),
-        pa.ListArray.from_arrays(offsets, pa.array(tim, pa.int64())),
-        o.birth_s.slice(s0, s1 - s0),
-        pa.array(lengths.astype(np.int32), pa.int32()),
-    ], schema=SHARD_SCHEMA)
+    table = pa.Table.from_arrays(
+        [
+            pa.array(o.subject_id[s0:s1], pa.int64()),
+            pa.ListArray.from_arrays(offsets, pa.array(tok, pa.int32())),
+            pa.ListArray.from_arrays(offsets, pa.array(tim, pa.int64())),
+            o.birth_s.slice(s0, s1 - s0),
+            pa.array(lengths.astype(np.int32), pa.int32()),
+        ],
+        schema=SHARD_SCHEMA,
+    )
     return table, tok
 
 
@@ -60,12 +63,14 @@ def subjects_per_token(o: Ordered, tok: np.ndarray, lengths: np.ndarray, n_vocab
         b = min(a + step, len(lengths))
         seen = np.zeros((b - a, n_vocab), dtype=bool)
         rows = np.repeat(np.arange(b - a), lengths[a:b])
-        seen[rows, tok[starts[a]:ends[b - 1]]] = True
+        seen[rows, tok[starts[a] : ends[b - 1]]] = True
         out += seen.sum(axis=0)
     return out
 
 
-def write_shards(o: Ordered, ids: TokenIds, out_dir: Path, subjects_per_shard: int, n_vocab: int, threads: int = 2) -> Written:
+def write_shards(
+    o: Ordered, ids: TokenIds, out_dir: Path, subjects_per_shard: int, n_vocab: int, threads: int = 2
+) -> Written:
     """Write tokens/<split>/<n>.parquet (subject_id order, `subjects_per_shard` rows each).
 
     Shards are independent, so `threads` of them are assembled, counted and written at once
@@ -85,7 +90,9 @@ def write_shards(o: Ordered, ids: TokenIds, out_dir: Path, subjects_per_shard: i
         s0, s1, train, path = job
         table, tok = shard_table(o, ids, s0, s1)
         n = table.column("n_tokens").to_numpy()
-        counted = (np.bincount(tok, minlength=n_vocab), subjects_per_token(o, tok, n, n_vocab)) if train else (None, None)
+        counted = (
+            (np.bincount(tok, minlength=n_vocab), subjects_per_token(o, tok, n, n_vocab)) if train else (None, None)
+        )
         pq.write_table(table, path, compression="zstd", row_group_size=2048, use_dictionary=False)
         return n, *counted
 
@@ -98,7 +105,9 @@ def write_shards(o: Ordered, ids: TokenIds, out_dir: Path, subjects_per_shard: i
             if c is not None:
                 counts += c
                 subjects += u
-    return Written(per_split, np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64), counts, subjects)
+    return Written(
+        per_split, np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64), counts, subjects
+    )
 
 
 def length_percentiles(lengths: np.ndarray) -> dict[str, float]:

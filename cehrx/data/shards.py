@@ -76,7 +76,12 @@ class TokenArrays:
     def load_npy(cls, directory: str | Path, mmap: bool = True) -> "TokenArrays":
         mode = "r" if mmap else None
         d = Path(directory)
-        return cls(**{n: np.load(d / f"{n}.npy", mmap_mode=mode) for n in ("subject_id", "offsets", "tokens", "times", "birth_time")})
+        return cls(
+            **{
+                n: np.load(d / f"{n}.npy", mmap_mode=mode)
+                for n in ("subject_id", "offsets", "tokens", "times", "birth_time")
+            }
+        )
 
 
 NO_BIRTH = np.iinfo(np.int64).min
@@ -113,7 +118,9 @@ def arrays_from_table(table: pa.Table) -> TokenArrays:
     offsets = np.asarray(tok.offsets, dtype=np.int64)
     offsets = offsets - offsets[0]
     birth = table.column("birth_time").to_numpy(zero_copy_only=False)
-    birth = np.where(np.isnan(birth.astype(float)), NO_BIRTH, birth).astype(np.int64) if birth.dtype != np.int64 else birth
+    birth = (
+        np.where(np.isnan(birth.astype(float)), NO_BIRTH, birth).astype(np.int64) if birth.dtype != np.int64 else birth
+    )
     return TokenArrays(
         subject_id=table.column("subject_id").to_numpy().astype(np.int64),
         offsets=offsets,
@@ -123,7 +130,9 @@ def arrays_from_table(table: pa.Table) -> TokenArrays:
     )
 
 
-def prompt_ids(vocab: Vocab, start_times: np.ndarray, birth_times: np.ndarray, gender_ids: np.ndarray, race_ids: np.ndarray) -> np.ndarray:
+def prompt_ids(
+    vocab: Vocab, start_times: np.ndarray, birth_times: np.ndarray, gender_ids: np.ndarray, race_ids: np.ndarray
+) -> np.ndarray:
     """Demographic prompts `[YEAR, AGE, GENDER, RACE]` for sequences starting at `start_times`.
 
     Used when a training crop or a generation prompt starts at a later visit: the year and age
@@ -135,7 +144,9 @@ def prompt_ids(vocab: Vocab, start_times: np.ndarray, birth_times: np.ndarray, g
     year_ids = _clamped_ids(vocab, PREFIX["year"], years)
     birth_times = np.asarray(birth_times, dtype=np.int64)
     known = birth_times != NO_BIRTH
-    ages = np.where(known, np.floor((start_times - np.where(known, birth_times, 0)) / SECONDS_PER_YEAR), 0).astype(np.int64)
+    ages = np.where(known, np.floor((start_times - np.where(known, birth_times, 0)) / SECONDS_PER_YEAR), 0).astype(
+        np.int64
+    )
     age_ids = _clamped_ids(vocab, PREFIX["age"], np.maximum(ages, 0))
     age_ids = np.where(known, age_ids, vocab.id(prompt_token("age", UNKNOWN)))
     return np.stack([year_ids, age_ids, np.asarray(gender_ids), np.asarray(race_ids)], axis=1).astype(np.int32)
@@ -143,7 +154,7 @@ def prompt_ids(vocab: Vocab, start_times: np.ndarray, birth_times: np.ndarray, g
 
 def _clamped_ids(vocab: Vocab, prefix: str, values: np.ndarray) -> np.ndarray:
     """Map integer values to `prefix<value>` token ids, clamping to the values the vocab has."""
-    have = sorted(int(t[len(prefix):]) for t in vocab.tokens if t.startswith(prefix) and t[len(prefix):].isdigit())
+    have = sorted(int(t[len(prefix) :]) for t in vocab.tokens if t.startswith(prefix) and t[len(prefix) :].isdigit())
     if not have:
         return np.full(len(values), vocab.id(f"{prefix}UNKNOWN"), dtype=np.int64)
     lo, hi = have[0], have[-1]

@@ -9,8 +9,16 @@ import duckdb
 from cehrx.data.duck import literal
 from cehrx.errors import DataError
 
-ALIASES = {"train": "train", "tuning": "tuning", "val": "tuning", "valid": "tuning", "validation": "tuning",
-           "held_out": "held_out", "test": "held_out", "heldout": "held_out"}
+ALIASES = {
+    "train": "train",
+    "tuning": "tuning",
+    "val": "tuning",
+    "valid": "tuning",
+    "validation": "tuning",
+    "held_out": "held_out",
+    "test": "held_out",
+    "heldout": "held_out",
+}
 
 
 def hash_split_sql(subject: str, fractions: dict[str, float], salt: str) -> str:
@@ -89,6 +97,11 @@ def assign_splits(con: duckdb.DuckDBPyConnection, fractions: dict[str, float], s
             SELECT s.subject_id, {hashed} AS split, true AS hashed
             FROM (SELECT DISTINCT subject_id FROM events) s ORDER BY s.subject_id
         """)
-    rows = con.execute("SELECT split, count(*), count(*) FILTER (WHERE hashed) FROM subject_split GROUP BY 1 ORDER BY 1").fetchall()
-    return {"subjects": {r[0]: r[1] for r in rows}, "hash_assigned": sum(r[2] for r in rows),
-            "method": "source" if use_source else "hash"}
+    rows = con.execute(
+        "SELECT split, count(*), count(*) FILTER (WHERE hashed) FROM subject_split GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    return {
+        "subjects": {r[0]: r[1] for r in rows},
+        "hash_assigned": sum(r[2] for r in rows),
+        "method": "source" if use_source else "hash",
+    }

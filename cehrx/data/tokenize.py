@@ -39,7 +39,9 @@ from cehrx.data.grammar import PREFIX, UNKNOWN, gap_names, inpatient_time_codes,
 from cehrx.data.shards import SPLITS
 
 SECONDS_PER_YEAR = 365.25 * 86400
-SPLIT_RANK = "(CASE split " + " ".join(f"WHEN {literal(s)} THEN {i}" for i, s in enumerate(SPLITS)) + f" ELSE {len(SPLITS)} END)"
+SPLIT_RANK = (
+    "(CASE split " + " ".join(f"WHEN {literal(s)} THEN {i}" for i, s in enumerate(SPLITS)) + f" ELSE {len(SPLITS)} END)"
+)
 
 
 def select_codes(con: duckdb.DuckDBPyConnection, min_subjects: int) -> dict:
@@ -92,7 +94,9 @@ def kept_only(rare_codes: bool) -> str:
     return "SEMI JOIN kept_codes k USING (cid)" if rare_codes else ""
 
 
-def order_visits(con: duckdb.DuckDBPyConnection, inpatient_types: list[str], day_visit_type: str, rare_codes: bool = True) -> None:
+def order_visits(
+    con: duckdb.DuckDBPyConnection, inpatient_types: list[str], day_visit_type: str, rare_codes: bool = True
+) -> None:
     """`vis`: every visit (source and day visits) in order, with effective start/end and the day gap before each.
 
     A visit ends no earlier than its last kept event: only source visits need that check, a day
@@ -221,15 +225,25 @@ def fetch_ordered(con: duckdb.DuckDBPyConnection, rare_codes: bool = True) -> Or
     col = lambda t, c: t.column(c).to_numpy()
     has_death = col(subj, "has_death").astype(bool)
     return Ordered(
-        subject_id=col(subj, "subject_id"), split=col(subj, "sr").astype(np.int8), nvis=col(subj, "n_visits").astype(np.int64),
-        birth_s=subj.column("birth_s").combine_chunks(), first_us=col(subj, "first_us"),
+        subject_id=col(subj, "subject_id"),
+        split=col(subj, "sr").astype(np.int8),
+        nvis=col(subj, "n_visits").astype(np.int64),
+        birth_s=subj.column("birth_s").combine_chunks(),
+        first_us=col(subj, "first_us"),
         prompt=[subj.column(f"p{i}").combine_chunks() for i in range(g.PROMPT_LEN)],
-        death_us=col(subj, "death_us"), has_death=has_death,
+        death_us=col(subj, "death_us"),
+        has_death=has_death,
         death_days=col(subj, "death_days").astype(np.int64),
-        gap_days=placed("gap_days"), est_us=placed("est_us"), eend_us=placed("eend_us"),
-        vtype=placed_str("vtype"), discharge=placed_str("discharge"),
-        inpatient=placed("inpatient").astype(bool), nev=np.bincount(col(ev, "vpos"), minlength=vis.num_rows).astype(np.int64),
-        t_us=col(ev, "t_us"), cid=col(ev, "cid").astype(np.int32), value=col(ev, "value"),
+        gap_days=placed("gap_days"),
+        est_us=placed("est_us"),
+        eend_us=placed("eend_us"),
+        vtype=placed_str("vtype"),
+        discharge=placed_str("discharge"),
+        inpatient=placed("inpatient").astype(bool),
+        nev=np.bincount(col(ev, "vpos"), minlength=vis.num_rows).astype(np.int64),
+        t_us=col(ev, "t_us"),
+        cid=col(ev, "cid").astype(np.int32),
+        value=col(ev, "value"),
     )
 
 
@@ -266,7 +280,11 @@ class Resolver:
 
     def column(self, strings: pa.Array, prefix: str = "") -> np.ndarray:
         """Ids for a string column (nulls -> -1), resolving each distinct value once."""
-        enc = pc.dictionary_encode(strings).combine_chunks() if isinstance(strings, pa.ChunkedArray) else pc.dictionary_encode(strings)
+        enc = (
+            pc.dictionary_encode(strings).combine_chunks()
+            if isinstance(strings, pa.ChunkedArray)
+            else pc.dictionary_encode(strings)
+        )
         idx = enc.indices.to_numpy(zero_copy_only=False)
         valid = np.asarray(enc.indices.is_valid())
         idx = np.where(valid, idx, 0).astype(np.int64)
@@ -312,7 +330,9 @@ class TokenIds:
     q: np.ndarray  # [E] value decile
 
 
-def token_ids(o: Ordered, res: Resolver, code_ids: np.ndarray, cuts: np.ndarray, has_cuts: np.ndarray, max_gap_days: int) -> TokenIds:
+def token_ids(
+    o: Ordered, res: Resolver, code_ids: np.ndarray, cuts: np.ndarray, has_cuts: np.ndarray, max_gap_days: int
+) -> TokenIds:
     """Map every slot of `o` to a token id (vectorised; strings only for distinct values).
 
     The event slots and the visit and subject slots are independent, so the events (the larger
@@ -325,14 +345,24 @@ def token_ids(o: Ordered, res: Resolver, code_ids: np.ndarray, cuts: np.ndarray,
         prompt, death_gap = subject_ids(o, res, max_gap_days)
         itime, q, code = events.result()
     return TokenIds(
-        prompt=prompt, death_gap=death_gap, death=res.index[g.DEATH],
-        gap=gap, vs=res.index[g.VS], visit=visit, trail=trail, discharge=discharge, ve=res.index[g.VE],
-        itime=itime, code=code, q=q,
+        prompt=prompt,
+        death_gap=death_gap,
+        death=res.index[g.DEATH],
+        gap=gap,
+        vs=res.index[g.VS],
+        visit=visit,
+        trail=trail,
+        discharge=discharge,
+        ve=res.index[g.VE],
+        itime=itime,
+        code=code,
+        q=q,
     )
 
 
-def event_ids(o: Ordered, res: Resolver, code_ids: np.ndarray, cuts: np.ndarray, has_cuts: np.ndarray,
-              max_gap_days: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def event_ids(
+    o: Ordered, res: Resolver, code_ids: np.ndarray, cuts: np.ndarray, has_cuts: np.ndarray, max_gap_days: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per event: the inpatient time token, the value decile token and the code token."""
     n_vis, n_ev = len(o.est_us), len(o.t_us)
     # events: time since the previous event of the visit (its start for the first), inside inpatient-like visits
@@ -376,8 +406,14 @@ def subject_ids(o: Ordered, res: Resolver, max_gap_days: int) -> tuple[np.ndarra
     """Per subject: the four prompt tokens and the gap before death (-1 without death)."""
     death_gap = np.full(len(o.subject_id), -1, np.int32)
     if o.has_death.any():
-        death_gap[o.has_death] = res.mapped(o.death_days[o.has_death], lambda d: gap_names(np.array([d]), max_gap_days)[0])
-    prompt = np.stack([res.column(p) for p in o.prompt], axis=1) if len(o.subject_id) else np.zeros((0, g.PROMPT_LEN), np.int32)
+        death_gap[o.has_death] = res.mapped(
+            o.death_days[o.has_death], lambda d: gap_names(np.array([d]), max_gap_days)[0]
+        )
+    prompt = (
+        np.stack([res.column(p) for p in o.prompt], axis=1)
+        if len(o.subject_id)
+        else np.zeros((0, g.PROMPT_LEN), np.int32)
+    )
     return prompt, death_gap
 
 
@@ -395,9 +431,11 @@ def assemble(o: Ordered, ids: TokenIds, s0: int, s1: int) -> tuple[np.ndarray, n
     ns, ne = s1 - s0, e1 - e0
     nev = o.nev[v0:v1]
     vsub = np.repeat(np.arange(ns), o.nvis[s0:s1])  # local subject of each visit
-    vslots = np.concatenate([[0], np.cumsum(n_head + n_tail + n_event * nev)])  # visit slot offsets, without subject parts
+    vslots = np.concatenate(
+        [[0], np.cumsum(n_head + n_tail + n_event * nev)]
+    )  # visit slot offsets, without subject parts
     vstart = vslots[:-1] + per_subject * vsub + n_prompt  # first slot of each visit
-    vfirst_local = o.vfirst[s0:s1 + 1] - v0
+    vfirst_local = o.vfirst[s0 : s1 + 1] - v0
     sstart = vslots[vfirst_local[:-1]] + per_subject * np.arange(ns)
     dstart = vslots[vfirst_local[1:]] + per_subject * np.arange(ns) + n_prompt
     total = int(vslots[-1] + per_subject * ns)

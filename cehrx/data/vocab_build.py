@@ -39,7 +39,7 @@ def seen_in_train(con: duckdb.DuckDBPyConnection, max_gap_days: int) -> dict[str
             UNION ALL SELECT subject_id, {race} || coalesce(race, {unknown}) FROM demo_t WHERE split = 'train'
             UNION ALL SELECT subject_id, {visit} || vtype FROM vis WHERE split = 'train'
             UNION ALL SELECT subject_id, {discharge} || discharge FROM vis WHERE split = 'train' AND discharge IS NOT NULL
-            UNION ALL SELECT subject_id, {gap_sql('gap_days', max_gap_days)} FROM vis WHERE split = 'train' AND gap_days >= {int(max_gap_days)}
+            UNION ALL SELECT subject_id, {gap_sql("gap_days", max_gap_days)} FROM vis WHERE split = 'train' AND gap_days >= {int(max_gap_days)}
             UNION ALL SELECT subject_id, {gap_sql(death_days, max_gap_days)} FROM demo_t
                       WHERE split = 'train' AND death IS NOT NULL AND {death_days} >= {int(max_gap_days)}
         ) WHERE token IS NOT NULL GROUP BY token
@@ -75,7 +75,9 @@ def candidate_tokens(con: duckdb.DuckDBPyConnection, min_subjects: int, num_bins
     return sorted(dict.fromkeys(tokens), key=lambda t: order[kind_of(t)])
 
 
-def code_tables(con: duckdb.DuckDBPyConnection, index: dict[str, int], num_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def code_tables(
+    con: duckdb.DuckDBPyConnection, index: dict[str, int], num_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per code number (cid): its token id (-1 when rare), value cut points (NaN rows without) and whether it has them."""
     n = con.execute("SELECT count(*) FROM code_ids").fetchall()[0][0]
     code_ids = np.full(n, -1, dtype=np.int32)
@@ -89,10 +91,15 @@ def code_tables(con: duckdb.DuckDBPyConnection, index: dict[str, int], num_bins:
     return code_ids, cuts, has_cuts
 
 
-def make_vocab(con: duckdb.DuckDBPyConnection, tokens: list[str], counts: np.ndarray, subjects: np.ndarray, meta: dict) -> Vocab:
+def make_vocab(
+    con: duckdb.DuckDBPyConnection, tokens: list[str], counts: np.ndarray, subjects: np.ndarray, meta: dict
+) -> Vocab:
     """The Vocab with train counts, descriptions (concept names) and value edges."""
     desc = dict(con.execute("SELECT code, description FROM code_meta WHERE description IS NOT NULL").fetchall())
-    edges = {c: [lo, *cuts, hi] for c, cuts, lo, hi in con.execute("SELECT code, cuts, lo, hi FROM edges ORDER BY code").fetchall()}
+    edges = {
+        c: [lo, *cuts, hi]
+        for c, cuts, lo, hi in con.execute("SELECT code, cuts, lo, hi FROM edges ORDER BY code").fetchall()
+    }
     names = set(tokens)
     return Vocab(
         tokens=tokens,
@@ -124,7 +131,7 @@ def describe(token: str, code_desc: dict[str, str]) -> str | None:
     if kind == "quantile":
         return f"value decile {token[1:]}"
     if kind == "discharge":
-        code = token[len(PREFIX["discharge"]):]
+        code = token[len(PREFIX["discharge"]) :]
         return f"discharge: {code_desc.get(code, code)}"
     if kind == "code":
         return code_desc.get(token)
@@ -134,5 +141,11 @@ def describe(token: str, code_desc: dict[str, str]) -> str | None:
             if prefix + value in code_desc:
                 return code_desc[prefix + value]
         return None
-    return {g.PAD: "padding", g.END: "end of record", g.UNK: "unknown", g.VS: "visit start",
-            g.VE: "visit end", g.DEATH: "death"}.get(token)
+    return {
+        g.PAD: "padding",
+        g.END: "end of record",
+        g.UNK: "unknown",
+        g.VS: "visit start",
+        g.VE: "visit end",
+        g.DEATH: "death",
+    }.get(token)

@@ -72,11 +72,16 @@ def phi_matrix(p: Patients, columns: np.ndarray) -> np.ndarray:
     return corr
 
 
-def cooccurrence_metrics(real: Patients, synthetic: Patients, columns: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
+def cooccurrence_metrics(
+    real: Patients, synthetic: Patients, columns: np.ndarray
+) -> tuple[dict, np.ndarray, np.ndarray]:
     """Agreement of the top codes' co-occurrence (phi) matrices, and the two matrices."""
     cr, cs = phi_matrix(real, columns), phi_matrix(synthetic, columns)
     iu = np.triu_indices(len(columns), k=1)
-    out = {"n_codes": len(columns), "mean_abs_diff": float(np.abs(cr[iu] - cs[iu]).mean()) if len(iu[0]) else float("nan")}
+    out = {
+        "n_codes": len(columns),
+        "mean_abs_diff": float(np.abs(cr[iu] - cs[iu]).mean()) if len(iu[0]) else float("nan"),
+    }
     out["pearson"] = correlations(cr[iu], cs[iu])["pearson"]
     return out, cr, cs
 
@@ -84,9 +89,12 @@ def cooccurrence_metrics(real: Patients, synthetic: Patients, columns: np.ndarra
 def numeric_distance(real: np.ndarray, synthetic: np.ndarray) -> dict:
     """KS statistic and Wasserstein-1 distance between two samples (NaNs dropped)."""
     a, b = _finite(real), _finite(synthetic)
-    out = {"n_real": len(a), "n_synthetic": len(b),
-           "real_mean": float(a.mean()) if len(a) else float("nan"),
-           "synthetic_mean": float(b.mean()) if len(b) else float("nan")}
+    out = {
+        "n_real": len(a),
+        "n_synthetic": len(b),
+        "real_mean": float(a.mean()) if len(a) else float("nan"),
+        "synthetic_mean": float(b.mean()) if len(b) else float("nan"),
+    }
     if len(a) and len(b):
         out["ks"] = float(stats.ks_2samp(a, b).statistic)
         out["wasserstein"] = float(stats.wasserstein_distance(a, b))
@@ -106,8 +114,11 @@ def categorical_distance(real: dict[str, int], synthetic: dict[str, int]) -> dic
     r = np.array([real.get(c, 0) for c in cats], dtype=float)
     s = np.array([synthetic.get(c, 0) for c in cats], dtype=float)
     pr, ps = r / max(r.sum(), 1), s / max(s.sum(), 1)
-    return {"tvd": float(0.5 * np.abs(pr - ps).sum()),
-            "real": dict(zip(cats, pr.round(6).tolist())), "synthetic": dict(zip(cats, ps.round(6).tolist()))}
+    return {
+        "tvd": float(0.5 * np.abs(pr - ps).sum()),
+        "real": dict(zip(cats, pr.round(6).tolist())),
+        "synthetic": dict(zip(cats, ps.round(6).tolist())),
+    }
 
 
 def category_counts(ids: np.ndarray, space: TokenSpace) -> dict[str, int]:
@@ -138,7 +149,9 @@ def distribution_metrics(real: Patients, synthetic: Patients, space: TokenSpace)
     """Every demographic and utilisation distribution, each with its distance."""
     out = {name: numeric_distance(f(real), f(synthetic)) for name, f in NUMERIC.items()}
     for name, f in CATEGORICAL.items():
-        out[name] = categorical_distance(category_counts(f(real, space), space), category_counts(f(synthetic, space), space))
+        out[name] = categorical_distance(
+            category_counts(f(real, space), space), category_counts(f(synthetic, space), space)
+        )
     dr, ds = float(real.death.mean()), float(synthetic.death.mean())
     out["death_rate"] = {"real": dr, "synthetic": ds, "abs_diff": abs(dr - ds)}
     return out
@@ -179,6 +192,9 @@ def lab_metrics(real: dict[str, np.ndarray], synthetic: dict[str, np.ndarray]) -
     """Per lab code distances, plus their means (over codes the synthetic data has)."""
     per_code = {c: numeric_distance(real[c], synthetic.get(c, np.array([]))) for c in real}
     have = [m for m in per_code.values() if m["n_synthetic"] > 0]
-    return {"codes": per_code, "n_codes": len(per_code), "n_codes_in_synthetic": len(have),
-            "mean_ks": float(np.mean([m["ks"] for m in have])) if have else float("nan")}
-
+    return {
+        "codes": per_code,
+        "n_codes": len(per_code),
+        "n_codes_in_synthetic": len(have),
+        "mean_ks": float(np.mean([m["ks"] for m in have])) if have else float("nan"),
+    }

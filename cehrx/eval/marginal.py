@@ -105,12 +105,21 @@ def sample(m: Marginals, vocab: Vocab, n: int, seed: int = 0) -> TokenArrays:
         (vis_pat, vis_j, 1, 0, vocab[VS]),
         (vis_pat, vis_j, 2, 0, _pick(m.visit_types, len(vis_pat), rng, vocab, "VISIT//OP")),
         (pat, visit_of_code, 3, 2 * m.code_ids[code_idx], m.code_ids[code_idx]),
-        (pat[with_q], visit_of_code[with_q], 3, 2 * m.code_ids[code_idx[with_q]] + 1, _pick(m.q_ids, int(with_q.sum()), rng, vocab, "Q1")),
+        (
+            pat[with_q],
+            visit_of_code[with_q],
+            3,
+            2 * m.code_ids[code_idx[with_q]] + 1,
+            _pick(m.q_ids, int(with_q.sum()), rng, vocab, "Q1"),
+        ),
         (vis_pat, vis_j, 4, 0, vocab[VE]),
         (dead, nv[dead], 0, 0, _pick(death_gaps, len(dead), rng, vocab, "D0")),
         (dead, nv[dead], 1, 0, vocab[DEATH]),
     ]
-    cols = [np.concatenate([np.broadcast_to(np.asarray(p[k]), np.shape(p[0])) for p in parts]).astype(np.int64) for k in range(5)]
+    cols = [
+        np.concatenate([np.broadcast_to(np.asarray(p[k]), np.shape(p[0])) for p in parts]).astype(np.int64)
+        for k in range(5)
+    ]
     order = np.lexsort((cols[3], cols[2], cols[1], cols[0]))
     tokens = cols[4][order].astype(np.int32)
     offsets = np.concatenate([[0], np.cumsum(np.bincount(cols[0], minlength=n))]).astype(np.int64)
@@ -137,13 +146,17 @@ def _pick(pool: np.ndarray, k: int, rng: np.random.Generator, vocab: Vocab, fall
 
 def _prompt_times(vocab: Vocab, prompts: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """First-visit start (a random day of the prompt's year) and birth consistent with the AGE token."""
+
     def number(ids: np.ndarray, prefix: str) -> np.ndarray:
         names = np.asarray(vocab.tokens, dtype=object)[ids]
-        return np.array([float(t[len(prefix):]) if t[len(prefix):].isdigit() else np.nan for t in names])
+        return np.array([float(t[len(prefix) :]) if t[len(prefix) :].isdigit() else np.nan for t in names])
+
     year = number(prompts[:, 0], "YEAR//")
     age = number(prompts[:, 1], "AGE//")
     year = np.where(np.isnan(year), 2000, year).astype(np.int64)
-    start = (year - 1970).astype("datetime64[Y]").astype("datetime64[s]").astype(np.int64) + rng.integers(0, 365, len(year)) * 86400
+    start = (year - 1970).astype("datetime64[Y]").astype("datetime64[s]").astype(np.int64) + rng.integers(
+        0, 365, len(year)
+    ) * 86400
     birth = start - np.round((np.nan_to_num(age) + rng.random(len(age))) * SECONDS_PER_YEAR).astype(np.int64)
     return start, np.where(np.isnan(age), NO_BIRTH, birth)
 
@@ -154,13 +167,16 @@ def write_tokens(out: Path, arrays: TokenArrays) -> None:
     d.mkdir(parents=True, exist_ok=True)
     lengths = np.diff(arrays.offsets)
     offsets = pa.array(arrays.offsets.astype(np.int32))
-    table = pa.Table.from_arrays([
-        pa.array(arrays.subject_id),
-        pa.ListArray.from_arrays(offsets, pa.array(arrays.tokens.astype(np.int32))),
-        pa.ListArray.from_arrays(offsets, pa.array(arrays.times.astype(np.int64))),
-        pa.array(arrays.birth_time, mask=arrays.birth_time == NO_BIRTH),
-        pa.array(lengths.astype(np.int32)),
-    ], schema=SHARD_SCHEMA)
+    table = pa.Table.from_arrays(
+        [
+            pa.array(arrays.subject_id),
+            pa.ListArray.from_arrays(offsets, pa.array(arrays.tokens.astype(np.int32))),
+            pa.ListArray.from_arrays(offsets, pa.array(arrays.times.astype(np.int64))),
+            pa.array(arrays.birth_time, mask=arrays.birth_time == NO_BIRTH),
+            pa.array(lengths.astype(np.int32)),
+        ],
+        schema=SHARD_SCHEMA,
+    )
     pq.write_table(table, d / "0.parquet")
 
 
@@ -190,33 +206,64 @@ def visit_ends(vocab: Vocab, arrays: TokenArrays) -> pa.Table:
     vs = np.cumsum(tokens == vocab[VS])
     visit = vs - np.repeat(np.concatenate([[0], vs])[arrays.offsets[:-1]], np.diff(arrays.offsets))
     ve = np.flatnonzero((tokens == vocab[VE]) & (visit > 0))
-    return pa.table({"subject_id": pa.array(np.asarray(arrays.subject_id)[seq[ve]]), "visit_id": pa.array(visit[ve].astype(np.int64)),
-                     "visit_end": pa.array(np.asarray(arrays.times)[ve].astype("datetime64[s]").astype("datetime64[us]"))})
+    return pa.table(
+        {
+            "subject_id": pa.array(np.asarray(arrays.subject_id)[seq[ve]]),
+            "visit_id": pa.array(visit[ve].astype(np.int64)),
+            "visit_end": pa.array(np.asarray(arrays.times)[ve].astype("datetime64[s]").astype("datetime64[us]")),
+        }
+    )
 
 
-def write_synthetic_meds(out: Path, vocab: Vocab, arrays: TokenArrays, real_meds: Path | None, name: str, seed: int) -> int:
+def write_synthetic_meds(
+    out: Path, vocab: Vocab, arrays: TokenArrays, real_meds: Path | None, name: str, seed: int
+) -> int:
     """Decode the sequences to MEDS events and write a validated MEDS dataset at `out/meds`.
 
     Codes use the real dataset's spelling (`source_code_map`), visit rows carry `visit_end`
     (the [VE] time) as cehrx's real MEDS does, and descriptions / OMOP concept ids come from the
     real `codes.parquet` when there is one. Every subject is in the `train` split.
     """
-    events = decode_events(vocab, arrays.subject_id, arrays.offsets, arrays.tokens, arrays.times, arrays.birth_time, seed=seed)
+    events = decode_events(
+        vocab, arrays.subject_id, arrays.offsets, arrays.tokens, arrays.times, arrays.birth_time, seed=seed
+    )
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     real_codes = real_meds / "metadata" / "codes.parquet" if real_meds else None
     if real_codes is not None and real_codes.is_file():  # MEDS sources have no OMOP columns: NULL then
         have = set(pq.read_schema(real_codes).names)
-        cols = ", ".join(c if c in have else f"NULL::{t} AS {c}" for c, t in
-                         (("code", "VARCHAR"), ("description", "VARCHAR"), ("omop_concept_id", "BIGINT"), ("omop_domain", "VARCHAR")))
+        cols = ", ".join(
+            c if c in have else f"NULL::{t} AS {c}"
+            for c, t in (
+                ("code", "VARCHAR"),
+                ("description", "VARCHAR"),
+                ("omop_concept_id", "BIGINT"),
+                ("omop_domain", "VARCHAR"),
+            )
+        )
         con.execute(f"CREATE VIEW real_codes AS SELECT {cols} FROM read_parquet('{real_codes.as_posix()}')")
     else:
-        con.execute("CREATE VIEW real_codes AS SELECT NULL::VARCHAR code, NULL::VARCHAR description, NULL::BIGINT omop_concept_id, NULL::VARCHAR omop_domain WHERE false")
+        con.execute(
+            "CREATE VIEW real_codes AS SELECT NULL::VARCHAR code, NULL::VARCHAR description, NULL::BIGINT omop_concept_id, NULL::VARCHAR omop_domain WHERE false"
+        )
     mapping = source_code_map(vocab, [r[0] for r in con.execute("SELECT code FROM real_codes").fetchall()])
     con.register("decoded", events)
-    con.register("code_map", pa.table({"token": pa.array(list(mapping), pa.string()), "code": pa.array(list(mapping.values()), pa.string())}))
-    con.register("vocab_desc", pa.table({"token": pa.array(vocab.tokens, pa.string()), "description": pa.array(vocab.descriptions, pa.string()),
-                                         "is_visit": pa.array([k == "visit" for k in vocab.kinds])}))
+    con.register(
+        "code_map",
+        pa.table(
+            {"token": pa.array(list(mapping), pa.string()), "code": pa.array(list(mapping.values()), pa.string())}
+        ),
+    )
+    con.register(
+        "vocab_desc",
+        pa.table(
+            {
+                "token": pa.array(vocab.tokens, pa.string()),
+                "description": pa.array(vocab.descriptions, pa.string()),
+                "is_visit": pa.array([k == "visit" for k in vocab.kinds]),
+            }
+        ),
+    )
     con.register("ends", visit_ends(vocab, arrays))
     con.execute("""CREATE TABLE ev AS
         SELECT e.subject_id, e.time, coalesce(m.code, e.code) AS code, e.code AS token, e.numeric_value, e.visit_id,
@@ -248,7 +295,14 @@ def generate(prepared_dir: Path, out: Path, n: int | None = None, seed: int = 0,
     write_tokens(out, arrays)
     shutil.copyfile(Path(prepared_dir) / "vocab.json", out / "vocab.json")
     n_events = write_synthetic_meds(out, vocab, arrays, real_meds, "cehrx-marginal-baseline", seed)
-    info = {"generator": "independent marginals", "fitted_on": str(prepared_dir), "n_real_train": len(real),
-            "n_patients": n, "n_tokens": int(len(arrays.tokens)), "n_meds_events": n_events, "seed": seed}
+    info = {
+        "generator": "independent marginals",
+        "fitted_on": str(prepared_dir),
+        "n_real_train": len(real),
+        "n_patients": n,
+        "n_tokens": int(len(arrays.tokens)),
+        "n_meds_events": n_events,
+        "seed": seed,
+    }
     (out / MARKER).write_text(json.dumps(info, indent=2) + "\n")
     return info

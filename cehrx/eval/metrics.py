@@ -25,7 +25,11 @@ _CHUNK_CELLS = 20_000_000  # bootstrap replicates are processed in chunks of ~th
 
 
 def binary_metrics(
-    y_true: np.ndarray, y_prob: np.ndarray, subject_ids: np.ndarray, n_boot: int = 1000, seed: int = 0,
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    subject_ids: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
     sample_weight: np.ndarray | None = None,
 ) -> dict:
     """Point estimates and percentile 95 % CIs (subject-level bootstrap) of AUROC, AUPRC, Brier, ECE.
@@ -45,7 +49,11 @@ def binary_metrics(
     if sw is not None and (sw.shape != y.shape or not (np.isfinite(sw) & (sw > 0)).all()):
         raise ValueError("sample_weight must be positive and finite, one per row")
     point = _point(y, p) if sw is None else _weighted_point(y, p, sw)
-    boots = bootstrap(y, p, np.asarray(subject_ids), n_boot, seed, sw) if n_boot > 0 and len(y) else {m: np.full(0, np.nan) for m in METRICS}
+    boots = (
+        bootstrap(y, p, np.asarray(subject_ids), n_boot, seed, sw)
+        if n_boot > 0 and len(y)
+        else {m: np.full(0, np.nan) for m in METRICS}
+    )
     out: dict = {}
     for m in METRICS:
         b = boots[m][np.isfinite(boots[m])]
@@ -62,8 +70,14 @@ def binary_metrics(
 
 
 def paired_difference(
-    y_true: np.ndarray, subject_ids: np.ndarray, p_a: np.ndarray, p_controls: list[np.ndarray], n_boot: int = 1000, seed: int = 0,
-    metrics: tuple[str, ...] = ("auroc", "auprc"), sample_weight: np.ndarray | None = None,
+    y_true: np.ndarray,
+    subject_ids: np.ndarray,
+    p_a: np.ndarray,
+    p_controls: list[np.ndarray],
+    n_boot: int = 1000,
+    seed: int = 0,
+    metrics: tuple[str, ...] = ("auroc", "auprc"),
+    sample_weight: np.ndarray | None = None,
 ) -> dict:
     """`metric(a) - mean(metric(control) for control in p_controls)` with a paired 95 % CI.
 
@@ -86,7 +100,12 @@ def paired_difference(
         d = d[np.isfinite(d)]
         lo, hi = (float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))) if len(d) else (math.nan, math.nan)
         ctrl = [c[m] for c in points_c]
-        out[m] = {"value": point_a[m] - float(np.mean(ctrl)), "ci_low": lo, "ci_high": hi, "beats": int(sum(point_a[m] > c for c in ctrl))}
+        out[m] = {
+            "value": point_a[m] - float(np.mean(ctrl)),
+            "ci_low": lo,
+            "ci_high": hi,
+            "beats": int(sum(point_a[m] > c for c in ctrl)),
+        }
     return out
 
 
@@ -107,7 +126,9 @@ def _weighted_point(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> dict[str, fl
     order = np.argsort(-p, kind="stable")
     ps = p[order]
     group = np.concatenate([[0], np.cumsum(ps[1:] != ps[:-1])])
-    res = _weighted_metrics(w[order][None, :], y[order].astype(np.float64), ps, group, int(group[-1]) + 1, _bins(ps, ECE_BINS))
+    res = _weighted_metrics(
+        w[order][None, :], y[order].astype(np.float64), ps, group, int(group[-1]) + 1, _bins(ps, ECE_BINS)
+    )
     return {m: float(res[m][0]) for m in METRICS}
 
 
@@ -130,8 +151,14 @@ def _bins(p: np.ndarray, n_bins: int) -> np.ndarray:
     return np.clip((p * n_bins).astype(np.int64), 0, n_bins - 1)
 
 
-def bootstrap(y: np.ndarray, p: np.ndarray, subject_ids: np.ndarray, n_boot: int, seed: int,
-              sample_weight: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def bootstrap(
+    y: np.ndarray,
+    p: np.ndarray,
+    subject_ids: np.ndarray,
+    n_boot: int,
+    seed: int,
+    sample_weight: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """Each metric on `n_boot` subject-level bootstrap replicates (NaN where undefined); rows weigh
     their subject's draw count times their `sample_weight`."""
     subjects, row_subject = np.unique(subject_ids, return_inverse=True)
@@ -155,7 +182,9 @@ def bootstrap(y: np.ndarray, p: np.ndarray, subject_ids: np.ndarray, n_boot: int
     return out
 
 
-def _weighted_metrics(w: np.ndarray, y: np.ndarray, p: np.ndarray, group: np.ndarray, n_groups: int, bins: np.ndarray) -> dict[str, np.ndarray]:
+def _weighted_metrics(
+    w: np.ndarray, y: np.ndarray, p: np.ndarray, group: np.ndarray, n_groups: int, bins: np.ndarray
+) -> dict[str, np.ndarray]:
     """Weighted AUROC / AP / Brier / ECE for each row of `w` (rows sorted by descending score)."""
     wp, wn = w * y, w * (1.0 - y)
     gp = _group_sum(wp, group, n_groups)  # [b, g] positive weight per tie group

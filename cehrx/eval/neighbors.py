@@ -22,8 +22,15 @@ def jaccard_block(a: sp.csr_matrix, b: sp.csr_matrix, a_sizes: np.ndarray, b_siz
     return d
 
 
-def nearest(queries: sp.csr_matrix, reference: sp.csr_matrix, batch_size: int = 512, exclude_self: bool = False,
-            k: int = 1, desc: str | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def nearest(
+    queries: sp.csr_matrix,
+    reference: sp.csr_matrix,
+    batch_size: int = 512,
+    exclude_self: bool = False,
+    k: int = 1,
+    desc: str | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
     """Distance and index of the `k` nearest reference rows of each query row, batch by batch.
 
     `exclude_self` (queries and reference are the same set) skips each row's own index, the

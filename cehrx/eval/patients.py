@@ -55,8 +55,8 @@ class TokenSpace:
 
 def _suffix_number(token: str) -> float:
     for prefix in ("YEAR//", "AGE//"):
-        if token.startswith(prefix) and token[len(prefix):].isdigit():
-            return float(token[len(prefix):])
+        if token.startswith(prefix) and token[len(prefix) :].isdigit():
+            return float(token[len(prefix) :])
     return np.nan
 
 
@@ -81,8 +81,9 @@ class Patients:
         return len(self.subject_id)
 
 
-def load_patients(directory: str | Path, split: str, space: TokenSpace, vocab: Vocab,
-                  n_max: int | None = None, seed: int = 0) -> Patients:
+def load_patients(
+    directory: str | Path, split: str, space: TokenSpace, vocab: Vocab, n_max: int | None = None, seed: int = 0
+) -> Patients:
     """Patients of one split of a prepared-dir-like folder, a seeded random subset of `n_max` at most."""
     arrays = load_split(directory, split)
     if len(arrays) == 0:
@@ -166,14 +167,20 @@ def record_matrix(p: Patients, space: TokenSpace, age_bin_years: int = 10) -> sp
     codes = p.presence[:, code_columns(space)]
     n = len(p)
     n_age_bins = 200 // age_bin_years + 2
-    age_bin = np.where(np.isnan(p.age), n_age_bins - 1, np.clip(np.nan_to_num(p.age) // age_bin_years, 0, n_age_bins - 2)).astype(np.int64)
-    demo_cols = np.concatenate([
-        np.where(p.gender >= 0, p.gender, len(space)),  # gender / race token ids, len(space) = none
-        len(space) + 1 + np.where(p.race >= 0, p.race, len(space)),
-        2 * (len(space) + 1) + age_bin,
-    ])
+    age_bin = np.where(
+        np.isnan(p.age), n_age_bins - 1, np.clip(np.nan_to_num(p.age) // age_bin_years, 0, n_age_bins - 2)
+    ).astype(np.int64)
+    demo_cols = np.concatenate(
+        [
+            np.where(p.gender >= 0, p.gender, len(space)),  # gender / race token ids, len(space) = none
+            len(space) + 1 + np.where(p.race >= 0, p.race, len(space)),
+            2 * (len(space) + 1) + age_bin,
+        ]
+    )
     rows = np.tile(np.arange(n), 3)
-    demo = sp.csr_matrix((np.ones(3 * n, dtype=np.float32), (rows, demo_cols)), shape=(n, 2 * (len(space) + 1) + n_age_bins))
+    demo = sp.csr_matrix(
+        (np.ones(3 * n, dtype=np.float32), (rows, demo_cols)), shape=(n, 2 * (len(space) + 1) + n_age_bins)
+    )
     return sp.hstack([codes, demo], format="csr", dtype=np.float32)
 
 
@@ -189,7 +196,9 @@ def sequence_hashes(p: Patients, skip: int = 0) -> np.ndarray:
     pos = np.arange(len(p.tokens)) - np.repeat(p.offsets[:-1], lengths)
     keep = pos >= skip
     with np.errstate(over="ignore"):
-        mixed = _splitmix(p.tokens[keep].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + pos[keep].astype(np.uint64))
+        mixed = _splitmix(
+            p.tokens[keep].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + pos[keep].astype(np.uint64)
+        )
         sums = np.zeros(len(p), dtype=np.uint64)
         np.add.at(sums, seq[keep], mixed)
         return sums ^ _splitmix(np.maximum(lengths - skip, 0).astype(np.uint64) + np.uint64(1))
@@ -203,4 +212,14 @@ def _splitmix(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-__all__ = ["PROMPT_LEN", "Patients", "TokenSpace", "code_columns", "load_patients", "record_matrix", "sequence_hashes", "subset", "summarize"]
+__all__ = [
+    "PROMPT_LEN",
+    "Patients",
+    "TokenSpace",
+    "code_columns",
+    "load_patients",
+    "record_matrix",
+    "sequence_hashes",
+    "subset",
+    "summarize",
+]

@@ -39,20 +39,24 @@ def predictions_table(subject_id, prediction_time, boolean_value, probability, t
     from meds_evaluation.schema import PredictionSchema
 
     prob = np.asarray(probability, dtype=np.float32)
-    table = pa.table({
-        "subject_id": pa.array(np.asarray(subject_id, dtype=np.int64)),
-        "prediction_time": timestamps_us(prediction_time),
-        "boolean_value": pa.array(np.asarray(boolean_value).astype(bool)),
-        "predicted_boolean_value": pa.array(prob >= threshold),
-        "predicted_boolean_probability": pa.array(prob),
-    })
+    table = pa.table(
+        {
+            "subject_id": pa.array(np.asarray(subject_id, dtype=np.int64)),
+            "prediction_time": timestamps_us(prediction_time),
+            "boolean_value": pa.array(np.asarray(boolean_value).astype(bool)),
+            "predicted_boolean_value": pa.array(prob >= threshold),
+            "predicted_boolean_probability": pa.array(prob),
+        }
+    )
     try:
         return PredictionSchema.align(table)
     except Exception as e:  # flexible_schema's SchemaValidationError / TableValidationError
         raise CehrxError(f"predictions do not validate against meds-evaluation's PredictionSchema: {e}") from e
 
 
-def write_predictions(path: str | Path, subject_id, prediction_time, boolean_value, probability, threshold: float = 0.5) -> Path:
+def write_predictions(
+    path: str | Path, subject_id, prediction_time, boolean_value, probability, threshold: float = 0.5
+) -> Path:
     """Validate and write a meds-evaluation prediction parquet atomically; returns the path."""
     path = Path(path)
     table = predictions_table(subject_id, prediction_time, boolean_value, probability, threshold)

@@ -41,12 +41,18 @@ def _sample(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
 
 def summarize_dcr(d: np.ndarray) -> dict:
     """Distance to closest record summary (median, mean, 5th percentile, share of exact matches)."""
-    return {"median": float(np.median(d)), "mean": float(d.mean()), "p05": float(np.quantile(d, 0.05)),
-            "zero_rate": float((d == 0).mean()), "n": len(d)}
+    return {
+        "median": float(np.median(d)),
+        "mean": float(d.mean()),
+        "p05": float(np.quantile(d, 0.05)),
+        "zero_rate": float((d == 0).mean()),
+        "n": len(d),
+    }
 
 
-def membership_inference(members: sp.csr_matrix, non_members: sp.csr_matrix, synthetic: sp.csr_matrix,
-                         batch_size: int = 512, seed: int = 0) -> dict:
+def membership_inference(
+    members: sp.csr_matrix, non_members: sp.csr_matrix, synthetic: sp.csr_matrix, batch_size: int = 512, seed: int = 0
+) -> dict:
     """Distance-based membership inference on balanced member / non-member samples."""
     rng = np.random.default_rng(seed)
     n = min(members.shape[0], non_members.shape[0])
@@ -59,10 +65,14 @@ def membership_inference(members: sp.csr_matrix, non_members: sp.csr_matrix, syn
     order = np.lexsort((rng.random(2 * n), d))  # closest first, ties in random order
     called_member = np.zeros(2 * n, dtype=bool)
     called_member[order[:n]] = True
-    return {"auc": float(roc_auc_score(y, -d)) if n else float("nan"),
-            "accuracy": float((called_member == (y == 1)).mean()) if n else float("nan"),
-            "n_members": n, "n_non_members": n,
-            "member_dcr_median": float(np.median(dm)), "non_member_dcr_median": float(np.median(do))}
+    return {
+        "auc": float(roc_auc_score(y, -d)) if n else float("nan"),
+        "accuracy": float((called_member == (y == 1)).mean()) if n else float("nan"),
+        "n_members": n,
+        "n_non_members": n,
+        "member_dcr_median": float(np.median(dm)),
+        "non_member_dcr_median": float(np.median(do)),
+    }
 
 
 def adversarial_accuracy(real: sp.csr_matrix, synthetic: sp.csr_matrix, batch_size: int = 512, tag: str = "") -> float:
@@ -78,8 +88,9 @@ def _greater(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a > b) + 0.5 * (a == b)).mean())
 
 
-def adversarial_privacy(train: sp.csr_matrix, held_out: sp.csr_matrix, synthetic: sp.csr_matrix,
-                        batch_size: int = 512, seed: int = 0) -> dict:
+def adversarial_privacy(
+    train: sp.csr_matrix, held_out: sp.csr_matrix, synthetic: sp.csr_matrix, batch_size: int = 512, seed: int = 0
+) -> dict:
     """AA_train, AA_test and privacy loss.
 
     Each AA compares two sets of equal size (AA depends on how dense the sets are): AA_train uses
@@ -91,7 +102,13 @@ def adversarial_privacy(train: sp.csr_matrix, held_out: sp.csr_matrix, synthetic
     m = min(train.shape[0], synthetic.shape[0])
     h = min(held_out.shape[0], synthetic.shape[0])
     if m < 2 or h < 2:
-        return {"aa_train": float("nan"), "aa_test": float("nan"), "privacy_loss": float("nan"), "n_train": m, "n_test": h}
+        return {
+            "aa_train": float("nan"),
+            "aa_test": float("nan"),
+            "privacy_loss": float("nan"),
+            "n_train": m,
+            "n_test": h,
+        }
     tr = train[_sample(train.shape[0], m, rng)]
     syn_tr = synthetic[_sample(synthetic.shape[0], m, rng)]
     te = held_out[_sample(held_out.shape[0], h, rng)]
@@ -101,8 +118,14 @@ def adversarial_privacy(train: sp.csr_matrix, held_out: sp.csr_matrix, synthetic
     return {"aa_train": aa_train, "aa_test": aa_test, "privacy_loss": aa_test - aa_train, "n_train": m, "n_test": h}
 
 
-def attribute_inference(train: sp.csr_matrix, synthetic: sp.csr_matrix, known: np.ndarray, n_targets: int = 2000,
-                        batch_size: int = 512, seed: int = 0) -> dict:
+def attribute_inference(
+    train: sp.csr_matrix,
+    synthetic: sp.csr_matrix,
+    known: np.ndarray,
+    n_targets: int = 2000,
+    batch_size: int = 512,
+    seed: int = 0,
+) -> dict:
     """Sensitive-code inference about training patients from their nearest neighbour on the known columns.
 
     `known` are the column indices the attacker sees (demographics + common codes); every other
@@ -119,8 +142,13 @@ def attribute_inference(train: sp.csr_matrix, synthetic: sp.csr_matrix, known: n
     sensitive = np.setdiff1d(np.arange(train.shape[1]), known)
     truth = train[rows][:, sensitive]
     query = train[rows][:, known]
-    out = {"n_targets": len(rows), "n_synthetic_pool": syn.shape[0], "n_real_pool": n_train - 1,
-           "n_known_columns": len(known), "n_sensitive_columns": len(sensitive)}
+    out = {
+        "n_targets": len(rows),
+        "n_synthetic_pool": syn.shape[0],
+        "n_real_pool": n_train - 1,
+        "n_known_columns": len(known),
+        "n_sensitive_columns": len(sensitive),
+    }
     _, nn = nearest(query, syn[:, known], batch_size, desc="attribute inference (synthetic)")
     out["synthetic"] = _prf(truth, syn[:, sensitive][nn])
     if n_train < 2:
@@ -149,8 +177,10 @@ def exact_copy_rate(train: Patients, other: Patients, skip: int = 0) -> float:
 
 
 def exact_copies(train: Patients, synthetic: Patients, held_out: Patients | None = None) -> dict:
-    out = {"rate_full_sequence": exact_copy_rate(train, synthetic, 0),
-           "rate_ignoring_year_age": exact_copy_rate(train, synthetic, 2)}
+    out = {
+        "rate_full_sequence": exact_copy_rate(train, synthetic, 0),
+        "rate_ignoring_year_age": exact_copy_rate(train, synthetic, 2),
+    }
     if held_out is not None:
         out["held_out_rate_full_sequence"] = exact_copy_rate(train, held_out, 0)
         out["held_out_rate_ignoring_year_age"] = exact_copy_rate(train, held_out, 2)

@@ -52,8 +52,13 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title
     return _save(fig, ax, path)
 
 
-def plot_reliability(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, n_bins: int = 10,
-                     sample_weight: np.ndarray | None = None) -> Path | None:
+def plot_reliability(
+    path: Path,
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    title: str,
+    n_bins: int = 10,
+    sample_weight: np.ndarray | None = None,
+) -> Path | None:
     """Reliability diagram: per method, labels in `n_bins` bins of equal size by predicted risk, the bin's
     mean prediction against its observed rate (weighted by `sample_weight`, e.g. a case-control sample's
     inverse sampling probabilities, so the rates are those of the population). Log-log axes: clinical
@@ -83,8 +88,15 @@ def plot_reliability(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]
         return None
     lo = max(lo / 2, 1e-5)
     ax.plot([lo, 1], [lo, 1], ls="--", c="grey", lw=1)
-    ax.set(xscale="log", yscale="log", xlim=(lo, 1), ylim=(lo, 1), xlabel="mean predicted risk (bin)", ylabel="observed rate (bin)",
-           title=f"{title}: reliability")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlim=(lo, 1),
+        ylim=(lo, 1),
+        xlabel="mean predicted risk (bin)",
+        ylabel="observed rate (bin)",
+        title=f"{title}: reliability",
+    )
     return _save(fig, ax, path)
 
 
@@ -115,7 +127,14 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     roc = plot_roc(out / "roc.png", curves, title)
     cal = plot_reliability(out / "calibration.png", curves, title, sample_weight=sample_weight)
-    parts = [f"# {title}", "", "Held-out metrics; 95 % CIs from a subject-level bootstrap.", "", metrics_table(rows), ""]
+    parts = [
+        f"# {title}",
+        "",
+        "Held-out metrics; 95 % CIs from a subject-level bootstrap.",
+        "",
+        metrics_table(rows),
+        "",
+    ]
     if roc is not None:
         parts += ["![ROC curves](roc.png)", ""]
     if cal is not None:

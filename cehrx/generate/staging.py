@@ -54,27 +54,58 @@ class Stage:
 
     def __init__(self, con: duckdb.DuckDBPyConnection, vocab: Vocab) -> None:
         self.con, self.vocab, self.marked = con, vocab, marked_vocab(vocab)
-        self.con.execute("CREATE OR REPLACE TABLE gen_events (subject_id BIGINT, time TIMESTAMP, key VARCHAR, numeric_value DOUBLE, visit BIGINT)")
-        self.con.execute("CREATE OR REPLACE TABLE gen_visits (subject_id BIGINT, visit BIGINT, vtype VARCHAR, vtoken VARCHAR, start_t TIMESTAMP, end_t TIMESTAMP, discharge VARCHAR)")
-        self.con.execute("CREATE OR REPLACE TABLE gen_persons (subject_id BIGINT, birth TIMESTAMP, first_t TIMESTAMP, last_t TIMESTAMP, gender VARCHAR, race VARCHAR, death TIMESTAMP)")
+        self.con.execute(
+            "CREATE OR REPLACE TABLE gen_events (subject_id BIGINT, time TIMESTAMP, key VARCHAR, numeric_value DOUBLE, visit BIGINT)"
+        )
+        self.con.execute(
+            "CREATE OR REPLACE TABLE gen_visits (subject_id BIGINT, visit BIGINT, vtype VARCHAR, vtoken VARCHAR, start_t TIMESTAMP, end_t TIMESTAMP, discharge VARCHAR)"
+        )
+        self.con.execute(
+            "CREATE OR REPLACE TABLE gen_persons (subject_id BIGINT, birth TIMESTAMP, first_t TIMESTAMP, last_t TIMESTAMP, gender VARCHAR, race VARCHAR, death TIMESTAMP)"
+        )
 
     def add(self, arrays: TokenArrays, seed: int) -> None:
         """Decode one shard of valid patients into the gen_* tables."""
         if len(arrays) == 0:
             return
-        ev = decode_events(self.marked, arrays.subject_id, arrays.offsets, arrays.tokens, arrays.times, arrays.birth_time, seed=seed)
-        events = pa.table({"subject_id": ev["subject_id"], "time": ev["time"], "key": ev["code"],
-                           "numeric_value": ev["numeric_value"].cast(pa.float64()), "visit": ev["visit_id"]})
+        ev = decode_events(
+            self.marked, arrays.subject_id, arrays.offsets, arrays.tokens, arrays.times, arrays.birth_time, seed=seed
+        )
+        events = pa.table(
+            {
+                "subject_id": ev["subject_id"],
+                "time": ev["time"],
+                "key": ev["code"],
+                "numeric_value": ev["numeric_value"].cast(pa.float64()),
+                "visit": ev["visit_id"],
+            }
+        )
         visits = visit_table(self.vocab, arrays)
-        visits = pa.table({"subject_id": visits["subject_id"], "visit": visits["visit"], "vtype": visits["vtype"], "vtoken": visits["vtoken"],
-                           "start_t": seconds_to_ts(visits["start"].combine_chunks()), "end_t": seconds_to_ts(visits["end"].combine_chunks()),
-                           "discharge": visits["discharge"]})
+        visits = pa.table(
+            {
+                "subject_id": visits["subject_id"],
+                "visit": visits["visit"],
+                "vtype": visits["vtype"],
+                "vtoken": visits["vtoken"],
+                "start_t": seconds_to_ts(visits["start"].combine_chunks()),
+                "end_t": seconds_to_ts(visits["end"].combine_chunks()),
+                "discharge": visits["discharge"],
+            }
+        )
         persons = person_table(self.vocab, arrays)
         birth = persons["birth"].combine_chunks()
         birth = pa.array(np.asarray(birth), mask=np.asarray(birth) == NO_BIRTH)
-        persons = pa.table({"subject_id": persons["subject_id"], "birth": seconds_to_ts(birth),
-                            "first_t": seconds_to_ts(persons["first_time"].combine_chunks()), "last_t": seconds_to_ts(persons["last_time"].combine_chunks()),
-                            "gender": persons["gender"], "race": persons["race"], "death": seconds_to_ts(persons["death"].combine_chunks())})
+        persons = pa.table(
+            {
+                "subject_id": persons["subject_id"],
+                "birth": seconds_to_ts(birth),
+                "first_t": seconds_to_ts(persons["first_time"].combine_chunks()),
+                "last_t": seconds_to_ts(persons["last_time"].combine_chunks()),
+                "gender": persons["gender"],
+                "race": persons["race"],
+                "death": seconds_to_ts(persons["death"].combine_chunks()),
+            }
+        )
         for name, table in (("gen_events", events), ("gen_visits", visits), ("gen_persons", persons)):
             self.con.register("_staged", table)
             self.con.execute(f"INSERT INTO {name} SELECT * FROM _staged")
@@ -82,10 +113,14 @@ class Stage:
 
     def keys(self) -> list[str]:
         """Every decoded code, visit token, gender and race token that needs a mapping."""
-        return [r[0] for r in self.con.execute("""
+        return [
+            r[0]
+            for r in self.con.execute("""
             SELECT key FROM gen_events UNION SELECT vtoken FROM gen_visits
             UNION SELECT gender FROM gen_persons UNION SELECT race FROM gen_persons
-        """).fetchall() if r[0] is not None]
+        """).fetchall()
+            if r[0] is not None
+        ]
 
     def finish(self, info: SourceInfo) -> dict:
         """Build concept_map, visits, and the MEDS `events`, `code_meta`, `subject_split` tables."""
@@ -120,7 +155,9 @@ class Stage:
                    any_value(nullif(m.concept_id, 0)) AS omop_concept_id, any_value(m.domain) AS omop_domain
             FROM concept_map m WHERE m.meds_code IN (SELECT DISTINCT code FROM events) GROUP BY m.meds_code ORDER BY 1
         """)
-        con.execute("CREATE OR REPLACE TABLE subject_split AS SELECT subject_id, 'train' AS split FROM gen_persons ORDER BY subject_id")
+        con.execute(
+            "CREATE OR REPLACE TABLE subject_split AS SELECT subject_id, 'train' AS split FROM gen_persons ORDER BY subject_id"
+        )
         origins = dict(con.execute("SELECT origin, count(*) FROM concept_map GROUP BY 1 ORDER BY 1").fetchall())
         return {"codes": len(cmap), "concept_origin": origins, "omop_table_routing": routing}
 

@@ -34,8 +34,17 @@ from cehrx.model.transformer import GPT
 ROUND_SEED_STRIDE = 1_000_003  # round r samples with seed + r * stride: its draws differ from every other round's
 
 
-def sample_windows(model: GPT, vocab: Vocab, prompts: np.ndarray, cfg: SamplingConfig, *, max_total_tokens: int | None = None,
-                   keep: int | None = None, end_time: int | None = None, progress: bool = False) -> Samples:
+def sample_windows(
+    model: GPT,
+    vocab: Vocab,
+    prompts: np.ndarray,
+    cfg: SamplingConfig,
+    *,
+    max_total_tokens: int | None = None,
+    keep: int | None = None,
+    end_time: int | None = None,
+    progress: bool = False,
+) -> Samples:
     """Continue each `[YEAR, AGE, GENDER, RACE]` prompt (`[n, 4]`) once, across as many windows as it takes.
 
     Returns one `Samples` row per prompt (generated tokens of every window, in order; `stop` the last
@@ -54,7 +63,9 @@ def sample_windows(model: GPT, vocab: Vocab, prompts: np.ndarray, cfg: SamplingC
         return first
     keep = ctx // 2 if keep is None else int(keep)
     if not 1 <= keep <= ctx - PROMPT_LEN - 2:
-        raise CehrxError(f"generate window keep={keep}: must be 1..{ctx - PROMPT_LEN - 2} tokens so that a window has room to grow")
+        raise CehrxError(
+            f"generate window keep={keep}: must be 1..{ctx - PROMPT_LEN - 2} tokens so that a window has room to grow"
+        )
     if max_total_tokens < 1:
         raise CehrxError(f"generate.max_total_tokens={max_total_tokens}: must be >= 1 (or null for one window)")
     parts = [first.sequence(i) for i in range(n)]
@@ -66,8 +77,16 @@ def sample_windows(model: GPT, vocab: Vocab, prompts: np.ndarray, cfg: SamplingC
         rows, tokens, offs = _next_windows(vocab, prompts, parts, active, keep, clock, end_time)
         if not len(rows):
             break
-        s = sample(model, vocab, tokens, offs, replace(cfg, seed=int(cfg.seed) + r * ROUND_SEED_STRIDE), num_samples=1,
-                   progress=progress, prompt_ids=rows)
+        s = sample(
+            model,
+            vocab,
+            tokens,
+            offs,
+            replace(cfg, seed=int(cfg.seed) + r * ROUND_SEED_STRIDE),
+            num_samples=1,
+            progress=progress,
+            prompt_ids=rows,
+        )
         for j, i in enumerate(rows):
             parts[i] = np.concatenate([parts[i], s.sequence(j)])
         stop[rows], days[rows] = s.stop, days[rows] + s.elapsed_days
@@ -80,8 +99,13 @@ def sample_windows(model: GPT, vocab: Vocab, prompts: np.ndarray, cfg: SamplingC
     lengths = np.array([min(len(p), max_total_tokens) for p in parts], dtype=np.int64)
     stop[lengths < np.array([len(p) for p in parts])] = STOP_TOKENS
     flat = np.concatenate([p[:k] for p, k in zip(parts, lengths)]).astype(np.int32) if n else np.zeros(0, np.int32)
-    return Samples(tokens=flat, offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), stop=stop,
-                   elapsed_days=days, prompt_index=np.arange(n, dtype=np.int64))
+    return Samples(
+        tokens=flat,
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        stop=stop,
+        elapsed_days=days,
+        prompt_index=np.arange(n, dtype=np.int64),
+    )
 
 
 class _Clock:
@@ -98,8 +122,15 @@ class _Clock:
         self.seconds = token_seconds(vocab)
 
 
-def _next_windows(vocab: Vocab, prompts: np.ndarray, parts: list[np.ndarray], active: np.ndarray, keep: int,
-                  clock: _Clock, end_time: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _next_windows(
+    vocab: Vocab,
+    prompts: np.ndarray,
+    parts: list[np.ndarray],
+    active: np.ndarray,
+    keep: int,
+    clock: _Clock,
+    end_time: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The next window's prompt of each active patient that has a `[VS]` in its last `keep` tokens."""
     vs = vocab[VS]
     rows, starts, bodies = [], [], []

@@ -92,12 +92,16 @@ def _validate_packed(cu_seqlens: Tensor, total: int, max_seqlen: int) -> None:
         raise ValueError(f"cu_seqlens must be an integer tensor (int32), got {cu_seqlens.dtype}")
     if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
-            raise ValueError(f"cu_seqlens must run from 0 to the number of packed tokens {total}, got {cu_seqlens[0]}..{cu_seqlens[-1]}")
+            raise ValueError(
+                f"cu_seqlens must run from 0 to the number of packed tokens {total}, got {cu_seqlens[0]}..{cu_seqlens[-1]}"
+            )
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         if bool((lengths < 0).any()):
             raise ValueError("cu_seqlens must be non-decreasing")
         if int(lengths.max()) > max_seqlen:
-            raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest packed sequence ({int(lengths.max())})")
+            raise ValueError(
+                f"max_seqlen={max_seqlen} is shorter than the longest packed sequence ({int(lengths.max())})"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,11 +151,15 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
         raise ValueError(f"unknown attention backend {name!r}: use auto, {', '.join(BACKENDS)}")
     if name == "flash_attn":
         if not flash_attn_available():
-            raise RuntimeError("attn_backend=flash_attn but flash_attn is not importable: `pip install cehrx[flash]` (CUDA only) or use attn_backend=auto")
+            raise RuntimeError(
+                "attn_backend=flash_attn but flash_attn is not importable: `pip install cehrx[flash]` (CUDA only) or use attn_backend=auto"
+            )
         if device_type != "cuda":
             raise RuntimeError(f"attn_backend=flash_attn needs a CUDA device, got {device_type}: use attn_backend=sdpa")
     if name == "flex" and not flex_available():
-        raise RuntimeError(f"attn_backend=flex needs torch >= 2.5 (torch.nn.attention.flex_attention), this is torch {torch.__version__}")
+        raise RuntimeError(
+            f"attn_backend=flex needs torch >= 2.5 (torch.nn.attention.flex_attention), this is torch {torch.__version__}"
+        )
     return name
 
 
@@ -270,7 +278,9 @@ def attention(
     if key_mask is not None:
         raise ValueError("key_mask is for unpacked [B, T, H, D] attention; packed batches have no padding")
     if q.dim() != 3:
-        raise ValueError(f"attention expects packed [T, H, D] or unpacked [B, T, H, D] inputs, got shape {tuple(q.shape)}")
+        raise ValueError(
+            f"attention expects packed [T, H, D] or unpacked [B, T, H, D] inputs, got shape {tuple(q.shape)}"
+        )
     if packed_mask is None:
         if cu_seqlens is None:
             raise ValueError("packed [T, H, D] attention needs cu_seqlens (or a packed_mask) to keep patients apart")
@@ -288,7 +298,11 @@ def _sdpa_packed(q: Tensor, k: Tensor, v: Tensor, pm: PackedMask, dropout_p: flo
     T, H, D = q.shape
     if pm.chunk == 0:
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=pm.sdpa_mask, dropout_p=dropout_p
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            attn_mask=pm.sdpa_mask,
+            dropout_p=dropout_p,
         )
         return out[0].transpose(0, 1)
     c, n_prev = pm.chunk, pm.n_prev
@@ -317,7 +331,9 @@ def _flex_packed(q: Tensor, k: Tensor, v: Tensor, pm: PackedMask) -> Tensor:
         fn = _compiled_flex()
     else:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            raise RuntimeError("attn_backend=flex has no backward on CPU in PyTorch: use attn_backend=sdpa (or auto) to train on CPU")
+            raise RuntimeError(
+                "attn_backend=flex has no backward on CPU in PyTorch: use attn_backend=sdpa (or auto) to train on CPU"
+            )
         fn = flex_attention
     with warnings.catch_warnings():  # eager CPU flex warns that it is unfused: known, test-only
         warnings.simplefilter("ignore", UserWarning)
@@ -342,7 +358,9 @@ def _sdpa_unpacked(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, key_mask: 
     Tq, Tk = q.shape[1], k.shape[1]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if key_mask is not None:
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=padded_causal_mask(key_mask, Tq), dropout_p=dropout_p)
+        out = F.scaled_dot_product_attention(
+            qt, kt, vt, attn_mask=padded_causal_mask(key_mask, Tq), dropout_p=dropout_p
+        )
     elif Tq == Tk:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, dropout_p=dropout_p)
     elif Tq == 1:  # one new token sees the whole cache

@@ -75,7 +75,9 @@ class GPTConfig:
                 f"each head gets n_embd // n_head dimensions"
             )
         if self.head_dim % 2:
-            raise ValueError(f"GPTConfig head_dim = n_embd // n_head = {self.head_dim} must be even for rotary embeddings")
+            raise ValueError(
+                f"GPTConfig head_dim = n_embd // n_head = {self.head_dim} must be even for rotary embeddings"
+            )
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"GPTConfig.attn_backend={self.attn_backend!r} is not one of {', '.join(ATTN_BACKENDS)}")
         if not 0.0 <= self.dropout < 1.0:

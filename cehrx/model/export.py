@@ -50,7 +50,7 @@ def backbone_state_dict(module_state: dict[str, Tensor]) -> dict[str, Tensor]:
     for key, value in module_state.items():
         key = clean_param_name(key)
         if key.startswith(_BACKBONE_PREFIX):
-            out[key[len(_BACKBONE_PREFIX):]] = value
+            out[key[len(_BACKBONE_PREFIX) :]] = value
     if not out:
         raise CehrxError("checkpoint holds no backbone weights (no 'model.*' keys): not a cehrx pretrain checkpoint")
     return out
@@ -111,7 +111,9 @@ def export_model(
         if train_config is not None:
             cfg = train_config if isinstance(train_config, DictConfig) else OmegaConf.create(train_config)
             (tmp / "train_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (tmp / "export.json").write_text(json.dumps({"format": "cehrx.model/1", **(info or {})}, indent=2, default=str) + "\n")
+        (tmp / "export.json").write_text(
+            json.dumps({"format": "cehrx.model/1", **(info or {})}, indent=2, default=str) + "\n"
+        )
         (tmp / MARKER).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return Path(out_dir)
 
@@ -125,18 +127,40 @@ def _check_weights(config: GPTConfig, weights: dict[str, Tensor]) -> None:
     unexpected = sorted(set(weights) - set(expected))
     wrong = sorted(k for k in set(weights) & set(expected) if tuple(weights[k].shape) != expected[k])
     if missing or unexpected or wrong:
-        raise CehrxError(f"weights do not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+        raise CehrxError(
+            f"weights do not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+        )
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, vocab_path: str | Path, train_config: Any = None, overwrite: bool = False, info: dict | None = None) -> Path:
+def export_checkpoint(
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    vocab_path: str | Path,
+    train_config: Any = None,
+    overwrite: bool = False,
+    info: dict | None = None,
+) -> Path:
     """Export the backbone of a Lightning checkpoint (file or FSDP sharded dir) as a model dir."""
     ckpt = read_checkpoint(ckpt_path)
     meta = ckpt.get("cehrx") or {}
     cfg_dict = meta.get("model_config") or ckpt.get("hyper_parameters", {}).get("model_config")
     if cfg_dict is None:
         raise CehrxError(f"{ckpt_path} has no model config: not a cehrx pretrain checkpoint")
-    info = {"source_checkpoint": str(ckpt_path), "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"), **(info or {})}
-    return export_model(backbone_state_dict(ckpt["state_dict"]), GPTConfig.from_dict(cfg_dict), vocab_path, out_dir, train_config, info, overwrite)
+    info = {
+        "source_checkpoint": str(ckpt_path),
+        "global_step": ckpt.get("global_step"),
+        "epoch": ckpt.get("epoch"),
+        **(info or {}),
+    }
+    return export_model(
+        backbone_state_dict(ckpt["state_dict"]),
+        GPTConfig.from_dict(cfg_dict),
+        vocab_path,
+        out_dir,
+        train_config,
+        info,
+        overwrite,
+    )
 
 
 def model_dir(path: str | Path) -> Path:
@@ -149,7 +173,9 @@ def model_dir(path: str | Path) -> Path:
     for cand in (path, path / MODEL_SUBDIR, path / MODEL_SUBDIR / MODEL_SUBDIR):
         if (cand / MARKER).is_file():
             return cand
-    raise CehrxError(f"no exported model at {path} (expected {MARKER} there or in {path / MODEL_SUBDIR}; run `cehrx task=pretrain` first)")
+    raise CehrxError(
+        f"no exported model at {path} (expected {MARKER} there or in {path / MODEL_SUBDIR}; run `cehrx task=pretrain` first)"
+    )
 
 
 def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, Vocab]:
@@ -171,7 +197,9 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
     missing, unexpected = gpt.load_state_dict(state, strict=False)
     bad_missing = set(missing) - tied_duplicates(config)
     if bad_missing or unexpected:
-        raise CehrxError(f"{d}: weights do not match config.json (missing {sorted(bad_missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        raise CehrxError(
+            f"{d}: weights do not match config.json (missing {sorted(bad_missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
     return gpt.to(map_location).eval(), vocab
 
 

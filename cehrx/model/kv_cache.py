@@ -36,7 +36,17 @@ class KVCache:
     the layout sdpa reads fastest; `update` still takes and returns `[B, T, H, D]` views.
     """
 
-    def __init__(self, n_layer: int, batch_size: int, max_len: int, n_head: int, head_dim: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        max_len: int,
+        n_head: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
         # uninitialised: every position is written before it is read (zeroing a cache sized for
         # the longest continuation costs more than decoding short ones)
@@ -147,16 +157,30 @@ class SharedPrefixKVCache:
     joining rows.
     """
 
-    def __init__(self, prefix: KVCache, prefix_mask: Tensor | None, row_prompt: Tensor, row_slot: Tensor, n_slots: int,
-                 n_prompts: int | None = None, capacity: int = 16) -> None:
+    def __init__(
+        self,
+        prefix: KVCache,
+        prefix_mask: Tensor | None,
+        row_prompt: Tensor,
+        row_slot: Tensor,
+        n_slots: int,
+        n_prompts: int | None = None,
+        capacity: int = 16,
+    ) -> None:
         n_layer, _, n_head, _, head_dim = prefix.k.shape
-        n_prompts = prefix.k.shape[1] if n_prompts is None else n_prompts  # prefix rows past it: spare room for joining prompts
+        n_prompts = (
+            prefix.k.shape[1] if n_prompts is None else n_prompts
+        )  # prefix rows past it: spare room for joining prompts
         # Prompt keys live in buffers with room for more prompts (`_pk`: [L, P_cap, H, W, D]),
         # right-aligned; `pk` is the used part. Rows joining and leaving a running batch then
         # write into / compact within the buffers instead of concatenating the whole prefix.
         self._pk, self._pv = prefix.k[:, :, :, : prefix.length], prefix.v[:, :, :, : prefix.length]
         self.n_prompts, self.width = n_prompts, prefix.length
-        self.plen = prefix_mask.sum(1) if prefix_mask is not None else torch.full((n_prompts,), self.width, dtype=torch.int64, device=self._pk.device)
+        self.plen = (
+            prefix_mask.sum(1)
+            if prefix_mask is not None
+            else torch.full((n_prompts,), self.width, dtype=torch.int64, device=self._pk.device)
+        )
         self._set_bias()
         self.row_prompt, self.row_slot = row_prompt.long(), row_slot.long()
         # generated tokens, per row (`_k`: [L, B_cap, H, C_cap, D]); allocated for `capacity` tokens and doubled
@@ -177,7 +201,10 @@ class SharedPrefixKVCache:
         if self.folded:
             self._k = self._pk.new_empty((n_layer, len(row_prompt), n_head, self.width + 16, head_dim))
             self._v = torch.empty_like(self._k)
-            self._k[:, :, :, : self.width], self._v[:, :, :, : self.width] = self.pk[:, self.row_prompt], self.pv[:, self.row_prompt]
+            self._k[:, :, :, : self.width], self._v[:, :, :, : self.width] = (
+                self.pk[:, self.row_prompt],
+                self.pv[:, self.row_prompt],
+            )
             self.fold_mask = prefix_mask[self.row_prompt] if prefix_mask is not None else None
             self.length = self.width
         else:
@@ -212,7 +239,9 @@ class SharedPrefixKVCache:
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
         """Store the new token's key/value, attend over prefix + own tokens (`q`: `[B, 1, H, D]`)."""
         if q.shape[1] != 1 or key_mask is not None:
-            raise ValueError("SharedPrefixKVCache decodes one token per row without key_mask (the prefix mask is built in)")
+            raise ValueError(
+                "SharedPrefixKVCache decodes one token per row without key_mask (the prefix mask is built in)"
+            )
         end = self.length + 1
         if end > self._k.shape[3]:
             self._resize(None, 2 * self._k.shape[3])
@@ -227,7 +256,9 @@ class SharedPrefixKVCache:
             cols = torch.arange(end, device=self.start.device)
             self._own_bias = _mask_bias(cols[None, :] >= self.start[:, None], q.dtype)[:, None, None, :]
         own_bias = self._own_bias if self.staggered else None
-        out_s, lse_s = _attention_lse(q.transpose(1, 2), self.k[layer, :, :, :end], self.v[layer, :, :, :end], own_bias, self.scale)
+        out_s, lse_s = _attention_lse(
+            q.transpose(1, 2), self.k[layer, :, :, :end], self.v[layer, :, :, :end], own_bias, self.scale
+        )
         # one softmax over both parts: weight each part's normalised output by its share of the mass
         w_p = torch.sigmoid(lse_p - lse_s[..., 0])[..., None]  # exp(lse_p) / (exp(lse_p) + exp(lse_s))
         out = out_s[:, :, 0].float().lerp(out_p.float(), w_p)
@@ -239,7 +270,9 @@ class SharedPrefixKVCache:
             if self._own_bias is None:  # reused by every layer of this step
                 self._own_bias = F.pad(self.fold_mask, (0, end - self.fold_mask.shape[1]), value=True)[:, None, None, :]
             mask = self._own_bias
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[layer, :, :, :end], self.v[layer, :, :, :end], attn_mask=mask)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), self.k[layer, :, :, :end], self.v[layer, :, :, :end], attn_mask=mask
+        )
         return out.transpose(1, 2)
 
     def _attend_prefix(self, layer: int, q: Tensor) -> tuple[Tensor, Tensor]:
@@ -254,8 +287,16 @@ class SharedPrefixKVCache:
             rows_q = q if t.rows is None else q.index_select(0, t.rows)
             cells = rows_q.new_zeros((k.shape[0] * t.slots, *q.shape[1:]))  # empty cells: finished or absent samples
             cells.index_copy_(0, t.cells, rows_q)
-            out, lse = _attention_lse(cells.view(k.shape[0], t.slots, *q.shape[1:]).transpose(1, 2), k, v, bias, self.scale)  # [P, H, S, *]
-            parts.append((t.rows, out.transpose(1, 2).flatten(0, 1).index_select(0, t.cells), lse.transpose(1, 2).flatten(0, 1).index_select(0, t.cells)))
+            out, lse = _attention_lse(
+                cells.view(k.shape[0], t.slots, *q.shape[1:]).transpose(1, 2), k, v, bias, self.scale
+            )  # [P, H, S, *]
+            parts.append(
+                (
+                    t.rows,
+                    out.transpose(1, 2).flatten(0, 1).index_select(0, t.cells),
+                    lse.transpose(1, 2).flatten(0, 1).index_select(0, t.cells),
+                )
+            )
         if len(parts) == 1 and parts[0][0] is None:
             return parts[0][1], parts[0][2]
         out = q.new_empty(q.shape)
@@ -325,8 +366,10 @@ class SharedPrefixKVCache:
         pos = torch.full((self.n_prompts,), -1, dtype=torch.int64, device=slot.device)
         pos[prompts] = torch.arange(len(prompts), device=slot.device)
         width = min(int(self.plen[prompts].max()), self.width)
-        self._tiers = [_Tier(low, self.row_prompt[low] * split + slot[low], split, None, 0),
-                       _Tier(high, pos[self.row_prompt[high]] * (top - split) + slot[high] - split, top - split, prompts, width)]
+        self._tiers = [
+            _Tier(low, self.row_prompt[low] * split + slot[low], split, None, 0),
+            _Tier(high, pos[self.row_prompt[high]] * (top - split) + slot[high] - split, top - split, prompts, width),
+        ]
 
     def reserve_prompts(self, m: int, width: int) -> KVCache:
         """Room for `m` more prompts of at most `width` tokens: an empty `KVCache` over their rows
@@ -360,7 +403,9 @@ class SharedPrefixKVCache:
         self.row_prompt = torch.cat((self.row_prompt, row_prompt.long() + n))
         self.row_slot = torch.cat((self.row_slot, row_slot.long()))
         self._resize(None, self._k.shape[3], extra_rows=len(row_prompt), n_rows=n_old)
-        self.start = torch.cat((self.start, torch.full((len(row_prompt),), self.length, dtype=torch.int64, device=self.start.device)))
+        self.start = torch.cat(
+            (self.start, torch.full((len(row_prompt),), self.length, dtype=torch.int64, device=self.start.device))
+        )
         self.staggered = self.staggered or (n_old > 0 and self.length > 0)
         self._own_bias = None
         self._reslot()
@@ -441,7 +486,9 @@ def _reorder_in_place(buffers: tuple[Tensor, ...], order: Tensor, cols: slice) -
     if len(moved):
         src = order[moved]
         for b in buffers:
-            for layer in b[:, :, :, cols]:  # per layer: index_select/index_copy_ on dim 0 are ~2x faster on CPU than 5-d advanced indexing
+            for layer in b[
+                :, :, :, cols
+            ]:  # per layer: index_select/index_copy_ on dim 0 are ~2x faster on CPU than 5-d advanced indexing
                 layer.index_copy_(0, moved, layer.index_select(0, src))
 
 

@@ -109,12 +109,20 @@ class CehrxLightningModule(L.LightningModule):
             raise ValueError("model_config.vocab_size is None: fill it from the prepared dir's vocab.json")
         if vocab is not None and len(vocab) != self.config.vocab_size:
             raise ValueError(f"vocab has {len(vocab)} tokens but model_config.vocab_size={self.config.vocab_size}")
-        if future_codes_weight > 0 and (future_codes_n < 1 or future_codes_horizon_days <= 0):  # at build time, before any output
-            raise CehrxError(f"the future-codes head needs task.module.future_codes_n >= 1 and future_codes_horizon_days > 0, "
-                             f"got {future_codes_n} and {future_codes_horizon_days}")
+        if future_codes_weight > 0 and (
+            future_codes_n < 1 or future_codes_horizon_days <= 0
+        ):  # at build time, before any output
+            raise CehrxError(
+                f"the future-codes head needs task.module.future_codes_n >= 1 and future_codes_horizon_days > 0, "
+                f"got {future_codes_n} and {future_codes_horizon_days}"
+            )
         self.vocab = vocab
         self._vocab_json = vocab.to_json() if vocab is not None else None
-        kinds = torch.from_numpy(vocab.kind_array().astype(np.int64)) if vocab is not None else torch.zeros(self.config.vocab_size, dtype=torch.long)
+        kinds = (
+            torch.from_numpy(vocab.kind_array().astype(np.int64))
+            if vocab is not None
+            else torch.zeros(self.config.vocab_size, dtype=torch.long)
+        )
         self.register_buffer("token_kind", kinds)
         self.model: GPT | None = None
         self.time_heads: TimeHeads | None = None
@@ -132,9 +140,13 @@ class CehrxLightningModule(L.LightningModule):
             return
         hp = self.hparams
         self.model = GPT(self.config)
-        self.time_heads = TimeHeads(self.config.n_embd, self.config.vocab_size, hp.time_to_visit_weight, hp.ymd_weight, self.vocab)
+        self.time_heads = TimeHeads(
+            self.config.n_embd, self.config.vocab_size, hp.time_to_visit_weight, hp.ymd_weight, self.vocab
+        )
         if hp.future_codes_weight > 0:
-            self.future_codes = FutureCodesHead(self.config.n_embd, self.config.vocab_size, hp.future_codes_horizon_days, hp.future_codes_n, self.vocab)
+            self.future_codes = FutureCodesHead(
+                self.config.n_embd, self.config.vocab_size, hp.future_codes_horizon_days, hp.future_codes_n, self.vocab
+            )
         # Decided here, on the unwrapped modules: under FSDP (use_orig_params) parameters become
         # flat 1-D shards, so their ndim can no longer tell matrices from gains.
         self._decay_names = {n for n, p in self.named_parameters() if p.ndim >= 2}
@@ -166,21 +178,30 @@ class CehrxLightningModule(L.LightningModule):
             est = trainer.estimated_stepping_batches
             if math.isfinite(est):
                 return int(est)
-        raise ValueError("set trainer.max_steps (or task.module.max_steps): the cosine schedule needs a total step count")
+        raise ValueError(
+            "set trainer.max_steps (or task.module.max_steps): the cosine schedule needs a total step count"
+        )
 
     # ------------------------------------------------------------------------ forward + losses
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
         """Hidden states `[T, C]` of a packed batch."""
         assert self.model is not None, "configure_model() has not run"
-        return self.model(batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"], max_seqlen=int(batch["max_seqlen"]))
+        return self.model(
+            batch["input_ids"],
+            position_ids=batch["position_ids"],
+            cu_seqlens=batch["cu_seqlens"],
+            max_seqlen=int(batch["max_seqlen"]),
+        )
 
     def logits(self, batch: dict[str, Any]) -> Tensor:
         """Next-token logits `[T, vocab]` at every position (for tests and inspection)."""
         assert self.model is not None
         return self.model.lm_head_logits(self(batch))
 
-    def compute_losses(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, LossSum], dict[str, tuple[Tensor, Tensor]]]:
+    def compute_losses(
+        self, batch: dict[str, Any]
+    ) -> tuple[Tensor, dict[str, LossSum], dict[str, tuple[Tensor, Tensor]]]:
         """(loss to optimise, named LossSums, accuracies) for one batch.
 
         Logits are computed only at positions with a real target: padding and patient ends
@@ -211,7 +232,9 @@ class CehrxLightningModule(L.LightningModule):
         log = {f"train/{k}": v.mean().detach() for k, v in losses.items()}
         log["train/ppl"] = torch.exp(log["train/loss"])
         log.update({f"train/{k}": c.float() / n.clamp(min=1) for k, (c, n) in acc.items()})
-        log["train/lr"] = torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]) if self._trainer else torch.tensor(0.0)
+        log["train/lr"] = (
+            torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]) if self._trainer else torch.tensor(0.0)
+        )
         self.log("train/loss", log.pop("train/loss"), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
         self.log_dict(log, on_step=True, on_epoch=False, batch_size=1)
         return loss
@@ -247,13 +270,19 @@ class CehrxLightningModule(L.LightningModule):
         out["val/ppl"] = torch.exp(out["val/loss"])
         out["val/tokens"] = totals[names.index("loss"), 1]
         # Already reduced over ranks; sync_dist on identical values only silences Lightning's warning.
-        self.log("val/loss", out.pop("val/loss"), prog_bar=True, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+        self.log(
+            "val/loss", out.pop("val/loss"), prog_bar=True, on_step=False, on_epoch=True, sync_dist=True, batch_size=1
+        )
         self.log_dict(out, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
 
     # ------------------------------------------------------------------------ checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["cehrx"] = {"format": CHECKPOINT_FORMAT, "model_config": self.config.to_dict(), "vocab": self._vocab_json}
+        checkpoint["cehrx"] = {
+            "format": CHECKPOINT_FORMAT,
+            "model_config": self.config.to_dict(),
+            "vocab": self._vocab_json,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("cehrx") or {}

@@ -98,18 +98,35 @@ class TimeHeads(nn.Module):
     without the vocabulary at load time. A head with weight 0 is not built at all.
     """
 
-    def __init__(self, n_embd: int, vocab_size: int, time_to_visit_weight: float = 0.0, ymd_weight: float = 0.0, vocab: Vocab | None = None) -> None:
+    def __init__(
+        self,
+        n_embd: int,
+        vocab_size: int,
+        time_to_visit_weight: float = 0.0,
+        ymd_weight: float = 0.0,
+        vocab: Vocab | None = None,
+    ) -> None:
         super().__init__()
         self.weights = {"time_to_visit": float(time_to_visit_weight), "ymd": float(ymd_weight)}
-        self.time_to_visit = nn.Sequential(nn.Linear(n_embd, n_embd), nn.GELU(), nn.Linear(n_embd, 1)) if time_to_visit_weight > 0 else None
+        self.time_to_visit = (
+            nn.Sequential(nn.Linear(n_embd, n_embd), nn.GELU(), nn.Linear(n_embd, 1))
+            if time_to_visit_weight > 0
+            else None
+        )
         self.ymd = nn.Linear(n_embd, N_YEARS + N_MONTHS + N_DAYS) if ymd_weight > 0 else None
-        tables = time_tables(vocab) if vocab is not None else {
-            "is_gap": torch.zeros(vocab_size, dtype=torch.bool),
-            "gap_ymd": torch.zeros(vocab_size, 3, dtype=torch.long),
-            "ve_id": torch.tensor(-1, dtype=torch.long),
-        }
+        tables = (
+            time_tables(vocab)
+            if vocab is not None
+            else {
+                "is_gap": torch.zeros(vocab_size, dtype=torch.bool),
+                "gap_ymd": torch.zeros(vocab_size, 3, dtype=torch.long),
+                "ve_id": torch.tensor(-1, dtype=torch.long),
+            }
+        )
         if len(tables["is_gap"]) != vocab_size:
-            raise ValueError(f"vocabulary has {len(tables['is_gap'])} tokens but the model's vocab_size is {vocab_size}")
+            raise ValueError(
+                f"vocabulary has {len(tables['is_gap'])} tokens but the model's vocab_size is {vocab_size}"
+            )
         for name, t in tables.items():
             self.register_buffer(name, t)
 
@@ -127,7 +144,9 @@ class TimeHeads(nn.Module):
             idx = torch.nonzero(next_is_gap & (input_ids == self.ve_id)).squeeze(-1)
             dt = (times[(idx + 1).clamp(max=len(times) - 1)] - times[idx]).clamp(min=0).float() / SECONDS_PER_DAY
             pred = self.time_to_visit(h[idx]).squeeze(-1).float()
-            out["time_to_visit"] = LossSum(F.mse_loss(pred, torch.log1p(dt), reduction="sum"), torch.tensor(len(idx), device=h.device))
+            out["time_to_visit"] = LossSum(
+                F.mse_loss(pred, torch.log1p(dt), reduction="sum"), torch.tensor(len(idx), device=h.device)
+            )
         if self.ymd is not None:
             idx = torch.nonzero(next_is_gap).squeeze(-1)
             logits = self.ymd(h[idx]).float()
@@ -156,8 +175,16 @@ def future_code_classes(vocab: Vocab, n_codes: int) -> np.ndarray:
     return classes
 
 
-def future_code_targets(input_ids: Tensor, labels: Tensor, times: Tensor, cu_seqlens: Tensor, ve_id: Tensor,
-                        classes: Tensor, horizon_s: int, n_codes: int) -> tuple[Tensor, Tensor]:
+def future_code_targets(
+    input_ids: Tensor,
+    labels: Tensor,
+    times: Tensor,
+    cu_seqlens: Tensor,
+    ve_id: Tensor,
+    classes: Tensor,
+    horizon_s: int,
+    n_codes: int,
+) -> tuple[Tensor, Tensor]:
     """(`[VE]` positions, multi-hot `[n, n_codes]` of the codes within `horizon_s` after each).
 
     Set-based over the packed batch: one sorted `(segment, time)` key, one `searchsorted` for
@@ -189,14 +216,18 @@ class FutureCodesHead(nn.Module):
     needed at load time; the output width is always `n_codes`.
     """
 
-    def __init__(self, n_embd: int, vocab_size: int, horizon_days: float = 365.0, n_codes: int = 256, vocab: Vocab | None = None) -> None:
+    def __init__(
+        self, n_embd: int, vocab_size: int, horizon_days: float = 365.0, n_codes: int = 256, vocab: Vocab | None = None
+    ) -> None:
         super().__init__()
         self.horizon_s = round(float(horizon_days) * SECONDS_PER_DAY)
         self.n_codes = int(n_codes)
         self.proj = nn.Linear(n_embd, self.n_codes)
         nn.init.normal_(self.proj.weight, std=0.02)
         nn.init.constant_(self.proj.bias, -3.0)  # most codes are absent from most windows
-        classes = future_code_classes(vocab, self.n_codes) if vocab is not None else np.full(vocab_size, -1, dtype=np.int64)
+        classes = (
+            future_code_classes(vocab, self.n_codes) if vocab is not None else np.full(vocab_size, -1, dtype=np.int64)
+        )
         if len(classes) != vocab_size:
             raise ValueError(f"vocabulary has {len(classes)} tokens but the model's vocab_size is {vocab_size}")
         self.register_buffer("classes", torch.from_numpy(classes))
@@ -209,7 +240,9 @@ class FutureCodesHead(nn.Module):
         codes a year or twenty (a plain per-`[VE]` sum grows with code density and then drowns
         the next-token loss); each `[VE]` counts once so a window with no event still weighs.
         """
-        idx, target = future_code_targets(input_ids, labels, times, cu_seqlens, self.ve_id, self.classes, self.horizon_s, self.n_codes)
+        idx, target = future_code_targets(
+            input_ids, labels, times, cu_seqlens, self.ve_id, self.classes, self.horizon_s, self.n_codes
+        )
         logits = self.proj(h[idx]).float()
         total = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
         return LossSum(total, len(idx) + target.sum().long())

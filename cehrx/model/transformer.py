@@ -67,7 +67,9 @@ class RotaryEmbedding(nn.Module):
 
     def _tables(self, device: torch.device | None) -> tuple[Tensor, Tensor]:
         """cos and *signed* sin, both `[max_seq_len, head_dim]`, laid out for `apply_rotary`."""
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim))
+        inv_freq = 1.0 / (
+            self.base ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim)
+        )
         angles = torch.outer(torch.arange(self.max_seq_len, device=device, dtype=torch.float32), inv_freq)
         cos, sin = angles.cos(), angles.sin()
         return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
@@ -119,7 +121,9 @@ class Attention(nn.Module):
         if kv_cache is not None:
             y = kv_cache.attend(self.layer_idx, q, k, v, key_mask)
         else:
-            y = attention(q, k, v, packed_mask=packed_mask, dropout_p=self.dropout if self.training else 0.0, key_mask=key_mask)
+            y = attention(
+                q, k, v, packed_mask=packed_mask, dropout_p=self.dropout if self.training else 0.0, key_mask=key_mask
+            )
         return self.proj(y.reshape(*x.shape[:-1], -1))
 
 
@@ -172,7 +176,9 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         if config.vocab_size is None:
-            raise ValueError("GPTConfig.vocab_size is None: set it from the vocabulary (len(Vocab.load(prepared_dir))) before building GPT")
+            raise ValueError(
+                "GPTConfig.vocab_size is None: set it from the vocabulary (len(Vocab.load(prepared_dir))) before building GPT"
+            )
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
@@ -234,7 +240,9 @@ class GPT(nn.Module):
         packed_mask = None
         if input_ids.dim() == 1:
             if cu_seqlens is None:
-                raise ValueError("packed [T] input_ids need cu_seqlens (int32 [n_seq + 1]); pass [B, T] for unpacked sequences")
+                raise ValueError(
+                    "packed [T] input_ids need cu_seqlens (int32 [n_seq + 1]); pass [B, T] for unpacked sequences"
+                )
             if kv_cache is not None or key_mask is not None:
                 raise ValueError("kv_cache and key_mask work with unpacked [B, T] input only")
             T = input_ids.shape[0]
@@ -252,7 +260,9 @@ class GPT(nn.Module):
             if position_ids is None:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(input_ids.shape[0], T)
             if key_mask is not None and tuple(key_mask.shape) != (input_ids.shape[0], past + T):
-                raise ValueError(f"key_mask must be [B, past + T] = {(input_ids.shape[0], past + T)}, got {tuple(key_mask.shape)}")
+                raise ValueError(
+                    f"key_mask must be [B, past + T] = {(input_ids.shape[0], past + T)}, got {tuple(key_mask.shape)}"
+                )
         else:
             raise ValueError(f"input_ids must be packed [T] or unpacked [B, T], got shape {tuple(input_ids.shape)}")
 
@@ -275,20 +285,37 @@ class GPT(nn.Module):
             else:
                 return
         if longest > self.config.max_seq_len:
-            raise ValueError(f"a sequence of {longest} positions exceeds max_seq_len={self.config.max_seq_len}: crop or pack shorter sequences")
+            raise ValueError(
+                f"a sequence of {longest} positions exceeds max_seq_len={self.config.max_seq_len}: crop or pack shorter sequences"
+            )
 
     def lm_head_logits(self, h: Tensor) -> Tensor:
         """Next-token logits `[..., vocab_size]` from hidden states."""
         return self.lm_head(h)
 
-    def new_kv_cache(self, batch_size: int, max_len: int | None = None, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KVCache:
+    def new_kv_cache(
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
         """An empty `KVCache` sized for this model (default: `max_seq_len` tokens, model's device/dtype).
 
         Under bf16 autocast pass `dtype=torch.bfloat16`: the cache must match the keys' dtype.
         """
         p = self.wte.weight
         c = self.config
-        return KVCache(c.n_layer, batch_size, max_len or c.max_seq_len, c.n_head, c.head_dim, device=device or p.device, dtype=dtype or p.dtype)
+        return KVCache(
+            c.n_layer,
+            batch_size,
+            max_len or c.max_seq_len,
+            c.n_head,
+            c.head_dim,
+            device=device or p.device,
+            dtype=dtype or p.dtype,
+        )
 
     # ---------------------------------------------------------------------------- accounting
 

@@ -37,8 +37,16 @@ class Protocol:
         return np.sort(np.concatenate([t for _, t in self.folds]))
 
 
-def choose_protocol(split: np.ndarray, y: np.ndarray, groups: np.ndarray, mode: str, min_test: int, n_folds: int, seed: int,
-                    test_split: str = TEST_SPLIT) -> Protocol:
+def choose_protocol(
+    split: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    mode: str,
+    min_test: int,
+    n_folds: int,
+    seed: int,
+    test_split: str = TEST_SPLIT,
+) -> Protocol:
     """`split` / `cv` / `auto` (split unless the test split has fewer than `min_test` of either class).
 
     The test split is held_out by default; `split=tuning` (MEDS-DEV) tests on tuning and
@@ -70,24 +78,40 @@ def scored_rows(split: np.ndarray, y: np.ndarray, groups: np.ndarray, protocol: 
     """
     test = protocol.test_rows
     seen = test[split[test] == PRETRAIN_SPLIT]
-    return {"labels": len(test), "positives": int(y[test].sum()), "subjects": len(np.unique(groups[test])),
-            "positive_subjects": len(np.unique(groups[test][y[test]])),
-            "pretraining_labels": len(seen), "pretraining_subjects": len(np.unique(groups[seen]))}
+    return {
+        "labels": len(test),
+        "positives": int(y[test].sum()),
+        "subjects": len(np.unique(groups[test])),
+        "positive_subjects": len(np.unique(groups[test][y[test]])),
+        "pretraining_labels": len(seen),
+        "pretraining_subjects": len(np.unique(groups[seen])),
+    }
 
 
-def cross_fit(X, y: np.ndarray, groups: np.ndarray, protocol: Protocol, kind: str, seed: int) -> tuple[np.ndarray, list[dict]]:
+def cross_fit(
+    X, y: np.ndarray, groups: np.ndarray, protocol: Protocol, kind: str, seed: int
+) -> tuple[np.ndarray, list[dict]]:
     """Out-of-sample P(y=1) for every test row (NaN elsewhere) and the classifier info per fold."""
     probs = np.full(len(y), np.nan)
     infos = []
     for train, test in protocol.folds:
         info: dict = {}
-        probs[test] = fit_predict(_rows(X, train), y[train], _rows(X, test), seed=seed, kind=kind, groups=groups[train], info=info)
+        probs[test] = fit_predict(
+            _rows(X, train), y[train], _rows(X, test), seed=seed, kind=kind, groups=groups[train], info=info
+        )
         infos.append(info)
     return probs, infos
 
 
 def few_shot(
-    X, y: np.ndarray, groups: np.ndarray, protocol: Protocol, ks: list, repeats: int, kind: str, seed: int,
+    X,
+    y: np.ndarray,
+    groups: np.ndarray,
+    protocol: Protocol,
+    ks: list,
+    repeats: int,
+    kind: str,
+    seed: int,
     all_probs: np.ndarray | None = None,
 ) -> list[dict]:
     """AUROC (mean, sd over repeats) when training on k sampled labels; `all` = every training label
@@ -103,9 +127,15 @@ def few_shot(
     out = []
     for k in ks:
         if str(k) == "all" or int(k) >= len(train):
-            p = all_probs[test] if all_probs is not None else fit_predict(_rows(X, train), y[train], _rows(X, test), seed=seed, kind=kind, groups=groups[train])
+            p = (
+                all_probs[test]
+                if all_probs is not None
+                else fit_predict(_rows(X, train), y[train], _rows(X, test), seed=seed, kind=kind, groups=groups[train])
+            )
             out = [r for r in out if r["k"] != "all"]
-            out.append({"k": "all", "n_train": len(train), "auroc": float(roc_auc_score(yt, p)), "auroc_sd": 0.0, "repeats": 1})
+            out.append(
+                {"k": "all", "n_train": len(train), "auroc": float(roc_auc_score(yt, p)), "auroc_sd": 0.0, "repeats": 1}
+            )
             continue
         scores = []
         for r in range(repeats):
@@ -113,7 +143,15 @@ def few_shot(
             sel = train[rows]
             p = fit_predict(_rows(X, sel), y[sel], _rows(X, test), seed=seed + r, kind=kind, groups=groups[sel])
             scores.append(roc_auc_score(yt, p))
-        out.append({"k": int(k), "n_train": int(k), "auroc": float(np.mean(scores)), "auroc_sd": float(np.std(scores)), "repeats": repeats})
+        out.append(
+            {
+                "k": int(k),
+                "n_train": int(k),
+                "auroc": float(np.mean(scores)),
+                "auroc_sd": float(np.std(scores)),
+                "repeats": repeats,
+            }
+        )
     return out
 
 

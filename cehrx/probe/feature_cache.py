@@ -84,8 +84,13 @@ class FeatureCache:
         if not key_file.is_file():
             write_text(key_file, json.dumps(self.key, indent=1, sort_keys=True) + "\n")
         name = uuid.uuid4().hex
-        with atomic_file(self.dir / f"part-{name}.npz") as tmp, open(tmp, "wb") as f:  # a file object: np.savez adds no suffix
-            np.savez(f, subject_id=sid.astype(np.int64), last_time=t.astype(np.int64), **{r: feats[r] for r in READOUTS})
+        with (
+            atomic_file(self.dir / f"part-{name}.npz") as tmp,
+            open(tmp, "wb") as f,
+        ):  # a file object: np.savez adds no suffix
+            np.savez(
+                f, subject_id=sid.astype(np.int64), last_time=t.astype(np.int64), **{r: feats[r] for r in READOUTS}
+            )
 
     def get(
         self, sid: np.ndarray, t: np.ndarray, compute: Callable[[np.ndarray], dict[str, np.ndarray]], chunk: int = 8192
@@ -130,7 +135,7 @@ def match_rows(a_sid: np.ndarray, a_t: np.ndarray, q_sid: np.ndarray, q_t: np.nd
     inverse = inverse.ravel()
     slot = np.full(inverse.max() + 1, -1, np.int64)
     slot[inverse[: len(a_sid)]] = np.arange(len(a_sid))
-    return slot[inverse[len(a_sid):]]
+    return slot[inverse[len(a_sid) :]]
 
 
 def weights_sha256(mdir: Path) -> str:
@@ -158,8 +163,13 @@ class Embedder:
             return embed(model, self.hist, pooling, *args)
         # the device is part of the key: CUDA runs in bf16, CPU in fp32, and the two must not mix
         device = resolve_device(str(p.device) if p.device is not None else None, "probe.device").type
-        cache = FeatureCache(self.cache_root, {**model_key, "prepared": self.prepared_key, "max_len": self.max_len, "device": device, "format": 1})
-        feats, hits = cache.get(self.sid, self.hist.last_time, lambda rows: embed_poolings(model, self.hist.take(rows), READOUTS, *args))
+        cache = FeatureCache(
+            self.cache_root,
+            {**model_key, "prepared": self.prepared_key, "max_len": self.max_len, "device": device, "format": 1},
+        )
+        feats, hits = cache.get(
+            self.sid, self.hist.last_time, lambda rows: embed_poolings(model, self.hist.take(rows), READOUTS, *args)
+        )
         self.hits, self.rows = self.hits + hits, self.rows + len(self.sid)
         return feats[pooling]
 

@@ -39,7 +39,9 @@ from cehrx.errors import CehrxError
 
 log = logging.getLogger("cehrx.labels")
 
-LABEL_SCHEMA = pa.schema([("subject_id", pa.int64()), ("prediction_time", pa.timestamp("us")), ("boolean_value", pa.bool_())])
+LABEL_SCHEMA = pa.schema(
+    [("subject_id", pa.int64()), ("prediction_time", pa.timestamp("us")), ("boolean_value", pa.bool_())]
+)
 MEDS_CORE = ("subject_id", "time", "code", "numeric_value", "text_value")
 
 
@@ -119,7 +121,9 @@ def load_labels(labels_dir: str | Path) -> pa.Table:
         t = pq.read_table(f)
         missing = [c for c in LABEL_SCHEMA.names if c not in t.column_names]
         if missing:
-            raise CehrxError(f"{f}: missing label column(s) {missing} (MEDS labels need subject_id, prediction_time, boolean_value)")
+            raise CehrxError(
+                f"{f}: missing label column(s) {missing} (MEDS labels need subject_id, prediction_time, boolean_value)"
+            )
         parts.append(_cast_labels(t.select(LABEL_SCHEMA.names), f))
     table = pa.concat_tables(parts) if parts else LABEL_SCHEMA.empty_table()
     return dedupe(table, str(labels_dir))
@@ -134,7 +138,9 @@ def _cast_labels(t: pa.Table, source: Path | str) -> pa.Table:
         try:
             cols.append(col.cast(field.type))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            raise CehrxError(f"{source}: column {field.name} of type {col.type} cannot be read as {field.type}: {e}") from e
+            raise CehrxError(
+                f"{source}: column {field.name} of type {col.type} cannot be read as {field.type}: {e}"
+            ) from e
     return pa.table(cols, schema=LABEL_SCHEMA)
 
 
@@ -142,14 +148,23 @@ def dedupe(table: pa.Table, source: str) -> pa.Table:
     """Drop exact duplicate labels; conflicting labels for one (subject, time) are an error."""
     if not len(table):
         return table
-    g = table.group_by(["subject_id", "prediction_time"]).aggregate([("boolean_value", "min"), ("boolean_value", "max")])
+    g = table.group_by(["subject_id", "prediction_time"]).aggregate(
+        [("boolean_value", "min"), ("boolean_value", "max")]
+    )
     conflict = pc.not_equal(g.column("boolean_value_min"), g.column("boolean_value_max"))
     n_conflict = pc.sum(conflict).as_py() or 0
     if n_conflict:
         raise CehrxError(f"{source}: {n_conflict} (subject_id, prediction_time) pair(s) have conflicting boolean_value")
     if len(g) == len(table):
         return table
-    out = pa.table({"subject_id": g.column("subject_id"), "prediction_time": g.column("prediction_time"), "boolean_value": g.column("boolean_value_min")}, schema=LABEL_SCHEMA)
+    out = pa.table(
+        {
+            "subject_id": g.column("subject_id"),
+            "prediction_time": g.column("prediction_time"),
+            "boolean_value": g.column("boolean_value_min"),
+        },
+        schema=LABEL_SCHEMA,
+    )
     return out.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
 
 
@@ -162,7 +177,9 @@ def meds_data_files(meds_dir: str | Path) -> list[Path]:
     return files
 
 
-def extract_labels(task_name: str, meds_dir: str | Path, *, use_shipped: bool = True, cache_dir: str | Path | None = None) -> pa.Table:
+def extract_labels(
+    task_name: str, meds_dir: str | Path, *, use_shipped: bool = True, cache_dir: str | Path | None = None
+) -> pa.Table:
     """Run an ACES task config on a MEDS dataset; returns `LABEL_SCHEMA` rows sorted by subject, time.
 
     ACES reads one events file, so the dataset's shards are first combined (core MEDS columns,
@@ -194,7 +211,9 @@ def labels_cache_key(task_name: str, meds_dir: str | Path) -> str:
     except PackageNotFoundError:
         aces_version = "?"
     files = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in meds_data_files(meds_dir)]
-    blob = json.dumps({"format": 1, "task": task_config_path(task_name).read_text(), "files": files, "aces": aces_version})
+    blob = json.dumps(
+        {"format": 1, "task": task_config_path(task_name).read_text(), "files": files, "aces": aces_version}
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -216,7 +235,12 @@ def _run_aces(task_name: str, meds_dir: str | Path) -> pa.Table:
     with tempfile.TemporaryDirectory(prefix="cehrx-aces-") as tmp:
         events = Path(tmp) / "events.parquet"
         con = duckdb.connect()
-        names = {c for (c, *_rest) in con.execute(f"DESCRIBE SELECT * FROM read_parquet({[str(f) for f in files]!r}, union_by_name=true)").fetchall()}
+        names = {
+            c
+            for (c, *_rest) in con.execute(
+                f"DESCRIBE SELECT * FROM read_parquet({[str(f) for f in files]!r}, union_by_name=true)"
+            ).fetchall()
+        }
         con.execute(f"COPY ({aces_events_sql(files, names)}) TO '{events}' (FORMAT parquet)")
         data_end = con.execute(f"SELECT max(time) FROM read_parquet('{events}')").fetchall()[0][0]
         con.close()
@@ -229,11 +253,14 @@ def _run_aces(task_name: str, meds_dir: str | Path) -> pa.Table:
         log.warning("ACES task %s matched no labels in %s", path.name, meds_dir)
         return LABEL_SCHEMA.empty_table()
     out = result.select(["subject_id", "index_timestamp", "label"]).to_arrow()
-    table = pa.table({
-        "subject_id": out.column("subject_id").cast(pa.int64()),
-        "prediction_time": out.column("index_timestamp").cast(pa.timestamp("us")),
-        "boolean_value": pc.greater(out.column("label").cast(pa.int64()), 0),
-    }, schema=LABEL_SCHEMA)
+    table = pa.table(
+        {
+            "subject_id": out.column("subject_id").cast(pa.int64()),
+            "prediction_time": out.column("index_timestamp").cast(pa.timestamp("us")),
+            "boolean_value": pc.greater(out.column("label").cast(pa.int64()), 0),
+        },
+        schema=LABEL_SCHEMA,
+    )
     table = apply_followup(table, followup_days(task_name), data_end, path.name)
     return dedupe(table.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")]), path.name)
 
@@ -247,8 +274,14 @@ def apply_followup(table: pa.Table, days: float | None, data_end, name: str) -> 
     cutoff = pa.scalar(data_end - dt.timedelta(days=days), pa.timestamp("us"))
     keep = pc.less_equal(table.column("prediction_time"), cutoff)
     out = table.filter(keep)
-    log.info("task %s: %d of %d labels dropped for follow-up (prediction time after %s, %g days before the last event)",
-             name, len(table) - len(out), len(table), cutoff.as_py(), days)
+    log.info(
+        "task %s: %d of %d labels dropped for follow-up (prediction time after %s, %g days before the last event)",
+        name,
+        len(table) - len(out),
+        len(table),
+        cutoff.as_py(),
+        days,
+    )
     return out
 
 
@@ -265,7 +298,12 @@ def aces_events_sql(files: list[Path], names: set[str]) -> str:
     select = ", ".join(f'"{c}"' for c in cols)
     sql = f"SELECT {select} FROM {src}"
     if "visit_end" in names:
-        ends = ", ".join({"time": "visit_end AS time", "code": "code || '//END' AS code"}.get(c, f'NULL AS "{c}"' if c in ("numeric_value", "text_value") else f'"{c}"') for c in cols)
+        ends = ", ".join(
+            {"time": "visit_end AS time", "code": "code || '//END' AS code"}.get(
+                c, f'NULL AS "{c}"' if c in ("numeric_value", "text_value") else f'"{c}"'
+            )
+            for c in cols
+        )
         sql += f" UNION ALL SELECT {ends} FROM {src} WHERE visit_end IS NOT NULL"
     return f"SELECT * FROM ({sql}) ORDER BY subject_id, time NULLS FIRST, code"
 
@@ -298,10 +336,14 @@ def meds_dir_for(prepared_dir: str | Path) -> Path:
             for cand in (p, Path(__file__).resolve().parents[2] / p):
                 if (cand / "data").is_dir():
                     return cand.resolve()
-    raise CehrxError(f"no MEDS data for {prepared_dir}: expected {prepared_dir / 'meds'} or a MEDS data.path in its config.yaml")
+    raise CehrxError(
+        f"no MEDS data for {prepared_dir}: expected {prepared_dir / 'meds'} or a MEDS data.path in its config.yaml"
+    )
 
 
-def thin_training_labels(table: pa.Table, arrays, split_of: np.ndarray, fraction: float, test_split: str) -> tuple[pa.Table, dict]:
+def thin_training_labels(
+    table: pa.Table, arrays, split_of: np.ndarray, fraction: float, test_split: str
+) -> tuple[pa.Table, dict]:
     """Keep a fixed `fraction` of the labels outside the test split (`probe.train_label_fraction`).
 
     Why: a task triggered at every routine visit has ~10 labels per subject, so the training side
@@ -320,14 +362,18 @@ def thin_training_labels(table: pa.Table, arrays, split_of: np.ndarray, fraction
     sid = table.column("subject_id").to_numpy()
     rows = subject_rows(arrays, sid)
     split = np.where(rows >= 0, split_of[np.maximum(rows, 0)], "")
-    keep = (split == test_split) | (rows < 0) | (unit_hash(sid, times_seconds(table.column("prediction_time"))) < fraction)
+    keep = (
+        (split == test_split) | (rows < 0) | (unit_hash(sid, times_seconds(table.column("prediction_time"))) < fraction)
+    )
     info["dropped"] = int((~keep).sum())
     return table.filter(pa.array(keep)), info
 
 
 def unit_hash(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """A uniform number in [0, 1) per (a, b) pair of int64s (splitmix64 finaliser), the same everywhere."""
-    x = np.asarray(a, np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ np.asarray(b, np.int64).astype(np.uint64)
+    x = np.asarray(a, np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ np.asarray(b, np.int64).astype(
+        np.uint64
+    )
     for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
         x = (x ^ (x >> np.uint64(shift))) * np.uint64(mult)
     x = x ^ (x >> np.uint64(31))
@@ -345,9 +391,15 @@ def read_labels(cfg, prepared: str | Path) -> tuple[pa.Table, dict]:
     if cfg.get("labels_dir"):
         return load_labels(cfg.labels_dir), {"labels_dir": str(cfg.labels_dir)}
     if not task:
-        raise CehrxError("no labels: pass labels_dir=<dir of MEDS label parquet files> or probe.task=<name> "
-                         f"(shipped: {', '.join(available_tasks())})")
+        raise CehrxError(
+            "no labels: pass labels_dir=<dir of MEDS label parquet files> or probe.task=<name> "
+            f"(shipped: {', '.join(available_tasks())})"
+        )
     meds = meds_dir_for(prepared)
     table = extract_labels(str(task), meds, cache_dir=cfg.probe.get("labels_cache_dir"))
-    return table, {"task": str(task), "description": task_description(str(task)), "meds_dir": str(meds),
-                   "config": str(task_config_path(str(task)))}
+    return table, {
+        "task": str(task),
+        "description": task_description(str(task)),
+        "meds_dir": str(meds),
+        "config": str(task_config_path(str(task))),
+    }

@@ -49,7 +49,9 @@ def run(cfg: DictConfig) -> dict:
     if baseline not in (None, "marginal"):
         raise CehrxError(f"evaluate.baseline={baseline!r}: the only baseline is 'marginal' (or null)")
     if synthetic is None and baseline is None:
-        raise CehrxError("nothing to evaluate: pass synthetic_dir=<a generate output> and/or evaluate.baseline=marginal")
+        raise CehrxError(
+            "nothing to evaluate: pass synthetic_dir=<a generate output> and/or evaluate.baseline=marginal"
+        )
     out = Path(cfg.output_dir)
     with task_output(cfg, "evaluate") as tmp:
         metrics = evaluate(cfg, prepared, synthetic, baseline, tmp)
@@ -97,8 +99,16 @@ def evaluate(cfg: DictConfig, prepared: Path, synthetic: Path | None, baseline: 
         train = load_patients(prepared, "train", space, vocabs["real"], n_max, seed)
         held = load_patients(prepared, str(e.test_split), space, vocabs["real"], n_max, seed + 1)
         sets = {k: load_patients(d, "train", space, vocabs[k], n_max, seed + 2) for k, d in dirs.items()}
-    metrics = {"real": {"prepared_dir": str(prepared), "n_train": len(train), "non_member_split": str(e.test_split), "n_non_members": len(held)},
-               "config": {k: OmegaConf.to_container(e, resolve=True)[k] for k in e}, "sets": {}}
+    metrics = {
+        "real": {
+            "prepared_dir": str(prepared),
+            "n_train": len(train),
+            "non_member_split": str(e.test_split),
+            "n_non_members": len(held),
+        },
+        "config": {k: OmegaConf.to_container(e, resolve=True)[k] for k in e},
+        "sets": {},
+    }
     for k, d in dirs.items():
         metrics["sets"][k] = {"dir": str(d) if k == MODEL_SET else "baseline_marginal", "n_patients": len(sets[k])}
     top = fidelity.top_codes(train, space, int(e.top_codes))
@@ -107,8 +117,11 @@ def evaluate(cfg: DictConfig, prepared: Path, synthetic: Path | None, baseline: 
         for k, p in {**sets, "reference": held}.items():
             target = metrics["sets"][k] if k in sets else metrics.setdefault("reference", {})
             co, _, phis[k] = fidelity.cooccurrence_metrics(train, p, top)
-            target["fidelity"] = {"prevalence": fidelity.prevalence_metrics(train, p, space), "cooccurrence": co,
-                                  "distributions": fidelity.distribution_metrics(train, p, space)}
+            target["fidelity"] = {
+                "prevalence": fidelity.prevalence_metrics(train, p, space),
+                "cooccurrence": co,
+                "distributions": fidelity.distribution_metrics(train, p, space),
+            }
         phis.pop("reference")
         labs = _labs(e, real_meds, dirs, metrics)
     with stages("privacy"):
@@ -123,7 +136,9 @@ def evaluate(cfg: DictConfig, prepared: Path, synthetic: Path | None, baseline: 
             "categorical": synthetic_report.plot_categorical(out, train, sets, space),
             "labs": synthetic_report.plot_labs(out, *labs) if labs else None,
             "dcr": synthetic_report.plot_dcr(out, dcr_values),
-            "utility": synthetic_report.plot_utility(out, {k: s.get("utility", {}).get("tasks", {}) for k, s in metrics["sets"].items()}),
+            "utility": synthetic_report.plot_utility(
+                out, {k: s.get("utility", {}).get("tasks", {}) for k, s in metrics["sets"].items()}
+            ),
         }
         metrics["figures"] = {k: v for k, v in figures.items() if v}
         metrics["summary"] = {k: headline(s) for k, s in metrics["sets"].items()}
@@ -135,11 +150,13 @@ def evaluate(cfg: DictConfig, prepared: Path, synthetic: Path | None, baseline: 
 def headline(s: dict) -> dict:
     """The few numbers a reader looks for first (the pipeline summary finds them by key name)."""
     get = synthetic_report.value_at
-    return {"prevalence_pearson": get(s, ("fidelity", "prevalence", "pearson")),
-            "mia_auc": get(s, ("privacy", "membership_inference", "auc")),
-            "privacy_loss": get(s, ("privacy", "adversarial", "privacy_loss")),
-            "exact_copy_rate": get(s, ("privacy", "exact_copies", "rate_full_sequence")),
-            "tstr_trtr_ratio": get(s, ("utility", "mean_ratio"))}
+    return {
+        "prevalence_pearson": get(s, ("fidelity", "prevalence", "pearson")),
+        "mia_auc": get(s, ("privacy", "membership_inference", "auc")),
+        "privacy_loss": get(s, ("privacy", "adversarial", "privacy_loss")),
+        "exact_copy_rate": get(s, ("privacy", "exact_copies", "rate_full_sequence")),
+        "tstr_trtr_ratio": get(s, ("utility", "mean_ratio")),
+    }
 
 
 def _n_patients(d: Path) -> int:
@@ -160,12 +177,22 @@ def _labs(e: DictConfig, real_meds: Path | None, dirs: dict[str, Path], metrics:
         per_set[k] = fidelity.lab_values(meds, None, codes) if (meds / "data").is_dir() else {}
         metrics["sets"][k]["fidelity"]["labs"] = fidelity.lab_metrics(real, per_set[k])
     if (real_meds / "data" / str(e.test_split)).is_dir():
-        metrics["reference"]["fidelity"]["labs"] = fidelity.lab_metrics(real, fidelity.lab_values(real_meds, str(e.test_split), codes))
+        metrics["reference"]["fidelity"]["labs"] = fidelity.lab_metrics(
+            real, fidelity.lab_values(real_meds, str(e.test_split), codes)
+        )
     return (real, per_set) if codes else None
 
 
-def _privacy(e: DictConfig, train: Patients, held: Patients, sets: dict[str, Patients], space: TokenSpace,
-             metrics: dict, batch: int, seed: int) -> dict[str, np.ndarray]:
+def _privacy(
+    e: DictConfig,
+    train: Patients,
+    held: Patients,
+    sets: dict[str, Patients],
+    space: TokenSpace,
+    metrics: dict,
+    batch: int,
+    seed: int,
+) -> dict[str, np.ndarray]:
     """Every privacy metric per set; returns the DCR samples for the figure."""
     from cehrx.eval.neighbors import nearest
 
@@ -175,7 +202,10 @@ def _privacy(e: DictConfig, train: Patients, held: Patients, sets: dict[str, Pat
     known = np.concatenate([np.searchsorted(code_columns(space), top_known), np.arange(n_code_cols, r_train.shape[1])])
     d_held, _ = nearest(r_held, r_train, batch, desc="DCR held-out -> train")
     dcr_values = {f"real {e.test_split} (reference)": d_held}
-    metrics.setdefault("reference", {})["privacy"] = {"dcr": privacy.summarize_dcr(d_held), "exact_copies": privacy.exact_copies(train, held)}
+    metrics.setdefault("reference", {})["privacy"] = {
+        "dcr": privacy.summarize_dcr(d_held),
+        "exact_copies": privacy.exact_copies(train, held),
+    }
     for k, p in sets.items():
         r_syn = record_matrix(p, space)
         d_syn, _ = nearest(r_syn, r_train, batch, desc=f"DCR {k} -> train")

@@ -73,9 +73,19 @@ def sampling_config(g: DictConfig, max_seq_len: int) -> SamplingConfig:
     room = max_seq_len - 4
     max_new = room if g.max_new_tokens is None else int(g.max_new_tokens)
     if max_new < 1 or max_new > room:
-        raise CehrxError(f"generate.max_new_tokens={g.max_new_tokens}: the model's max_seq_len={max_seq_len} leaves room for 1..{room} tokens after the 4-token prompt")
-    return SamplingConfig(temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p), max_new_tokens=max_new,
-                          max_days=None, constrained=bool(g.constrained), batch_size=int(g.batch_size), seed=int(g.seed))
+        raise CehrxError(
+            f"generate.max_new_tokens={g.max_new_tokens}: the model's max_seq_len={max_seq_len} leaves room for 1..{room} tokens after the 4-token prompt"
+        )
+    return SamplingConfig(
+        temperature=float(g.temperature),
+        top_k=int(g.top_k),
+        top_p=float(g.top_p),
+        max_new_tokens=max_new,
+        max_days=None,
+        constrained=bool(g.constrained),
+        batch_size=int(g.batch_size),
+        seed=int(g.seed),
+    )
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -106,8 +116,10 @@ class Partial:
             if old != settings:
                 if not overwrite:
                     changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-                    raise CehrxError(f"{self.dir} holds shards of an unfinished run with other settings ({', '.join(changed)}): "
-                                     f"rerun with the same settings to resume, or pass overwrite=true to start over")
+                    raise CehrxError(
+                        f"{self.dir} holds shards of an unfinished run with other settings ({', '.join(changed)}): "
+                        f"rerun with the same settings to resume, or pass overwrite=true to start over"
+                    )
                 shutil.rmtree(self.dir)
         (self.dir / SHARDS).mkdir(parents=True, exist_ok=True)
         (self.dir / STATS).mkdir(parents=True, exist_ok=True)
@@ -133,18 +145,47 @@ def shard_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
 
-def generate_shard(model: Any, vocab: Vocab, grammar: Grammar, pool: PromptPool, scfg: SamplingConfig, g: DictConfig,
-                   index: int, n_prompts: int, first_id: int, wanted: int, progress: bool, end_time: int | None = None) -> tuple[TokenArrays, dict]:
+def generate_shard(
+    model: Any,
+    vocab: Vocab,
+    grammar: Grammar,
+    pool: PromptPool,
+    scfg: SamplingConfig,
+    g: DictConfig,
+    index: int,
+    n_prompts: int,
+    first_id: int,
+    wanted: int,
+    progress: bool,
+    end_time: int | None = None,
+) -> tuple[TokenArrays, dict]:
     """Sample `n_prompts` patients, decode them, keep at most `wanted` valid ones."""
     seed = shard_seed(int(g.seed), index)
     prompts = pool.draw(n_prompts, np.random.default_rng(seed))
     start = time.perf_counter()
-    samples = sample_windows(model, vocab, prompts, replace(scfg, seed=seed), max_total_tokens=_int_or_none(g.get("max_total_tokens")),
-                             keep=_int_or_none(g.get("window_keep")), end_time=end_time, progress=progress)
+    samples = sample_windows(
+        model,
+        vocab,
+        prompts,
+        replace(scfg, seed=seed),
+        max_total_tokens=_int_or_none(g.get("max_total_tokens")),
+        keep=_int_or_none(g.get("window_keep")),
+        end_time=end_time,
+        progress=progress,
+    )
     seconds = time.perf_counter() - start
     ids = first_id + np.arange(n_prompts, dtype=np.int64)
-    dec = decode_samples(vocab, prompts[samples.prompt_index], samples.tokens, samples.offsets, ids, seed,
-                         max_age=int(g.max_age), truncated=str(g.truncated), grammar=grammar)
+    dec = decode_samples(
+        vocab,
+        prompts[samples.prompt_index],
+        samples.tokens,
+        samples.offsets,
+        ids,
+        seed,
+        max_age=int(g.max_age),
+        truncated=str(g.truncated),
+        grammar=grammar,
+    )
     arrays = dec.arrays
     surplus = max(len(arrays) - wanted, 0)
     if surplus:
@@ -152,9 +193,18 @@ def generate_shard(model: Any, vocab: Vocab, grammar: Grammar, pool: PromptPool,
         tokens, offsets = take_prefixes(arrays.tokens, arrays.offsets, rows, arrays.lengths()[:wanted])
         times, _ = take_prefixes(arrays.times, arrays.offsets, rows, arrays.lengths()[:wanted])
         arrays = TokenArrays(arrays.subject_id[:wanted], offsets, tokens, times, arrays.birth_time[:wanted])
-    stats = {"shard": index, "samples": n_prompts, "valid": len(dec.arrays), "kept": len(arrays), "surplus": surplus,
-             "dropped": dec.dropped, "repaired": dec.repaired, "stop": samples.stop_counts(),
-             "generated_tokens": len(samples.tokens), "sampling_seconds": round(seconds, 3)}
+    stats = {
+        "shard": index,
+        "samples": n_prompts,
+        "valid": len(dec.arrays),
+        "kept": len(arrays),
+        "surplus": surplus,
+        "dropped": dec.dropped,
+        "repaired": dec.repaired,
+        "stop": samples.stop_counts(),
+        "generated_tokens": len(samples.tokens),
+        "sampling_seconds": round(seconds, 3),
+    }
     return arrays, stats
 
 
@@ -190,8 +240,16 @@ def plan_shard(requested: int, stats: list[dict], shard_size: int) -> int:
     return max(1, min(shard_size, need))
 
 
-def sample_all(model: Any, vocab: Vocab, pool: PromptPool, scfg: SamplingConfig, g: DictConfig, work: Partial, console: Console,
-               end_time: int | None = None) -> tuple[list[dict], int]:
+def sample_all(
+    model: Any,
+    vocab: Vocab,
+    pool: PromptPool,
+    scfg: SamplingConfig,
+    g: DictConfig,
+    work: Partial,
+    console: Console,
+    end_time: int | None = None,
+) -> tuple[list[dict], int]:
     """Generate shards until `num_patients` valid patients exist; finished shards are reused on resume.
 
     Returns the stats of every shard and how many were reused from an earlier, interrupted run.
@@ -212,16 +270,23 @@ def sample_all(model: Any, vocab: Vocab, pool: PromptPool, scfg: SamplingConfig,
         while sum(s["kept"] for s in stats) < requested:
             attempts = sum(s["samples"] for s in stats)
             if attempts >= max_samples:
-                console.print(f"[yellow]stopped after {attempts} samples (generate.max_attempts_factor={g.max_attempts_factor}): "
-                              f"{sum(s['kept'] for s in stats)} valid patients of {requested}[/yellow]")
+                console.print(
+                    f"[yellow]stopped after {attempts} samples (generate.max_attempts_factor={g.max_attempts_factor}): "
+                    f"{sum(s['kept'] for s in stats)} valid patients of {requested}[/yellow]"
+                )
                 break
             n = min(plan_shard(requested, stats, int(g.shard_size)), max_samples - attempts)
             wanted = requested - sum(s["kept"] for s in stats)
-            arrays, st = generate_shard(model, vocab, grammar, pool, scfg, g, len(stats), n, attempts + 1, wanted, show, end_time=end_time)
+            arrays, st = generate_shard(
+                model, vocab, grammar, pool, scfg, g, len(stats), n, attempts + 1, wanted, show, end_time=end_time
+            )
             work.save(len(stats), arrays, st)
             stats.append(st)
             bar.update(st["kept"])
-            bar.set_postfix(tok_s=f"{st['generated_tokens'] / max(st['sampling_seconds'], 1e-9):.0f}", valid=f"{st['valid']}/{st['samples']}")
+            bar.set_postfix(
+                tok_s=f"{st['generated_tokens'] / max(st['sampling_seconds'], 1e-9):.0f}",
+                valid=f"{st['valid']}/{st['samples']}",
+            )
     finally:
         bar.close()
     return stats, resumed
@@ -235,7 +300,9 @@ def run(cfg: DictConfig) -> dict:
     out = Path(str(cfg.output_dir))
     guard("generate", out, bool(cfg.overwrite))
     if int(g.num_patients) < 1 or int(g.shard_size) < 1:
-        raise CehrxError(f"generate.num_patients and generate.shard_size must be >= 1 (got {g.num_patients}, {g.shard_size})")
+        raise CehrxError(
+            f"generate.num_patients and generate.shard_size must be >= 1 (got {g.num_patients}, {g.shard_size})"
+        )
     if str(g.truncated) not in ("keep", "drop"):
         raise CehrxError(f"generate.truncated must be keep or drop, got {g.truncated!r}")
     console = Console(stderr=True)
@@ -250,11 +317,22 @@ def run(cfg: DictConfig) -> dict:
     pool = config_pool(vocab, prompts) if prompts is not None else empirical_pool(prepared, vocab)
     scfg = sampling_config(g, model.config.max_seq_len)
     end_time = data_end_time(g.get("end_date", "auto"), prepared, g.get("max_total_tokens") is not None)
-    settings = {"model": str(mdir.resolve()), "model_fingerprint": model_fingerprint(mdir), "prepared_dir": str(prepared.resolve()),
-                "prompts": prompts, "sampling": asdict(scfg), "num_patients": int(g.num_patients), "shard_size": int(g.shard_size),
-                "max_age": int(g.max_age), "truncated": str(g.truncated),
-                "max_total_tokens": _int_or_none(g.get("max_total_tokens")), "window_keep": _int_or_none(g.get("window_keep")), "end_time": end_time, "max_attempts_factor": float(g.max_attempts_factor),
-                "device_type": device.type}
+    settings = {
+        "model": str(mdir.resolve()),
+        "model_fingerprint": model_fingerprint(mdir),
+        "prepared_dir": str(prepared.resolve()),
+        "prompts": prompts,
+        "sampling": asdict(scfg),
+        "num_patients": int(g.num_patients),
+        "shard_size": int(g.shard_size),
+        "max_age": int(g.max_age),
+        "truncated": str(g.truncated),
+        "max_total_tokens": _int_or_none(g.get("max_total_tokens")),
+        "window_keep": _int_or_none(g.get("window_keep")),
+        "end_time": end_time,
+        "max_attempts_factor": float(g.max_attempts_factor),
+        "device_type": device.type,
+    }
     work = Partial(out, settings, bool(cfg.overwrite))
     stats, resumed = sample_all(model, vocab, pool, scfg, g, work, console, end_time=end_time)
     t_sampled = time.perf_counter()
@@ -262,17 +340,25 @@ def run(cfg: DictConfig) -> dict:
         outputs = assemble(cfg, vocab, mdir, prepared, work, tmp, console)
         report = summarize(stats, pool, settings, outputs, device)
         report["resumed_shards"] = resumed
-        report["timings_s"] = {"load_and_sample": round(t_sampled - t0, 3), **outputs.pop("timings_s"), "total": round(time.perf_counter() - t0, 3)}
+        report["timings_s"] = {
+            "load_and_sample": round(t_sampled - t0, 3),
+            **outputs.pop("timings_s"),
+            "total": round(time.perf_counter() - t0, 3),
+        }
         report["outputs"] = outputs
         write_marker(tmp, "generate", report)
     shutil.rmtree(work.dir, ignore_errors=True)
     p = report["patients"]
-    console.print(f"generated [bold]{p['generated']}[/bold] patients ({p['samples']} samples, {p['validity_rate']:.1%} valid), "
-                  f"{report['tokens']['per_second']:.0f} tokens/s -> {out}")
+    console.print(
+        f"generated [bold]{p['generated']}[/bold] patients ({p['samples']} samples, {p['validity_rate']:.1%} valid), "
+        f"{report['tokens']['per_second']:.0f} tokens/s -> {out}"
+    )
     return report
 
 
-def assemble(cfg: DictConfig, vocab: Vocab, mdir: Path, prepared: Path, work: Partial, tmp: Path, console: Console) -> dict:
+def assemble(
+    cfg: DictConfig, vocab: Vocab, mdir: Path, prepared: Path, work: Partial, tmp: Path, console: Console
+) -> dict:
     """Token shards, vocab.json, MEDS and OMOP from the finished shards, into `tmp`."""
     t0 = time.perf_counter()
     (tmp / SHARDS).mkdir(parents=True)
@@ -300,8 +386,13 @@ def assemble(cfg: DictConfig, vocab: Vocab, mdir: Path, prepared: Path, work: Pa
     finally:
         con.close()
         shutil.rmtree(tmp / ".duckdb_tmp", ignore_errors=True)
-    return {"meds_rows": meds_rows, "omop_rows": omop_rows, "codes": codes, "concept_source": info.omop_path,
-            "timings_s": {"decode": round(t1 - t0, 3), "write_meds": round(t2 - t1, 3), "write_omop": round(t3 - t2, 3)}}
+    return {
+        "meds_rows": meds_rows,
+        "omop_rows": omop_rows,
+        "codes": codes,
+        "concept_source": info.omop_path,
+        "timings_s": {"decode": round(t1 - t0, 3), "write_meds": round(t2 - t1, 3), "write_omop": round(t3 - t2, 3)},
+    }
 
 
 def summarize(stats: list[dict], pool: PromptPool, settings: dict, outputs: dict, device: torch.device) -> dict:
@@ -311,15 +402,23 @@ def summarize(stats: list[dict], pool: PromptPool, settings: dict, outputs: dict
     gen_tokens, secs = total("generated_tokens"), total("sampling_seconds")
     return {
         "patients": {
-            "requested": settings["num_patients"], "generated": total("kept"), "complete": total("kept") == settings["num_patients"],
-            "samples": samples, "valid": valid,
-            "validity_rate": valid / samples if samples else 0.0, "surplus_unused": total("surplus"),
+            "requested": settings["num_patients"],
+            "generated": total("kept"),
+            "complete": total("kept") == settings["num_patients"],
+            "samples": samples,
+            "valid": valid,
+            "validity_rate": valid / samples if samples else 0.0,
+            "surplus_unused": total("surplus"),
             "dropped": {r: sum(s["dropped"].get(r, 0) for s in stats) for r in DROP_REASONS},
             "repaired": {TRUNCATED_KEY: sum(s["repaired"].get(TRUNCATED_KEY, 0) for s in stats)},
         },
         "stop": {name: sum(s["stop"].get(name, 0) for s in stats) for name in STOP_NAMES},
-        "tokens": {"generated": gen_tokens, "sampling_seconds": round(secs, 3), "per_second": gen_tokens / secs if secs else 0.0,
-                   "mean_per_sample": gen_tokens / samples if samples else 0.0},
+        "tokens": {
+            "generated": gen_tokens,
+            "sampling_seconds": round(secs, 3),
+            "per_second": gen_tokens / secs if secs else 0.0,
+            "mean_per_sample": gen_tokens / samples if samples else 0.0,
+        },
         "shards": len(stats),
         "prompts": pool.summary(),
         "settings": {**settings, "device": str(device)},

@@ -43,7 +43,9 @@ def prepared_dir_for(cfg: DictConfig, model_dir: str | Path | None = None) -> Pa
     if model_dir is None:
         if is_prepared_dir(explicit):
             return explicit
-        raise CehrxError(f"no prepared dir at {explicit} (vocab.json and tokens/ expected): run `cehrx task=prepare` or pass data.prepared_dir=...")
+        raise CehrxError(
+            f"no prepared dir at {explicit} (vocab.json and tokens/ expected): run `cehrx task=prepare` or pass data.prepared_dir=..."
+        )
     model_tokens = Vocab.load(resolve_model_dir(model_dir) / "vocab.json").tokens
     candidates = [explicit, recorded_prepared_dir(model_dir)]
     found = [c for c in candidates if c is not None and is_prepared_dir(c)]
@@ -51,6 +53,10 @@ def prepared_dir_for(cfg: DictConfig, model_dir: str | Path | None = None) -> Pa
         if Vocab.load(cand / "vocab.json").tokens == model_tokens:
             return cand
     if found:
-        raise CehrxError(f"{found[0]}/vocab.json is not the vocabulary of the model in {model_dir}: pass data.prepared_dir=<the prepared dir the model was trained on>")
-    raise CehrxError(f"no prepared dir for the model in {model_dir}: neither data.prepared_dir={explicit} nor the one it was trained on "
-                     f"({candidates[1]}) holds vocab.json and tokens/; pass data.prepared_dir=...")
+        raise CehrxError(
+            f"{found[0]}/vocab.json is not the vocabulary of the model in {model_dir}: pass data.prepared_dir=<the prepared dir the model was trained on>"
+        )
+    raise CehrxError(
+        f"no prepared dir for the model in {model_dir}: neither data.prepared_dir={explicit} nor the one it was trained on "
+        f"({candidates[1]}) holds vocab.json and tokens/; pass data.prepared_dir=..."
+    )

@@ -62,7 +62,13 @@ def rows(summaries: dict[str, Any]) -> list[tuple[str, str, str]]:
     out: list[tuple[str, str, str]] = []
     pre = summaries.get("pretrain") or {}
     if "val/ppl" in pre:
-        out.append(("pretrain", "validation perplexity (unigram baseline)", f"{pre['val/ppl']:.2f} ({pre.get('unigram_ppl', math.nan):.2f})"))
+        out.append(
+            (
+                "pretrain",
+                "validation perplexity (unigram baseline)",
+                f"{pre['val/ppl']:.2f} ({pre.get('unigram_ppl', math.nan):.2f})",
+            )
+        )
     for stage in ("probe", "zeroshot"):
         for path, auroc in find(summaries.get(stage) or {}, "auroc"):
             out.append((stage, "AUROC " + "/".join(p for p in path if p not in ("metrics", "methods")), fmt(auroc)))

@@ -84,8 +84,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     prepared = prepared_dir_for(cfg, cfg.model_dir)
     check_vocab(vocab, prepared)
     outcome = resolve_outcome(
-        vocab, task, _list(zc.get("outcome_codes")), _float(zc.get("window_days")), _int(zc.get("window_visits")),
-        prepared, bool(zc.get("include_descendants", True)),
+        vocab,
+        task,
+        _list(zc.get("outcome_codes")),
+        _float(zc.get("window_days")),
+        _int(zc.get("window_visits")),
+        prepared,
+        bool(zc.get("include_descendants", True)),
     )
     arrays, split_of = load_all_splits(prepared)
     from cehrx.probe.labels import read_labels
@@ -93,13 +98,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     all_labels, label_source = read_labels(cfg, prepared)
     split = str(cfg.get("split") or "held_out")
     table = select_split(all_labels, arrays.subject_id, split_of, split)
-    table, weight, sample_info = sample_labels(table, _int(zc.get("max_labels")), str(zc.get("label_sample") or "uniform"),
-                                               int(zc.get("label_seed", zcfg.seed)))
+    table, weight, sample_info = sample_labels(
+        table,
+        _int(zc.get("max_labels")),
+        str(zc.get("label_sample") or "uniform"),
+        int(zc.get("label_seed", zcfg.seed)),
+    )
     labels = labels_from(table, weight)
-    fp = fingerprint({"model": str(model_dir(cfg.model_dir).resolve()), "model_mtime": _mtime(model_dir(cfg.model_dir)),
-                      "outcome": outcome.describe(vocab), "prepared": str(prepared.resolve()),
-                      "random_init": random_init, "split": split,
-                      "zeroshot": {k: v for k, v in config_dict(zcfg).items() if k != "estimator"}}, labels)  # the chunks hold both estimators
+    fp = fingerprint(
+        {
+            "model": str(model_dir(cfg.model_dir).resolve()),
+            "model_mtime": _mtime(model_dir(cfg.model_dir)),
+            "outcome": outcome.describe(vocab),
+            "prepared": str(prepared.resolve()),
+            "random_init": random_init,
+            "split": split,
+            "zeroshot": {k: v for k, v in config_dict(zcfg).items() if k != "estimator"},
+        },
+        labels,
+    )  # the chunks hold both estimators
     resumed = prepare_work_dir(out, fp, bool(cfg.overwrite))
     if resumed:
         print(f"zeroshot: resuming, {resumed} chunk(s) already done in {out / CHUNK_DIR}", file=sys.stderr)
@@ -109,17 +126,36 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     recal = None
     if bool(zc.get("recalibrate", False)):
         recal = recalibration(cfg, model, vocab, arrays, split_of, all_labels, outcome, zcfg, out, fp)
-    facts = {"task": task, "label_source": label_source, "split": split, "prepared_dir": str(prepared), "model_dir": str(cfg.model_dir),
-             "random_init": random_init, "device": str(device), "seconds": round(seconds, 1), "resumed_chunks": resumed,
-             "label_sample": sample_info}
+    facts = {
+        "task": task,
+        "label_source": label_source,
+        "split": split,
+        "prepared_dir": str(prepared),
+        "model_dir": str(cfg.model_dir),
+        "random_init": random_init,
+        "device": str(device),
+        "seconds": round(seconds, 1),
+        "resumed_chunks": resumed,
+        "label_sample": sample_info,
+    }
     return finish(cfg, out, vocab, outcome, labels, results, zcfg, facts, recal)
 
 
 RECAL_DIR = "recalibration"
 
 
-def recalibration(cfg: DictConfig, model: Any, vocab: Vocab, arrays: Any, split_of: np.ndarray, table: pa.Table, outcome: Outcome,
-                  zcfg: ZeroshotConfig, out: Path, fp: str) -> dict[str, Any]:
+def recalibration(
+    cfg: DictConfig,
+    model: Any,
+    vocab: Vocab,
+    arrays: Any,
+    split_of: np.ndarray,
+    table: pa.Table,
+    outcome: Outcome,
+    zcfg: ZeroshotConfig,
+    out: Path,
+    fp: str,
+) -> dict[str, Any]:
     """Platt scaling of the chosen estimator, fitted on zero-shot predictions for the tuning split's labels
     (sampled as the test labels are, in `<output_dir>/recalibration/chunks`, resumable): on the logit of
     the raw probability, a weighted logistic regression gives `sigmoid(a * logit(p) + b)`. The model's
@@ -128,7 +164,9 @@ def recalibration(cfg: DictConfig, model: Any, vocab: Vocab, arrays: Any, split_
 
     zc = cfg.zeroshot
     tune = select_split(table, arrays.subject_id, split_of, "tuning")
-    tune, weight, info = sample_labels(tune, _int(zc.get("max_labels")), str(zc.get("label_sample") or "uniform"), int(zc.get("label_seed", zcfg.seed)))
+    tune, weight, info = sample_labels(
+        tune, _int(zc.get("max_labels")), str(zc.get("label_sample") or "uniform"), int(zc.get("label_seed", zcfg.seed))
+    )
     labels = labels_from(tune, weight)
     work = out / RECAL_DIR
     prepare_work_dir(work, fingerprint({"test_run": fp, "split": "tuning"}, labels), bool(cfg.overwrite))
@@ -138,11 +176,19 @@ def recalibration(cfg: DictConfig, model: Any, vocab: Vocab, arrays: Any, split_
     p = finalize_probabilities(res.filter(pa.array(ok)), zcfg.estimator)[0]
     y = labels.boolean_value[rows]
     if y.all() or not y.any():
-        raise CehrxError(f"zeroshot.recalibrate: the tuning split's {len(y)} sampled labels hold one class only; nothing to fit")
+        raise CehrxError(
+            f"zeroshot.recalibrate: the tuning split's {len(y)} sampled labels hold one class only; nothing to fit"
+        )
     w = None if labels.weight is None else labels.weight[rows]
     lr = LogisticRegression(C=1e6).fit(_logit(p)[:, None], y, sample_weight=w)
-    return {"method": "platt on the tuning split", "a": float(lr.coef_[0, 0]), "b": float(lr.intercept_[0]),
-            "n": int(len(y)), "n_pos": int(y.sum()), "label_sample": info}
+    return {
+        "method": "platt on the tuning split",
+        "a": float(lr.coef_[0, 0]),
+        "b": float(lr.intercept_[0]),
+        "n": int(len(y)),
+        "n_pos": int(y.sum()),
+        "label_sample": info,
+    }
 
 
 def recalibrate(p: np.ndarray, recal: dict[str, Any]) -> np.ndarray:
@@ -161,8 +207,10 @@ def check_vocab(vocab: Vocab, prepared: Path) -> None:
     """The model must read the prepared tokens with the vocabulary it was trained on."""
     data = Vocab.load(prepared)
     if data.tokens != vocab.tokens:
-        raise CehrxError(f"{prepared}/vocab.json differs from the model's vocab.json ({len(data)} vs {len(vocab)} tokens): "
-                         "zero-shot needs the prepared dir the model was trained on (or one prepared with its vocabulary)")
+        raise CehrxError(
+            f"{prepared}/vocab.json differs from the model's vocab.json ({len(data)} vs {len(vocab)} tokens): "
+            "zero-shot needs the prepared dir the model was trained on (or one prepared with its vocabulary)"
+        )
 
 
 def select_split(table: pa.Table, subject_ids: np.ndarray, split_of: np.ndarray, split: str) -> pa.Table:
@@ -180,7 +228,9 @@ def select_split(table: pa.Table, subject_ids: np.ndarray, split_of: np.ndarray,
 LABEL_SAMPLES = ("uniform", "case_control")
 
 
-def sample_labels(table: pa.Table, max_labels: int | None, how: str, seed: int) -> tuple[pa.Table, np.ndarray | None, dict]:
+def sample_labels(
+    table: pa.Table, max_labels: int | None, how: str, seed: int
+) -> tuple[pa.Table, np.ndarray | None, dict]:
     """At most `max_labels` labels (seeded), and each kept label's weight (None: unweighted).
 
     `uniform` keeps a simple random sample. `case_control` keeps the positive labels (up to half of
@@ -206,8 +256,18 @@ def sample_labels(table: pa.Table, max_labels: int | None, how: str, seed: int) 
     idx = np.sort(np.concatenate([rng.choice(pos, n_pos, replace=False), rng.choice(neg, n_neg, replace=False)]))
     w_pos, w_neg = len(pos) / max(n_pos, 1), len(neg) / max(n_neg, 1)
     weight = np.where(y[idx], w_pos, w_neg)
-    return table.take(pa.array(idx)), weight, {**info, "kept": len(idx), "positives": f"{n_pos} of {len(pos)}",
-                                               "negatives": f"{n_neg} of {len(neg)}", "weight_positive": w_pos, "weight_negative": w_neg}
+    return (
+        table.take(pa.array(idx)),
+        weight,
+        {
+            **info,
+            "kept": len(idx),
+            "positives": f"{n_pos} of {len(pos)}",
+            "negatives": f"{n_neg} of {len(neg)}",
+            "weight_positive": w_pos,
+            "weight_negative": w_neg,
+        },
+    )
 
 
 def labels_from(table: pa.Table, weight: np.ndarray | None = None) -> LabelInputs:
@@ -224,8 +284,17 @@ def labels_from(table: pa.Table, weight: np.ndarray | None = None) -> LabelInput
 # ------------------------------------------------------------------------------------ outputs
 
 
-def finish(cfg: DictConfig, out: Path, vocab: Vocab, outcome: Outcome, labels: LabelInputs, results: pa.Table, zcfg: ZeroshotConfig,
-           facts: dict[str, Any], recal: dict[str, Any] | None = None) -> dict[str, Any]:
+def finish(
+    cfg: DictConfig,
+    out: Path,
+    vocab: Vocab,
+    outcome: Outcome,
+    labels: LabelInputs,
+    results: pa.Table,
+    zcfg: ZeroshotConfig,
+    facts: dict[str, Any],
+    recal: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write predictions, details, metrics and the report into a finished output dir."""
     from cehrx.eval.metrics import binary_metrics
     from cehrx.eval.predictions import write_predictions
@@ -240,7 +309,9 @@ def finish(cfg: DictConfig, out: Path, vocab: Vocab, outcome: Outcome, labels: L
         raise CehrxError("no label has a history before its prediction time: nothing to predict")
     w = labels.weight[lr] if labels.weight is not None else None
     n_boot = int(cfg.zeroshot.get("n_boot", 1000))
-    estimates = {e: finalize_probabilities(kept, e) for e in ESTIMATORS if e == "mc" or "hazard_probability" in kept.column_names}
+    estimates = {
+        e: finalize_probabilities(kept, e) for e in ESTIMATORS if e == "mc" or "hazard_probability" in kept.column_names
+    }
     prob, fallback, rate = estimates[zcfg.estimator]
     raw = prob
     if recal is not None:  # the prediction is recalibrated; the model's own probability is kept beside it
@@ -248,8 +319,17 @@ def finish(cfg: DictConfig, out: Path, vocab: Vocab, outcome: Outcome, labels: L
         recal = {**recal, "uncalibrated": binary_metrics(y, raw, sid, n_boot=n_boot, seed=zcfg.seed, sample_weight=w)}
     metrics = binary_metrics(y, prob, sid, n_boot=n_boot, seed=zcfg.seed, sample_weight=w)
     summary = futures_summary(kept, fallback, rate, len(rows) - len(lr))
-    metrics.update({"method": "zeroshot", "estimator": zcfg.estimator, "outcome": outcome.describe(vocab), "futures": summary, "run": facts,
-                    "labels_per_s": round(len(rows) / max(facts["seconds"], 1e-9), 2), "zeroshot": config_dict(zcfg)})
+    metrics.update(
+        {
+            "method": "zeroshot",
+            "estimator": zcfg.estimator,
+            "outcome": outcome.describe(vocab),
+            "futures": summary,
+            "run": facts,
+            "labels_per_s": round(len(rows) / max(facts["seconds"], 1e-9), 2),
+            "zeroshot": config_dict(zcfg),
+        }
+    )
     if len(estimates) > 1:
         metrics["estimators"] = compare_estimators(estimates, kept, y, sid, w, n_boot, zcfg.seed)
     if recal is not None:
@@ -257,7 +337,10 @@ def finish(cfg: DictConfig, out: Path, vocab: Vocab, outcome: Outcome, labels: L
     with task_output(cfg, "zeroshot", overwrite=True) as tmp:  # its chunks already live in out: guarded in run()
         write_predictions(tmp / "predictions.parquet", sid, t, y, prob)
         det = details(kept, labels, lr, prob, fallback)
-        pq.write_table(det if recal is None else det.append_column("probability_uncalibrated", pa.array(raw)), tmp / "details.parquet")
+        pq.write_table(
+            det if recal is None else det.append_column("probability_uncalibrated", pa.array(raw)),
+            tmp / "details.parquet",
+        )
         if zcfg.write_trajectories:
             write_trajectories(out, tmp / "trajectories", zcfg.num_samples)
         kind = f"zero-shot{' random-init' if facts['random_init'] else ''} ({zcfg.num_samples} futures"
@@ -267,8 +350,14 @@ def finish(cfg: DictConfig, out: Path, vocab: Vocab, outcome: Outcome, labels: L
         if recal is not None:
             name = f"{kind}, {zcfg.estimator}, recalibrated on tuning)"
             shown[name], curves[name] = metrics, (y, prob)
-        write_report(tmp, f"Zero-shot: {facts['task'] or outcome.name}", shown, curves,
-                     sections=report_sections(outcome, summary, facts, metrics.get("estimators")), sample_weight=w)
+        write_report(
+            tmp,
+            f"Zero-shot: {facts['task'] or outcome.name}",
+            shown,
+            curves,
+            sections=report_sections(outcome, summary, facts, metrics.get("estimators")),
+            sample_weight=w,
+        )
         write_marker(tmp, "zeroshot", metrics)
         # last: the chunks go with the finished run as hard links, so a kill before the final rename
         # leaves them in place for the rerun (a move would leave them in a temporary dir)
@@ -276,20 +365,32 @@ def finish(cfg: DictConfig, out: Path, vocab: Vocab, outcome: Outcome, labels: L
         if (out / RECAL_DIR).is_dir():
             shutil.copytree(out / RECAL_DIR, tmp / RECAL_DIR, copy_function=os.link)
     auroc = metrics["auroc"]
-    print(f"zeroshot: AUROC {auroc['value']:.3f} [{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}] on {metrics['n']} labels "
-          f"({metrics['n_pos']} positive), {metrics['labels_per_s']} labels/s -> {out}", file=sys.stderr)
+    print(
+        f"zeroshot: AUROC {auroc['value']:.3f} [{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}] on {metrics['n']} labels "
+        f"({metrics['n_pos']} positive), {metrics['labels_per_s']} labels/s -> {out}",
+        file=sys.stderr,
+    )
     return metrics
 
 
-def compare_estimators(estimates: dict[str, tuple], kept: pa.Table, y: np.ndarray, sid: np.ndarray, w: np.ndarray | None,
-                      n_boot: int, seed: int) -> dict[str, Any]:
+def compare_estimators(
+    estimates: dict[str, tuple],
+    kept: pa.Table,
+    y: np.ndarray,
+    sid: np.ndarray,
+    w: np.ndarray | None,
+    n_boot: int,
+    seed: int,
+) -> dict[str, Any]:
     """Both estimators' metrics on the same labels, and hazard minus Monte Carlo on the same bootstrap draws.
 
     Also the mean per-label standard error of each: the Monte Carlo one is that of a binomial share
     of the resolved futures, the hazard one the spread of its per-future sums (`cehrx.zeroshot.predict`)."""
     from cehrx.eval.metrics import binary_metrics, paired_difference
 
-    out: dict[str, Any] = {e: binary_metrics(y, p, sid, n_boot=n_boot, seed=seed, sample_weight=w) for e, (p, _, _) in estimates.items()}
+    out: dict[str, Any] = {
+        e: binary_metrics(y, p, sid, n_boot=n_boot, seed=seed, sample_weight=w) for e, (p, _, _) in estimates.items()
+    }
     res = np.maximum(kept.column("n_resolved").to_numpy(), 1)
     p_mc = estimates["mc"][0]
     out["mc"]["mean_label_se"] = float(np.mean(np.sqrt(p_mc * (1 - p_mc) / res)))
@@ -322,7 +423,7 @@ def futures_summary(kept: pa.Table, fallback: np.ndarray, rate: float, n_dropped
         "futures": n_fut,
         "resolved_share": round(float(col["n_resolved"].sum() / max(n_fut, 1)), 4),
         "with_outcome_share": round(float(col["n_outcome"].sum() / max(n_fut, 1)), 4),
-        "stops": {k[len("stop_"):]: int(v.sum()) for k, v in col.items() if k.startswith("stop_")},
+        "stops": {k[len("stop_") :]: int(v.sum()) for k, v in col.items() if k.startswith("stop_")},
         "labels_all_unresolved": int(fallback.sum()),
         "fallback_probability": rate,
         "median_expected_days_to_outcome": float(np.median(days)) if len(days) else math.nan,
@@ -332,7 +433,9 @@ def futures_summary(kept: pa.Table, fallback: np.ndarray, rate: float, n_dropped
     }
 
 
-def report_sections(outcome: Outcome, s: dict[str, Any], facts: dict[str, Any], estimators: dict[str, Any] | None = None) -> dict[str, str]:
+def report_sections(
+    outcome: Outcome, s: dict[str, Any], facts: dict[str, Any], estimators: dict[str, Any] | None = None
+) -> dict[str, str]:
     w = outcome.window
     end = "unbounded" if math.isinf(w.end_days) else f"{w.end_days:g} days"
     win = f"{'[' if w.start_inclusive else '('}{w.start_days:g} days, {end}{']' if w.end_inclusive else ')'} after the prediction time"
@@ -340,12 +443,14 @@ def report_sections(outcome: Outcome, s: dict[str, Any], facts: dict[str, Any], 
         win += f", within the next {w.visits} visit(s)"
     return {
         "Outcome": f"- codes: {', '.join(outcome.codes)} ({len(outcome.token_ids)} token(s); descendants: {outcome.descendants})\n"
-                   f"- window: {win}\n- unmatched codes: {', '.join(outcome.unmatched) or 'none'}",
-        "Futures": (f"- {s['futures']} futures; resolved {s['resolved_share']:.1%}; with the outcome {s['with_outcome_share']:.1%}\n"
-                    f"- stops: {', '.join(f'{k} {v}' for k, v in s['stops'].items())}\n"
-                    f"- labels whose futures were all unresolved (given the cohort rate {s['fallback_probability']:.3f}): {s['labels_all_unresolved']}\n"
-                    f"- labels without a history before the prediction time (dropped): {s['labels_without_history']}\n"
-                    f"- median expected days to the outcome: {s['median_expected_days_to_outcome']:.0f}"),
+        f"- window: {win}\n- unmatched codes: {', '.join(outcome.unmatched) or 'none'}",
+        "Futures": (
+            f"- {s['futures']} futures; resolved {s['resolved_share']:.1%}; with the outcome {s['with_outcome_share']:.1%}\n"
+            f"- stops: {', '.join(f'{k} {v}' for k, v in s['stops'].items())}\n"
+            f"- labels whose futures were all unresolved (given the cohort rate {s['fallback_probability']:.3f}): {s['labels_all_unresolved']}\n"
+            f"- labels without a history before the prediction time (dropped): {s['labels_without_history']}\n"
+            f"- median expected days to the outcome: {s['median_expected_days_to_outcome']:.0f}"
+        ),
         **({"Estimators": _estimator_lines(estimators)} if estimators else {}),
         "Run": "\n".join(f"- {k}: {v}" for k, v in facts.items()),
     }
@@ -356,8 +461,10 @@ def _estimator_lines(e: dict[str, Any]) -> str:
     lines = ["| estimator | AUROC (95 % CI) | AUPRC | Brier | mean per-label SE |", "|---|---|---|---|---|"]
     for name in ESTIMATORS:
         m = e[name]
-        lines.append(f"| {name} | {m['auroc']['value']:.3f} [{m['auroc']['ci_low']:.3f}, {m['auroc']['ci_high']:.3f}] | "
-                     f"{m['auprc']['value']:.3f} | {m['brier']['value']:.4f} | {m['mean_label_se']:.4f} |")
+        lines.append(
+            f"| {name} | {m['auroc']['value']:.3f} [{m['auroc']['ci_low']:.3f}, {m['auroc']['ci_high']:.3f}] | "
+            f"{m['auprc']['value']:.3f} | {m['brier']['value']:.4f} | {m['mean_label_se']:.4f} |"
+        )
     d = e["hazard - mc"]["auroc"]
     lines.append(f"\nhazard - mc AUROC: {d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] (paired bootstrap)")
     return "\n".join(lines)

@@ -91,8 +91,13 @@ class Outcome:
             "value_constrained": {vocab.tokens[t]: [vocab.tokens[q] for q in qs] for t, qs in self.allowed_q.items()},
             "descendants": self.descendants,
             "unmatched_codes": self.unmatched,
-            "window": {"start_days": w.start_days, "end_days": None if math.isinf(w.end_days) else w.end_days,
-                       "start_inclusive": w.start_inclusive, "end_inclusive": w.end_inclusive, "visits": w.visits},
+            "window": {
+                "start_days": w.start_days,
+                "end_days": None if math.isinf(w.end_days) else w.end_days,
+                "start_inclusive": w.start_inclusive,
+                "end_inclusive": w.end_inclusive,
+                "visits": w.visits,
+            },
         }
 
 
@@ -132,7 +137,9 @@ def label_specs(task: Any, path: Path) -> tuple[str, list[CodeSpec]]:
     """The label predicate's name and its plain predicates (a derived `or` is flattened)."""
     labels = [(n, w.label) for n, w in task.windows.items() if w.label]
     if not labels:
-        raise CehrxError(f"{path}: no window has a `label:` predicate, so there is no outcome (set zeroshot.outcome_codes)")
+        raise CehrxError(
+            f"{path}: no window has a `label:` predicate, so there is no outcome (set zeroshot.outcome_codes)"
+        )
     name = labels[0][1]
     return name, _flatten(task, name, path)
 
@@ -144,15 +151,21 @@ def _flatten(task: Any, name: str, path: Path) -> list[CodeSpec]:
     if name in derived:
         d = derived[name]
         if not d.is_or:
-            raise CehrxError(f"{path}: label predicate {name!r} is {d.expr!r}; only or(...) maps to outcome tokens (set zeroshot.outcome_codes)")
+            raise CehrxError(
+                f"{path}: label predicate {name!r} is {d.expr!r}; only or(...) maps to outcome tokens (set zeroshot.outcome_codes)"
+            )
         return [s for child in d.input_predicates for s in _flatten(task, child, path)]
     raise CehrxError(f"{path}: label predicate {name!r} is not a code predicate (set zeroshot.outcome_codes)")
 
 
 def _spec(p: Any, path: Path, name: str) -> CodeSpec:
     code = p.code
-    spec = CodeSpec(value_min=p.value_min, value_max=p.value_max,
-                    min_inclusive=p.value_min_inclusive is not False, max_inclusive=p.value_max_inclusive is not False)
+    spec = CodeSpec(
+        value_min=p.value_min,
+        value_max=p.value_max,
+        min_inclusive=p.value_min_inclusive is not False,
+        max_inclusive=p.value_max_inclusive is not False,
+    )
     if isinstance(code, str):
         spec.exact = [code]
     elif isinstance(code, dict) and "any" in code:
@@ -160,9 +173,16 @@ def _spec(p: Any, path: Path, name: str) -> CodeSpec:
     elif isinstance(code, dict) and "regex" in code:
         spec.regex = str(code["regex"])
     else:
-        raise CehrxError(f"{path}: predicate {name!r} has code {code!r}: expected a code, {{any: [...]}} or {{regex: ...}}")
+        raise CehrxError(
+            f"{path}: predicate {name!r} has code {code!r}: expected a code, {{any: [...]}} or {{regex: ...}}"
+        )
     if p.other_cols:
-        log.warning("%s: predicate %r also filters on %s; zero-shot matches codes and values only", path, name, sorted(p.other_cols))
+        log.warning(
+            "%s: predicate %r also filters on %s; zero-shot matches codes and values only",
+            path,
+            name,
+            sorted(p.other_cols),
+        )
     return spec
 
 
@@ -178,12 +198,18 @@ def label_window(task: Any, path: Path) -> Window:
     start, end = resolver.time(label_w, "start") - t0, resolver.time(label_w, "end") - t0
     w = windows[label_w]
     if math.isnan(end) or math.isinf(end):
-        raise CehrxError(f"{path}: window {label_w!r} ends at an event ({w.end!r}), not after a fixed time: set zeroshot.window_days")
+        raise CehrxError(
+            f"{path}: window {label_w!r} ends at an event ({w.end!r}), not after a fixed time: set zeroshot.window_days"
+        )
     if math.isnan(start) or math.isinf(start):
         start = 0.0
     if start < 0:
-        raise CehrxError(f"{path}: window {label_w!r} starts {-start:g} days before the prediction time: zero-shot only sees the future")
-    return Window(start_days=start, end_days=end, start_inclusive=bool(w.start_inclusive), end_inclusive=bool(w.end_inclusive))
+        raise CehrxError(
+            f"{path}: window {label_w!r} starts {-start:g} days before the prediction time: zero-shot only sees the future"
+        )
+    return Window(
+        start_days=start, end_days=end, start_inclusive=bool(w.start_inclusive), end_inclusive=bool(w.end_inclusive)
+    )
 
 
 class _Resolver:
@@ -252,7 +278,9 @@ def source_names(vocab: Vocab) -> list[tuple[str, ...]]:
     return out
 
 
-def match_tokens(vocab: Vocab, specs: list[CodeSpec], extra_codes: set[str] | None = None) -> tuple[dict[int, CodeSpec | None], list[str]]:
+def match_tokens(
+    vocab: Vocab, specs: list[CodeSpec], extra_codes: set[str] | None = None
+) -> tuple[dict[int, CodeSpec | None], list[str]]:
     """Token id -> the spec it matched (None when matched via `extra_codes`, e.g. a descendant);
     plus the exact codes that matched no token."""
     names = source_names(vocab)
@@ -323,7 +351,9 @@ def _omop_source(prepared_dir: Path) -> Path | str | None:
     for cand in (Path(raw).expanduser(), repo / raw):
         if cand.exists():
             return cand
-    log.warning("OMOP source %s recorded in %s/config.yaml not found: outcome descendants not expanded", raw, prepared_dir)
+    log.warning(
+        "OMOP source %s recorded in %s/config.yaml not found: outcome descendants not expanded", raw, prepared_dir
+    )
     return None
 
 
@@ -418,7 +448,9 @@ def resolve_outcome(
     if outcome_codes:
         specs = [CodeSpec(exact=[str(c) for c in outcome_codes])]
     if not specs:
-        raise CehrxError("no outcome: pass probe.task=<name> (configs/aces/<name>.yaml) or zeroshot.outcome_codes=[...]")
+        raise CehrxError(
+            "no outcome: pass probe.task=<name> (configs/aces/<name>.yaml) or zeroshot.outcome_codes=[...]"
+        )
     if window is None:
         window = Window(end_days=float(window_days) if window_days is not None else INF, visits=window_visits)
     elif window_visits and window.visits is None:
@@ -438,8 +470,10 @@ def _build(vocab: Vocab, name: str, specs: list[CodeSpec], window: Window, prepa
             allowed[t] = allowed_deciles(vocab, t, spec)
     tokens = np.array(sorted(hits), dtype=np.int64)
     if not len(tokens):
-        raise CehrxError(f"outcome {name}: none of the codes {exact or [s.regex for s in specs]} is in the model's vocabulary "
-                         "(too rare in training, or spelled differently); check vocab.json")
+        raise CehrxError(
+            f"outcome {name}: none of the codes {exact or [s.regex for s in specs]} is in the model's vocabulary "
+            "(too rare in training, or spelled differently); check vocab.json"
+        )
     if unmatched:
         log.warning("outcome %s: codes not in the vocabulary (never predicted): %s", name, unmatched)
     requested = exact or [f"regex:{s.regex}" for s in specs if s.regex]

@@ -115,8 +115,10 @@ class ZeroshotConfig:
         if self.estimator not in ESTIMATORS:
             raise CehrxError(f"zeroshot.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.estimator == "hazard" and not self.hazard_possible:
-            raise CehrxError("zeroshot.estimator=hazard reads the distribution the futures are drawn from: it needs temperature > 0, "
-                             f"top_k=0 and top_p=1 (got temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p})")
+            raise CehrxError(
+                "zeroshot.estimator=hazard reads the distribution the futures are drawn from: it needs temperature > 0, "
+                f"top_k=0 and top_p=1 (got temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p})"
+            )
 
     @property
     def hazard_possible(self) -> bool:
@@ -132,8 +134,10 @@ class ZeroshotConfig:
         room = max_seq_len - self.max_new_tokens
         n = room if self.history_len is None else min(int(self.history_len), room)
         if n < 16:
-            raise CehrxError(f"zeroshot.max_new_tokens={self.max_new_tokens} leaves {room} of the model's {max_seq_len} positions for the "
-                             "history: lower max_new_tokens")
+            raise CehrxError(
+                f"zeroshot.max_new_tokens={self.max_new_tokens} leaves {room} of the model's {max_seq_len} positions for the "
+                "history: lower max_new_tokens"
+            )
         return n
 
 
@@ -217,8 +221,12 @@ def score_futures(
     scores = FutureScores(has, has | passed | ended, days)
     if watch_prob is not None:
         is_vs = (tokens == vocab[VS]).astype(np.int64)
-        before = _Before(rel=np.maximum(elapsed - steps - slack[seg], 0), visits=_segment_cumsum(is_vs, offsets) - is_vs)
-        _add_hazard(scores, vocab, outcome, tokens, offsets, seg, inside, before, np.asarray(watch_prob, dtype=np.float64))
+        before = _Before(
+            rel=np.maximum(elapsed - steps - slack[seg], 0), visits=_segment_cumsum(is_vs, offsets) - is_vs
+        )
+        _add_hazard(
+            scores, vocab, outcome, tokens, offsets, seg, inside, before, np.asarray(watch_prob, dtype=np.float64)
+        )
     return scores
 
 
@@ -235,8 +243,17 @@ def hazard_watch_ids(outcome: Outcome) -> np.ndarray:
     return np.setdiff1d(outcome.token_ids, np.asarray(list(outcome.allowed_q), dtype=np.int64))
 
 
-def _add_hazard(scores: FutureScores, vocab: Vocab, outcome: Outcome, tokens: np.ndarray, offsets: np.ndarray, seg: np.ndarray,
-                inside: np.ndarray, before: _Before, p: np.ndarray) -> None:
+def _add_hazard(
+    scores: FutureScores,
+    vocab: Vocab,
+    outcome: Outcome,
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    seg: np.ndarray,
+    inside: np.ndarray,
+    before: _Before,
+    p: np.ndarray,
+) -> None:
     """Fill `scores.hazard`, `hazard_days`, `cif` (module doc): the terms H_t w_t p_t of every step up
     to the first outcome in the window, plus the realised indicator of a first outcome that needs a value."""
     n = len(offsets) - 1
@@ -251,7 +268,9 @@ def _add_hazard(scores: FutureScores, vocab: Vocab, outcome: Outcome, tokens: np
     term = np.where(alive & in_window, p, 0.0)
     valued = np.zeros(len(vocab), dtype=bool)
     valued[np.asarray(list(outcome.allowed_q), dtype=np.int64)] = True
-    term = term + (inside & (pos == first[seg]) & valued[tokens])  # the first outcome needs a value: its realised indicator
+    term = term + (
+        inside & (pos == first[seg]) & valued[tokens]
+    )  # the first outcome needs a value: its realised indicator
     days = before.rel / DAY
     scores.hazard = np.bincount(seg, weights=term, minlength=n)
     scores.hazard_days = np.bincount(seg, weights=term * days, minlength=n)
@@ -304,7 +323,13 @@ def aggregate(scores: FutureScores, prompt_index: np.ndarray, n_prompts: int) ->
             out["hazard_se"] = np.sqrt(np.maximum(var, 0.0) / np.maximum(res, 1))
             out["hazard_expected_days"] = np.where(hsum > 0, hdays / hsum, np.nan)
             if scores.cif is not None:
-                cif = np.stack([np.bincount(pi, weights=scores.cif[:, k] * r, minlength=n_prompts) for k in range(scores.cif.shape[1])], axis=1)
+                cif = np.stack(
+                    [
+                        np.bincount(pi, weights=scores.cif[:, k] * r, minlength=n_prompts)
+                        for k in range(scores.cif.shape[1])
+                    ],
+                    axis=1,
+                )
                 out["hazard_cif"] = np.where(res[:, None] > 0, cif / np.maximum(res, 1)[:, None], np.nan)
     return out
 
@@ -343,10 +368,14 @@ def prepare_work_dir(work: Path, fp: str, overwrite: bool) -> int:
         if overwrite:
             shutil.rmtree(chunks)
         elif old is None:
-            raise CehrxError(f"{chunks} holds files but no {MANIFEST}: not a zero-shot work dir; pass overwrite=true or use another output_dir")
+            raise CehrxError(
+                f"{chunks} holds files but no {MANIFEST}: not a zero-shot work dir; pass overwrite=true or use another output_dir"
+            )
         elif old != fp:
-            raise CehrxError(f"{chunks} holds chunks of a different zero-shot run (other model, labels, outcome or settings): "
-                             "pass overwrite=true to start over, or use another output_dir")
+            raise CehrxError(
+                f"{chunks} holds chunks of a different zero-shot run (other model, labels, outcome or settings): "
+                "pass overwrite=true to start over, or use another output_dir"
+            )
     chunks.mkdir(parents=True, exist_ok=True)
     write_text(man, json.dumps({"fingerprint": fp}) + "\n")
     return len(list(chunks.glob("*.parquet")))
@@ -375,7 +404,9 @@ def run_chunks(
             if path.is_file():
                 done += 1
             else:
-                table, traj = predict_chunk(model, vocab, arrays, labels, rows, outcome, zcfg, max_len, k, progress and n_chunks == 1)
+                table, traj = predict_chunk(
+                    model, vocab, arrays, labels, rows, outcome, zcfg, max_len, k, progress and n_chunks == 1
+                )
                 if traj is not None:
                     write_parquet(traj, work / CHUNK_DIR / TRAJ_DIR / f"{k}.parquet")
                 write_parquet(table, path)
@@ -410,8 +441,16 @@ def predict_chunk(
     slack = np.maximum(labels.prediction_time[kept] - hist.last_time, 0)
     w = outcome.window
     max_days = None if np.isinf(w.end_days) else float(w.end_days + (slack.max() / DAY if len(slack) else 0.0))
-    scfg = SamplingConfig(temperature=zcfg.temperature, top_k=zcfg.top_k, top_p=zcfg.top_p, max_new_tokens=zcfg.max_new_tokens,
-                          max_days=max_days, constrained=zcfg.constrained, batch_size=zcfg.batch_size, seed=chunk_seed(zcfg.seed, chunk))
+    scfg = SamplingConfig(
+        temperature=zcfg.temperature,
+        top_k=zcfg.top_k,
+        top_p=zcfg.top_p,
+        max_new_tokens=zcfg.max_new_tokens,
+        max_days=max_days,
+        constrained=zcfg.constrained,
+        batch_size=zcfg.batch_size,
+        seed=chunk_seed(zcfg.seed, chunk),
+    )
     out = {c: np.full(len(rows), v) for c, v in (("n_futures", 0), ("n_resolved", 0), ("n_outcome", 0))}
     prob, days = np.full(len(rows), np.nan), np.full(len(rows), np.nan)
     hazard = {c: np.full(len(rows), np.nan) for c in HAZARD_COLUMNS} if zcfg.hazard_possible else {}
@@ -421,7 +460,16 @@ def predict_chunk(
     traj = None
     if len(kept):
         watch = hazard_watch_ids(outcome) if zcfg.hazard_possible else None
-        s = sample(model, vocab, hist.tokens, hist.offsets, scfg, num_samples=zcfg.num_samples, progress=progress, watch_ids=watch)
+        s = sample(
+            model,
+            vocab,
+            hist.tokens,
+            hist.offsets,
+            scfg,
+            num_samples=zcfg.num_samples,
+            progress=progress,
+            watch_ids=watch,
+        )
         scores = score_futures(vocab, outcome, s.tokens, s.offsets, s.stop, slack[s.prompt_index], s.watch_prob)
         agg = aggregate(scores, s.prompt_index, len(kept))
         local = hist.label_index
@@ -439,17 +487,19 @@ def predict_chunk(
             traj = trajectories(vocab, s, labels, kept, hist.last_time, zcfg.num_samples, zcfg.seed + chunk)
     has_history = np.zeros(len(rows), dtype=bool)
     has_history[hist.label_index] = True
-    table = pa.table({
-        "label_row": pa.array(rows.astype(np.int64)),
-        "has_history": pa.array(has_history),
-        "history_len": pa.array(history_len),
-        **{c: pa.array(v.astype(np.int64)) for c, v in out.items()},
-        "probability": pa.array(prob),
-        "expected_days": pa.array(days),
-        **{c: pa.array(v) for c, v in hazard.items()},
-        **({} if cif is None else {"hazard_cif": pa.array(list(cif), pa.list_(pa.float64()))}),
-        **{f"stop_{k}": pa.array(v) for k, v in stops.items()},
-    })
+    table = pa.table(
+        {
+            "label_row": pa.array(rows.astype(np.int64)),
+            "has_history": pa.array(has_history),
+            "history_len": pa.array(history_len),
+            **{c: pa.array(v.astype(np.int64)) for c, v in out.items()},
+            "probability": pa.array(prob),
+            "expected_days": pa.array(days),
+            **{c: pa.array(v) for c, v in hazard.items()},
+            **({} if cif is None else {"hazard_cif": pa.array(list(cif), pa.list_(pa.float64()))}),
+            **{f"stop_{k}": pa.array(v) for k, v in stops.items()},
+        }
+    )
     return table, traj
 
 
@@ -457,7 +507,9 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return int(seed) * 100_003 + int(chunk)
 
 
-def trajectories(vocab: Vocab, s: Any, labels: LabelInputs, kept: np.ndarray, last_time: np.ndarray, num_samples: int, seed: int) -> pa.Table:
+def trajectories(
+    vocab: Vocab, s: Any, labels: LabelInputs, kept: np.ndarray, last_time: np.ndarray, num_samples: int, seed: int
+) -> pa.Table:
     """The sampled futures as MEDS rows (+ `prediction_time`, `sample`), times rebuilt from time tokens."""
     offsets = np.asarray(s.offsets, dtype=np.int64)
     steps = token_seconds(vocab)[np.asarray(s.tokens, dtype=np.int64)]
@@ -466,14 +518,16 @@ def trajectories(vocab: Vocab, s: Any, labels: LabelInputs, kept: np.ndarray, la
     rows = decode_events(vocab, np.arange(len(offsets) - 1), offsets, s.tokens, times, seed=seed)
     r = rows.column("subject_id").to_numpy()
     label = kept[s.prompt_index[r]]
-    return pa.table({
-        "subject_id": pa.array(labels.subject_id[label]),
-        "prediction_time": pa.array(labels.prediction_time[label].astype("datetime64[s]").astype("datetime64[us]")),
-        "sample": pa.array((r % num_samples).astype(np.int32)),
-        "time": rows.column("time"),
-        "code": rows.column("code"),
-        "numeric_value": rows.column("numeric_value"),
-    })
+    return pa.table(
+        {
+            "subject_id": pa.array(labels.subject_id[label]),
+            "prediction_time": pa.array(labels.prediction_time[label].astype("datetime64[s]").astype("datetime64[us]")),
+            "sample": pa.array((r % num_samples).astype(np.int32)),
+            "time": rows.column("time"),
+            "code": rows.column("code"),
+            "numeric_value": rows.column("numeric_value"),
+        }
+    )
 
 
 def write_trajectories(work: Path, out_dir: Path, num_samples: int) -> list[Path]:
@@ -518,7 +572,9 @@ def finalize_probabilities(results: pa.Table, estimator: str = "mc") -> tuple[np
     """
     column, total = ("probability", "n_outcome") if estimator == "mc" else ("hazard_probability", "hazard_sum")
     if column not in results.column_names:
-        raise CehrxError(f"zero-shot results hold no {estimator} estimates (the hazard estimator needs temperature > 0, top_k=0, top_p=1)")
+        raise CehrxError(
+            f"zero-shot results hold no {estimator} estimates (the hazard estimator needs temperature > 0, top_k=0, top_p=1)"
+        )
     prob = results.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
     res = results.column("n_resolved").to_numpy()
     pos = results.column(total).to_numpy(zero_copy_only=False).astype(np.float64)

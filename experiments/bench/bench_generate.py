@@ -43,11 +43,12 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from machine import cpu_name  # noqa: E402  (experiments/bench/machine.py)
+
 from cehrx.data.vocab import SPECIAL_TOKENS, Vocab, kind_of  # noqa: E402
 from cehrx.generate.sampler import SamplingConfig, sample  # noqa: E402
 from cehrx.model.config import GPTConfig, model_sizes  # noqa: E402
 from cehrx.model.transformer import GPT  # noqa: E402
-from machine import cpu_name  # noqa: E402  (experiments/bench/machine.py)
 
 SIZES = model_sizes()  # configs/model/*.yaml: n_layer, n_embd, n_head
 
@@ -56,7 +57,17 @@ def synthetic_vocab(size: int) -> Vocab:
     """A vocabulary with every token kind of DESIGN §4, filled up to `size` with codes."""
     toks = list(SPECIAL_TOKENS)
     toks += [f"YEAR//{y}" for y in range(1950, 2025)] + [f"AGE//{a}" for a in range(100)] + ["AGE//UNKNOWN"]
-    toks += ["GENDER//F", "GENDER//M", "RACE//1", "RACE//2", "VISIT//OP", "VISIT//IP", "VISIT//ER", "DISCHARGE//1", "DISCHARGE//2"]
+    toks += [
+        "GENDER//F",
+        "GENDER//M",
+        "RACE//1",
+        "RACE//2",
+        "VISIT//OP",
+        "VISIT//IP",
+        "VISIT//ER",
+        "DISCHARGE//1",
+        "DISCHARGE//2",
+    ]
     toks += [f"D{n}" for n in range(1080)] + [f"Y{n}" for n in range(3, 21)]
     toks += [f"i-D{n}" for n in range(1, 31)] + [f"i-H{n}" for n in range(24)] + [f"Q{k}" for k in range(1, 11)]
     if size < len(toks) + 1:
@@ -68,7 +79,9 @@ def synthetic_vocab(size: int) -> Vocab:
 
 def demographic_prompts(vocab: Vocab, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    by_kind = {k: np.array([i for i, kk in enumerate(vocab.kinds) if kk == k]) for k in ("year", "age", "gender", "race")}
+    by_kind = {
+        k: np.array([i for i, kk in enumerate(vocab.kinds) if kk == k]) for k in ("year", "age", "gender", "race")
+    }
     p = np.stack([rng.choice(by_kind[k], n) for k in ("year", "age", "gender", "race")], axis=1)
     return p.reshape(-1).astype(np.int64), np.arange(0, 4 * n + 1, 4, dtype=np.int64)
 
@@ -79,8 +92,19 @@ def build_gpt2(cfg: GPTConfig) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     transformers.logging.set_verbosity_error()
-    g = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    g = GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_seq_len,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     g._attn_implementation = "sdpa"
     return GPT2LMHeadModel(g).eval()
 
@@ -89,8 +113,17 @@ def hf_generate(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, 
     torch.manual_seed(seed)
     with torch.inference_mode():
         out = model.generate(
-            input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-            max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True, pad_token_id=0, eos_token_id=None,
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            use_cache=True,
+            pad_token_id=0,
+            eos_token_id=None,
         )
     return int(out.shape[0] * (out.shape[1] - prompts.shape[1]))
 
@@ -112,7 +145,6 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -125,7 +157,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-recompute", action="store_true", help="skip the full-recompute baseline (slow: O(new_tokens^2))")
+    p.add_argument(
+        "--no-recompute", action="store_true", help="skip the full-recompute baseline (slow: O(new_tokens^2))"
+    )
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face GPT-2 generate")
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args()
@@ -151,21 +185,25 @@ def main() -> None:
         scfg = SamplingConfig(max_new_tokens=n_new, constrained=constrained, batch_size=a.batch, seed=a.seed)
 
         def run() -> int:
-            s = sample(model, vocab, tokens, offsets, scfg, progress=False, use_cache=use_cache, stop_ids=None if stops else ())
+            s = sample(
+                model, vocab, tokens, offsets, scfg, progress=False, use_cache=use_cache, stop_ids=None if stops else ()
+            )
             return int(s.lengths().sum())
 
         return run
 
     dev = torch.cuda.get_device_name() if a.device == "cuda" else f"{cpu_name()}, {a.threads} threads"
     print(f"device: {a.device} ({dev}); torch {torch.__version__}; python {platform.python_version()}; dtype {dtype}")
-    print(f"model: {cfg.name} ({cfg.n_layer} x {cfg.n_embd}, {cfg.n_head} heads), vocab {len(vocab)}, "
-          f"{model.num_parameters(non_embedding=False) / 1e6:.2f}M params; batch {a.batch} x {a.new_tokens} new tokens")
+    print(
+        f"model: {cfg.name} ({cfg.n_layer} x {cfg.n_embd}, {cfg.n_head} heads), vocab {len(vocab)}, "
+        f"{model.num_parameters(non_embedding=False) / 1e6:.2f}M params; batch {a.batch} x {a.new_tokens} new tokens"
+    )
     rows: dict[str, tuple[float, int]] = {}
     methods: list[tuple[str, Callable[[int], Callable[[], int]]]] = [("cehrx KV cache", lambda n: ours(True, n))]
     if not a.no_hf:
         gpt2 = build_gpt2(cfg).to(a.device, dtype)
         prompts_t = torch.from_numpy(tokens.reshape(a.batch, 4)).to(a.device)
-        methods.append(("HF GPT-2 generate (use_cache)", lambda n: (lambda: hf_generate(gpt2, prompts_t, n, a.seed))))
+        methods.append(("HF GPT-2 generate (use_cache)", lambda n: lambda: hf_generate(gpt2, prompts_t, n, a.seed)))
         print(f"gpt2: {sum(q.numel() for q in gpt2.parameters()) / 1e6:.2f}M params")
     if not a.no_recompute:
         methods.append(("cehrx recompute (no cache)", lambda n: ours(False, n)))
@@ -183,7 +221,10 @@ def main() -> None:
     for name, (tps, _) in rows.items():
         print(f"| {name} | {tps:,.0f} | {base / tps:.2f}x |")
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "device": dev, "tokens_per_s": {k: v[0] for k, v in rows.items()}}, indent=1) + "\n")
+        Path(a.json).write_text(
+            json.dumps({"args": vars(a), "device": dev, "tokens_per_s": {k: v[0] for k, v in rows.items()}}, indent=1)
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -46,9 +46,10 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from machine import cpu_name  # noqa: E402  (experiments/bench/machine.py)
+
 from cehrx.model.config import GPTConfig, model_sizes  # noqa: E402
 from cehrx.model.transformer import GPT  # noqa: E402
-from machine import cpu_name  # noqa: E402  (experiments/bench/machine.py)
 
 SIZES = model_sizes()  # configs/model/*.yaml: n_layer, n_embd, n_head
 
@@ -77,7 +78,9 @@ class Batch:
         return int(self.pad_ids.numel())
 
 
-def make_batches(n: int, budget: int, seq_len: int, vocab: int, median: float, sigma: float, seed: int, device: str) -> list[Batch]:
+def make_batches(
+    n: int, budget: int, seq_len: int, vocab: int, median: float, sigma: float, seed: int, device: str
+) -> list[Batch]:
     """`n` batches of whole patients filling `budget` real tokens (the packer's rule: next patient
     goes in if it fits, else it opens the next batch)."""
     rng = np.random.default_rng(seed)
@@ -108,13 +111,24 @@ def make_batches(n: int, budget: int, seq_len: int, vocab: int, median: float, s
         pad_ids[mask] = ids
         pad_labels = torch.where(mask, pad_ids, torch.full_like(pad_ids, -100))
         batches.append(
-            Batch(lens, ids.to(device), labels.to(device), cu.to(device), Lmax, pad_ids.to(device), mask.long().to(device), pad_labels.to(device))
+            Batch(
+                lens,
+                ids.to(device),
+                labels.to(device),
+                cu.to(device),
+                Lmax,
+                pad_ids.to(device),
+                mask.long().to(device),
+                pad_labels.to(device),
+            )
         )
     return batches
 
 
 def build_ours(size: str, vocab: int, seq_len: int, backend: str, device: str) -> GPT:
-    return GPT(GPTConfig(vocab_size=vocab, max_seq_len=seq_len, attn_backend=backend, name=size, **SIZES[size])).to(device)
+    return GPT(GPTConfig(vocab_size=vocab, max_seq_len=seq_len, attn_backend=backend, name=size, **SIZES[size])).to(
+        device
+    )
 
 
 def build_gpt2(size: str, vocab: int, seq_len: int, device: str) -> torch.nn.Module:
@@ -125,8 +139,16 @@ def build_gpt2(size: str, vocab: int, seq_len: int, device: str) -> torch.nn.Mod
     transformers.logging.set_verbosity_error()
     s = SIZES[size]
     gcfg = GPT2Config(
-        vocab_size=vocab, n_positions=seq_len, n_embd=s["n_embd"], n_layer=s["n_layer"], n_head=s["n_head"],
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        vocab_size=vocab,
+        n_positions=seq_len,
+        n_embd=s["n_embd"],
+        n_layer=s["n_layer"],
+        n_head=s["n_head"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     gcfg._attn_implementation = "sdpa"
     return GPT2LMHeadModel(gcfg).to(device)
@@ -159,7 +181,6 @@ def step_gpt2(model: torch.nn.Module, opt: torch.optim.Optimizer, b: Batch, amp:
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-
 
 
 def sync(device: str) -> None:
@@ -198,8 +219,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--size", default=None, choices=list(SIZES), help="default: tiny on CPU, base on CUDA")
-    p.add_argument("--seq-len", type=int, default=None, help="max patient length / positions (default 512 CPU, 2048 CUDA)")
-    p.add_argument("--max-tokens-per-batch", type=int, default=None, help="real-token budget per batch (default 4096 CPU, 8192 CUDA)")
+    p.add_argument(
+        "--seq-len", type=int, default=None, help="max patient length / positions (default 512 CPU, 2048 CUDA)"
+    )
+    p.add_argument(
+        "--max-tokens-per-batch",
+        type=int,
+        default=None,
+        help="real-token budget per batch (default 4096 CPU, 8192 CUDA)",
+    )
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--median-len", type=float, default=150.0)
     p.add_argument("--sigma", type=float, default=0.8, help="lognormal sigma of patient lengths")
@@ -207,9 +235,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--backends", nargs="*", default=None, help="CUDA: backends to measure (default: all available)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 SXM bf16 dense: 989)")
-    p.add_argument("--padded-too", action="store_true", help="also time cehrx on GPT-2's padded batches (backbone-only comparison)")
-    p.add_argument("--no-gpt2", action="store_true", help="measure cehrx only (e.g. budgets where padded GPT-2 cannot fit)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 SXM bf16 dense: 989)"
+    )
+    p.add_argument(
+        "--padded-too", action="store_true", help="also time cehrx on GPT-2's padded batches (backbone-only comparison)"
+    )
+    p.add_argument(
+        "--no-gpt2", action="store_true", help="measure cehrx only (e.g. budgets where padded GPT-2 cannot fit)"
+    )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
 
@@ -234,7 +268,9 @@ def main() -> None:
     if cuda:
         from cehrx.model.attention import flash_attn_available, flex_available
 
-        backends = a.backends or ["sdpa"] + (["flex"] if flex_available() else []) + (["flash_attn"] if flash_attn_available() else [])
+        backends = a.backends or ["sdpa"] + (["flex"] if flex_available() else []) + (
+            ["flash_attn"] if flash_attn_available() else []
+        )
     else:
         backends = a.backends or ["sdpa"]
 
@@ -246,7 +282,11 @@ def main() -> None:
     assert ours is not None
     if a.padded_too:
         padded_model = build_ours(size, a.vocab_size, seq_len, "sdpa", a.device)
-        models["cehrx[padded]"] = (padded_model, torch.optim.AdamW(padded_model.parameters(), lr=1e-4, fused=cuda or None), step_ours_padded)
+        models["cehrx[padded]"] = (
+            padded_model,
+            torch.optim.AdamW(padded_model.parameters(), lr=1e-4, fused=cuda or None),
+            step_ours_padded,
+        )
     n_ours = sum(p.numel() for p in ours.parameters())
     if not a.no_gpt2:
         gpt2 = build_gpt2(size, a.vocab_size, seq_len, a.device)
@@ -257,7 +297,9 @@ def main() -> None:
 
     dev = torch.cuda.get_device_name() if cuda else f"{cpu_name()}, {os.cpu_count()} cores, {a.threads} threads"
     print(f"device: {a.device} ({dev}); torch {torch.__version__}; python {platform.python_version()}")
-    print(f"size {size}: L={SIZES[size]['n_layer']} C={SIZES[size]['n_embd']} H={SIZES[size]['n_head']} vocab={a.vocab_size} seq_len={seq_len}")
+    print(
+        f"size {size}: L={SIZES[size]['n_layer']} C={SIZES[size]['n_embd']} H={SIZES[size]['n_head']} vocab={a.vocab_size} seq_len={seq_len}"
+    )
     print(f"params: cehrx {n_ours / 1e6:.2f}M" + ("" if a.no_gpt2 else f", gpt2 {n_gpt2 / 1e6:.2f}M"))
     print(
         f"batches: budget {budget} real tokens, {len(timed)} timed (+{a.warmup} warmup), {len(lens)} patients, "
@@ -276,6 +318,7 @@ def main() -> None:
         print(f"{name:<18}{r:>12,.0f}{ratio}{mfu}")
     if cuda:
         print(f"MFU: flops_per_token({span:.0f}) = {fpt / 1e9:.2f} GFLOP/token, peak {a.peak_tflops:.0f} TFLOP/s")
+
 
 if __name__ == "__main__":
     main()

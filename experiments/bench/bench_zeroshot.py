@@ -50,7 +50,7 @@ def histories(prepared: Path, vocab: Vocab, task: str, max_len: int, split: str 
 
 
 def subset(h, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    parts = [h.tokens[h.offsets[i]:h.offsets[i + 1]] for i in idx]
+    parts = [h.tokens[h.offsets[i] : h.offsets[i + 1]] for i in idx]
     return np.concatenate(parts), np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
 
 
@@ -90,34 +90,70 @@ def run_mode(model, vocab, h, idx: np.ndarray, args: argparse.Namespace, mode: s
         toks, offs = subset(h, idx[g])
         for r in range(reps):
             ids = g * args.num_samples + r if mode == "future" else g
-            s = sample(model, vocab, toks, offs, scfg, num_samples=args.num_samples // reps, progress=False, stop_ids=stop_ids, prompt_ids=ids)
+            s = sample(
+                model,
+                vocab,
+                toks,
+                offs,
+                scfg,
+                num_samples=args.num_samples // reps,
+                progress=False,
+                stop_ids=stop_ids,
+                prompt_ids=ids,
+            )
             n_tokens += len(s.tokens)
     sec, cpu = time.perf_counter() - start, time.process_time() - cpu0
-    return {"mode": MODES[mode], "workload": workload, "patients": len(idx), "seconds": round(sec, 2),
-            "cpu_seconds": round(cpu, 2), "patients_per_s": round(len(idx) / sec, 3), "patients_per_cpu_s": round(len(idx) / cpu, 3),
-            "new_tokens_per_s": round(n_tokens / sec, 1), "mean_new_tokens": round(n_tokens / len(idx) / args.num_samples, 1)}
+    return {
+        "mode": MODES[mode],
+        "workload": workload,
+        "patients": len(idx),
+        "seconds": round(sec, 2),
+        "cpu_seconds": round(cpu, 2),
+        "patients_per_s": round(len(idx) / sec, 3),
+        "patients_per_cpu_s": round(len(idx) / cpu, 3),
+        "new_tokens_per_s": round(n_tokens / sec, 1),
+        "mean_new_tokens": round(n_tokens / len(idx) / args.num_samples, 1),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prepared", type=Path, default=Path("runs/gibleed"), help="prepared GiBleed dir (default: `cehrx task=prepare data=gibleed`'s)")
+    ap.add_argument(
+        "--prepared",
+        type=Path,
+        default=Path("runs/gibleed"),
+        help="prepared GiBleed dir (default: `cehrx task=prepare data=gibleed`'s)",
+    )
     ap.add_argument("--model-dir", type=Path, default=None, help="trained tiny model (default: random-init tiny)")
     ap.add_argument("--task", default="gibleed_after_nsaid")
     ap.add_argument("--patients", type=int, default=64, help="patients in the batched run")
-    ap.add_argument("--serial-patients", type=int, default=8, help="patients in the one-patient-at-a-time run (same first ones)")
-    ap.add_argument("--single-patients", type=int, default=1, help="patients in the one-future-at-a-time run (0 = skip)")
+    ap.add_argument(
+        "--serial-patients", type=int, default=8, help="patients in the one-patient-at-a-time run (same first ones)"
+    )
+    ap.add_argument(
+        "--single-patients", type=int, default=1, help="patients in the one-future-at-a-time run (0 = skip)"
+    )
     ap.add_argument("--num-samples", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=1024, help="rows per forward in the batched run (task=zeroshot's default)")
+    ap.add_argument(
+        "--batch-size", type=int, default=1024, help="rows per forward in the batched run (task=zeroshot's default)"
+    )
     ap.add_argument("--workloads", default="fixed,zeroshot")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs (cuda: the ratio the issue expects to be large)")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where the model runs (cuda: the ratio the issue expects to be large)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if not (args.prepared / "vocab.json").is_file():
-        raise SystemExit(f"no prepared dir at {args.prepared}: run `cehrx task=prepare data=gibleed` (or pass --prepared)")
+        raise SystemExit(
+            f"no prepared dir at {args.prepared}: run `cehrx task=prepare data=gibleed` (or pass --prepared)"
+        )
     vocab = Vocab.load(args.prepared)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
@@ -137,17 +173,35 @@ def main() -> None:
             r["speedup"] = round(batched["patients_per_s"] / r["patients_per_s"], 2)
             r["speedup_cpu"] = round(batched["patients_per_cpu_s"] / r["patients_per_cpu_s"], 2)
         rows += [*ref, serial, batched]
-    info = {"model": what, "prepared": str(args.prepared), "task": args.task, "num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
-            "batch_size": args.batch_size, "history_tokens_mean": round(float(h.lengths()[idx].mean()), 1), "torch_threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "cores": os.cpu_count(), "torch": torch.__version__, "load_avg": os.getloadavg()}
-    print(f"model: {what}; {info['num_samples']} futures x <= {info['max_new_tokens']} new tokens; batch_size {info['batch_size']}; "
-          f"mean history {info['history_tokens_mean']} tokens; torch threads {info['torch_threads']}; device {info['device']}; load avg {info['load_avg']}")
-    print("| workload | mode | patients | wall s | CPU s | patients/s | patients/CPU-s | new tokens/s | mean new tokens / future | batched is x faster (wall / CPU) |")
+    info = {
+        "model": what,
+        "prepared": str(args.prepared),
+        "task": args.task,
+        "num_samples": args.num_samples,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "history_tokens_mean": round(float(h.lengths()[idx].mean()), 1),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "load_avg": os.getloadavg(),
+    }
+    print(
+        f"model: {what}; {info['num_samples']} futures x <= {info['max_new_tokens']} new tokens; batch_size {info['batch_size']}; "
+        f"mean history {info['history_tokens_mean']} tokens; torch threads {info['torch_threads']}; device {info['device']}; load avg {info['load_avg']}"
+    )
+    print(
+        "| workload | mode | patients | wall s | CPU s | patients/s | patients/CPU-s | new tokens/s | mean new tokens / future | batched is x faster (wall / CPU) |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         up = f"{r['speedup']} / {r['speedup_cpu']}" if "speedup" in r else ""
-        print(f"| {r['workload']} | {r['mode']} | {r['patients']} | {r['seconds']} | {r['cpu_seconds']} | {r['patients_per_s']} | {r['patients_per_cpu_s']} | "
-              f"{r['new_tokens_per_s']} | {r['mean_new_tokens']} | {up} |")
+        print(
+            f"| {r['workload']} | {r['mode']} | {r['patients']} | {r['seconds']} | {r['cpu_seconds']} | {r['patients_per_s']} | {r['patients_per_cpu_s']} | "
+            f"{r['new_tokens_per_s']} | {r['mean_new_tokens']} | {up} |"
+        )
     if args.out:
         args.out.write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
 

@@ -32,15 +32,37 @@ import duckdb
 
 # Tables that describe the vocabulary or the site rather than patients: copied once.
 REFERENCE_TABLES = {
-    "concept", "concept_ancestor", "concept_class", "concept_relationship", "concept_synonym",
-    "domain", "drug_strength", "relationship", "source_to_concept_map", "vocabulary",
-    "cdm_source", "metadata", "care_site", "provider", "location", "location_history",
-    "cohort_definition", "attribute_definition",
+    "concept",
+    "concept_ancestor",
+    "concept_class",
+    "concept_relationship",
+    "concept_synonym",
+    "domain",
+    "drug_strength",
+    "relationship",
+    "source_to_concept_map",
+    "vocabulary",
+    "cdm_source",
+    "metadata",
+    "care_site",
+    "provider",
+    "location",
+    "location_history",
+    "cohort_definition",
+    "attribute_definition",
 }
 # `*_id` columns of patient tables that point at shared (copied-once) rows or code lists.
 NOT_SHIFTED = {
-    "provider_id", "care_site_id", "location_id", "cohort_definition_id", "attribute_definition_id",
-    "cost_domain_id", "domain_id", "vocabulary_id", "concept_class_id", "relationship_id",
+    "provider_id",
+    "care_site_id",
+    "location_id",
+    "cohort_definition_id",
+    "attribute_definition_id",
+    "cost_domain_id",
+    "domain_id",
+    "vocabulary_id",
+    "concept_class_id",
+    "relationship_id",
 }
 INTEGER_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT"}
 
@@ -69,8 +91,14 @@ def shifted_columns(columns: list[tuple[str, str]]) -> list[str]:
     return out
 
 
-def scale_omop(src: str | Path, dst: str | Path, k: int, offset: int | None = None,
-               memory_limit: str = "4GB", threads: int | None = None) -> dict:
+def scale_omop(
+    src: str | Path,
+    dst: str | Path,
+    k: int,
+    offset: int | None = None,
+    memory_limit: str = "4GB",
+    threads: int | None = None,
+) -> dict:
     """Write the k-times scaled copy of the OMOP parquet folder `src` into `dst`; return a summary."""
     src, dst = Path(src), Path(dst)
     if k < 1:
@@ -111,7 +139,9 @@ def scale_omop(src: str | Path, dst: str | Path, k: int, offset: int | None = No
         for name, typ in cols:
             if name in shift:
                 # keep 0/NULL ("no row") as they are; widen to BIGINT so shifted ids cannot overflow
-                exprs.append(f"CASE WHEN s.{_q(name)} = 0 THEN 0::BIGINT ELSE s.{_q(name)}::BIGINT + r.c * {offset}::BIGINT END AS {_q(name)}")
+                exprs.append(
+                    f"CASE WHEN s.{_q(name)} = 0 THEN 0::BIGINT ELSE s.{_q(name)}::BIGINT + r.c * {offset}::BIGINT END AS {_q(name)}"
+                )
             else:
                 exprs.append(f"s.{_q(name)}")
         sql = (
@@ -123,9 +153,14 @@ def scale_omop(src: str | Path, dst: str | Path, k: int, offset: int | None = No
         con.execute(f"COPY ({sql}) TO {_lit(str(out))} (FORMAT parquet, COMPRESSION zstd)")
         rows[table] = con.sql(f"SELECT count(*) FROM read_parquet({_lit(str(out))})").fetchall()[0][0]
     con.close()
-    summary = {"source": str(src), "k": k, "offset": offset, "rows": rows,
-               "shifted": {t: s for t, (_, _, s) in plan.items() if s},
-               "seconds": round(time.perf_counter() - start, 3)}
+    summary = {
+        "source": str(src),
+        "k": k,
+        "offset": offset,
+        "rows": rows,
+        "shifted": {t: s for t, (_, _, s) in plan.items() if s},
+        "seconds": round(time.perf_counter() - start, 3),
+    }
     (tmp / "scale.json").write_text(json.dumps(summary, indent=2) + "\n")
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
@@ -148,7 +183,9 @@ def main() -> None:
     ap.add_argument("src", help="OMOP folder of <table>.parquet files")
     ap.add_argument("dst", help="output folder (replaced); keep it outside the repository")
     ap.add_argument("--k", type=int, required=True, help="number of copies of every patient")
-    ap.add_argument("--offset", type=int, default=None, help="id shift per copy (default: power of ten above the max id)")
+    ap.add_argument(
+        "--offset", type=int, default=None, help="id shift per copy (default: power of ten above the max id)"
+    )
     args = ap.parse_args()
     s = scale_omop(args.src, args.dst, args.k, args.offset)
     print(json.dumps({k: s[k] for k in ("k", "offset", "seconds")} | {"person": s["rows"].get("person")}))

@@ -21,7 +21,9 @@ def main(prepared: Path, out: Path) -> None:
     shutil.copytree(prepared / "tokens" / "train", out / "tokens" / "train")
     shutil.copyfile(prepared / "vocab.json", out / "vocab.json")
     meds = prepared / "meds"
-    n = write_synthetic_meds(out, Vocab.load(prepared), load_split(prepared, "train"), meds if meds.is_dir() else None, "train-copy", 0)
+    n = write_synthetic_meds(
+        out, Vocab.load(prepared), load_split(prepared, "train"), meds if meds.is_dir() else None, "train-copy", 0
+    )
     print(f"{out}: {n} MEDS events decoded from the train tokens")
 
 

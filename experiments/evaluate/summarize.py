@@ -1,6 +1,6 @@
 """Print the RESULTS.md table rows from evaluate outputs.
 
-    python experiments/evaluate/summarize.py runs/eunomia/report_copy runs/eunomia/report_model
+python experiments/evaluate/summarize.py runs/eunomia/report_copy runs/eunomia/report_model
 """
 
 from __future__ import annotations

@@ -27,7 +27,13 @@ def audit(prepared: str, task: str) -> dict:
     vocab = Vocab.load(prepared)
     meds = meds_dir_for(prepared)
     labels = extract_labels(task, meds)
-    h = cut_histories(arrays, vocab, labels.column("subject_id").to_numpy(), times_seconds(labels.column("prediction_time")), max_len=10**9)
+    h = cut_histories(
+        arrays,
+        vocab,
+        labels.column("subject_id").to_numpy(),
+        times_seconds(labels.column("prediction_time")),
+        max_len=10**9,
+    )
     kept = labels.take(h.label_index)
     X, names = count_features(meds, kept)
     col = {c: i for i, c in enumerate(names)}
@@ -40,8 +46,14 @@ def audit(prepared: str, task: str) -> dict:
     T = sp.csr_matrix((np.ones(int(ok.sum())), (seq[code_tok][ok], tok_col[ok])), shape=X.shape)
     excess = (T - X).toarray() if X.shape[0] * X.shape[1] < 5e7 else None
     over = int((excess > 0).sum()) if excess is not None else -1
-    return {"task": task, "labels": len(kept), "code_tokens": int(code_tok.sum()), "tokens_without_meds_event": missing,
-            "cells_with_more_tokens_than_events": over, "rows_affected": int((excess > 0).any(1).sum()) if excess is not None else -1}
+    return {
+        "task": task,
+        "labels": len(kept),
+        "code_tokens": int(code_tok.sum()),
+        "tokens_without_meds_event": missing,
+        "cells_with_more_tokens_than_events": over,
+        "rows_affected": int((excess > 0).any(1).sum()) if excess is not None else -1,
+    }
 
 
 if __name__ == "__main__":

@@ -43,7 +43,9 @@ def main(specs: list[str]) -> None:
         for probe_dir in probe_dirs:
             p = cv_auroc(probe_dir / "features.parquet")
             name = label if len(probe_dirs) == 1 else f"{label}, {probe_dir}"
-            print(f"| {name} | {p:.3f} | {ctrl.mean():.3f} ± {ctrl.std(ddof=1):.3f} ({each}) | {p - ctrl.mean():+.3f} | {int((p > ctrl).sum())} of 5 |")
+            print(
+                f"| {name} | {p:.3f} | {ctrl.mean():.3f} ± {ctrl.std(ddof=1):.3f} ({each}) | {p - ctrl.mean():+.3f} | {int((p > ctrl).sum())} of 5 |"
+            )
 
 
 if __name__ == "__main__":

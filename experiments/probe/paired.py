@@ -33,8 +33,11 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def arrays(t: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, subjects, probabilities) of a prediction table, in (subject, time) order."""
     t = t.sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
-    return (t.column("boolean_value").to_numpy(zero_copy_only=False).astype(bool), t.column("subject_id").to_numpy(),
-            t.column("predicted_boolean_probability").to_numpy().astype(float))
+    return (
+        t.column("boolean_value").to_numpy(zero_copy_only=False).astype(bool),
+        t.column("subject_id").to_numpy(),
+        t.column("predicted_boolean_probability").to_numpy().astype(float),
+    )
 
 
 def auroc_boot(path: Path, n_boot: int) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
@@ -59,7 +62,9 @@ def paired(probe_paths: list[Path], control_dir: Path, n_boot: int = 1000) -> li
     for auc, boot in rows:
         d = boot - boot_c
         d = d[np.isfinite(d)]
-        out.append((auc - np.mean(ctrl), np.percentile(d, 2.5), np.percentile(d, 97.5), int(sum(auc > c for c in ctrl))))
+        out.append(
+            (auc - np.mean(ctrl), np.percentile(d, 2.5), np.percentile(d, 97.5), int(sum(auc > c for c in ctrl)))
+        )
     return out
 
 
@@ -80,7 +85,9 @@ def main(specs: list[str]) -> None:
     for spec in specs:
         name, probes, ctrl = parse_spec(spec)
         if all(p.is_file() for p in probes) and (ctrl / "predictions/random_init_5.parquet").is_file():
-            names = [name] if len(probes) == 1 else [f"{name}, {p.parent.parent}" for p in probes]  # the probe output dirs
+            names = (
+                [name] if len(probes) == 1 else [f"{name}, {p.parent.parent}" for p in probes]
+            )  # the probe output dirs
             for row, (d, lo, hi, beaten) in zip(names + [f"{name}, mean of {len(probes)}"], paired(probes, ctrl)):
                 print(f"| {row} | {d:+.3f} [{lo:+.3f}, {hi:+.3f}] | {beaten} of 5 |")
         else:

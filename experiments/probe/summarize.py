@@ -1,6 +1,6 @@
 """Markdown tables (AUROC with 95 % CI per method, few-shot curve) from probe output dirs.
 
-    python experiments/probe/summarize.py runs/probe_gibleed/probe
+python experiments/probe/summarize.py runs/probe_gibleed/probe
 """
 
 from __future__ import annotations
@@ -33,15 +33,21 @@ def main(root: Path) -> None:
         ri = json.loads((r / "metrics.json").read_text()).get("random_init_seeds")
         if ri:
             each = ", ".join(f"{a:.3f}" for a in ri["auroc"])
-            print(f"| {r.name} | {ri['probe_auroc']:.3f} | {ri['auroc_mean']:.3f} ± {ri['auroc_sd']:.3f} ({each}) | "
-                  f"{ri['probe_minus_mean']:+.3f} | {ri['probe_beats']} of {len(ri['auroc'])} seeds |")
+            print(
+                f"| {r.name} | {ri['probe_auroc']:.3f} | {ri['auroc_mean']:.3f} ± {ri['auroc_sd']:.3f} ({each}) | "
+                f"{ri['probe_minus_mean']:+.3f} | {ri['probe_beats']} of {len(ri['auroc'])} seeds |"
+            )
     print()
     print("| task | method | " + " | ".join(f"k={k}" for k in ("16", "64", "256", "all")) + " |")
     print("|---|---|" + "---:|" * 4)
     for r in runs:
         m = json.loads((r / "metrics.json").read_text())
         for name, curve in m.get("few_shot", {}).items():
-            print(f"| {r.name} | {name} | " + " | ".join(f"{c['auroc']:.3f}" + (f" ± {c['auroc_sd']:.3f}" if c["auroc_sd"] else "") for c in curve) + " |")
+            print(
+                f"| {r.name} | {name} | "
+                + " | ".join(f"{c['auroc']:.3f}" + (f" ± {c['auroc_sd']:.3f}" if c["auroc_sd"] else "") for c in curve)
+                + " |"
+            )
 
     print()
     print("| task | pair | AUROC difference [95% CI, paired subject bootstrap] |")
@@ -68,7 +74,11 @@ def paired_delta(pa_path: Path, pb_path: Path, n_boot: int = 1000) -> tuple[floa
 
     diff = ba - bb
     diff = diff[np.isfinite(diff)]
-    return float(roc_auc_score(y, pa_) - roc_auc_score(y, pb_)), float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))
+    return (
+        float(roc_auc_score(y, pa_) - roc_auc_score(y, pb_)),
+        float(np.percentile(diff, 2.5)),
+        float(np.percentile(diff, 97.5)),
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,12 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | 
     if not path.is_file():
         return None
     t = pq.read_table(path).sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
-    return (t.column("boolean_value").to_numpy(zero_copy_only=False).astype(bool), t.column("subject_id").to_numpy(),
-            t.column("prediction_time").cast("int64").to_numpy(), t.column("predicted_boolean_probability").to_numpy().astype(float))
+    return (
+        t.column("boolean_value").to_numpy(zero_copy_only=False).astype(bool),
+        t.column("subject_id").to_numpy(),
+        t.column("prediction_time").cast("int64").to_numpy(),
+        t.column("predicted_boolean_probability").to_numpy().astype(float),
+    )
 
 
 def seeds(run: Path) -> list[Path]:
@@ -43,7 +47,9 @@ def tasks(study: Path) -> list[str]:
 
 def probe_table(study: Path) -> None:
     print("### Probe: held-out AUROC / AUPRC [95% CI]\n")
-    print("| task | held-out labels (pos) / positive subjects | readout | probe | random init (mean of seeds) | counts LR | counts HGB |")
+    print(
+        "| task | held-out labels (pos) / positive subjects | readout | probe | random init (mean of seeds) | counts LR | counts HGB |"
+    )
     print("|---|---|---|---:|---:|---:|---:|")
     for task in tasks(study):
         for r in READOUTS:
@@ -54,9 +60,19 @@ def probe_table(study: Path) -> None:
             sc = m["scored"]
             ri = m.get("random_init_seeds") or {}
             cell = {k: f"{format_metric(v['auroc'])} / {format_metric(v['auprc'])}" for k, v in m["methods"].items()}
-            rand = "-" if not ri else (f"{ri['auroc_mean']:.3f} ± {ri['auroc_sd']:.3f}" if len(ri["seeds"]) > 1 else f"{ri['auroc_mean']:.3f} (1 seed)")
-            print(f"| {task} | {sc['labels']:,} ({sc['positives']:,}) / {sc['positive_subjects']} | {r} | {cell.get('probe', '-')} | {rand} | "
-                  f"{cell.get('counts', '-')} | {cell.get('counts_hgb', '-')} |")
+            rand = (
+                "-"
+                if not ri
+                else (
+                    f"{ri['auroc_mean']:.3f} ± {ri['auroc_sd']:.3f}"
+                    if len(ri["seeds"]) > 1
+                    else f"{ri['auroc_mean']:.3f} (1 seed)"
+                )
+            )
+            print(
+                f"| {task} | {sc['labels']:,} ({sc['positives']:,}) / {sc['positive_subjects']} | {r} | {cell.get('probe', '-')} | {rand} | "
+                f"{cell.get('counts', '-')} | {cell.get('counts_hgb', '-')} |"
+            )
     print()
 
 
@@ -73,14 +89,20 @@ def paired_table(study: Path, n_boot: int) -> None:
                 continue
             y, sid, t, p = probe
             cells = []
-            controls = [[load(f) for f in seeds(run)], [load(base / "counts.parquet")], [load(base / "counts_hgb.parquet")]]
+            controls = [
+                [load(f) for f in seeds(run)],
+                [load(base / "counts.parquet")],
+                [load(base / "counts_hgb.parquet")],
+            ]
             for ctl in controls:
                 ctl = [c for c in ctl if c is not None]
                 if not ctl:
                     cells.append("-")
                     continue
                 for c in ctl:
-                    assert np.array_equal(c[1], sid) and np.array_equal(c[2], t) and np.array_equal(c[0], y), f"{task}: rows differ"
+                    assert np.array_equal(c[1], sid) and np.array_equal(c[2], t) and np.array_equal(c[0], y), (
+                        f"{task}: rows differ"
+                    )
                 d = paired_difference(y, sid, p, [c[3] for c in ctl], n_boot=n_boot)["auroc"]
                 beats = f" ({d['beats']}/{len(ctl)})" if len(ctl) > 1 else ""
                 cells.append(f"{d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]{beats}")
@@ -115,8 +137,12 @@ def estimates(run: Path) -> dict[str, np.ndarray]:
     t = pq.read_table(run / "details.parquet").sort_by([("subject_id", "ascending"), ("prediction_time", "ascending")])
     col = lambda c: t.column(c).to_numpy(zero_copy_only=False)
     res = col("n_resolved")
-    out = {"y": col("boolean_value").astype(bool), "sid": col("subject_id"), "time": t.column("prediction_time").cast("int64").to_numpy(),
-           "w": col("weight") if "weight" in t.column_names else None}
+    out = {
+        "y": col("boolean_value").astype(bool),
+        "sid": col("subject_id"),
+        "time": t.column("prediction_time").cast("int64").to_numpy(),
+        "w": col("weight") if "weight" in t.column_names else None,
+    }
     for name, num in (("mc", "n_outcome"), ("hazard", "hazard_sum")):
         if num in t.column_names:
             x = col(num).astype(float)
@@ -130,7 +156,9 @@ def zeroshot_table(study: Path, n_boot: int) -> None:
     if not runs:
         return
     print("### Zero-shot: held-out AUROC / Brier / ECE, model vs random init, both estimators from the same futures\n")
-    print("| task | labels (pos) | estimator | model AUROC | random init AUROC | model - random [95% CI] | model Brier | model ECE | mean label SE |")
+    print(
+        "| task | labels (pos) | estimator | model AUROC | random init AUROC | model - random [95% CI] | model Brier | model ECE | mean label SE |"
+    )
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for f in runs:
         task = f.parent.name
@@ -150,8 +178,10 @@ def zeroshot_table(study: Path, n_boot: int) -> None:
                 diff = f"{d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
                 rand_auc = format_metric(mr.get("estimators", {}).get(e, mr)["auroc"])
             se = me.get("mean_label_se")
-            print(f"| {task} | {n} | {e} | {format_metric(me['auroc'])} | {rand_auc} | {diff} | {format_metric(me['brier'])} | "
-                  f"{format_metric(me['ece'])} | {'-' if se is None else f'{se:.4f}'} |")
+            print(
+                f"| {task} | {n} | {e} | {format_metric(me['auroc'])} | {rand_auc} | {diff} | {format_metric(me['brier'])} | "
+                f"{format_metric(me['ece'])} | {'-' if se is None else f'{se:.4f}'} |"
+            )
     print()
 
 

@@ -29,8 +29,12 @@ def count(task: str, meds: Path, split: str) -> dict:
     y = labels.column("boolean_value")
     pos = labels.filter(y)
     return {
-        "task": task, "split": split, "labels": len(labels), "positives": int(pc.sum(y).as_py() or 0),
-        "subjects": len(pc.unique(labels.column("subject_id"))), "positive_subjects": len(pc.unique(pos.column("subject_id"))),
+        "task": task,
+        "split": split,
+        "labels": len(labels),
+        "positives": int(pc.sum(y).as_py() or 0),
+        "subjects": len(pc.unique(labels.column("subject_id"))),
+        "positive_subjects": len(pc.unique(pos.column("subject_id"))),
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -44,12 +48,17 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows = []
-    print("| task | split | labels | positives | subjects | positive subjects | s |\n|---|---|---:|---:|---:|---:|---:|")
+    print(
+        "| task | split | labels | positives | subjects | positive subjects | s |\n|---|---|---:|---:|---:|---:|---:|"
+    )
     for task in args.tasks:
         for split in args.splits:
             r = count(task, args.meds, split)
             rows.append(r)
-            print(f"| {task} | {split} | {r['labels']:,} | {r['positives']:,} | {r['subjects']:,} | {r['positive_subjects']:,} | {r['seconds']} |", flush=True)
+            print(
+                f"| {task} | {split} | {r['labels']:,} | {r['positives']:,} | {r['subjects']:,} | {r['positive_subjects']:,} | {r['seconds']} |",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -37,18 +37,43 @@ from cehrx.eval.metrics import binary_metrics
 def run_seed(args: argparse.Namespace, k: int) -> Path:
     out = args.out / f"seed_{k}"
     if not (out / "metrics.json").is_file():
-        cmd = [sys.executable, "-m", "cehrx", "task=zeroshot", f"model_dir={args.model}", f"probe.task={args.task}",
-               f"zeroshot.num_samples={args.futures}", f"zeroshot.seed={args.seed + k}", f"zeroshot.label_seed={args.seed}",
-               f"zeroshot.max_labels={args.max_labels}", f"zeroshot.label_sample={args.label_sample}", "zeroshot.progress=false",
-               f"output_dir={out}", *args.overrides]
-        print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "cehrx",
+            "task=zeroshot",
+            f"model_dir={args.model}",
+            f"probe.task={args.task}",
+            f"zeroshot.num_samples={args.futures}",
+            f"zeroshot.seed={args.seed + k}",
+            f"zeroshot.label_seed={args.seed}",
+            f"zeroshot.max_labels={args.max_labels}",
+            f"zeroshot.label_sample={args.label_sample}",
+            "zeroshot.progress=false",
+            f"output_dir={out}",
+            *args.overrides,
+        ]
+        print(
+            f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {' '.join(cmd[2:])}",
+            file=sys.stderr,
+            flush=True,
+        )
         subprocess.run(cmd, check=True)
     return out
 
 
 def load(out: Path) -> dict[str, np.ndarray]:
     t = pq.read_table(out / "details.parquet")
-    cols = ["subject_id", "prediction_time", "boolean_value", "n_resolved", "n_outcome", "hazard_sum", "hazard_probability", "probability"]
+    cols = [
+        "subject_id",
+        "prediction_time",
+        "boolean_value",
+        "n_resolved",
+        "n_outcome",
+        "hazard_sum",
+        "hazard_probability",
+        "probability",
+    ]
     d = {c: t.column(c).to_numpy(zero_copy_only=False) for c in cols}
     d["prediction_time"] = d["prediction_time"].astype("datetime64[us]").astype(np.int64)
     d["weight"] = t.column("weight").to_numpy() if "weight" in t.column_names else None
@@ -78,7 +103,10 @@ def main() -> None:
     runs = [load(run_seed(args, k)) for k in range(args.seeds)]
     base = runs[0]
     for r in runs[1:]:
-        if not (np.array_equal(r["subject_id"], base["subject_id"]) and np.array_equal(r["prediction_time"], base["prediction_time"])):
+        if not (
+            np.array_equal(r["subject_id"], base["subject_id"])
+            and np.array_equal(r["prediction_time"], base["prediction_time"])
+        ):
             raise SystemExit("the runs hold different labels: they must share zeroshot.label_seed and the task")
     y, sid, w = base["boolean_value"].astype(bool), base["subject_id"], base["weight"]
 
@@ -91,9 +119,15 @@ def main() -> None:
     mc_k = [with_fallback(r["n_outcome"].astype(float), r["n_resolved"]) for r in runs]
     hz_k = [with_fallback(r["hazard_sum"], r["n_resolved"]) for r in runs]
     n5 = min(5, len(runs))
-    spread = {name: float(np.mean(np.var(np.stack(ps[:n5]), axis=0, ddof=1))) for name, ps in (("mc", mc_k), ("hazard", hz_k))}
+    spread = {
+        name: float(np.mean(np.var(np.stack(ps[:n5]), axis=0, ddof=1))) for name, ps in (("mc", mc_k), ("hazard", hz_k))
+    }
     result = {
-        "task": args.task, "model": str(args.model), "labels": int(len(y)), "positives": int(y.sum()), "runs": len(runs),
+        "task": args.task,
+        "model": str(args.model),
+        "labels": int(len(y)),
+        "positives": int(y.sum()),
+        "runs": len(runs),
         "futures_per_run": args.futures,
         f"mc_{args.seeds * args.futures}": metrics(mc_all),
         f"mc_{args.futures}": [metrics(p) for p in mc_k],
@@ -116,14 +150,23 @@ def table(r: dict, args: argparse.Namespace) -> str:
         b = np.array([m["brier"]["value"] for m in ms])
         ci = ms[0]["auroc"]
         spread = f" (sd {a.std(ddof=1):.3f} over {len(ms)} runs)" if len(ms) > 1 else ""
-        return (f"| {name} | {futures} | {a.mean():.3f}{spread} | [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}] | {b.mean():.4f} | "
-                f"{r['seconds_per_label_one_run'] * futures / f:.3f} |")
+        return (
+            f"| {name} | {futures} | {a.mean():.3f}{spread} | [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}] | {b.mean():.4f} | "
+            f"{r['seconds_per_label_one_run'] * futures / f:.3f} |"
+        )
 
-    lines = [f"{r['task']}: {r['labels']} labels ({r['positives']} positive), {r['runs']} runs of {f} futures",
-             "", "| estimator | futures per label | AUROC | 95 % CI (first run) | Brier | s per label |", "|---|---:|---|---|---:|---:|",
-             row("Monte Carlo", [r[f"mc_{big}"]], big), row("Monte Carlo", r[f"mc_{f}"], f), row("hazard", r[f"hazard_{f}"], f), "",
-             f"per-label variance over runs at {f} futures: Monte Carlo {var['mc']:.2e}, hazard {var['hazard']:.2e} "
-             f"(ratio {r['variance_ratio_mc_over_hazard']:.1f}x)"]
+    lines = [
+        f"{r['task']}: {r['labels']} labels ({r['positives']} positive), {r['runs']} runs of {f} futures",
+        "",
+        "| estimator | futures per label | AUROC | 95 % CI (first run) | Brier | s per label |",
+        "|---|---:|---|---|---:|---:|",
+        row("Monte Carlo", [r[f"mc_{big}"]], big),
+        row("Monte Carlo", r[f"mc_{f}"], f),
+        row("hazard", r[f"hazard_{f}"], f),
+        "",
+        f"per-label variance over runs at {f} futures: Monte Carlo {var['mc']:.2e}, hazard {var['hazard']:.2e} "
+        f"(ratio {r['variance_ratio_mc_over_hazard']:.1f}x)",
+    ]
     return "\n".join(lines)
 
 

@@ -49,11 +49,22 @@ def quick_classifier(X_train, y_train, X_test, seed=0, kind="logistic", **_):
 def test_eunomia_copy_vs_marginal_baseline(eunomia: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import cehrx.probe.classifier
 
-    monkeypatch.setattr(cehrx.probe.classifier, "fit_predict", quick_classifier)  # utility's plumbing, not the probe's CV
+    monkeypatch.setattr(
+        cehrx.probe.classifier, "fit_predict", quick_classifier
+    )  # utility's plumbing, not the probe's CV
     syn = copy_as_synthetic(eunomia, tmp_path / "copy")
     out = tmp_path / "report"
-    evaluate.run(compose_cfg("task=evaluate", f"data.prepared_dir={eunomia}", f"synthetic_dir={syn}", f"output_dir={out}",
-                             "evaluate.baseline=marginal", "evaluate.tasks=[gibleed_after_nsaid]", "evaluate.n_boot=20"))
+    evaluate.run(
+        compose_cfg(
+            "task=evaluate",
+            f"data.prepared_dir={eunomia}",
+            f"synthetic_dir={syn}",
+            f"output_dir={out}",
+            "evaluate.baseline=marginal",
+            "evaluate.tasks=[gibleed_after_nsaid]",
+            "evaluate.n_boot=20",
+        )
+    )
     m = json.loads((out / "metrics.json").read_text())
     copy, base = m["sets"]["model"], m["sets"]["marginal"]
     # a copy of the training data: perfect fidelity and utility, no privacy at all
@@ -81,18 +92,56 @@ def test_micro_model_generate_then_evaluate(tmp_path: Path) -> None:
     from cehrx.tasks import generate, pretrain
 
     prepared = make_prepared_dir(tmp_path / "prep", {"train": 24, "tuning": 6, "held_out": 8})
-    quiet = ("trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0", "logger=none", "callbacks=none")
-    pretrain.run(compose_cfg("task=pretrain", "model=micro", "trainer=cpu", f"data.prepared_dir={prepared}", f"output_dir={tmp_path / 'model'}",
-                             "model.max_seq_len=48", "task.datamodule.max_tokens_per_batch=256", "trainer.max_steps=5", "trainer.val_check_interval=5", *quiet))
+    quiet = (
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "trainer.num_sanity_val_steps=0",
+        "logger=none",
+        "callbacks=none",
+    )
+    pretrain.run(
+        compose_cfg(
+            "task=pretrain",
+            "model=micro",
+            "trainer=cpu",
+            f"data.prepared_dir={prepared}",
+            f"output_dir={tmp_path / 'model'}",
+            "model.max_seq_len=48",
+            "task.datamodule.max_tokens_per_batch=256",
+            "trainer.max_steps=5",
+            "trainer.val_check_interval=5",
+            *quiet,
+        )
+    )
     syn = tmp_path / "synthetic"
-    generate.run(compose_cfg("task=generate", f"data.prepared_dir={prepared}", f"model_dir={tmp_path / 'model'}", f"output_dir={syn}",
-                             "generate.num_patients=12", "generate.shard_size=12", "generate.batch_size=12", "generate.progress=false",
-                             "generate.duckdb.threads=1"))
+    generate.run(
+        compose_cfg(
+            "task=generate",
+            f"data.prepared_dir={prepared}",
+            f"model_dir={tmp_path / 'model'}",
+            f"output_dir={syn}",
+            "generate.num_patients=12",
+            "generate.shard_size=12",
+            "generate.batch_size=12",
+            "generate.progress=false",
+            "generate.duckdb.threads=1",
+        )
+    )
     out = tmp_path / "report"
-    metrics = evaluate.run(compose_cfg("task=evaluate", f"data.prepared_dir={prepared}", f"synthetic_dir={syn}", f"output_dir={out}",
-                                       "evaluate.baseline=marginal", "evaluate.top_codes=10"))
+    metrics = evaluate.run(
+        compose_cfg(
+            "task=evaluate",
+            f"data.prepared_dir={prepared}",
+            f"synthetic_dir={syn}",
+            f"output_dir={out}",
+            "evaluate.baseline=marginal",
+            "evaluate.top_codes=10",
+        )
+    )
     model = metrics["sets"]["model"]
-    assert model["n_patients"] == 12 and metrics["sets"]["marginal"]["n_patients"] == 12  # baseline sized like the model's set
+    assert (
+        model["n_patients"] == 12 and metrics["sets"]["marginal"]["n_patients"] == 12
+    )  # baseline sized like the model's set
     assert -1 <= model["fidelity"]["prevalence"]["pearson"] <= 1
     assert 0 <= model["privacy"]["membership_inference"]["auc"] <= 1
     assert (out / "report.md").is_file() and (out / "prevalence.png").is_file()

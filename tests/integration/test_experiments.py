@@ -48,7 +48,9 @@ def test_cehrxgpt_base_is_the_published_recipe() -> None:
 
 
 def test_slurm_launcher_takes_its_shape_from_the_trainer() -> None:
-    cfg = compose_with_hydra("hydra/launcher=slurm", "experiment=cehrxgpt_base", "trainer.devices=4", "trainer.num_nodes=3", "local=example")
+    cfg = compose_with_hydra(
+        "hydra/launcher=slurm", "experiment=cehrxgpt_base", "trainer.devices=4", "trainer.num_nodes=3", "local=example"
+    )
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (3, 4, 4)
@@ -90,9 +92,21 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_two_job_sweep_writes_one_stable_dir_per_job(synthetic_prepared: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
-    proc = run_cli("-m", "task=pretrain", "model=micro", "model.max_seq_len=64", "task.datamodule.max_tokens_per_batch=512",
-                   "trainer.max_steps=2", "trainer.val_check_interval=2", *QUIET, "logger=none",
-                   f"data.prepared_dir={synthetic_prepared}", f"output_dir={out}", "model.lr=1e-3,3e-3", cwd=tmp_path)
+    proc = run_cli(
+        "-m",
+        "task=pretrain",
+        "model=micro",
+        "model.max_seq_len=64",
+        "task.datamodule.max_tokens_per_batch=512",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        *QUIET,
+        "logger=none",
+        f"data.prepared_dir={synthetic_prepared}",
+        f"output_dir={out}",
+        "model.lr=1e-3,3e-3",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p for p in (out / "multirun").iterdir() if p.is_dir())
     assert len(jobs) == 2  # named by each job's overrides, e.g. ...,model.lr=0.001,...
@@ -104,7 +118,16 @@ def test_two_job_sweep_writes_one_stable_dir_per_job(synthetic_prepared: Path, t
 
 
 def test_meds_dev_argument_names_reach_the_config(tmp_path: Path) -> None:
-    proc = run_cli("task=show", "dataset_dir=/nowhere/meds", "model_initialization_dir=/m", "split=tuning", "--cfg", "job", "--resolve", cwd=tmp_path)
+    proc = run_cli(
+        "task=show",
+        "dataset_dir=/nowhere/meds",
+        "model_initialization_dir=/m",
+        "split=tuning",
+        "--cfg",
+        "job",
+        "--resolve",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     cfg = OmegaConf.create(proc.stdout)
     assert cfg.data.source == "meds" and cfg.data.path == "/nowhere/meds"

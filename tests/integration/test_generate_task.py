@@ -21,8 +21,13 @@ from tests.conftest import compose_cfg, make_prepared_dir
 
 pytestmark = pytest.mark.slow
 
-QUIET = ("trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0",
-         "logger=none", "callbacks=none")
+QUIET = (
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.num_sanity_val_steps=0",
+    "logger=none",
+    "callbacks=none",
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,20 +44,41 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(prepared dir, pretrain output dir): a micro model with a short context, trained 5 steps."""
     root = tmp_path_factory.mktemp("gen_task")
     prepared = make_prepared_dir(root / "prep", {"train": 24, "tuning": 6, "held_out": 2})
-    pretrain.run(compose_cfg(
-        "task=pretrain", "model=micro", "trainer=cpu", f"data.prepared_dir={prepared}", f"output_dir={root / 'model'}",
-        "model.max_seq_len=48", "task.datamodule.max_tokens_per_batch=256", "trainer.max_steps=5",
-        "trainer.val_check_interval=5", *QUIET,
-    ))
+    pretrain.run(
+        compose_cfg(
+            "task=pretrain",
+            "model=micro",
+            "trainer=cpu",
+            f"data.prepared_dir={prepared}",
+            f"output_dir={root / 'model'}",
+            "model.max_seq_len=48",
+            "task.datamodule.max_tokens_per_batch=256",
+            "trainer.max_steps=5",
+            "trainer.val_check_interval=5",
+            *QUIET,
+        )
+    )
     return prepared, root / "model"
 
 
 def gen_cfg(prepared: Path, model: Path, out: Path | None, *overrides: str, budget: int | None = 36):
     """Generate 6 patients in shards of 4; output_dir None: the task's default (<model_dir>/../synthetic)."""
     budget_arg = [f"generate.max_new_tokens={budget}"] if budget else []
-    return compose_cfg("task=generate", f"data.prepared_dir={prepared}", f"model_dir={model}",
-                       "generate.num_patients=6", "generate.shard_size=4", "generate.batch_size=4", "generate.progress=false",
-                       "generate.duckdb.threads=1", "generate.threads=1", "generate.max_attempts_factor=10", *budget_arg, *([f"output_dir={out}"] if out else []), *overrides)
+    return compose_cfg(
+        "task=generate",
+        f"data.prepared_dir={prepared}",
+        f"model_dir={model}",
+        "generate.num_patients=6",
+        "generate.shard_size=4",
+        "generate.batch_size=4",
+        "generate.progress=false",
+        "generate.duckdb.threads=1",
+        "generate.threads=1",
+        "generate.max_attempts_factor=10",
+        *budget_arg,
+        *([f"output_dir={out}"] if out else []),
+        *overrides,
+    )
 
 
 def test_generate_end_to_end(trained: tuple[Path, Path]) -> None:
@@ -101,7 +127,9 @@ def test_patients_longer_than_the_context_continue_in_windows(trained: tuple[Pat
     assert (np.diff(arrays.times)[np.diff(np.repeat(np.arange(len(arrays)), arrays.lengths())) == 0] >= 0).all()
 
 
-def test_interrupted_run_resumes_to_the_same_patients(trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_run_resumes_to_the_same_patients(
+    trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     prepared, model = trained
     real = generate.generate_shard
     calls = []
@@ -132,8 +160,15 @@ def test_interrupted_run_resumes_to_the_same_patients(trained: tuple[Path, Path]
 
 def test_explicit_prompts_and_clear_errors(trained: tuple[Path, Path], tmp_path: Path) -> None:
     prepared, model = trained
-    report = generate.run(gen_cfg(prepared, model, tmp_path / "p", "generate.num_patients=3",
-                                  "generate.prompts=[[YEAR//2000,AGE//40,GENDER//F,RACE//1]]"))
+    report = generate.run(
+        gen_cfg(
+            prepared,
+            model,
+            tmp_path / "p",
+            "generate.num_patients=3",
+            "generate.prompts=[[YEAR//2000,AGE//40,GENDER//F,RACE//1]]",
+        )
+    )
     arrays = load_split(tmp_path / "p", "train")
     vocab = Vocab.load(tmp_path / "p")
     assert report["prompts"]["source"] == "config"
@@ -141,7 +176,9 @@ def test_explicit_prompts_and_clear_errors(trained: tuple[Path, Path], tmp_path:
     with pytest.raises(CehrxError, match="max_seq_len=48"):
         generate.run(gen_cfg(prepared, model, tmp_path / "q", "generate.max_new_tokens=100"))
     with pytest.raises(CehrxError, match="not in the model's vocabulary"):
-        generate.run(gen_cfg(prepared, model, tmp_path / "r", "generate.prompts=[[YEAR//1066,AGE//40,GENDER//F,RACE//1]]"))
+        generate.run(
+            gen_cfg(prepared, model, tmp_path / "r", "generate.prompts=[[YEAR//1066,AGE//40,GENDER//F,RACE//1]]")
+        )
 
 
 def test_prepared_dir_of_another_data_set_falls_back_to_the_models(trained: tuple[Path, Path], tmp_path: Path) -> None:
@@ -149,7 +186,9 @@ def test_prepared_dir_of_another_data_set_falls_back_to_the_models(trained: tupl
     prepared, model = trained
     other = make_prepared_dir(tmp_path / "other", {"train": 4, "tuning": 1, "held_out": 1})
     v = Vocab.load(other)  # one more code: a different vocabulary
-    Vocab(v.tokens + ["SNOMED/999999"], v.kinds + ["code"], v.counts + [1], v.subjects + [1], v.descriptions + [None]).save(other / "vocab.json")
+    Vocab(
+        v.tokens + ["SNOMED/999999"], v.kinds + ["code"], v.counts + [1], v.subjects + [1], v.descriptions + [None]
+    ).save(other / "vocab.json")
     cfg = gen_cfg(prepared, model, tmp_path / "o", "generate.num_patients=1")
     cfg.data.prepared_dir = str(other)
     report = generate.run(cfg)

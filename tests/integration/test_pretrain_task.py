@@ -28,12 +28,22 @@ def prepared(synthetic_prepared: Path, tmp_path: Path) -> Path:
 
 
 def cfg_for(prepared: Path, out: Path, *overrides: str):
-    return compose_cfg("task=pretrain", "trainer=cpu", f"data.prepared_dir={prepared}", f"output_dir={out}", *SMALL, *QUIET, *overrides)
+    return compose_cfg(
+        "task=pretrain", "trainer=cpu", f"data.prepared_dir={prepared}", f"output_dir={out}", *SMALL, *QUIET, *overrides
+    )
 
 
 def test_fast_dev_run_through_hydra_configs(prepared: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cfg = compose_cfg("task=pretrain", "model=micro", "trainer=cpu", "trainer.fast_dev_run=true", f"data.prepared_dir={prepared}", f"output_dir={out}", *QUIET)
+    cfg = compose_cfg(
+        "task=pretrain",
+        "model=micro",
+        "trainer=cpu",
+        "trainer.fast_dev_run=true",
+        f"data.prepared_dir={prepared}",
+        f"output_dir={out}",
+        *QUIET,
+    )
     metrics = run(cfg)
     assert metrics["global_step"] == 1 and metrics["val/loss"] > 0 and metrics["unigram_ppl"] > 1
     assert (out / "config.yaml").is_file() and (out / "metrics.json").is_file()
@@ -46,16 +56,36 @@ def test_fast_dev_run_through_hydra_configs(prepared: Path, tmp_path: Path) -> N
 
 def test_future_codes_head_through_hydra_configs(prepared: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cfg = compose_cfg("task=pretrain", "model=micro", "trainer=cpu", "trainer.fast_dev_run=true", "task.module.future_codes_weight=0.3",
-                      "task.module.future_codes_n=32", f"data.prepared_dir={prepared}", f"output_dir={out}", *QUIET)
+    cfg = compose_cfg(
+        "task=pretrain",
+        "model=micro",
+        "trainer=cpu",
+        "trainer.fast_dev_run=true",
+        "task.module.future_codes_weight=0.3",
+        "task.module.future_codes_n=32",
+        f"data.prepared_dir={prepared}",
+        f"output_dir={out}",
+        *QUIET,
+    )
     metrics = run(cfg)
     assert metrics["val/loss_future_codes"] > 0 and metrics["val/loss"] > 0
     gpt, _ = load_pretrained(out)  # the export holds the backbone only
     assert not any("future" in k for k in gpt.state_dict())
     bad = tmp_path / "bad"
     with pytest.raises(CehrxError, match="future_codes_n >= 1"):
-        run(compose_cfg("task=pretrain", "model=micro", "trainer=cpu", "trainer.fast_dev_run=true", "task.module.future_codes_weight=0.3",
-                        "task.module.future_codes_n=0", f"data.prepared_dir={prepared}", f"output_dir={bad}", *QUIET))
+        run(
+            compose_cfg(
+                "task=pretrain",
+                "model=micro",
+                "trainer=cpu",
+                "trainer.fast_dev_run=true",
+                "task.module.future_codes_weight=0.3",
+                "task.module.future_codes_n=0",
+                f"data.prepared_dir={prepared}",
+                f"output_dir={bad}",
+                *QUIET,
+            )
+        )
     assert not (bad / "model").exists() and not (bad / "checkpoints").exists()
 
 
@@ -80,7 +110,9 @@ def test_resume_continues_the_step_count(prepared: Path, tmp_path: Path) -> None
 
     with (out / "logs" / "metrics.csv").open() as f:
         val_steps = sorted(int(r["step"]) for r in csv.DictReader(f) if r.get("val/loss"))
-    assert val_steps[0] < 2 < val_steps[-1], val_steps  # the first run's rows survive the resume (Lightning's writer deleted them)
+    assert val_steps[0] < 2 < val_steps[-1], (
+        val_steps
+    )  # the first run's rows survive the resume (Lightning's writer deleted them)
 
 
 def test_clear_errors(prepared: Path, tmp_path: Path) -> None:
@@ -118,7 +150,14 @@ def test_fsdp_config_instantiates() -> None:
 def test_ddp_config_instantiates_on_cpu() -> None:
     from lightning.pytorch.strategies import DDPStrategy
 
-    cfg = compose_cfg("task=pretrain", "trainer=ddp", "output_dir=/tmp/unused", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true")
+    cfg = compose_cfg(
+        "task=pretrain",
+        "trainer=ddp",
+        "output_dir=/tmp/unused",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+    )
     trainer = instantiate(cfg.trainer, logger=False)
     assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_devices == 2
     assert _trainer_kwargs("gpu")["precision"] == "bf16-mixed"
@@ -137,10 +176,18 @@ def test_logger_configs_instantiate(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ddp_spawn_two_processes_on_cpu(prepared: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    metrics = run(cfg_for(
-        prepared, out, "trainer.strategy=ddp_spawn", "trainer.devices=2", "trainer.max_steps=3",
-        "trainer.val_check_interval=3", "callbacks=none", "logger=none",
-    ))
+    metrics = run(
+        cfg_for(
+            prepared,
+            out,
+            "trainer.strategy=ddp_spawn",
+            "trainer.devices=2",
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            "callbacks=none",
+            "logger=none",
+        )
+    )
     assert metrics["global_step"] == 3
     # validation was split over both ranks and summed back: every target counted once
     single = compose_cfg("task=pretrain", f"data.prepared_dir={prepared}", *SMALL)

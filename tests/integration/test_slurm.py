@@ -20,11 +20,23 @@ import torch
 from cehrx.model.export import load_pretrained
 from tests.slurm_cluster import SCRIPT, ensure_cluster
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one worker starts and stops the cluster
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.xdist_group("slurm"),
+]  # one worker starts and stops the cluster
 
 LAUNCH = ("-m", "hydra/launcher=slurm", "local=localhost_slurm")
-TRAIN = ("task=pretrain", "model=micro", "trainer=cpu", "model.max_seq_len=64", "task.datamodule.max_tokens_per_batch=512",
-         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0")
+TRAIN = (
+    "task=pretrain",
+    "model=micro",
+    "trainer=cpu",
+    "model.max_seq_len=64",
+    "task.datamodule.max_tokens_per_batch=512",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.num_sanity_val_steps=0",
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +51,9 @@ def slurm() -> dict[str, str]:
 
 
 def cehrx(*args: str, env: dict[str, str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cehrx", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cehrx", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def job_logs(out: Path) -> list[Path]:
@@ -49,8 +63,18 @@ def job_logs(out: Path) -> list[Path]:
 
 def test_two_value_sweep_runs_as_two_jobs_with_their_own_dirs(slurm, synthetic_prepared: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
-    proc = cehrx(*LAUNCH, *TRAIN, "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=none", f"data.prepared_dir={synthetic_prepared}",
-                 f"output_dir={out}", "model.lr=1e-3,3e-3", env=slurm, cwd=tmp_path)
+    proc = cehrx(
+        *LAUNCH,
+        *TRAIN,
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "logger=none",
+        f"data.prepared_dir={synthetic_prepared}",
+        f"output_dir={out}",
+        "model.lr=1e-3,3e-3",
+        env=slurm,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p for p in (out / "multirun").iterdir() if p.is_dir())
     assert [("model.lr=0.001," in j.name, "model.lr=0.003," in j.name) for j in jobs] == [(True, False), (False, True)]
@@ -61,16 +85,34 @@ def test_two_value_sweep_runs_as_two_jobs_with_their_own_dirs(slurm, synthetic_p
     assert all(p.stat().st_size > 0 for p in logs)
 
 
-def test_requeued_job_resumes_to_the_same_final_step_and_weights(slurm, synthetic_prepared: Path, tmp_path: Path) -> None:
+def test_requeued_job_resumes_to_the_same_final_step_and_weights(
+    slurm, synthetic_prepared: Path, tmp_path: Path
+) -> None:
     steps = 600  # ~20 s: longer than SLURM's KillWait (5 s), during which the job runs on after `scontrol requeue`'s SIGTERM
-    run = (*TRAIN, f"trainer.max_steps={steps}", "trainer.val_check_interval=60", "callbacks.last.every_n_train_steps=20",
-           "trainer.log_every_n_steps=1", "ckpt_path=auto", "callbacks.early_stopping=null", f"data.prepared_dir={synthetic_prepared}")
-    ref = cehrx(*run, f"output_dir={tmp_path / 'ref'}", env=slurm, cwd=tmp_path)  # the same run, never interrupted, outside SLURM
+    run = (
+        *TRAIN,
+        f"trainer.max_steps={steps}",
+        "trainer.val_check_interval=60",
+        "callbacks.last.every_n_train_steps=20",
+        "trainer.log_every_n_steps=1",
+        "ckpt_path=auto",
+        "callbacks.early_stopping=null",
+        f"data.prepared_dir={synthetic_prepared}",
+    )
+    ref = cehrx(
+        *run, f"output_dir={tmp_path / 'ref'}", env=slurm, cwd=tmp_path
+    )  # the same run, never interrupted, outside SLURM
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     out = tmp_path / "requeued"
-    proc = subprocess.Popen([sys.executable, "-m", "cehrx", *LAUNCH, *run, f"output_dir={out}"], cwd=tmp_path, env=slurm,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cehrx", *LAUNCH, *run, f"output_dir={out}"],
+        cwd=tmp_path,
+        env=slurm,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         job_id = _requeue_after_first_checkpoint(out, slurm)
         stdout, _ = proc.communicate(timeout=600)
@@ -94,7 +136,9 @@ def _requeue_after_first_checkpoint(out: Path, env: dict[str, str]) -> str:
     deadline = time.time() + 300
     while time.time() < deadline:
         ckpts = list((out / "multirun").glob("*/checkpoints/last.ckpt")) if (out / "multirun").is_dir() else []
-        ids = subprocess.run(["squeue", "-h", "-o", "%i", "-t", "RUNNING"], env=env, capture_output=True, text=True).stdout.split()
+        ids = subprocess.run(
+            ["squeue", "-h", "-o", "%i", "-t", "RUNNING"], env=env, capture_output=True, text=True
+        ).stdout.split()
         if ckpts and ids:
             subprocess.run(["scontrol", "requeue", ids[0]], env=env, check=True, capture_output=True)
             return ids[0]
@@ -121,7 +165,9 @@ def _logged_steps(path: Path) -> set[int]:
 
 def test_failed_job_reports_the_cehrx_error_and_exits_non_zero(slurm, tmp_path: Path) -> None:
     out = tmp_path / "bad"
-    proc = cehrx(*LAUNCH, *TRAIN, f"data.prepared_dir={tmp_path / 'missing'}", f"output_dir={out}", env=slurm, cwd=tmp_path)
+    proc = cehrx(
+        *LAUNCH, *TRAIN, f"data.prepared_dir={tmp_path / 'missing'}", f"output_dir={out}", env=slurm, cwd=tmp_path
+    )
     assert proc.returncode != 0
     assert len(job_logs(out)) == 1, proc.stderr[-3000:]
     (log,) = job_logs(out)

@@ -36,14 +36,22 @@ def write_slice(src: Path, out: Path, n: int, extra_rows: list[tuple] = ()) -> P
         files = sorted(str(f) for f in (src / "data" / split).glob("*.parquet"))
         con.execute(f"CREATE OR REPLACE TABLE s AS SELECT * FROM read_parquet({files!r}) WHERE subject_id < {n}")
         for sid, time, code in extra_rows:
-            con.execute("INSERT INTO s (subject_id, time, code) SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM s WHERE subject_id = ?)",
-                        [sid, time, code, sid])
-        con.execute(f"COPY (SELECT * FROM s ORDER BY subject_id, time) TO '{out / 'data' / split / '0.parquet'}' (FORMAT parquet)")
+            con.execute(
+                "INSERT INTO s (subject_id, time, code) SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM s WHERE subject_id = ?)",
+                [sid, time, code, sid],
+            )
+        con.execute(
+            f"COPY (SELECT * FROM s ORDER BY subject_id, time) TO '{out / 'data' / split / '0.parquet'}' (FORMAT parquet)"
+        )
     (out / "metadata").mkdir(parents=True, exist_ok=True)
     meta = src / "metadata"
-    con.execute(f"COPY (SELECT * FROM read_parquet('{meta / 'codes.parquet'}')) TO '{out / 'metadata' / 'codes.parquet'}' (FORMAT parquet)")
-    con.execute(f"COPY (SELECT * FROM read_parquet('{meta / 'subject_splits.parquet'}') WHERE subject_id < {n}) "
-                f"TO '{out / 'metadata' / 'subject_splits.parquet'}' (FORMAT parquet)")
+    con.execute(
+        f"COPY (SELECT * FROM read_parquet('{meta / 'codes.parquet'}')) TO '{out / 'metadata' / 'codes.parquet'}' (FORMAT parquet)"
+    )
+    con.execute(
+        f"COPY (SELECT * FROM read_parquet('{meta / 'subject_splits.parquet'}') WHERE subject_id < {n}) "
+        f"TO '{out / 'metadata' / 'subject_splits.parquet'}' (FORMAT parquet)"
+    )
     (out / "metadata" / "dataset.json").write_text((meta / "dataset.json").read_text())
     return out
 
@@ -112,26 +120,49 @@ def test_meds_visit_pairing_nests_like_parentheses() -> None:
     from cehrx.data.visits import build_source_visits
 
     con = duckdb.connect()
-    con.execute("CREATE TABLE code_ids AS SELECT * FROM (VALUES (1, 'Visit/OP'), (2, 'Visit/OP/END'), (3, 'Visit/IP'), (4, 'Visit/IP/END')) t(cid, code)")
+    con.execute(
+        "CREATE TABLE code_ids AS SELECT * FROM (VALUES (1, 'Visit/OP'), (2, 'Visit/OP/END'), (3, 'Visit/IP'), (4, 'Visit/IP/END')) t(cid, code)"
+    )
     t = [dt.datetime(2020, 1, d) for d in range(1, 20)]
     con.execute("CREATE TABLE body (subject_id BIGINT, time TIMESTAMP, cid INTEGER)")
-    con.executemany("INSERT INTO body VALUES (?, ?, ?)", [
-        (1, t[0], 1),                  # OP with no end: zero length
-        (1, t[2], 1), (1, t[3], 2),    # OP that lasts a day
-        (1, t[4], 3), (1, t[8], 4),    # IP over days 5..9 ...
-        (1, t[5], 1),                  # ... with an OP inside, no end
-        (1, t[6], 3), (1, t[7], 4),    # ... and a shorter IP stay nested in it
-        (1, t[10], 3), (1, t[12], 4),  # IP that ends the moment the next one starts
-        (1, t[12], 3), (1, t[15], 4),
-        (2, t[1], 4),                  # an end with nothing open: closes nothing
-        (2, t[2], 3), (2, t[3], 4),
-    ])
-    patterns = [{"type": "OP", "start": "Visit/OP", "end": "Visit/OP/END"}, {"type": "IP", "start": "Visit/IP", "end": "Visit/IP/END"}]
+    con.executemany(
+        "INSERT INTO body VALUES (?, ?, ?)",
+        [
+            (1, t[0], 1),  # OP with no end: zero length
+            (1, t[2], 1),
+            (1, t[3], 2),  # OP that lasts a day
+            (1, t[4], 3),
+            (1, t[8], 4),  # IP over days 5..9 ...
+            (1, t[5], 1),  # ... with an OP inside, no end
+            (1, t[6], 3),
+            (1, t[7], 4),  # ... and a shorter IP stay nested in it
+            (1, t[10], 3),
+            (1, t[12], 4),  # IP that ends the moment the next one starts
+            (1, t[12], 3),
+            (1, t[15], 4),
+            (2, t[1], 4),  # an end with nothing open: closes nothing
+            (2, t[2], 3),
+            (2, t[3], 4),
+        ],
+    )
+    patterns = [
+        {"type": "OP", "start": "Visit/OP", "end": "Visit/OP/END"},
+        {"type": "IP", "start": "Visit/IP", "end": "Visit/IP/END"},
+    ]
     build_source_visits(con, "meds", patterns)
-    got = con.execute("SELECT subject_id, vtype, vstart, vend, start_eid FROM src_visits ORDER BY subject_id, vstart, vtype").fetchall()
-    assert got == [(1, "OP", t[0], t[0], None), (1, "OP", t[2], t[3], None), (1, "IP", t[4], t[8], None), (1, "OP", t[5], t[5], None),
-                   (1, "IP", t[6], t[7], None), (1, "IP", t[10], t[12], None), (1, "IP", t[12], t[15], None),
-                   (2, "IP", t[2], t[3], None)]
+    got = con.execute(
+        "SELECT subject_id, vtype, vstart, vend, start_eid FROM src_visits ORDER BY subject_id, vstart, vtype"
+    ).fetchall()
+    assert got == [
+        (1, "OP", t[0], t[0], None),
+        (1, "OP", t[2], t[3], None),
+        (1, "IP", t[4], t[8], None),
+        (1, "OP", t[5], t[5], None),
+        (1, "IP", t[6], t[7], None),
+        (1, "IP", t[10], t[12], None),
+        (1, "IP", t[12], t[15], None),
+        (2, "IP", t[2], t[3], None),
+    ]
     build_source_visits(con, "meds", [{**p, "keep_start_code": False} for p in patterns])
     starts = con.execute("SELECT count(start_eid), count(DISTINCT start_eid) FROM src_visits").fetchall()[0]
     assert starts == (8, 8), "every start event is named once, to be replaced by the visit's own token"
@@ -146,7 +177,9 @@ def test_shipped_task_runs_on_the_slice(sliced, task: str) -> None:
     assert 0 < (pc.sum(y).as_py() or 0) < len(labels), "both classes occur on 300 subjects"
     end = duckdb.sql(f"SELECT max(time) FROM read_parquet('{meds}/data/*/*.parquet')").fetchall()[0][0]
     days = {"30d": 30, "1y": 365, "3y": 1095}[task.rsplit("_", 1)[1]]
-    assert pc.max(labels.column("prediction_time")).as_py() <= end - dt.timedelta(days=days), "follow-up: the window fits in the data"
+    assert pc.max(labels.column("prediction_time")).as_py() <= end - dt.timedelta(days=days), (
+        "follow-up: the window fits in the data"
+    )
 
 
 def test_at_least_eight_tasks_are_shipped() -> None:
@@ -158,14 +191,22 @@ def test_a_planted_future_event_changes_no_history(sliced, tmp_path: Path) -> No
     the histories of every label at or before that time are token for token the same."""
     meds, out, _ = sliced
     labels = extract_labels("synthea20k_t2d_3y", meds)
-    row = labels.filter(pc.equal(labels.column("subject_id"), labels.column("subject_id")[len(labels) // 2])).to_pylist()[0]
+    row = labels.filter(
+        pc.equal(labels.column("subject_id"), labels.column("subject_id")[len(labels) // 2])
+    ).to_pylist()[0]
     sid, t = row["subject_id"], row["prediction_time"]
-    plant = [(sid, t + dt.timedelta(days=1), "Visit/IP"), (sid, t + dt.timedelta(days=1), "SNOMED/44054006"),
-             (sid, t + dt.timedelta(days=3), "Visit/IP/END"), (sid, t + dt.timedelta(days=4), "MEDS_DEATH")]
+    plant = [
+        (sid, t + dt.timedelta(days=1), "Visit/IP"),
+        (sid, t + dt.timedelta(days=1), "SNOMED/44054006"),
+        (sid, t + dt.timedelta(days=3), "Visit/IP/END"),
+        (sid, t + dt.timedelta(days=4), "MEDS_DEATH"),
+    ]
     planted_meds = write_slice(shared_data("synthea20k/meds"), tmp_path / "meds", N_SUBJECTS, plant)
     planted_out = tmp_path / "prepared"
     run_prepare(planted_meds, planted_out)
-    mine = labels.filter(pc.and_(pc.equal(labels.column("subject_id"), sid), pc.less_equal(labels.column("prediction_time"), t)))
+    mine = labels.filter(
+        pc.and_(pc.equal(labels.column("subject_id"), sid), pc.less_equal(labels.column("prediction_time"), t))
+    )
     secs = times_seconds(mine.column("prediction_time"))
     decoded = []
     for prepared in (out, planted_out):

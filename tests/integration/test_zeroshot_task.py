@@ -36,11 +36,24 @@ windows:
 def trained(synthetic_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(model output dir, prepared dir): micro, 8 steps."""
     out = tmp_path_factory.mktemp("zs") / "model"
-    pretrain(compose_cfg(
-        "task=pretrain", "model=micro", "model.max_seq_len=128", "trainer=cpu", f"data.prepared_dir={synthetic_prepared}", f"output_dir={out}",
-        "trainer.max_steps=8", "trainer.val_check_interval=8", "task.datamodule.max_tokens_per_batch=1024",
-        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0", "logger=none", "callbacks=none",
-    ))
+    pretrain(
+        compose_cfg(
+            "task=pretrain",
+            "model=micro",
+            "model.max_seq_len=128",
+            "trainer=cpu",
+            f"data.prepared_dir={synthetic_prepared}",
+            f"output_dir={out}",
+            "trainer.max_steps=8",
+            "trainer.val_check_interval=8",
+            "task.datamodule.max_tokens_per_batch=1024",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false",
+            "trainer.num_sanity_val_steps=0",
+            "logger=none",
+            "callbacks=none",
+        )
+    )
     return out, synthetic_prepared
 
 
@@ -53,11 +66,13 @@ def task_files(trained: tuple[Path, Path], tmp_path_factory: pytest.TempPathFact
     arrays, _ = load_all_splits(prepared)
     mid = arrays.offsets[:-1] + arrays.lengths() // 2
     t = arrays.times[mid]
-    labels = pa.table({
-        "subject_id": pa.array(arrays.subject_id),
-        "prediction_time": pa.array(t.astype("datetime64[s]").astype("datetime64[us]")),
-        "boolean_value": pa.array(np.arange(len(t)) % 3 == 0),
-    })
+    labels = pa.table(
+        {
+            "subject_id": pa.array(arrays.subject_id),
+            "prediction_time": pa.array(t.astype("datetime64[s]").astype("datetime64[us]")),
+            "boolean_value": pa.array(np.arange(len(t)) % 3 == 0),
+        }
+    )
     (d / "labels").mkdir()
     pq.write_table(labels, d / "labels" / "part-0.parquet")
     return d / "task.yaml", d / "labels"
@@ -67,8 +82,17 @@ def cfg_for(trained: tuple[Path, Path], task_files: tuple[Path, Path], out: Path
     model, _ = trained
     task, labels = task_files
     return compose_cfg(
-        "task=zeroshot", f"model_dir={model}", f"probe.task={task}", f"labels_dir={labels}", f"output_dir={out}", "split=all",
-        "zeroshot.num_samples=3", "zeroshot.max_new_tokens=32", "zeroshot.batch_size=64", "zeroshot.n_boot=50", "zeroshot.progress=false",
+        "task=zeroshot",
+        f"model_dir={model}",
+        f"probe.task={task}",
+        f"labels_dir={labels}",
+        f"output_dir={out}",
+        "split=all",
+        "zeroshot.num_samples=3",
+        "zeroshot.max_new_tokens=32",
+        "zeroshot.batch_size=64",
+        "zeroshot.n_boot=50",
+        "zeroshot.progress=false",
         *overrides,
     )
 
@@ -76,16 +100,33 @@ def cfg_for(trained: tuple[Path, Path], task_files: tuple[Path, Path], out: Path
 def test_end_to_end_outputs(trained, task_files, tmp_path: Path) -> None:
     out = tmp_path / "zs"
     metrics = run(cfg_for(trained, task_files, out, "zeroshot.write_trajectories=true"))
-    assert {p.name for p in out.iterdir()} >= {"predictions.parquet", "details.parquet", "metrics.json", "report.md", "roc.png", "calibration.png", "config.yaml", "chunks", "trajectories"}
+    assert {p.name for p in out.iterdir()} >= {
+        "predictions.parquet",
+        "details.parquet",
+        "metrics.json",
+        "report.md",
+        "roc.png",
+        "calibration.png",
+        "config.yaml",
+        "chunks",
+        "trajectories",
+    }
     preds = read_predictions(out / "predictions.parquet")  # meds-evaluation schema
     assert len(preds) == metrics["n"] == 66
     p = preds.column("predicted_boolean_probability").to_numpy()
     assert ((p >= 0) & (p <= 1)).all()
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["outcome"]["window"]["end_days"] == 180 and sorted(saved["outcome"]["tokens"]) == ["SNOMED/101", "SNOMED/102"]
+    assert saved["outcome"]["window"]["end_days"] == 180 and sorted(saved["outcome"]["tokens"]) == [
+        "SNOMED/101",
+        "SNOMED/102",
+    ]
     assert saved["futures"]["futures"] == 3 * 66 and 0 < saved["futures"]["resolved_share"] <= 1
     report = (out / "report.md").read_text()
-    assert "| zero-shot (3 futures, mc) |" in report and "| zero-shot (3 futures, hazard) |" in report and "hazard - mc AUROC" in report
+    assert (
+        "| zero-shot (3 futures, mc) |" in report
+        and "| zero-shot (3 futures, hazard) |" in report
+        and "hazard - mc AUROC" in report
+    )
     est = saved["estimators"]  # both estimators from the same futures, and their paired difference
     assert est["mc"]["auroc"]["value"] == saved["auroc"]["value"] and "value" in est["hazard - mc"]["auroc"]
     assert est["hazard"]["mean_label_se"] < est["mc"]["mean_label_se"], "the hazard sum is the less noisy estimate"
@@ -93,7 +134,9 @@ def test_end_to_end_outputs(trained, task_files, tmp_path: Path) -> None:
     h = det.column("hazard_probability").to_numpy()
     assert ((h >= 0) & (h <= 1 + 1e-6)).all() and (det.column("hazard_se").to_numpy() >= 0).all()
     cif = np.stack(det.column("hazard_cif").to_pylist())
-    assert cif.shape == (66, 10) and (np.diff(cif, axis=1) >= -1e-12).all() and np.allclose(cif[:, -1], h)  # rises to the risk at the window's end
+    assert (
+        cif.shape == (66, 10) and (np.diff(cif, axis=1) >= -1e-12).all() and np.allclose(cif[:, -1], h)
+    )  # rises to the risk at the window's end
     traj = sorted((out / "trajectories").glob("*.parquet"))
     assert [t.stem for t in traj] == ["0", "1", "2"]  # one MEDS file per sample index
     t0 = pq.read_table(traj[0])
@@ -113,18 +156,29 @@ def test_hazard_estimator_is_the_prediction_when_chosen(trained, task_files, tmp
     assert "estimators" not in topk
 
 
-def test_recalibration_on_the_tuning_split_is_labelled_and_keeps_the_raw_probability(trained, task_files, tmp_path: Path) -> None:
+def test_recalibration_on_the_tuning_split_is_labelled_and_keeps_the_raw_probability(
+    trained, task_files, tmp_path: Path
+) -> None:
     m = run(cfg_for(trained, task_files, tmp_path / "rc", "zeroshot.recalibrate=true", "zeroshot.estimator=hazard"))
     r = m["recalibration"]
-    assert r["method"] == "platt on the tuning split" and r["n"] > 0 and 0 < r["n_pos"] < r["n"] and "auroc" in r["uncalibrated"]
+    assert (
+        r["method"] == "platt on the tuning split"
+        and r["n"] > 0
+        and 0 < r["n_pos"] < r["n"]
+        and "auroc" in r["uncalibrated"]
+    )
     det = pq.read_table(tmp_path / "rc" / "details.parquet")
     raw, cal = det.column("probability_uncalibrated").to_numpy(), det.column("probability").to_numpy()
-    assert not np.allclose(raw, cal) and (np.argsort(raw, kind="stable") == np.argsort(cal, kind="stable")).mean() > 0.9  # monotone map
+    assert (
+        not np.allclose(raw, cal) and (np.argsort(raw, kind="stable") == np.argsort(cal, kind="stable")).mean() > 0.9
+    )  # monotone map
     assert "recalibrated on tuning" in (tmp_path / "rc" / "report.md").read_text()
     assert (tmp_path / "rc" / "recalibration" / "chunks").is_dir()
 
 
-def test_resume_after_interruption_gives_the_same_result(trained, task_files, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_after_interruption_gives_the_same_result(
+    trained, task_files, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     full = run(cfg_for(trained, task_files, tmp_path / "full", "zeroshot.chunk_size=20"))
     real = zp.predict_chunk
     calls = {"n": 0}

@@ -13,7 +13,7 @@ import pytest
 from cehrx.data.atomic import atomic_dir, atomic_file, recover
 from cehrx.errors import CehrxError
 
-CHILD = textwrap.dedent('''
+CHILD = textwrap.dedent("""
     import os, signal, sys
     from cehrx.data import atomic as A
     target, where = sys.argv[1], sys.argv[2]
@@ -27,7 +27,7 @@ CHILD = textwrap.dedent('''
         (tmp / "done").write_text("new")
         if where == "inside":
             os.kill(os.getpid(), signal.SIGKILL)
-''')
+""")
 
 
 def killed_overwrite(tmp_path: Path, where: str) -> Path:
@@ -55,7 +55,11 @@ def test_kill_between_the_renames_never_leaves_no_output(tmp_path: Path) -> None
     assert recover(target.resolve(), "done") == {"restored": 0, "promoted": 1, "removed": 1}
     assert (target / "done").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     target2 = killed_overwrite(tmp_path / "b", "between")
-    assert recover(target2.resolve()) == {"restored": 1, "promoted": 0, "removed": 1}  # unknown marker: the old one back
+    assert recover(target2.resolve()) == {
+        "restored": 1,
+        "promoted": 0,
+        "removed": 1,
+    }  # unknown marker: the old one back
     assert (target2 / "done").read_text() == "old"
 
 

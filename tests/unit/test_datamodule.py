@@ -44,7 +44,9 @@ def test_cache_is_memory_mapped_reused_and_rebuilt(prepared: Path, dm: PretrainD
     meta = prepared / "cache" / "train" / "meta.json"
     assert isinstance(dm.train_set.arrays.tokens, np.memmap)
     ref = load_split(prepared, "train")
-    assert np.array_equal(dm.train_set.arrays.tokens, ref.tokens) and np.array_equal(dm.train_set.arrays.offsets, ref.offsets)
+    assert np.array_equal(dm.train_set.arrays.tokens, ref.tokens) and np.array_equal(
+        dm.train_set.arrays.offsets, ref.offsets
+    )
     built = meta.stat().st_mtime_ns
     PretrainDataModule(str(prepared), max_seq_len=MAX_LEN, max_tokens_per_batch=BUDGET).setup()
     assert meta.stat().st_mtime_ns == built  # fresh cache reused
@@ -136,7 +138,9 @@ def test_pad_to_budget_gives_static_shapes(prepared: Path) -> None:
 
 def test_epochs_reshuffle_crops_deterministically(prepared: Path, dm: PretrainDataModule) -> None:
     a0, a1 = dm.train_set.plan(0), dm.train_set.plan(1)
-    assert not np.array_equal(a0.samples.start, a1.samples.start) or not all(np.array_equal(x, y) for x, y in zip(a0.batches, a1.batches, strict=False))
+    assert not np.array_equal(a0.samples.start, a1.samples.start) or not all(
+        np.array_equal(x, y) for x, y in zip(a0.batches, a1.batches, strict=False)
+    )
     other = PretrainDataModule(str(prepared), max_seq_len=MAX_LEN, max_tokens_per_batch=BUDGET, seed=7)
     other.setup()
     b = other.train_set.plan(1)
@@ -179,7 +183,14 @@ def test_dataset_pickles_without_the_token_data(dm: PretrainDataModule) -> None:
 
 def test_dataloader_yields_batches(dm: PretrainDataModule) -> None:
     batches = list(dm.train_dataloader())
-    assert len(batches) == len(dm.train_dataloader()) and set(batches[0]) >= {"input_ids", "labels", "cu_seqlens", "max_seqlen", "times", "n_tokens"}
+    assert len(batches) == len(dm.train_dataloader()) and set(batches[0]) >= {
+        "input_ids",
+        "labels",
+        "cu_seqlens",
+        "max_seqlen",
+        "times",
+        "n_tokens",
+    }
 
 
 def test_pack_lengths_covers_every_item_within_budget() -> None:
@@ -207,7 +218,6 @@ def test_missing_vocab_is_a_clear_error(tmp_path: Path) -> None:
 def test_budget_must_hold_a_crop(prepared: Path) -> None:
     with pytest.raises(ValueError, match="exceeds max_tokens_per_batch"):
         PretrainDataModule(str(prepared), max_seq_len=512, max_tokens_per_batch=256).setup()
-
 
 
 def test_sampler_resumes_mid_epoch(dm: PretrainDataModule) -> None:

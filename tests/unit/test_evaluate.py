@@ -19,13 +19,39 @@ from cehrx.eval.neighbors import nearest
 from cehrx.eval.patients import TokenSpace, record_matrix, sequence_hashes, subset, summarize
 from tests.conftest import compose_cfg
 
-TOKENS = [*SPECIAL_TOKENS, "YEAR//2000", "YEAR//2001", "AGE//30", "AGE//40", "AGE//UNKNOWN", "GENDER//F", "GENDER//M",
-          "RACE//1", "RACE//2", "VISIT//OP", "VISIT//IP", "D5", "D10", "Y3", "Q1", "Q2", *[f"C/{c}" for c in "ABCDEFGH"]]
+TOKENS = [
+    *SPECIAL_TOKENS,
+    "YEAR//2000",
+    "YEAR//2001",
+    "AGE//30",
+    "AGE//40",
+    "AGE//UNKNOWN",
+    "GENDER//F",
+    "GENDER//M",
+    "RACE//1",
+    "RACE//2",
+    "VISIT//OP",
+    "VISIT//IP",
+    "D5",
+    "D10",
+    "Y3",
+    "Q1",
+    "Q2",
+    *[f"C/{c}" for c in "ABCDEFGH"],
+]
 VOCAB = Vocab(TOKENS, [kind_of(t) for t in TOKENS], [1] * len(TOKENS), [1] * len(TOKENS), [None] * len(TOKENS))
 SPACE = TokenSpace.from_vocabs(VOCAB)
 
 
-def seq(codes: list[list[str]], year: int = 2000, age: int = 30, gender: str = "F", race: str = "1", death: bool = False, visit: str = "OP") -> list[str]:
+def seq(
+    codes: list[list[str]],
+    year: int = 2000,
+    age: int = 30,
+    gender: str = "F",
+    race: str = "1",
+    death: bool = False,
+    visit: str = "OP",
+) -> list[str]:
     """A patient: prompt, one visit per code list, D5 gaps, optional death."""
     out = [f"YEAR//{year}", f"AGE//{age}", f"GENDER//{gender}", f"RACE//{race}"]
     for i, visit_codes in enumerate(codes):
@@ -37,17 +63,35 @@ def arrays(patients: list[list[str]]) -> TokenArrays:
     ids = [np.array([VOCAB[t] for t in p], dtype=np.int32) for p in patients]
     offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
     tokens = np.concatenate(ids)
-    return TokenArrays(np.arange(1, len(ids) + 1, dtype=np.int64), offsets, tokens, np.zeros(len(tokens), np.int64), np.zeros(len(ids), np.int64))
+    return TokenArrays(
+        np.arange(1, len(ids) + 1, dtype=np.int64),
+        offsets,
+        tokens,
+        np.zeros(len(tokens), np.int64),
+        np.zeros(len(ids), np.int64),
+    )
 
 
 def patients(ps: list[list[str]]):
     return summarize(arrays(ps), SPACE, SPACE.ids(VOCAB))
 
 
-POP = [seq([list("AB"), list("C")]), seq([list("AD")], gender="M", age=40), seq([list("E"), list("FG"), list("H")], death=True),
-       seq([list("BC")], year=2001, race="2"), seq([list("A"), list("A")]), seq([list("GH")], gender="M")]
-OTHERS = [seq([list("CDE")], age=40), seq([list("FH"), list("B")], gender="M"), seq([list("D")], race="2"),
-          seq([list("AEG")], year=2001), seq([list("H"), list("C")], gender="M", age=40), seq([list("BF")])]
+POP = [
+    seq([list("AB"), list("C")]),
+    seq([list("AD")], gender="M", age=40),
+    seq([list("E"), list("FG"), list("H")], death=True),
+    seq([list("BC")], year=2001, race="2"),
+    seq([list("A"), list("A")]),
+    seq([list("GH")], gender="M"),
+]
+OTHERS = [
+    seq([list("CDE")], age=40),
+    seq([list("FH"), list("B")], gender="M"),
+    seq([list("D")], race="2"),
+    seq([list("AEG")], year=2001),
+    seq([list("H"), list("C")], gender="M", age=40),
+    seq([list("BF")]),
+]
 
 
 # ------------------------------------------------------------------------------ representation
@@ -96,7 +140,9 @@ def test_nearest_jaccard_batches_and_self_exclusion() -> None:
 def test_identical_sets_have_perfect_fidelity() -> None:
     real, syn = patients(POP), patients(POP)
     prev = fidelity.prevalence_metrics(real, syn, SPACE)
-    assert prev["pearson"] == pytest.approx(1.0) and prev["spearman"] == pytest.approx(1.0) and prev["mean_abs_diff"] == 0
+    assert (
+        prev["pearson"] == pytest.approx(1.0) and prev["spearman"] == pytest.approx(1.0) and prev["mean_abs_diff"] == 0
+    )
     top = fidelity.top_codes(real, SPACE, 5)
     co, cr, cs = fidelity.cooccurrence_metrics(real, syn, top)
     assert co["pearson"] == pytest.approx(1.0) and co["mean_abs_diff"] == 0 and np.array_equal(cr, cs)
@@ -138,7 +184,9 @@ def test_adversarial_accuracy_known_answers() -> None:
     real = record_matrix(patients(POP), SPACE)
     assert privacy.adversarial_accuracy(real, real) == 0.0  # every real has a synthetic twin at distance 0
     far = record_matrix(patients([seq([list("AB")]), seq([list("AB")])]), SPACE)
-    near = record_matrix(patients([seq([list("GH")], gender="M", age=40), seq([list("GH")], gender="M", age=40)]), SPACE)
+    near = record_matrix(
+        patients([seq([list("GH")], gender="M", age=40), seq([list("GH")], gender="M", age=40)]), SPACE
+    )
     assert privacy.adversarial_accuracy(far, near) == 1.0  # each set's nearest is always its own kind
     out = privacy.adversarial_privacy(real, record_matrix(patients(OTHERS), SPACE), real)
     assert out["aa_train"] == 0.0 and out["privacy_loss"] > 0.2 and out["n_train"] == out["n_test"] == 6
@@ -161,9 +209,15 @@ def test_exact_copy_rates() -> None:
     train = patients(POP)
     assert privacy.exact_copy_rate(train, patients(POP)) == 1.0
     assert privacy.exact_copy_rate(train, patients(OTHERS)) == 0.0
-    shifted = patients([seq([list("AB"), list("C")], year=2001), seq([list("AB"), list("C")], age=40)])  # POP[0] with another YEAR/AGE
+    shifted = patients(
+        [seq([list("AB"), list("C")], year=2001), seq([list("AB"), list("C")], age=40)]
+    )  # POP[0] with another YEAR/AGE
     out = privacy.exact_copies(train, shifted, patients(OTHERS))
-    assert out["rate_full_sequence"] == 0.0 and out["rate_ignoring_year_age"] == 1.0 and out["held_out_rate_full_sequence"] == 0.0
+    assert (
+        out["rate_full_sequence"] == 0.0
+        and out["rate_ignoring_year_age"] == 1.0
+        and out["held_out_rate_full_sequence"] == 0.0
+    )
 
 
 # ------------------------------------------------------------------------------ marginal baseline
@@ -221,8 +275,15 @@ def test_evaluate_task_renders_report(synthetic_prepared: Path, tmp_path: Path) 
     shutil.copytree(synthetic_prepared / "tokens" / "train", syn / "tokens" / "train")
     shutil.copyfile(synthetic_prepared / "vocab.json", syn / "vocab.json")
     out = tmp_path / "report"
-    cfg = compose_cfg("task=evaluate", f"data.prepared_dir={synthetic_prepared}", f"synthetic_dir={syn}", f"output_dir={out}",
-                      "evaluate.baseline=marginal", "evaluate.top_codes=10", "evaluate.nn_batch_size=16")
+    cfg = compose_cfg(
+        "task=evaluate",
+        f"data.prepared_dir={synthetic_prepared}",
+        f"synthetic_dir={syn}",
+        f"output_dir={out}",
+        "evaluate.baseline=marginal",
+        "evaluate.top_codes=10",
+        "evaluate.nn_batch_size=16",
+    )
     metrics = run(cfg)
     saved = json.loads((out / "metrics.json").read_text())
     model, base = saved["sets"]["model"], saved["sets"]["marginal"]
@@ -247,9 +308,23 @@ def test_evaluate_clear_errors(synthetic_prepared: Path, tmp_path: Path) -> None
     with pytest.raises(CehrxError, match="nothing to evaluate"):
         run(compose_cfg("task=evaluate", f"data.prepared_dir={synthetic_prepared}", f"output_dir={tmp_path / 'a'}"))
     with pytest.raises(CehrxError, match="expected a generate output"):
-        run(compose_cfg("task=evaluate", f"data.prepared_dir={synthetic_prepared}", f"synthetic_dir={tmp_path}", f"output_dir={tmp_path / 'b'}"))
+        run(
+            compose_cfg(
+                "task=evaluate",
+                f"data.prepared_dir={synthetic_prepared}",
+                f"synthetic_dir={tmp_path}",
+                f"output_dir={tmp_path / 'b'}",
+            )
+        )
     with pytest.raises(CehrxError, match="only baseline"):
-        run(compose_cfg("task=evaluate", f"data.prepared_dir={synthetic_prepared}", "evaluate.baseline=gan", f"output_dir={tmp_path / 'c'}"))
+        run(
+            compose_cfg(
+                "task=evaluate",
+                f"data.prepared_dir={synthetic_prepared}",
+                "evaluate.baseline=gan",
+                f"output_dir={tmp_path / 'c'}",
+            )
+        )
 
 
 def test_utility_skips_tasks_with_fixed_label_files(tmp_path: Path) -> None:

@@ -86,14 +86,14 @@ def test_invalid_sequences_dropped_by_reason(synthetic_prepared: Path) -> None:
     old = [v("YEAR//2000"), v("AGE//110"), v("GENDER//F"), v("RACE//1")]
     visit = [v("[VS]"), v("VISIT//OP"), v("SNOMED/100"), v("[VE]")]
     cases = [
-        (prompt, visit + [v("[END]")]),                                          # valid
-        (prompt, [v("SNOMED/100")] + visit),                                     # code outside a visit: grammar
-        (prompt, [v("[END]")]),                                                  # no visits
+        (prompt, visit + [v("[END]")]),  # valid
+        (prompt, [v("SNOMED/100")] + visit),  # code outside a visit: grammar
+        (prompt, [v("[END]")]),  # no visits
         (prompt, visit + [v("D3"), v("[VS]"), v("VISIT//OP"), v("SNOMED/101")]),  # token budget inside visit 2: cut
-        (prompt, [v("[VS]"), v("VISIT//IP"), v("SNOMED/101")]),                  # budget inside the first visit
-        (prompt, [v("[VS]"), v("VISIT//OP"), v("i-D1"), v("[VE]")]),             # inpatient time in an OP visit
-        (old, visit + [v("Y7")] + visit + [v("Y7")] + visit),                    # 124 years old at the end
-        (prompt, visit + [v("D30"), v("[DEATH]")]),                              # valid, dies
+        (prompt, [v("[VS]"), v("VISIT//IP"), v("SNOMED/101")]),  # budget inside the first visit
+        (prompt, [v("[VS]"), v("VISIT//OP"), v("i-D1"), v("[VE]")]),  # inpatient time in an OP visit
+        (old, visit + [v("Y7")] + visit + [v("Y7")] + visit),  # 124 years old at the end
+        (prompt, visit + [v("D30"), v("[DEATH]")]),  # valid, dies
     ]
     prompts = np.array([c[0] for c in cases])
     gen = [np.array(c[1], dtype=np.int32) for c in cases]
@@ -105,7 +105,9 @@ def test_invalid_sequences_dropped_by_reason(synthetic_prepared: Path) -> None:
     p = dec.arrays
     assert [len(p.subject(i)[0]) for i in range(3)] == [8, 8, 10]  # the truncated one ends at its first [VE]
     assert all(check_sequence(vocab, p.subject(i)[0], {"IP"}) is None for i in range(len(p)))
-    dropped_strict = decode_samples(vocab, prompts, np.concatenate(gen), off, np.arange(len(cases)), seed=0, truncated="drop")
+    dropped_strict = decode_samples(
+        vocab, prompts, np.concatenate(gen), off, np.arange(len(cases)), seed=0, truncated="drop"
+    )
     assert dropped_strict.dropped["no_visits"] == 3 and len(dropped_strict.arrays) == 2
 
 
@@ -123,7 +125,13 @@ def test_prompt_pools(synthetic_prepared: Path) -> None:
     assert abs(pool.weights.sum() - 1) < 1e-9 and pool.source == "empirical"
     drawn = pool.draw(500, np.random.default_rng(0))
     assert {tuple(r) for r in drawn.tolist()} <= {tuple(r) for r in heads.tolist()}
-    explicit = config_pool(vocab, [{"year": 2015, "age": 60, "gender": "F", "race": "1", "weight": 3}, ["YEAR//1990", "AGE//5", "GENDER//M", "RACE//2"]])
+    explicit = config_pool(
+        vocab,
+        [
+            {"year": 2015, "age": 60, "gender": "F", "race": "1", "weight": 3},
+            ["YEAR//1990", "AGE//5", "GENDER//M", "RACE//2"],
+        ],
+    )
     assert explicit.weights.tolist() == [0.75, 0.25]
     assert vocab.tokens[explicit.prompts[0, 1]] == "AGE//60"
     with pytest.raises(CehrxError, match="not in the model's vocabulary"):
@@ -171,6 +179,7 @@ def test_meds_output_validates(written) -> None:
     SubjectSplitSchema.validate(splits)
     assert sorted(splits["subject_id"].to_pylist()) == sorted(dec.arrays.subject_id.tolist())
     import json
+
     DatasetMetadataSchema.validate(json.loads((out / "meds" / "metadata" / "dataset.json").read_text()))
     data = pq.read_table(out / "meds" / "data" / "train" / "0.parquet").to_pydict()
     kinds = np.asarray(vocab.kinds)[dec.arrays.tokens]
@@ -197,7 +206,10 @@ def test_omop_has_cdm_columns_and_types(written) -> None:
     assert sum(rows[t] for t in EVENT_TABLES) == int((np.asarray(vocab.kinds)[tok] == "code").sum())
     # no domain or source table in this prepared dir, and SNOMED spans domains: every code goes to observation
     n_codes = len({t for t in tok.tolist() if vocab.kinds[t] == "code"})
-    assert codes["omop_table_routing"]["default_observation"] == n_codes and sum(codes["omop_table_routing"].values()) == n_codes
+    assert (
+        codes["omop_table_routing"]["default_observation"] == n_codes
+        and sum(codes["omop_table_routing"].values()) == n_codes
+    )
     assert rows["observation"] == sum(rows[t] for t in EVENT_TABLES) > 0
     person = pq.read_table(out / "omop" / "person.parquet").to_pydict()
     assert set(person["gender_concept_id"]) <= {8507, 8532} and set(person["race_concept_id"]) <= {8657, 8515}
@@ -217,7 +229,9 @@ def structure(vocab: Vocab, tokens: np.ndarray) -> tuple[list[str], list[str]]:
     """(non-code tokens in order, sorted codes): what a round trip must keep (code order inside a visit may change)."""
     names = [vocab.tokens[t] for t in tokens]
     kinds = [vocab.kinds[t] for t in tokens]
-    return [n for n, k in zip(names, kinds) if k not in ("code", "quantile")], sorted(n for n, k in zip(names, kinds) if k == "code")
+    return [n for n, k in zip(names, kinds) if k not in ("code", "quantile")], sorted(
+        n for n, k in zip(names, kinds) if k == "code"
+    )
 
 
 @pytest.mark.slow
@@ -225,9 +239,18 @@ def test_omop_round_trips_through_prepare(written, tmp_path: Path) -> None:
     from cehrx.tasks import prepare
 
     vocab, dec, out, *_ = written
-    cfg = compose_cfg("task=prepare", "data=omop", f"data.path={out / 'omop'}", f"output_dir={tmp_path / 'rt'}",
-                      "task.min_subjects=1", "task.splits.train=1.0", "task.splits.tuning=0.0", "task.splits.held_out=0.0",
-                      "task.inpatient_visit_types=[IP]", "task.duckdb.threads=1")
+    cfg = compose_cfg(
+        "task=prepare",
+        "data=omop",
+        f"data.path={out / 'omop'}",
+        f"output_dir={tmp_path / 'rt'}",
+        "task.min_subjects=1",
+        "task.splits.train=1.0",
+        "task.splits.tuning=0.0",
+        "task.splits.held_out=0.0",
+        "task.inpatient_visit_types=[IP]",
+        "task.duckdb.threads=1",
+    )
     report = prepare.run(cfg)
     assert report["subjects"]["tokenized"] == len(dec.arrays)
     back_vocab = Vocab.load(tmp_path / "rt")
@@ -257,25 +280,64 @@ def test_concept_map_routes_by_domain_source_table_prefix_and_values() -> None:
     from cehrx.data.vocab import kind_of
     from cehrx.generate.concepts import build_concept_map
 
-    tokens = ["[PAD]", "VISIT//IP", "VISIT//OP", "VISIT//UNKNOWN", "GENDER//F", "RACE//WHITE", "DISCHARGE//Place/1",
-              "SNOMED/1", "OMOP_CONCEPT_ID/777", "DIAGNOSIS//ICD//10//I10", "LAB//1", "HOSPITAL_ADMISSION//X", "BP"]
-    vocab = Vocab(tokens, [kind_of(t) for t in tokens], [1] * len(tokens), [1] * len(tokens), [None] * len(tokens), edges={"BP": [0.0, 1.0]})
+    tokens = [
+        "[PAD]",
+        "VISIT//IP",
+        "VISIT//OP",
+        "VISIT//UNKNOWN",
+        "GENDER//F",
+        "RACE//WHITE",
+        "DISCHARGE//Place/1",
+        "SNOMED/1",
+        "OMOP_CONCEPT_ID/777",
+        "DIAGNOSIS//ICD//10//I10",
+        "LAB//1",
+        "HOSPITAL_ADMISSION//X",
+        "BP",
+    ]
+    vocab = Vocab(
+        tokens,
+        [kind_of(t) for t in tokens],
+        [1] * len(tokens),
+        [1] * len(tokens),
+        [None] * len(tokens),
+        edges={"BP": [0.0, 1.0]},
+    )
     info = SourceInfo(
-        codes={"SNOMED/1": ("Fever", 123, "Condition"), "Visit/IP": ("Inpatient", 9201, "Visit"), "Gender/F": ("FEMALE", 8532, "Gender"),
-               "Place/1": ("Home", 55, "Place of Service"), "OMOP_CONCEPT_ID/777": (None, None, None)},
-        tables={"OMOP_CONCEPT_ID/777": "measurement"}, omop_path=None, is_omop=True)
+        codes={
+            "SNOMED/1": ("Fever", 123, "Condition"),
+            "Visit/IP": ("Inpatient", 9201, "Visit"),
+            "Gender/F": ("FEMALE", 8532, "Gender"),
+            "Place/1": ("Home", 55, "Place of Service"),
+            "OMOP_CONCEPT_ID/777": (None, None, None),
+        },
+        tables={"OMOP_CONCEPT_ID/777": "measurement"},
+        omop_path=None,
+        is_omop=True,
+    )
     keys = [t for t in tokens if t != "[PAD]"] + ["MEDS_DEATH"]
     table, routing = build_concept_map(vocab, keys, info)
     m = {r["key"]: r for r in table.to_pylist()}
-    assert (m["SNOMED/1"]["concept_id"], m["SNOMED/1"]["omop_table"], m["SNOMED/1"]["origin"]) == (123, "condition_occurrence", "source")
+    assert (m["SNOMED/1"]["concept_id"], m["SNOMED/1"]["omop_table"], m["SNOMED/1"]["origin"]) == (
+        123,
+        "condition_occurrence",
+        "source",
+    )
     assert (m["VISIT//IP"]["meds_code"], m["VISIT//IP"]["concept_id"]) == ("Visit/IP", 9201)
-    assert (m["VISIT//OP"]["meds_code"], m["VISIT//OP"]["concept_id"], m["VISIT//OP"]["origin"]) == ("Visit/OP", 9202, "standard")
+    assert (m["VISIT//OP"]["meds_code"], m["VISIT//OP"]["concept_id"], m["VISIT//OP"]["origin"]) == (
+        "Visit/OP",
+        9202,
+        "standard",
+    )
     assert m["VISIT//UNKNOWN"]["concept_id"] == 0 and m["GENDER//F"]["meds_code"] == "Gender/F"
     assert m["RACE//WHITE"]["concept_id"] >= LOCAL_CONCEPT_BASE and m["RACE//WHITE"]["domain"] == "Race"
     assert (m["DISCHARGE//Place/1"]["meds_code"], m["DISCHARGE//Place/1"]["concept_id"]) == ("Place/1", 55)
     assert (m["OMOP_CONCEPT_ID/777"]["concept_id"], m["OMOP_CONCEPT_ID/777"]["omop_table"]) == (777, "measurement")
     assert m["DIAGNOSIS//ICD//10//I10"]["omop_table"] == "condition_occurrence"
-    assert (m["DIAGNOSIS//ICD//10//I10"]["vocabulary_id"], m["DIAGNOSIS//ICD//10//I10"]["concept_code"]) == ("DIAGNOSIS", "/ICD//10//I10")
+    assert (m["DIAGNOSIS//ICD//10//I10"]["vocabulary_id"], m["DIAGNOSIS//ICD//10//I10"]["concept_code"]) == (
+        "DIAGNOSIS",
+        "/ICD//10//I10",
+    )
     assert m["LAB//1"]["omop_table"] == "measurement" and m["BP"]["omop_table"] == "measurement"
     assert m["HOSPITAL_ADMISSION//X"]["omop_table"] == "observation" and m["MEDS_DEATH"]["concept_id"] is None
     assert routing == {"by_domain": 1, "by_source_table": 1, "by_prefix": 2, "by_values": 1, "default_observation": 1}

@@ -20,9 +20,26 @@ from cehrx.generate.constraints import FORBIDDEN, Grammar
 ENDS_OPEN = "sequence ends inside a visit or after a gap"
 PROMPT_BAD = "prompt must be"
 TOKENS = [
-    *g.SPECIAL_TOKENS, "YEAR//2000", "YEAR//UNKNOWN", "AGE//40", "AGE//UNKNOWN", "GENDER//F", "GENDER//UNKNOWN",
-    "RACE//1", "VISIT//IP", "VISIT//OP", "DISCHARGE//home", "D0", "D5", "Y3", "i-D1", "i-H2", "Q1", "Q2",
-    "SNOMED/1", "SNOMED/2",
+    *g.SPECIAL_TOKENS,
+    "YEAR//2000",
+    "YEAR//UNKNOWN",
+    "AGE//40",
+    "AGE//UNKNOWN",
+    "GENDER//F",
+    "GENDER//UNKNOWN",
+    "RACE//1",
+    "VISIT//IP",
+    "VISIT//OP",
+    "DISCHARGE//home",
+    "D0",
+    "D5",
+    "Y3",
+    "i-D1",
+    "i-H2",
+    "Q1",
+    "Q2",
+    "SNOMED/1",
+    "SNOMED/2",
 ]
 INPATIENT = (None, frozenset({"IP"}), frozenset({"OP"}))
 
@@ -70,7 +87,11 @@ def test_every_transition_of_the_mask_is_a_step_check_sequence_accepts(vocab: Vo
             err = check_sequence(vocab, [*prefix, tok], inpatient)
             ok_here = err is None or err.startswith(ENDS_OPEN)
             sampling_only = g.state_name(state) == "end" and vocab.tokens[tok] == g.END
-            assert (table[state, tok] != FORBIDDEN) == (ok_here or sampling_only), (g.state_name(state), vocab.tokens[tok], err)
+            assert (table[state, tok] != FORBIDDEN) == (ok_here or sampling_only), (
+                g.state_name(state),
+                vocab.tokens[tok],
+                err,
+            )
             assert not (sampling_only and ok_here), "[END] [END] is for the sampler only"
 
 
@@ -122,8 +143,17 @@ def test_every_kind_has_a_rule_and_a_spelling() -> None:
 def test_the_layout_writes_what_the_rules_accept(vocab: Vocab) -> None:
     """A subject written slot by slot in the layout of `tokenize.assemble` (every slot filled,
     no gap before the first visit) is a valid sequence."""
-    example = {"[VS]": "[VS]", "[VE]": "[VE]", "[DEATH]": "[DEATH]", "gap": "D5", "visit": "VISIT//IP",
-               "inpatient_time": "i-H2", "code": "SNOMED/1", "quantile": "Q1", "discharge": "DISCHARGE//home"}
+    example = {
+        "[VS]": "[VS]",
+        "[VE]": "[VE]",
+        "[DEATH]": "[DEATH]",
+        "gap": "D5",
+        "visit": "VISIT//IP",
+        "inpatient_time": "i-H2",
+        "code": "SNOMED/1",
+        "quantile": "Q1",
+        "discharge": "DISCHARGE//home",
+    }
     visit = [*g.VISIT_HEAD, *g.EVENT_SLOTS, *g.EVENT_SLOTS, *g.VISIT_TAIL]
     slots = [*g.PROMPT_KINDS, *visit[1:], *visit, *g.DEATH_SLOTS]
     prompt = {"year": "YEAR//2000", "age": "AGE//40", "gender": "GENDER//F", "race": "RACE//1"}

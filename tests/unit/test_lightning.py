@@ -45,9 +45,18 @@ def samples_batch(dm: PretrainDataModule, b: int = 0, **kw) -> dict:
 
 def tiny_trainer(tmp_path: Path, max_steps: int) -> L.Trainer:
     return L.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, val_check_interval=max_steps, check_val_every_n_epoch=None,
-        limit_val_batches=2, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        val_check_interval=max_steps,
+        check_val_every_n_epoch=None,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
     )
 
 
@@ -75,7 +84,10 @@ def test_loss_never_crosses_patients(dm: PretrainDataModule) -> None:
     idx = plan.batches[0]
     assert len(idx) >= 3
     _, packed, _ = m.compute_losses(samples_batch(dm))
-    alone = [m.compute_losses(collate_packed(ds.arrays, plan.samples.take(idx[i : i + 1]), ds.end_id, ds.pad_id))[1]["loss"] for i in range(len(idx))]
+    alone = [
+        m.compute_losses(collate_packed(ds.arrays, plan.samples.take(idx[i : i + 1]), ds.end_id, ds.pad_id))[1]["loss"]
+        for i in range(len(idx))
+    ]
     assert int(packed["loss"].count) == sum(int(a.count) for a in alone) == samples_batch(dm)["n_tokens"] - len(idx)
     torch.testing.assert_close(packed["loss"].total, sum(a.total for a in alone), rtol=1e-4, atol=1e-4)
 
@@ -106,7 +118,9 @@ def test_time_heads_weighted_and_off_at_zero(dm: PretrainDataModule) -> None:
     assert on.time_heads.ymd.weight.grad is not None and torch.isfinite(on.time_heads.ymd.weight.grad).all()
 
 
-def _future_codes_reference(batch: dict, classes: np.ndarray, ve_id: int, horizon_s: int, n_codes: int) -> dict[int, np.ndarray]:
+def _future_codes_reference(
+    batch: dict, classes: np.ndarray, ve_id: int, horizon_s: int, n_codes: int
+) -> dict[int, np.ndarray]:
     """Per-[VE] loop (test only): codes of the same patient after it, at most `horizon_s` later."""
     ids, labels, times, cu = (batch[k].numpy() for k in ("input_ids", "labels", "times", "cu_seqlens"))
     out = {}
@@ -132,9 +146,22 @@ def test_future_code_targets_match_a_per_visit_loop(dm: PretrainDataModule) -> N
     for days in (7, 60, 400):
         for b in range(3):
             batch = samples_batch(dm, b=b)
-            assert (np.diff(batch["times"].numpy())[np.diff(np.searchsorted(batch["cu_seqlens"].numpy(), np.arange(batch["n_tokens"]), "right")) == 0] >= 0).all()
-            idx, target = future_code_targets(batch["input_ids"], batch["labels"], batch["times"], batch["cu_seqlens"], torch.tensor(ve),
-                                              torch.from_numpy(classes), days * 86400, 16)
+            assert (
+                np.diff(batch["times"].numpy())[
+                    np.diff(np.searchsorted(batch["cu_seqlens"].numpy(), np.arange(batch["n_tokens"]), "right")) == 0
+                ]
+                >= 0
+            ).all()
+            idx, target = future_code_targets(
+                batch["input_ids"],
+                batch["labels"],
+                batch["times"],
+                batch["cu_seqlens"],
+                torch.tensor(ve),
+                torch.from_numpy(classes),
+                days * 86400,
+                16,
+            )
             want = _future_codes_reference(batch, classes, ve, days * 86400, 16)
             assert idx.tolist() == sorted(want)
             if len(want):
@@ -171,9 +198,22 @@ def test_checkpoint_and_export_roundtrip_identical_logits(dm: PretrainDataModule
     trainer = tiny_trainer(tmp_path, max_steps=3)
     trainer.fit(m, datamodule=dm)
     names = set(trainer.callback_metrics)
-    for key in ("train/loss", "train/ppl", "train/acc_code", "train/acc_time", "train/lr", "train/tokens_per_s",
-                "train/loss_time_to_visit", "train/loss_ymd", "val/loss", "val/ppl", "val/acc_code", "val/acc_time",
-                "val/loss_time_to_visit", "val/loss_ymd"):
+    for key in (
+        "train/loss",
+        "train/ppl",
+        "train/acc_code",
+        "train/acc_time",
+        "train/lr",
+        "train/tokens_per_s",
+        "train/loss_time_to_visit",
+        "train/loss_ymd",
+        "val/loss",
+        "val/ppl",
+        "val/acc_code",
+        "val/acc_time",
+        "val/loss_time_to_visit",
+        "val/loss_ymd",
+    ):
         assert key in names, key
     torch.testing.assert_close(trainer.callback_metrics["val/ppl"], trainer.callback_metrics["val/loss"].exp())
     ckpt = tmp_path / "m.ckpt"
@@ -186,10 +226,21 @@ def test_checkpoint_and_export_roundtrip_identical_logits(dm: PretrainDataModule
         torch.testing.assert_close(loaded.logits(batch), want, rtol=0, atol=0)
         assert loaded._vocab_json["tokens"][5]["token"] == dm.vocab.tokens[5]  # self-describing
         out = export_checkpoint(ckpt, tmp_path / "run" / "model", dm.prepared_dir / "vocab.json", train_config={"a": 1})
-        assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.json", "vocab.json", "train_config.yaml", "export.json"}
+        assert {p.name for p in out.iterdir()} >= {
+            "model.safetensors",
+            "config.json",
+            "vocab.json",
+            "train_config.yaml",
+            "export.json",
+        }
         gpt, vocab = load_pretrained(tmp_path / "run")  # the run dir resolves to run/model
         assert len(vocab) == len(dm.vocab)
-        h = gpt(batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"])
+        h = gpt(
+            batch["input_ids"],
+            position_ids=batch["position_ids"],
+            cu_seqlens=batch["cu_seqlens"],
+            max_seqlen=batch["max_seqlen"],
+        )
         torch.testing.assert_close(gpt.lm_head_logits(h), want, rtol=0, atol=0)
         assert gpt.lm_head.weight is gpt.wte.weight  # tying survives the export
 
@@ -202,12 +253,20 @@ def test_export_consolidates_a_sharded_checkpoint(dm: PretrainDataModule, tmp_pa
     m = make_module(dm.vocab)
     sharded = tmp_path / "last.ckpt"
     dcp.save({"model": m.state_dict()}, checkpoint_id=str(sharded))
-    torch.save({"hyper_parameters": dict(m.hparams), "global_step": 7, "cehrx": {"model_config": m.config.to_dict()}}, sharded / _METADATA_FILENAME)
+    torch.save(
+        {"hyper_parameters": dict(m.hparams), "global_step": 7, "cehrx": {"model_config": m.config.to_dict()}},
+        sharded / _METADATA_FILENAME,
+    )
     export_checkpoint(sharded, tmp_path / "model", dm.prepared_dir / "vocab.json")
     gpt, _ = load_pretrained(tmp_path / "model")
     batch = samples_batch(dm)
     with torch.no_grad():
-        h = gpt(batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"])
+        h = gpt(
+            batch["input_ids"],
+            position_ids=batch["position_ids"],
+            cu_seqlens=batch["cu_seqlens"],
+            max_seqlen=batch["max_seqlen"],
+        )
         torch.testing.assert_close(gpt.lm_head_logits(h), m.logits(batch), rtol=0, atol=0)
 
 

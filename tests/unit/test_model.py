@@ -57,7 +57,9 @@ def test_packed_equals_each_patient_alone(sdpa_chunk: int | None) -> None:
     model = micro()
     ids, cu = pack(LENGTHS)
     packed = model.lm_head_logits(model(ids, cu_seqlens=cu, max_seqlen=max(LENGTHS)))
-    alone = torch.cat([model.lm_head_logits(model(ids[None, a:b]))[0] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+    alone = torch.cat(
+        [model.lm_head_logits(model(ids[None, a:b]))[0] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    )
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
 
 
@@ -123,7 +125,9 @@ def test_default_positions_match_explicit() -> None:
     pos = torch.cat([torch.arange(n) for n in LENGTHS])
     torch.testing.assert_close(model(ids, cu_seqlens=cu), model(ids, position_ids=pos, cu_seqlens=cu), atol=0, rtol=0)
     # rotary attention only sees relative offsets, so shifting a whole patient is a no-op...
-    torch.testing.assert_close(model(ids, position_ids=pos + 7, cu_seqlens=cu), model(ids, cu_seqlens=cu), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model(ids, position_ids=pos + 7, cu_seqlens=cu), model(ids, cu_seqlens=cu), atol=1e-5, rtol=1e-5
+    )
     # ...but the positions are used: spreading them out changes the result
     assert (model(ids, position_ids=pos * 2, cu_seqlens=cu) - model(ids, cu_seqlens=cu)).abs().max() > 1e-4
 
@@ -182,7 +186,9 @@ def test_resolve_backend() -> None:
             resolve_backend("flash_attn", "cuda")
 
 
-def _qkv(T: int, H: int = 2, D: int = 16, dtype: torch.dtype = torch.float32, device: str = "cpu") -> list[torch.Tensor]:
+def _qkv(
+    T: int, H: int = 2, D: int = 16, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> list[torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(4)
     return [torch.randn(T, H, D, generator=g, device=device, dtype=dtype) for _ in range(3)]
 
@@ -198,7 +204,9 @@ def test_sdpa_packed_matches_reference(sdpa_chunk: int | None) -> None:
     lengths = [1, 30, 7, 64, 2, 19]
     _, cu = pack(lengths)
     q, k, v = _qkv(sum(lengths))
-    torch.testing.assert_close(attention(q, k, v, cu_seqlens=cu, max_seqlen=64, backend="sdpa"), _reference(q, k, v, cu), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        attention(q, k, v, cu_seqlens=cu, max_seqlen=64, backend="sdpa"), _reference(q, k, v, cu), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_banded_mask_is_used_for_long_packs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -262,7 +270,13 @@ def test_config_round_trip_and_validation() -> None:
         GPT(GPTConfig())
 
 
-SIZES = {"micro": (2, 64, 2, 256), "tiny": (4, 128, 4, 512), "small": (6, 384, 6, 1024), "base": (14, 768, 12, 2048), "large": (24, 1024, 16, 4096)}
+SIZES = {
+    "micro": (2, 64, 2, 256),
+    "tiny": (4, 128, 4, 512),
+    "small": (6, 384, 6, 1024),
+    "base": (14, 768, 12, 2048),
+    "large": (24, 1024, 16, 4096),
+}
 
 
 def test_model_yamls_instantiate() -> None:
@@ -273,7 +287,12 @@ def test_model_yamls_instantiate() -> None:
             assert cfg.model.name == name
             model_cfg = instantiate(cfg.model)
             assert isinstance(model_cfg, GPTConfig)
-            assert (model_cfg.n_layer, model_cfg.n_embd, model_cfg.n_head, model_cfg.max_seq_len) == (n_layer, n_embd, n_head, max_seq_len)
+            assert (model_cfg.n_layer, model_cfg.n_embd, model_cfg.n_head, model_cfg.max_seq_len) == (
+                n_layer,
+                n_embd,
+                n_head,
+                max_seq_len,
+            )
             assert model_cfg.vocab_size is None and model_cfg.attn_backend == "auto"
             assert GPTConfig.from_dict(model_cfg.to_dict()) == model_cfg
 

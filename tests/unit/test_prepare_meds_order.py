@@ -26,17 +26,31 @@ def events_with_ties(con, seed: int = 0) -> None:
         rows.append((subject, None, "STATIC/X", None, None, "person", None, None, None, None))
         for _ in range(40):
             t = t0 + dt.timedelta(hours=rng.choice([0, 0, 1]))
-            rows.append((subject, t, rng.choice(["A/1", "A/1", "B/2", "C"]), rng.choice([None, 1.0, -0.5, 2.25, 1e-9]),
-                         rng.choice([None, "x", "y", "ä"]), rng.choice(["measurement", "observation", None]),
-                         rng.choice([None, 7, 3]), rng.choice([None, t0, t0 + dt.timedelta(days=1)]),
-                         rng.choice([None, "mg", "g"]), rng.choice([None, 11, 5])))
+            rows.append(
+                (
+                    subject,
+                    t,
+                    rng.choice(["A/1", "A/1", "B/2", "C"]),
+                    rng.choice([None, 1.0, -0.5, 2.25, 1e-9]),
+                    rng.choice([None, "x", "y", "ä"]),
+                    rng.choice(["measurement", "observation", None]),
+                    rng.choice([None, 7, 3]),
+                    rng.choice([None, t0, t0 + dt.timedelta(days=1)]),
+                    rng.choice([None, "mg", "g"]),
+                    rng.choice([None, 11, 5]),
+                )
+            )
     rng.shuffle(rows)
     con.execute(EVENTS_DDL)
     con.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    con.execute("CREATE TABLE code_meta AS SELECT DISTINCT code, NULL::VARCHAR AS description, NULL::BIGINT AS omop_concept_id, "
-                "NULL::VARCHAR AS omop_domain FROM events ORDER BY code")
-    con.execute("CREATE TABLE subject_split AS SELECT DISTINCT subject_id, CASE WHEN subject_id % 3 = 0 THEN 'tuning' "
-                "WHEN subject_id = 4 THEN 'held_out' ELSE 'train' END AS split FROM events")
+    con.execute(
+        "CREATE TABLE code_meta AS SELECT DISTINCT code, NULL::VARCHAR AS description, NULL::BIGINT AS omop_concept_id, "
+        "NULL::VARCHAR AS omop_domain FROM events ORDER BY code"
+    )
+    con.execute(
+        "CREATE TABLE subject_split AS SELECT DISTINCT subject_id, CASE WHEN subject_id % 3 = 0 THEN 'tuning' "
+        "WHEN subject_id = 4 THEN 'held_out' ELSE 'train' END AS split FROM events"
+    )
 
 
 @pytest.mark.parametrize("batch_rows", [7, 1_000_000])

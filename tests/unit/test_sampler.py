@@ -87,8 +87,12 @@ def test_left_padded_cached_logits_equal_each_prompt_alone(vocab: Vocab) -> None
     cache = model.new_kv_cache(len(seqs), width + extra)
     steps = [model(ids[:, :width], position_ids=pos[:, :width], kv_cache=cache, key_mask=real[:, :width])[:, -1:]]
     for c in range(width, width + extra):
-        steps.append(model(ids[:, c : c + 1], position_ids=pos[:, c : c + 1], kv_cache=cache, key_mask=real[:, : c + 1]))
-    cached = model.lm_head_logits(torch.cat(steps, 1))  # [B, 1 + extra, V]: logits after each prompt token from the last
+        steps.append(
+            model(ids[:, c : c + 1], position_ids=pos[:, c : c + 1], kv_cache=cache, key_mask=real[:, : c + 1])
+        )
+    cached = model.lm_head_logits(
+        torch.cat(steps, 1)
+    )  # [B, 1 + extra, V]: logits after each prompt token from the last
     for i, (s, n) in enumerate(zip(seqs, lengths)):
         alone = model.lm_head_logits(model(s[None]))[0, n - 1 :]
         torch.testing.assert_close(cached[i], alone, atol=1e-5, rtol=1e-5)
@@ -98,7 +102,11 @@ def test_left_padded_cached_logits_equal_each_prompt_alone(vocab: Vocab) -> None
 def test_key_mask_is_rejected_for_packed_input(vocab: Vocab) -> None:
     model = micro(vocab)
     with pytest.raises(ValueError, match="unpacked"):
-        model(torch.zeros(4, dtype=torch.long), cu_seqlens=torch.tensor([0, 4], dtype=torch.int32), key_mask=torch.ones(1, 4, dtype=torch.bool))
+        model(
+            torch.zeros(4, dtype=torch.long),
+            cu_seqlens=torch.tensor([0, 4], dtype=torch.int32),
+            key_mask=torch.ones(1, 4, dtype=torch.bool),
+        )
     with pytest.raises(ValueError, match="key_mask must be"):
         model(torch.zeros(2, 4, dtype=torch.long), key_mask=torch.ones(2, 3, dtype=torch.bool))
 
@@ -139,15 +147,40 @@ def test_samples_do_not_depend_on_batching(vocab: Vocab, histories: tuple[np.nda
     reference all give the same samples."""
     toks, offs = histories
     model = micro(vocab)
-    runs = [sample(model, vocab, toks[: offs[20]], offs[:21], SamplingConfig(max_new_tokens=30, batch_size=bs, seed=5, top_k=40), num_samples=3,
-                   progress=False, use_cache=cache) for bs, cache in ((5, True), (64, True), (7, False))]
+    runs = [
+        sample(
+            model,
+            vocab,
+            toks[: offs[20]],
+            offs[:21],
+            SamplingConfig(max_new_tokens=30, batch_size=bs, seed=5, top_k=40),
+            num_samples=3,
+            progress=False,
+            use_cache=cache,
+        )
+        for bs, cache in ((5, True), (64, True), (7, False))
+    ]
     assert (runs[0].stop != STOP_TOKENS).sum() > 10  # rows stopped early, so the small batch refilled
     cfg = SamplingConfig(max_new_tokens=30, batch_size=16, seed=5, top_k=40)
-    halves = [sample(model, vocab, toks[offs[a] : offs[b]], offs[a : b + 1] - offs[a], cfg, num_samples=3, progress=False, prompt_ids=np.arange(a, b))
-              for a, b in ((0, 8), (8, 20))]  # split over two calls with their global prompt ids
+    halves = [
+        sample(
+            model,
+            vocab,
+            toks[offs[a] : offs[b]],
+            offs[a : b + 1] - offs[a],
+            cfg,
+            num_samples=3,
+            progress=False,
+            prompt_ids=np.arange(a, b),
+        )
+        for a, b in ((0, 8), (8, 20))
+    ]  # split over two calls with their global prompt ids
     np.testing.assert_array_equal(np.concatenate([h.tokens for h in halves]), runs[0].tokens)
     # one sample per prompt: the cache folds each prompt into its row (no sharing), same samples
-    one = [sample(model, vocab, toks[: offs[20]], offs[:21], cfg, num_samples=1, progress=False, use_cache=c) for c in (True, False)]
+    one = [
+        sample(model, vocab, toks[: offs[20]], offs[:21], cfg, num_samples=1, progress=False, use_cache=c)
+        for c in (True, False)
+    ]
     np.testing.assert_array_equal(one[0].tokens, one[1].tokens)
     np.testing.assert_array_equal(one[0].stop, one[1].stop)
     for other in runs[1:]:
@@ -206,7 +239,9 @@ def test_shared_prefix_cache_equals_replicated_cache(vocab: Vocab) -> None:
 
 @pytest.mark.parametrize("fused", [True, False], ids=["cpu-flash", "reference"])
 @torch.no_grad()
-def test_shared_prefix_cache_tiers_compaction_and_buffer_reuse(vocab: Vocab, fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shared_prefix_cache_tiers_compaction_and_buffer_reuse(
+    vocab: Vocab, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The zero-shot life of a cache: samples stop unevenly (one busy prompt: a two-tier grid),
     whole prompts leave (their keys are compacted away, the prefix narrows), narrower and wider
     prompts join into the reused buffers, and rows outgrow the first 16 generated columns.
@@ -239,7 +274,11 @@ def test_shared_prefix_cache_tiers_compaction_and_buffer_reuse(vocab: Vocab, fus
         if step == 3:  # prompts 1 (the longest) and 3 leave: dropped, prefix cut to 11 columns
             keep_rows([p in (0, 2) for p in prompt])
             assert cache.n_prompts == 2 and cache.width == 11
-        if step in (4, 5, 7):  # prompts join: narrower (in the buffer), wider (widened in the buffer), then one too many (buffer grows)
+        if step in (
+            4,
+            5,
+            7,
+        ):  # prompts join: narrower (in the buffer), wider (widened in the buffer), then one too many (buffer grows)
             new, new_seqs = prefill(*{4: ([3], 2), 5: ([15], 3), 7: ([6], 2)}[step])
             cache.extend(new)
             seqs += new_seqs
@@ -250,8 +289,9 @@ def test_shared_prefix_cache_tiers_compaction_and_buffer_reuse(vocab: Vocab, fus
 
 
 @pytest.mark.parametrize("top", [(0, 1.0), (40, 0.9)], ids=["plain", "top-k-top-p"])
-def test_scoring_by_grammar_state_draws_what_the_full_head_draws(vocab: Vocab, histories: tuple[np.ndarray, np.ndarray],
-                                                                   top: tuple[int, float], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_scoring_by_grammar_state_draws_what_the_full_head_draws(
+    vocab: Vocab, histories: tuple[np.ndarray, np.ndarray], top: tuple[int, float], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The lm head scored per grammar state on its allowed tokens only gives the draws of the
     full head with the forbidden tokens masked (same seed, same futures)."""
     from cehrx.generate import sampler
@@ -267,8 +307,9 @@ def test_scoring_by_grammar_state_draws_what_the_full_head_draws(vocab: Vocab, h
         np.testing.assert_array_equal(getattr(by_state, field), getattr(full, field))
 
 
-def test_prefill_in_small_chunks_and_refills_gives_the_same_samples(vocab: Vocab, histories: tuple[np.ndarray, np.ndarray],
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prefill_in_small_chunks_and_refills_gives_the_same_samples(
+    vocab: Vocab, histories: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Prompts prefilled a few at a time (right-aligned into one buffer, the running batch's when
     they join it) sample exactly what one prefill forward per batch samples."""
     from cehrx.generate import sampler
@@ -313,7 +354,15 @@ def test_constrained_samples_always_follow_the_grammar(vocab: Vocab, histories: 
             assert err is None, err
         else:
             assert err is None or err.startswith(ENDS_OPEN), err
-    free = sample(model, vocab, toks, offs, SamplingConfig(**{**cfg.to_dict(), "constrained": False}), num_samples=1, progress=False)
+    free = sample(
+        model,
+        vocab,
+        toks,
+        offs,
+        SamplingConfig(**{**cfg.to_dict(), "constrained": False}),
+        num_samples=1,
+        progress=False,
+    )
     errors = [check_sequence(vocab, q, inpatient) for q in full_sequences(free, toks, offs)]
     assert sum(e is not None and not e.startswith(ENDS_OPEN) for e in errors) > len(errors) // 2
 
@@ -352,7 +401,15 @@ def test_token_and_time_budgets(vocab: Vocab, histories: tuple[np.ndarray, np.nd
     toks, offs = histories
     model = micro(vocab)
     secs = token_seconds(vocab)
-    s = sample(model, vocab, toks, offs, SamplingConfig(max_new_tokens=30, max_days=100.0, batch_size=32), num_samples=2, progress=False)
+    s = sample(
+        model,
+        vocab,
+        toks,
+        offs,
+        SamplingConfig(max_new_tokens=30, max_days=100.0, batch_size=32),
+        num_samples=2,
+        progress=False,
+    )
     lens = s.lengths()
     assert lens.max() <= 30 and (lens[s.stop == STOP_TOKENS] == 30).all()
     assert {STOP_TIME, STOP_TOKENS} <= set(s.stop.tolist())
@@ -372,12 +429,31 @@ def test_token_and_time_budgets(vocab: Vocab, histories: tuple[np.ndarray, np.nd
 def test_end_stop_and_no_stop_ids(vocab: Vocab) -> None:
     """A prompt that ended with [DEATH] can only end: [END] comes next and stops the row.
     `stop_ids=()` runs rows to the budget."""
-    prompt = [vocab[t] for t in ("YEAR//2000", "AGE//40", "GENDER//F", "RACE//1", "[VS]", "VISIT//OP", "[VE]", "D3", "[DEATH]")]
+    prompt = [
+        vocab[t]
+        for t in ("YEAR//2000", "AGE//40", "GENDER//F", "RACE//1", "[VS]", "VISIT//OP", "[VE]", "D3", "[DEATH]")
+    ]
     model = micro(vocab)
-    s = sample(model, vocab, np.array(prompt), np.array([0, len(prompt)]), SamplingConfig(max_new_tokens=10), num_samples=3, progress=False)
+    s = sample(
+        model,
+        vocab,
+        np.array(prompt),
+        np.array([0, len(prompt)]),
+        SamplingConfig(max_new_tokens=10),
+        num_samples=3,
+        progress=False,
+    )
     assert s.stop.tolist() == [STOP_END] * 3 and s.tokens.tolist() == [vocab["[END]"]] * 3
-    s = sample(model, vocab, np.array(prompt[:4]), np.array([0, 4]), SamplingConfig(max_new_tokens=25, constrained=False), num_samples=2,
-               progress=False, stop_ids=())
+    s = sample(
+        model,
+        vocab,
+        np.array(prompt[:4]),
+        np.array([0, 4]),
+        SamplingConfig(max_new_tokens=25, constrained=False),
+        num_samples=2,
+        progress=False,
+        stop_ids=(),
+    )
     assert s.lengths().tolist() == [25, 25] and (s.stop == STOP_TOKENS).all()
 
 
@@ -387,14 +463,30 @@ def test_context_limit_stops_rows(vocab: Vocab, histories: tuple[np.ndarray, np.
     longest = int(np.argmax(np.diff(offs)))
     p = toks[offs[longest] : offs[longest + 1]]
     model = micro(vocab, max_seq_len=len(p) + 4)
-    s = sample(model, vocab, np.concatenate([p, toks[:4]]), np.array([0, len(p), len(p) + 4]), SamplingConfig(max_new_tokens=30),
-               progress=False, stop_ids=())
+    s = sample(
+        model,
+        vocab,
+        np.concatenate([p, toks[:4]]),
+        np.array([0, len(p), len(p) + 4]),
+        SamplingConfig(max_new_tokens=30),
+        progress=False,
+        stop_ids=(),
+    )
     assert s.lengths().tolist() == [4, min(30, len(p))] and (s.stop == STOP_TOKENS).all()
     # one full row among many keeps riding in the batch (< 1/8 finished): same results, cache or not
     many = np.concatenate([p] + [toks[:4]] * 9)
     offsets = np.concatenate([[0], len(p) + 4 * np.arange(10)])
     for use_cache in (True, False):
-        s = sample(model, vocab, many, offsets, SamplingConfig(max_new_tokens=30, batch_size=16), progress=False, stop_ids=(), use_cache=use_cache)
+        s = sample(
+            model,
+            vocab,
+            many,
+            offsets,
+            SamplingConfig(max_new_tokens=30, batch_size=16),
+            progress=False,
+            stop_ids=(),
+            use_cache=use_cache,
+        )
         assert s.lengths().tolist() == [4] + [min(30, len(p))] * 9
     with pytest.raises(CehrxError, match="max_seq_len"):
         sample(model, vocab, np.resize(p, len(p) + 4), np.array([0, len(p) + 4]), SamplingConfig(), progress=False)
@@ -409,7 +501,9 @@ def test_num_samples_are_prompt_major(vocab: Vocab, histories: tuple[np.ndarray,
     s = sample(model, vocab, toks[: offs[6]], offs[:7], cfg, num_samples=3, progress=False)
     assert s.prompt_index.tolist() == [i for i in range(6) for _ in range(3)]
     for i in range(6):
-        alone = sample(model, vocab, toks[offs[i] : offs[i + 1]], np.array([0, offs[i + 1] - offs[i]]), cfg, progress=False)
+        alone = sample(
+            model, vocab, toks[offs[i] : offs[i + 1]], np.array([0, offs[i + 1] - offs[i]]), cfg, progress=False
+        )
         for j in range(3):
             np.testing.assert_array_equal(s.sequence(3 * i + j), alone.sequence(0))
 
@@ -435,12 +529,21 @@ def test_ungrammatical_prompt_is_sampled_unconstrained_with_a_warning(vocab: Voc
     bad = [vocab[t] for t in ("YEAR//2000", "AGE//40", "GENDER//F", "RACE//1", "D3")]  # a gap before any visit
     good = bad[:4]
     with pytest.warns(UserWarning, match="1 prompt"):
-        s = sample(micro(vocab), vocab, np.array(bad + good), np.array([0, 5, 9]), SamplingConfig(max_new_tokens=5), progress=True)
+        s = sample(
+            micro(vocab),
+            vocab,
+            np.array(bad + good),
+            np.array([0, 5, 9]),
+            SamplingConfig(max_new_tokens=5),
+            progress=True,
+        )
     assert len(s) == 2 and vocab.tokens[s.sequence(1)[0]] == "[VS]"  # the valid prompt stays constrained
 
 
 def test_no_prompts_gives_empty_samples(vocab: Vocab) -> None:
-    s = sample(micro(vocab), vocab, np.zeros(0, np.int64), np.array([0]), SamplingConfig(), num_samples=3, progress=False)
+    s = sample(
+        micro(vocab), vocab, np.zeros(0, np.int64), np.array([0]), SamplingConfig(), num_samples=3, progress=False
+    )
     assert len(s) == 0 and s.offsets.tolist() == [0] and s.tokens.dtype == np.int32
 
 
@@ -448,11 +551,20 @@ def test_bad_settings_are_one_line_errors(vocab: Vocab) -> None:
     with pytest.raises(CehrxError, match="top_p"):
         SamplingConfig(top_p=0.0)
     with pytest.raises(CehrxError, match="vocab_size"):
-        sample(GPT(GPTConfig(vocab_size=len(vocab) + 1, n_layer=1, n_embd=32, n_head=2)), vocab, np.zeros(4, np.int64), np.array([0, 4]), SamplingConfig(), progress=False)
+        sample(
+            GPT(GPTConfig(vocab_size=len(vocab) + 1, n_layer=1, n_embd=32, n_head=2)),
+            vocab,
+            np.zeros(4, np.int64),
+            np.array([0, 4]),
+            SamplingConfig(),
+            progress=False,
+        )
 
 
 @torch.no_grad()
-def test_watched_probability_is_the_exact_step_probability(vocab: Vocab, histories: tuple[np.ndarray, np.ndarray]) -> None:
+def test_watched_probability_is_the_exact_step_probability(
+    vocab: Vocab, histories: tuple[np.ndarray, np.ndarray]
+) -> None:
     """`watch_ids`: over two steps, the mean of p1 + [x1 not watched] * p2 (the hazard sum of
     `cehrx.zeroshot.predict`) equals P(a watched token among the first two draws), enumerated
     exactly from the model and the grammar; the Monte Carlo indicator agrees within its (larger) noise."""
@@ -480,8 +592,16 @@ def test_watched_probability_is_the_exact_step_probability(vocab: Vocab, histori
         s1 = int(grammar.step(torch.tensor([s0]), torch.tensor([x1]))[0])
         exact += float(p1[x1]) * float(dist(np.append(prompt, x1), s1)[watch].sum())
     n = 3000
-    s = sample(model, vocab, prompt, np.array([0, len(prompt)]), SamplingConfig(max_new_tokens=2, batch_size=512, seed=0),
-               num_samples=n, progress=False, watch_ids=watch)
+    s = sample(
+        model,
+        vocab,
+        prompt,
+        np.array([0, len(prompt)]),
+        SamplingConfig(max_new_tokens=2, batch_size=512, seed=0),
+        num_samples=n,
+        progress=False,
+        watch_ids=watch,
+    )
     assert s.watch_prob is not None and s.watch_prob.shape == s.tokens.shape
     first, second = s.offsets[:-1], s.offsets[:-1] + 1
     two = s.lengths() == 2
@@ -491,6 +611,16 @@ def test_watched_probability_is_the_exact_step_probability(vocab: Vocab, histori
     assert abs(hazard.mean() - exact) < 4 * hazard.std() / np.sqrt(n) + 1e-6, (hazard.mean(), exact)
     assert abs(mc.mean() - exact) < 4 * mc.std() / np.sqrt(n) + 1e-6
     assert 0.05 < exact < 0.95 and hazard.std() < mc.std(), (exact, "the hazard sum varies less than the indicator")
-    np.testing.assert_allclose(s.watch_prob[first], float(p1[watch].sum()), rtol=1e-4)   # the first step is exact per row
-    plain = sample(model, vocab, prompt, np.array([0, len(prompt)]), SamplingConfig(max_new_tokens=2, batch_size=512, seed=0), num_samples=n, progress=False)
+    np.testing.assert_allclose(
+        s.watch_prob[first], float(p1[watch].sum()), rtol=1e-4
+    )  # the first step is exact per row
+    plain = sample(
+        model,
+        vocab,
+        prompt,
+        np.array([0, len(prompt)]),
+        SamplingConfig(max_new_tokens=2, batch_size=512, seed=0),
+        num_samples=n,
+        progress=False,
+    )
     assert plain.watch_prob is None and np.array_equal(plain.tokens, s.tokens), "watching changes no draw"

@@ -46,20 +46,29 @@ def test_one_window_is_plain_sampling(vocab: Vocab) -> None:
     assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.stop, b.stop)
 
 
-def test_windows_carry_the_last_visits_behind_a_recomputed_prompt(vocab: Vocab, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_windows_carry_the_last_visits_behind_a_recomputed_prompt(
+    vocab: Vocab, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A fake model that always fills its context with year-long visits: each next window starts at
     the first [VS] within the last `keep` tokens, its YEAR and AGE advanced by the years generated."""
     code = next(t for t, k in zip(vocab.tokens, vocab.kinds) if k == "code")
-    year = min((t for t in vocab.tokens if (time_token_days(t) or 0) >= 365.25), key=time_token_days)  # a gap of >= 1 year
+    year = min(
+        (t for t in vocab.tokens if (time_token_days(t) or 0) >= 365.25), key=time_token_days
+    )  # a gap of >= 1 year
     visit = np.array([vocab[year], vocab[VS], vocab[code], vocab[VE]], dtype=np.int64)
     seen = []
 
     def fake(model, vocab_, tokens, offsets, cfg, *, num_samples=1, progress=False, prompt_ids=None):
-        seqs = [tokens[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+        seqs = [tokens[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
         seen.append((seqs, cfg.seed))
         gen = [np.resize(visit, CTX - len(s)) for s in seqs]
-        return Samples(np.concatenate(gen).astype(np.int32), np.concatenate([[0], np.cumsum([len(g) for g in gen])]),
-                       np.full(len(gen), STOP_TOKENS, np.int8), np.zeros(len(gen)), np.arange(len(gen)))
+        return Samples(
+            np.concatenate(gen).astype(np.int32),
+            np.concatenate([[0], np.cumsum([len(g) for g in gen])]),
+            np.full(len(gen), STOP_TOKENS, np.int8),
+            np.zeros(len(gen)),
+            np.arange(len(gen)),
+        )
 
     monkeypatch.setattr(windows, "sample", fake)
     p = prompts_of(vocab, (1990, 20), (2000, 40))
@@ -78,12 +87,16 @@ def test_windows_carry_the_last_visits_behind_a_recomputed_prompt(vocab: Vocab, 
     # records end where the real data ends: each patient is cut at its first token past end_time
     end = int(np.datetime64("2010-01-01", "s").astype(np.int64))
     seen.clear()
-    cut = windows.sample_windows(micro(vocab), vocab, p, SamplingConfig(seed=5), max_total_tokens=1000, keep=10, end_time=end)
+    cut = windows.sample_windows(
+        micro(vocab), vocab, p, SamplingConfig(seed=5), max_total_tokens=1000, keep=10, end_time=end
+    )
     clock = windows._Clock(vocab, p)
     for i in range(2):
         t = clock.start[i] + np.cumsum(clock.seconds[cut.sequence(i)])
         assert (t <= end).all() and cut.stop[i] == STOP_TOKENS
-    assert cut.lengths()[1] < cut.lengths()[0] < 1000, "born later in the data's time, the 2000 prompt reaches the end sooner"
+    assert cut.lengths()[1] < cut.lengths()[0] < 1000, (
+        "born later in the data's time, the 2000 prompt reaches the end sooner"
+    )
     assert len(seen) < 10, "no window starts once every record has passed the end"
 
 

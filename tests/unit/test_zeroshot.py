@@ -58,11 +58,16 @@ def score(vocab: Vocab, outcome: Outcome, seqs: list[str], stop: list[int], slac
 
 def test_outcome_just_inside_and_just_outside_the_window(vocab: Vocab) -> None:
     out = outcome_of(vocab, Window(end_days=365))
-    s = score(vocab, out, [
-        "[VE] D365 [VS] VISIT//OP SNOMED/101",  # exactly at the end: inside (end inclusive)
-        "[VE] D366 [VS] VISIT//OP SNOMED/101",  # one day late: outside, and the window has passed
-        "SNOMED/101 [VE]",  # rest of the current visit: inside
-    ], [STOP_TIME, STOP_TIME, STOP_TOKENS])
+    s = score(
+        vocab,
+        out,
+        [
+            "[VE] D365 [VS] VISIT//OP SNOMED/101",  # exactly at the end: inside (end inclusive)
+            "[VE] D366 [VS] VISIT//OP SNOMED/101",  # one day late: outside, and the window has passed
+            "SNOMED/101 [VE]",  # rest of the current visit: inside
+        ],
+        [STOP_TIME, STOP_TIME, STOP_TOKENS],
+    )
     assert s.has_outcome.tolist() == [True, False, True]
     assert s.resolved.tolist() == [True, True, True]
     assert s.days_to_outcome[0] == 365 and math.isnan(s.days_to_outcome[1]) and s.days_to_outcome[2] == 0
@@ -83,30 +88,53 @@ def test_time_tokens_are_summed_across_gaps_and_inpatient_time(vocab: Vocab) -> 
 def test_window_start_and_prediction_after_last_event(vocab: Vocab) -> None:
     # prediction time 10 days after the last history event: offsets are counted from the prediction time
     out = outcome_of(vocab, Window(end_days=365))
-    s = score(vocab, out, ["[VE] D375 [VS] VISIT//OP SNOMED/101", "[VE] D376 [VS] VISIT//OP SNOMED/101", "[VE] D3 [VS] VISIT//OP SNOMED/101"],
-              [STOP_TIME] * 3, slack_days=[10, 10, 10])
+    s = score(
+        vocab,
+        out,
+        [
+            "[VE] D375 [VS] VISIT//OP SNOMED/101",
+            "[VE] D376 [VS] VISIT//OP SNOMED/101",
+            "[VE] D3 [VS] VISIT//OP SNOMED/101",
+        ],
+        [STOP_TIME] * 3,
+        slack_days=[10, 10, 10],
+    )
     assert s.has_outcome.tolist() == [True, False, True]
     assert s.days_to_outcome[2] == 0  # rebuilt before the prediction time: placed just after it
     gap = outcome_of(vocab, Window(start_days=2, end_days=30))  # a gap window: days (2, 30]
-    s = score(vocab, gap, ["SNOMED/101 [VE]", "[VE] D2 [VS] VISIT//OP SNOMED/101", "[VE] D3 [VS] VISIT//OP SNOMED/101"], [STOP_TOKENS, STOP_TOKENS, STOP_TIME])
+    s = score(
+        vocab,
+        gap,
+        ["SNOMED/101 [VE]", "[VE] D2 [VS] VISIT//OP SNOMED/101", "[VE] D3 [VS] VISIT//OP SNOMED/101"],
+        [STOP_TOKENS, STOP_TOKENS, STOP_TIME],
+    )
     assert s.has_outcome.tolist() == [False, False, True]
 
 
 def test_within_next_visits(vocab: Vocab) -> None:
     out = outcome_of(vocab, Window(visits=1))
-    s = score(vocab, out, [
-        "[VE] D5 [VS] VISIT//OP SNOMED/101 [VE]",  # first next visit: inside
-        "[VE] D5 [VS] VISIT//OP [VE] D5 [VS] VISIT//OP SNOMED/101",  # second: outside, window passed
-        "[VE] D5 [VS] VISIT//OP SNOMED/100",  # still in visit 1 when the tokens ran out: unresolved
-    ], [STOP_TOKENS] * 3)
+    s = score(
+        vocab,
+        out,
+        [
+            "[VE] D5 [VS] VISIT//OP SNOMED/101 [VE]",  # first next visit: inside
+            "[VE] D5 [VS] VISIT//OP [VE] D5 [VS] VISIT//OP SNOMED/101",  # second: outside, window passed
+            "[VE] D5 [VS] VISIT//OP SNOMED/100",  # still in visit 1 when the tokens ran out: unresolved
+        ],
+        [STOP_TOKENS] * 3,
+    )
     assert s.has_outcome.tolist() == [True, False, False]
     assert s.resolved.tolist() == [True, True, False]
 
 
 def test_value_constrained_outcome_needs_an_allowed_decile(vocab: Vocab) -> None:
     q_hi = np.array([vocab["Q9"], vocab["Q10"]])
-    out = Outcome("t", ["SNOMED/101"], np.array([vocab["SNOMED/101"]]), Window(end_days=30), allowed_q={vocab["SNOMED/101"]: q_hi})
-    s = score(vocab, out, ["SNOMED/101 Q10 [VE]", "SNOMED/101 Q2 [VE]", "SNOMED/101"], [STOP_END, STOP_END, STOP_TOKENS])
+    out = Outcome(
+        "t", ["SNOMED/101"], np.array([vocab["SNOMED/101"]]), Window(end_days=30), allowed_q={vocab["SNOMED/101"]: q_hi}
+    )
+    s = score(
+        vocab, out, ["SNOMED/101 Q10 [VE]", "SNOMED/101 Q2 [VE]", "SNOMED/101"], [STOP_END, STOP_END, STOP_TOKENS]
+    )
     assert s.has_outcome.tolist() == [True, False, False]
 
 
@@ -115,8 +143,10 @@ def test_hazard_sums_each_steps_outcome_probability_inside_the_window_until_the_
     outcome drawn there would lie inside the window (the time of the tokens before it) and no
     outcome came before it in the window; a first outcome that needs a value adds its indicator."""
     out = outcome_of(vocab, Window(start_days=2, end_days=30))
-    seqs = ["SNOMED/100 [VE] D3 [VS] VISIT//OP SNOMED/100 SNOMED/101 SNOMED/100 [VE] D40 [VS] VISIT//OP SNOMED/100",
-            "[VE] D20 [VS] VISIT//OP SNOMED/100 [VE] D20 [VS] VISIT//OP SNOMED/100"]
+    seqs = [
+        "SNOMED/100 [VE] D3 [VS] VISIT//OP SNOMED/100 SNOMED/101 SNOMED/100 [VE] D40 [VS] VISIT//OP SNOMED/100",
+        "[VE] D20 [VS] VISIT//OP SNOMED/100 [VE] D20 [VS] VISIT//OP SNOMED/100",
+    ]
     tokens, offsets = ids(vocab, *seqs)
     p = np.linspace(0.01, 0.2, len(tokens))
     s = score_futures(vocab, out, tokens, offsets, np.array([STOP_TIME, STOP_TIME], np.int8), np.zeros(2, np.int64), p)
@@ -129,10 +159,26 @@ def test_hazard_sums_each_steps_outcome_probability_inside_the_window_until_the_
     np.testing.assert_allclose(s.hazard_days[0], 3 * p[3:7].sum())
     np.testing.assert_allclose(s.cif[:, -1], s.hazard)  # the curve at days 3, 6, ..., 30
     assert s.cif[0, 0] == s.hazard[0] and s.cif[1, 5] == 0 and s.cif[1, 6] == s.hazard[1]  # future 1's terms at day 20
-    valued = Outcome("t", ["SNOMED/101"], np.array([vocab["SNOMED/101"]]), Window(end_days=30), allowed_q={vocab["SNOMED/101"]: np.array([vocab["Q10"]])})
+    valued = Outcome(
+        "t",
+        ["SNOMED/101"],
+        np.array([vocab["SNOMED/101"]]),
+        Window(end_days=30),
+        allowed_q={vocab["SNOMED/101"]: np.array([vocab["Q10"]])},
+    )
     tokens, offsets = ids(vocab, "SNOMED/100 SNOMED/101 Q10 SNOMED/100 [VE]", "SNOMED/100 SNOMED/101 Q2 [VE]")
-    s = score_futures(vocab, valued, tokens, offsets, np.array([STOP_END, STOP_END], np.int8), np.zeros(2, np.int64), np.full(len(tokens), 0.1))
-    np.testing.assert_allclose(s.hazard, [0.2 + 1.0, 0.4])  # priced steps up to the first outcome, then its realised indicator
+    s = score_futures(
+        vocab,
+        valued,
+        tokens,
+        offsets,
+        np.array([STOP_END, STOP_END], np.int8),
+        np.zeros(2, np.int64),
+        np.full(len(tokens), 0.1),
+    )
+    np.testing.assert_allclose(
+        s.hazard, [0.2 + 1.0, 0.4]
+    )  # priced steps up to the first outcome, then its realised indicator
 
 
 # ------------------------------------------------------------------------------ denominator rule
@@ -156,8 +202,12 @@ def test_early_stops_count_as_negatives_only_after_end_or_death(vocab: Vocab) ->
 
 def test_all_unresolved_falls_back_to_the_cohort_rate(vocab: Vocab) -> None:
     out = outcome_of(vocab, Window(end_days=365))
-    s = score(vocab, out, ["[VE] D10 [VS] VISIT//OP SNOMED/101", "[VE] D10 [END]", "[VE] D10", "[VE] D11"],
-              [STOP_TOKENS, STOP_END, STOP_TOKENS, STOP_TOKENS])
+    s = score(
+        vocab,
+        out,
+        ["[VE] D10 [VS] VISIT//OP SNOMED/101", "[VE] D10 [END]", "[VE] D10", "[VE] D11"],
+        [STOP_TOKENS, STOP_END, STOP_TOKENS, STOP_TOKENS],
+    )
     agg = aggregate(s, np.array([0, 0, 1, 1]), 2)
     assert agg["probability"][0] == 0.5 and math.isnan(agg["probability"][1])
     table = pa.table({k: pa.array(v) for k, v in agg.items()})
@@ -215,15 +265,27 @@ def test_overrides_and_event_bound_windows(vocab: Vocab, tmp_path: Path) -> None
 def test_descendants_from_meds_parent_codes(vocab: Vocab, tmp_path: Path) -> None:
     meta = tmp_path / "prep" / "meds" / "metadata"
     meta.mkdir(parents=True)
-    pq.write_table(pa.table({
-        "code": ["SNOMED/101", "SNOMED/105", "SNOMED/106", "SNOMED/107"],
-        "description": ["a", "b", "c", "d"],
-        "parent_codes": [[], ["SNOMED/101"], ["SNOMED/105"], []],
-    }), meta / "codes.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "code": ["SNOMED/101", "SNOMED/105", "SNOMED/106", "SNOMED/107"],
+                "description": ["a", "b", "c", "d"],
+                "parent_codes": [[], ["SNOMED/101"], ["SNOMED/105"], []],
+            }
+        ),
+        meta / "codes.parquet",
+    )
     out = resolve_outcome(vocab, None, outcome_codes=["SNOMED/101"], window_days=30, prepared_dir=tmp_path / "prep")
     assert sorted(vocab.tokens[i] for i in out.token_ids) == ["SNOMED/101", "SNOMED/105", "SNOMED/106"]
     assert out.descendants == "meds_parent_codes"
-    flat = resolve_outcome(vocab, None, outcome_codes=["SNOMED/101"], window_days=30, prepared_dir=tmp_path / "prep", include_descendants=False)
+    flat = resolve_outcome(
+        vocab,
+        None,
+        outcome_codes=["SNOMED/101"],
+        window_days=30,
+        prepared_dir=tmp_path / "prep",
+        include_descendants=False,
+    )
     assert [vocab.tokens[i] for i in flat.token_ids] == ["SNOMED/101"]
 
 
@@ -239,24 +301,38 @@ def micro(vocab: Vocab) -> GPT:
 def _labels(arrays, n: int = 6) -> LabelInputs:
     """Prediction times in the middle of the first n subjects' records."""
     mids = [int(arrays.times[arrays.offsets[i] + (arrays.offsets[i + 1] - arrays.offsets[i]) // 2]) for i in range(n)]
-    return LabelInputs(np.asarray(arrays.subject_id[:n], dtype=np.int64), np.asarray(mids, dtype=np.int64), np.zeros(n, dtype=bool))
+    return LabelInputs(
+        np.asarray(arrays.subject_id[:n], dtype=np.int64), np.asarray(mids, dtype=np.int64), np.zeros(n, dtype=bool)
+    )
 
 
 def same(a: pa.Table, b: pa.Table) -> bool:
     """Tables equal column by column, NaN == NaN (pa.Table.equals says NaN != NaN)."""
+
     def values(t: pa.Table, c: str) -> np.ndarray:
         col = t.column(c)
-        return np.stack(col.to_pylist()).astype(float) if pa.types.is_list(col.type) else col.to_numpy(zero_copy_only=False)
+        return (
+            np.stack(col.to_pylist()).astype(float)
+            if pa.types.is_list(col.type)
+            else col.to_numpy(zero_copy_only=False)
+        )
 
     return a.column_names == b.column_names and all(
-        np.array_equal(values(a, c), values(b, c), equal_nan=pa.types.is_floating(a.column(c).type) or pa.types.is_list(a.column(c).type))
-        for c in a.column_names)
+        np.array_equal(
+            values(a, c),
+            values(b, c),
+            equal_nan=pa.types.is_floating(a.column(c).type) or pa.types.is_list(a.column(c).type),
+        )
+        for c in a.column_names
+    )
 
 
 def _predict(micro: GPT, vocab: Vocab, arrays, labels: LabelInputs, seed: int = 0):
     zcfg = ZeroshotConfig(num_samples=4, max_new_tokens=48, batch_size=16, seed=seed, write_trajectories=True)
     out = outcome_of(vocab, Window(end_days=365))
-    return predict_chunk(micro, vocab, arrays, labels, np.arange(len(labels.subject_id)), out, zcfg, zcfg.history_max_len(256), 0)
+    return predict_chunk(
+        micro, vocab, arrays, labels, np.arange(len(labels.subject_id)), out, zcfg, zcfg.history_max_len(256), 0
+    )
 
 
 def test_no_leakage_planted_future_events_change_nothing(micro: GPT, vocab: Vocab, synthetic_prepared: Path) -> None:
@@ -264,10 +340,12 @@ def test_no_leakage_planted_future_events_change_nothing(micro: GPT, vocab: Voca
     labels = _labels(arrays)
     before, traj_before = _predict(micro, vocab, arrays, labels)
     # overwrite every token after each prediction time with the outcome code
-    planted = type(arrays)(**{k: np.array(getattr(arrays, k)) for k in ("subject_id", "offsets", "tokens", "times", "birth_time")})
+    planted = type(arrays)(
+        **{k: np.array(getattr(arrays, k)) for k in ("subject_id", "offsets", "tokens", "times", "birth_time")}
+    )
     seg = np.repeat(np.arange(len(arrays)), arrays.lengths())
     pred_of = np.full(len(arrays), np.iinfo(np.int64).max)
-    pred_of[:len(labels.prediction_time)] = labels.prediction_time
+    pred_of[: len(labels.prediction_time)] = labels.prediction_time
     future = planted.times > pred_of[seg]
     assert future.sum() > 10
     planted.tokens[future] = vocab["SNOMED/101"]
@@ -285,22 +363,43 @@ def test_deterministic_for_a_seed(micro: GPT, vocab: Vocab, synthetic_prepared: 
     # trajectories: MEDS rows of the futures only, after each label's history
     assert set(ta.column("sample").to_pylist()) <= set(range(4)) and ta.num_rows > 0
     first = ta.group_by(["subject_id", "prediction_time"]).aggregate([("time", "min")])
-    assert all(t >= p - np.timedelta64(1, "D") for t, p in zip(first.column("time_min").to_pylist(), first.column("prediction_time").to_pylist()))
+    assert all(
+        t >= p - np.timedelta64(1, "D")
+        for t, p in zip(first.column("time_min").to_pylist(), first.column("prediction_time").to_pylist())
+    )
 
 
 def test_descendants_from_the_omop_source_concept_ancestor(vocab: Vocab, tmp_path: Path) -> None:
     omop = tmp_path / "omop"
     omop.mkdir()
     pq.write_table(pa.table({"person_id": pa.array([1], pa.int64())}), omop / "person.parquet")
-    pq.write_table(pa.table({"ancestor_concept_id": pa.array([11, 11, 12, 13], pa.int64()), "descendant_concept_id": pa.array([11, 12, 12, 14], pa.int64())}),
-                   omop / "concept_ancestor.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "ancestor_concept_id": pa.array([11, 11, 12, 13], pa.int64()),
+                "descendant_concept_id": pa.array([11, 12, 12, 14], pa.int64()),
+            }
+        ),
+        omop / "concept_ancestor.parquet",
+    )
     prep = tmp_path / "prep"
     (prep / "meds" / "metadata").mkdir(parents=True)
     (prep / "config.yaml").write_text(f"data:\n  source: omop\n  path: {omop}\n")
-    pq.write_table(pa.table({"code": ["SNOMED/101", "SNOMED/110", "SNOMED/111", "SNOMED/112"], "omop_concept_id": pa.array([11, 12, 13, 14], pa.int64()),
-                             "parent_codes": pa.array([[], [], [], []], pa.list_(pa.string()))}), prep / "meds" / "metadata" / "codes.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "code": ["SNOMED/101", "SNOMED/110", "SNOMED/111", "SNOMED/112"],
+                "omop_concept_id": pa.array([11, 12, 13, 14], pa.int64()),
+                "parent_codes": pa.array([[], [], [], []], pa.list_(pa.string())),
+            }
+        ),
+        prep / "meds" / "metadata" / "codes.parquet",
+    )
     out = resolve_outcome(vocab, None, outcome_codes=["SNOMED/101"], window_days=30, prepared_dir=prep)
-    assert sorted(vocab.tokens[i] for i in out.token_ids) == ["SNOMED/101", "SNOMED/110"] and out.descendants == "omop_concept_ancestor"
+    assert (
+        sorted(vocab.tokens[i] for i in out.token_ids) == ["SNOMED/101", "SNOMED/110"]
+        and out.descendants == "omop_concept_ancestor"
+    )
 
 
 def test_case_control_sample_keeps_the_positives_and_weights_back_to_the_split() -> None:
@@ -311,11 +410,19 @@ def test_case_control_sample_keeps_the_positives_and_weights_back_to_the_split()
     n = 5000
     y = np.zeros(n, bool)
     y[::100] = True  # 50 positives, 1 %
-    table = pa.table({"subject_id": np.arange(n), "prediction_time": pa.array(np.arange(n) * 10**6, pa.timestamp("us")), "boolean_value": y})
+    table = pa.table(
+        {
+            "subject_id": np.arange(n),
+            "prediction_time": pa.array(np.arange(n) * 10**6, pa.timestamp("us")),
+            "boolean_value": y,
+        }
+    )
     kept, w, info = sample_labels(table, 400, "case_control", seed=1)
     ky = kept.column("boolean_value").to_numpy(zero_copy_only=False)
     assert ky.sum() == 50 and len(kept) == 400 and info["positives"] == "50 of 50"
-    assert w[ky].sum() == pytest.approx(50) and w[~ky].sum() == pytest.approx(n - 50), "weights add up to the split's classes"
+    assert w[ky].sum() == pytest.approx(50) and w[~ky].sum() == pytest.approx(n - 50), (
+        "weights add up to the split's classes"
+    )
     uni, w_uni, _ = sample_labels(table, 400, "uniform", seed=1)
     assert w_uni is None and len(uni) == 400
     same, w_all, _ = sample_labels(table, None, "case_control", seed=1)
