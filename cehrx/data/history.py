@@ -48,14 +48,29 @@ class Histories:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def packed(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Histories `idx` as the model's packed input: int64 tokens concatenated, int32 `cu_seqlens`."""
+        idx = np.asarray(idx, dtype=np.int64)
+        lens = self.offsets[idx + 1] - self.offsets[idx]
+        cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        flat = np.repeat(self.offsets[idx] - cu[:-1], lens) + np.arange(cu[-1])  # gather indices into tokens
+        return np.asarray(self.tokens[flat], dtype=np.int64), cu.astype(np.int32)
+
     def take(self, idx: np.ndarray) -> "Histories":
         """Histories `idx`, in that order (e.g. the ones a feature cache lacks)."""
         idx = np.asarray(idx, dtype=np.int64)
         lens = self.lengths()[idx]
         offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
         flat = np.repeat(self.offsets[idx] - offsets[:-1], lens) + np.arange(offsets[-1])
-        return Histories(self.tokens[flat], offsets, self.times[flat], self.label_index[idx], self.last_time[idx],
-                         dict(self.dropped), dict(self.stats))
+        return Histories(
+            self.tokens[flat],
+            offsets,
+            self.times[flat],
+            self.label_index[idx],
+            self.last_time[idx],
+            dict(self.dropped),
+            dict(self.stats),
+        )
 
 
 def subject_rows(arrays: TokenArrays, subject_ids: np.ndarray) -> np.ndarray:
@@ -107,12 +122,16 @@ def cut_histories(
     their prediction time, are dropped and counted in `Histories.dropped`.
     """
     if max_len < PROMPT_LEN + 2:
-        raise CehrxError(f"probe max_len={max_len} is too short: it must hold the {PROMPT_LEN}-token prompt and a visit")
+        raise CehrxError(
+            f"probe max_len={max_len} is too short: it must hold the {PROMPT_LEN}-token prompt and a visit"
+        )
     subject_ids = np.asarray(subject_ids, dtype=np.int64)
     rows = subject_rows(arrays, subject_ids)
     has_subject = rows >= 0
     n_known = np.zeros(len(rows), dtype=np.int64)
-    n_known[has_subject] = count_known(arrays, rows[has_subject], np.asarray(prediction_times, dtype=np.int64)[has_subject])
+    n_known[has_subject] = count_known(
+        arrays, rows[has_subject], np.asarray(prediction_times, dtype=np.int64)[has_subject]
+    )
     usable = has_subject & (n_known > PROMPT_LEN)
     dropped = {NO_SUBJECT: int((~has_subject).sum()), NO_HISTORY: int((has_subject & ~usable).sum())}
     label_index = np.flatnonzero(usable).astype(np.int64)
@@ -156,7 +175,9 @@ def _window_starts(
         start[bad[~has_vs]] = n_known[bad[~has_vs]] - room  # no visit at all: plain tail
         # a value token (Q<k>) belongs to the code before it: a window never starts on an orphan value
         kinds = np.asarray(vocab.kinds, dtype=object)
-        orphan = bad[(kinds[np.asarray(arrays.tokens)[off[bad] + start[bad]]] == "quantile") & (start[bad] + 1 < n_known[bad])]
+        orphan = bad[
+            (kinds[np.asarray(arrays.tokens)[off[bad] + start[bad]]] == "quantile") & (start[bad] + 1 < n_known[bad])
+        ]
         start[orphan] += 1
     return start, mid, header
 
@@ -187,8 +208,11 @@ def _gather(
         t0 = times[first]
         g = off[cropped]
         prompt = shards.prompt_ids(
-            vocab, t0, np.asarray(arrays.birth_time, dtype=np.int64)[rows[cropped]],
-            np.asarray(arrays.tokens)[g + 2], np.asarray(arrays.tokens)[g + 3],
+            vocab,
+            t0,
+            np.asarray(arrays.birth_time, dtype=np.int64)[rows[cropped]],
+            np.asarray(arrays.tokens)[g + 2],
+            np.asarray(arrays.tokens)[g + 3],
         )
         idx = (offsets[cropped][:, None] + np.arange(PROMPT_LEN)).ravel()
         tokens[idx] = prompt.ravel()

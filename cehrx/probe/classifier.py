@@ -13,6 +13,7 @@ import warnings
 
 import numpy as np
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 
 log = logging.getLogger("cehrx.probe")
 
@@ -23,8 +24,14 @@ DENSE_MAX_CELLS = 50_000_000  # sparse inputs up to this size are densified (cen
 
 
 def fit_predict(
-    X_train, y_train: np.ndarray, X_test, seed: int = 0, kind: str = "logistic", *,
-    groups: np.ndarray | None = None, info: dict | None = None,
+    X_train,
+    y_train: np.ndarray,
+    X_test,
+    seed: int = 0,
+    kind: str = "logistic",
+    *,
+    groups: np.ndarray | None = None,
+    info: dict | None = None,
 ) -> np.ndarray:
     """Fit on the training rows, return P(y=1) for the test rows.
 
@@ -32,8 +39,6 @@ def fit_predict(
     single class in `y_train` the prediction is that class's rate (nothing to learn). `info`, if
     given, receives what was chosen (C, folds).
     """
-    from threadpoolctl import threadpool_limits
-
     y = np.asarray(y_train).astype(bool)
     info = info if info is not None else {}
     n_test = X_test.shape[0]
@@ -43,8 +48,7 @@ def fit_predict(
     # One BLAS thread: these fits are many small solves, where threaded BLAS only adds contention
     # (10x slower on a busy machine); HGB keeps its own OpenMP threads.
     if kind == "logistic":
-        with threadpool_limits(1, user_api="blas"):
-            return _logistic(X_train, y, X_test, seed, groups, info)
+        return _logistic(X_train, y, X_test, seed, groups, info)
     if kind == "hgb":
         return _hgb(X_train, y, X_test, seed, info)
     raise ValueError(f"unknown classifier kind {kind!r} (logistic | hgb)")
@@ -68,12 +72,21 @@ def cv_splits(y: np.ndarray, groups: np.ndarray | None, seed: int) -> list[tuple
 
 
 def _logistic(X_train, y, X_test, seed: int, groups, info: dict) -> np.ndarray:
+    if sp.issparse(X_train) and X_train.shape[0] * X_train.shape[1] <= DENSE_MAX_CELLS:
+        X_train, X_test = X_train.toarray(), X_test.toarray()
+    model = fit_logistic(X_train, y, seed, groups, info)
+    with threadpool_limits(1, user_api="blas"):
+        return model.predict_proba(X_test)[:, 1]
+
+
+def fit_logistic(X_train, y, seed: int, groups=None, info: dict | None = None):
+    """The fitted `StandardScaler -> LogisticRegression(CV)` pipeline (also the fine-tuning head's start)."""
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    if sp.issparse(X_train) and X_train.shape[0] * X_train.shape[1] <= DENSE_MAX_CELLS:
-        X_train, X_test = X_train.toarray(), X_test.toarray()
+    info = info if info is not None else {}
+    y = np.asarray(y).astype(bool)
     sparse = sp.issparse(X_train)
     scaler = StandardScaler(with_mean=not sparse)
     splits = cv_splits(y, groups, seed)
@@ -83,7 +96,7 @@ def _logistic(X_train, y, X_test, seed: int, groups, info: dict) -> np.ndarray:
     else:
         clf = LogisticRegressionCV(Cs=CS, cv=splits, scoring="roc_auc", max_iter=5000, n_jobs=1)
     model = make_pipeline(scaler, clf)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), threadpool_limits(1, user_api="blas"):
         warnings.simplefilter("ignore")  # convergence chatter at the weakest regularisation
         model.fit(X_train, y)
     if splits is not None:
@@ -92,7 +105,7 @@ def _logistic(X_train, y, X_test, seed: int, groups, info: dict) -> np.ndarray:
         # patients the model was pretrained on, outcomes included.
         cv_auroc = float(np.max(np.mean(next(iter(clf.scores_.values())), axis=0)))
         info.update({"kind": "logistic", "C": float(np.ravel(clf.C_)[0]), "folds": len(splits), "cv_auroc": cv_auroc})
-    return model.predict_proba(X_test)[:, 1]
+    return model
 
 
 def _hgb(X_train, y, X_test, seed: int, info: dict) -> np.ndarray:
@@ -105,8 +118,13 @@ def _hgb(X_train, y, X_test, seed: int, info: dict) -> np.ndarray:
         X_train, X_test = X_train[:, cols], X_test[:, cols]
     dense = lambda X: X.toarray() if sp.issparse(X) else np.asarray(X)
     clf = HistGradientBoostingClassifier(
-        learning_rate=0.05, max_iter=300, max_leaf_nodes=15, l2_regularization=1.0,
-        early_stopping=len(y) >= 200, validation_fraction=0.15, random_state=seed,
+        learning_rate=0.05,
+        max_iter=300,
+        max_leaf_nodes=15,
+        l2_regularization=1.0,
+        early_stopping=len(y) >= 200,
+        validation_fraction=0.15,
+        random_state=seed,
     )
     clf.fit(dense(X_train), y)
     info.update({"kind": "hgb", "iterations": int(clf.n_iter_), "columns": int(X_train.shape[1])})

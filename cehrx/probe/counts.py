@@ -9,6 +9,7 @@ enter as their codes. One DuckDB range join over the MEDS shards, no Python loop
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,13 +34,17 @@ def count_features(
     files = [str(f) for f in meds_data_files(meds_dir)]
     con = duck.connect(memory_limit)
     try:
-        lab = pa.table({
-            "li": pa.array(np.arange(len(labels), dtype=np.int64)),
-            "subject_id": labels.column("subject_id").cast(pa.int64()),
-            "t": labels.column("prediction_time").cast(pa.timestamp("us")),
-        })
+        lab = pa.table(
+            {
+                "li": pa.array(np.arange(len(labels), dtype=np.int64)),
+                "subject_id": labels.column("subject_id").cast(pa.int64()),
+                "t": labels.column("prediction_time").cast(pa.timestamp("us")),
+            }
+        )
         con.register("lab", lab)
-        con.execute(f"CREATE TEMP VIEW ev AS SELECT subject_id, CAST(time AS TIMESTAMP) AS time, code FROM read_parquet({files!r}, union_by_name=true)")
+        con.execute(
+            f"CREATE TEMP VIEW ev AS SELECT subject_id, CAST(time AS TIMESTAMP) AS time, code FROM read_parquet({files!r}, union_by_name=true)"
+        )
         counts = con.sql("""
             SELECT l.li, e.code, count(*)::DOUBLE AS n
             FROM lab l JOIN ev e ON e.subject_id = l.subject_id AND (e.time IS NULL OR e.time <= l.t)
@@ -82,3 +87,40 @@ def window_counts(tokens: np.ndarray, offsets: np.ndarray, vocab_size: int) -> s
     X = sp.csr_matrix((np.ones(len(rows)), (rows, np.asarray(tokens, dtype=np.int64))), shape=(n, vocab_size))
     X.sum_duplicates()
     return X
+
+
+def baseline_features(
+    kinds, prepared: Path, kept: pa.Table, hist, vocab_size: int, select: np.ndarray, min_labels: int
+) -> tuple[dict, dict]:
+    """The count baselines' feature matrices by name (`counts`: log1p code counts + age, `counts_hgb`:
+    raw counts for gradient boosting, `counts_window`: log1p counts of the model's own window tokens).
+
+    Columns are kept when non-zero in at least `min_labels` of the `select` rows' histories: the
+    training rows only, so the test split never chooses a feature.
+    """
+    from cehrx.probe.labels import meds_dir_for
+
+    features, info = {}, {}
+    if {"counts", "counts_hgb"} & set(kinds):
+        counts, names = count_features(meds_dir_for(prepared), kept)
+        common = frequent_columns(counts, select, min_labels)
+        common[-2:] = True  # age columns
+        counts = counts[:, np.flatnonzero(common)]
+        info = {"codes": len(names) - 2, "columns_kept": int(common.sum())}
+        if "counts" in kinds:
+            logc = counts.copy()
+            logc.data = np.log1p(logc.data)
+            features["counts"] = logc
+        if "counts_hgb" in kinds:
+            features["counts_hgb"] = counts
+    if "counts_window" in kinds:
+        win = window_counts(hist.tokens, hist.offsets, vocab_size)
+        win = win[:, np.flatnonzero(frequent_columns(win, select, min_labels))]
+        win.data = np.log1p(win.data)
+        features["counts_window"] = win
+    return features, info
+
+
+def frequent_columns(X: Any, rows: np.ndarray, min_labels: int) -> np.ndarray:
+    """bool per column: non-zero in at least `min_labels` of the given (training) rows' histories."""
+    return np.asarray((X[rows] != 0).sum(0)).ravel() >= min_labels

@@ -57,7 +57,9 @@ def embed_poolings(
         raise CehrxError(f"probe.pooling must be one of {POOLINGS}, got {list(poolings)!r}")
     lengths = histories.lengths().astype(np.int64)
     if len(lengths) and lengths.max() > model.config.max_seq_len:
-        raise CehrxError(f"a history has {int(lengths.max())} tokens but the model's max_seq_len is {model.config.max_seq_len}: lower probe.max_len")
+        raise CehrxError(
+            f"a history has {int(lengths.max())} tokens but the model's max_seq_len is {model.config.max_seq_len}: lower probe.max_len"
+        )
     dev = resolve_device(str(device) if device is not None else None, "probe.device")
     model = model.to(dev).eval()
     budget = max(int(max_tokens_per_batch), int(lengths.max()) if len(lengths) else 1)
@@ -65,7 +67,14 @@ def embed_poolings(
     batches = [order[b] for b in pack_lengths(lengths[order], budget)]
     out = {p: np.zeros((len(lengths), model.config.n_embd), dtype=np.float32) for p in poolings}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
-    bar = tqdm(total=int(lengths.sum()), unit="tok", desc="embed", disable=not progress or not len(lengths), file=sys.stderr, mininterval=2.0)
+    bar = tqdm(
+        total=int(lengths.sum()),
+        unit="tok",
+        desc="embed",
+        disable=not progress or not len(lengths),
+        file=sys.stderr,
+        mininterval=2.0,
+    )
     with autocast:
         for idx in batches:
             for p, feats in _embed_batch(model, histories, idx, poolings, dev).items():
@@ -75,22 +84,30 @@ def embed_poolings(
     return out
 
 
-def _embed_batch(model: GPT, h: Histories, idx: np.ndarray, poolings: tuple[str, ...], dev: torch.device) -> dict[str, np.ndarray]:
-    starts, ends = h.offsets[idx], h.offsets[idx + 1]
-    lens = ends - starts
-    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    flat = np.repeat(starts - cu[:-1], lens) + np.arange(cu[-1])  # gather indices into h.tokens
-    ids = torch.from_numpy(np.asarray(h.tokens[flat], dtype=np.int64)).to(dev)
-    cu_t = torch.from_numpy(cu.astype(np.int32)).to(dev)
-    hidden = model(ids, cu_seqlens=cu_t, max_seqlen=int(lens.max()))
-    out = {}
-    if "last" in poolings:
-        out["last"] = hidden[torch.from_numpy(cu[1:] - 1).to(dev)].float().cpu().numpy()
-    if "mean" in poolings:
-        seg = torch.from_numpy(np.repeat(np.arange(len(idx)), lens)).to(dev)
-        sums = torch.zeros(len(idx), hidden.shape[-1], device=dev, dtype=torch.float32).index_add_(0, seg, hidden.float())
-        out["mean"] = (sums / torch.from_numpy(lens.astype(np.float32)).to(dev)[:, None]).cpu().numpy()
-    return out
+def _embed_batch(
+    model: GPT, h: Histories, idx: np.ndarray, poolings: tuple[str, ...], dev: torch.device
+) -> dict[str, np.ndarray]:
+    tokens, cu = h.packed(idx)
+    ids, cu_t = torch.from_numpy(tokens).to(dev), torch.from_numpy(cu).to(dev)
+    hidden = model(ids, cu_seqlens=cu_t, max_seqlen=int(np.diff(cu).max()))
+    return {p: pool_hidden(hidden, cu_t, p).float().cpu().numpy() for p in poolings}
+
+
+def pool_hidden(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pooling: str) -> torch.Tensor:
+    """`[B, C]` readout of packed hidden states `[T, C]`: the state at each sequence's last token
+    (`last`), or the mean over its tokens (`mean`, accumulated in fp32). Differentiable: the
+    fine-tuning head reads the representation the probe reads."""
+    cu = cu_seqlens.long()
+    if pooling == "last":
+        return hidden[cu[1:] - 1]
+    if pooling != "mean":
+        raise CehrxError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    lens = cu[1:] - cu[:-1]
+    seg = torch.repeat_interleave(torch.arange(len(lens), device=hidden.device), lens)
+    sums = torch.zeros(len(lens), hidden.shape[-1], device=hidden.device, dtype=torch.float32).index_add(
+        0, seg, hidden.float()
+    )
+    return sums / lens.to(torch.float32)[:, None]
 
 
 def embed_unpacked(model: GPT, histories: Histories, pooling: str = "last", batch_size: int = 32) -> np.ndarray:

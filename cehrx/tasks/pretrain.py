@@ -16,7 +16,6 @@ Everything is built from the config with `hydra.utils.instantiate`: `model` (GPT
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import sys
@@ -26,7 +25,6 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import (
     Callback,
     LearningRateMonitor,
@@ -35,8 +33,6 @@ from lightning.pytorch.callbacks import (
     RichProgressBar,
     TQDMProgressBar,
 )
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -45,6 +41,7 @@ from cehrx.data.atomic import write_text
 from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
 from cehrx.model.export import MODEL_SUBDIR, checkpoint_step, export_checkpoint
+from cehrx.model.logs import FlushLogsAtCheckpoint, ResumableCSVLogger  # noqa: F401 (ResumableCSVLogger: the old config target)
 from cehrx.tasks.scaffold import guard, is_finished
 
 CKPT_SUBDIR = "checkpoints"
@@ -72,51 +69,6 @@ class FinalCheckpoint(Callback):
         trainer.save_checkpoint(self.path)
 
 
-class FlushLogsAtCheckpoint(Callback):
-    """Write the loggers' buffered rows whenever a checkpoint is written.
-
-    The CSV logger keeps rows in memory between flushes (`flush_logs_every_n_steps`). A job killed
-    between two flushes (a SLURM requeue or preemption, a crash) would lose them, while its resumed
-    copy restarts from the checkpoint: the loss curve would have a hole before the resume point.
-    Flushed here, the log holds every step up to the checkpoint; steps between the checkpoint and
-    the kill appear twice (the resumed run logs them again).
-    """
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        for logger in trainer.loggers:
-            logger.save()
-
-
-class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer that keeps an existing `metrics.csv` and starts from its columns."""
-
-    def __init__(self, log_dir: str) -> None:
-        super().__init__(log_dir)
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                self.metrics_keys = sorted(next(csv.reader(f), []))
-
-    def _check_log_dir_exists(self) -> None:
-        """Lightning's version deletes the existing metrics.csv here."""
-
-
-class ResumableCSVLogger(CSVLogger):
-    """`CSVLogger` that appends to the `metrics.csv` of the run it resumes (`logger=csv`).
-
-    Lightning's writer deletes an existing metrics.csv when it starts, so a resumed run (a requeued
-    SLURM job) would lose the loss curve of the steps before the resume. This writer keeps the file,
-    starts from its header and appends (a new column rewrites the file with every row kept).
-    """
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
-
-
 def resolve_ckpt_path(value: str | None, output_dir: Path) -> str | None:
     """`last` / `best` -> `<output_dir>/checkpoints/<name>.ckpt`; any other value is a path. Must exist.
 
@@ -130,19 +82,25 @@ def resolve_ckpt_path(value: str | None, output_dir: Path) -> str | None:
         return str(last) if last.exists() else None
     path = output_dir / CKPT_SUBDIR / f"{value}.ckpt" if value in ("last", "best") else Path(str(value))
     if not path.exists():
-        raise CehrxError(f"ckpt_path={value}: no checkpoint at {path} (nothing to resume; drop ckpt_path to start a new run)")
+        raise CehrxError(
+            f"ckpt_path={value}: no checkpoint at {path} (nothing to resume; drop ckpt_path to start a new run)"
+        )
     return str(path)
 
 
 def check_inputs(prepared_dir: Path) -> Path:
     """The prepared dir's vocab.json, or a one-line error saying what is missing."""
     if not prepared_dir.is_dir():
-        raise CehrxError(f"prepared dir {prepared_dir} does not exist: run `cehrx task=prepare` first (or set data.prepared_dir)")
+        raise CehrxError(
+            f"prepared dir {prepared_dir} does not exist: run `cehrx task=prepare` first (or set data.prepared_dir)"
+        )
     vocab = prepared_dir / "vocab.json"
     if not vocab.is_file():
         raise CehrxError(f"{vocab} not found: {prepared_dir} is not a finished prepared dir (run `cehrx task=prepare`)")
     if not (prepared_dir / "tokens" / "train").is_dir():
-        raise CehrxError(f"{prepared_dir / 'tokens' / 'train'} not found: {prepared_dir} has no token shards (run `cehrx task=prepare`)")
+        raise CehrxError(
+            f"{prepared_dir / 'tokens' / 'train'} not found: {prepared_dir} has no token shards (run `cehrx task=prepare`)"
+        )
     return vocab
 
 
@@ -152,7 +110,9 @@ def guard_output(out: Path, overwrite: bool, resuming: bool) -> None:
     ckpts = out / CKPT_SUBDIR
     if not resuming and ckpts.is_dir() and any(ckpts.iterdir()):
         if not overwrite:
-            raise CehrxError(f"{ckpts} holds checkpoints of an earlier run: resume with ckpt_path=last, or pass overwrite=true to start over")
+            raise CehrxError(
+                f"{ckpts} holds checkpoints of an earlier run: resume with ckpt_path=last, or pass overwrite=true to start over"
+            )
         if rank_zero_only.rank == 0:
             for sub in (CKPT_SUBDIR, "logs"):
                 shutil.rmtree(out / sub, ignore_errors=True)
@@ -162,7 +122,9 @@ def fill_vocab_size(cfg: DictConfig, vocab: Vocab, vocab_path: Path) -> None:
     """Set `model.vocab_size` from vocab.json (an explicit, different value is an error)."""
     given = cfg.model.get("vocab_size")
     if given not in (None, len(vocab)):
-        raise CehrxError(f"model.vocab_size={given} but {vocab_path} has {len(vocab)} tokens: leave model.vocab_size=null")
+        raise CehrxError(
+            f"model.vocab_size={given} but {vocab_path} has {len(vocab)} tokens: leave model.vocab_size=null"
+        )
     with open_dict(cfg):
         cfg.model.vocab_size = len(vocab)
 
@@ -206,7 +168,9 @@ def build(cfg: DictConfig, vocab: Vocab, final_ckpt: Path) -> tuple[Any, Any, L.
     """(datamodule, LightningModule, Trainer) from the config groups."""
     gpt_config = instantiate(cfg.model, _convert_="all")
     datamodule = instantiate(cfg.task.datamodule)
-    module = instantiate(cfg.task.module, _partial_=True, _convert_="all")(model_config=gpt_config.to_dict(), vocab=vocab)
+    module = instantiate(cfg.task.module, _partial_=True, _convert_="all")(
+        model_config=gpt_config.to_dict(), vocab=vocab
+    )
     logger = instantiate(cfg.logger) if cfg.get("logger") and "_target_" in cfg.logger else False
     callbacks = [*build_callbacks(cfg), FinalCheckpoint(final_ckpt), FlushLogsAtCheckpoint()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
@@ -217,7 +181,9 @@ def build(cfg: DictConfig, vocab: Vocab, final_ckpt: Path) -> tuple[Any, Any, L.
     return datamodule, module, trainer
 
 
-def finish(cfg: DictConfig, trainer: L.Trainer, module: Any, datamodule: Any, fit_s: float, vocab_path: Path) -> dict[str, Any]:
+def finish(
+    cfg: DictConfig, trainer: L.Trainer, module: Any, datamodule: Any, fit_s: float, vocab_path: Path
+) -> dict[str, Any]:
     """Validate the weights to export (all ranks), then on rank 0 export them and write metrics.json."""
     out = Path(cfg.output_dir)
     final = out / CKPT_SUBDIR / "last.ckpt"
@@ -230,7 +196,9 @@ def finish(cfg: DictConfig, trainer: L.Trainer, module: Any, datamodule: Any, fi
     for lg in trainer.loggers:
         lg.log_metrics({"val/unigram_ppl": metrics["unigram_ppl"]}, step=metrics["global_step"])
         lg.save()
-    export_checkpoint(source, out / MODEL_SUBDIR, vocab_path, train_config=cfg, overwrite=True, info={"metrics": metrics})
+    export_checkpoint(
+        source, out / MODEL_SUBDIR, vocab_path, train_config=cfg, overwrite=True, info={"metrics": metrics}
+    )
     write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     _report(metrics, out)
     return metrics
@@ -242,7 +210,12 @@ def _export_source(trainer: L.Trainer, final: str, which: str) -> str:
         raise CehrxError(f"task.export.weights must be 'best' or 'last', got {which!r}")
     if which == "best":
         for cb in trainer.checkpoint_callbacks:
-            if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path and Path(cb.best_model_path).exists():
+            if (
+                isinstance(cb, ModelCheckpoint)
+                and cb.monitor
+                and cb.best_model_path
+                and Path(cb.best_model_path).exists()
+            ):
                 return cb.best_model_path
     return final
 

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig
 
-from cehrx.data.history import Histories, cut_histories, load_all_splits, subject_rows
+from cehrx.data.history import Histories
 from cehrx.errors import CehrxError
 from cehrx.eval.metrics import binary_metrics, paired_difference
 from cehrx.eval.predictions import write_predictions
@@ -41,7 +41,8 @@ from cehrx.eval.report import write_report
 from cehrx.model.export import load_pretrained, random_init_like
 from cehrx.model.export import model_dir as resolve_model_dir
 from cehrx.probe import labels as L
-from cehrx.probe.counts import count_features, window_counts
+from cehrx.probe.cohort import build_cohort
+from cehrx.probe.counts import baseline_features
 from cehrx.probe.embed import POOLINGS
 from cehrx.probe.evaluate import (
     Protocol,
@@ -55,7 +56,11 @@ from cehrx.tasks.inputs import prepared_dir_for
 from cehrx.tasks.scaffold import guard, task_output, write_marker
 
 log = logging.getLogger("cehrx.probe")
-BASELINES = ("counts", "counts_hgb", "counts_window")  # counts_window: the model's own window, bag of tokens (a diagnostic)
+BASELINES = (
+    "counts",
+    "counts_hgb",
+    "counts_window",
+)  # counts_window: the model's own window, bag of tokens (a diagnostic)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -91,56 +96,41 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
     if max_len > model.config.max_seq_len:
         raise CehrxError(f"probe.max_len={max_len} exceeds the model's max_seq_len={model.config.max_seq_len}")
     t0 = time.perf_counter()
-    arrays, split_of = load_all_splits(prepared)
     test_split = str(cfg.get("split") or "held_out")
-    n_in = len(table)
-    fraction = p.get("train_label_fraction")
-    table, thinned = L.thin_training_labels(table, arrays, split_of, 1.0 if fraction is None else float(fraction), test_split)
     if len(table) > 50_000 and not p.get("cache_dir"):
-        log.warning("%d labels: each costs a forward pass (minutes per 10,000 on CPU); probe.train_label_fraction thins the "
-                    "training side and probe.cache_dir keeps the features for later runs", len(table))
-    sid_all = table.column("subject_id").to_numpy()
-    hist = cut_histories(arrays, vocab, sid_all, L.times_seconds(table.column("prediction_time")), max_len)
-    if not len(hist):
-        raise CehrxError(f"none of the {len(table)} labels has a history in {prepared} before its prediction time ({hist.dropped})")
-    kept = table.take(pa.array(hist.label_index))
-    sid = kept.column("subject_id").to_numpy()
-    y = kept.column("boolean_value").to_numpy(zero_copy_only=False).astype(bool)
-    split = split_of[subject_rows(arrays, sid)]
+        log.warning(
+            "%d labels: each costs a forward pass (minutes per 10,000 on CPU); probe.train_label_fraction thins the "
+            "training side and probe.cache_dir keeps the features for later runs",
+            len(table),
+        )
+    cohort = build_cohort(p, prepared, vocab, table, max_len, test_split)
+    kept, hist, sid, y, split = cohort.labels, cohort.hist, cohort.sid, cohort.y, cohort.split
     timings["histories"] = _lap(t0)
 
     features: dict[str, Any] = {}
     t0 = time.perf_counter()
     embedder = Embedder(p, hist, sid, prepared, max_len)
     features["probe"] = embedder(model, {"model_sha256": weights_sha256(mdir)})
-    for k in range(int(p.get("random_init_seeds", 1)) if p.random_init else 0):  # several draws: one random model is a noisy control
+    for k in range(
+        int(p.get("random_init_seeds", 1)) if p.random_init else 0
+    ):  # several draws: one random model is a noisy control
         rand = random_init_like(model, seed + k)
-        features[random_init_name(k)] = embedder(rand, {"random_init_seed": seed + k, "config": rand.config.to_dict(), "torch": torch.__version__})
+        features[random_init_name(k)] = embedder(
+            rand, {"random_init_seed": seed + k, "config": rand.config.to_dict(), "torch": torch.__version__}
+        )
     timings["embed"] = _lap(t0)
     write_features(tmp, kept, split, features)
 
-    protocol = choose_protocol(split, y, sid, str(p.evaluation), int(p.min_test_class), int(p.cv_folds), seed, test_split)
+    protocol = choose_protocol(
+        split, y, sid, str(p.evaluation), int(p.min_test_class), int(p.cv_folds), seed, test_split
+    )
     # count columns are chosen on training histories only (split: the train rows; cv: every row trains some fold)
     select = protocol.folds[0][0] if protocol.mode == "split" else np.arange(len(y))
     t0 = time.perf_counter()
-    count_info: dict[str, int] = {}
-    if {"counts", "counts_hgb"} & set(p.baselines or []):
-        counts, names = count_features(L.meds_dir_for(prepared), kept)
-        common = frequent_columns(counts, select, int(p.min_code_labels))
-        common[-2:] = True  # age columns
-        counts = counts[:, np.flatnonzero(common)]
-        count_info = {"codes": len(names) - 2, "columns_kept": int(common.sum())}
-        if "counts" in p.baselines:
-            logc = counts.copy()
-            logc.data = np.log1p(logc.data)
-            features["counts"] = logc
-        if "counts_hgb" in p.baselines:
-            features["counts_hgb"] = counts
-    if "counts_window" in (p.baselines or []):
-        win = window_counts(hist.tokens, hist.offsets, len(vocab))
-        win = win[:, np.flatnonzero(frequent_columns(win, select, int(p.min_code_labels)))]
-        win.data = np.log1p(win.data)
-        features["counts_window"] = win
+    counts, count_info = baseline_features(
+        p.baselines or [], prepared, kept, hist, len(vocab), select, int(p.min_code_labels)
+    )
+    features |= counts
     timings["count_features"] = _lap(t0)
 
     t0 = time.perf_counter()
@@ -154,34 +144,43 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
         methods[name] = m
         curves[name] = (y[test], probs[test])
         kept_test = kept.take(pa.array(test))
-        path = write_predictions(tmp / "predictions" / f"{name}.parquet", sid[test], kept_test.column("prediction_time"), y[test], probs[test])
+        path = write_predictions(
+            tmp / "predictions" / f"{name}.parquet",
+            sid[test],
+            kept_test.column("prediction_time"),
+            y[test],
+            probs[test],
+        )
         if name == "probe":
             (tmp / "predictions.parquet").write_bytes(path.read_bytes())
         if kind == "logistic" and p.few_shot and name in ("probe", "random_init", "counts"):
-            curve = few_shot(X, y, sid, protocol, list(p.few_shot), int(p.few_shot_repeats), kind, seed, all_probs=probs)
+            curve = few_shot(
+                X, y, sid, protocol, list(p.few_shot), int(p.few_shot_repeats), kind, seed, all_probs=probs
+            )
             if curve:  # none under cross-fitting
                 fs[name] = curve
     timings["fit_score"] = _lap(t0)
 
     result = summary(cfg, source, mdir, prepared, table, kept, split, y, hist, protocol, methods, fs, timings, max_len)
-    result["labels"]["in"] = n_in
-    result["labels"]["thinned"] = thinned
+    result["labels"]["in"] = cohort.n_in
+    result["labels"]["thinned"] = cohort.thinned
     result["feature_cache"] = embedder.report()
     result["count_features"] = count_info
     if result["scored"]["pretraining_labels"]:
-        log.warning("%d of the %d scored labels are of subjects in the pretraining split (%s cross-fitting): the model saw "
-                    "their outcomes, so the probe's metrics are optimistic against random init and counts",
-                    result["scored"]["pretraining_labels"], result["scored"]["labels"], result["evaluation"])
+        log.warning(
+            "%d of the %d scored labels are of subjects in the pretraining split (%s cross-fitting): the model saw "
+            "their outcomes, so the probe's metrics are optimistic against random init and counts",
+            result["scored"]["pretraining_labels"],
+            result["scored"]["labels"],
+            result["evaluation"],
+        )
     result["random_init_seeds"] = random_init_summary(methods, seed)
     result["paired"] = paired_comparisons(curves, sid[test], int(p.n_boot), seed)
     pq.write_table(kept.append_column("split", pa.array(split.astype(str))), tmp / "labels.parquet")
-    write_report(tmp, report_title(source), {k: v for k, v in methods.items()}, curves, sections=report_sections(result))
+    write_report(
+        tmp, report_title(source), {k: v for k, v in methods.items()}, curves, sections=report_sections(result)
+    )
     return result
-
-
-def frequent_columns(X: Any, rows: np.ndarray, min_labels: int) -> np.ndarray:
-    """bool per column: non-zero in at least `min_labels` of the given (training) rows' histories."""
-    return np.asarray((X[rows] != 0).sum(0)).ravel() >= min_labels
 
 
 def random_init_name(k: int) -> str:
@@ -201,13 +200,21 @@ def random_init_summary(methods: dict, seed: int) -> dict | None:
         return None
     aurocs = np.array([methods[n]["auroc"]["value"] for n in names], dtype=float)
     probe_auroc = float(methods["probe"]["auroc"]["value"])
-    return {"seeds": [seed + k for k in range(len(names))], "methods": names, "auroc": aurocs.round(4).tolist(),
-            "auroc_mean": float(aurocs.mean()), "auroc_sd": float(aurocs.std(ddof=1)) if len(aurocs) > 1 else 0.0,
-            "probe_auroc": probe_auroc, "probe_minus_mean": probe_auroc - float(aurocs.mean()),
-            "probe_beats": int((probe_auroc > aurocs).sum())}
+    return {
+        "seeds": [seed + k for k in range(len(names))],
+        "methods": names,
+        "auroc": aurocs.round(4).tolist(),
+        "auroc_mean": float(aurocs.mean()),
+        "auroc_sd": float(aurocs.std(ddof=1)) if len(aurocs) > 1 else 0.0,
+        "probe_auroc": probe_auroc,
+        "probe_minus_mean": probe_auroc - float(aurocs.mean()),
+        "probe_beats": int((probe_auroc > aurocs).sum()),
+    }
 
 
-def paired_comparisons(curves: dict[str, tuple[np.ndarray, np.ndarray]], sid_test: np.ndarray, n_boot: int, seed: int) -> dict:
+def paired_comparisons(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], sid_test: np.ndarray, n_boot: int, seed: int
+) -> dict:
     """The probe minus each control on the same subject-bootstrap draws (`cehrx.eval.metrics.paired_difference`):
     the mean of the random-init seeds, and each count baseline."""
     if "probe" not in curves or n_boot <= 0:
@@ -215,7 +222,9 @@ def paired_comparisons(curves: dict[str, tuple[np.ndarray, np.ndarray]], sid_tes
     y, p = curves["probe"]
     controls = {"random_init": [curves[n][1] for n in curves if n == "random_init" or n.startswith("random_init_")]}
     controls |= {b: [curves[b][1]] for b in BASELINES if b in curves}
-    return {f"probe - {name}": paired_difference(y, sid_test, p, ps, n_boot, seed) for name, ps in controls.items() if ps}
+    return {
+        f"probe - {name}": paired_difference(y, sid_test, p, ps, n_boot, seed) for name, ps in controls.items() if ps
+    }
 
 
 def write_features(out: Path, kept: pa.Table, split: np.ndarray, features: dict[str, np.ndarray]) -> None:
@@ -227,18 +236,49 @@ def write_features(out: Path, kept: pa.Table, split: np.ndarray, features: dict[
         pq.write_table(t, out / ("features.parquet" if name == "probe" else f"features_{name}.parquet"))
 
 
-def summary(cfg, source, mdir, prepared, table, kept, split, y, hist: Histories, protocol: Protocol, methods, fs, timings, max_len) -> dict:
-    by_split = {s: {"n": int((split == s).sum()), "n_pos": int(y[split == s].sum()), "subjects": len(np.unique(kept.column("subject_id").to_numpy()[split == s]))}
-                for s in ("train", "tuning", "held_out")}
+def summary(
+    cfg,
+    source,
+    mdir,
+    prepared,
+    table,
+    kept,
+    split,
+    y,
+    hist: Histories,
+    protocol: Protocol,
+    methods,
+    fs,
+    timings,
+    max_len,
+) -> dict:
+    by_split = {
+        s: {
+            "n": int((split == s).sum()),
+            "n_pos": int(y[split == s].sum()),
+            "subjects": len(np.unique(kept.column("subject_id").to_numpy()[split == s])),
+        }
+        for s in ("train", "tuning", "held_out")
+    }
     return {
         **source,
         "model_dir": str(mdir),
         "prepared_dir": str(prepared),
         "evaluation": protocol.mode if protocol.mode == "split" else f"cv{len(protocol.folds)}",
-        "labels": {"in": len(table), "used": len(kept), "positives": int(y.sum()), "dropped": hist.dropped, "by_split": by_split},
+        "labels": {
+            "in": len(table),
+            "used": len(kept),
+            "positives": int(y.sum()),
+            "dropped": hist.dropped,
+            "by_split": by_split,
+        },
         "scored": scored_rows(split, y, kept.column("subject_id").to_numpy(), protocol),
-        "history": {"max_len": max_len, "pooling": str(cfg.probe.pooling), **hist.stats,
-                    "mean_tokens": float(hist.lengths().mean()) if len(hist) else 0.0},
+        "history": {
+            "max_len": max_len,
+            "pooling": str(cfg.probe.pooling),
+            **hist.stats,
+            "mean_tokens": float(hist.lengths().mean()) if len(hist) else 0.0,
+        },
         "methods": methods,
         "few_shot": fs,
         "timings_s": timings,
@@ -251,21 +291,31 @@ def report_title(source: dict) -> str:
 
 def report_sections(result: dict) -> dict[str, str]:
     lab = result["labels"]
-    rows = [f"- labels: {lab['in']} in, {lab['used']} used ({lab['positives']} positive); dropped: "
-            + (", ".join(f"{k} {v}" for k, v in lab["dropped"].items() if v) or "none")]
+    rows = [
+        f"- labels: {lab['in']} in, {lab['used']} used ({lab['positives']} positive); dropped: "
+        + (", ".join(f"{k} {v}" for k, v in lab["dropped"].items() if v) or "none")
+    ]
     for s, d in lab["by_split"].items():
         rows.append(f"- {s}: {d['n']} labels ({d['n_pos']} positive), {d['subjects']} subjects")
     ev = result["evaluation"]
-    rows.append(f"- evaluation: {'fit on train + tuning, scored on held_out' if ev == 'split' else ev + ' subject-grouped cross-fitting over all labels (held_out too small)'}")
+    rows.append(
+        f"- evaluation: {'fit on train + tuning, scored on held_out' if ev == 'split' else ev + ' subject-grouped cross-fitting over all labels (held_out too small)'}"
+    )
     sc = result["scored"]
-    rows.append(f"- scored: {sc['labels']} labels ({sc['positives']} positive) from {sc['subjects']} subjects "
-                f"({sc['positive_subjects']} with a positive label)")
+    rows.append(
+        f"- scored: {sc['labels']} labels ({sc['positives']} positive) from {sc['subjects']} subjects "
+        f"({sc['positive_subjects']} with a positive label)"
+    )
     if sc["pretraining_labels"]:
-        rows.append(f"- **note**: {sc['pretraining_labels']} scored labels ({sc['pretraining_subjects']} subjects) are from the `train` split "
-                    "the model was pretrained on; it saw their whole timelines, outcomes included, which favours the pretrained "
-                    "embedding over random init and the count baselines")
-    rows.append(f"- histories: up to {result['history']['max_len']} tokens ({result['history']['mean_tokens']:.0f} on average), "
-                f"{result['history'].get('truncated', 0)} left-truncated; pooling {result['history']['pooling']}")
+        rows.append(
+            f"- **note**: {sc['pretraining_labels']} scored labels ({sc['pretraining_subjects']} subjects) are from the `train` split "
+            "the model was pretrained on; it saw their whole timelines, outcomes included, which favours the pretrained "
+            "embedding over random init and the count baselines"
+        )
+    rows.append(
+        f"- histories: up to {result['history']['max_len']} tokens ({result['history']['mean_tokens']:.0f} on average), "
+        f"{result['history'].get('truncated', 0)} left-truncated; pooling {result['history']['pooling']}"
+    )
     if result.get("description"):
         rows.insert(0, f"- task: {result['description']}")
     sections = {"Data": "\n".join(rows)}
@@ -274,18 +324,27 @@ def report_sections(result: dict) -> dict[str, str]:
         sections["Pretrained vs random init"] = (
             f"- random init over {len(ri['auroc'])} seeds ({', '.join(map(str, ri['seeds']))}): AUROC {ri['auroc_mean']:.3f} ± {ri['auroc_sd']:.3f} "
             f"({', '.join(f'{a:.3f}' for a in ri['auroc'])})\n"
-            f"- probe {ri['probe_auroc']:.3f}: {ri['probe_minus_mean']:+.3f} vs the mean; above {ri['probe_beats']} of {len(ri['auroc'])} seeds")
+            f"- probe {ri['probe_auroc']:.3f}: {ri['probe_minus_mean']:+.3f} vs the mean; above {ri['probe_beats']} of {len(ri['auroc'])} seeds"
+        )
     if result.get("paired"):
         lines = ["| comparison | AUROC difference [95% CI] | AUPRC difference [95% CI] |", "|---|---:|---:|"]
         for name, d in result["paired"].items():
-            cells = [f"{d[m]['value']:+.3f} [{d[m]['ci_low']:+.3f}, {d[m]['ci_high']:+.3f}]" for m in ("auroc", "auprc")]
+            cells = [
+                f"{d[m]['value']:+.3f} [{d[m]['ci_low']:+.3f}, {d[m]['ci_high']:+.3f}]" for m in ("auroc", "auprc")
+            ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         sections["Paired differences (same subject-bootstrap draws)"] = "\n".join(lines)
     if result["few_shot"]:
         ks = [r["k"] for r in next(iter(result["few_shot"].values()))]
         lines = ["| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
         for name, curve in result["few_shot"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{r['auroc']:.3f} ± {r['auroc_sd']:.3f}" if r["auroc_sd"] else f"{r['auroc']:.3f}" for r in curve) + " |")
+            lines.append(
+                f"| {name} | "
+                + " | ".join(
+                    f"{r['auroc']:.3f} ± {r['auroc_sd']:.3f}" if r["auroc_sd"] else f"{r['auroc']:.3f}" for r in curve
+                )
+                + " |"
+            )
         sections["Few-shot (held-out AUROC, mean ± sd over repeats)"] = "\n".join(lines)
     return sections
 
@@ -300,4 +359,9 @@ def _print_summary(result: dict, out: Path) -> None:
     from cehrx.eval.metrics import format_metric
 
     parts = [f"{k} AUROC {format_metric(v['auroc'])}" for k, v in result["methods"].items()]
-    print(f"probe: {result['labels']['used']} labels ({result['labels']['positives']} positive), " + "; ".join(parts) + f" -> {out}", file=sys.stderr)
+    print(
+        f"probe: {result['labels']['used']} labels ({result['labels']['positives']} positive), "
+        + "; ".join(parts)
+        + f" -> {out}",
+        file=sys.stderr,
+    )

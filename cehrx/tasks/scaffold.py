@@ -39,6 +39,7 @@ OUTPUTS: dict[str, TaskOutput] = {
     "prepare": TaskOutput("prepare.json", "prepared"),
     "pretrain": TaskOutput(f"{MODEL_SUBDIR}/{MODEL_MARKER}", "model"),
     "probe": TaskOutput("metrics.json", "probe"),
+    "finetune": TaskOutput("metrics.json", "finetune"),
     "zeroshot": TaskOutput("metrics.json", "zeroshot"),
     "generate": TaskOutput("generate.json", "synthetic"),
     "evaluate": TaskOutput("metrics.json", "synthetic_report"),
@@ -56,7 +57,9 @@ def is_finished(task: str, out: str | Path) -> bool:
 def guard(task: str, out: str | Path, overwrite: bool) -> None:
     """Fail before the expensive part when `out` already holds a finished output of `task`."""
     if is_finished(task, out) and not overwrite:
-        raise CehrxError(f"{out} already holds a finished {task} output ({marker(task)}); pass overwrite=true to replace it")
+        raise CehrxError(
+            f"{out} already holds a finished {task} output ({marker(task)}); pass overwrite=true to replace it"
+        )
 
 
 @contextmanager
@@ -68,7 +71,9 @@ def task_output(cfg: DictConfig, task: str, *, overwrite: bool | None = None) ->
     with atomic_dir(out, marker(task), overwrite=bool(cfg.overwrite) if overwrite is None else overwrite) as tmp:
         yield tmp
         if not (tmp / marker(task)).is_file():
-            raise CehrxError(f"task {task} finished without writing its marker {marker(task)}: the output would never count as finished")
+            raise CehrxError(
+                f"task {task} finished without writing its marker {marker(task)}: the output would never count as finished"
+            )
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 

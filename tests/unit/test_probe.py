@@ -147,7 +147,7 @@ def test_left_truncation_starts_at_a_visit_with_recomputed_prompt(prepared) -> N
         assert vocab.tokens[w[0]] == f"YEAR//{year}"  # the year of the window's first visit
         if h.stats["truncated_mid_visit"] == 0:
             assert w[PROMPT_LEN] == vocab[VS]
-        assert np.array_equal(w[PROMPT_LEN:], tok[len(tok) - (len(w) - PROMPT_LEN):])
+        assert np.array_equal(w[PROMPT_LEN:], tok[len(tok) - (len(w) - PROMPT_LEN) :])
 
 
 def test_a_window_that_starts_inside_a_visit_never_starts_on_an_orphan_value(prepared) -> None:
@@ -159,10 +159,14 @@ def test_a_window_that_starts_inside_a_visit_never_starts_on_an_orphan_value(pre
     _, _, vocab = prepared
     code = next(i for i, k in enumerate(vocab.kinds) if k == "code")
     q = next(i for i, k in enumerate(vocab.kinds) if k == "quantile")
-    head = [vocab.tokens.index(t) for t in ("YEAR//2000", "AGE//30")] + [next(i for i, t in enumerate(vocab.tokens) if t.startswith(p)) for p in ("GENDER//", "RACE//")]
+    head = [vocab.tokens.index(t) for t in ("YEAR//2000", "AGE//30")] + [
+        next(i for i, t in enumerate(vocab.tokens) if t.startswith(p)) for p in ("GENDER//", "RACE//")
+    ]
     body = [vocab[VS], vocab.tokens.index("VISIT//OP")] + [code, q] * 30
     tokens = np.array(head + body, dtype=np.int32)
-    arrays = TokenArrays(np.array([7]), np.array([0, len(tokens)]), tokens, np.full(len(tokens), 10**9, dtype=np.int64), np.array([0]))
+    arrays = TokenArrays(
+        np.array([7]), np.array([0, len(tokens)]), tokens, np.full(len(tokens), 10**9, dtype=np.int64), np.array([0])
+    )
     grammar = Grammar.build(vocab)
     for max_len in (20, 21):  # the raw start falls on a value for one of the two parities
         h = cut_histories(arrays, vocab, np.array([7]), np.array([10**9]), max_len)
@@ -175,7 +179,13 @@ def test_a_window_that_starts_inside_a_visit_never_starts_on_an_orphan_value(pre
 def test_dropped_labels_are_counted(prepared) -> None:
     arrays, _, vocab = prepared
     first = arrays.times[arrays.offsets[0]]
-    h = cut_histories(arrays, vocab, np.array([arrays.subject_id[0], arrays.subject_id[0], -5]), np.array([first - DAY, first + 10 * 365 * DAY, first]), 64)
+    h = cut_histories(
+        arrays,
+        vocab,
+        np.array([arrays.subject_id[0], arrays.subject_id[0], -5]),
+        np.array([first - DAY, first + 10 * 365 * DAY, first]),
+        64,
+    )
     assert h.dropped == {"no_subject": 1, "no_token_before_prediction_time": 1}
     assert h.label_index.tolist() == [1]
 
@@ -199,14 +209,25 @@ NSAID_TASK = Path(__file__).resolve().parents[2] / "configs" / "aces" / "gibleed
 
 def test_aces_task_on_a_tiny_meds_fixture(tmp_path: Path) -> None:
     nsaid, bleed = "RxNorm/140587", "SNOMED/74474003"
-    meds = write_meds(tmp_path / "meds", [
-        (1, None, "GENDER//F"), (1, day(0), "LOINC/1"), (1, day(10), nsaid), (1, day(100), bleed),   # positive
-        (2, day(10), nsaid), (2, day(500), bleed),                                                 # bleed too late
-        (3, day(5), bleed), (3, day(10), nsaid),                                                   # prior bleed: excluded
-        (4, day(10), nsaid), (4, day(20), "RxNorm/3355"), (4, day(30), bleed),                     # first exposure only
-        (5, day(10), "LOINC/1"),                                                                   # never exposed
-        (6, day(10), nsaid), (6, day(10), bleed),                                                  # same day: not in target
-    ])
+    meds = write_meds(
+        tmp_path / "meds",
+        [
+            (1, None, "GENDER//F"),
+            (1, day(0), "LOINC/1"),
+            (1, day(10), nsaid),
+            (1, day(100), bleed),  # positive
+            (2, day(10), nsaid),
+            (2, day(500), bleed),  # bleed too late
+            (3, day(5), bleed),
+            (3, day(10), nsaid),  # prior bleed: excluded
+            (4, day(10), nsaid),
+            (4, day(20), "RxNorm/3355"),
+            (4, day(30), bleed),  # first exposure only
+            (5, day(10), "LOINC/1"),  # never exposed
+            (6, day(10), nsaid),
+            (6, day(10), bleed),  # same day: not in target
+        ],
+    )
     labels = extract_labels(str(NSAID_TASK), meds)
     got = {(r["subject_id"], r["prediction_time"], r["boolean_value"]) for r in labels.to_pylist()}
     assert got == {(1, day(10), True), (2, day(10), False), (4, day(10), True)}
@@ -225,14 +246,23 @@ def test_readmission_task_triggers_at_visit_end(tmp_path: Path) -> None:
 def test_load_labels_reads_a_directory_and_names_bad_files(tmp_path: Path) -> None:
     d = tmp_path / "labels"
     (d / "a").mkdir(parents=True)
-    t = pa.table({"subject_id": pa.array([1, 2], pa.int32()), "prediction_time": pa.array([day(1), day(2)], pa.timestamp("ms")),
-                  "boolean_value": [True, False], "extra": ["x", "y"]})
+    t = pa.table(
+        {
+            "subject_id": pa.array([1, 2], pa.int32()),
+            "prediction_time": pa.array([day(1), day(2)], pa.timestamp("ms")),
+            "boolean_value": [True, False],
+            "extra": ["x", "y"],
+        }
+    )
     pq.write_table(t, d / "a" / "0.parquet")
     pq.write_table(t.slice(0, 1), d / "1.parquet")  # an exact duplicate is dropped
     labels = load_labels(d)
     assert labels.schema.names == ["subject_id", "prediction_time", "boolean_value"] and len(labels) == 2
     assert labels.schema.field("prediction_time").type == pa.timestamp("us")
-    assert times_seconds(labels.column("prediction_time")).tolist() == [int(day(1).replace(tzinfo=dt.UTC).timestamp()), int(day(2).replace(tzinfo=dt.UTC).timestamp())]
+    assert times_seconds(labels.column("prediction_time")).tolist() == [
+        int(day(1).replace(tzinfo=dt.UTC).timestamp()),
+        int(day(2).replace(tzinfo=dt.UTC).timestamp()),
+    ]
     pq.write_table(t.drop(["boolean_value"]), d / "2.parquet")
     with pytest.raises(CehrxError, match=r"2.parquet.*boolean_value"):
         load_labels(d)
@@ -246,13 +276,22 @@ def test_load_labels_reads_a_directory_and_names_bad_files(tmp_path: Path) -> No
 
 def test_count_features_see_only_the_past(tmp_path: Path) -> None:
     rows = [
-        (1, None, "GENDER//F"), (1, dt.datetime(1950, 1, 1), "MEDS_BIRTH"),
-        (1, day(0), "A"), (1, day(0), "A"), (1, day(5), "B"), (1, day(9), "C"),  # C: same day, 23:59:59
+        (1, None, "GENDER//F"),
+        (1, dt.datetime(1950, 1, 1), "MEDS_BIRTH"),
+        (1, day(0), "A"),
+        (1, day(0), "A"),
+        (1, day(5), "B"),
+        (1, day(9), "C"),  # C: same day, 23:59:59
         (2, day(1), "A"),
     ]
     meds = write_meds(tmp_path / "meds", rows)
-    labels = pa.table({"subject_id": pa.array([1, 1, 2], pa.int64()), "prediction_time": pa.array([day(9, (12, 0, 0)), day(9), day(0)], pa.timestamp("us")),
-                       "boolean_value": [True, False, False]})
+    labels = pa.table(
+        {
+            "subject_id": pa.array([1, 1, 2], pa.int64()),
+            "prediction_time": pa.array([day(9, (12, 0, 0)), day(9), day(0)], pa.timestamp("us")),
+            "boolean_value": [True, False, False],
+        }
+    )
     X, names = count_features(meds, labels)
     X = X.toarray()
     col = {n: i for i, n in enumerate(names)}
@@ -285,7 +324,10 @@ def test_metrics_match_sklearn_and_known_values() -> None:
     assert perfect["auroc"]["value"] == 1.0 and perfect["auprc"]["value"] == 1.0
     assert perfect["brier"]["value"] == pytest.approx((0.01 + 0.04 + 0.04 + 0.01) / 4)
     assert perfect["ece"]["value"] == pytest.approx(0.15)  # bins: 0.1,0.2 -> |0-.15|*2/4 ; .8,.9 -> |1-.85|*2/4
-    assert binary_metrics(np.array([1, 1, 0, 0]), np.array([0.1, 0.2, 0.8, 0.9]), np.arange(4), n_boot=0)["auroc"]["value"] == 0.0
+    assert (
+        binary_metrics(np.array([1, 1, 0, 0]), np.array([0.1, 0.2, 0.8, 0.9]), np.arange(4), n_boot=0)["auroc"]["value"]
+        == 0.0
+    )
     single = binary_metrics(np.zeros(5), np.full(5, 0.1), np.arange(5), n_boot=20)
     assert math.isnan(single["auroc"]["value"]) and single["brier"]["value"] == pytest.approx(0.01)
     assert expected_calibration_error(np.array([1, 0, 1, 0]), np.full(4, 0.5)) == 0.0
@@ -312,7 +354,9 @@ def test_predictions_validate_against_meds_evaluation(tmp_path: Path) -> None:
     assert table.column("predicted_boolean_value").to_pylist() == [True, False, False]
     assert read_predictions(path).num_rows == 3
     secs = np.array([0, DAY], dtype=np.int64)  # int64 seconds are accepted too
-    assert pq.read_table(write_predictions(tmp_path / "s.parquet", [1, 2], secs, [1, 0], [0.5, 0.5])).column("prediction_time")[1].as_py() == dt.datetime(1970, 1, 2)
+    assert pq.read_table(write_predictions(tmp_path / "s.parquet", [1, 2], secs, [1, 0], [0.5, 0.5])).column(
+        "prediction_time"
+    )[1].as_py() == dt.datetime(1970, 1, 2)
     with pytest.raises(CehrxError):
         write_predictions(tmp_path / "bad.parquet", [1], np.array([1.5]), [True], [0.5])
 
@@ -320,10 +364,18 @@ def test_predictions_validate_against_meds_evaluation(tmp_path: Path) -> None:
 def test_report_has_table_and_roc(tmp_path: Path) -> None:
     y = np.array([0, 1, 0, 1, 1, 0])
     p = np.array([0.1, 0.8, 0.3, 0.6, 0.4, 0.2])
-    rows = {"probe": binary_metrics(y, p, np.arange(6), n_boot=50), "counts": binary_metrics(y, 1 - p, np.arange(6), n_boot=50)}
+    rows = {
+        "probe": binary_metrics(y, p, np.arange(6), n_boot=50),
+        "counts": binary_metrics(y, 1 - p, np.arange(6), n_boot=50),
+    }
     path = write_report(tmp_path, "Linear probe: t", rows, {k: (y, p) for k in rows}, sections={"Few-shot": "| a |"})
     text = path.read_text()
-    assert "| probe | 1.000 [" in text and "| counts | 0.000 [" in text and "![ROC curves](roc.png)" in text and "## Few-shot" in text
+    assert (
+        "| probe | 1.000 [" in text
+        and "| counts | 0.000 [" in text
+        and "![ROC curves](roc.png)" in text
+        and "## Few-shot" in text
+    )
     assert (tmp_path / "roc.png").stat().st_size > 1000
 
 
@@ -367,8 +419,10 @@ def test_logistic_reports_its_training_cv_auroc() -> None:
     info: dict = {}
     fit_predict(signal, y, signal[:3], seed=1, groups=groups, info=info)
     X = StandardScaler().fit_transform(signal)
-    folds = [roc_auc_score(y[b], LogisticRegression(C=info["C"], max_iter=5000).fit(X[a], y[a]).decision_function(X[b]))
-             for a, b in cv_splits(y, groups, 1)]
+    folds = [
+        roc_auc_score(y[b], LogisticRegression(C=info["C"], max_iter=5000).fit(X[a], y[a]).decision_function(X[b]))
+        for a, b in cv_splits(y, groups, 1)
+    ]
     assert info["cv_auroc"] == pytest.approx(np.mean(folds), abs=2e-3) and info["cv_auroc"] > 0.75
     noise: dict = {}
     fit_predict(rng.normal(size=(n, 6)), y, signal[:3], seed=1, groups=groups, info=noise)
@@ -379,15 +433,31 @@ def test_report_sections_under_cross_fitting() -> None:
     from cehrx.tasks.probe import report_sections
 
     result = {
-        "labels": {"in": 74, "used": 74, "positives": 9, "dropped": {"no_subject": 0},
-                   "by_split": {"held_out": {"n": 6, "n_pos": 0, "subjects": 4}}},
-        "evaluation": "cv5", "history": {"max_len": 256, "mean_tokens": 200.0, "truncated": 3, "pooling": "last"},
-        "scored": {"labels": 74, "positives": 9, "subjects": 60, "positive_subjects": 9, "pretraining_labels": 50, "pretraining_subjects": 40},
+        "labels": {
+            "in": 74,
+            "used": 74,
+            "positives": 9,
+            "dropped": {"no_subject": 0},
+            "by_split": {"held_out": {"n": 6, "n_pos": 0, "subjects": 4}},
+        },
+        "evaluation": "cv5",
+        "history": {"max_len": 256, "mean_tokens": 200.0, "truncated": 3, "pooling": "last"},
+        "scored": {
+            "labels": 74,
+            "positives": 9,
+            "subjects": 60,
+            "positive_subjects": 9,
+            "pretraining_labels": 50,
+            "pretraining_subjects": 40,
+        },
         "few_shot": {},
     }
     sections = report_sections(result)
     assert list(sections) == ["Data"] and "cv5 subject-grouped cross-fitting" in sections["Data"]
-    assert "9 with a positive label" in sections["Data"] and "50 scored labels (40 subjects) are from the `train` split" in sections["Data"]
+    assert (
+        "9 with a positive label" in sections["Data"]
+        and "50 scored labels (40 subjects) are from the `train` split" in sections["Data"]
+    )
     result["scored"].update(pretraining_labels=0, pretraining_subjects=0)
     assert "pretrained on" not in report_sections(result)["Data"]
 
@@ -402,7 +472,14 @@ def test_scored_rows_count_positive_subjects_and_pretraining_overlap() -> None:
     y[[41, 60, 61, 62, 70]] = True  # one tuning positive; held_out rows 60-62 and 70 are subjects 30, 30, 31 and 35
     y[:40:4] = True
     held = scored_rows(split, y, groups, choose_protocol(split, y, groups, "split", 1, 5, 0))
-    assert held == {"labels": 20, "positives": 4, "subjects": 10, "positive_subjects": 3, "pretraining_labels": 0, "pretraining_subjects": 0}
+    assert held == {
+        "labels": 20,
+        "positives": 4,
+        "subjects": 10,
+        "positive_subjects": 3,
+        "pretraining_labels": 0,
+        "pretraining_subjects": 0,
+    }
     cv = scored_rows(split, y, groups, choose_protocol(split, y, groups, "cv", 1, 5, 0))
     assert cv["labels"] == 80 and cv["pretraining_labels"] == 40 and cv["pretraining_subjects"] == 20
 
@@ -414,10 +491,10 @@ def test_protocol_tests_on_the_requested_split_and_never_trains_on_held_out() ->
     y = np.tile([True, False], 40)
     groups = np.arange(80)
     held = choose_protocol(split, y, groups, "split", 1, 5, 0)
-    (train, test), = held.folds
+    ((train, test),) = held.folds
     assert set(split[train]) == {"train", "tuning"} and set(split[test]) == {"held_out"}
     tuning = choose_protocol(split, y, groups, "split", 1, 5, 0, test_split="tuning")
-    (train, test), = tuning.folds
+    ((train, test),) = tuning.folds
     assert set(split[train]) == {"train"} and set(split[test]) == {"tuning"}
 
 
@@ -436,7 +513,9 @@ def test_one_pass_gives_every_readout_and_take_selects_histories(prepared, gpt) 
         np.testing.assert_array_equal(both[pooling], embed(gpt, h, pooling, max_tokens_per_batch=300, progress=False))
     idx = np.array([5, 0, 3])
     sub = h.take(idx)
-    assert [sub.tokens[sub.offsets[i]:sub.offsets[i + 1]].tolist() for i in range(3)] == [h.tokens[h.offsets[i]:h.offsets[i + 1]].tolist() for i in idx]
+    assert [sub.tokens[sub.offsets[i] : sub.offsets[i + 1]].tolist() for i in range(3)] == [
+        h.tokens[h.offsets[i] : h.offsets[i + 1]].tolist() for i in idx
+    ]
     np.testing.assert_allclose(embed(gpt, sub, "mean", progress=False), both["mean"][idx], atol=2e-5)
 
 
@@ -471,7 +550,9 @@ def test_feature_cache_embeds_each_history_once(prepared, gpt, tmp_path: Path) -
     assert found == 0, "another model never reads these features"
     twice = np.array([4, 1, 4, 1, 2])  # one query asking for the same histories twice: each embedded once
     n_calls = len(calls)
-    dup, found = FeatureCache(tmp_path, {"model": "dup", "max_len": 64}).get(sid[twice], h.last_time[twice], lambda r: compute(twice[r]))
+    dup, found = FeatureCache(tmp_path, {"model": "dup", "max_len": 64}).get(
+        sid[twice], h.last_time[twice], lambda r: compute(twice[r])
+    )
     assert found == 0 and calls[n_calls:] == [3]
     np.testing.assert_allclose(dup["last"], ref["last"][twice], atol=2e-5)
 
@@ -482,7 +563,13 @@ def test_thinning_keeps_the_test_split_and_the_same_times_for_every_task(prepare
     arrays, split, _ = prepared
     sid = np.repeat(arrays.subject_id, 20)
     t = np.tile(np.arange(20) * DAY, len(arrays)) + 10**9
-    table = pa.table({"subject_id": sid, "prediction_time": pa.array(t * 10**6, pa.timestamp("us")), "boolean_value": np.arange(len(sid)) % 3 == 0})
+    table = pa.table(
+        {
+            "subject_id": sid,
+            "prediction_time": pa.array(t * 10**6, pa.timestamp("us")),
+            "boolean_value": np.arange(len(sid)) % 3 == 0,
+        }
+    )
     kept, info = thin_training_labels(table, arrays, split, 0.25, "held_out")
     kept_split = split[np.searchsorted(arrays.subject_id, kept.column("subject_id").to_numpy())]
     assert (kept_split == "held_out").sum() == (np.repeat(split, 20) == "held_out").sum()
@@ -490,7 +577,9 @@ def test_thinning_keeps_the_test_split_and_the_same_times_for_every_task(prepare
     assert 0.15 < frac < 0.35 and info["dropped"] == len(table) - len(kept)
     flipped = table.set_column(2, "boolean_value", pa.array(~table.column("boolean_value").to_numpy()))
     again, _ = thin_training_labels(flipped, arrays, split, 0.25, "held_out")
-    assert again.column("prediction_time").equals(kept.column("prediction_time")), "the outcome never decides what is kept"
+    assert again.column("prediction_time").equals(kept.column("prediction_time")), (
+        "the outcome never decides what is kept"
+    )
     u = unit_hash(np.arange(10000), np.full(10000, -2_000_000_000, np.int64))  # times before 1970 too
     assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.02
     with pytest.raises(CehrxError, match="train_label_fraction"):
@@ -503,12 +592,19 @@ def test_followup_drops_labels_whose_window_runs_past_the_data(tmp_path: Path) -
     task = tmp_path / "t.yaml"
     task.write_text(NSAID_TASK.read_text() + "\nmetadata:\n  cehrx_followup_days: 30\n")
     assert followup_days(str(task)) == 30
-    meds = write_meds(tmp_path / "meds", [
-        (1, day(10), "RxNorm/140587"), (2, day(80), "RxNorm/140587"), (3, day(100), "LOINC/1"),  # data end: day 100
-    ])
+    meds = write_meds(
+        tmp_path / "meds",
+        [
+            (1, day(10), "RxNorm/140587"),
+            (2, day(80), "RxNorm/140587"),
+            (3, day(100), "LOINC/1"),  # data end: day 100
+        ],
+    )
     labels = extract_labels(str(task), meds)
     assert labels.column("subject_id").to_pylist() == [1]  # day 80 + 30 > day 100: dropped
-    table = pa.table({"subject_id": [1], "prediction_time": pa.array([day(0)], pa.timestamp("us")), "boolean_value": [True]})
+    table = pa.table(
+        {"subject_id": [1], "prediction_time": pa.array([day(0)], pa.timestamp("us")), "boolean_value": [True]}
+    )
     assert len(apply_followup(table, None, day(1), "x")) == 1
     task.write_text(NSAID_TASK.read_text() + "\nmetadata:\n  cehrx_followup_days: soon\n")
     with pytest.raises(CehrxError, match="cehrx_followup_days"):
@@ -518,7 +614,7 @@ def test_followup_drops_labels_whose_window_runs_past_the_data(tmp_path: Path) -
 def test_count_columns_are_chosen_on_training_rows_only() -> None:
     import scipy.sparse as sp
 
-    from cehrx.tasks.probe import frequent_columns
+    from cehrx.probe.counts import frequent_columns
 
     X = sp.csr_matrix(np.array([[1, 0, 0], [1, 0, 0], [0, 1, 1], [0, 1, 1], [0, 1, 1]]))
     assert frequent_columns(X, np.array([0, 1]), 2).tolist() == [True, False, False]  # rows 2-4 (test) never decide
@@ -529,7 +625,11 @@ def test_window_counts_are_the_tokens_of_each_history() -> None:
     from cehrx.probe.counts import window_counts
 
     X = window_counts(np.array([3, 5, 5, 7, 3]), np.array([0, 3, 5]), 8)
-    assert X.shape == (2, 8) and X.toarray()[0].tolist() == [0, 0, 0, 1, 0, 2, 0, 0] and X.toarray()[1].tolist() == [0, 0, 0, 1, 0, 0, 0, 1]
+    assert (
+        X.shape == (2, 8)
+        and X.toarray()[0].tolist() == [0, 0, 0, 1, 0, 2, 0, 0]
+        and X.toarray()[1].tolist() == [0, 0, 0, 1, 0, 0, 0, 1]
+    )
 
 
 def test_one_precedence_rule_for_labels(tmp_path: Path) -> None:
@@ -540,7 +640,12 @@ def test_one_precedence_rule_for_labels(tmp_path: Path) -> None:
 
     d = tmp_path / "labels"
     d.mkdir()
-    pq.write_table(pa.table({"subject_id": [1], "prediction_time": pa.array([day(3)], pa.timestamp("us")), "boolean_value": [True]}), d / "0.parquet")
+    pq.write_table(
+        pa.table(
+            {"subject_id": [1], "prediction_time": pa.array([day(3)], pa.timestamp("us")), "boolean_value": [True]}
+        ),
+        d / "0.parquet",
+    )
     both = OmegaConf.create({"labels_dir": str(d), "probe": {"task": "gibleed_after_nsaid"}})
     table, source = read_labels(both, tmp_path / "no_prepared_dir_needed")
     assert source == {"labels_dir": str(d)} and len(table) == 1
@@ -560,13 +665,13 @@ def test_label_cache_reuses_a_result_until_the_task_or_the_data_changes(tmp_path
     assert len(list(cache.glob("t-*.parquet"))) == 1 and not list(cache.glob(".*"))  # no temporary left behind
     calls = []
     monkeypatch.setattr(L, "_run_aces", lambda *a: calls.append(a) or L.LABEL_SCHEMA.empty_table())
-    assert extract_labels(str(task), meds, cache_dir=cache).equals(first) and not calls   # read back, ACES not run
+    assert extract_labels(str(task), meds, cache_dir=cache).equals(first) and not calls  # read back, ACES not run
     task.write_text(NSAID_TASK.read_text() + "\n# edited\n")
     extract_labels(str(task), meds, cache_dir=cache)
-    assert len(calls) == 1                                                                # a new task text: ACES again
+    assert len(calls) == 1  # a new task text: ACES again
     write_meds(tmp_path / "meds", rows + [(3, day(10), "RxNorm/140587")])
     extract_labels(str(task), meds, cache_dir=cache)
-    assert len(calls) == 2 and len(list(cache.glob("t-*.parquet"))) == 3                  # new data: a new entry
+    assert len(calls) == 2 and len(list(cache.glob("t-*.parquet"))) == 3  # new data: a new entry
 
 
 def test_paired_difference_uses_the_same_draws_for_every_method() -> None:
@@ -578,8 +683,12 @@ def test_paired_difference_uses_the_same_draws_for_every_method() -> None:
     noise = rng.random(len(sid))
     good = (y + noise) / 2  # a better score than the noise alone
     same = paired_difference(y, sid, noise, [noise, noise], n_boot=200)
-    assert same["auroc"]["value"] == 0 and same["auroc"]["ci_low"] == same["auroc"]["ci_high"] == 0, "paired: identical scores differ by exactly 0"
+    assert same["auroc"]["value"] == 0 and same["auroc"]["ci_low"] == same["auroc"]["ci_high"] == 0, (
+        "paired: identical scores differ by exactly 0"
+    )
     other = rng.random(len(sid))
     d = paired_difference(y, sid, good, [noise, other], n_boot=200)
     assert d["auroc"]["ci_low"] > 0.2 and d["auroc"]["beats"] == 2 and d["n_controls"] == 2
-    assert d["auroc"]["value"] == pytest.approx(roc_auc_score(y, good) - (roc_auc_score(y, noise) + roc_auc_score(y, other)) / 2)
+    assert d["auroc"]["value"] == pytest.approx(
+        roc_auc_score(y, good) - (roc_auc_score(y, noise) + roc_auc_score(y, other)) / 2
+    )

@@ -1,0 +1,185 @@
+"""One fine-tuning run (one training budget), resumable in its own work directory.
+
+`<work>/checkpoints/last.ckpt` is written every epoch and `best.ckpt` whenever the tuning AUROC
+improves; a rerun resumes from `last.ckpt` (optimizer, scheduler, early-stopping state included).
+When the budget is done, `<work>/result.json` + `test.npz` record its held-out predictions, and
+a later rerun reads them instead of training again. A work directory made with other settings is
+refused (`settings.json`), unless `overwrite=true`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from cehrx.data.atomic import atomic_file, write_text
+from cehrx.errors import CehrxError
+from cehrx.finetune.data import LabelledHistories, loader
+from cehrx.finetune.model import SequenceClassifier, apply_lora, parameter_counts
+from cehrx.finetune.module import FinetuneModule, predict_logits
+from cehrx.model.export import resolve_device
+from cehrx.model.logs import FlushLogsAtCheckpoint, ResumableCSVLogger
+
+RESULT, PREDICTIONS, SETTINGS = "result.json", "test.npz", "settings.json"
+
+
+@dataclass
+class BudgetResult:
+    train_rows: np.ndarray
+    probs: np.ndarray  # P(y) for the test rows, in their order
+    info: dict[str, Any]
+    best_ckpt: Path
+
+
+def train_budget(
+    cfg: DictConfig,
+    model,
+    cohort,
+    train_rows: np.ndarray,
+    rows: dict,
+    work: Path,
+    head: tuple[np.ndarray, float] | None,
+) -> BudgetResult:
+    """Fine-tune a copy of `model` on `train_rows`, early-stopped on `rows["tuning"]`; score `rows["test"]`."""
+    f = cfg.finetune
+    settings = {
+        "finetune": OmegaConf.to_container(f, resolve=True),
+        "pooling": str(cfg.probe.pooling),
+        "rows": _digest(train_rows, rows["tuning"], rows["test"]),
+        "trainer": [str(cfg.trainer.accelerator), str(cfg.trainer.precision)],
+    }
+    settings["finetune"].pop("few_shot", None)
+    settings["finetune"].pop("n_boot", None)
+    claim(work, settings, bool(cfg.overwrite))
+    if (work / RESULT).is_file():
+        info = json.loads((work / RESULT).read_text())
+        return BudgetResult(train_rows, np.load(work / PREDICTIONS)["probs"], info, work / "checkpoints" / "best.ckpt")
+    start = time.perf_counter()
+    y = cohort.y
+    n_pos = int(y[train_rows].sum())
+    pos_weight = (len(train_rows) - n_pos) / max(n_pos, 1) if str(f.class_weight) == "balanced" else 1.0
+    classifier = SequenceClassifier(copy.deepcopy(model).train(), str(cfg.probe.pooling))
+    if head is not None:
+        classifier.init_head(head[0], head[1] + math.log(pos_weight))  # the weighted loss's optimum sits log(w) higher
+    if str(f.method) == "lora":
+        apply_lora(classifier, int(f.lora.rank), float(f.lora.alpha), float(f.lora.dropout), str(f.lora.targets))
+    budget = int(cfg.probe.batch_tokens)
+    seed = int(f.seed)
+    train_dl = loader(LabelledHistories(cohort.hist, y, train_rows), budget, shuffle=True, seed=seed)
+    tune_dl = loader(LabelledHistories(cohort.hist, y, rows["tuning"]), budget, shuffle=False)
+    steps = int(f.epochs) * len(train_dl.batch_sampler)
+    lr = float(f.lr if f.lr is not None else (1e-3 if str(f.method) == "lora" else 1e-4))
+    module = FinetuneModule(
+        classifier,
+        lr=lr,
+        head_lr=float(f.head_lr),
+        weight_decay=float(f.weight_decay),
+        warmup_steps=int(float(f.warmup_fraction) * steps),
+        total_steps=steps,
+        pos_weight=pos_weight,
+    )
+    monitor = "val_auroc" if 0 < y[rows["tuning"]].sum() < len(rows["tuning"]) else "val_loss"
+    mode = "max" if monitor == "val_auroc" else "min"
+    ckpt = ModelCheckpoint(
+        dirpath=work / "checkpoints",
+        filename="best",
+        monitor=monitor,
+        mode=mode,
+        save_top_k=1,
+        save_last=True,
+        enable_version_counter=False,
+    )
+    stop = EarlyStopping(monitor=monitor, mode=mode, patience=int(f.patience))
+    L.seed_everything(seed, workers=True, verbose=False)
+    trainer = L.Trainer(
+        accelerator=str(cfg.trainer.accelerator),
+        devices=1,
+        precision=cfg.trainer.precision,
+        max_epochs=int(f.epochs),
+        callbacks=[ckpt, stop, FlushLogsAtCheckpoint()],
+        logger=ResumableCSVLogger(str(work), name="", version=""),
+        default_root_dir=str(work),
+        enable_progress_bar=bool(f.progress),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
+        log_every_n_steps=max(1, min(10, len(train_dl.batch_sampler))),
+        use_distributed_sampler=False,
+    )
+    last = work / "checkpoints" / "last.ckpt"
+    trainer.fit(module, train_dl, tune_dl, ckpt_path=str(last) if last.is_file() else None)
+    best = Path(ckpt.best_model_path or last)
+    module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+    test_dl = loader(LabelledHistories(cohort.hist, y, rows["test"]), budget, shuffle=False)
+    order, logits = predict_logits(module.classifier, test_dl, _device(str(cfg.trainer.accelerator)))
+    probs = np.empty(len(order))
+    probs[np.searchsorted(rows["test"], order)] = module.probabilities(logits)
+    info = {
+        "best_epoch": _best_epoch(best),
+        "best_val": float(ckpt.best_model_score) if ckpt.best_model_score is not None else float("nan"),
+        "monitor": monitor,
+        "epochs_run": int(trainer.current_epoch),
+        "pos_weight": pos_weight,
+        "lr": lr,
+        "parameters": parameter_counts(module.classifier),
+        "seconds": round(time.perf_counter() - start, 1),
+        "train_tokens_per_epoch": int(cohort.hist.lengths()[train_rows].sum()),
+        "head_init": "probe" if head is not None else "zeros",
+    }
+    with atomic_file(work / PREDICTIONS) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, probs=probs)
+    write_text(work / RESULT, json.dumps(info, indent=2) + "\n")  # last: its presence means the budget is done
+    return BudgetResult(train_rows, probs, info, best)
+
+
+def _device(accelerator: str) -> torch.device:
+    """The device the Trainer trained on, for the held-out pass."""
+    name = {"gpu": "cuda", "cuda": "cuda", "cpu": "cpu"}.get(accelerator, "auto")
+    return resolve_device(name, "trainer.accelerator")
+
+
+def _best_epoch(best: Path) -> int:
+    try:
+        return int(torch.load(best, map_location="cpu", weights_only=False)["epoch"])
+    except (OSError, KeyError, RuntimeError):
+        return -1
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+def claim(work: Path, settings: dict, overwrite: bool) -> None:
+    """Make `work` the directory of the run described by `settings`: resume it when they match,
+    start over with `overwrite`, refuse otherwise (checkpoints of other settings must not be mixed in)."""
+    path = work / SETTINGS
+    text = json.dumps(settings, sort_keys=True, default=str)
+    if work.is_dir() and any(work.iterdir()):
+        old = path.read_text().strip() if path.is_file() else None
+        if overwrite:
+            shutil.rmtree(work)
+        elif old != text:
+            raise CehrxError(
+                f"{work} holds a fine-tuning run with other settings (labels, method or options): "
+                "pass overwrite=true to start over, or use another output_dir"
+            )
+    work.mkdir(parents=True, exist_ok=True)
+    write_text(path, text + "\n")

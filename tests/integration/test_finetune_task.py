@@ -1,0 +1,146 @@
+"""`task=finetune` end to end on the probe tests' micro model: full, LoRA, resume after SIGKILL, no leakage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cehrx.errors import CehrxError
+from cehrx.eval.predictions import read_predictions
+from tests.conftest import compose_cfg
+from tests.integration.test_probe_task import micro_model, write_meds_fixture  # noqa: F401 (fixture)
+
+FAST = (
+    "probe.task=gibleed_after_nsaid",
+    "probe.progress=false",
+    "probe.min_code_labels=2",
+    "finetune.n_boot=50",
+    "finetune.progress=false",
+    "probe.batch_tokens=2048",
+)
+
+
+@pytest.mark.slow
+def test_finetune_full_end_to_end(micro_model: tuple[Path, Path], tmp_path: Path) -> None:
+    from cehrx.tasks.finetune import run
+
+    _, model = micro_model
+    out = tmp_path / "ft"
+    result = run(
+        compose_cfg(
+            "task=finetune",
+            f"model_dir={model}",
+            f"output_dir={out}",
+            "finetune.few_shot=[16,all]",
+            "finetune.epochs=3",
+            *FAST,
+        )
+    )
+    assert list(result["budgets"]) == ["16", "all"]
+    for k, b in result["budgets"].items():
+        assert set(b["methods"]) == {"finetune", "probe", "counts"}
+        assert set(b["paired"]) == {"finetune - probe", "finetune - counts"}
+        assert 1 <= b["finetune"]["epochs_run"] <= 3 and b["finetune"]["monitor"] == "val_auroc"
+        assert b["finetune"]["parameters"]["trainable_fraction"] > 0.99  # full: every weight trains
+    assert (
+        result["budgets"]["16"]["n_train"] == 16
+        and result["budgets"]["all"]["n_train"] == result["labels"]["train"]["n"]
+    )
+    n_test = result["labels"]["test"]["n"]
+    preds = read_predictions(out / "predictions.parquet")  # meds-evaluation schema
+    assert preds.num_rows == n_test and (out / "predictions" / "counts_k16.parquet").is_file()
+    p = preds.column("predicted_boolean_probability").to_numpy()
+    assert ((p >= 0) & (p <= 1)).all()
+    assert result["budgets"]["all"]["methods"]["counts"]["auroc"]["value"] > 0.7  # the planted risk code is learnable
+    assert (out / "checkpoints" / "best.ckpt").is_file() and not (out / "work").exists()
+    report = (out / "report.md").read_text()
+    assert "| all | finetune |" in report and (out / "roc.png").is_file()
+    assert json.loads((out / "metrics.json").read_text())["method"] == "full"
+    with pytest.raises(CehrxError, match="overwrite=true"):
+        run(compose_cfg("task=finetune", f"model_dir={model}", f"output_dir={out}", *FAST))
+
+
+@pytest.mark.slow
+def test_lora_trains_adapters_only_and_leaves_the_backbone(micro_model: tuple[Path, Path], tmp_path: Path) -> None:
+    from cehrx.model.export import load_pretrained
+    from cehrx.tasks.finetune import run
+
+    _, model = micro_model
+    out = tmp_path / "lora"
+    result = run(
+        compose_cfg(
+            "task=finetune",
+            f"model_dir={model}",
+            f"output_dir={out}",
+            "finetune.method=lora",
+            "finetune.lora.rank=2",
+            "finetune.epochs=2",
+            "finetune.baselines=[]",
+            *FAST,
+        )
+    )
+    info = result["budgets"]["all"]["finetune"]
+    assert 0 < info["parameters"]["trainable_fraction"] < 0.05
+    state = torch.load(out / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    lora = [k for k in state if "lora_" in k]
+    assert lora and all(".attn." in k for k in lora)
+    assert any(state[k].abs().sum() > 0 for k in lora if "lora_B" in k)  # the adapters did train
+    gpt, _ = load_pretrained(model)
+    for name, w in gpt.state_dict().items():  # every pretrained weight is exactly as it was
+        key = (
+            "classifier.backbone." + name.replace(".weight", ".base_layer.weight")
+            if any(f"classifier.backbone.{name.rsplit('.', 1)[0]}.base_layer.weight" == k for k in state)
+            else "classifier.backbone." + name
+        )
+        assert torch.equal(state[key], w), name
+
+
+@pytest.mark.slow
+def test_finetune_resumes_after_sigkill(micro_model: tuple[Path, Path], tmp_path: Path) -> None:
+    """A real kill after the first epoch's checkpoint; the rerun continues from it and logs each epoch once."""
+    from cehrx.tasks.finetune import run
+
+    _, model = micro_model
+    out = tmp_path / "ft"
+    args = [
+        "task=finetune",
+        f"model_dir={model}",
+        f"output_dir={out}",
+        "finetune.epochs=4",
+        "finetune.patience=10",
+        "finetune.baselines=[]",
+        *FAST,
+    ]
+    last = out / "work" / "kall" / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cehrx", *args],
+        cwd=Path(__file__).parents[2],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.time() + 300
+    while not last.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.is_file(), proc.stderr.read().decode()[-2000:]
+    assert not (out / "metrics.json").exists() and not (out / "work" / "kall" / "result.json").exists()
+    epoch_killed = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+    assert epoch_killed < 3
+    result = run(compose_cfg(*args))
+    assert result["budgets"]["all"]["finetune"]["epochs_run"] == 4
+    assert not (out / "work").exists()  # removed once the output is finished; its log is kept:
+    import csv
+
+    val = [r for r in csv.DictReader((out / "logs" / "kall.csv").open()) if r.get("val_auroc")]
+    epochs = [int(r["epoch"]) for r in val]
+    assert epochs.count(epoch_killed) == 1 and set(epochs) == {0, 1, 2, 3}  # the first run's rows were kept, not redone
