@@ -74,7 +74,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     max_len = int(cfg.probe.max_len or model.config.max_seq_len)
     if max_len > model.config.max_seq_len:
         raise CehrxError(f"probe.max_len={max_len} exceeds the model's max_seq_len={model.config.max_seq_len}")
-    cohort, rows = select_rows(build_cohort(cfg.probe, prepared, vocab, table, max_len, "held_out"), f, int(f.seed))
+    test_split = str(cfg.get("split") or "held_out")
+    cohort = build_cohort(cfg.probe, prepared, vocab, table, max_len, test_split)
+    rows = select_rows(cohort, f, int(f.seed), test_split)
     features = baseline_inputs(cfg, mdir, prepared, model, len(vocab), cohort, rows, max_len)
     work = out / WORK
     results = {}
@@ -100,17 +102,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def select_rows(cohort: Cohort, f, seed: int) -> tuple[Cohort, dict[str, np.ndarray]]:
-    """Row indices per role: `train` (gradients), `tuning` (early stopping), `test` (held_out, scored).
+def select_rows(cohort: Cohort, f, seed: int, test_split: str = "held_out") -> dict[str, np.ndarray]:
+    """Row indices per role: `train` (gradients), `tuning` (early stopping), `test` (scored).
 
-    `finetune.max_tuning_labels` / `max_test_labels` take a seeded uniform subsample (every forward
-    pass over held_out costs as much as an epoch on as many labels); the baselines use the same rows.
+    The test split is held_out (or MEDS-DEV's `split=tuning`: then early stopping uses a fixed 15 % of
+    the train subjects, by a hash of the subject id). `finetune.max_tuning_labels` / `max_test_labels`
+    take a seeded uniform subsample (every forward pass over held_out costs as much as an epoch on as
+    many labels); the baselines use the same rows.
     """
+    if test_split not in ("held_out", "tuning"):
+        raise CehrxError(f"finetune scores split=held_out or split=tuning, got split={test_split!r}")
     rng = np.random.default_rng(seed)
-    rows = {
-        role: np.flatnonzero(cohort.split == s)
-        for role, s in (("train", "train"), ("tuning", "tuning"), ("test", "held_out"))
-    }
+    train = np.flatnonzero(cohort.split == "train")
+    if test_split == "tuning":
+        stop = L.unit_hash(cohort.sid[train], np.full(len(train), seed)) < 0.15
+        rows = {"train": train[~stop], "tuning": train[stop], "test": np.flatnonzero(cohort.split == "tuning")}
+    else:
+        rows = {
+            "train": train,
+            "tuning": np.flatnonzero(cohort.split == "tuning"),
+            "test": np.flatnonzero(cohort.split == "held_out"),
+        }
     for role, cap in (("tuning", f.get("max_tuning_labels")), ("test", f.get("max_test_labels"))):
         if cap is not None and len(rows[role]) > int(cap):
             rows[role] = np.sort(rng.choice(rows[role], int(cap), replace=False))
@@ -121,7 +133,7 @@ def select_rows(cohort: Cohort, f, seed: int) -> tuple[Cohort, dict[str, np.ndar
                 f"finetune needs {role} labels of both classes; the {role} rows have {int(y.sum())} positive and "
                 f"{int((~y).sum())} negative (a larger labelled set, or probe with cross-fitting for small ones)"
             )
-    return cohort, rows
+    return rows
 
 
 def budgets(few_shot, n_train: int) -> list[str]:

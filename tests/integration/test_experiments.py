@@ -134,8 +134,9 @@ def test_meds_dev_argument_names_reach_the_config(tmp_path: Path) -> None:
     assert cfg.model_dir == "/m" and cfg.split == "tuning"
 
 
-def test_meds_dev_model_yaml_calls_cehrx_with_its_placeholders() -> None:
-    spec = OmegaConf.load(REPO / "experiments" / "meds_dev" / "model.yaml")
+@pytest.mark.parametrize("spec_path", ["model.yaml", "finetune/model.yaml"])
+def test_meds_dev_model_yaml_calls_cehrx_with_its_placeholders(spec_path: str) -> None:
+    spec = OmegaConf.load(REPO / "experiments" / "meds_dev" / spec_path)
     unsup, sup = spec.commands.unsupervised.train, spec.commands.supervised
     assert unsup.startswith("cehrx ") and "{dataset_dir}" in unsup and "{output_dir}" in unsup
     for needed in ("{labels_dir}", "{model_initialization_dir}", "{split}", "{output_dir}", "{dataset_dir}"):

@@ -95,3 +95,22 @@ def test_planted_future_event_changes_no_fine_tuned_prediction(prepared, gpt) ->
     pa_ = predict_logits(clf, loader(LabelledHistories(a, np.zeros(len(a)), idx), 512, False), CPU)
     pb_ = predict_logits(clf, loader(LabelledHistories(b, np.zeros(len(b)), idx), 512, False), CPU)
     assert np.array_equal(pa_[0], pb_[0]) and torch.equal(pa_[1], pb_[1])
+
+
+def test_rows_by_role_and_meds_dev_split_tuning() -> None:
+    from types import SimpleNamespace
+
+    from cehrx.tasks.finetune import select_rows
+
+    n = 400
+    split = np.array(["train", "train", "tuning", "held_out"] * (n // 4))
+    c = SimpleNamespace(sid=np.arange(n), split=split, y=np.arange(n) % 3 == 0)
+    f = {"max_tuning_labels": None, "max_test_labels": 50}
+    rows = select_rows(c, f, 0)
+    assert (split[rows["train"]] == "train").all() and (split[rows["tuning"]] == "tuning").all()
+    assert len(rows["test"]) == 50 and (split[rows["test"]] == "held_out").all()
+    rows = select_rows(c, f, 0, "tuning")  # scores tuning; early stopping on a fixed part of train, never held_out
+    assert (split[rows["test"]] == "tuning").all() and (split[rows["tuning"]] == "train").all()
+    assert not set(rows["tuning"]) & set(rows["train"]) and 0.05 < len(rows["tuning"]) / (n / 2) < 0.3
+    with pytest.raises(CehrxError, match="split=held_out or split=tuning"):
+        select_rows(c, f, 0, "train")
