@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pyarrow.parquet as pq
 from meds import DataSchema
 
@@ -34,12 +35,20 @@ def data_files(root: Path) -> list[Path]:
     return files
 
 
+def parquet_schema(f: Path) -> pa.Schema:
+    """A parquet file's schema, or a one-line DataError naming the file (truncated, not parquet)."""
+    try:
+        return pq.read_schema(f)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"cannot read {f}: {one_line(e)}") from e
+
+
 def validate_schema(files: list[Path]) -> list[str]:
     """Check each shard against the MEDS DataSchema; return the extension columns seen."""
     required = {"subject_id", "time", "code"}
     extra: set[str] = set()
     for f in files:
-        schema = pq.read_schema(f)
+        schema = parquet_schema(f)
         missing = required - set(schema.names)
         if missing:
             raise DataError(
@@ -118,15 +127,16 @@ def _codes(con: duckdb.DuckDBPyConnection, root: Path) -> None:
     codes = root / "metadata" / "codes.parquet"
     desc = "SELECT NULL::VARCHAR AS code, NULL::VARCHAR AS description WHERE false"
     if codes.is_file():
-        names = pq.read_schema(codes).names
+        names = parquet_schema(codes).names
         if "code" in names and "description" in names:
             desc = f"SELECT CAST(code AS VARCHAR) AS code, CAST(description AS VARCHAR) AS description FROM read_parquet({literal(str(codes))})"
-    con.execute(f"""
-        CREATE OR REPLACE TABLE code_meta AS
-        WITH d AS ({desc}), d1 AS (SELECT code, any_value(description) AS description FROM d GROUP BY code)
-        SELECT e.code, d1.description, NULL::BIGINT AS omop_concept_id, NULL::VARCHAR AS omop_domain
-        FROM (SELECT DISTINCT code FROM events) e LEFT JOIN d1 USING (code) ORDER BY e.code
-    """)
+    with reading(str(codes)):
+        con.execute(f"""
+            CREATE OR REPLACE TABLE code_meta AS
+            WITH d AS ({desc}), d1 AS (SELECT code, any_value(description) AS description FROM d GROUP BY code)
+            SELECT e.code, d1.description, NULL::BIGINT AS omop_concept_id, NULL::VARCHAR AS omop_domain
+            FROM (SELECT DISTINCT code FROM events) e LEFT JOIN d1 USING (code) ORDER BY e.code
+        """)
 
 
 def _splits(con: duckdb.DuckDBPyConnection, root: Path) -> bool:

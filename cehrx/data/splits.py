@@ -6,8 +6,8 @@ from pathlib import Path
 
 import duckdb
 
-from cehrx.data.duck import literal
-from cehrx.errors import DataError
+from cehrx.data.duck import literal, reading
+from cehrx.errors import DataError, one_line
 
 ALIASES = {
     "train": "train",
@@ -48,14 +48,15 @@ def load_split_file(con: duckdb.DuckDBPyConnection, path: str | Path, strict: bo
     try:
         names = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {reader}({literal(str(f))})").fetchall()]
     except duckdb.Error as e:
-        raise DataError(f"cannot read splits file {f}: {e}") from e
+        raise DataError(f"cannot read splits file {f}: {one_line(e)}") from e
     if not {"subject_id", "split"} <= set(names):
         raise DataError(f"{f} must have columns subject_id and split (has {', '.join(names)})")
-    con.execute(f"""
-        CREATE OR REPLACE TABLE source_splits_raw AS
-        SELECT TRY_CAST(subject_id AS BIGINT) AS subject_id, subject_id AS raw_id, CAST(split AS VARCHAR) AS split
-        FROM {reader}({literal(str(f))})
-    """)
+    with reading(f"splits file {f}"):
+        con.execute(f"""
+            CREATE OR REPLACE TABLE source_splits_raw AS
+            SELECT TRY_CAST(subject_id AS BIGINT) AS subject_id, subject_id AS raw_id, CAST(split AS VARCHAR) AS split
+            FROM {reader}({literal(str(f))})
+        """)
     if strict:
         _check_split_file(con, f)
     con.execute("""

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from cehrx.errors import CehrxError
@@ -81,10 +83,37 @@ def non_utf8(table: str, column: str, last: bool = False) -> Callable[[Path], No
     return damage
 
 
-def truncate(table: str) -> Callable[[Path], None]:
+def truncate(path: str) -> Callable[[Path], None]:
+    """Keep the first 100 bytes of a parquet file (no footer: not readable as parquet)."""
+
     def damage(root: Path) -> None:
-        f = root / f"{table}.parquet"
+        f = root / path
         f.write_bytes(f.read_bytes()[:100])
+
+    return damage
+
+
+def ragged_row(table: str) -> Callable[[Path], None]:
+    """A csv row with two fields where the header has many."""
+
+    def damage(root: Path) -> None:
+        with open(root / f"{table}.csv", "ab") as f:
+            f.write(b"1,2\n")
+
+    return damage
+
+
+def invalid_utf8_codes(path: str) -> Callable[[Path], None]:
+    """A parquet string column holding bytes that are not UTF-8 (pyarrow writes them unchecked)."""
+
+    def damage(root: Path) -> None:
+        f = root / path
+        table = pq.read_table(f)
+        raw = pa.array(
+            [b"caf\xe9" if i % 7 == 0 else c.encode() for i, c in enumerate(table["code"].to_pylist())], pa.binary()
+        )
+        codes = pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())
+        pq.write_table(table.set_column(table.schema.get_field_index("code"), "code", codes), f)
 
     return damage
 
@@ -319,6 +348,12 @@ OMOP_CASES = [
     ),
     Case("empty_table_without_columns", fmt="csv", damage=zero_bytes("observation")),
     Case(
+        "ragged_csv_row",
+        fmt="csv",
+        damage=ragged_row("condition_occurrence"),
+        error=r"cannot read OMOP table condition_occurrence \(.*condition_occurrence\.csv\): its rows cannot be split",
+    ),
+    Case(
         "all_clinical_tables_empty",
         tuple(f"DELETE FROM {t}" for t in CLINICAL),
         error=r"no clinical events in .*: every event is a birth, death, gender, race, visit or static code \(person: 60 rows",
@@ -337,7 +372,7 @@ OMOP_CASES = [
     ),
     Case(
         "corrupt_parquet",
-        damage=truncate("drug_exposure"),
+        damage=truncate("drug_exposure.parquet"),
         error=r"cannot read OMOP table drug_exposure \(.*drug_exposure\.parquet\)",
     ),
     # time zones
@@ -515,6 +550,26 @@ MEDS_CASES = [
         error=r"nothing to prepare in .*: no row became an event \(meds: 0 rows\)",
     ),
     Case("only_codes_below_min_subjects", overrides=("task.min_subjects=1000",), error=r"task\.min_subjects=1000"),
+    Case(
+        "invalid_utf8_in_a_string_column",
+        damage=invalid_utf8_codes("data/train/0.parquet"),
+        error=r"cannot read MEDS data .*: .*train/0\.parquet.* is not valid UTF8",
+    ),
+    Case(
+        "truncated_shard",
+        damage=truncate("data/tuning/0.parquet"),
+        error=r"cannot read .*tuning/0\.parquet: .*corrupted",
+    ),
+    Case(
+        "corrupt_codes_metadata",
+        damage=truncate("metadata/codes.parquet"),
+        error=r"cannot read .*metadata/codes\.parquet: .*corrupted",
+    ),
+    Case(
+        "corrupt_splits_metadata",
+        damage=truncate("metadata/subject_splits.parquet"),
+        error=r"cannot read splits file .*subject_splits\.parquet: ",
+    ),
 ]
 
 
@@ -539,13 +594,15 @@ def meds_slice(tmp_path_factory) -> Path:
 
 def write_meds(base: Path, dst: Path, case: Case) -> Path:
     """The case's MEDS dataset: `data/<split>/0.parquet` from the mutated table, the slice's metadata."""
-    flat = write_case(base, dst / "flat", case, ("data",))
+    flat = write_case(base, dst / "flat", replace(case, damage=None), ("data",))
     for split in ("train", "tuning", "held_out"):
         (dst / "data" / split).mkdir(parents=True)
         duckdb.execute(f"""COPY (SELECT * EXCLUDE (split) FROM read_parquet('{flat / "data.parquet"}') WHERE split = '{split}')
                            TO '{dst / "data" / split / "0.parquet"}' (FORMAT parquet)""")
     shutil.rmtree(flat)
     shutil.copytree(base / "metadata", dst / "metadata")
+    if case.damage:
+        case.damage(dst)
     return dst
 
 
