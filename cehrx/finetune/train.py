@@ -76,7 +76,7 @@ def train_budget(
         classifier.init_head(head[0], head[1] + math.log(pos_weight))  # the weighted loss's optimum sits log(w) higher
     if str(f.method) == "lora":
         apply_lora(classifier, int(f.lora.rank), float(f.lora.alpha), float(f.lora.dropout), str(f.lora.targets))
-    budget = int(cfg.probe.batch_tokens)
+    budget = int(f.batch_tokens)
     seed = int(f.seed)
     train_dl = loader(LabelledHistories(cohort.hist, y, train_rows), budget, shuffle=True, seed=seed)
     tune_dl = loader(LabelledHistories(cohort.hist, y, rows["tuning"]), budget, shuffle=False)

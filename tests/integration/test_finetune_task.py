@@ -24,7 +24,7 @@ FAST = (
     "probe.min_code_labels=2",
     "finetune.n_boot=50",
     "finetune.progress=false",
-    "probe.batch_tokens=2048",
+    "finetune.batch_tokens=2048",
 )
 
 
