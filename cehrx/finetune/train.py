@@ -13,7 +13,6 @@ import copy
 import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from cehrx.data.atomic import atomic_file, write_text
-from cehrx.errors import CehrxError
+from cehrx.data.workdir import claim_work_dir
 from cehrx.finetune.data import LabelledHistories, loader
 from cehrx.finetune.model import SequenceClassifier, apply_lora, parameter_counts
 from cehrx.finetune.module import FinetuneModule, predict_logits
@@ -170,16 +169,4 @@ def _digest(*arrays: np.ndarray) -> str:
 def claim(work: Path, settings: dict, overwrite: bool) -> None:
     """Make `work` the directory of the run described by `settings`: resume it when they match,
     start over with `overwrite`, refuse otherwise (checkpoints of other settings must not be mixed in)."""
-    path = work / SETTINGS
-    text = json.dumps(settings, sort_keys=True, default=str)
-    if work.is_dir() and any(work.iterdir()):
-        old = path.read_text().strip() if path.is_file() else None
-        if overwrite:
-            shutil.rmtree(work)
-        elif old != text:
-            raise CehrxError(
-                f"{work} holds a fine-tuning run with other settings (labels, method or options): "
-                "pass overwrite=true to start over, or use another output_dir"
-            )
-    work.mkdir(parents=True, exist_ok=True)
-    write_text(path, text + "\n")
+    claim_work_dir(work, settings, overwrite, what="fine-tuning", settings_file=SETTINGS)

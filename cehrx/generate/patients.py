@@ -3,7 +3,7 @@
 A sample is its demographic prompt plus what the model generated. Turning it into a patient:
 
 1. **Validity.** The whole sequence runs through the token grammar automaton
-   (`cehrx.generate.constraints.Grammar`, the tensor form of `check_sequence`), every
+   (`cehrx.sampling.constraints.Grammar`, the tensor form of `check_sequence`), every
    sequence at once, one step per position. A trailing `[END]` is dropped (prepared sequences
    have none). A sample the grammar rejects is dropped (`grammar`). A sample cut by the token
    budget ends inside a visit: with `truncated="keep"` it is cut after its last complete visit
@@ -29,7 +29,7 @@ from cehrx.data.decode import rebuild_times
 from cehrx.data.grammar import PREFIX
 from cehrx.data.shards import NO_BIRTH, SECONDS_PER_YEAR, TokenArrays
 from cehrx.data.vocab import DEATH, END, KINDS, VE, VS, Vocab
-from cehrx.generate.constraints import Grammar
+from cehrx.sampling.constraints import Grammar
 
 DAY = 86400
 END_OF_DAY = DAY - 1

@@ -19,8 +19,6 @@ decoded dates, as a crop's prompt is off by the day within its year.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
 from cehrx.data.decode import token_seconds
@@ -28,17 +26,14 @@ from cehrx.data.shards import PROMPT_LEN, SECONDS_PER_YEAR, prompt_ids
 from cehrx.data.vocab import VS, Vocab
 from cehrx.errors import CehrxError
 from cehrx.generate.patients import value_lookup
-from cehrx.generate.sampler import STOP_TOKENS, Samples, SamplingConfig, sample
-from cehrx.model.transformer import GPT
+from cehrx.sampling import STOP_TOKENS, Engine, Samples
 
 ROUND_SEED_STRIDE = 1_000_003  # round r samples with seed + r * stride: its draws differ from every other round's
 
 
 def sample_windows(
-    model: GPT,
-    vocab: Vocab,
+    engine: Engine,
     prompts: np.ndarray,
-    cfg: SamplingConfig,
     *,
     max_total_tokens: int | None = None,
     keep: int | None = None,
@@ -49,16 +44,17 @@ def sample_windows(
 
     Returns one `Samples` row per prompt (generated tokens of every window, in order; `stop` the last
     window's reason, `STOP_TOKENS` also for a patient cut by `max_total_tokens` or by a visit longer
-    than `keep`). `max_total_tokens=None` samples one window (plain `sample`). `keep` defaults to
-    half the context. `end_time` (seconds since 1970: the real data's last event) ends a record where
+    than `keep`). `max_total_tokens=None` samples one window (plain `engine.sample`). `keep` defaults
+    to half the context. `end_time` (seconds since 1970: the real data's last event) ends a record where
     the real ones end: no new window starts after it, and each patient is cut at its first token past
     it (stop `STOP_TOKENS`: decoding then keeps the visits before it), as a model under-generates
-    `[END]` when training crops rarely hold a record's end.
+    `[END]` when training crops rarely hold a record's end. Window r samples with the engine's seed
+    plus `r * ROUND_SEED_STRIDE`.
     """
-    prompts = np.asarray(prompts, dtype=np.int64)
-    n, ctx = len(prompts), model.config.max_seq_len
+    vocab, prompts = engine.vocab, np.asarray(prompts, dtype=np.int64)
+    n, ctx = len(prompts), engine.model.config.max_seq_len
     offsets = np.arange(0, PROMPT_LEN * n + 1, PROMPT_LEN, dtype=np.int64)
-    first = sample(model, vocab, prompts.reshape(-1), offsets, cfg, num_samples=1, progress=progress)
+    first = engine.sample(prompts.reshape(-1), offsets, num_samples=1, progress=progress)
     if max_total_tokens is None:
         return first
     keep = ctx // 2 if keep is None else int(keep)
@@ -77,20 +73,25 @@ def sample_windows(
         rows, tokens, offs = _next_windows(vocab, prompts, parts, active, keep, clock, end_time)
         if not len(rows):
             break
-        s = sample(
-            model,
-            vocab,
-            tokens,
-            offs,
-            replace(cfg, seed=int(cfg.seed) + r * ROUND_SEED_STRIDE),
-            num_samples=1,
-            progress=progress,
-            prompt_ids=rows,
-        )
+        round_engine = engine.with_settings(seed=int(engine.cfg.seed) + r * ROUND_SEED_STRIDE)
+        s = round_engine.sample(tokens, offs, num_samples=1, progress=progress, prompt_ids=rows)
         for j, i in enumerate(rows):
             parts[i] = np.concatenate([parts[i], s.sequence(j)])
         stop[rows], days[rows] = s.stop, days[rows] + s.elapsed_days
         active = rows[s.stop == STOP_TOKENS]
+    return _joined(parts, stop, days, clock, end_time, max_total_tokens)
+
+
+def _joined(
+    parts: list[np.ndarray],
+    stop: np.ndarray,
+    days: np.ndarray,
+    clock: _Clock,
+    end_time: int | None,
+    max_total_tokens: int,
+) -> Samples:
+    """Each patient's windows as one `Samples` row, cut at `end_time` and at `max_total_tokens` (stop `STOP_TOKENS`)."""
+    n = len(parts)
     if end_time is not None:
         for i, p in enumerate(parts):  # per patient, vectorised over its tokens
             past = np.flatnonzero(clock.start[i] + np.cumsum(clock.seconds[p]) > end_time)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cehrx.data.vocab import DEATH, KINDS, VE, Vocab, time_token_days
-from cehrx.model.attention import seq_ids_from_cu_seqlens
+from cehrx.model.packed import seq_ids_from_cu_seqlens
 
 IGNORE_INDEX = -100
 N_YEARS, N_MONTHS, N_DAYS = 128, 12, 31

@@ -22,15 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cehrx.model.attention import (
-    PackedMask,
-    attention,
-    build_packed_mask,
-    positions_from_cu_seqlens,
-    resolve_backend,
-)
+from cehrx.model.attention import attention, build_packed_mask, resolve_backend
 from cehrx.model.config import GPTConfig
-from cehrx.model.kv_cache import KVCache, SharedPrefixKVCache
+from cehrx.model.kv_cache import KVCache
+from cehrx.model.packed import PackedMask, positions_from_cu_seqlens
+from cehrx.model.shared_prefix import SharedPrefixKVCache
 
 __all__ = ["GPT", "MLP", "Attention", "Block", "KVCache", "RMSNorm", "RotaryEmbedding", "positions_from_cu_seqlens"]
 

@@ -1,7 +1,7 @@
 """`cehrx task=generate`: sample synthetic patients from a pretrained model; write MEDS and OMOP.
 
     cehrx task=generate model_dir=runs/mysite/model output_dir=runs/mysite/synthetic \\
-          generate.num_patients=10000 generate.top_p=0.95 generate.temperature=1.0
+          generate.num_patients=10000 sampling.top_p=0.95 sampling.temperature=1.0
 
 Output (`output_dir`, default `<model_dir>/../synthetic`, renamed into place when complete):
 
@@ -13,22 +13,22 @@ Output (`output_dir`, default `<model_dir>/../synthetic`, renamed into place whe
     generate.json       counts, validity by reason, stop reasons, tokens/s, settings, timings
     config.yaml         resolved config of the run
 
-Patients are sampled in shards of `generate.shard_size` prompts. Each finished shard is saved
-under `.<output_dir name>.partial/` beside the output; a crashed or killed run started again
-with the same settings resumes after the last finished shard. Sampling stops when
+Patients are sampled (`cehrx.sampling.Engine`, settings from the `sampling:` block) in shards of
+`generate.shard_size` prompts. Each finished shard is saved under `.<output_dir name>.partial/`
+beside the output; a crashed or killed run started again with the same settings resumes after the
+last finished shard (`settings.json`, `cehrx.data.workdir.claim_work_dir`). Sampling stops when
 `num_patients` valid patients exist (or after `num_patients * max_attempts_factor` samples).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,54 +38,42 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from cehrx.data import duck
-from cehrx.data.atomic import write_parquet, write_text
 from cehrx.data.shards import TokenArrays, load_shard
 from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
 from cehrx.generate.concepts import read_source_info
-from cehrx.generate.constraints import Grammar
 from cehrx.generate.omop_writer import write_omop
+from cehrx.generate.partial import SHARDS, Partial
 from cehrx.generate.patients import (
     DROP_REASONS,
     TRUNCATED_KEY,
     decode_samples,
-    shard_table,
     take_prefixes,
 )
 from cehrx.generate.prompts import PromptPool, config_pool, empirical_pool
-from cehrx.generate.sampler import STOP_NAMES, SamplingConfig
 from cehrx.generate.staging import Stage
 from cehrx.generate.windows import sample_windows
 from cehrx.model.export import load_pretrained, resolve_device
 from cehrx.model.export import model_dir as resolve_model_dir
+from cehrx.sampling import STOP_NAMES, Engine, SamplingConfig
+from cehrx.sampling.constraints import Grammar
 from cehrx.tasks.inputs import prepared_dir_for
 from cehrx.tasks.scaffold import guard, task_output, write_marker
-
-SHARDS = Path("tokens") / "train"
-STATS = "shard_stats"
-
 
 # ------------------------------------------------------------------------ settings
 
 
-def sampling_config(g: DictConfig, max_seq_len: int) -> SamplingConfig:
-    """`generate.*` -> SamplingConfig; the token budget defaults to what the model's context leaves."""
+def sampling_config(s: DictConfig, max_seq_len: int) -> SamplingConfig:
+    """The `sampling:` block; the token budget resolved (null: what the model's context leaves after the
+    prompt), so `settings.json` records the number."""
     room = max_seq_len - 4
-    max_new = room if g.max_new_tokens is None else int(g.max_new_tokens)
+    max_new = room if s.max_new_tokens is None else int(s.max_new_tokens)
     if max_new < 1 or max_new > room:
         raise CehrxError(
-            f"generate.max_new_tokens={g.max_new_tokens}: the model's max_seq_len={max_seq_len} leaves room for 1..{room} tokens after the 4-token prompt"
+            f"sampling.max_new_tokens={s.max_new_tokens}: the model's max_seq_len={max_seq_len} leaves room for "
+            f"1..{room} tokens after the 4-token prompt"
         )
-    return SamplingConfig(
-        temperature=float(g.temperature),
-        top_k=int(g.top_k),
-        top_p=float(g.top_p),
-        max_new_tokens=max_new,
-        max_days=None,
-        constrained=bool(g.constrained),
-        batch_size=int(g.batch_size),
-        seed=int(g.seed),
-    )
+    return SamplingConfig.from_mapping(s, max_new_tokens=max_new)
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -102,76 +90,38 @@ def model_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-# ------------------------------------------------------------------------ resumable shards
-
-
-class Partial:
-    """`.<name>.partial/` beside the output: finished shards and their stats, reused on restart."""
-
-    def __init__(self, out: Path, settings: dict, overwrite: bool) -> None:
-        self.dir = out.parent / f".{out.name}.partial"
-        self.settings_file = self.dir / "settings.json"
-        if self.settings_file.is_file():
-            old = json.loads(self.settings_file.read_text())
-            if old != settings:
-                if not overwrite:
-                    changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-                    raise CehrxError(
-                        f"{self.dir} holds shards of an unfinished run with other settings ({', '.join(changed)}): "
-                        f"rerun with the same settings to resume, or pass overwrite=true to start over"
-                    )
-                shutil.rmtree(self.dir)
-        (self.dir / SHARDS).mkdir(parents=True, exist_ok=True)
-        (self.dir / STATS).mkdir(parents=True, exist_ok=True)
-        write_text(self.settings_file, json.dumps(settings, indent=2, sort_keys=True) + "\n")
-
-    def done(self) -> list[dict]:
-        """Stats of the finished shards, in order (a shard is finished once its stats exist)."""
-        stats = []
-        while (f := self.dir / STATS / f"{len(stats)}.json").is_file():
-            stats.append(json.loads(f.read_text()))
-        return stats
-
-    def save(self, index: int, arrays: TokenArrays, stats: dict) -> None:
-        write_parquet(shard_table(arrays), self.dir / SHARDS / f"{index}.parquet", compression="zstd")
-        write_text(self.dir / STATS / f"{index}.json", json.dumps(stats, indent=2) + "\n")
-
-    def shard_files(self) -> list[Path]:
-        """The parquet files of the finished shards (a file without stats is an interrupted write)."""
-        return [self.dir / SHARDS / f"{i}.parquet" for i in range(len(self.done()))]
-
-
 def shard_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
 
-def generate_shard(
-    model: Any,
-    vocab: Vocab,
-    grammar: Grammar,
-    pool: PromptPool,
-    scfg: SamplingConfig,
-    g: DictConfig,
-    index: int,
-    n_prompts: int,
-    first_id: int,
-    wanted: int,
-    progress: bool,
-    end_time: int | None = None,
-) -> tuple[TokenArrays, dict]:
+@dataclass
+class ShardJob:
+    """What every shard of a run samples with: the engine, the prompt pool, the `generate:` options."""
+
+    engine: Engine
+    grammar: Grammar  # on the CPU, for decoding
+    pool: PromptPool
+    g: DictConfig
+    end_time: int | None = None  # records end here (`generate.end_date`)
+
+    @property
+    def progress(self) -> bool:
+        return bool(self.g.progress)
+
+
+def generate_shard(job: ShardJob, index: int, n_prompts: int, first_id: int, wanted: int) -> tuple[TokenArrays, dict]:
     """Sample `n_prompts` patients, decode them, keep at most `wanted` valid ones."""
-    seed = shard_seed(int(g.seed), index)
-    prompts = pool.draw(n_prompts, np.random.default_rng(seed))
+    g, vocab = job.g, job.engine.vocab
+    seed = shard_seed(job.engine.cfg.seed, index)
+    prompts = job.pool.draw(n_prompts, np.random.default_rng(seed))
     start = time.perf_counter()
     samples = sample_windows(
-        model,
-        vocab,
+        job.engine.with_settings(seed=seed),
         prompts,
-        replace(scfg, seed=seed),
         max_total_tokens=_int_or_none(g.get("max_total_tokens")),
         keep=_int_or_none(g.get("window_keep")),
-        end_time=end_time,
-        progress=progress,
+        end_time=job.end_time,
+        progress=job.progress,
     )
     seconds = time.perf_counter() - start
     ids = first_id + np.arange(n_prompts, dtype=np.int64)
@@ -184,7 +134,7 @@ def generate_shard(
         seed,
         max_age=int(g.max_age),
         truncated=str(g.truncated),
-        grammar=grammar,
+        grammar=job.grammar,
     )
     arrays = dec.arrays
     surplus = max(len(arrays) - wanted, 0)
@@ -240,29 +190,19 @@ def plan_shard(requested: int, stats: list[dict], shard_size: int) -> int:
     return max(1, min(shard_size, need))
 
 
-def sample_all(
-    model: Any,
-    vocab: Vocab,
-    pool: PromptPool,
-    scfg: SamplingConfig,
-    g: DictConfig,
-    work: Partial,
-    console: Console,
-    end_time: int | None = None,
-) -> tuple[list[dict], int]:
+def sample_all(job: ShardJob, work: Partial, console: Console) -> tuple[list[dict], int]:
     """Generate shards until `num_patients` valid patients exist; finished shards are reused on resume.
 
     Returns the stats of every shard and how many were reused from an earlier, interrupted run.
     """
     from tqdm.auto import tqdm
 
+    g = job.g
     requested = int(g.num_patients)
     stats = work.done()
     resumed = len(stats)
-    grammar = Grammar.build(vocab)
     max_samples = math.ceil(requested * float(g.max_attempts_factor))
-    show = bool(g.progress)
-    bar = tqdm(total=requested, desc="patients", unit="pt", disable=not show, file=sys.stderr, position=0)
+    bar = tqdm(total=requested, desc="patients", unit="pt", disable=not job.progress, file=sys.stderr, position=0)
     bar.update(sum(s["kept"] for s in stats))
     if stats:
         console.print(f"resuming after {len(stats)} finished shard(s) in {work.dir}")
@@ -277,9 +217,7 @@ def sample_all(
                 break
             n = min(plan_shard(requested, stats, int(g.shard_size)), max_samples - attempts)
             wanted = requested - sum(s["kept"] for s in stats)
-            arrays, st = generate_shard(
-                model, vocab, grammar, pool, scfg, g, len(stats), n, attempts + 1, wanted, show, end_time=end_time
-            )
+            arrays, st = generate_shard(job, len(stats), n, attempts + 1, wanted)
             work.save(len(stats), arrays, st)
             stats.append(st)
             bar.update(st["kept"])
@@ -299,12 +237,7 @@ def run(cfg: DictConfig) -> dict:
     g = cfg.generate
     out = Path(str(cfg.output_dir))
     guard("generate", out, bool(cfg.overwrite))
-    if int(g.num_patients) < 1 or int(g.shard_size) < 1:
-        raise CehrxError(
-            f"generate.num_patients and generate.shard_size must be >= 1 (got {g.num_patients}, {g.shard_size})"
-        )
-    if str(g.truncated) not in ("keep", "drop"):
-        raise CehrxError(f"generate.truncated must be keep or drop, got {g.truncated!r}")
+    check_options(g)
     console = Console(stderr=True)
     t0 = time.perf_counter()
     if g.get("threads"):  # small models decode one token per step: fewer CPU threads often run faster
@@ -315,26 +248,16 @@ def run(cfg: DictConfig) -> dict:
     prepared = prepared_dir_for(cfg, mdir)
     prompts = OmegaConf.to_container(g.prompts, resolve=True) if g.prompts is not None else None
     pool = config_pool(vocab, prompts) if prompts is not None else empirical_pool(prepared, vocab)
-    scfg = sampling_config(g, model.config.max_seq_len)
-    end_time = data_end_time(g.get("end_date", "auto"), prepared, g.get("max_total_tokens") is not None)
-    settings = {
-        "model": str(mdir.resolve()),
-        "model_fingerprint": model_fingerprint(mdir),
-        "prepared_dir": str(prepared.resolve()),
-        "prompts": prompts,
-        "sampling": asdict(scfg),
-        "num_patients": int(g.num_patients),
-        "shard_size": int(g.shard_size),
-        "max_age": int(g.max_age),
-        "truncated": str(g.truncated),
-        "max_total_tokens": _int_or_none(g.get("max_total_tokens")),
-        "window_keep": _int_or_none(g.get("window_keep")),
-        "end_time": end_time,
-        "max_attempts_factor": float(g.max_attempts_factor),
-        "device_type": device.type,
-    }
+    job = ShardJob(
+        engine=Engine(model, vocab, sampling_config(cfg.sampling, model.config.max_seq_len)),
+        grammar=Grammar.build(vocab),
+        pool=pool,
+        g=g,
+        end_time=data_end_time(g.get("end_date", "auto"), prepared, g.get("max_total_tokens") is not None),
+    )
+    settings = run_settings(job, mdir, prepared, prompts, device)
     work = Partial(out, settings, bool(cfg.overwrite))
-    stats, resumed = sample_all(model, vocab, pool, scfg, g, work, console, end_time=end_time)
+    stats, resumed = sample_all(job, work, console)
     t_sampled = time.perf_counter()
     with task_output(cfg, "generate") as tmp:
         outputs = assemble(cfg, vocab, mdir, prepared, work, tmp, console)
@@ -356,6 +279,37 @@ def run(cfg: DictConfig) -> dict:
     return report
 
 
+def check_options(g: DictConfig) -> None:
+    if int(g.num_patients) < 1 or int(g.shard_size) < 1:
+        raise CehrxError(
+            f"generate.num_patients and generate.shard_size must be >= 1 (got {g.num_patients}, {g.shard_size})"
+        )
+    if str(g.truncated) not in ("keep", "drop"):
+        raise CehrxError(f"generate.truncated must be keep or drop, got {g.truncated!r}")
+
+
+def run_settings(job: ShardJob, mdir: Path, prepared: Path, prompts: Any, device: torch.device) -> dict:
+    """Everything that decides the samples: `settings.json` of the partial dir (a resume must match it
+    exactly, so keys and values stay as they are) and `generate.json`'s `settings`."""
+    g = job.g
+    return {
+        "model": str(mdir.resolve()),
+        "model_fingerprint": model_fingerprint(mdir),
+        "prepared_dir": str(prepared.resolve()),
+        "prompts": prompts,
+        "sampling": job.engine.cfg.to_dict(),
+        "num_patients": int(g.num_patients),
+        "shard_size": int(g.shard_size),
+        "max_age": int(g.max_age),
+        "truncated": str(g.truncated),
+        "max_total_tokens": _int_or_none(g.get("max_total_tokens")),
+        "window_keep": _int_or_none(g.get("window_keep")),
+        "end_time": job.end_time,
+        "max_attempts_factor": float(g.max_attempts_factor),
+        "device_type": device.type,
+    }
+
+
 def assemble(
     cfg: DictConfig, vocab: Vocab, mdir: Path, prepared: Path, work: Partial, tmp: Path, console: Console
 ) -> dict:
@@ -373,7 +327,7 @@ def assemble(
     try:
         stage = Stage(con, vocab)
         for i, f in enumerate(work.shard_files()):
-            stage.add(load_shard(f), seed=shard_seed(int(g.seed), 10_000 + i))
+            stage.add(load_shard(f), seed=shard_seed(int(cfg.sampling.seed), 10_000 + i))
         info = read_source_info(prepared, con, stage.keys())
         codes = stage.finish(info)
         t1 = time.perf_counter()

@@ -25,114 +25,85 @@ Output (`output_dir`; the finished dir appears at once, `metrics.json` marks it 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
-from cehrx.data.history import NO_HISTORY, load_all_splits
-from cehrx.data.shards import SPLITS
+from cehrx.data.history import load_all_splits
 from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
+from cehrx.sampling import Engine
 from cehrx.tasks.inputs import prepared_dir_for
 from cehrx.tasks.scaffold import guard, task_output, write_marker
+from cehrx.zeroshot.labels import labels_from, sample_labels, select_split
 from cehrx.zeroshot.outcome import Outcome, resolve_outcome
 from cehrx.zeroshot.predict import (
     CHUNK_DIR,
     ESTIMATORS,
     LabelInputs,
     ZeroshotConfig,
+    claim_chunks,
     config_dict,
     finalize_probabilities,
     fingerprint,
-    prepare_work_dir,
     run_chunks,
+    run_settings,
+    sampling_dict,
     write_trajectories,
+    zeroshot_engine,
 )
+from cehrx.zeroshot.report import compare_estimators, details, futures_summary, report_sections
 
 log = logging.getLogger("cehrx.zeroshot")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Labels -> histories -> sampled futures -> probabilities -> predictions, metrics, report."""
+    from cehrx.probe.labels import read_labels
+
     out = Path(cfg.output_dir)
     guard("zeroshot", out, bool(cfg.overwrite))
     zc = cfg.zeroshot
-    zcfg = ZeroshotConfig.from_mapping(OmegaConf.to_container(zc, resolve=True))
-    task = OmegaConf.select(cfg, "probe.task")
-    from cehrx.model.export import (
-        load_pretrained,
-        model_dir,
-        random_init_like,
-        resolve_device,
+    zcfg = ZeroshotConfig.from_mapping(
+        OmegaConf.to_container(zc, resolve=True), OmegaConf.to_container(cfg.sampling, resolve=True)
     )
-
-    device = resolve_device(str(zc.get("device", "auto")), "zeroshot.device")
-    model, vocab = load_pretrained(cfg.model_dir, map_location=device)
-    random_init = bool(zc.get("random_init", False))
-    if random_init:
-        model = random_init_like(model, zcfg.seed)
+    device, model, vocab = load_model(cfg, zcfg)
     prepared = prepared_dir_for(cfg, cfg.model_dir)
     check_vocab(vocab, prepared)
-    outcome = resolve_outcome(
-        vocab,
-        task,
-        _list(zc.get("outcome_codes")),
-        _float(zc.get("window_days")),
-        _int(zc.get("window_visits")),
-        prepared,
-        bool(zc.get("include_descendants", True)),
-    )
+    outcome = outcome_of(cfg, vocab, prepared)
     arrays, split_of = load_all_splits(prepared)
-    from cehrx.probe.labels import read_labels
-
     all_labels, label_source = read_labels(cfg, prepared)
     split = str(cfg.get("split") or "held_out")
-    table = select_split(all_labels, arrays.subject_id, split_of, split)
-    table, weight, sample_info = sample_labels(
-        table,
-        _int(zc.get("max_labels")),
-        str(zc.get("label_sample") or "uniform"),
-        int(zc.get("label_seed", zcfg.seed)),
-    )
-    labels = labels_from(table, weight)
+    labels, sample_info = sampled_labels(zc, zcfg, select_split(all_labels, arrays.subject_id, split_of, split))
     fp = fingerprint(
-        {
-            "model": str(model_dir(cfg.model_dir).resolve()),
-            "model_mtime": _mtime(model_dir(cfg.model_dir)),
-            "outcome": outcome.describe(vocab),
-            "prepared": str(prepared.resolve()),
-            "random_init": random_init,
-            "split": split,
-            "zeroshot": {k: v for k, v in config_dict(zcfg).items() if k != "estimator"},
-        },
-        labels,
+        run_identity(cfg, vocab, outcome, prepared, split, zcfg), labels
     )  # the chunks hold both estimators
-    resumed = prepare_work_dir(out, fp, bool(cfg.overwrite))
+    resumed = claim_chunks(out, fp, bool(cfg.overwrite))
     if resumed:
         print(f"zeroshot: resuming, {resumed} chunk(s) already done in {out / CHUNK_DIR}", file=sys.stderr)
+    engine = zeroshot_engine(model, vocab, zcfg, outcome)
     start = time.perf_counter()
-    results = run_chunks(model, vocab, arrays, labels, outcome, zcfg, out, progress=bool(zc.get("progress", True)))
+    results = run_chunks(engine, arrays, labels, outcome, zcfg, out, progress=bool(zc.get("progress", True)))
     seconds = time.perf_counter() - start
     recal = None
     if bool(zc.get("recalibrate", False)):
-        recal = recalibration(cfg, model, vocab, arrays, split_of, all_labels, outcome, zcfg, out, fp)
+        recal = recalibration(cfg, engine, arrays, split_of, all_labels, outcome, zcfg, out, fp)
     facts = {
-        "task": task,
+        "task": OmegaConf.select(cfg, "probe.task"),
         "label_source": label_source,
         "split": split,
         "prepared_dir": str(prepared),
         "model_dir": str(cfg.model_dir),
-        "random_init": random_init,
+        "random_init": bool(zc.get("random_init", False)),
         "device": str(device),
         "seconds": round(seconds, 1),
         "resumed_chunks": resumed,
@@ -141,13 +112,60 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return finish(cfg, out, vocab, outcome, labels, results, zcfg, facts, recal)
 
 
+def load_model(cfg: DictConfig, zcfg: ZeroshotConfig) -> tuple[Any, Any, Vocab]:
+    """(device, model, vocab); with `zeroshot.random_init` the same architecture with fresh weights."""
+    from cehrx.model.export import load_pretrained, random_init_like, resolve_device
+
+    device = resolve_device(str(cfg.zeroshot.get("device", "auto")), "zeroshot.device")
+    model, vocab = load_pretrained(cfg.model_dir, map_location=device)
+    if bool(cfg.zeroshot.get("random_init", False)):
+        model = random_init_like(model, zcfg.seed)
+    return device, model, vocab
+
+
+def outcome_of(cfg: DictConfig, vocab: Vocab, prepared: Path) -> Outcome:
+    zc = cfg.zeroshot
+    return resolve_outcome(
+        vocab,
+        OmegaConf.select(cfg, "probe.task"),
+        _list(zc.get("outcome_codes")),
+        _float(zc.get("window_days")),
+        _int(zc.get("window_visits")),
+        prepared,
+        bool(zc.get("include_descendants", True)),
+    )
+
+
+def sampled_labels(zc: DictConfig, zcfg: ZeroshotConfig, table: pa.Table) -> tuple[LabelInputs, dict]:
+    """The split's labels after `zeroshot.max_labels` / `label_sample` (seeded by `label_seed`)."""
+    how = str(zc.get("label_sample") or "uniform")
+    table, weight, info = sample_labels(table, _int(zc.get("max_labels")), how, int(zc.get("label_seed", zcfg.seed)))
+    return labels_from(table, weight), info
+
+
+def run_identity(
+    cfg: DictConfig, vocab: Vocab, outcome: Outcome, prepared: Path, split: str, zcfg: ZeroshotConfig
+) -> dict[str, Any]:
+    """Everything but the labels that the chunks depend on (hashed with the labels by `fingerprint`)."""
+    from cehrx.model.export import model_dir
+
+    return {
+        "model": str(model_dir(cfg.model_dir).resolve()),
+        "model_mtime": _mtime(model_dir(cfg.model_dir)),
+        "outcome": outcome.describe(vocab),
+        "prepared": str(prepared.resolve()),
+        "random_init": bool(cfg.zeroshot.get("random_init", False)),
+        "split": split,
+        "zeroshot": {k: v for k, v in run_settings(zcfg).items() if k != "estimator"},
+    }
+
+
 RECAL_DIR = "recalibration"
 
 
 def recalibration(
     cfg: DictConfig,
-    model: Any,
-    vocab: Vocab,
+    engine: Engine,
     arrays: Any,
     split_of: np.ndarray,
     table: pa.Table,
@@ -163,14 +181,10 @@ def recalibration(
     from sklearn.linear_model import LogisticRegression
 
     zc = cfg.zeroshot
-    tune = select_split(table, arrays.subject_id, split_of, "tuning")
-    tune, weight, info = sample_labels(
-        tune, _int(zc.get("max_labels")), str(zc.get("label_sample") or "uniform"), int(zc.get("label_seed", zcfg.seed))
-    )
-    labels = labels_from(tune, weight)
+    labels, info = sampled_labels(zc, zcfg, select_split(table, arrays.subject_id, split_of, "tuning"))
     work = out / RECAL_DIR
-    prepare_work_dir(work, fingerprint({"test_run": fp, "split": "tuning"}, labels), bool(cfg.overwrite))
-    res = run_chunks(model, vocab, arrays, labels, outcome, zcfg, work, progress=bool(zc.get("progress", True)))
+    claim_chunks(work, fingerprint({"test_run": fp, "split": "tuning"}, labels), bool(cfg.overwrite))
+    res = run_chunks(engine, arrays, labels, outcome, zcfg, work, progress=bool(zc.get("progress", True)))
     ok = res.column("has_history").to_numpy(zero_copy_only=False).astype(bool)
     rows = res.column("label_row").to_numpy()[ok]
     p = finalize_probabilities(res.filter(pa.array(ok)), zcfg.estimator)[0]
@@ -213,75 +227,39 @@ def check_vocab(vocab: Vocab, prepared: Path) -> None:
         )
 
 
-def select_split(table: pa.Table, subject_ids: np.ndarray, split_of: np.ndarray, split: str) -> pa.Table:
-    """Labels of subjects in `split` (`all`: every label)."""
-    if split != "all":
-        if split not in SPLITS:
-            raise CehrxError(f"split={split!r}: choose one of {', '.join(SPLITS)} or all")
-        keep = pa.array(np.asarray(subject_ids)[np.asarray(split_of) == split])
-        table = table.filter(pc.is_in(table.column("subject_id"), value_set=keep))
-    if not len(table):
-        raise CehrxError(f"no labels for split {split!r} (subjects of the prepared dir's {split} split)")
-    return table
-
-
-LABEL_SAMPLES = ("uniform", "case_control")
-
-
-def sample_labels(
-    table: pa.Table, max_labels: int | None, how: str, seed: int
-) -> tuple[pa.Table, np.ndarray | None, dict]:
-    """At most `max_labels` labels (seeded), and each kept label's weight (None: unweighted).
-
-    `uniform` keeps a simple random sample. `case_control` keeps the positive labels (up to half of
-    `max_labels`) and fills the rest with negatives: for a rare outcome (0.6 % of the labels) a
-    uniform sample of 2,000 holds ~12 positives, this one every positive. Each label then weighs
-    1 / its sampling probability (class count / class sample size), and the metrics are computed
-    with those weights, so AUROC, AUPRC, Brier and ECE estimate those of all the split's labels.
-    """
-    if how not in LABEL_SAMPLES:
-        raise CehrxError(f"zeroshot.label_sample must be one of {LABEL_SAMPLES}, got {how!r}")
-    n = len(table)
-    info = {"method": how, "labels_in_split": n}
-    if not max_labels or n <= max_labels:
-        return table, None, {**info, "kept": n}
-    rng = np.random.default_rng(seed)
-    if how == "uniform":
-        idx = np.sort(rng.choice(n, int(max_labels), replace=False))
-        return table.take(pa.array(idx)), None, {**info, "kept": len(idx)}
-    y = table.column("boolean_value").to_numpy(zero_copy_only=False).astype(bool)
-    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
-    n_pos = min(len(pos), int(max_labels) // 2)
-    n_neg = min(len(neg), int(max_labels) - n_pos)
-    idx = np.sort(np.concatenate([rng.choice(pos, n_pos, replace=False), rng.choice(neg, n_neg, replace=False)]))
-    w_pos, w_neg = len(pos) / max(n_pos, 1), len(neg) / max(n_neg, 1)
-    weight = np.where(y[idx], w_pos, w_neg)
-    return (
-        table.take(pa.array(idx)),
-        weight,
-        {
-            **info,
-            "kept": len(idx),
-            "positives": f"{n_pos} of {len(pos)}",
-            "negatives": f"{n_neg} of {len(neg)}",
-            "weight_positive": w_pos,
-            "weight_negative": w_neg,
-        },
-    )
-
-
-def labels_from(table: pa.Table, weight: np.ndarray | None = None) -> LabelInputs:
-    from cehrx.probe.labels import times_seconds
-
-    return LabelInputs(
-        subject_id=table.column("subject_id").to_numpy().astype(np.int64),
-        prediction_time=times_seconds(table.column("prediction_time")),
-        boolean_value=table.column("boolean_value").to_numpy(zero_copy_only=False).astype(bool),
-        weight=weight,
-    )
-
-
 # ------------------------------------------------------------------------------------ outputs
+
+
+@dataclass
+class Scored:
+    """The labels that have a history, their outcomes and each estimator's probabilities."""
+
+    kept: pa.Table  # the chunk rows of these labels
+    rows: np.ndarray  # label rows
+    n_labels: int  # all labels, with a history or not
+    y: np.ndarray
+    sid: np.ndarray
+    time: np.ndarray
+    weight: np.ndarray | None
+    estimates: dict[str, tuple]  # estimator -> (probability, fallback, fallback rate)
+    prob: np.ndarray  # the prediction (recalibrated when asked)
+    raw: np.ndarray  # the chosen estimator's own probability
+
+
+def scored(results: pa.Table, labels: LabelInputs, zcfg: ZeroshotConfig, recal: dict[str, Any] | None) -> Scored:
+    rows = results.column("label_row").to_numpy()
+    ok = results.column("has_history").to_numpy(zero_copy_only=False).astype(bool)
+    kept, lr = results.filter(pa.array(ok)), rows[ok]
+    if not len(lr):
+        raise CehrxError("no label has a history before its prediction time: nothing to predict")
+    estimates = {
+        e: finalize_probabilities(kept, e) for e in ESTIMATORS if e == "mc" or "hazard_probability" in kept.column_names
+    }
+    raw = estimates[zcfg.estimator][0]
+    prob = raw if recal is None else recalibrate(raw, recal)  # the model's own probability is kept beside it
+    w = labels.weight[lr] if labels.weight is not None else None
+    y, sid, t = labels.boolean_value[lr], labels.subject_id[lr], labels.prediction_time[lr]
+    return Scored(kept, lr, len(rows), y, sid, t, w, estimates, prob, raw)
 
 
 def finish(
@@ -297,28 +275,15 @@ def finish(
 ) -> dict[str, Any]:
     """Write predictions, details, metrics and the report into a finished output dir."""
     from cehrx.eval.metrics import binary_metrics
-    from cehrx.eval.predictions import write_predictions
-    from cehrx.eval.report import write_report
 
-    rows = results.column("label_row").to_numpy()
-    ok = results.column("has_history").to_numpy(zero_copy_only=False).astype(bool)
-    kept = results.filter(pa.array(ok))
-    lr = rows[ok]
-    y, sid, t = labels.boolean_value[lr], labels.subject_id[lr], labels.prediction_time[lr]
-    if not len(lr):
-        raise CehrxError("no label has a history before its prediction time: nothing to predict")
-    w = labels.weight[lr] if labels.weight is not None else None
+    sc = scored(results, labels, zcfg, recal)
     n_boot = int(cfg.zeroshot.get("n_boot", 1000))
-    estimates = {
-        e: finalize_probabilities(kept, e) for e in ESTIMATORS if e == "mc" or "hazard_probability" in kept.column_names
-    }
-    prob, fallback, rate = estimates[zcfg.estimator]
-    raw = prob
-    if recal is not None:  # the prediction is recalibrated; the model's own probability is kept beside it
-        prob = recalibrate(prob, recal)
-        recal = {**recal, "uncalibrated": binary_metrics(y, raw, sid, n_boot=n_boot, seed=zcfg.seed, sample_weight=w)}
-    metrics = binary_metrics(y, prob, sid, n_boot=n_boot, seed=zcfg.seed, sample_weight=w)
-    summary = futures_summary(kept, fallback, rate, len(rows) - len(lr))
+    if recal is not None:
+        uncal = binary_metrics(sc.y, sc.raw, sc.sid, n_boot=n_boot, seed=zcfg.seed, sample_weight=sc.weight)
+        recal = {**recal, "uncalibrated": uncal}
+    metrics = binary_metrics(sc.y, sc.prob, sc.sid, n_boot=n_boot, seed=zcfg.seed, sample_weight=sc.weight)
+    _, fallback, rate = sc.estimates[zcfg.estimator]
+    summary = futures_summary(sc.kept, fallback, rate, sc.n_labels - len(sc.rows))
     metrics.update(
         {
             "method": "zeroshot",
@@ -326,44 +291,17 @@ def finish(
             "outcome": outcome.describe(vocab),
             "futures": summary,
             "run": facts,
-            "labels_per_s": round(len(rows) / max(facts["seconds"], 1e-9), 2),
+            "labels_per_s": round(sc.n_labels / max(facts["seconds"], 1e-9), 2),
             "zeroshot": config_dict(zcfg),
+            "sampling": sampling_dict(zcfg),
         }
     )
-    if len(estimates) > 1:
-        metrics["estimators"] = compare_estimators(estimates, kept, y, sid, w, n_boot, zcfg.seed)
+    if len(sc.estimates) > 1:
+        metrics["estimators"] = compare_estimators(sc.estimates, sc.kept, sc.y, sc.sid, sc.weight, n_boot, zcfg.seed)
     if recal is not None:
         metrics["recalibration"] = recal
     with task_output(cfg, "zeroshot", overwrite=True) as tmp:  # its chunks already live in out: guarded in run()
-        write_predictions(tmp / "predictions.parquet", sid, t, y, prob)
-        det = details(kept, labels, lr, prob, fallback)
-        pq.write_table(
-            det if recal is None else det.append_column("probability_uncalibrated", pa.array(raw)),
-            tmp / "details.parquet",
-        )
-        if zcfg.write_trajectories:
-            write_trajectories(out, tmp / "trajectories", zcfg.num_samples)
-        kind = f"zero-shot{' random-init' if facts['random_init'] else ''} ({zcfg.num_samples} futures"
-        raw_metrics = metrics.get("estimators") or {zcfg.estimator: recal["uncalibrated"] if recal else metrics}
-        shown = {f"{kind}, {e})": raw_metrics[e] for e in estimates}
-        curves = {f"{kind}, {e})": (y, estimates[e][0]) for e in estimates}
-        if recal is not None:
-            name = f"{kind}, {zcfg.estimator}, recalibrated on tuning)"
-            shown[name], curves[name] = metrics, (y, prob)
-        write_report(
-            tmp,
-            f"Zero-shot: {facts['task'] or outcome.name}",
-            shown,
-            curves,
-            sections=report_sections(outcome, summary, facts, metrics.get("estimators")),
-            sample_weight=w,
-        )
-        write_marker(tmp, "zeroshot", metrics)
-        # last: the chunks go with the finished run as hard links, so a kill before the final rename
-        # leaves them in place for the rerun (a move would leave them in a temporary dir)
-        shutil.copytree(out / CHUNK_DIR, tmp / CHUNK_DIR, copy_function=os.link)
-        if (out / RECAL_DIR).is_dir():
-            shutil.copytree(out / RECAL_DIR, tmp / RECAL_DIR, copy_function=os.link)
+        write_outputs(tmp, out, sc, labels, outcome, zcfg, facts, metrics, summary, recal)
     auroc = metrics["auroc"]
     print(
         f"zeroshot: AUROC {auroc['value']:.3f} [{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}] on {metrics['n']} labels "
@@ -373,101 +311,51 @@ def finish(
     return metrics
 
 
-def compare_estimators(
-    estimates: dict[str, tuple],
-    kept: pa.Table,
-    y: np.ndarray,
-    sid: np.ndarray,
-    w: np.ndarray | None,
-    n_boot: int,
-    seed: int,
-) -> dict[str, Any]:
-    """Both estimators' metrics on the same labels, and hazard minus Monte Carlo on the same bootstrap draws.
+def write_outputs(
+    tmp: Path,
+    out: Path,
+    sc: Scored,
+    labels: LabelInputs,
+    outcome: Outcome,
+    zcfg: ZeroshotConfig,
+    facts: dict[str, Any],
+    metrics: dict[str, Any],
+    summary: dict[str, Any],
+    recal: dict[str, Any] | None,
+) -> None:
+    """predictions, details, trajectories, report, metrics.json, then the chunks, into `tmp`."""
+    from cehrx.eval.predictions import write_predictions
+    from cehrx.eval.report import write_report
 
-    Also the mean per-label standard error of each: the Monte Carlo one is that of a binomial share
-    of the resolved futures, the hazard one the spread of its per-future sums (`cehrx.zeroshot.predict`)."""
-    from cehrx.eval.metrics import binary_metrics, paired_difference
-
-    out: dict[str, Any] = {
-        e: binary_metrics(y, p, sid, n_boot=n_boot, seed=seed, sample_weight=w) for e, (p, _, _) in estimates.items()
-    }
-    res = np.maximum(kept.column("n_resolved").to_numpy(), 1)
-    p_mc = estimates["mc"][0]
-    out["mc"]["mean_label_se"] = float(np.mean(np.sqrt(p_mc * (1 - p_mc) / res)))
-    out["hazard"]["mean_label_se"] = float(np.nanmean(kept.column("hazard_se").to_numpy(zero_copy_only=False)))
-    out["hazard - mc"] = paired_difference(y, sid, estimates["hazard"][0], [p_mc], n_boot, seed, sample_weight=w)
-    return out
-
-
-def details(kept: pa.Table, labels: LabelInputs, lr: np.ndarray, prob: np.ndarray, fallback: np.ndarray) -> pa.Table:
-    cols = {
-        "subject_id": pa.array(labels.subject_id[lr]),
-        "prediction_time": pa.array(labels.prediction_time[lr].astype("datetime64[s]").astype("datetime64[us]")),
-        "boolean_value": pa.array(labels.boolean_value[lr]),
-        "probability": pa.array(prob),
-        "fallback": pa.array(fallback),
-    }
-    if labels.weight is not None:
-        cols["weight"] = pa.array(labels.weight[lr])
-    for c in kept.column_names:
-        if c not in ("label_row", "has_history", "probability"):
-            cols[c] = kept.column(c)
-    return pa.table(cols)
-
-
-def futures_summary(kept: pa.Table, fallback: np.ndarray, rate: float, n_dropped: int) -> dict[str, Any]:
-    col = {c: kept.column(c).to_numpy(zero_copy_only=False) for c in kept.column_names}
-    n_fut = int(col["n_futures"].sum())
-    days = col["expected_days"][np.isfinite(col["expected_days"])]
-    return {
-        "futures": n_fut,
-        "resolved_share": round(float(col["n_resolved"].sum() / max(n_fut, 1)), 4),
-        "with_outcome_share": round(float(col["n_outcome"].sum() / max(n_fut, 1)), 4),
-        "stops": {k[len("stop_") :]: int(v.sum()) for k, v in col.items() if k.startswith("stop_")},
-        "labels_all_unresolved": int(fallback.sum()),
-        "fallback_probability": rate,
-        "median_expected_days_to_outcome": float(np.median(days)) if len(days) else math.nan,
-        "mean_history_tokens": round(float(col["history_len"].mean()), 1) if len(kept) else math.nan,
-        "labels_without_history": int(n_dropped),
-        "dropped_reason": NO_HISTORY,
-    }
-
-
-def report_sections(
-    outcome: Outcome, s: dict[str, Any], facts: dict[str, Any], estimators: dict[str, Any] | None = None
-) -> dict[str, str]:
-    w = outcome.window
-    end = "unbounded" if math.isinf(w.end_days) else f"{w.end_days:g} days"
-    win = f"{'[' if w.start_inclusive else '('}{w.start_days:g} days, {end}{']' if w.end_inclusive else ')'} after the prediction time"
-    if w.visits:
-        win += f", within the next {w.visits} visit(s)"
-    return {
-        "Outcome": f"- codes: {', '.join(outcome.codes)} ({len(outcome.token_ids)} token(s); descendants: {outcome.descendants})\n"
-        f"- window: {win}\n- unmatched codes: {', '.join(outcome.unmatched) or 'none'}",
-        "Futures": (
-            f"- {s['futures']} futures; resolved {s['resolved_share']:.1%}; with the outcome {s['with_outcome_share']:.1%}\n"
-            f"- stops: {', '.join(f'{k} {v}' for k, v in s['stops'].items())}\n"
-            f"- labels whose futures were all unresolved (given the cohort rate {s['fallback_probability']:.3f}): {s['labels_all_unresolved']}\n"
-            f"- labels without a history before the prediction time (dropped): {s['labels_without_history']}\n"
-            f"- median expected days to the outcome: {s['median_expected_days_to_outcome']:.0f}"
-        ),
-        **({"Estimators": _estimator_lines(estimators)} if estimators else {}),
-        "Run": "\n".join(f"- {k}: {v}" for k, v in facts.items()),
-    }
-
-
-def _estimator_lines(e: dict[str, Any]) -> str:
-    """Monte Carlo count vs hazard sum on the same futures (see cehrx.zeroshot.predict)."""
-    lines = ["| estimator | AUROC (95 % CI) | AUPRC | Brier | mean per-label SE |", "|---|---|---|---|---|"]
-    for name in ESTIMATORS:
-        m = e[name]
-        lines.append(
-            f"| {name} | {m['auroc']['value']:.3f} [{m['auroc']['ci_low']:.3f}, {m['auroc']['ci_high']:.3f}] | "
-            f"{m['auprc']['value']:.3f} | {m['brier']['value']:.4f} | {m['mean_label_se']:.4f} |"
-        )
-    d = e["hazard - mc"]["auroc"]
-    lines.append(f"\nhazard - mc AUROC: {d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] (paired bootstrap)")
-    return "\n".join(lines)
+    write_predictions(tmp / "predictions.parquet", sc.sid, sc.time, sc.y, sc.prob)
+    det = details(sc.kept, labels, sc.rows, sc.prob, sc.estimates[zcfg.estimator][1])
+    pq.write_table(
+        det if recal is None else det.append_column("probability_uncalibrated", pa.array(sc.raw)),
+        tmp / "details.parquet",
+    )
+    if zcfg.write_trajectories:
+        write_trajectories(out, tmp / "trajectories", zcfg.num_samples)
+    kind = f"zero-shot{' random-init' if facts['random_init'] else ''} ({zcfg.num_samples} futures"
+    raw_metrics = metrics.get("estimators") or {zcfg.estimator: recal["uncalibrated"] if recal else metrics}
+    shown = {f"{kind}, {e})": raw_metrics[e] for e in sc.estimates}
+    curves = {f"{kind}, {e})": (sc.y, sc.estimates[e][0]) for e in sc.estimates}
+    if recal is not None:
+        name = f"{kind}, {zcfg.estimator}, recalibrated on tuning)"
+        shown[name], curves[name] = metrics, (sc.y, sc.prob)
+    write_report(
+        tmp,
+        f"Zero-shot: {facts['task'] or outcome.name}",
+        shown,
+        curves,
+        sections=report_sections(outcome, summary, facts, metrics.get("estimators")),
+        sample_weight=sc.weight,
+    )
+    write_marker(tmp, "zeroshot", metrics)
+    # last: the chunks go with the finished run as hard links, so a kill before the final rename
+    # leaves them in place for the rerun (a move would leave them in a temporary dir)
+    shutil.copytree(out / CHUNK_DIR, tmp / CHUNK_DIR, copy_function=os.link)
+    if (out / RECAL_DIR).is_dir():
+        shutil.copytree(out / RECAL_DIR, tmp / RECAL_DIR, copy_function=os.link)
 
 
 def _mtime(d: Path) -> float:

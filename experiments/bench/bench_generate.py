@@ -8,7 +8,7 @@ What is compared, on the same batch of `--batch` 4-token demographic prompts, ea
 by exactly `--new-tokens` tokens (plain sampling: temperature 1, no top-k/top-p, stop tokens
 off so every method does the same work):
 
-- **cehrx, KV cache**: `cehrx.generate.sampler.sample` (prefill once, one `[B, 1]` step per
+- **cehrx, KV cache**: `cehrx.sampling.Engine.sample` (prefill once, one `[B, 1]` step per
   token through the cache, inverse-CDF draws).
 - **cehrx, recompute**: the same sampler with `use_cache=False`: every step runs the whole
   prefix `[B, L]` again (same weights, same draws), the baseline the cache is measured against.
@@ -46,9 +46,9 @@ sys.path.insert(0, str(REPO))
 from machine import cpu_name  # noqa: E402  (experiments/bench/machine.py)
 
 from cehrx.data.vocab import SPECIAL_TOKENS, Vocab, kind_of  # noqa: E402
-from cehrx.generate.sampler import SamplingConfig, sample  # noqa: E402
 from cehrx.model.config import GPTConfig, model_sizes  # noqa: E402
 from cehrx.model.transformer import GPT  # noqa: E402
+from cehrx.sampling import Engine, SamplingConfig  # noqa: E402
 
 SIZES = model_sizes()  # configs/model/*.yaml: n_layer, n_embd, n_head
 
@@ -183,11 +183,10 @@ def main() -> None:
 
     def ours(use_cache: bool, n_new: int, constrained: bool = False, stops: bool = False) -> Callable[[], int]:
         scfg = SamplingConfig(max_new_tokens=n_new, constrained=constrained, batch_size=a.batch, seed=a.seed)
+        engine = Engine(model, vocab, scfg, stop_ids=None if stops else ())
 
         def run() -> int:
-            s = sample(
-                model, vocab, tokens, offsets, scfg, progress=False, use_cache=use_cache, stop_ids=None if stops else ()
-            )
+            s = engine.sample(tokens, offsets, progress=False, use_cache=use_cache)
             return int(s.lengths().sum())
 
         return run

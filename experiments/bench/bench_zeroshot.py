@@ -34,7 +34,7 @@ import torch
 
 from cehrx.data.history import cut_histories, load_all_splits
 from cehrx.data.vocab import Vocab
-from cehrx.generate.sampler import SamplingConfig, sample
+from cehrx.sampling import Engine, SamplingConfig
 
 
 def histories(prepared: Path, vocab: Vocab, task: str, max_len: int, split: str = "held_out"):
@@ -86,21 +86,12 @@ def run_mode(model, vocab, h, idx: np.ndarray, args: argparse.Namespace, mode: s
     groups = [np.arange(len(idx))] if mode == "batched" else [np.array([i]) for i in range(len(idx))]
     reps = args.num_samples if mode == "future" else 1
     scfg = SamplingConfig(max_new_tokens=args.max_new_tokens, batch_size=size, max_days=max_days, seed=0)
+    engine = Engine(model, vocab, scfg, stop_ids=stop_ids)
     for g in groups:
         toks, offs = subset(h, idx[g])
         for r in range(reps):
             ids = g * args.num_samples + r if mode == "future" else g
-            s = sample(
-                model,
-                vocab,
-                toks,
-                offs,
-                scfg,
-                num_samples=args.num_samples // reps,
-                progress=False,
-                stop_ids=stop_ids,
-                prompt_ids=ids,
-            )
+            s = engine.sample(toks, offs, num_samples=args.num_samples // reps, progress=False, prompt_ids=ids)
             n_tokens += len(s.tokens)
     sec, cpu = time.perf_counter() - start, time.process_time() - cpu0
     return {

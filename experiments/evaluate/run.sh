@@ -19,7 +19,7 @@ P=$ROOT/eunomia
     output_dir=$P/model trainer.max_steps=$STEPS trainer.val_check_interval=60 task.module.warmup_steps=20 \
     task.datamodule.max_tokens_per_batch=2048
 python -m cehrx task=generate data.prepared_dir=$P model_dir=$P/model output_dir=$P/synthetic \
-    generate.num_patients=$N_GEN generate.shard_size=100 generate.batch_size=100 overwrite=true
+    generate.num_patients=$N_GEN generate.shard_size=100 sampling.batch_size=100 overwrite=true
 python -m cehrx task=evaluate data.prepared_dir=$P synthetic_dir=$P/synthetic evaluate.baseline=marginal \
     output_dir=$P/report_model overwrite=true
 python experiments/evaluate/summarize.py $ROOT/eunomia/report_copy $ROOT/eunomia/report_model $ROOT/synthea1k/report_copy

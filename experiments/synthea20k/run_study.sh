@@ -26,7 +26,7 @@ probe.cache_dir=$ROOT/probe_cache probe.few_shot=[16,64,256,1024,all] probe.prog
 # Zero-shot: 10 futures of up to 512 new tokens after a 512-token history, on 400 held-out labels: 200
 # positive labels plus 200 negatives, weighted back to the whole held-out split (label_sample). Both
 # estimators (Monte Carlo count, hazard sum) come from the same futures.
-ZS_ARGS=${ZS_ARGS:-"zeroshot.num_samples=10 zeroshot.max_new_tokens=512 zeroshot.history_len=512 zeroshot.max_labels=400 \
+ZS_ARGS=${ZS_ARGS:-"zeroshot.num_samples=10 sampling.max_new_tokens=512 zeroshot.history_len=512 zeroshot.max_labels=400 \
 zeroshot.label_sample=case_control zeroshot.progress=false $LABELS"}
 WHAT=${1:-all}
 set -f  # from here on no globbing: probe.few_shot=[...] is an override, not a pattern

@@ -2,10 +2,10 @@
 
     python experiments/zeroshot/bench_estimators.py --model runs/synthea20k/model --task synthea20k_death_1y \\
         --out runs/zeroshot_estimators/death_1y --seeds 10 --futures 10 --max-labels 400 \\
-        -- zeroshot.history_len=512 zeroshot.max_new_tokens=512
+        -- zeroshot.history_len=512 sampling.max_new_tokens=512
 
 Runs `cehrx task=zeroshot` `--seeds` times with `--futures` futures each, the labels fixed
-(`zeroshot.label_seed`) and only the futures' seed changing (`zeroshot.seed`). Every run scores both
+(`zeroshot.label_seed`) and only the futures' seed changing (`sampling.seed`). Every run scores both
 estimators from the same futures. Then, on the same labels (issue 24's bar):
 
 - Monte Carlo with all `seeds x futures` futures (the resolved counts pooled over the runs) against
@@ -45,7 +45,7 @@ def run_seed(args: argparse.Namespace, k: int) -> Path:
             f"model_dir={args.model}",
             f"probe.task={args.task}",
             f"zeroshot.num_samples={args.futures}",
-            f"zeroshot.seed={args.seed + k}",
+            f"sampling.seed={args.seed + k}",
             f"zeroshot.label_seed={args.seed}",
             f"zeroshot.max_labels={args.max_labels}",
             f"zeroshot.label_sample={args.label_sample}",

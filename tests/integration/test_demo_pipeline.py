@@ -22,9 +22,8 @@ SMALL = (
     "++zeroshot.n_boot=100",
     "++evaluate.n_boot=50",
     "++zeroshot.num_samples=2",
-    "++zeroshot.max_new_tokens=24",
+    "++sampling.max_new_tokens=64",  # one sampling block: zero-shot futures and generated patients alike
     "++generate.num_patients=40",
-    "++generate.max_new_tokens=64",
 )
 
 

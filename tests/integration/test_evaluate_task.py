@@ -122,7 +122,7 @@ def test_micro_model_generate_then_evaluate(tmp_path: Path) -> None:
             f"output_dir={syn}",
             "generate.num_patients=12",
             "generate.shard_size=12",
-            "generate.batch_size=12",
+            "sampling.batch_size=12",
             "generate.progress=false",
             "generate.duckdb.threads=1",
         )

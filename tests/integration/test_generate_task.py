@@ -63,14 +63,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def gen_cfg(prepared: Path, model: Path, out: Path | None, *overrides: str, budget: int | None = 36):
     """Generate 6 patients in shards of 4; output_dir None: the task's default (<model_dir>/../synthetic)."""
-    budget_arg = [f"generate.max_new_tokens={budget}"] if budget else []
+    budget_arg = [f"sampling.max_new_tokens={budget}"] if budget else []
     return compose_cfg(
         "task=generate",
         f"data.prepared_dir={prepared}",
         f"model_dir={model}",
         "generate.num_patients=6",
         "generate.shard_size=4",
-        "generate.batch_size=4",
+        "sampling.batch_size=4",
         "generate.progress=false",
         "generate.duckdb.threads=1",
         "generate.threads=1",
@@ -146,7 +146,7 @@ def test_interrupted_run_resumes_to_the_same_patients(
     assert not (tmp_path / "a").exists() and (tmp_path / ".a.partial" / "shard_stats" / "0.json").is_file()
     monkeypatch.setattr(generate, "generate_shard", real)
     with pytest.raises(CehrxError, match="other settings"):
-        generate.run(gen_cfg(prepared, model, tmp_path / "a", "generate.temperature=0.5"))
+        generate.run(gen_cfg(prepared, model, tmp_path / "a", "sampling.temperature=0.5"))
     resumed = generate.run(gen_cfg(prepared, model, tmp_path / "a"))
     assert resumed["resumed_shards"] == 1 and resumed["patients"]["generated"] == 6
 
@@ -174,7 +174,7 @@ def test_explicit_prompts_and_clear_errors(trained: tuple[Path, Path], tmp_path:
     assert report["prompts"]["source"] == "config"
     assert {vocab.tokens[t] for t in arrays.tokens[arrays.offsets[:-1] + 1]} == {"AGE//40"}
     with pytest.raises(CehrxError, match="max_seq_len=48"):
-        generate.run(gen_cfg(prepared, model, tmp_path / "q", "generate.max_new_tokens=100"))
+        generate.run(gen_cfg(prepared, model, tmp_path / "q", "sampling.max_new_tokens=100"))
     with pytest.raises(CehrxError, match="not in the model's vocabulary"):
         generate.run(
             gen_cfg(prepared, model, tmp_path / "r", "generate.prompts=[[YEAR//1066,AGE//40,GENDER//F,RACE//1]]")

@@ -89,8 +89,8 @@ def cfg_for(trained: tuple[Path, Path], task_files: tuple[Path, Path], out: Path
         f"output_dir={out}",
         "split=all",
         "zeroshot.num_samples=3",
-        "zeroshot.max_new_tokens=32",
-        "zeroshot.batch_size=64",
+        "sampling.max_new_tokens=32",
+        "sampling.batch_size=64",
         "zeroshot.n_boot=50",
         "zeroshot.progress=false",
         *overrides,
@@ -151,8 +151,8 @@ def test_hazard_estimator_is_the_prediction_when_chosen(trained, task_files, tmp
     det = pq.read_table(tmp_path / "hz" / "details.parquet")
     np.testing.assert_allclose(det.column("probability").to_numpy(), det.column("hazard_probability").to_numpy())
     with pytest.raises(CehrxError, match="top_k=0"):
-        run(cfg_for(trained, task_files, tmp_path / "hz2", "zeroshot.estimator=hazard", "zeroshot.top_k=5"))
-    topk = run(cfg_for(trained, task_files, tmp_path / "topk", "zeroshot.top_k=5"))  # Monte Carlo alone still runs
+        run(cfg_for(trained, task_files, tmp_path / "hz2", "zeroshot.estimator=hazard", "sampling.top_k=5"))
+    topk = run(cfg_for(trained, task_files, tmp_path / "topk", "sampling.top_k=5"))  # Monte Carlo alone still runs
     assert "estimators" not in topk
 
 
@@ -208,7 +208,7 @@ def test_resume_after_interruption_gives_the_same_result(
 def test_config_composes_with_probe_task_key() -> None:
     cfg = compose_cfg("task=zeroshot", "probe.task=gibleed_after_nsaid", "zeroshot.num_samples=20")
     assert cfg.task.name == "zeroshot" and cfg.probe.task == "gibleed_after_nsaid" and cfg.zeroshot.num_samples == 20
-    assert cfg.zeroshot.seed == cfg.seed
+    assert cfg.sampling.seed == cfg.seed and cfg.sampling.batch_size == 1024 and cfg.sampling.max_new_tokens == 256
 
 
 def test_clear_errors(trained, task_files, tmp_path: Path) -> None:
@@ -217,7 +217,7 @@ def test_clear_errors(trained, task_files, tmp_path: Path) -> None:
     with pytest.raises(CehrxError, match="vocabulary|none of the codes"):
         run(cfg_for(trained, task_files, tmp_path / "b", "zeroshot.outcome_codes=[NOT/A_CODE]"))
     with pytest.raises(CehrxError, match="leaves"):
-        run(cfg_for(trained, task_files, tmp_path / "c", "zeroshot.max_new_tokens=1000"))
+        run(cfg_for(trained, task_files, tmp_path / "c", "sampling.max_new_tokens=1000"))
 
 
 def test_random_init_control_and_label_subsample(trained, task_files, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 from cehrx.data import grammar as g
 from cehrx.data.grammar import check_sequence
 from cehrx.data.vocab import Vocab, kind_of
-from cehrx.generate.constraints import FORBIDDEN, Grammar
+from cehrx.sampling.constraints import FORBIDDEN, Grammar
 
 ENDS_OPEN = "sequence ends inside a visit or after a gap"
 PROMPT_BAD = "prompt must be"

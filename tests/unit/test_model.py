@@ -17,10 +17,10 @@ from cehrx.model.attention import (
     build_packed_mask,
     flash_attn_available,
     flex_available,
-    positions_from_cu_seqlens,
     resolve_backend,
 )
 from cehrx.model.config import GPTConfig
+from cehrx.model.packed import positions_from_cu_seqlens
 from cehrx.model.transformer import GPT, RotaryEmbedding, apply_rotary
 
 VOCAB = 97

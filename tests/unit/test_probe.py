@@ -154,7 +154,7 @@ def test_a_window_that_starts_inside_a_visit_never_starts_on_an_orphan_value(pre
     """One long visit of (code, value) pairs: a window that must start inside it skips a leading value
     token whose code was cut off, so the history stays grammatical (zero-shot samples it constrained)."""
     from cehrx.data.shards import TokenArrays
-    from cehrx.generate.constraints import Grammar
+    from cehrx.sampling.constraints import Grammar
 
     _, _, vocab = prepared
     code = next(i for i, k in enumerate(vocab.kinds) if k == "code")

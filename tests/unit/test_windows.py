@@ -13,11 +13,11 @@ from cehrx.data.shards import PROMPT_LEN
 from cehrx.data.vocab import VE, VS, Vocab, time_token_days
 from cehrx.errors import CehrxError
 from cehrx.generate import windows
-from cehrx.generate.constraints import Grammar
 from cehrx.generate.patients import decode_samples, value_lookup
-from cehrx.generate.sampler import STOP_END, STOP_TOKENS, Samples, SamplingConfig, sample
 from cehrx.model.config import GPTConfig
 from cehrx.model.transformer import GPT
+from cehrx.sampling import STOP_END, STOP_TOKENS, Engine, Samples, SamplingConfig
+from cehrx.sampling.constraints import Grammar
 
 CTX = 48
 
@@ -39,15 +39,15 @@ def prompts_of(vocab: Vocab, *rows: tuple[int, int]) -> np.ndarray:
 
 
 def test_one_window_is_plain_sampling(vocab: Vocab) -> None:
-    model, cfg = micro(vocab), SamplingConfig(max_new_tokens=CTX - PROMPT_LEN, batch_size=8, seed=3)
+    engine = Engine(micro(vocab), vocab, SamplingConfig(max_new_tokens=CTX - PROMPT_LEN, batch_size=8, seed=3))
     p = prompts_of(vocab, (2000, 30), (2010, 50))
-    a = windows.sample_windows(model, vocab, p, cfg)
-    b = sample(model, vocab, p.reshape(-1), np.arange(0, 9, 4), cfg, progress=False)
+    a = windows.sample_windows(engine, p)
+    b = engine.sample(p.reshape(-1), np.arange(0, 9, 4), progress=False)
     assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.stop, b.stop)
 
 
 def test_windows_carry_the_last_visits_behind_a_recomputed_prompt(
-    vocab: Vocab, monkeypatch: pytest.MonkeyPatch
+    vocab: Vocab,
 ) -> None:
     """A fake model that always fills its context with year-long visits: each next window starts at
     the first [VS] within the last `keep` tokens, its YEAR and AGE advanced by the years generated."""
@@ -58,21 +58,24 @@ def test_windows_carry_the_last_visits_behind_a_recomputed_prompt(
     visit = np.array([vocab[year], vocab[VS], vocab[code], vocab[VE]], dtype=np.int64)
     seen = []
 
-    def fake(model, vocab_, tokens, offsets, cfg, *, num_samples=1, progress=False, prompt_ids=None):
-        seqs = [tokens[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-        seen.append((seqs, cfg.seed))
-        gen = [np.resize(visit, CTX - len(s)) for s in seqs]
-        return Samples(
-            np.concatenate(gen).astype(np.int32),
-            np.concatenate([[0], np.cumsum([len(g) for g in gen])]),
-            np.full(len(gen), STOP_TOKENS, np.int8),
-            np.zeros(len(gen)),
-            np.arange(len(gen)),
-        )
+    class Fake(Engine):
+        """Fills every context with year-long visits instead of asking the model."""
 
-    monkeypatch.setattr(windows, "sample", fake)
+        def sample(self, tokens, offsets, *, num_samples=1, progress=False, prompt_ids=None):
+            seqs = [tokens[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+            seen.append((seqs, self.cfg.seed))
+            gen = [np.resize(visit, CTX - len(s)) for s in seqs]
+            return Samples(
+                np.concatenate(gen).astype(np.int32),
+                np.concatenate([[0], np.cumsum([len(g) for g in gen])]),
+                np.full(len(gen), STOP_TOKENS, np.int8),
+                np.zeros(len(gen)),
+                np.arange(len(gen)),
+            )
+
     p = prompts_of(vocab, (1990, 20), (2000, 40))
-    out = windows.sample_windows(micro(vocab), vocab, p, SamplingConfig(seed=5), max_total_tokens=150, keep=10)
+    fake = Fake(micro(vocab), vocab, SamplingConfig(seed=5))
+    out = windows.sample_windows(fake, p, max_total_tokens=150, keep=10)
     assert out.lengths().tolist() == [150, 150] and (out.stop == STOP_TOKENS).all()
     assert len({s for _, s in seen}) == len(seen), "every window draws its own random numbers"
     years, ages = value_lookup(vocab, "YEAR//"), value_lookup(vocab, "AGE//")
@@ -83,13 +86,11 @@ def test_windows_carry_the_last_visits_behind_a_recomputed_prompt(
     # the whole generated stream is the windows' continuations in order: visit after visit
     assert np.array_equal(out.sequence(0)[:8], np.resize(visit, 8))
     with pytest.raises(CehrxError, match="keep"):
-        windows.sample_windows(micro(vocab), vocab, p, SamplingConfig(), max_total_tokens=100, keep=CTX)
+        windows.sample_windows(fake, p, max_total_tokens=100, keep=CTX)
     # records end where the real data ends: each patient is cut at its first token past end_time
     end = int(np.datetime64("2010-01-01", "s").astype(np.int64))
     seen.clear()
-    cut = windows.sample_windows(
-        micro(vocab), vocab, p, SamplingConfig(seed=5), max_total_tokens=1000, keep=10, end_time=end
-    )
+    cut = windows.sample_windows(fake, p, max_total_tokens=1000, keep=10, end_time=end)
     clock = windows._Clock(vocab, p)
     for i in range(2):
         t = clock.start[i] + np.cumsum(clock.seconds[cut.sequence(i)])
@@ -104,8 +105,8 @@ def test_real_model_windows_make_valid_patients_longer_than_the_context(vocab: V
     torch.set_num_threads(1)
     model = micro(vocab)
     p = prompts_of(vocab, *[(2000 + i % 10, 20 + i) for i in range(24)])
-    cfg = SamplingConfig(max_new_tokens=CTX - PROMPT_LEN, batch_size=24, seed=1)
-    s = windows.sample_windows(model, vocab, p, cfg, max_total_tokens=200, keep=CTX // 2)
+    engine = Engine(model, vocab, SamplingConfig(max_new_tokens=CTX - PROMPT_LEN, batch_size=24, seed=1))
+    s = windows.sample_windows(engine, p, max_total_tokens=200, keep=CTX // 2)
     assert (s.lengths() <= 200).all() and (s.lengths() > CTX).sum() >= 3, s.lengths()
     grammar = Grammar.build(vocab)
     for i in np.flatnonzero(s.stop == STOP_END):

@@ -15,18 +15,12 @@ import torch
 from cehrx.data.history import load_all_splits
 from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
-from cehrx.generate.sampler import STOP_DEATH, STOP_END, STOP_TIME, STOP_TOKENS
 from cehrx.model.config import GPTConfig
 from cehrx.model.transformer import GPT
+from cehrx.sampling import STOP_DEATH, STOP_END, STOP_TIME, STOP_TOKENS, SamplingConfig
 from cehrx.zeroshot.outcome import Outcome, Window, resolve_outcome
-from cehrx.zeroshot.predict import (
-    LabelInputs,
-    ZeroshotConfig,
-    aggregate,
-    finalize_probabilities,
-    predict_chunk,
-    score_futures,
-)
+from cehrx.zeroshot.predict import LabelInputs, ZeroshotConfig, finalize_probabilities, predict_chunk, zeroshot_engine
+from cehrx.zeroshot.score import aggregate, score_futures
 
 DAY = 86400
 
@@ -328,10 +322,13 @@ def same(a: pa.Table, b: pa.Table) -> bool:
 
 
 def _predict(micro: GPT, vocab: Vocab, arrays, labels: LabelInputs, seed: int = 0):
-    zcfg = ZeroshotConfig(num_samples=4, max_new_tokens=48, batch_size=16, seed=seed, write_trajectories=True)
+    zcfg = ZeroshotConfig(
+        num_samples=4, write_trajectories=True, sampling=SamplingConfig(max_new_tokens=48, batch_size=16, seed=seed)
+    )
     out = outcome_of(vocab, Window(end_days=365))
+    engine = zeroshot_engine(micro, vocab, zcfg, out)
     return predict_chunk(
-        micro, vocab, arrays, labels, np.arange(len(labels.subject_id)), out, zcfg, zcfg.history_max_len(256), 0
+        engine, arrays, labels, np.arange(len(labels.subject_id)), out, zcfg, zcfg.history_max_len(256), 0
     )
 
 
@@ -405,7 +402,7 @@ def test_descendants_from_the_omop_source_concept_ancestor(vocab: Vocab, tmp_pat
 def test_case_control_sample_keeps_the_positives_and_weights_back_to_the_split() -> None:
     import pyarrow as pa
 
-    from cehrx.tasks.zeroshot import sample_labels
+    from cehrx.zeroshot.labels import sample_labels
 
     n = 5000
     y = np.zeros(n, bool)

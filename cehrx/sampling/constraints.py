@@ -1,4 +1,4 @@
-"""The token grammar (`cehrx.data.grammar`) as tensors the sampler gathers from.
+"""The token grammar (`cehrx.data.grammar`) as tensors the sampling engine gathers from.
 
 Generation masks, at every step, the tokens the grammar forbids after what a sequence has so
 far, so that a valid sample does not depend on luck. `grammar.transition_table` compiles the

@@ -1,0 +1,319 @@
+"""Batched autoregressive sampling with a KV cache: the engine of `generate` and `zeroshot`.
+
+`Engine(model, vocab, cfg)` owns what stays fixed across calls: the model, the grammar tables
+(`cehrx.sampling.constraints.Grammar`) and each token's seconds on the model's device, the stop
+and watched tokens, the sampling settings (`SamplingConfig`) and the lm-head rows of each grammar
+state. `engine.sample(prompt_tokens, prompt_offsets, num_samples=...)` continues every prompt
+`num_samples` times and returns the continuations as flat arrays (`Samples`); `with_settings`
+gives an engine with other settings (a seed, a time budget) sharing those tables. One call's KV
+cache and per-row state live in `cehrx.sampling.stream.Stream` and `cehrx.sampling.rows`.
+
+How a run is organised (and why):
+
+- **A stream of rows.** Every `(prompt, sample)` pair is a row; row `i * num_samples + j` is
+  sample `j` of prompt `i` (results come back in that prompt-major order). Rows enter the batch
+  longest prompt first, at most `cfg.batch_size` at a time, so prompts of similar length share
+  a prefill and pad little (zero-shot histories range from a few to thousands of tokens).
+- **Prefill once, share the keys.** Entering prompts run longest first, left-padded, in
+  forwards of about `stream.PREFILL_TOKENS` tokens, written straight into the batch's prompt
+  buffer; `key_mask` hides the padding keys and per-row `position_ids` start each sequence at 0,
+  so a padded prompt gets exactly the logits it gets alone. Its samples then read its cached keys
+  together (`SharedPrefixKVCache`): one copy per prompt, not per sample.
+- **Decode.** One token per row per step through the cache (`[B, 1]` forward; the lm head
+  runs on the real last position only, never on padding, and with the grammar on only over
+  the tokens the row's grammar state allows).
+- **Stops.** A row stops at `[END]` or `[DEATH]` (included), when it has `max_new_tokens`
+  tokens or its context is full (`max_seq_len`), or when its generated time tokens (gap and
+  inpatient time, `cehrx.data.decode.token_seconds`) pass `max_days` (the crossing token is
+  included). The reason is `Samples.stop`.
+- **Shrinking batch, refilled.** Finished rows leave the batch (cache, states) once at least
+  1/8 of it has finished, and once a quarter of it is free (and the running rows have generated
+  at most `stream.REFILL_MAX_WINDOW` tokens) the next rows' prompts are prefilled and join it.
+  Zero-shot futures mostly stop within a few tokens while a few run long; without refill every
+  batch would end in a long tail of nearly empty forwards.
+- **Grammar.** With `cfg.constrained`, every step masks what the token grammar forbids in each
+  row's state, starting from the state the prompt ends in. A sample that ends with
+  `[END]`/`[DEATH]` is then always valid for `check_sequence`; one cut by a budget may end
+  inside a visit (cut it at its last `[VE]`).
+- **Watched tokens.** With `watch_ids`, every step also records the probability that the token
+  it draws is one of them (under the distribution it draws from): `Samples.watch_prob`, one
+  number per generated token. Zero-shot's hazard estimator (`cehrx.zeroshot.score`) sums
+  these instead of counting the outcome tokens that happened to be drawn.
+- **Reproducible whatever the batching.** The uniform number behind each draw is a hash of
+  `(cfg.seed, prompt id, sample, step)` (`cehrx.sampling.draws.row_uniforms`), so the same
+  inputs and seed give the same samples for any `batch_size`, with or without the cache (up
+  to float rounding on other devices), and in one call or split over several (`prompt_ids`).
+
+Everything runs under `torch.inference_mode()` with the model in eval mode (restored after).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cehrx.data.decode import token_seconds
+from cehrx.data.vocab import DEATH, END, Vocab
+from cehrx.errors import CehrxError
+from cehrx.model.transformer import GPT
+from cehrx.sampling.config import SamplingConfig
+from cehrx.sampling.constraints import Grammar
+from cehrx.sampling.draws import row_uniforms, sample_next
+from cehrx.sampling.rows import RUNNING, Prompts, Record, Rows
+from cehrx.sampling.samples import STOP_DEATH, STOP_END, STOP_TIME, STOP_TOKENS, Samples
+from cehrx.sampling.stream import Stream, recompute
+
+__all__ = ["Engine"]
+
+# off CPU, batches from this size score each grammar state's allowed tokens only (see `Engine.draw`)
+SPARSE_HEAD_MIN_ROWS = 256
+
+
+class Engine:
+    """A model, its vocabulary's grammar and stop tokens, and sampling settings, ready to sample.
+
+    `stop_ids` overrides the stop tokens (default `[END]` and `[DEATH]`; `()` runs every row to
+    its budget, as the benchmark does). `watch_ids`: record each step's probability of drawing one
+    of these tokens (`Samples.watch_prob`; temperature and grammar applied, top-k/top-p not).
+    """
+
+    def __init__(
+        self,
+        model: GPT,
+        vocab: Vocab,
+        cfg: SamplingConfig | None = None,
+        *,
+        stop_ids: Sequence[int] | None = None,
+        watch_ids: Sequence[int] | np.ndarray | None = None,
+    ) -> None:
+        self.model, self.vocab = model, vocab
+        self.cfg = cfg if cfg is not None else SamplingConfig()
+        self.device = dev = model.wte.weight.device
+        self.max_seq_len = model.config.max_seq_len
+        self.host_grammar = Grammar.build(vocab)  # on the CPU: prompt states are found with numpy
+        self.grammar = self.host_grammar.to(dev)
+        self.forbidden = ~self.grammar.allowed  # bool [n_states, V]: one gather per step
+        self.seconds = torch.from_numpy(token_seconds(vocab)).to(dev)  # int64 [V] seconds each token advances
+        stops = [vocab[END], vocab[DEATH]] if stop_ids is None else list(stop_ids)
+        self.stop_ids = torch.tensor(stops, dtype=torch.int64, device=dev)
+        self.death_id, self.pad_id = vocab[DEATH], vocab.pad_id
+        self.watch = None  # bool [V]: the tokens whose probability each step records
+        if watch_ids is not None:
+            self.watch = torch.zeros(len(vocab), dtype=torch.bool, device=dev)
+            self.watch[torch.as_tensor(np.asarray(watch_ids, dtype=np.int64), device=dev)] = True
+        # grammar state -> (allowed ids, their lm-head rows, which are watched, any watched), built on first use
+        self.state_heads: dict[int, tuple] = {}
+
+    def with_settings(self, **changes: Any) -> Engine:
+        """This engine with other sampling settings (`seed=...`, `max_days=...`), sharing its tables."""
+        other = copy.copy(self)
+        other.cfg = self.cfg.replace(**changes)
+        return other
+
+    @property
+    def constrained(self) -> bool:
+        return self.cfg.constrained
+
+    @property
+    def max_new(self) -> int:
+        """The token budget per row (`max_new_tokens`, or the context when None)."""
+        return self.max_seq_len if self.cfg.max_new_tokens is None else int(self.cfg.max_new_tokens)
+
+    @property
+    def max_seconds(self) -> float:
+        return math.inf if self.cfg.max_days is None else float(self.cfg.max_days) * 86400.0
+
+    def cache_dtype(self) -> torch.dtype:
+        """The keys' dtype: the weights', or autocast's when it is on."""
+        t = self.device.type
+        return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else self.model.wte.weight.dtype
+
+    def sample(
+        self,
+        prompt_tokens: np.ndarray,
+        prompt_offsets: np.ndarray,
+        *,
+        num_samples: int = 1,
+        prompt_ids: np.ndarray | None = None,
+        progress: bool = True,
+        use_cache: bool = True,
+    ) -> Samples:
+        """Continue each prompt `num_samples` times (prompt-major output, see the module doc).
+
+        `prompt_tokens`/`prompt_offsets` are flat (prompt i is `tokens[offsets[i]:offsets[i+1]]`,
+        at least one token, at most `max_seq_len - 1`). `use_cache=False` recomputes the whole
+        prefix at every step (the reference the cache is tested and benchmarked against; the same
+        samples for the same seed). A row's random numbers depend on the seed, its prompt's id
+        (`prompt_ids`, default `0..n-1`) and its sample index only: a caller that splits its
+        prompts over several calls and passes their global ids gets the samples of one call.
+        """
+        prompts = self._prompts(prompt_tokens, prompt_offsets, num_samples, prompt_ids)
+        lengths = np.diff(prompts.offsets)
+        # rows longest prompt first: prompts of similar length share a prefill and pad little, and
+        # prompts joining a running batch are never wider than its cached prefix
+        order = np.argsort(-lengths, kind="stable")
+        rows = (order[:, None] * num_samples + np.arange(num_samples)[None, :]).reshape(-1)
+        record = Record(len(lengths) * num_samples, self.device, watch=self.watch is not None)
+        bar = _progress(progress, len(rows))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                if use_cache:
+                    Stream(self, prompts, record, bar).run(rows)
+                else:
+                    for start in range(0, len(rows), self.cfg.batch_size):
+                        recompute(self, prompts, rows[start : start + self.cfg.batch_size], record, bar)
+        finally:
+            self.model.train(was_training)
+            if bar is not None:
+                bar.close()
+        return record.samples(len(lengths), num_samples)
+
+    def new_rows(self, rows: np.ndarray, plen: np.ndarray, prompts: Prompts) -> Rows:
+        return Rows.start(self.device, rows, plen, prompts, self.constrained)
+
+    def draw(self, hidden: Tensor, rows: Rows) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Score the next token from each row's last hidden state, mask what the grammar forbids,
+        draw one token per row, advance the rows; (tokens, STOP_* or RUNNING, P(watched) or None).
+
+        With the grammar on, the lm head runs per grammar state on that state's allowed tokens only
+        (`_draw_by_state`): a zero-shot state allows a fifth of the vocabulary on average (a time
+        token after a visit, a code inside one), so most of the head's matmul and of the softmax and
+        cumulative sum over the vocabulary are skipped. The draws are the same as from the masked
+        full distribution, up to float rounding. On CPU this is faster at every batch size measured
+        (20 to 1024 rows); on GPU, where a few small matmuls cost more launches than one large one,
+        it is used from `SPARSE_HEAD_MIN_ROWS` rows.
+        """
+        cfg = self.cfg
+        u = row_uniforms(cfg.seed, rows.key, rows.n)
+        if rows.state is not None and _score_by_state(hidden):
+            tok, watch_p = self._draw_by_state(hidden, rows.state, u)
+        else:
+            logits = self.model.lm_head_logits(hidden).float()
+            if rows.state is not None:
+                logits.masked_fill_(self.forbidden[rows.state], float("-inf"))
+            else:
+                logits[:, self.pad_id] = float("-inf")
+            tok = sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniform=u)
+            watch_p = None
+            if self.watch is not None:
+                watch_p = _watched_mass(logits, self.watch, tok, self.watch[tok], cfg.temperature)
+        rows.advance(tok, self.seconds, self.grammar)
+        out_of_room = (rows.plen + rows.n >= self.max_seq_len) | (rows.n >= self.max_new)
+        return tok, self._stop_reason(tok, rows.secs, out_of_room), watch_p
+
+    def _draw_by_state(self, hidden: Tensor, state: Tensor, u: Tensor) -> tuple[Tensor, Tensor | None]:
+        """One token per row, the rows grouped by grammar state, each group scored on its state's allowed
+        tokens; with watched tokens also each row's probability of drawing one."""
+        cfg = self.cfg
+        states, group = torch.unique(state, return_inverse=True)
+        rows_by_group = torch.split(
+            torch.argsort(group, stable=True), torch.bincount(group, minlength=len(states)).tolist()
+        )
+        tok = torch.empty(len(state), dtype=torch.int64, device=state.device)
+        watch_p = None if self.watch is None else torch.zeros(len(state), device=state.device)
+        for s, rows in zip(states.tolist(), rows_by_group):
+            ids, weight, w, any_watched = self._state_head(s)
+            logits = F.linear(hidden.index_select(0, rows), weight).float()
+            drawn = sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniform=u[rows])
+            tok[rows] = ids[drawn]
+            if watch_p is not None and any_watched:  # a state that allows no watched token leaves its rows at 0
+                watch_p[rows] = _watched_mass(logits, w, drawn, w[drawn], cfg.temperature)
+        return tok, watch_p
+
+    def _state_head(self, s: int) -> tuple:
+        if s not in self.state_heads:
+            ids = torch.nonzero(~self.forbidden[s])[:, 0]
+            w = None if self.watch is None else self.watch[ids]  # the state's allowed tokens that are watched
+            head = self.model.lm_head.weight.index_select(0, ids)
+            self.state_heads[s] = (ids, head, w, w is not None and bool(w.any()))
+        return self.state_heads[s]
+
+    def _stop_reason(self, tok: Tensor, secs: Tensor, out_of_room: Tensor) -> Tensor:
+        """STOP_* per row for the token just drawn, or RUNNING. Precedence: [END]/[DEATH], then
+        the time budget, then the token budget / full context (`out_of_room`)."""
+        reason = torch.where(out_of_room, STOP_TOKENS, RUNNING)
+        reason = torch.where(secs > self.max_seconds, STOP_TIME, reason)
+        is_stop = torch.isin(tok, self.stop_ids)
+        return torch.where(is_stop, torch.where(tok == self.death_id, STOP_DEATH, STOP_END), reason)
+
+    def _prompts(
+        self, prompt_tokens: np.ndarray, prompt_offsets: np.ndarray, num_samples: int, prompt_ids: np.ndarray | None
+    ) -> Prompts:
+        """The checked prompts, their global ids and the grammar state each ends in."""
+        if num_samples < 1:
+            raise CehrxError(f"num_samples must be >= 1, got {num_samples}")
+        tokens = np.asarray(prompt_tokens, dtype=np.int64)
+        offsets = np.asarray(prompt_offsets, dtype=np.int64)
+        n_prompts = len(_check_prompts(self.model, self.vocab, tokens, offsets))
+        keys = np.arange(n_prompts, dtype=np.int64) if prompt_ids is None else np.asarray(prompt_ids, dtype=np.int64)
+        if keys.shape != (n_prompts,):
+            raise CehrxError(f"prompt_ids must hold one id per prompt ({n_prompts}), got shape {keys.shape}")
+        if not self.constrained:
+            return Prompts(tokens, offsets, np.zeros(n_prompts, np.int64), keys, num_samples)
+        init_state = self.host_grammar.prompt_states(tokens, offsets)
+        bad = np.flatnonzero(self.grammar.is_free(init_state))
+        if len(bad):
+            warnings.warn(
+                f"{len(bad)} prompt(s) break the token grammar (first: prompt {bad[0]}); they are sampled unconstrained",
+                stacklevel=3,
+            )
+        return Prompts(tokens, offsets, init_state, keys, num_samples)
+
+
+def _check_prompts(model: GPT, vocab: Vocab, tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(tokens):
+        raise CehrxError(f"prompt_offsets must start at 0 and end at len(prompt_tokens)={len(tokens)}")
+    lengths = np.diff(offsets)
+    if (lengths < 1).any():
+        first = int(np.flatnonzero(lengths < 1)[0])
+        raise CehrxError(f"prompt {first} is empty: every prompt needs at least its demographic tokens")
+    limit = model.config.max_seq_len - 1
+    if len(lengths) and lengths.max() > limit:
+        raise CehrxError(
+            f"prompt {int(lengths.argmax())} has {int(lengths.max())} tokens; the model's context "
+            f"(max_seq_len={model.config.max_seq_len}) leaves room for {limit}: cut histories shorter"
+        )
+    if len(tokens) and (tokens.min() < 0 or tokens.max() >= len(vocab)):
+        raise CehrxError(
+            f"prompt token ids must be in [0, {len(vocab)}) (the model's vocab.json), "
+            f"got {int(tokens.min())}..{int(tokens.max())}"
+        )
+    if model.config.vocab_size != len(vocab):
+        raise CehrxError(
+            f"the model has vocab_size={model.config.vocab_size} but the vocabulary has {len(vocab)} tokens: "
+            "use the vocab.json saved with the model"
+        )
+    return lengths
+
+
+def _watched_mass(logits: Tensor, watch: Tensor, tok: Tensor, drawn_watched: Tensor, temperature: float) -> Tensor:
+    """P(the draw is a watched token) per row from (masked) logits: a ratio of two logsumexps.
+    Greedy decoding (temperature 0) draws its argmax with certainty: 1 if it is watched, else 0."""
+    if temperature == 0:
+        return drawn_watched.float()
+    if not bool(watch.any()):
+        return torch.zeros(len(logits), device=logits.device)
+    z = logits / temperature
+    return torch.exp(torch.logsumexp(z[:, watch], dim=-1) - torch.logsumexp(z, dim=-1)).nan_to_num(0.0)
+
+
+def _score_by_state(hidden: Tensor) -> bool:
+    return hidden.device.type == "cpu" or len(hidden) >= SPARSE_HEAD_MIN_ROWS
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="seq", desc="sampling", dynamic_ncols=True)

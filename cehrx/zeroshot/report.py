@@ -1,0 +1,112 @@
+"""The zero-shot report's parts: both estimators side by side, per-label details, the futures summary, sections."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cehrx.data.history import NO_HISTORY
+from cehrx.zeroshot.outcome import Outcome
+from cehrx.zeroshot.predict import ESTIMATORS, LabelInputs
+
+__all__ = ["compare_estimators", "details", "futures_summary", "report_sections"]
+
+
+def compare_estimators(
+    estimates: dict[str, tuple],
+    kept: pa.Table,
+    y: np.ndarray,
+    sid: np.ndarray,
+    w: np.ndarray | None,
+    n_boot: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Both estimators' metrics on the same labels, and hazard minus Monte Carlo on the same bootstrap draws.
+
+    Also the mean per-label standard error of each: the Monte Carlo one is that of a binomial share
+    of the resolved futures, the hazard one the spread of its per-future sums (`cehrx.zeroshot.predict`)."""
+    from cehrx.eval.metrics import binary_metrics, paired_difference
+
+    out: dict[str, Any] = {
+        e: binary_metrics(y, p, sid, n_boot=n_boot, seed=seed, sample_weight=w) for e, (p, _, _) in estimates.items()
+    }
+    res = np.maximum(kept.column("n_resolved").to_numpy(), 1)
+    p_mc = estimates["mc"][0]
+    out["mc"]["mean_label_se"] = float(np.mean(np.sqrt(p_mc * (1 - p_mc) / res)))
+    out["hazard"]["mean_label_se"] = float(np.nanmean(kept.column("hazard_se").to_numpy(zero_copy_only=False)))
+    out["hazard - mc"] = paired_difference(y, sid, estimates["hazard"][0], [p_mc], n_boot, seed, sample_weight=w)
+    return out
+
+
+def details(kept: pa.Table, labels: LabelInputs, lr: np.ndarray, prob: np.ndarray, fallback: np.ndarray) -> pa.Table:
+    cols = {
+        "subject_id": pa.array(labels.subject_id[lr]),
+        "prediction_time": pa.array(labels.prediction_time[lr].astype("datetime64[s]").astype("datetime64[us]")),
+        "boolean_value": pa.array(labels.boolean_value[lr]),
+        "probability": pa.array(prob),
+        "fallback": pa.array(fallback),
+    }
+    if labels.weight is not None:
+        cols["weight"] = pa.array(labels.weight[lr])
+    for c in kept.column_names:
+        if c not in ("label_row", "has_history", "probability"):
+            cols[c] = kept.column(c)
+    return pa.table(cols)
+
+
+def futures_summary(kept: pa.Table, fallback: np.ndarray, rate: float, n_dropped: int) -> dict[str, Any]:
+    col = {c: kept.column(c).to_numpy(zero_copy_only=False) for c in kept.column_names}
+    n_fut = int(col["n_futures"].sum())
+    days = col["expected_days"][np.isfinite(col["expected_days"])]
+    return {
+        "futures": n_fut,
+        "resolved_share": round(float(col["n_resolved"].sum() / max(n_fut, 1)), 4),
+        "with_outcome_share": round(float(col["n_outcome"].sum() / max(n_fut, 1)), 4),
+        "stops": {k[len("stop_") :]: int(v.sum()) for k, v in col.items() if k.startswith("stop_")},
+        "labels_all_unresolved": int(fallback.sum()),
+        "fallback_probability": rate,
+        "median_expected_days_to_outcome": float(np.median(days)) if len(days) else math.nan,
+        "mean_history_tokens": round(float(col["history_len"].mean()), 1) if len(kept) else math.nan,
+        "labels_without_history": int(n_dropped),
+        "dropped_reason": NO_HISTORY,
+    }
+
+
+def report_sections(
+    outcome: Outcome, s: dict[str, Any], facts: dict[str, Any], estimators: dict[str, Any] | None = None
+) -> dict[str, str]:
+    w = outcome.window
+    end = "unbounded" if math.isinf(w.end_days) else f"{w.end_days:g} days"
+    win = f"{'[' if w.start_inclusive else '('}{w.start_days:g} days, {end}{']' if w.end_inclusive else ')'} after the prediction time"
+    if w.visits:
+        win += f", within the next {w.visits} visit(s)"
+    return {
+        "Outcome": f"- codes: {', '.join(outcome.codes)} ({len(outcome.token_ids)} token(s); descendants: {outcome.descendants})\n"
+        f"- window: {win}\n- unmatched codes: {', '.join(outcome.unmatched) or 'none'}",
+        "Futures": (
+            f"- {s['futures']} futures; resolved {s['resolved_share']:.1%}; with the outcome {s['with_outcome_share']:.1%}\n"
+            f"- stops: {', '.join(f'{k} {v}' for k, v in s['stops'].items())}\n"
+            f"- labels whose futures were all unresolved (given the cohort rate {s['fallback_probability']:.3f}): {s['labels_all_unresolved']}\n"
+            f"- labels without a history before the prediction time (dropped): {s['labels_without_history']}\n"
+            f"- median expected days to the outcome: {s['median_expected_days_to_outcome']:.0f}"
+        ),
+        **({"Estimators": _estimator_lines(estimators)} if estimators else {}),
+        "Run": "\n".join(f"- {k}: {v}" for k, v in facts.items()),
+    }
+
+
+def _estimator_lines(e: dict[str, Any]) -> str:
+    """Monte Carlo count vs hazard sum on the same futures (see cehrx.zeroshot.predict)."""
+    lines = ["| estimator | AUROC (95 % CI) | AUPRC | Brier | mean per-label SE |", "|---|---|---|---|---|"]
+    for name in ESTIMATORS:
+        m = e[name]
+        lines.append(
+            f"| {name} | {m['auroc']['value']:.3f} [{m['auroc']['ci_low']:.3f}, {m['auroc']['ci_high']:.3f}] | "
+            f"{m['auprc']['value']:.3f} | {m['brier']['value']:.4f} | {m['mean_label_se']:.4f} |"
+        )
+    d = e["hazard - mc"]["auroc"]
+    lines.append(f"\nhazard - mc AUROC: {d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] (paired bootstrap)")
+    return "\n".join(lines)
