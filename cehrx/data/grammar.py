@@ -5,7 +5,7 @@
 
 Several places read or write tokens: prepare spells them (`tokenize`, `vocab_build`), the
 vocabulary classifies them (`vocab.kind_of`), the reference checker validates sequences
-(`check_sequence`) and the sampler masks what may come next (`generate/constraints.Grammar`).
+(`check_sequence`) and the sampling engine masks what may come next (`sampling/constraints.Grammar`).
 They all derive from the tables below, so they cannot drift apart:
 
 - `KIND_TABLE`: the token kinds in vocabulary id order, each with how it is spelled;

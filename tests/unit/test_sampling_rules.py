@@ -276,3 +276,27 @@ def test_bad_settings_are_one_line_errors(vocab: Vocab) -> None:
             SamplingConfig(),
             progress=False,
         )
+
+
+def test_the_sampling_block_is_the_dataclass() -> None:
+    """configs/sampling/default.yaml declares every SamplingConfig field but the caller's, with its defaults;
+    both task configs use it, and a key that is not an option is an error."""
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+
+    from cehrx.configs import config_dir
+    from cehrx.sampling.config import CALLER_FIELDS
+    from tests.conftest import compose_cfg
+
+    block = OmegaConf.load(f"{config_dir()}/sampling/default.yaml")
+    names = [f.name for f in fields(SamplingConfig) if f.name not in CALLER_FIELDS]
+    assert sorted(block) == sorted(names)
+    defaults = SamplingConfig()
+    assert all(block[k] == getattr(defaults, k) for k in names if k != "seed")
+    generate, zeroshot = (compose_cfg(f"task={t}", "seed=5").sampling for t in ("generate", "zeroshot"))
+    assert SamplingConfig.from_mapping(generate) == SamplingConfig(seed=5)
+    assert SamplingConfig.from_mapping(zeroshot) == SamplingConfig(seed=5, max_new_tokens=256, batch_size=1024)
+    with pytest.raises(CehrxError, match="sampling.top_q is not a sampling option"):
+        SamplingConfig.from_mapping({"top_q": 0.9})
+    assert SamplingConfig.from_mapping({"temperature": 1, "top_p": "0.5"}).top_p == 0.5
