@@ -9,7 +9,7 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cehrx.configs import config_dir  # also registers the config resolvers (cehrx.configs)
 from cehrx.errors import CehrxError
@@ -20,7 +20,8 @@ log = logging.getLogger("cehrx")
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def app(cfg: DictConfig) -> object:
-    if HydraConfig.get().mode == RunMode.MULTIRUN:  # one stable output dir per sweep job
+    # one stable output dir per sweep job, except a sweep over prepare's shards, which all feed one output
+    if HydraConfig.get().mode == RunMode.MULTIRUN and OmegaConf.select(cfg, "task.shard") is None:
         with open_dict(cfg):
             cfg.output_dir = HydraConfig.get().runtime.output_dir
     fn = hydra.utils.get_method(cfg.task.fn)

@@ -12,13 +12,17 @@ from cehrx.errors import DataError, one_line
 
 
 def connect(
-    memory_limit: str | None = "3GB", threads: int | None = None, temp_dir: str | Path | None = None
+    memory_limit: str | None = "3GB",
+    threads: int | None = None,
+    temp_dir: str | Path | None = None,
+    database: str | Path | None = None,
 ) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB that spills to `temp_dir` instead of exceeding `memory_limit`.
+    """An in-memory DuckDB (or the file `database`, which a later job of a shard reopens) that spills to
+    `temp_dir` instead of exceeding `memory_limit`.
 
     Insertion order is preserved so that ordered queries write byte-identical outputs.
     """
-    con = duckdb.connect(":memory:")
+    con = duckdb.connect(str(database) if database is not None else ":memory:")
     if memory_limit:
         con.execute(f"SET memory_limit = '{memory_limit}'")
     if threads:
@@ -95,22 +99,24 @@ def tag_reasons(
     name: str,
     select: str,
     reasons: tuple[tuple[str, str], ...],
-    dedupe: tuple[str, str, str] | None = None,
+    dedupe: tuple[str, str, str] | tuple[str, str, str, str] | None = None,
 ) -> None:
     """Create the temp table `name` from `select` plus `drop_reason`: the first of `reasons`
     (name, SQL condition on the row) that holds, NULL for a row that is kept.
 
     One reason per row, checked in order, so that rows in = rows kept + rows dropped by reason and
-    every drop is counted under its true cause. `dedupe` = (reason, key, order): of the rows no
-    reason dropped, those sharing a non-null `key` after the first in `order` are dropped as `reason`.
+    every drop is counted under its true cause. `dedupe` = (reason, key, order[, within]): of the rows no
+    reason dropped, those sharing a non-null `key` (and the same `within` columns) after the first in
+    `order` are dropped as `reason`.
     """
     case = "CASE " + " ".join(f"WHEN {cond} THEN {literal(r)}" for r, cond in reasons) + " END"
     sql = f"SELECT *, {case} AS drop_reason FROM ({select})"
     if dedupe:
-        reason, key, order = dedupe
+        reason, key, order = dedupe[:3]
+        within = f"{dedupe[3]}, " if len(dedupe) > 3 else ""
         sql = (
             f"SELECT * REPLACE (CASE WHEN drop_reason IS NULL AND {key} IS NOT NULL AND row_number() OVER "
-            f"(PARTITION BY drop_reason IS NULL, {key} ORDER BY {order}) > 1 THEN {literal(reason)} ELSE drop_reason END "
+            f"(PARTITION BY drop_reason IS NULL, {within}{key} ORDER BY {order}) > 1 THEN {literal(reason)} ELSE drop_reason END "
             f"AS drop_reason) FROM ({sql})"
         )
     con.execute(f"CREATE OR REPLACE TEMP TABLE {quote(name)} AS {sql}")

@@ -16,6 +16,7 @@ from meds import DataSchema
 
 from cehrx.data.duck import as_timestamp, count_reasons, given, literal, reading, tag_reasons
 from cehrx.data.omop_to_meds import EVENTS_DDL
+from cehrx.data.sharding import Shard
 from cehrx.data.splits import load_split_file
 from cehrx.errors import DataError, one_line
 
@@ -62,12 +63,12 @@ def validate_schema(files: list[Path]) -> list[str]:
     return sorted(extra)
 
 
-def meds_to_events(con: duckdb.DuckDBPyConnection, path: str) -> dict:
+def meds_to_events(con: duckdb.DuckDBPyConnection, path: str, shard: Shard | None = None) -> dict:
     """Fill `events` and `code_meta` (and `source_splits`); return rows in, kept, dropped and repaired by reason.
 
     Values are parsed, not trusted: a time is read as UTC (`duck.as_timestamp`, offsets honoured),
     and a time or value that does not parse is counted under its own reason rather than read as a
-    static event or a missing value.
+    static event or a missing value. With a `shard`, only that shard's rows are read.
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -75,6 +76,8 @@ def meds_to_events(con: duckdb.DuckDBPyConnection, path: str) -> dict:
     files = data_files(root)
     validate_schema(files)
     source = f"read_parquet({literal(str(root / 'data' / '**' / '*.parquet'))}, union_by_name = true)"
+    if shard is not None:
+        source = f"(SELECT * FROM {source} WHERE {shard.where('subject_id')})"
     where = f"MEDS data {root / 'data'}"
     with reading(where):
         types = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}

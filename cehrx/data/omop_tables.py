@@ -16,6 +16,7 @@ from pathlib import Path
 import duckdb
 
 from cehrx.data.duck import literal, quote, reading
+from cehrx.data.sharding import Shard
 from cehrx.errors import DataError, one_line
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class OmopTables:
     rows: dict[str, int] = field(default_factory=dict)
     bogus_header: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # table -> the file (or DuckDB table) it was read from
+    sharded: list[str] = field(default_factory=list)  # tables read for one shard only (rows: that shard's)
 
     def where(self, table: str) -> str:
         """The table and its file, for messages: `OMOP table person (/data/PERSON.csv)`."""
@@ -82,8 +84,12 @@ def resolve_path(path: str) -> Path:
     return Path(path).expanduser()
 
 
-def open_omop(con: duckdb.DuckDBPyConnection, path: str) -> OmopTables:
-    """Register every OMOP table at `path` as a view `omop_<table>`; require `person`."""
+def open_omop(con: duckdb.DuckDBPyConnection, path: str, shard: Shard | None = None) -> OmopTables:
+    """Register every OMOP table at `path` as a view `omop_<table>`; require `person`.
+
+    With a `shard`, a table with a `person_id` column holds only that shard's rows (`rows` counts
+    them), and a shard without persons is not an error: another shard has them.
+    """
     p = resolve_path(path)
     if not p.exists():
         raise DataError(f"OMOP path not found: {p} (expected a folder of OMOP tables or a .duckdb file)")
@@ -91,13 +97,13 @@ def open_omop(con: duckdb.DuckDBPyConnection, path: str) -> OmopTables:
     tables = OmopTables(path=str(p))
     for name, (file, select) in sorted(sources.items()):
         tables.files[name] = file
-        _register(con, tables, name, select)
+        _register(con, tables, name, select, shard)
     if not tables.has("person"):
         raise DataError(
             f"no person table in {p}: expected person.parquet, person.csv(.gz) or a PERSON table "
             f"(found: {', '.join(sorted(tables.columns)) or 'nothing'})"
         )
-    if not tables.has_rows("person"):
+    if not tables.has_rows("person") and shard is None:
         raise DataError(f"{tables.where('person')} has no rows: there is no one to prepare")
     return tables
 
@@ -141,7 +147,7 @@ def _duckdb_sources(con: duckdb.DuckDBPyConnection, db: Path) -> dict[str, tuple
     return found
 
 
-def _register(con: duckdb.DuckDBPyConnection, tables: OmopTables, name: str, select: str) -> None:
+def _register(con: duckdb.DuckDBPyConnection, tables: OmopTables, name: str, select: str, shard: Shard | None) -> None:
     try:
         described = con.execute(f"DESCRIBE {select}").fetchall()
     except duckdb.Error as e:
@@ -164,7 +170,11 @@ def _register(con: duckdb.DuckDBPyConnection, tables: OmopTables, name: str, sel
         tables.bogus_header.append(name)
         return
     body = ", ".join(f"{quote(c)} AS {quote(c.lower())}" for c, _ in cols)
-    con.execute(f"CREATE OR REPLACE VIEW {quote('omop_' + name)} AS SELECT {body} FROM ({select})")
+    person = next((c for c, _ in cols if c.lower() == "person_id"), None)
+    where = f" WHERE {shard.where(quote(person))}" if shard is not None and person else ""
+    if where:
+        tables.sharded.append(name)
+    con.execute(f"CREATE OR REPLACE VIEW {quote('omop_' + name)} AS SELECT {body} FROM ({select}){where}")
     tables.columns[name] = {c.lower(): t for c, t in cols}
     with reading(tables.where(name)):
         tables.rows[name] = con.execute(f"SELECT count(*) FROM {quote('omop_' + name)}").fetchall()[0][0]

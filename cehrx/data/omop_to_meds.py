@@ -322,7 +322,8 @@ def _visits(con: duckdb.DuckDBPyConnection, t: OmopTables, stats: dict) -> None:
         FROM omop_{v}
     """,
         REF_REASONS + time_reasons("start_date") + CONCEPT_REASONS,
-        dedupe=("duplicate_visit_id", "visit_id", "t, end_t, concept_id, discharge_id, person_id"),
+        # per person: events find their visit by (person, id), and a subject's shard must decide alone
+        dedupe=("duplicate_visit_id", "visit_id", "t, end_t, concept_id, discharge_id", "person_id"),
     )
     con.execute("""
         CREATE OR REPLACE TEMP TABLE visit_ok AS

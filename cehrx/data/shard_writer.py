@@ -71,11 +71,7 @@ def subjects_per_token(o: Ordered, tok: np.ndarray, lengths: np.ndarray, n_vocab
 def write_shards(
     o: Ordered, ids: TokenIds, out_dir: Path, subjects_per_shard: int, n_vocab: int, threads: int = 2
 ) -> Written:
-    """Write tokens/<split>/<n>.parquet (subject_id order, `subjects_per_shard` rows each).
-
-    Shards are independent, so `threads` of them are assembled, counted and written at once
-    (numpy and parquet release the GIL); results are combined in shard order.
-    """
+    """Write tokens/<split>/<n>.parquet (subject_id order, `subjects_per_shard` rows each)."""
     split_start = np.searchsorted(o.split, np.arange(len(SPLITS) + 1))
     per_split, jobs = {}, []
     for i, split in enumerate(SPLITS):
@@ -85,6 +81,36 @@ def write_shards(
         per_split[split] = b - a
         for shard, s0 in enumerate(range(a, max(b, a + 1), subjects_per_shard)):
             jobs.append((s0, min(s0 + subjects_per_shard, b), split == "train", d / f"{shard}.parquet"))
+    return write_jobs(o, ids, jobs, per_split, n_vocab, threads)
+
+
+def write_parts(o: Ordered, ids: TokenIds, out_dir: Path, firsts: dict[str, list[int]], n_vocab: int) -> Written:
+    """One subject shard's part of each output file: `out_dir/<split>/<n>.parquet` holds its subjects of
+    output file n, whose first subject_id is `firsts[split][n]` (the files `write_shards` would write for
+    all subjects). Its subjects are in (split, subject_id) order, so each part is a contiguous range."""
+    split_start = np.searchsorted(o.split, np.arange(len(SPLITS) + 1))
+    per_split, jobs = {}, []
+    for i, split in enumerate(SPLITS):
+        a, b = int(split_start[i]), int(split_start[i + 1])
+        per_split[split] = b - a
+        if a == b:
+            continue
+        (out_dir / split).mkdir(parents=True, exist_ok=True)
+        file = np.searchsorted(np.asarray(firsts[split], dtype=np.int64), o.subject_id[a:b], side="right") - 1
+        cuts = np.flatnonzero(np.diff(file)) + 1
+        for s0, s1 in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [b - a]])):
+            jobs.append((a + int(s0), a + int(s1), split == "train", out_dir / split / f"{int(file[s0])}.parquet"))
+    return write_jobs(o, ids, jobs, per_split, n_vocab, threads=1)
+
+
+def write_jobs(
+    o: Ordered, ids: TokenIds, jobs: list[tuple], per_split: dict[str, int], n_vocab: int, threads: int
+) -> Written:
+    """Write each job's subjects (s0, s1, train, path) as one parquet file, counting train tokens.
+
+    Jobs are independent, so `threads` of them are assembled, counted and written at once (numpy and
+    parquet release the GIL); results are combined in job order.
+    """
 
     def one(job: tuple) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         s0, s1, train, path = job
@@ -93,7 +119,7 @@ def write_shards(
         counted = (
             (np.bincount(tok, minlength=n_vocab), subjects_per_token(o, tok, n, n_vocab)) if train else (None, None)
         )
-        pq.write_table(table, path, compression="zstd", row_group_size=2048, use_dictionary=False)
+        write_table(table, path)
         return n, *counted
 
     counts = np.zeros(n_vocab, dtype=np.int64)
@@ -108,6 +134,11 @@ def write_shards(
     return Written(
         per_split, np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64), counts, subjects
     )
+
+
+def write_table(table: pa.Table, path: Path) -> None:
+    """A token shard file; the one writer of both paths, so equal tables give equal bytes."""
+    pq.write_table(table, path, compression="zstd", row_group_size=2048, use_dictionary=False)
 
 
 def length_percentiles(lengths: np.ndarray) -> dict[str, float]:

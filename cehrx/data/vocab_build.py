@@ -19,16 +19,12 @@ from cehrx.data.vocab import Vocab
 MIN_MAX_YEARS = 150  # Y gap tokens go at least this far, however short the longest gap seen in train
 
 
-def _col(con: duckdb.DuckDBPyConnection, sql: str) -> list:
-    return [r[0] for r in con.execute(sql).fetchall()]
-
-
 def seen_in_train(con: duckdb.DuckDBPyConnection, max_gap_days: int) -> dict[str, int]:
-    """Train subjects per token, for the tokens whose spelling decides what the vocabulary keeps.
+    """Train subjects per structural token, for the tokens whose spelling decides what the vocabulary keeps.
 
-    Gender, race, visit types and discharges (kept when seen in train), `Y<n>` gaps (the longest
-    seen sets the range) and the kept codes: computed from the visit and subject tables, before
-    any token row exists.
+    Gender, race, visit types and discharges (kept when seen in train) and `Y<n>` gaps (the longest
+    seen sets the range): computed from the visit and subject tables, before any token row exists.
+    Subjects are counted per token, so the counts of disjoint sets of subjects (shards) add up.
     """
     death_days = "greatest(date_diff('day', CAST(last_t AS DATE), CAST(death AS DATE)), 0)"
     gender, race, visit, discharge = (literal(PREFIX[k]) for k in ("gender", "race", "visit", "discharge"))
@@ -44,19 +40,53 @@ def seen_in_train(con: duckdb.DuckDBPyConnection, max_gap_days: int) -> dict[str
                       WHERE split = 'train' AND death IS NOT NULL AND {death_days} >= {int(max_gap_days)}
         ) WHERE token IS NOT NULL GROUP BY token
     """).fetchall()
-    seen = dict(rows)
-    for code, n in con.execute("SELECT code, subjects FROM kept_codes").fetchall():
-        seen[code] = max(n, seen.get(code, 0))
-    return seen
+    return {t: int(n) for t, n in rows}
 
 
-def candidate_tokens(con: duckdb.DuckDBPyConnection, min_subjects: int, num_bins: int, max_gap_days: int) -> list[str]:
-    """The vocabulary in id order: special tokens, then each kind (KINDS order), numeric order inside."""
+def vocab_inputs(con: duckdb.DuckDBPyConnection, max_gap_days: int) -> dict:
+    """What the vocabulary depends on besides the kept codes: the years and largest age of any visit
+    start, and `seen_in_train`. A shard reports these; the reduce combines them (min/max, sums)."""
     years = con.execute("SELECT min(year(est)), max(year(est)) FROM vis").fetchall()[0]
     max_age = con.execute(
         f"SELECT max(floor((epoch(v.est) - epoch(d.birth_ok)) / {365.25 * 86400})) FROM vis v JOIN demo_t d USING (subject_id)"
     ).fetchall()[0][0]
-    seen = list(seen_in_train(con, max_gap_days).items())
+    return {"years": list(years), "max_age": max_age, "seen": seen_in_train(con, max_gap_days)}
+
+
+def combine_inputs(parts: list[dict]) -> dict:
+    """`vocab_inputs` of disjoint sets of subjects -> those of their union."""
+    lows = [p["years"][0] for p in parts if p["years"][0] is not None]
+    highs = [p["years"][1] for p in parts if p["years"][1] is not None]
+    ages = [p["max_age"] for p in parts if p["max_age"] is not None]
+    seen: dict[str, int] = {}
+    for p in parts:
+        for t, n in p["seen"].items():
+            seen[t] = seen.get(t, 0) + int(n)
+    return {
+        "years": [min(lows, default=None), max(highs, default=None)],
+        "max_age": max(ages, default=None),
+        "seen": seen,
+    }
+
+
+def candidate_tokens(con: duckdb.DuckDBPyConnection, min_subjects: int, num_bins: int, max_gap_days: int) -> list[str]:
+    """The vocabulary in id order, from this connection's visits, subjects and `kept_codes`."""
+    kept = con.execute("SELECT code, subjects FROM kept_codes ORDER BY code").fetchall()
+    return tokens_from(vocab_inputs(con, max_gap_days), kept, min_subjects, num_bins, max_gap_days)
+
+
+def tokens_from(
+    inputs: dict, kept: list[tuple[str, int]], min_subjects: int, num_bins: int, max_gap_days: int
+) -> list[str]:
+    """The vocabulary in id order: special tokens, then each kind (KINDS order), numeric order inside.
+
+    `kept` = the kept codes with their train subjects, in code order.
+    """
+    years, max_age = inputs["years"], inputs["max_age"]
+    seen_map = dict(inputs["seen"])
+    for code, n in kept:
+        seen_map[code] = max(int(n), seen_map.get(code, 0))
+    seen = list(seen_map.items())
     tokens: list[str] = list(SPECIAL_TOKENS)
     if years[0] is not None:
         tokens += [prompt_token("year", y) for y in range(int(years[0]), int(years[1]) + 1)]
@@ -69,7 +99,7 @@ def candidate_tokens(con: duckdb.DuckDBPyConnection, min_subjects: int, num_bins
     tokens += g.gap_tokens(max_gap_days, max(years_seen + [MIN_MAX_YEARS]))
     tokens += g.inpatient_time_tokens(max_gap_days)
     tokens += g.quantile_tokens(num_bins)
-    tokens += _col(con, "SELECT code FROM kept_codes ORDER BY code")
+    tokens += [code for code, _ in kept]
     order = {k: i for i, k in enumerate(KINDS)}
     # stable sort by kind keeps the numeric order inside each kind
     return sorted(dict.fromkeys(tokens), key=lambda t: order[kind_of(t)])

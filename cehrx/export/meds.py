@@ -18,7 +18,7 @@ import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Self
+from typing import Iterable, Iterator, Self
 
 import duckdb
 import numpy as np
@@ -58,6 +58,12 @@ def write_meds(con: duckdb.DuckDBPyConnection, root: Path, dataset_name: str, ba
     Rows are sorted by (subject_id, time) with static rows first, as MEDS expects.
     """
     total = write_data(con, root / "data", batch_rows)
+    write_metadata(con, root, dataset_name)
+    return total
+
+
+def write_metadata(con: duckdb.DuckDBPyConnection, root: Path, dataset_name: str) -> None:
+    """`metadata/`: codes (from `code_meta`), subject splits (from `subject_split`) and dataset.json."""
     meta = root / "metadata"
     meta.mkdir(parents=True, exist_ok=True)
     codes = con.sql("""
@@ -80,28 +86,92 @@ def write_meds(con: duckdb.DuckDBPyConnection, root: Path, dataset_name: str, ba
     }
     DatasetMetadataSchema.validate(info)
     (meta / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
-    return total
 
 
 def write_data(con: duckdb.DuckDBPyConnection, data: Path, batch_rows: int) -> int:
     """`data/<split>/0.parquet` for every split (an empty split still gets a valid, typed file)."""
+    return write_split_files(data, split_tables(con, batch_rows))
+
+
+def split_tables(con: duckdb.DuckDBPyConnection, batch_rows: int) -> Iterator[tuple[str, pa.Table]]:
+    """(split, MEDS rows) in the total order, batch by batch, from `events` and `subject_split`."""
     splits, codes, tables = rank_tables(con)
+    for batch in ordered_batches(con, batch_rows):
+        for split, part in split_parts(batch, splits):
+            yield split, meds_table(part, codes, tables)
+    con.execute("DROP TABLE _meds_subjects; DROP TABLE _meds_codes; DROP TABLE _meds_tables")
+
+
+def write_split_files(data: Path, parts: Iterable[tuple[str, pa.Table]]) -> int:
+    """Write (split, rows) in order into `data/<split>/0.parquet`; a split without rows gets an empty, typed file."""
     total = 0
     with SplitWriters(data) as writers:
-        for batch in ordered_batches(con, batch_rows):
-            for split, part in split_parts(batch, splits):
-                writers.add(split, meds_table(part, codes, tables))
-                total += part.num_rows
+        for split, table in parts:
+            writers.add(split, table)
+            total += table.num_rows
         written = set(writers.buffers)
-    con.execute("DROP TABLE _meds_subjects; DROP TABLE _meds_codes; DROP TABLE _meds_tables")
     for split in SPLITS:
         d = data / split
         if split not in written:
             d.mkdir(parents=True, exist_ok=True)
-            empty = meds_table(ORDERED_SCHEMA.empty_table(), codes, tables)
-            pq.write_table(empty, d / "0.parquet")
+            pq.write_table(empty_meds(), d / "0.parquet")
         DataSchema.validate(pq.read_schema(d / "0.parquet"))
     return total
+
+
+def empty_meds() -> pa.Table:
+    no_strings = pa.array([], pa.string())
+    return meds_table(ORDERED_SCHEMA.empty_table(), no_strings, no_strings)
+
+
+# --------------------------------------------------------------------------------------------
+# the sharded path: each subject shard writes its rows in order; one sort by (split, subject_id,
+# row) puts them back into the files the single pass writes (subjects never straddle shards).
+
+
+def write_part(con: duckdb.DuckDBPyConnection, path: Path, batch_rows: int = 1_000_000) -> int:
+    """One subject shard's MEDS rows in the total order, plus `split` and `seq` (the row's place) for `gather_data`."""
+    seq, writer = 0, None
+    try:
+        for split, table in split_tables(con, batch_rows):
+            n = table.num_rows
+            table = table.append_column("split", pa.array([split] * n, pa.string()))
+            table = table.append_column("seq", pa.array(np.arange(seq, seq + n, dtype=np.int64)))
+            writer = writer or pq.ParquetWriter(path, table.schema, compression="zstd")
+            writer.write_table(table)
+            seq += n
+        if writer is None:
+            empty = empty_meds()
+            empty = empty.append_column("split", pa.array([], pa.string())).append_column(
+                "seq", pa.array([], pa.int64())
+            )
+            pq.write_table(empty, path)
+    finally:
+        if writer is not None:
+            writer.close()
+    return seq
+
+
+def gather_data(con: duckdb.DuckDBPyConnection, parts: list[Path], data: Path, batch_rows: int = 1_000_000) -> int:
+    """The shards' parts (`write_part`) as `data/<split>/0.parquet`: the single pass's rows, order and row groups.
+
+    DuckDB sorts by (split, subject_id, seq), spilling to disk past its memory limit; the rows are cast back
+    to the parts' own schema, so the files are written from the same Arrow types as the single pass's.
+    """
+    schema = pq.read_schema(parts[0])
+    schema = pa.schema([f for f in schema if f.name not in ("split", "seq")])
+    files = "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts) + "]"
+    reader = con.sql(f"SELECT * FROM read_parquet({files}) ORDER BY split, subject_id, seq").to_arrow_reader(batch_rows)
+
+    def tables() -> Iterator[tuple[str, pa.Table]]:
+        for batch in reader:
+            t = pa.Table.from_batches([batch])
+            splits = t.column("split").to_numpy(zero_copy_only=False)
+            cuts = np.flatnonzero(splits[1:] != splits[:-1]) + 1
+            for a, b in zip([0, *cuts], [*cuts, len(splits)]):
+                yield str(splits[a]), t.slice(a, b - a).select(schema.names).cast(schema)
+
+    return write_split_files(data, tables())
 
 
 class SplitWriters:

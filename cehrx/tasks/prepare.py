@@ -25,6 +25,7 @@ from cehrx.data.meds_source import meds_to_events
 from cehrx.data.omop_tables import open_omop
 from cehrx.data.omop_to_meds import OPTIONAL_TABLES, omop_to_events
 from cehrx.data.shard_writer import Written, length_percentiles, write_shards
+from cehrx.data.sharding import Shard, duckdb_limit, parse_bytes
 from cehrx.data.splits import assign_splits, load_split_file
 from cehrx.data.tokenize import (
     Resolver,
@@ -44,16 +45,29 @@ from cehrx.data.vocab_build import candidate_tokens, code_tables, make_vocab
 from cehrx.errors import DataError
 from cehrx.export.meds import write_meds
 from cehrx.progress import Stages
-from cehrx.tasks.scaffold import task_output, write_marker
 
 log = logging.getLogger("cehrx.prepare")
 
 
 def run(cfg: DictConfig) -> dict:
+    """One pass over the whole data (the default, and what small data gets), or the sharded path
+    (`prepare_sharded`: `task.shards` > 1, a memory budget the data exceeds, or a `task.stage`/`task.shard` job)."""
+    from cehrx.tasks import prepare_sharded
+    from cehrx.tasks.scaffold import task_output, write_marker  # not at import: shard workers need no torch
+
+    shards = prepare_sharded.resolve_shards(cfg)
+    if shards > 1 or cfg.task.get("shard") is not None or cfg.task.get("stage"):
+        return prepare_sharded.run(cfg, shards)
     out = Path(cfg.output_dir)
     with task_output(cfg, "prepare") as tmp:
         report = prepare(cfg, tmp)
         write_marker(tmp, "prepare", report)
+    announce(report, out)
+    return report
+
+
+def announce(report: dict, out: Path) -> None:
+    """The warnings, then one line on what was prepared where."""
     log.info("prepared %s subjects into %s", report["subjects"]["tokenized"], out)
     console = Console(stderr=True)
     for warning in report["warnings"]:
@@ -62,7 +76,10 @@ def run(cfg: DictConfig) -> dict:
         f"prepared [bold]{report['subjects']['tokenized']}[/bold] subjects, "
         f"{report['events']['tokenized']} events, vocab {report['vocab']['size']} -> {out}"
     )
-    return report
+
+
+NO_EVENTS = "nothing to prepare in {path}: no row became an event"
+NO_BODY = "no clinical events in {path}: every event is a birth, death, gender, race, visit or static code"
 
 
 def prepare(cfg: DictConfig, out: Path) -> dict:
@@ -71,26 +88,18 @@ def prepare(cfg: DictConfig, out: Path) -> dict:
     t = cfg.task
     stages = Stages(total=8 if cfg.data.source == "omop" else 7)
     start = time.perf_counter()
-    con = duck.connect(t.duckdb.memory_limit, t.duckdb.threads, temp_dir=out / ".duckdb_tmp")
-    source, report = cfg.data.source, {"source": {"kind": cfg.data.source, "path": str(cfg.data.path)}}
+    con = duck.connect(memory_limit(t), t.duckdb.threads, temp_dir=out / ".duckdb_tmp")
+    source, report = cfg.data.source, source_report(cfg)
     with stages("read source -> MEDS events"):
-        stats = read_source(con, cfg, report)
-    events_in = con.execute("SELECT count(*) FROM events").fetchall()[0][0]
-    require(events_in, f"nothing to prepare in {cfg.data.path}: no row became an event", stats)
+        stats, events_in = read_events(con, cfg, report)
+    require(events_in, NO_EVENTS.format(path=cfg.data.path), stats)
     with stages("splits"):
         report["splits"] = split_subjects(con, t.splits, bool(stats.get("source_splits")))
     if source == "omop":
         with stages("write MEDS dataset"):
             write_meds(con, out / "meds", cfg.data.name)
     with stages("visits"):
-        demo_stats = build_demographics(con, cfg.data)
-        no_body = (
-            f"no clinical events in {cfg.data.path}: every event is a birth, death, gender, race, visit or static code"
-        )
-        require(build_body(con, cfg.data), no_body, stats)
-        build_source_visits(con, source, OmegaConf.to_container(cfg.data.visits) if cfg.data.get("visits") else [])
-        con.execute("DROP TABLE events")  # the rest works on body/demo/src_visits: free memory before the big sorts
-        visit_stats = attach_events(con)
+        demo_stats, visit_stats = build_visits(con, cfg, stats)
     with stages("vocabulary codes and value deciles"):
         code_stats = select_codes(con, int(t.min_subjects))
         require_kept_codes(con, int(t.min_subjects), report["splits"])
@@ -111,17 +120,62 @@ def prepare(cfg: DictConfig, out: Path) -> dict:
         vocab.save(out / "vocab.json")
     tok_stats = {"visits_tokenized": len(ordered.est_us), "events_tokenized": len(ordered.t_us)}
     vocab_stats = {"structural_tokens_not_in_vocab": dict(sorted(resolver.not_in_vocab.items()))}
+    demo_counts = subject_counts(con)
     report.update(
-        summarize(con, events_in, stats, demo_stats, visit_stats, code_stats, tok_stats, vocab_stats, written)
+        summarize(events_in, stats, demo_counts, demo_stats, visit_stats, code_stats, tok_stats, vocab_stats, written)
     )
-    report["warnings"] = warnings(report, int(t.min_subjects))
-    report["vocab"] = {"size": len(vocab), "codes_with_value_deciles": n_edges, "by_kind": Counter(vocab.kinds)}
-    report["tokens"]["length"] = length_percentiles(written.lengths)
+    finish_report(report, t, len(vocab), n_edges, Counter(vocab.kinds), written.lengths)
     report["timings_s"] = {**stages.timings, "total": round(time.perf_counter() - start, 3)}
     report["events"]["per_second"] = round(report["events"]["in"] / max(report["timings_s"]["total"], 1e-9))
     con.close()
     shutil.rmtree(out / ".duckdb_tmp", ignore_errors=True)
     return report
+
+
+def memory_limit(t: DictConfig) -> str:
+    """DuckDB's memory_limit: the share of `task.memory_budget` when one is set, else `task.duckdb.memory_limit`."""
+    budget = parse_bytes(t.get("memory_budget"))
+    return duckdb_limit(budget) if budget else t.duckdb.memory_limit
+
+
+def source_report(cfg: DictConfig) -> dict:
+    return {"source": {"kind": cfg.data.source, "path": str(cfg.data.path)}}
+
+
+def read_events(con, cfg: DictConfig, report: dict, shard: Shard | None = None) -> tuple[dict, int]:
+    """`events` and `code_meta` from the source (one shard's subjects, or all); the source stats and events in."""
+    stats = read_source(con, cfg, report, shard)
+    return stats, con.execute("SELECT count(*) FROM events").fetchall()[0][0]
+
+
+def build_visits(con, cfg: DictConfig, stats: dict | None) -> tuple[dict, dict]:
+    """`demo`, `body` and the visits every body event belongs to; `events` is dropped. `stats` given: refuse
+    a run without body events (a shard may have none: its caller checks the sum)."""
+    demo_stats = build_demographics(con, cfg.data)
+    n_body = build_body(con, cfg.data)
+    if stats is not None:
+        require(n_body, NO_BODY.format(path=cfg.data.path), stats)
+    build_source_visits(con, cfg.data.source, OmegaConf.to_container(cfg.data.visits) if cfg.data.get("visits") else [])
+    con.execute("DROP TABLE events")  # the rest works on body/demo/src_visits: free memory before the big sorts
+    visit_stats = attach_events(con)
+    visit_stats["_body_events"] = n_body  # for the caller; summarize leaves it out
+    return demo_stats, visit_stats
+
+
+def subject_counts(con) -> dict:
+    """Subjects with any event (`demo`), and those whose birth is after their first visit (kept, age unknown)."""
+    q = lambda sql: con.execute(sql).fetchall()[0][0]  # noqa: E731
+    return {
+        "demo": q("SELECT count(*) FROM demo"),
+        "no_birth": q("SELECT count(*) FROM demo_t WHERE birth IS NOT NULL AND birth_ok IS NULL"),
+    }
+
+
+def finish_report(report: dict, t: DictConfig, size: int, n_edges: int, by_kind: Counter, lengths) -> None:
+    """Warnings, the vocabulary summary and the token length percentiles, after the counts."""
+    report["warnings"] = warnings(report, int(t.min_subjects))
+    report["vocab"] = {"size": size, "codes_with_value_deciles": n_edges, "by_kind": by_kind}
+    report["tokens"]["length"] = length_percentiles(lengths)
 
 
 def split_subjects(con, splits: DictConfig, source_splits: bool) -> dict:
@@ -148,10 +202,13 @@ def vocab_meta(t: DictConfig, source: str, inpatient: list[str]) -> dict:
     }
 
 
-def read_source(con, cfg: DictConfig, report: dict) -> dict:
-    """Fill `events` and `code_meta` from the OMOP or MEDS source; the table listing goes to `report`."""
+def read_source(con, cfg: DictConfig, report: dict, shard: Shard | None = None) -> dict:
+    """Fill `events` and `code_meta` from the OMOP or MEDS source; the table listing goes to `report`.
+
+    With a `shard`, only its subjects are read, and `report["tables"]["sharded"]` names the tables whose
+    `rows` are that shard's (the others, like `concept`, are read whole by every shard)."""
     if cfg.data.source == "omop":
-        tables = open_omop(con, str(cfg.data.path))
+        tables = open_omop(con, str(cfg.data.path), shard)
         stats = omop_to_events(con, tables, current_year=dt.date.today().year)
         report["tables"] = {
             "found": sorted(tables.columns),
@@ -159,9 +216,11 @@ def read_source(con, cfg: DictConfig, report: dict) -> dict:
             "missing_optional": sorted(set(OPTIONAL_TABLES) - set(tables.columns)),
             "empty": sorted(k for k, v in tables.rows.items() if v == 0 and k in OPTIONAL_TABLES),
         }
+        if shard is not None:
+            report["tables"]["sharded"] = tables.sharded
         return stats
     if cfg.data.source == "meds":
-        return meds_to_events(con, str(cfg.data.path))
+        return meds_to_events(con, str(cfg.data.path), shard)
     raise DataError(f"data.source must be 'omop' or 'meds', got {cfg.data.source!r}")
 
 
@@ -192,6 +251,11 @@ def require_kept_codes(con, min_subjects: int, splits: dict) -> None:
         SELECT count(*), coalesce(max(n), 0) FROM (
             SELECT cid, count(DISTINCT subject_id) AS n FROM body JOIN demo USING (subject_id) WHERE split = 'train' GROUP BY cid)
     """).fetchall()[0]
+    refuse_no_codes(n_codes, most, min_subjects, splits)
+
+
+def refuse_no_codes(n_codes: int, most: int, min_subjects: int, splits: dict) -> None:
+    """The error for a run that keeps no code: `n_codes` codes have train subjects, the most common `most` of them."""
     if not n_codes:
         raise DataError(
             f"no train subject has a clinical event (subjects per split: {splits['subjects']}), so no code "
@@ -249,9 +313,9 @@ def not_code_tokens(roles: dict, visit_stats: dict, code_stats: dict) -> dict:
 
 
 def summarize(
-    con,
     events_in: int,
     stats: dict,
+    demo_counts: dict,
     demo_stats: dict,
     visit_stats: dict,
     code_stats: dict,
@@ -263,12 +327,12 @@ def summarize(
 
     Both balance: subjects in = tokenized + dropped by reason, MEDS events in = code tokens +
     `not_code_tokens` by reason, and per source table rows in = rows kept + rows dropped by reason.
+    Takes counts only (`subject_counts`), so the sharded path can pass the sums over its shards.
     """
-    q = lambda sql: con.execute(sql).fetchall()[0][0]
-    n_demo = q("SELECT count(*) FROM demo")
+    n_demo = demo_counts["demo"]
     n_subjects = stats.get("subjects", n_demo)  # OMOP: every person kept, also those without any event
     tokenized = sum(written.per_split.values())
-    no_birth = q("SELECT count(*) FROM demo_t WHERE birth IS NOT NULL AND birth_ok IS NULL")
+    visit_stats = {k: v for k, v in visit_stats.items() if not k.startswith("_")}
     return {
         "subjects": {
             "in": n_subjects,
@@ -278,7 +342,7 @@ def summarize(
                 **({"no_events": n_subjects - n_demo} if n_subjects != n_demo else {}),
                 "no_clinical_events": n_demo - tokenized,
             },
-            "repaired": {"birth_after_first_visit (kept, age unknown)": no_birth},
+            "repaired": {"birth_after_first_visit (kept, age unknown)": demo_counts["no_birth"]},
         },
         "events": {
             "in": events_in,

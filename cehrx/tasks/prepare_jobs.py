@@ -1,0 +1,279 @@
+"""The jobs of the sharded prepare (`prepare_sharded`): per shard `map_shard`, `visit_shard`,
+`tokenize_shard`; once `reduce_codes`, `reduce_vocab`, `finish`.
+
+Each takes the resolved config as a plain dict (it is sent to spawned processes) and the work dir,
+and does nothing when its `done.json` exists. The per-shard steps are those of the single pass
+(`tasks/prepare.py`), run on the shard's subjects; what needs every subject is decided in the reduce
+(`data/shard_merge.py`) from what the shards wrote next to their marker:
+
+    map/<k>/     state.duckdb, meds.parquet (OMOP), code_meta, subject_split, code_counts, values
+    codes/       kept_codes.parquet, edges.parquet
+    visits/<k>/  subjects.parquet (tokenized subjects); done.json: vocabulary inputs, subject counts
+    vocab/       tokens.json (the vocabulary), done.json: first subject of every output file
+    tokens/<k>/  <split>/<n>.parquet (its part of output file n), lengths.parquet, counts.npz
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from omegaconf import DictConfig, OmegaConf
+
+from cehrx.data import duck, shard_merge
+from cehrx.data.duck import literal
+from cehrx.data.omop_to_meds import EVENT_TABLES, OPTIONAL_TABLES
+from cehrx.data.shard_writer import Written, write_parts
+from cehrx.data.sharding import Shard, duckdb_limit, is_done, job, parse_bytes, read_done, worker_threads, write_done
+from cehrx.data.tokenize import Resolver, fetch_ordered, order_visits, token_ids
+from cehrx.data.vocab_build import code_tables, combine_inputs, make_vocab, tokens_from, vocab_inputs
+from cehrx.export.meds import gather_data, write_metadata, write_part
+from cehrx.tasks import prepare as single
+
+# Per shard: the train subjects and events of each code (`tokenize.select_codes` before the threshold).
+CODE_COUNTS = """
+    SELECT k.code, CAST(sum(c.n) AS BIGINT) AS n, count(*) FILTER (WHERE d.split = 'train') AS subjects
+    FROM (SELECT cid, subject_id, count(*) AS n FROM body GROUP BY cid, subject_id) c
+    JOIN demo d USING (subject_id) JOIN code_ids k USING (cid) GROUP BY k.code
+"""
+# Per shard: the train values of every code (`tokenize.learn_value_edges` keeps the kept codes' ones).
+TRAIN_VALUES = """
+    SELECT k.code, b.numeric_value AS value FROM body b JOIN demo d USING (subject_id) JOIN code_ids k USING (cid)
+    WHERE d.split = 'train' AND b.numeric_value IS NOT NULL
+"""
+
+
+def budget(t) -> int:
+    """A worker's memory budget in bytes: `task.memory_budget`, else twice DuckDB's limit."""
+    return parse_bytes(t.get("memory_budget")) or 2 * parse_bytes(t.duckdb.memory_limit)
+
+
+def connection(t, temp: Path, database: Path | None = None):
+    """A job's DuckDB: its share of the worker's memory budget and of the node's cores."""
+    threads = t.duckdb.threads or worker_threads(int(t.get("workers") or 1))
+    return duck.connect(duckdb_limit(budget(t)), threads, temp_dir=temp, database=database)
+
+
+def copy(con, sql: str, path: Path) -> None:
+    con.execute(f"COPY ({sql}) TO {literal(str(path))} (FORMAT parquet)")
+
+
+def source_rows(cfg: DictConfig) -> int:
+    """Rows of the source's event tables (OMOP) or MEDS data files: the data size the shard count follows."""
+    from cehrx.data.meds_source import data_files
+    from cehrx.data.omop_tables import open_omop
+
+    if cfg.data.source == "meds":
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in data_files(Path(str(cfg.data.path)).expanduser()))
+    con = duck.connect(cfg.task.duckdb.memory_limit, cfg.task.duckdb.threads)
+    try:
+        tables = open_omop(con, str(cfg.data.path))
+    finally:
+        con.close()
+    events = ("person", "visit_occurrence", "death") + tuple(s.name for s in EVENT_TABLES)
+    return sum(tables.rows.get(name, 0) for name in events)
+
+
+def map_shard(cfgd: dict, work: str, k: int, shards: int) -> None:
+    """Shard k's subjects, up to their visits: events, splits, MEDS rows, `body` attached to visits;
+    spills its train code counts and values for the reduce, and keeps its database for later jobs."""
+    target = Path(work) / "map" / str(k)
+    if is_done(target):
+        return
+    cfg = OmegaConf.create(cfgd)
+    t = cfg.task
+    with job(target) as tmp:
+        con = connection(t, tmp / ".duckdb_tmp", tmp / "state.duckdb")
+        report: dict = {}
+        stats, events_in = single.read_events(con, cfg, report, Shard(k, shards))
+        splits = single.split_subjects(con, t.splits, bool(stats.get("source_splits")))
+        if cfg.data.source == "omop":
+            write_part(con, tmp / "meds.parquet")
+        copy(con, "SELECT code, description, omop_concept_id, omop_domain FROM code_meta", tmp / "code_meta.parquet")
+        copy(con, "SELECT subject_id, split FROM subject_split", tmp / "subject_split.parquet")
+        demo_stats, visit_stats = single.build_visits(con, cfg, None)
+        copy(con, CODE_COUNTS, tmp / "code_counts.parquet")
+        copy(con, TRAIN_VALUES, tmp / "values.parquet")
+        con.close()
+        shutil.rmtree(tmp / ".duckdb_tmp", ignore_errors=True)
+        done = {"events_in": events_in, "stats": stats, "splits": splits, "demo_stats": demo_stats}
+        write_done(
+            tmp, {**done, "visit_stats": visit_stats, **({"tables": report["tables"]} if "tables" in report else {})}
+        )
+
+
+def reduce_codes(cfgd: dict, work: str, shards: int) -> None:
+    """Refuse a run without events, clinical events or a kept code (as the single pass does); then the
+    kept codes and value deciles of all shards (`shard_merge.reduce_codes`, `reduce_edges`)."""
+    w = Path(work)
+    if is_done(w / "codes"):
+        return
+    cfg = OmegaConf.create(cfgd)
+    t = cfg.task
+    maps = [read_done(w / "map" / str(k)) for k in range(shards)]
+    stats = shard_merge.add_all([m["stats"] for m in maps])
+    single.require(sum(m["events_in"] for m in maps), single.NO_EVENTS.format(path=cfg.data.path), stats)
+    n_body = sum(m["visit_stats"]["_body_events"] for m in maps)
+    single.require(n_body, single.NO_BODY.format(path=cfg.data.path), stats)
+    with job(w / "codes") as tmp:
+        con = connection(t, tmp / ".duckdb_tmp")
+        files = lambda name: [w / "map" / str(k) / name for k in range(shards)]  # noqa: E731
+        codes = shard_merge.reduce_codes(con, files("code_counts.parquet"), int(t.min_subjects), tmp)
+        if not codes["kept"]:
+            splits = shard_merge.merge_splits([m["splits"] for m in maps])
+            single.refuse_no_codes(codes["codes_in_train"], codes["most_train_subjects"], int(t.min_subjects), splits)
+        q = t.quantiles
+        codes["edges"] = shard_merge.reduce_edges(
+            con, files("values.parquet"), int(q.num_bins), int(q.min_values), budget(t) // 2, tmp
+        )
+        con.close()
+        shutil.rmtree(tmp / ".duckdb_tmp", ignore_errors=True)
+        write_done(tmp, codes)
+
+
+def shard_state(t, work: Path, k: int, tmp: Path):
+    """Shard k's database from `map`, in a transaction its caller rolls back, with the global kept codes
+    and value edges on the shard's code numbers; returns (connection, whether it has a rare code)."""
+    con = connection(t, tmp / ".duckdb_tmp", work / "map" / str(k) / "state.duckdb")
+    con.execute("BEGIN TRANSACTION")
+    codes = work / "codes"
+    con.execute(f"""
+        CREATE OR REPLACE TABLE kept_codes AS
+        SELECT c.cid, c.code, k.subjects FROM read_parquet({literal(str(codes / "kept_codes.parquet"))}) k JOIN code_ids c USING (code)
+    """)
+    con.execute(f"""
+        CREATE OR REPLACE TABLE edges AS
+        SELECT e.code, c.cid, e.cuts, e.lo, e.hi FROM read_parquet({literal(str(codes / "edges.parquet"))}) e JOIN code_ids c USING (code)
+    """)
+    rare = con.execute("SELECT (SELECT count(*) FROM code_ids) > (SELECT count(*) FROM kept_codes)").fetchall()[0][0]
+    order_visits(con, [str(x) for x in t.inpatient_visit_types], str(t.day_visit_type), rare_codes=bool(rare))
+    return con, bool(rare)
+
+
+def close(con, tmp: Path) -> None:
+    con.execute("ROLLBACK")
+    con.close()
+    shutil.rmtree(tmp / ".duckdb_tmp", ignore_errors=True)
+
+
+def visit_shard(cfgd: dict, work: str, k: int) -> None:
+    """Shard k's visits in token order: its vocabulary inputs, subject counts and tokenized subjects."""
+    w = Path(work)
+    target = w / "visits" / str(k)
+    if is_done(target):
+        return
+    t = OmegaConf.create(cfgd).task
+    with job(target) as tmp:
+        con, _ = shard_state(t, w, k, tmp)
+        inputs = vocab_inputs(con, int(t.max_gap_days))
+        copy(con, "SELECT subject_id, split FROM demo_t", tmp / "subjects.parquet")
+        counts = single.subject_counts(con)
+        close(con, tmp)
+        write_done(tmp, {"inputs": inputs, "subject_counts": counts})
+
+
+def reduce_vocab(cfgd: dict, work: str, shards: int) -> None:
+    """The vocabulary (`vocab_build.tokens_from` on the combined inputs) and each output file's first subject."""
+    w = Path(work)
+    if is_done(w / "vocab"):
+        return
+    t = OmegaConf.create(cfgd).task
+    inputs = combine_inputs([read_done(w / "visits" / str(k))["inputs"] for k in range(shards)])
+    kept = pq.read_table(w / "codes" / "kept_codes.parquet")
+    kept = list(zip(kept.column("code").to_pylist(), kept.column("subjects").to_pylist()))
+    tokens = tokens_from(inputs, kept, int(t.min_subjects), int(t.quantiles.num_bins), int(t.max_gap_days))
+    subjects = [w / "visits" / str(k) / "subjects.parquet" for k in range(shards)]
+    firsts = shard_merge.file_firsts(subjects, int(t.subjects_per_shard))
+    with job(w / "vocab") as tmp:
+        (tmp / "tokens.json").write_text(json.dumps(tokens) + "\n")
+        write_done(tmp, {"firsts": firsts, "size": len(tokens)})
+
+
+def tokenize_shard(cfgd: dict, work: str, k: int) -> None:
+    """Shard k's tokens, written as its part of every output file, with its train counts and lengths."""
+    w = Path(work)
+    target = w / "tokens" / str(k)
+    if is_done(target):
+        return
+    t = OmegaConf.create(cfgd).task
+    tokens = json.loads((w / "vocab" / "tokens.json").read_text())
+    firsts = read_done(w / "vocab")["firsts"]
+    with job(target) as tmp:
+        con, rare = shard_state(t, w, k, tmp)
+        resolver = Resolver({tok: i for i, tok in enumerate(tokens)})
+        code_ids, cuts, has_cuts = code_tables(con, resolver.index, int(t.quantiles.num_bins))
+        o = fetch_ordered(con, rare_codes=rare)
+        close(con, tmp)
+        ids = token_ids(o, resolver, code_ids, cuts, has_cuts, int(t.max_gap_days))
+        written = write_parts(o, ids, tmp, firsts, len(tokens))
+        np.savez(tmp / "counts.npz", counts=written.counts, subjects=written.subjects)
+        lengths = pa.table({"split": o.split, "subject_id": o.subject_id, "n_tokens": written.lengths})
+        pq.write_table(lengths, tmp / "lengths.parquet")
+        done = {"per_split": written.per_split, "visits_tokenized": len(o.est_us), "events_tokenized": len(o.t_us)}
+        write_done(tmp, {**done, "not_in_vocab": resolver.not_in_vocab})
+
+
+def finish(cfg: DictConfig, work: Path, shards: int, workers: int, tmp: Path) -> dict:
+    """Write the output into `tmp` (the temporary output dir): token files, vocab.json and the MEDS
+    copy; returns the prepare.json report without timings."""
+    t = cfg.task
+    per = lambda stage: [read_done(work / stage / str(k)) for k in range(shards)]  # noqa: E731
+    maps, visits, toks = per("map"), per("visits"), per("tokens")
+    codes, tokens = read_done(work / "codes"), json.loads((work / "vocab" / "tokens.json").read_text())
+    token_dirs = [work / "tokens" / str(k) for k in range(shards)]
+    shard_merge.gather_tokens(token_dirs, read_done(work / "vocab")["firsts"], tmp, max(workers, 2))
+    counts = [np.load(d / "counts.npz") for d in token_dirs]
+    written = Written(
+        per_split=shard_merge.add_all([x["per_split"] for x in toks]),
+        lengths=shard_merge.gather_lengths([d / "lengths.parquet" for d in token_dirs]),
+        counts=sum(c["counts"] for c in counts),
+        subjects=sum(c["subjects"] for c in counts),
+    )
+    con = connection(t, work / ".duckdb_tmp")
+    maps_files = lambda name: shard_merge.files_sql([work / "map" / str(k) / name for k in range(shards)])  # noqa: E731
+    con.execute(f"""CREATE TABLE code_meta AS SELECT code, min(description) AS description, min(omop_concept_id) AS omop_concept_id,
+                    min(omop_domain) AS omop_domain FROM read_parquet({maps_files("code_meta.parquet")}) GROUP BY code""")
+    con.execute(f"CREATE TABLE edges AS FROM read_parquet({literal(str(work / 'codes' / 'edges.parquet'))})")
+    inpatient = [str(x) for x in t.inpatient_visit_types]
+    vocab = make_vocab(con, tokens, written.counts, written.subjects, single.vocab_meta(t, cfg.data.source, inpatient))
+    vocab.save(tmp / "vocab.json")
+    if cfg.data.source == "omop":
+        gather_data(con, [work / "map" / str(k) / "meds.parquet" for k in range(shards)], tmp / "meds" / "data")
+        con.execute(f"CREATE TABLE subject_split AS FROM read_parquet({maps_files('subject_split.parquet')})")
+        write_metadata(con, tmp / "meds", cfg.data.name)
+    con.close()
+    report = merged_report(cfg, maps, visits, toks, codes, written)
+    single.finish_report(report, t, len(vocab), codes["edges"], Counter(vocab.kinds), written.lengths)
+    return report
+
+
+def merged_report(cfg: DictConfig, maps: list, visits: list, toks: list, codes: dict, written: Written) -> dict:
+    """The single pass's prepare.json counts, from the shards' (sums) and the reduce's (rare codes)."""
+    report = single.source_report(cfg)
+    if "tables" in maps[0]:
+        report["tables"] = shard_merge.merge_tables([m["tables"] for m in maps], OPTIONAL_TABLES)
+    report["splits"] = shard_merge.merge_splits([m["splits"] for m in maps])
+    stats = shard_merge.add_all([m["stats"] for m in maps])
+    for key in ("files", "source_splits"):  # the same in every shard, not counts
+        if key in maps[0]["stats"]:
+            stats[key] = maps[0]["stats"][key]
+    not_in_vocab = shard_merge.add_all([x["not_in_vocab"] for x in toks])
+    report.update(
+        single.summarize(
+            sum(m["events_in"] for m in maps),
+            stats,
+            shard_merge.add_all([v["subject_counts"] for v in visits]),
+            shard_merge.add_all([m["demo_stats"] for m in maps]),
+            shard_merge.merge_visits([m["visit_stats"] for m in maps]),
+            {k: codes[k] for k in ("rare_code_events_dropped", "rare_codes_dropped")},
+            {k: sum(x[k] for x in toks) for k in ("visits_tokenized", "events_tokenized")},
+            {"structural_tokens_not_in_vocab": dict(sorted(not_in_vocab.items()))},
+            written,
+        )
+    )
+    return report
