@@ -54,34 +54,72 @@ def train_budget(
 ) -> BudgetResult:
     """Fine-tune a copy of `model` on `train_rows`, early-stopped on `rows["tuning"]`; score `rows["test"]`."""
     f = cfg.finetune
-    settings = {
-        "finetune": OmegaConf.to_container(f, resolve=True),
-        "pooling": str(cfg.probe.pooling),
-        "rows": _digest(train_rows, rows["tuning"], rows["test"]),
-        "trainer": [str(cfg.trainer.accelerator), str(cfg.trainer.precision)],
-    }
-    settings["finetune"].pop("few_shot", None)
-    settings["finetune"].pop("n_boot", None)
-    claim(work, settings, bool(cfg.overwrite))
+    claim(work, budget_settings(cfg, train_rows, rows), bool(cfg.overwrite))
     if (work / RESULT).is_file():
         info = json.loads((work / RESULT).read_text())
         return BudgetResult(train_rows, np.load(work / PREDICTIONS)["probs"], info, work / "checkpoints" / "best.ckpt")
     start = time.perf_counter()
     y = cohort.y
-    n_pos = int(y[train_rows].sum())
-    pos_weight = (len(train_rows) - n_pos) / max(n_pos, 1) if str(f.class_weight) == "balanced" else 1.0
-    classifier = SequenceClassifier(copy.deepcopy(model).train(), str(cfg.probe.pooling))
+    train_dl = loader(
+        LabelledHistories(cohort.hist, y, train_rows), int(f.batch_tokens), shuffle=True, seed=int(f.seed)
+    )
+    tune_dl = loader(LabelledHistories(cohort.hist, y, rows["tuning"]), int(f.batch_tokens), shuffle=False)
+    module = build_module(
+        f, model, str(cfg.probe.pooling), y[train_rows], head, int(f.epochs) * len(train_dl.batch_sampler)
+    )
+    monitor = "val_auroc" if 0 < y[rows["tuning"]].sum() < len(rows["tuning"]) else "val_loss"
+    trainer, ckpt = build_trainer(cfg, work, monitor, len(train_dl.batch_sampler))
+    last = work / "checkpoints" / "last.ckpt"
+    trainer.fit(module, train_dl, tune_dl, ckpt_path=str(last) if last.is_file() else None)
+    best = Path(ckpt.best_model_path or last)
+    module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+    test_dl = loader(LabelledHistories(cohort.hist, y, rows["test"]), int(f.batch_tokens), shuffle=False)
+    order, logits = predict_logits(module.classifier, test_dl, _device(str(cfg.trainer.accelerator)))
+    probs = np.empty(len(order))
+    probs[np.searchsorted(rows["test"], order)] = module.probabilities(logits)
+    info = {
+        "best_epoch": _best_epoch(best),
+        "best_val": float(ckpt.best_model_score) if ckpt.best_model_score is not None else float("nan"),
+        "monitor": monitor,
+        "epochs_run": int(trainer.current_epoch),
+        "pos_weight": float(module.pos_weight),
+        "lr": module.lr,
+        "parameters": parameter_counts(module.classifier),
+        "seconds": round(time.perf_counter() - start, 1),
+        "train_tokens_per_epoch": int(cohort.hist.lengths()[train_rows].sum()),
+        "head_init": "probe" if head is not None else "zeros",
+    }
+    with atomic_file(work / PREDICTIONS) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, probs=probs)
+    write_text(work / RESULT, json.dumps(info, indent=2) + "\n")  # last: its presence means the budget is done
+    return BudgetResult(train_rows, probs, info, best)
+
+
+def budget_settings(cfg: DictConfig, train_rows: np.ndarray, rows: dict) -> dict:
+    """What a budget's checkpoints depend on: a work dir made with other settings is not resumed."""
+    f = OmegaConf.to_container(cfg.finetune, resolve=True)
+    for key in ("few_shot", "n_boot", "progress"):  # what changes no weight
+        f.pop(key, None)
+    return {
+        "finetune": f,
+        "pooling": str(cfg.probe.pooling),
+        "rows": _digest(train_rows, rows["tuning"], rows["test"]),
+        "trainer": [str(cfg.trainer.accelerator), str(cfg.trainer.precision)],
+    }
+
+
+def build_module(f, model, pooling: str, y_train: np.ndarray, head, steps: int) -> FinetuneModule:
+    """A fresh copy of the pretrained model with its head (from the probe when given), LoRA if asked."""
+    n_pos = int(y_train.sum())
+    pos_weight = (len(y_train) - n_pos) / max(n_pos, 1) if str(f.class_weight) == "balanced" else 1.0
+    classifier = SequenceClassifier(copy.deepcopy(model).train(), pooling)
     if head is not None:
         classifier.init_head(head[0], head[1] + math.log(pos_weight))  # the weighted loss's optimum sits log(w) higher
     if str(f.method) == "lora":
         apply_lora(classifier, int(f.lora.rank), float(f.lora.alpha), float(f.lora.dropout), str(f.lora.targets))
-    budget = int(f.batch_tokens)
-    seed = int(f.seed)
-    train_dl = loader(LabelledHistories(cohort.hist, y, train_rows), budget, shuffle=True, seed=seed)
-    tune_dl = loader(LabelledHistories(cohort.hist, y, rows["tuning"]), budget, shuffle=False)
-    steps = int(f.epochs) * len(train_dl.batch_sampler)
     lr = float(f.lr if f.lr is not None else (1e-3 if str(f.method) == "lora" else 1e-4))
-    module = FinetuneModule(
+    return FinetuneModule(
         classifier,
         lr=lr,
         head_lr=float(f.head_lr),
@@ -90,7 +128,11 @@ def train_budget(
         total_steps=steps,
         pos_weight=pos_weight,
     )
-    monitor = "val_auroc" if 0 < y[rows["tuning"]].sum() < len(rows["tuning"]) else "val_loss"
+
+
+def build_trainer(cfg: DictConfig, work: Path, monitor: str, steps_per_epoch: int) -> tuple[L.Trainer, ModelCheckpoint]:
+    """One device (the trainer group's accelerator and precision), best and last checkpoints, early stopping."""
+    f = cfg.finetune
     mode = "max" if monitor == "val_auroc" else "min"
     ckpt = ModelCheckpoint(
         dirpath=work / "checkpoints",
@@ -102,7 +144,7 @@ def train_budget(
         enable_version_counter=False,
     )
     stop = EarlyStopping(monitor=monitor, mode=mode, patience=int(f.patience))
-    L.seed_everything(seed, workers=True, verbose=False)
+    L.seed_everything(int(f.seed), workers=True, verbose=False)
     trainer = L.Trainer(
         accelerator=str(cfg.trainer.accelerator),
         devices=1,
@@ -115,34 +157,10 @@ def train_budget(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         gradient_clip_val=1.0,
-        log_every_n_steps=max(1, min(10, len(train_dl.batch_sampler))),
+        log_every_n_steps=max(1, min(10, steps_per_epoch)),
         use_distributed_sampler=False,
     )
-    last = work / "checkpoints" / "last.ckpt"
-    trainer.fit(module, train_dl, tune_dl, ckpt_path=str(last) if last.is_file() else None)
-    best = Path(ckpt.best_model_path or last)
-    module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
-    test_dl = loader(LabelledHistories(cohort.hist, y, rows["test"]), budget, shuffle=False)
-    order, logits = predict_logits(module.classifier, test_dl, _device(str(cfg.trainer.accelerator)))
-    probs = np.empty(len(order))
-    probs[np.searchsorted(rows["test"], order)] = module.probabilities(logits)
-    info = {
-        "best_epoch": _best_epoch(best),
-        "best_val": float(ckpt.best_model_score) if ckpt.best_model_score is not None else float("nan"),
-        "monitor": monitor,
-        "epochs_run": int(trainer.current_epoch),
-        "pos_weight": pos_weight,
-        "lr": lr,
-        "parameters": parameter_counts(module.classifier),
-        "seconds": round(time.perf_counter() - start, 1),
-        "train_tokens_per_epoch": int(cohort.hist.lengths()[train_rows].sum()),
-        "head_init": "probe" if head is not None else "zeros",
-    }
-    with atomic_file(work / PREDICTIONS) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, probs=probs)
-    write_text(work / RESULT, json.dumps(info, indent=2) + "\n")  # last: its presence means the budget is done
-    return BudgetResult(train_rows, probs, info, best)
+    return trainer, ckpt
 
 
 def _device(accelerator: str) -> torch.device:
