@@ -76,19 +76,19 @@ def cache_is_fresh(prepared_dir: str | Path, split: str, cache_dir: str | Path) 
 def build_cache(prepared_dir: str | Path, split: str, cache_dir: str | Path, vocab: Vocab) -> Path:
     """Flatten a split's shards into `.npy` arrays (+ `[VS]` positions) under `cache_dir/<split>`.
 
-    Written to a temporary sibling and renamed, so concurrent ranks or a crash never leave a
-    half-written cache that looks complete. Returns the split's cache directory.
+    Streamed shard file by shard file (`shards.save_split`), so memory stays bounded whatever the
+    split's size. Written to a temporary sibling and renamed, so concurrent ranks or a crash never leave
+    a half-written cache that looks complete. Returns the split's cache directory.
     """
     prepared_dir, cache_dir = Path(prepared_dir), Path(cache_dir)
     target = cache_dir / split
     if cache_is_fresh(prepared_dir, split, cache_dir):
         return target
-    arrays = shards.load_split(prepared_dir, split)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".{split}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        arrays.save(tmp)
-        np.save(tmp / "visit_starts.npy", np.flatnonzero(arrays.tokens == vocab[VS]).astype(np.int64))
+        arrays = shards.save_split(prepared_dir, split, tmp)  # streamed: a batch of subjects in memory at a time
+        save_visit_starts(arrays.tokens, vocab[VS], tmp / "visit_starts.npy")
         meta = {"format": CACHE_FORMAT, "split": split, "subjects": len(arrays), "tokens": int(len(arrays.tokens))}
         (tmp / _CACHE_META).write_text(json.dumps(meta) + "\n")
         if target.exists():  # stale (or built meanwhile by another rank): replace it
@@ -100,8 +100,21 @@ def build_cache(prepared_dir: str | Path, split: str, cache_dir: str | Path, voc
         shutil.rmtree(tmp, ignore_errors=True)
         if not cache_is_fresh(prepared_dir, split, cache_dir):  # not a lost race: a real error
             raise
-    log.info("cached split %s: %d subjects, %d tokens -> %s", split, len(arrays), len(arrays.tokens), target)
+        return target
+    log.info("cached split %s: %d subjects, %d tokens -> %s", split, meta["subjects"], meta["tokens"], target)
     return target
+
+
+def save_visit_starts(tokens: np.ndarray, vs: int, path: Path, chunk: int = 1 << 24) -> None:
+    """`np.flatnonzero(tokens == vs)` saved as .npy, in chunks of memory-mapped tokens (count, then fill)."""
+    n = sum(int(np.count_nonzero(tokens[a : a + chunk] == vs)) for a in range(0, len(tokens), chunk))
+    out = np.lib.format.open_memmap(path, "w+", np.int64, (n,))
+    at = 0
+    for a in range(0, len(tokens), chunk):
+        found = np.flatnonzero(tokens[a : a + chunk] == vs) + a
+        out[at : at + len(found)] = found
+        at += len(found)
+    out.flush()
 
 
 # --------------------------------------------------------------------------------------------

@@ -130,6 +130,41 @@ def arrays_from_table(table: pa.Table) -> TokenArrays:
     )
 
 
+ARRAY_NAMES = ("subject_id", "offsets", "tokens", "times", "birth_time")
+
+
+def save_split(prepared_dir: str | Path, split: str, directory: str | Path, batch_rows: int = 1024) -> TokenArrays:
+    """A split's shards as the `.npy` files of `TokenArrays.save`, streamed: memory holds `batch_rows`
+    subjects at a time, whatever the split's size. The sizes come first from the `n_tokens` column; then
+    each batch is flattened into its place in memory-mapped files. Returns the arrays, memory-mapped."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    paths = shard_paths(prepared_dir, split)
+    lengths = [pq.read_table(p, columns=["n_tokens"]).column(0).to_numpy().astype(np.int64) for p in paths]
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    n, total = len(lengths), int(offsets[-1])
+    out = {
+        "subject_id": np.lib.format.open_memmap(d / "subject_id.npy", "w+", np.int64, (n,)),
+        "tokens": np.lib.format.open_memmap(d / "tokens.npy", "w+", np.int32, (total,)),
+        "times": np.lib.format.open_memmap(d / "times.npy", "w+", np.int64, (total,)),
+        "birth_time": np.lib.format.open_memmap(d / "birth_time.npy", "w+", np.int64, (n,)),
+    }
+    np.save(d / "offsets.npy", offsets)
+    row = 0
+    for p in paths:
+        for batch in pq.ParquetFile(p).iter_batches(batch_size=batch_rows, columns=list(SHARD_SCHEMA.names)):
+            part = arrays_from_table(pa.Table.from_batches([batch]))
+            a, b = row, row + len(part)
+            out["subject_id"][a:b], out["birth_time"][a:b] = part.subject_id, part.birth_time
+            out["tokens"][offsets[a] : offsets[b]], out["times"][offsets[a] : offsets[b]] = part.tokens, part.times
+            row = b
+    for m in out.values():
+        m.flush()
+    del out
+    return TokenArrays.load_npy(d)
+
+
 def prompt_ids(
     vocab: Vocab, start_times: np.ndarray, birth_times: np.ndarray, gender_ids: np.ndarray, race_ids: np.ndarray
 ) -> np.ndarray:

@@ -30,7 +30,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from cehrx.data.atomic import recover
 from cehrx.data.sharding import (
+    DONE,
     choose_shards,
     claim_plan,
     fingerprint,
@@ -128,7 +130,9 @@ def reduce(cfg: DictConfig, cfgd: dict, work: Path, shards: int) -> dict:
 
 
 def pending(work: Path, stage: str, shards: int) -> list[int]:
-    """The shards whose `stage` job has no marker yet."""
+    """The shards whose `stage` job has no marker yet; what killed jobs of the stage left is removed."""
+    for k in range(shards):
+        recover(work / stage / str(k), DONE)
     return [k for k in range(shards) if not is_done(work / stage / str(k))]
 
 

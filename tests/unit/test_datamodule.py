@@ -225,3 +225,23 @@ def test_sampler_resumes_mid_epoch(dm: PretrainDataModule) -> None:
     full = list(PackedBatchSampler(dm.train_set))
     resumed = list(PackedBatchSampler(dm.train_set, skip_fn=lambda: 3))
     assert resumed == full[3:]
+
+
+def test_cache_is_streamed_and_equals_the_loaded_split(synthetic_prepared, tmp_path) -> None:
+    """`build_cache` flattens a split a batch of subjects at a time; the arrays are those of `load_split`."""
+    from cehrx.data.datamodule import build_cache, save_visit_starts
+    from cehrx.data.shards import TokenArrays, save_split
+    from cehrx.data.vocab import VS, Vocab
+
+    vocab = Vocab.load(synthetic_prepared)
+    for split in ("train", "tuning"):
+        ref = load_split(synthetic_prepared, split)
+        small = save_split(synthetic_prepared, split, tmp_path / f"{split}_by3", batch_rows=3)
+        cached = TokenArrays.load_npy(build_cache(synthetic_prepared, split, tmp_path / "cache", vocab))
+        for arrays in (small, cached):
+            for name in ("subject_id", "offsets", "tokens", "times", "birth_time"):
+                assert np.array_equal(getattr(arrays, name), getattr(ref, name)), (split, name)
+        starts = np.load(tmp_path / "cache" / split / "visit_starts.npy")
+        assert np.array_equal(starts, np.flatnonzero(ref.tokens == vocab[VS]))
+        save_visit_starts(ref.tokens, vocab[VS], tmp_path / "vs.npy", chunk=7)  # chunk edges inside the data
+        assert np.array_equal(np.load(tmp_path / "vs.npy"), starts)
