@@ -172,3 +172,25 @@ def test_failed_job_reports_the_cehrx_error_and_exits_non_zero(slurm, tmp_path: 
     assert len(job_logs(out)) == 1, proc.stderr[-3000:]
     (log,) = job_logs(out)
     assert re.search(r"^cehrx: error: .*missing", log.read_text(), re.M), log.read_text()[-2000:]
+
+
+def test_sharded_prepare_as_an_array_of_shard_jobs_then_the_reduce(slurm, tmp_path: Path) -> None:
+    """`task.shard=range(0,N)` maps one shard per SLURM job into the one output; `task.stage=reduce`
+    finishes it. The output is the single pass's, byte for byte (README "prepare at any size")."""
+    from tests.conftest import shared_data
+    from tests.integration.test_prepare_sharded import assert_same_output
+
+    src = shared_data("omop_eunomia_gibleed/parquet")
+    out = tmp_path / "sharded"
+    common = ("task=prepare", "data=gibleed", f"data.path={src}", "task.shards=3")
+    proc = cehrx(*LAUNCH, *common, "task.shard=range(0,3)", f"output_dir={out}", env=slurm, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len({p.parent.name for p in job_logs(out)}) == 3, "three SLURM jobs, one per shard"
+    assert sorted(p.name for p in (tmp_path / ".sharded.shards" / "map").iterdir()) == ["0", "1", "2"]
+    proc = cehrx(*common, "task.stage=reduce", f"output_dir={out}", env=slurm, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = cehrx(
+        "task=prepare", "data=gibleed", f"data.path={src}", f"output_dir={tmp_path / 'single'}", env=slurm, cwd=tmp_path
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert_same_output(tmp_path / "single", out)
