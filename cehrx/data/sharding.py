@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import resource
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +123,10 @@ def job(job_dir: Path) -> Iterator[Path]:
 
 
 def write_done(tmp: Path, result: dict) -> None:
-    (tmp / DONE).write_text(json.dumps(result, indent=1, default=_jsonable) + "\n")
+    """The job's marker: its result, and the peak RSS of its process so far (a pool worker runs several
+    jobs: an upper bound for this one), which the benchmark holds to the memory budget."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    (tmp / DONE).write_text(json.dumps({**result, "peak_rss_mib": round(peak)}, indent=1, default=_jsonable) + "\n")
 
 
 def _jsonable(x):
