@@ -2,18 +2,42 @@
 
 A requeued or killed run restarts from its checkpoint; Lightning's CSV logger would delete the
 first run's `metrics.csv` and drop the rows it had not flushed. `ResumableCSVLogger` appends,
-`FlushLogsAtCheckpoint` flushes whenever a checkpoint is written.
+`FlushLogsAtCheckpoint` flushes whenever a checkpoint is written, and `wandb_run_id` gives a
+resumed run the Weights & Biases run id of the run it continues (`configs/logger/wandb.yaml`).
 """
 
 from __future__ import annotations
 
 import csv
+import uuid
+from pathlib import Path
 
 import lightning as L
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(log_dir: str | Path, resuming: bool, write: bool = True) -> str:
+    """The W&B run id for a run logging into `log_dir`: the one stored there when `resuming`, else a new one.
+
+    With `resume: allow` (the wandb logger config) a resumed or requeued run then continues the same
+    W&B run (offline too: `wandb sync` joins the pieces), while a run that starts over (a fresh start,
+    `overwrite=true`) opens a new one: W&B drops steps lower than a run's last, so a restarted run
+    logged into the old id would lose its curve. `write` (rank 0) stores a new id in `log_dir`.
+    """
+    path = Path(log_dir) / WANDB_ID_FILE
+    if resuming and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:16]
+    if write:
+        from cehrx.data.atomic import write_text
+
+        write_text(path, run_id + "\n")
+    return run_id
 
 
 class FlushLogsAtCheckpoint(Callback):

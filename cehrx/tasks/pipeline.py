@@ -21,7 +21,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from cehrx.errors import CehrxError
-from cehrx.tasks.scaffold import OUTPUTS, is_finished
+from cehrx.tasks.scaffold import OUTPUTS, is_finished, recover_output
 from cehrx.tasks.summary import print_summary
 
 log = logging.getLogger("cehrx")
@@ -38,6 +38,9 @@ def stage_dirs(root: Path) -> dict[str, Path]:
 
 
 def is_done(stage: str, out: Path) -> bool:
+    """The stage's output is finished (after settling what a killed run left: a stage killed between
+    the two renames of its output counts as done, as it is)."""
+    recover_output(stage, out)
     return is_finished(stage, out)
 
 

@@ -41,8 +41,8 @@ from cehrx.data.atomic import write_text
 from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
 from cehrx.model.export import MODEL_SUBDIR, checkpoint_step, export_checkpoint
-from cehrx.model.logs import FlushLogsAtCheckpoint, ResumableCSVLogger  # noqa: F401 (ResumableCSVLogger: the old config target)
-from cehrx.tasks.scaffold import guard, is_finished
+from cehrx.model.logs import FlushLogsAtCheckpoint, ResumableCSVLogger, wandb_run_id  # noqa: F401 (ResumableCSVLogger: the old config target)
+from cehrx.tasks.scaffold import guard, is_finished, recover_output
 
 CKPT_SUBDIR = "checkpoints"
 
@@ -73,7 +73,8 @@ def resolve_ckpt_path(value: str | None, output_dir: Path) -> str | None:
     """`last` / `best` -> `<output_dir>/checkpoints/<name>.ckpt`; any other value is a path. Must exist.
 
     `auto` resumes from `last.ckpt` when there is one and starts afresh otherwise: what a SLURM
-    job needs, since its requeued copy runs the very same command line.
+    job needs, since its requeued copy runs the very same command line. Starting afresh, `run`
+    removes what a run killed before its first `last.ckpt` left (a `best.ckpt`, logs).
     """
     if value in (None, "", "null"):
         return None
@@ -104,18 +105,25 @@ def check_inputs(prepared_dir: Path) -> Path:
     return vocab
 
 
-def guard_output(out: Path, overwrite: bool, resuming: bool) -> None:
-    """Refuse to clobber a finished model or an unfinished run's checkpoints without overwrite=true."""
+def guard_output(out: Path, overwrite: bool, resuming: bool, restart: bool = False) -> None:
+    """Refuse to clobber a finished model or an unfinished run's checkpoints without overwrite=true.
+
+    `restart` (`ckpt_path=auto` with no `last.ckpt`): the checkpoints there are of a run killed
+    before it wrote one (a `best.ckpt` comes at the first validation, `last.ckpt` only every
+    `callbacks.last.every_n_train_steps`): nothing to resume, so they go, as with overwrite.
+    A fresh start also drops the logs of a run that left no checkpoint (the appending CSV logger
+    would otherwise log its steps twice)."""
     guard("pretrain", out, overwrite)
+    if resuming:
+        return
     ckpts = out / CKPT_SUBDIR
-    if not resuming and ckpts.is_dir() and any(ckpts.iterdir()):
-        if not overwrite:
-            raise CehrxError(
-                f"{ckpts} holds checkpoints of an earlier run: resume with ckpt_path=last, or pass overwrite=true to start over"
-            )
-        if rank_zero_only.rank == 0:
-            for sub in (CKPT_SUBDIR, "logs"):
-                shutil.rmtree(out / sub, ignore_errors=True)
+    if ckpts.is_dir() and any(ckpts.iterdir()) and not (overwrite or restart):
+        raise CehrxError(
+            f"{ckpts} holds checkpoints of an earlier run: resume with ckpt_path=last, or pass overwrite=true to start over"
+        )
+    if rank_zero_only.rank == 0:
+        for sub in (CKPT_SUBDIR, "logs"):
+            shutil.rmtree(out / sub, ignore_errors=True)
 
 
 def fill_vocab_size(cfg: DictConfig, vocab: Vocab, vocab_path: Path) -> None:
@@ -148,20 +156,34 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     prepared = Path(cfg.data.prepared_dir)
     vocab_path = check_inputs(prepared)
     out = Path(cfg.output_dir)
+    if rank_zero_only.rank == 0:
+        recover_output("pretrain", out)  # a model export killed between its two renames
     if cfg.get("ckpt_path") == "auto" and is_finished("pretrain", out) and not cfg.overwrite:
         print(f"cehrx: {out} already holds a finished model; nothing to resume (ckpt_path=auto)")
         return json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
-    guard_output(out, bool(cfg.overwrite), resuming=ckpt_path is not None)
+    resuming = ckpt_path is not None
+    guard_output(out, bool(cfg.overwrite), resuming, restart=cfg.get("ckpt_path") == "auto")
     vocab = Vocab.load(vocab_path)
     fill_vocab_size(cfg, vocab, vocab_path)
     L.seed_everything(int(cfg.seed), workers=True)
+    set_wandb_run_id(cfg, out, resuming)
     if rank_zero_only.rank == 0:
         write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     datamodule, module, trainer = build(cfg, vocab, out / CKPT_SUBDIR / "last.ckpt")
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return finish(cfg, trainer, module, datamodule, time.perf_counter() - start, vocab_path)
+
+
+def set_wandb_run_id(cfg: DictConfig, out: Path, resuming: bool) -> None:
+    """`logger=wandb` with no `logger.id`: a resumed run continues the W&B run of the run it resumes
+    (`cehrx.model.logs.wandb_run_id`, with `resume: allow`); a fresh start (or overwrite) opens a new one."""
+    logger = cfg.get("logger") or {}
+    if str(logger.get("_target_", "")).rsplit(".", 1)[-1] != "WandbLogger" or logger.get("id"):
+        return
+    with open_dict(cfg):
+        cfg.logger.id = wandb_run_id(out / "logs", resuming, write=rank_zero_only.rank == 0)
 
 
 def build(cfg: DictConfig, vocab: Vocab, final_ckpt: Path) -> tuple[Any, Any, L.Trainer]:
@@ -196,10 +218,14 @@ def finish(
     for lg in trainer.loggers:
         lg.log_metrics({"val/unigram_ppl": metrics["unigram_ppl"]}, step=metrics["global_step"])
         lg.save()
+        if type(lg).__name__ == "WandbLogger":  # close the W&B run: a later run in this process opens its own
+            lg.experiment.finish()
+    # metrics.json first: the export holds the marker (model/config.json), so a run killed in between
+    # is not finished and the rerun (ckpt_path=auto) validates and exports again
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     export_checkpoint(
         source, out / MODEL_SUBDIR, vocab_path, train_config=cfg, overwrite=True, info={"metrics": metrics}
     )
-    write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     _report(metrics, out)
     return metrics
 

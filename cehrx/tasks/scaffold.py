@@ -5,6 +5,9 @@ The rules every task follows, and the pipeline relies on:
 
 - **Refuse to clobber**: a finished output is replaced only with `overwrite=true`; `guard` checks
   it before the expensive part, `task_output` again when the result is in place.
+- **Recover first**: what a killed run of the same output left behind is settled before anything
+  looks at the output (`recover_output`, called by `guard`): its temporaries are removed and, when
+  the kill fell between the two renames of an overwrite, the finished output is put back in place.
 - **Appear at once**: the task writes into a temporary sibling (`cehrx.data.atomic.atomic_dir`),
   which replaces `output_dir` only when the block succeeds, with the resolved `config.yaml`.
 - **The marker is the summary**: `write_marker` writes the task's result JSON as the marker, last.
@@ -23,7 +26,7 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from cehrx.data.atomic import atomic_dir
+from cehrx.data.atomic import atomic_dir, recover
 from cehrx.errors import CehrxError
 from cehrx.model.export import MARKER as MODEL_MARKER
 from cehrx.model.export import MODEL_SUBDIR
@@ -54,8 +57,29 @@ def is_finished(task: str, out: str | Path) -> bool:
     return (Path(out) / marker(task)).is_file()
 
 
+def output_target(task: str, out: str | Path) -> tuple[Path, str]:
+    """The directory that `atomic_dir` writes for `task` and its marker's name inside it: `out` itself,
+    or the marker's folder (pretrain: `<out>/model`, whose export is the atomic part)."""
+    m = Path(marker(task))
+    return Path(out) / m.parent, m.name
+
+
+def recover_output(task: str, out: str | Path) -> dict[str, int]:
+    """Clean up after a killed run of `task` into `out` (`cehrx.data.atomic.recover`): remove its
+    temporaries and, if the kill fell between the two renames of an overwrite, put the finished
+    output (new, else old) back in place. Without it a rerun would see no output and start over,
+    and a finished output would be deleted as a stale temporary."""
+    target, name = output_target(task, out)
+    target = target.resolve()
+    if not target.parent.is_dir():
+        return {"restored": 0, "promoted": 0, "removed": 0}
+    return recover(target, name)
+
+
 def guard(task: str, out: str | Path, overwrite: bool) -> None:
-    """Fail before the expensive part when `out` already holds a finished output of `task`."""
+    """Fail before the expensive part when `out` already holds a finished output of `task`
+    (after `recover_output`: an output left hidden by a killed run counts)."""
+    recover_output(task, out)
     if is_finished(task, out) and not overwrite:
         raise CehrxError(
             f"{out} already holds a finished {task} output ({marker(task)}); pass overwrite=true to replace it"

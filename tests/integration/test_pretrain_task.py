@@ -196,3 +196,74 @@ def test_ddp_spawn_two_processes_on_cpu(prepared: Path, tmp_path: Path) -> None:
     n_targets = sum(int((dm.val_set[(0, b)]["labels"] != -100).sum()) for b in range(len(dm.val_set.plan(0).batches)))
     assert metrics["val/tokens"] == n_targets
     load_pretrained(out)
+
+
+def test_auto_restarts_a_run_killed_before_its_first_last_ckpt(prepared: Path, tmp_path: Path) -> None:
+    """A run killed after its first validation (best.ckpt) but before its first last.ckpt: `ckpt_path=auto`,
+    the SLURM requeue's command line, has nothing to resume and starts over (it used to refuse the leftovers)."""
+    out = tmp_path / "run"
+    common = ("trainer.max_steps=2", "trainer.val_check_interval=1", "ckpt_path=auto", "task.module.warmup_steps=1")
+    first = run(cfg_for(prepared, out, *common))
+    for p in (out / "checkpoints" / "last.ckpt", out / "metrics.json"):  # the state of a kill after step 1's best.ckpt
+        p.unlink()
+    shutil.rmtree(out / "model")
+    assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "logs" / "metrics.csv").is_file()
+    again = run(cfg_for(prepared, out, *common))
+    assert again["global_step"] == 2 and again["val/loss"] == first["val/loss"]
+    import csv
+
+    with (out / "logs" / "metrics.csv").open() as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("val/loss")]
+    assert len(steps) == len(set(steps)), "the killed run's rows are not logged twice"
+
+
+def test_the_model_export_is_written_last(prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that dies after training but before its metrics.json is not finished (model/config.json, the
+    marker, comes last), so `ckpt_path=auto` completes it instead of calling it finished without metrics."""
+    import cehrx.tasks.pretrain as pt
+    from cehrx.tasks.scaffold import is_finished
+
+    out = tmp_path / "run"
+    real = pt.write_text
+
+    def dies_at_metrics(path, text):
+        if Path(path).name == "metrics.json":
+            raise KeyboardInterrupt("killed")
+        return real(path, text)
+
+    monkeypatch.setattr(pt, "write_text", dies_at_metrics)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_for(prepared, out, "trainer.max_steps=2", "ckpt_path=auto"))
+    assert not is_finished("pretrain", out), "a finished-looking output without metrics.json"
+    monkeypatch.setattr(pt, "write_text", real)
+    metrics = run(cfg_for(prepared, out, "trainer.max_steps=2", "ckpt_path=auto"))
+    assert metrics["global_step"] == 2 and json.loads((out / "metrics.json").read_text()) == metrics
+    assert is_finished("pretrain", out)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_its_wandb_run(prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """logger=wandb (offline): a resume logs into the run id of the run it resumes; a fresh start gets a new id."""
+    pytest.importorskip("wandb")
+    for key, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": str(tmp_path / "wandb_home"),
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
+    out = tmp_path / "run"
+    common = ("logger=wandb", "callbacks=none", "task.module.warmup_steps=1")
+
+    def run_ids() -> list[str]:
+        return sorted({p.name.rsplit("-", 1)[-1] for p in (out / "wandb").glob("offline-run-*")})
+
+    run(cfg_for(prepared, out, "trainer.max_steps=2", *common))
+    (first,) = run_ids()
+    shutil.rmtree(out / "model")
+    run(cfg_for(prepared, out, "trainer.max_steps=4", "ckpt_path=last", *common))
+    assert run_ids() == [first], "the resumed run logged into the same W&B run"
+    assert (out / "config.yaml").read_text().count(f"id: {first}") == 1
+    run(cfg_for(prepared, out, "trainer.max_steps=2", "overwrite=true", *common))
+    assert len(run_ids()) == 2, "starting over opens a new run"

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -10,7 +15,7 @@ from omegaconf import OmegaConf
 
 from cehrx.errors import CehrxError
 from cehrx.tasks import pipeline
-from cehrx.tasks.scaffold import OUTPUTS, guard, is_finished, task_output, write_marker
+from cehrx.tasks.scaffold import OUTPUTS, guard, is_finished, output_target, task_output, write_marker
 
 
 def test_task_output_appears_finished_with_its_config_or_not_at_all(tmp_path: Path) -> None:
@@ -33,7 +38,19 @@ def test_task_output_appears_finished_with_its_config_or_not_at_all(tmp_path: Pa
 
 
 def test_the_pipeline_takes_its_stages_from_the_task_outputs(tmp_path: Path) -> None:
-    assert pipeline.STAGES == tuple(OUTPUTS) == ("prepare", "pretrain", "probe", "zeroshot", "generate", "evaluate")
+    assert (
+        pipeline.STAGES
+        == tuple(OUTPUTS)
+        == (
+            "prepare",
+            "pretrain",
+            "probe",
+            "finetune",
+            "zeroshot",
+            "generate",
+            "evaluate",
+        )
+    )
     assert (
         pipeline.stage_dirs(tmp_path)["pretrain"] == tmp_path / "model"
         and OUTPUTS["pretrain"].marker == "model/config.json"
@@ -50,3 +67,47 @@ def test_no_library_module_imports_the_cli() -> None:
         and re.search(r"^\s*(from cehrx.cli |import cehrx.cli)", p.read_text(), re.M)
     ]
     assert offenders == []
+
+
+# An overwrite killed by SIGKILL between its two renames: `target -> .old-*` done, `.tmp-* -> target` not.
+KILLED_BETWEEN_RENAMES = textwrap.dedent("""
+    import os, signal, sys
+    from cehrx.data import atomic as A
+    target, marker = sys.argv[1], sys.argv[2]
+    real = os.replace
+    def replace(a, b):
+        real(a, b)
+        os.kill(os.getpid(), signal.SIGKILL)
+    A.os.replace = replace
+    with A.atomic_dir(target, marker, overwrite=True) as tmp:
+        (tmp / marker).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / marker).write_text('{"run": "new"}')
+""")
+
+
+def killed_between_renames(task: str, out: Path) -> Path:
+    """A finished `task` output in `out`, then an overwrite of it killed between the renames."""
+    target, name = output_target(task, out)
+    target.mkdir(parents=True)
+    (target / name).write_text('{"run": "old"}')
+    proc = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(target), name])
+    assert proc.returncode == -signal.SIGKILL and not target.exists(), "the finished output is hidden"
+    return target / name
+
+
+@pytest.mark.parametrize("task", ["probe", "pretrain"])
+def test_a_rerun_finds_the_output_an_overwrite_killed_between_its_renames_left(tmp_path: Path, task: str) -> None:
+    """`guard` settles the killed run first: the finished output is back in place before any work starts
+    (it was invisible, so a rerun recomputed everything and then refused to replace the output it found)."""
+    out = tmp_path / "out"
+    marker = killed_between_renames(task, out)
+    with pytest.raises(CehrxError, match=f"already holds a finished {task} output"):
+        guard(task, out, overwrite=False)
+    assert json.loads(marker.read_text()) == {"run": "new"}
+    assert [p.name for p in marker.parent.parent.iterdir()] == [marker.parent.name], "no temporary left"
+
+
+def test_the_pipeline_skips_a_stage_whose_output_a_killed_overwrite_left_hidden(tmp_path: Path) -> None:
+    out = tmp_path / "probe"
+    killed_between_renames("probe", out)
+    assert pipeline.is_done("probe", out) and is_finished("probe", out)
