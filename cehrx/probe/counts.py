@@ -90,23 +90,26 @@ def window_counts(tokens: np.ndarray, offsets: np.ndarray, vocab_size: int) -> s
 
 
 def baseline_features(
-    kinds, prepared: Path, kept: pa.Table, hist, vocab_size: int, select: np.ndarray, min_labels: int
+    kinds, prepared: Path, kept: pa.Table, hist, vocab_size: int, select: np.ndarray | None, min_labels: int
 ) -> tuple[dict, dict]:
     """The count baselines' feature matrices by name (`counts`: log1p code counts + age, `counts_hgb`:
     raw counts for gradient boosting, `counts_window`: log1p counts of the model's own window tokens).
 
     Columns are kept when non-zero in at least `min_labels` of the `select` rows' histories: the
-    training rows only, so the test split never chooses a feature.
+    training rows only, so the test split never chooses a feature. `select=None` keeps every column,
+    for a caller that chooses them per fold (`column_selector`).
     """
     from cehrx.probe.labels import meds_dir_for
 
     features, info = {}, {}
     if {"counts", "counts_hgb"} & set(kinds):
         counts, names = count_features(meds_dir_for(prepared), kept)
-        common = frequent_columns(counts, select, min_labels)
-        common[-2:] = True  # age columns
-        counts = counts[:, np.flatnonzero(common)]
-        info = {"codes": len(names) - 2, "columns_kept": int(common.sum())}
+        info = {"codes": len(names) - 2}
+        if select is not None:
+            common = frequent_columns(counts, select, min_labels)
+            common[-2:] = True  # age columns
+            counts = counts[:, np.flatnonzero(common)]
+            info["columns_kept"] = int(common.sum())
         if "counts" in kinds:
             logc = counts.copy()
             logc.data = np.log1p(logc.data)
@@ -115,7 +118,8 @@ def baseline_features(
             features["counts_hgb"] = counts
     if "counts_window" in kinds:
         win = window_counts(hist.tokens, hist.offsets, vocab_size)
-        win = win[:, np.flatnonzero(frequent_columns(win, select, min_labels))]
+        if select is not None:
+            win = win[:, np.flatnonzero(frequent_columns(win, select, min_labels))]
         win.data = np.log1p(win.data)
         features["counts_window"] = win
     return features, info
@@ -124,3 +128,17 @@ def baseline_features(
 def frequent_columns(X: Any, rows: np.ndarray, min_labels: int) -> np.ndarray:
     """bool per column: non-zero in at least `min_labels` of the given (training) rows' histories."""
     return np.asarray((X[rows] != 0).sum(0)).ravel() >= min_labels
+
+
+def column_selector(name: str, X: Any, min_labels: int):
+    """`rows -> column indices` for baseline `name` on features from `baseline_features(select=None)`:
+    the columns non-zero in at least `min_labels` of those (training) rows, plus the age columns of
+    `counts` / `counts_hgb`. Cross-fitting calls it per fold, so a fold's test rows never choose a column."""
+    always = np.zeros(X.shape[1], dtype=bool)
+    if name in ("counts", "counts_hgb"):
+        always[-2:] = True  # AGE_COLUMN, AGE_UNKNOWN
+
+    def columns(rows: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(frequent_columns(X, rows, min_labels) | always)
+
+    return columns

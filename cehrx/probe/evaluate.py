@@ -3,8 +3,13 @@
 - **split** (default when the held-out split has enough of both classes): fit on the prepared
   data's `train` + `tuning` subjects (regularisation chosen by CV there), score on `held_out`.
 - **cv**: when `held_out` is too small to score (the 100-patient MIMIC-IV demo), subject-grouped
-  stratified K-fold cross-fitting over all labels; every label is scored by a model that never
-  saw its subject.
+  stratified K-fold cross-fitting over the labels of train, tuning and the test split; every label
+  is scored by a model that never saw its subject. It scores `train` subjects, whose timelines the
+  model was pretrained on: `scored_rows` counts them, and the task reports the test split's rows apart.
+  With `split=tuning` the held_out labels take no part (never a classifier's training row).
+
+Count baselines choose their columns per fold, on the fold's training rows (`cross_fit`'s
+`columns`), so no test history decides a feature.
 
 Few-shot: train on k labels sampled from the training rows (stratified, at least one of each
 class), `repeats` times with different seeds, scored on the same test rows.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -64,9 +70,11 @@ def choose_protocol(
         raise ValueError(f"probe.evaluation must be auto | split | cv, got {mode!r}")
     from sklearn.model_selection import StratifiedGroupKFold
 
-    k = max(2, min(n_folds, int(y.sum()), int((~y).sum()), len(np.unique(groups))))
+    rows = np.sort(np.concatenate([train, test]))  # split=tuning: held_out never enters, not even cross-fitted
+    yr, gr = y[rows], groups[rows]
+    k = max(2, min(n_folds, int(yr.sum()), int((~yr).sum()), len(np.unique(gr))))
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    return Protocol("cv", [(a, b) for a, b in cv.split(np.zeros(len(y)), y, groups)])
+    return Protocol("cv", [(rows[a], rows[b]) for a, b in cv.split(np.zeros(len(rows)), yr, gr)])
 
 
 def scored_rows(split: np.ndarray, y: np.ndarray, groups: np.ndarray, protocol: Protocol) -> dict[str, int]:
@@ -89,15 +97,29 @@ def scored_rows(split: np.ndarray, y: np.ndarray, groups: np.ndarray, protocol: 
 
 
 def cross_fit(
-    X, y: np.ndarray, groups: np.ndarray, protocol: Protocol, kind: str, seed: int
+    X,
+    y: np.ndarray,
+    groups: np.ndarray,
+    protocol: Protocol,
+    kind: str,
+    seed: int,
+    columns: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[dict]]:
-    """Out-of-sample P(y=1) for every test row (NaN elsewhere) and the classifier info per fold."""
+    """Out-of-sample P(y=1) for every test row (NaN elsewhere) and the classifier info per fold.
+
+    `columns(train_rows)`: the feature columns a fold may use, chosen on its training rows only
+    (count baselines: `cehrx.probe.counts.column_selector`); recorded as the fold's `columns`."""
     probs = np.full(len(y), np.nan)
     infos = []
     for train, test in protocol.folds:
         info: dict = {}
+        Xf = X
+        if columns is not None:
+            cols = columns(train)
+            Xf = X[:, cols]
+            info["columns"] = len(cols)
         probs[test] = fit_predict(
-            _rows(X, train), y[train], _rows(X, test), seed=seed, kind=kind, groups=groups[train], info=info
+            _rows(Xf, train), y[train], _rows(Xf, test), seed=seed, kind=kind, groups=groups[train], info=info
         )
         infos.append(info)
     return probs, infos

@@ -42,7 +42,7 @@ from cehrx.model.export import load_pretrained, random_init_like
 from cehrx.model.export import model_dir as resolve_model_dir
 from cehrx.probe import labels as L
 from cehrx.probe.cohort import build_cohort
-from cehrx.probe.counts import baseline_features
+from cehrx.probe.counts import baseline_features, column_selector
 from cehrx.probe.embed import POOLINGS
 from cehrx.probe.evaluate import (
     Protocol,
@@ -124,38 +124,52 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
     protocol = choose_protocol(
         split, y, sid, str(p.evaluation), int(p.min_test_class), int(p.cv_folds), seed, test_split
     )
-    # count columns are chosen on training histories only (split: the train rows; cv: every row trains some fold)
-    select = protocol.folds[0][0] if protocol.mode == "split" else np.arange(len(y))
+    # count columns are chosen per fold on that fold's training histories (cross_fit's `columns`)
     t0 = time.perf_counter()
-    counts, count_info = baseline_features(
-        p.baselines or [], prepared, kept, hist, len(vocab), select, int(p.min_code_labels)
-    )
+    min_code_labels = int(p.min_code_labels)
+    counts, count_info = baseline_features(p.baselines or [], prepared, kept, hist, len(vocab), None, min_code_labels)
+    selectors = {name: column_selector(name, X, min_code_labels) for name, X in counts.items()}
     features |= counts
     timings["count_features"] = _lap(t0)
 
     t0 = time.perf_counter()
     methods, curves, fs = {}, {}, {}
     test = protocol.test_rows
+    on_split = test[split[test] == test_split]  # the requested split's rows (all of `test` unless cross-fitted)
+    split_only: dict[str, Any] = {}
     for name, X in features.items():
         kind = "hgb" if name == "counts_hgb" else "logistic"
-        probs, infos = cross_fit(X, y, sid, protocol, kind, seed)
+        probs, infos = cross_fit(X, y, sid, protocol, kind, seed, columns=selectors.get(name))
+        if name in selectors:
+            count_info.setdefault("columns_kept", {})[name] = [i["columns"] for i in infos]
         m = binary_metrics(y[test], probs[test], sid[test], n_boot=int(p.n_boot), seed=seed)
         m["classifier"] = infos
         methods[name] = m
         curves[name] = (y[test], probs[test])
+        if protocol.mode != "split":
+            split_only[name] = _split_metrics(y[on_split], probs[on_split], sid[on_split], int(p.n_boot), seed)
         kept_test = kept.take(pa.array(test))
-        path = write_predictions(
+        write_predictions(
             tmp / "predictions" / f"{name}.parquet",
             sid[test],
             kept_test.column("prediction_time"),
             y[test],
             probs[test],
         )
-        if name == "probe":
-            (tmp / "predictions.parquet").write_bytes(path.read_bytes())
+        if (
+            name == "probe"
+        ):  # the deliverable (MEDS-DEV): the requested split's labels only, never a pretraining subject's
+            write_predictions(
+                tmp / "predictions.parquet",
+                sid[on_split],
+                kept.take(pa.array(on_split)).column("prediction_time"),
+                y[on_split],
+                probs[on_split],
+            )
         if kind == "logistic" and p.few_shot and name in ("probe", "random_init", "counts"):
+            X_fs = X[:, selectors[name](protocol.folds[0][0])] if name in selectors else X
             curve = few_shot(
-                X, y, sid, protocol, list(p.few_shot), int(p.few_shot_repeats), kind, seed, all_probs=probs
+                X_fs, y, sid, protocol, list(p.few_shot), int(p.few_shot_repeats), kind, seed, all_probs=probs
             )
             if curve:  # none under cross-fitting
                 fs[name] = curve
@@ -166,14 +180,27 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
     result["labels"]["thinned"] = cohort.thinned
     result["feature_cache"] = embedder.report()
     result["count_features"] = count_info
+    result["split"] = test_split
+    result["scored"]["split"] = test_split
+    result["scored"]["by_split"] = {s: int((split[test] == s).sum()) for s in ("train", "tuning", "held_out")}
+    result["warnings"] = []
+    if protocol.mode != "split":
+        result["split_only"] = {
+            "split": test_split,
+            "labels": len(on_split),
+            "positives": int(y[on_split].sum()),
+            "methods": split_only,
+        }
     if result["scored"]["pretraining_labels"]:
-        log.warning(
-            "%d of the %d scored labels are of subjects in the pretraining split (%s cross-fitting): the model saw "
-            "their outcomes, so the probe's metrics are optimistic against random init and counts",
-            result["scored"]["pretraining_labels"],
-            result["scored"]["labels"],
-            result["evaluation"],
+        warning = (
+            f"{result['scored']['pretraining_labels']} of the {result['scored']['labels']} labels the metrics "
+            f"rest on are of subjects in the `train` split the model was pretrained on ({result['evaluation']} "
+            f"cross-fitting, since split={test_split} is too small to score): the model saw their outcomes, so "
+            f"`methods` is optimistic against random init and counts; `split_only` scores the {len(on_split)} "
+            f"{test_split} labels alone, and predictions.parquet holds only those"
         )
+        result["warnings"].append(warning)
+        log.warning(warning)
     result["random_init_seeds"] = random_init_summary(methods, seed)
     result["paired"] = paired_comparisons(curves, sid[test], int(p.n_boot), seed)
     pq.write_table(kept.append_column("split", pa.array(split.astype(str))), tmp / "labels.parquet")
@@ -181,6 +208,13 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
         tmp, report_title(source), {k: v for k, v in methods.items()}, curves, sections=report_sections(result)
     )
     return result
+
+
+def _split_metrics(y: np.ndarray, p: np.ndarray, sid: np.ndarray, n_boot: int, seed: int) -> dict | None:
+    """Metrics on the requested split's rows of a cross-fit; None when they hold one class only."""
+    if len(y) == 0 or y.all() or not y.any():
+        return None
+    return binary_metrics(y, p, sid, n_boot=n_boot, seed=seed)
 
 
 def random_init_name(k: int) -> str:
@@ -311,6 +345,17 @@ def report_sections(result: dict) -> dict[str, str]:
             f"- **note**: {sc['pretraining_labels']} scored labels ({sc['pretraining_subjects']} subjects) are from the `train` split "
             "the model was pretrained on; it saw their whole timelines, outcomes included, which favours the pretrained "
             "embedding over random init and the count baselines"
+        )
+    only = result.get("split_only")
+    if only:
+        shown = [
+            f"{name} {m['auroc']['value']:.3f} [{m['auroc']['ci_low']:.3f}, {m['auroc']['ci_high']:.3f}]"
+            for name, m in only["methods"].items()
+            if m is not None
+        ]
+        rows.append(
+            f"- {only['split']} labels alone ({only['labels']}, {only['positives']} positive; predictions.parquet holds "
+            f"these only): AUROC " + ("; ".join(shown) if shown else "not defined (one class)")
         )
     rows.append(
         f"- histories: up to {result['history']['max_len']} tokens ({result['history']['mean_tokens']:.0f} on average), "
