@@ -30,7 +30,7 @@ from cehrx.probe.labels import times_seconds
 from tests.conftest import compose_cfg
 from tests.integration.test_probe_task import BLEED, NSAID, RISK, write_meds_fixture
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("leakage")]  # one module fixture, one worker
 
 TASK = "gibleed_after_nsaid"
 PROBE = ("probe.n_boot=20", "probe.few_shot=[]", "probe.progress=false", "probe.min_code_labels=2")
