@@ -9,6 +9,7 @@ the dir once the output is in place.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from cehrx.data.atomic import write_parquet, write_text
@@ -16,17 +17,32 @@ from cehrx.data.shards import TokenArrays
 from cehrx.data.workdir import claim_work_dir
 from cehrx.generate.patients import shard_table
 
-__all__ = ["SHARDS", "STATS", "Partial"]
+__all__ = ["SHARDS", "STATS", "Partial", "drop_if_finished", "partial_dir"]
 
 SHARDS = Path("tokens") / "train"
 STATS = "shard_stats"
+
+
+def partial_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def drop_if_finished(out: Path, finished: bool) -> bool:
+    """Remove the partial dir of a finished output: a run killed between putting the output in place and
+    removing the partial leaves it behind, and no later run (refused: the output is finished) would.
+    Its shards are hard-linked into the output, so only disk is freed."""
+    path = partial_dir(out)
+    if finished and path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+    return False
 
 
 class Partial:
     """`.<name>.partial/` beside the output: finished shards and their stats, reused on restart."""
 
     def __init__(self, out: Path, settings: dict, overwrite: bool) -> None:
-        self.dir = out.parent / f".{out.name}.partial"
+        self.dir = partial_dir(out)
         claim_work_dir(self.dir, settings, overwrite, what="generate")  # settings.json: resume only the same run
         (self.dir / SHARDS).mkdir(parents=True, exist_ok=True)
         (self.dir / STATS).mkdir(parents=True, exist_ok=True)

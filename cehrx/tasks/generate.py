@@ -43,7 +43,7 @@ from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
 from cehrx.generate.concepts import read_source_info
 from cehrx.generate.omop_writer import write_omop
-from cehrx.generate.partial import SHARDS, Partial
+from cehrx.generate.partial import SHARDS, Partial, drop_if_finished
 from cehrx.generate.patients import (
     DROP_REASONS,
     TRUNCATED_KEY,
@@ -58,7 +58,7 @@ from cehrx.model.export import model_dir as resolve_model_dir
 from cehrx.sampling import STOP_NAMES, Engine, SamplingConfig
 from cehrx.sampling.constraints import Grammar
 from cehrx.tasks.inputs import prepared_dir_for
-from cehrx.tasks.scaffold import guard, task_output, write_marker
+from cehrx.tasks.scaffold import guard, is_finished, recover_output, task_output, write_marker
 
 # ------------------------------------------------------------------------ settings
 
@@ -236,6 +236,8 @@ def sample_all(job: ShardJob, work: Partial, console: Console) -> tuple[list[dic
 def run(cfg: DictConfig) -> dict:
     g = cfg.generate
     out = Path(str(cfg.output_dir))
+    recover_output("generate", out)
+    drop_if_finished(out, is_finished("generate", out))
     guard("generate", out, bool(cfg.overwrite))
     check_options(g)
     console = Console(stderr=True)

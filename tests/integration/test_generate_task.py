@@ -193,3 +193,18 @@ def test_prepared_dir_of_another_data_set_falls_back_to_the_models(trained: tupl
     cfg.data.prepared_dir = str(other)
     report = generate.run(cfg)
     assert Path(report["settings"]["prepared_dir"]) == prepared.resolve()
+
+
+def test_a_finished_output_drops_its_leftover_partial_dir(tmp_path: Path) -> None:
+    """A kill between putting the output in place and removing `.<name>.partial` left the partial dir for
+    good (every later run is refused before cleaning): the next run removes it, then refuses as before."""
+    from cehrx.tasks.generate import run
+
+    out = tmp_path / "synthetic"
+    out.mkdir()
+    (out / "generate.json").write_text("{}\n")
+    partial = tmp_path / ".synthetic.partial"
+    (partial / "tokens" / "train").mkdir(parents=True)
+    with pytest.raises(CehrxError, match="overwrite=true"):
+        run(compose_cfg("task=generate", f"output_dir={out}"))
+    assert not partial.exists() and (out / "generate.json").is_file()
