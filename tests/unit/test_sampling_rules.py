@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,60 +15,11 @@ from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
 from cehrx.model.config import GPTConfig
 from cehrx.model.transformer import GPT
-from cehrx.sampling import STOP_DEATH, STOP_END, STOP_TIME, STOP_TOKENS, Engine, SamplingConfig
+from cehrx.sampling import STOP_DEATH, STOP_END, STOP_TIME, STOP_TOKENS, SamplingConfig
 from cehrx.sampling.constraints import Grammar
 
-ENDS_OPEN = "sequence ends inside a visit or after a gap"  # a budget stop may cut a visit
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Micro-model steps are tiny: on a loaded 2-core machine, torch's second thread only spins."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def vocab(synthetic_prepared: Path) -> Vocab:
-    return Vocab.load(synthetic_prepared)
-
-
-@pytest.fixture(scope="module")
-def histories(synthetic_prepared: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Real sequences cut after 4..60 tokens: bare demographic prompts and histories that end
-    anywhere, inside visits included (as zero-shot cuts them)."""
-    arr = load_split(synthetic_prepared, "train")
-    rng = np.random.default_rng(0)
-    lens = np.minimum(arr.lengths(), rng.integers(4, 61, len(arr)))
-    lens[::5] = 4
-    toks = np.concatenate([arr.tokens[o : o + n] for o, n in zip(arr.offsets[:-1], lens)])
-    return toks.astype(np.int64), np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-
-
-def micro(vocab: Vocab, seed: int = 0, max_seq_len: int = 256) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=len(vocab), n_layer=2, n_embd=64, n_head=2, max_seq_len=max_seq_len)).eval()
-
-
-def full_sequences(s, toks: np.ndarray, offs: np.ndarray) -> list[np.ndarray]:
-    return [np.concatenate([toks[offs[p] : offs[p + 1]], s.sequence(i)]) for i, p in enumerate(s.prompt_index)]
-
-
-def sample(
-    model: GPT,
-    vocab: Vocab,
-    toks: np.ndarray,
-    offs: np.ndarray,
-    cfg: SamplingConfig,
-    *,
-    stop_ids=None,
-    watch_ids=None,
-    **kw,
-):
-    """One engine, one call."""
-    return Engine(model, vocab, cfg, stop_ids=stop_ids, watch_ids=watch_ids).sample(toks, offs, **kw)
+# the fixtures and helpers of the engine tests, shared
+from tests.unit.test_sampling import ENDS_OPEN, full_sequences, histories, micro, one_thread, sample, vocab  # noqa: E402,F401
 
 
 def test_constrained_samples_always_follow_the_grammar(vocab: Vocab, histories: tuple[np.ndarray, np.ndarray]) -> None:
