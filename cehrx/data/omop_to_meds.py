@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import duckdb
 
-from cehrx.data.duck import as_timestamp, count_reasons, given, quote, reading, tag_reasons
+from cehrx.data.duck import END_OF_DAY, as_timestamp, count_reasons, given, quote, reading, tag_reasons
 from cehrx.data.omop_tables import OmopTables
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,6 @@ CONCEPT_REASONS = (
     ("unparsable_concept_id", "concept_id IS NULL AND concept_given"),
     ("concept_0", "coalesce(concept_id, 0) = 0"),
 )
-END_OF_DAY = "INTERVAL '23 hours 59 minutes 59 seconds'"
 
 
 def time_reasons(what: str = "date") -> tuple[tuple[str, str], ...]:

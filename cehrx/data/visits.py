@@ -4,7 +4,9 @@
 2. An event whose visit id names an existing visit of the same subject belongs to it.
 3. Otherwise it goes to a visit of that subject whose dates cover the event's date
    (the latest one starting no later than the event).
-4. Otherwise it goes to a "day visit" that groups the subject's orphan events of that day.
+4. Otherwise it goes to a "day visit" that groups the subject's orphan events of that day. A day
+   visit starts at its first event and ends at 23:59:59 of its day (not at its last event), so its
+   `[VE]` never tells a prediction time inside that day whether more events follow that day.
 
 Produces `body(subject_id, time, cid, numeric_value, trank, vkey)`, the source visits `allv_src` and
 the day visits `dayv`; a visit is identified by (subject_id, vkey).
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import duckdb
 
-from cehrx.data.duck import literal
+from cehrx.data.duck import END_OF_DAY, literal
 
 # Fixed order of tables inside a visit at equal times (then code), for deterministic sequences.
 TABLE_ORDER = (
@@ -197,7 +199,7 @@ def attach_events(con: duckdb.DuckDBPyConnection) -> dict:
     source visit, which is all the vkey is used for (with subject_id), so day visits need no
     numbering pass and no join back to their events.
     Produces `body(subject_id, time, cid, numeric_value, trank, vkey, how)`,
-    `allv_src` (source visits) and `dayv` (day visits); drops src_visits.
+    `allv_src` (source visits) and `dayv` (day visits: first event to 23:59:59 of the day); drops src_visits.
     """
     con.execute("""
         CREATE OR REPLACE TABLE allv_src AS
@@ -230,9 +232,13 @@ def attach_events(con: duckdb.DuckDBPyConnection) -> dict:
         LEFT JOIN cover c ON c.eid = b.rowid
     """)
     con.execute("DROP TABLE cover")
-    con.execute("""
+    # A day visit ends at the end of its day (23:59:59), not at its last event: a prediction time inside
+    # that day must not learn from [VE] whether more events follow that day. `greatest` keeps the end no
+    # earlier than an event inside the day's last second (23:59:59.5).
+    con.execute(f"""
         CREATE OR REPLACE TABLE dayv AS
-        SELECT subject_id, vkey, min(time) AS vstart, max(time) AS vend FROM body WHERE how = 2 GROUP BY subject_id, vkey
+        SELECT subject_id, vkey, min(time) AS vstart, greatest(max(time), CAST(CAST(min(time) AS DATE) AS TIMESTAMP) + {END_OF_DAY}) AS vend
+        FROM body WHERE how = 2 GROUP BY subject_id, vkey
     """)
     hows = dict(con.execute("SELECT how, count(*) FROM body GROUP BY how").fetchall())
     attached = {name: hows[i] for i, name in enumerate(("visit_id", "covering_visit", "day_visit")) if hows.get(i)}

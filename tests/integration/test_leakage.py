@@ -191,12 +191,10 @@ def test_future_visits_change_no_zeroshot_prediction(world: Planted, with_future
     assert len(np.unique(hazard)) > 10, "the predictions depend on the histories"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a day visit (events with no visit) ends at its last event (cehrx/data/visits.py, dayv: max(time)), so "
-    "its [VE] at a prediction time says whether more events follow that day; ending day visits at 23:59:59 fixes it",
-)
 def test_later_events_on_the_prediction_day_change_no_history(world: Planted) -> None:
+    """Events added later on the prediction's own day, between the prediction time and 23:59:59, change no
+    history: a day visit (events with no visit) ends at 23:59:59 of its day, not at its last event, so its
+    `[VE]` at a prediction time inside that day never says whether more events follow that day."""
     later = {s: t + (dt.datetime.combine(t.date(), dt.time(23, 59, 59)) - t) / 2 for s, t in world.label_times()}
     rows = [(s, t, "LOINC/2") for s, t in later.items()]  # halfway to the end of the prediction's day
     same_day = prepare(add_events(world.meds, world.root / "meds_same_day", rows), world.root / "prepared_same_day")

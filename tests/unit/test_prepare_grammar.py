@@ -358,6 +358,10 @@ def test_meds_source_visits_from_code_patterns(tmp_path):
         "[DEATH]",
     ]
     assert times[tokens.index("[VE]")] == T(2100, 1, 3, 15)
+    # the 2100-02-01 diagnosis has no visit: a day visit from its event to 23:59:59 of its day, not to its last event
+    day_visit = tokens.index("VISIT//OP") - 1
+    assert times[day_visit] == T(2100, 2, 1, 8) and times[len(tokens) - 3] == T(2100, 2, 1, 23, 59, 59)
+    assert times[-1] == T(2100, 2, 5, 8), "D4 and [DEATH]: 4 days from the day visit's end, at the death's time"
 
 
 def test_meds_errors_name_the_file(tmp_path):
