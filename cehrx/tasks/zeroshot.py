@@ -18,8 +18,12 @@ Output (`output_dir`; the finished dir appears at once, `metrics.json` marks it 
                           both estimators (`estimators`: mc and hazard, and their paired difference)
     report.md, roc.png    the report format `probe` writes
     trajectories/<j>.parquet   sample j of every label as MEDS rows (zeroshot.write_trajectories)
-    chunks/               per-chunk results: an interrupted run resumes from them
+    chunks/               per-chunk results (hard links of the run's work/chunks)
     config.yaml           the resolved config
+
+While it runs, the chunks are made in `output_dir/work/chunks` (`claim_chunks`, `data/workdir.claim_work_dir`):
+an interrupted run resumes from them. A finished output holds no `work/`, so `overwrite=true` starts its
+work there and leaves the finished output, its `chunks/` included, whole until the new one replaces it.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
 from cehrx.sampling import Engine
 from cehrx.tasks.inputs import prepared_dir_for
-from cehrx.tasks.scaffold import guard, task_output, write_marker
+from cehrx.tasks.scaffold import guard, is_finished, task_output, write_marker
 from cehrx.zeroshot.labels import labels_from, sample_labels, select_split
 from cehrx.zeroshot.outcome import Outcome, resolve_outcome
 from cehrx.zeroshot.predict import (
@@ -65,6 +69,9 @@ from cehrx.zeroshot.report import compare_estimators, details, futures_summary, 
 
 log = logging.getLogger("cehrx.zeroshot")
 
+WORK = "work"  # `output_dir/work`: the chunks while the run is not finished (see the module doc)
+RECAL_DIR = "recalibration"
+
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Labels -> histories -> sampled futures -> probabilities -> predictions, metrics, report."""
@@ -72,6 +79,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     out = Path(cfg.output_dir)
     guard("zeroshot", out, bool(cfg.overwrite))
+    work = out / WORK
+    if not is_finished("zeroshot", out):
+        adopt_earlier_chunks(out, work)
     zc = cfg.zeroshot
     zcfg = ZeroshotConfig.from_mapping(
         OmegaConf.to_container(zc, resolve=True), OmegaConf.to_container(cfg.sampling, resolve=True)
@@ -87,16 +97,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fp = fingerprint(
         run_identity(cfg, vocab, outcome, prepared, split, zcfg), labels
     )  # the chunks hold both estimators
-    resumed = claim_chunks(out, fp, bool(cfg.overwrite))
+    resumed = claim_chunks(work, fp, bool(cfg.overwrite))  # overwrite: starts `work` over, not the finished output
     if resumed:
-        print(f"zeroshot: resuming, {resumed} chunk(s) already done in {out / CHUNK_DIR}", file=sys.stderr)
+        print(f"zeroshot: resuming, {resumed} chunk(s) already done in {work / CHUNK_DIR}", file=sys.stderr)
     engine = zeroshot_engine(model, vocab, zcfg, outcome)
     start = time.perf_counter()
-    results = run_chunks(engine, arrays, labels, outcome, zcfg, out, progress=bool(zc.get("progress", True)))
+    results = run_chunks(engine, arrays, labels, outcome, zcfg, work, progress=bool(zc.get("progress", True)))
     seconds = time.perf_counter() - start
     recal = None
     if bool(zc.get("recalibrate", False)):
-        recal = recalibration(cfg, engine, arrays, split_of, all_labels, outcome, zcfg, out, fp)
+        recal = recalibration(cfg, engine, arrays, split_of, all_labels, outcome, zcfg, work, fp)
     facts = {
         "task": OmegaConf.select(cfg, "probe.task"),
         "label_source": label_source,
@@ -109,7 +119,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "resumed_chunks": resumed,
         "label_sample": sample_info,
     }
-    return finish(cfg, out, vocab, outcome, labels, results, zcfg, facts, recal)
+    return finish(cfg, work, vocab, outcome, labels, results, zcfg, facts, recal)
+
+
+def adopt_earlier_chunks(out: Path, work: Path) -> None:
+    """An unfinished output of an earlier version kept its chunks in `output_dir/chunks` (and
+    `recalibration/chunks`): move them into `work`, so such an interrupted run still resumes."""
+    for rel in (Path(CHUNK_DIR), Path(RECAL_DIR) / CHUNK_DIR):
+        if (out / rel).is_dir() and not (work / rel).exists():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(out / rel, work / rel)
 
 
 def load_model(cfg: DictConfig, zcfg: ZeroshotConfig) -> tuple[Any, Any, Vocab]:
@@ -160,9 +179,6 @@ def run_identity(
     }
 
 
-RECAL_DIR = "recalibration"
-
-
 def recalibration(
     cfg: DictConfig,
     engine: Engine,
@@ -171,20 +187,20 @@ def recalibration(
     table: pa.Table,
     outcome: Outcome,
     zcfg: ZeroshotConfig,
-    out: Path,
+    work: Path,
     fp: str,
 ) -> dict[str, Any]:
     """Platt scaling of the chosen estimator, fitted on zero-shot predictions for the tuning split's labels
-    (sampled as the test labels are, in `<output_dir>/recalibration/chunks`, resumable): on the logit of
+    (sampled as the test labels are, in `<work>/recalibration/chunks`, resumable): on the logit of
     the raw probability, a weighted logistic regression gives `sigmoid(a * logit(p) + b)`. The model's
     own probabilities stay in `details.parquet` (`probability_uncalibrated`)."""
     from sklearn.linear_model import LogisticRegression
 
     zc = cfg.zeroshot
     labels, info = sampled_labels(zc, zcfg, select_split(table, arrays.subject_id, split_of, "tuning"))
-    work = out / RECAL_DIR
-    claim_chunks(work, fingerprint({"test_run": fp, "split": "tuning"}, labels), bool(cfg.overwrite))
-    res = run_chunks(engine, arrays, labels, outcome, zcfg, work, progress=bool(zc.get("progress", True)))
+    tuning_work = work / RECAL_DIR
+    claim_chunks(tuning_work, fingerprint({"test_run": fp, "split": "tuning"}, labels), bool(cfg.overwrite))
+    res = run_chunks(engine, arrays, labels, outcome, zcfg, tuning_work, progress=bool(zc.get("progress", True)))
     ok = res.column("has_history").to_numpy(zero_copy_only=False).astype(bool)
     rows = res.column("label_row").to_numpy()[ok]
     p = finalize_probabilities(res.filter(pa.array(ok)), zcfg.estimator)[0]
@@ -264,7 +280,7 @@ def scored(results: pa.Table, labels: LabelInputs, zcfg: ZeroshotConfig, recal: 
 
 def finish(
     cfg: DictConfig,
-    out: Path,
+    work: Path,
     vocab: Vocab,
     outcome: Outcome,
     labels: LabelInputs,
@@ -273,9 +289,10 @@ def finish(
     facts: dict[str, Any],
     recal: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write predictions, details, metrics and the report into a finished output dir."""
+    """Write predictions, details, metrics and the report into a finished output dir, with the chunks of `work`."""
     from cehrx.eval.metrics import binary_metrics
 
+    out = Path(cfg.output_dir)
     sc = scored(results, labels, zcfg, recal)
     n_boot = int(cfg.zeroshot.get("n_boot", 1000))
     if recal is not None:
@@ -300,8 +317,8 @@ def finish(
         metrics["estimators"] = compare_estimators(sc.estimates, sc.kept, sc.y, sc.sid, sc.weight, n_boot, zcfg.seed)
     if recal is not None:
         metrics["recalibration"] = recal
-    with task_output(cfg, "zeroshot", overwrite=True) as tmp:  # its chunks already live in out: guarded in run()
-        write_outputs(tmp, out, sc, labels, outcome, zcfg, facts, metrics, summary, recal)
+    with task_output(cfg, "zeroshot") as tmp:  # replaces `out` (and so `work`) once complete
+        write_outputs(tmp, work, sc, labels, outcome, zcfg, facts, metrics, summary, recal)
     auroc = metrics["auroc"]
     print(
         f"zeroshot: AUROC {auroc['value']:.3f} [{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}] on {metrics['n']} labels "
@@ -313,7 +330,7 @@ def finish(
 
 def write_outputs(
     tmp: Path,
-    out: Path,
+    work: Path,
     sc: Scored,
     labels: LabelInputs,
     outcome: Outcome,
@@ -323,7 +340,7 @@ def write_outputs(
     summary: dict[str, Any],
     recal: dict[str, Any] | None,
 ) -> None:
-    """predictions, details, trajectories, report, metrics.json, then the chunks, into `tmp`."""
+    """predictions, details, trajectories, report, metrics.json, then the chunks of `work`, into `tmp`."""
     from cehrx.eval.predictions import write_predictions
     from cehrx.eval.report import write_report
 
@@ -334,7 +351,7 @@ def write_outputs(
         tmp / "details.parquet",
     )
     if zcfg.write_trajectories:
-        write_trajectories(out, tmp / "trajectories", zcfg.num_samples)
+        write_trajectories(work, tmp / "trajectories", zcfg.num_samples)
     kind = f"zero-shot{' random-init' if facts['random_init'] else ''} ({zcfg.num_samples} futures"
     raw_metrics = metrics.get("estimators") or {zcfg.estimator: recal["uncalibrated"] if recal else metrics}
     shown = {f"{kind}, {e})": raw_metrics[e] for e in sc.estimates}
@@ -353,9 +370,9 @@ def write_outputs(
     write_marker(tmp, "zeroshot", metrics)
     # last: the chunks go with the finished run as hard links, so a kill before the final rename
     # leaves them in place for the rerun (a move would leave them in a temporary dir)
-    shutil.copytree(out / CHUNK_DIR, tmp / CHUNK_DIR, copy_function=os.link)
-    if (out / RECAL_DIR).is_dir():
-        shutil.copytree(out / RECAL_DIR, tmp / RECAL_DIR, copy_function=os.link)
+    shutil.copytree(work / CHUNK_DIR, tmp / CHUNK_DIR, copy_function=os.link)
+    if (work / RECAL_DIR).is_dir():
+        shutil.copytree(work / RECAL_DIR, tmp / RECAL_DIR, copy_function=os.link)
 
 
 def _mtime(d: Path) -> float:

@@ -5,7 +5,8 @@ Per stage, against an uninterrupted run of the same command (the reference):
 - while killed, nothing half-written looks finished: the marker is absent, or the output is complete;
 - the rerun's output equals the reference (token shards, predictions and metrics compared by content);
 - the rerun leaves no temporary (`.<name>.tmp-*`, `.<name>.old-*`) of the killed run behind;
-- a kill during `overwrite=true` never leaves no output: after `recover` a finished output is there.
+- a kill during `overwrite=true` never leaves no output: after `recover` a finished output is there, whole
+  (zero-shot's chunks included: the new run works in `work/`, beside them).
 
 One micro model for the module; the tests share it, so they run on one xdist worker (`xdist_group`).
 """
@@ -204,6 +205,9 @@ def content(stage: str, out: Path) -> dict[str, Any]:
     for name in ("predictions.parquet", "details.parquet"):
         if (out / name).is_file():
             found[name] = tables([out / name])
+    if stage == "zeroshot":  # the finished output's chunks: the work a later run can resume from, whole
+        found["chunks"] = tables(list((out / "chunks").glob("*.parquet")))
+        found["manifest"] = json.loads((out / "chunks" / "manifest.json").read_text())
     return found
 
 
@@ -270,7 +274,7 @@ KILL_FILES = {
     "prepare": [".{o}.tmp-*/tokens/train/*.parquet", ".{o}.tmp-*/tokens/held_out/*.parquet"],
     "pretrain": ["{o}/checkpoints/last.ckpt"],  # the first, at step 8 of 24
     "probe": [".{o}.tmp-*/features.parquet", ".{o}.tmp-*/predictions/probe.parquet"],
-    "zeroshot": ["{o}/chunks/1.parquet", "{o}/chunks/2.parquet"],
+    "zeroshot": ["{o}/work/chunks/1.parquet", "{o}/work/chunks/2.parquet"],
     "generate": [".{o}.partial/shard_stats/1.json", ".{o}.partial/shard_stats/2.json"],
     "evaluate": [
         ".{o}.tmp-*/baseline_marginal/tokens/train/*.parquet",

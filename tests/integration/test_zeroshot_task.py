@@ -193,7 +193,7 @@ def test_resume_after_interruption_gives_the_same_result(
     monkeypatch.setattr(zp, "predict_chunk", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         run(cfg_for(trained, task_files, out, "zeroshot.chunk_size=20"))
-    assert sorted(p.name for p in (out / "chunks").glob("*.parquet")) == ["0.parquet", "1.parquet"]
+    assert sorted(p.name for p in (out / "work" / "chunks").glob("*.parquet")) == ["0.parquet", "1.parquet"]
     monkeypatch.setattr(zp, "predict_chunk", real)
     with pytest.raises(CehrxError, match="different zero-shot run"):  # other settings never mix with these chunks
         run(cfg_for(trained, task_files, out, "zeroshot.chunk_size=20", "zeroshot.num_samples=4"))
@@ -203,6 +203,60 @@ def test_resume_after_interruption_gives_the_same_result(
     b = pq.read_table(out / "predictions.parquet")
     assert a.equals(b)
     assert resumed["auroc"]["value"] == full["auroc"]["value"] or np.isnan(full["auroc"]["value"])
+    assert not (out / "work").exists() and sorted(p.name for p in (out / "chunks").glob("*.parquet")) == [
+        "0.parquet",
+        "1.parquet",
+        "2.parquet",
+        "3.parquet",
+    ]
+
+
+def files(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_an_interrupted_overwrite_leaves_the_finished_output_whole(
+    trained, task_files, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """overwrite=true works beside the finished output: interrupted, the old output (its chunks, the
+    work a later run could resume from, included) is exactly as it was; finished, the new one replaces it."""
+    out = tmp_path / "ow"
+    old = run(cfg_for(trained, task_files, out, "zeroshot.chunk_size=20"))
+    before = files(out)
+    real = zp.predict_chunk
+    calls = {"n": 0}
+
+    def crash_after_one(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(zp, "predict_chunk", crash_after_one)
+    new = ("zeroshot.chunk_size=20", "zeroshot.num_samples=4", "overwrite=true")
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_for(trained, task_files, out, *new))
+    assert calls["n"] == 2, "the new run had made one chunk"
+    after = {k: v for k, v in files(out).items() if not k.startswith("work/")}
+    assert after == before, "an unfinished overwrite changed the finished output"
+    monkeypatch.setattr(zp, "predict_chunk", real)
+    replaced = run(cfg_for(trained, task_files, out, *new))
+    assert replaced["zeroshot"]["num_samples"] == 4 != old["zeroshot"]["num_samples"]
+    assert not (out / "work").exists() and len(list((out / "chunks").glob("*.parquet"))) == 4
+    assert json.loads((out / "chunks" / "manifest.json").read_text()) != json.loads(before["chunks/manifest.json"])
+
+
+def test_chunks_of_an_earlier_version_still_resume(trained, task_files, tmp_path: Path) -> None:
+    """Before `work/`, an interrupted run kept its chunks in `output_dir/chunks`: they are adopted."""
+    full = tmp_path / "full"
+    run(cfg_for(trained, task_files, full, "zeroshot.chunk_size=20"))
+    out = tmp_path / "earlier"
+    (out / "chunks").mkdir(parents=True)
+    for name in ("manifest.json", "0.parquet", "1.parquet"):
+        (out / "chunks" / name).write_bytes((full / "chunks" / name).read_bytes())
+    resumed = run(cfg_for(trained, task_files, out, "zeroshot.chunk_size=20"))
+    assert resumed["run"]["resumed_chunks"] == 2
+    assert pq.read_table(full / "predictions.parquet").equals(pq.read_table(out / "predictions.parquet"))
 
 
 def test_config_composes_with_probe_task_key() -> None:
