@@ -189,3 +189,34 @@ def test_shared_prefix_cache_tiers_compaction_and_buffer_reuse(
         tiers.add(len(cache._tiers))
         seqs = _decode_and_check(model, cache, seqs, g)
     assert tiers == {1, 2} and cache.length > 16
+
+
+@torch.no_grad()
+def test_cached_decoding_uses_the_configured_backend(vocab: Vocab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill, `KVCache` decoding and `SharedPrefixKVCache` decoding run the model's own
+    `attn_backend` (through `attention.BACKENDS`), not `auto`: on CPU `auto` is sdpa, so a
+    `flex` model that decoded with `auto` would never reach the flex row of the table."""
+    import dataclasses
+
+    from cehrx.model import attention as A
+
+    used: list[str] = []
+
+    def spy(use: str, fn):
+        def call(*args, **kwargs):
+            used.append(use)
+            return fn(*args, **kwargs)
+
+        return call
+
+    row = A.BACKENDS["flex"]
+    monkeypatch.setitem(
+        A.BACKENDS, "flex", dataclasses.replace(row, padded=spy("padded", row.padded), merged=spy("merged", row.merged))
+    )
+    model = micro(vocab)
+    model.config.attn_backend = "flex"
+    g = torch.Generator().manual_seed(4)
+    cache, seqs = _shared_prefix_cache(model, g, [5, 9], 3)  # prefill through a KVCache
+    assert used and set(used) == {"padded"}
+    _decode_and_check(model, cache, seqs, g)  # decoding through the shared-prefix cache
+    assert "merged" in used
