@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from cehrx.errors import CehrxError
-from cehrx.eval.metrics import binary_metrics, paired_difference
+from cehrx.eval.metrics import binary_metrics, format_ci, paired_difference
 from cehrx.eval.predictions import write_predictions
 from cehrx.eval.report import write_report
 from cehrx.finetune.model import METHODS
@@ -289,11 +289,8 @@ def report_sections(result: dict) -> dict[str, str]:
     for k, b in result["budgets"].items():
         for name, m in b["methods"].items():
             d = b["paired"].get(f"finetune - {name}")
-            diff = (
-                f"{d['auroc']['value']:+.3f} [{d['auroc']['ci_low']:+.3f}, {d['auroc']['ci_high']:+.3f}]" if d else ""
-            )
-            a = m["auroc"]
-            lines.append(f"| {k} | {name} | {a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] | {diff} |")
+            diff = format_ci(d["auroc"], signed=True) if d else ""
+            lines.append(f"| {k} | {name} | {format_ci(m['auroc'])} | {diff} |")
     train = [
         "| k | epochs | best epoch | tuning AUROC | trainable parameters | seconds |",
         "|---|---:|---:|---:|---:|---:|",

@@ -430,7 +430,7 @@ def test_logistic_reports_its_training_cv_auroc() -> None:
 
 
 def test_report_sections_under_cross_fitting() -> None:
-    from cehrx.tasks.probe import report_sections
+    from cehrx.probe.report import report_sections
 
     result = {
         "labels": {
