@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cehrx.data import duck, shard_merge
 from cehrx.data.duck import literal
-from cehrx.data.omop_to_meds import EVENT_TABLES, OPTIONAL_TABLES
+from cehrx.data.omop_mapping import EVENT_TABLES, OPTIONAL_TABLES
 from cehrx.data.shard_writer import Written, write_parts
 from cehrx.data.sharding import Shard, duckdb_limit, is_done, job, parse_bytes, read_done, worker_threads, write_done
 from cehrx.data.tokenize import Resolver, fetch_ordered, order_visits, token_ids
