@@ -28,14 +28,8 @@ from cehrx.data.omop_to_meds import omop_to_events
 from cehrx.data.shard_writer import Written, length_percentiles, write_shards
 from cehrx.data.sharding import Shard, duckdb_limit, parse_bytes
 from cehrx.data.splits import assign_splits, load_split_file
-from cehrx.data.tokenize import (
-    Resolver,
-    fetch_ordered,
-    learn_value_edges,
-    order_visits,
-    select_codes,
-    token_ids,
-)
+from cehrx.data.token_order import fetch_ordered, learn_value_edges, order_visits, select_codes
+from cehrx.data.tokenize import Resolver, token_ids
 from cehrx.data.visits import (
     attach_events,
     build_body,
