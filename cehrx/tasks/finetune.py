@@ -46,7 +46,7 @@ from cehrx.model.export import load_pretrained
 from cehrx.model.export import model_dir as resolve_model_dir
 from cehrx.probe import labels as L
 from cehrx.probe.classifier import fit_predict
-from cehrx.probe.cohort import Cohort, build_cohort
+from cehrx.probe.cohort import Cohort, build_cohort, unit_hash
 from cehrx.probe.counts import baseline_features
 from cehrx.probe.evaluate import stratified_sample
 from cehrx.probe.feature_cache import Embedder, weights_sha256
@@ -115,7 +115,7 @@ def select_rows(cohort: Cohort, f, seed: int, test_split: str = "held_out") -> d
     rng = np.random.default_rng(seed)
     train = np.flatnonzero(cohort.split == "train")
     if test_split == "tuning":
-        stop = L.unit_hash(cohort.sid[train], np.full(len(train), seed)) < 0.15
+        stop = unit_hash(cohort.sid[train], np.full(len(train), seed)) < 0.15
         rows = {"train": train[~stop], "tuning": train[stop], "test": np.flatnonzero(cohort.split == "tuning")}
     else:
         rows = {

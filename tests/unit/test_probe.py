@@ -558,7 +558,7 @@ def test_feature_cache_embeds_each_history_once(prepared, gpt, tmp_path: Path) -
 
 
 def test_thinning_keeps_the_test_split_and_the_same_times_for_every_task(prepared) -> None:
-    from cehrx.probe.labels import thin_training_labels, unit_hash
+    from cehrx.probe.cohort import thin_training_labels, unit_hash
 
     arrays, split, _ = prepared
     sid = np.repeat(arrays.subject_id, 20)
