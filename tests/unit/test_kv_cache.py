@@ -3,35 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import torch
 
 from cehrx.data.vocab import Vocab
-from cehrx.model.config import GPTConfig
 from cehrx.model.kv_cache import KVCache
-from cehrx.model.transformer import GPT
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Micro-model steps are tiny: on a loaded 2-core machine, torch's second thread only spins."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def vocab(synthetic_prepared: Path) -> Vocab:
-    return Vocab.load(synthetic_prepared)
-
-
-def micro(vocab: Vocab, seed: int = 0, max_seq_len: int = 256) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=len(vocab), n_layer=2, n_embd=64, n_head=2, max_seq_len=max_seq_len)).eval()
+# the fixtures and model of the engine tests, shared
+from tests.unit.test_sampling import micro, one_thread, vocab  # noqa: F401
 
 
 @torch.no_grad()
