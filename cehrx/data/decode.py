@@ -13,9 +13,7 @@ import pyarrow as pa
 
 from cehrx.data.grammar import PREFIX
 from cehrx.data.shards import NO_BIRTH, SECONDS_PER_YEAR, segment_cumsum
-from cehrx.data.vocab import KINDS, Vocab, time_token_days
-
-_KIND = {k: i for i, k in enumerate(KINDS)}
+from cehrx.data.vocab import KIND_ID, Vocab, time_token_days
 
 
 def token_seconds(vocab: Vocab) -> np.ndarray:
@@ -80,18 +78,18 @@ def _event_rows(
 ) -> _Rows:
     """Code, visit, discharge and `[DEATH]` tokens as timed rows, with values and the visit they fall in."""
     visit = segment_cumsum(tokens == vocab["[VS]"], offsets)
-    keep = np.isin(kinds, [_KIND["code"], _KIND["visit"], _KIND["discharge"]]) | (tokens == vocab["[DEATH]"])
+    keep = np.isin(kinds, [KIND_ID["code"], KIND_ID["visit"], KIND_ID["discharge"]]) | (tokens == vocab["[DEATH]"])
     idx = np.flatnonzero(keep)
     codes = names[tokens[idx]].copy()
     codes[tokens[idx] == vocab["[DEATH]"]] = "MEDS_DEATH"
-    dis = kinds[idx] == _KIND["discharge"]
+    dis = kinds[idx] == KIND_ID["discharge"]
     codes[dis] = np.array([c[len(PREFIX["discharge"]) :] for c in codes[dis]], dtype=object)
     return seq[idx], times[idx], codes, _values(vocab, tokens, kinds, idx, seed), visit[idx]
 
 
 def _static_rows(kinds: np.ndarray, tokens: np.ndarray, names: np.ndarray, seq: np.ndarray) -> _Rows:
     """GENDER and RACE tokens as static rows (null time, outside any visit)."""
-    i = np.flatnonzero(np.isin(kinds, [_KIND["gender"], _KIND["race"]]))
+    i = np.flatnonzero(np.isin(kinds, [KIND_ID["gender"], KIND_ID["race"]]))
     return seq[i], np.full(len(i), NO_TIME), names[tokens[i]], np.full(len(i), np.nan), np.zeros(len(i), np.int64)
 
 
@@ -136,7 +134,7 @@ def _values(vocab: Vocab, tokens: np.ndarray, kinds: np.ndarray, idx: np.ndarray
     """Values for code tokens followed by Q<k>: uniform inside the decile's observed range."""
     values = np.full(len(idx), np.nan)
     nxt = np.minimum(idx + 1, len(tokens) - 1)
-    has_q = (kinds[nxt] == _KIND["quantile"]) & (nxt != idx)
+    has_q = (kinds[nxt] == KIND_ID["quantile"]) & (nxt != idx)
     if not has_q.any() or not vocab.edges:
         return values
     q_of = np.zeros(len(vocab), dtype=np.int64)

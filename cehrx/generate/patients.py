@@ -28,14 +28,13 @@ import pyarrow as pa
 from cehrx.data.decode import rebuild_times
 from cehrx.data.grammar import PREFIX
 from cehrx.data.shards import NO_BIRTH, SECONDS_PER_YEAR, TokenArrays, segment_cumsum
-from cehrx.data.vocab import DEATH, END, KINDS, VE, VS, Vocab
+from cehrx.data.vocab import DEATH, END, KIND_ID, VE, VS, Vocab
 from cehrx.sampling.constraints import Grammar
 
 DAY = 86400
 END_OF_DAY = DAY - 1
 DROP_REASONS = ("grammar", "no_visits", "unknown_year_or_age", "impossible_age")
 TRUNCATED_KEY = "truncated_at_token_budget (cut after the last complete visit)"
-_KIND = {k: i for i, k in enumerate(KINDS)}
 # automaton states a complete patient may end in (after its last visit, or after death)
 ACCEPT_STATES = Grammar.accept_states()
 
@@ -250,7 +249,7 @@ def visit_table(vocab: Vocab, arrays: TokenArrays) -> pa.Table:
     global_visit = np.cumsum(tok == vocab[VS]) - 1
     visit_no = segment_cumsum(tok == vocab[VS], arrays.offsets)
     kinds = vocab.kind_array()[tok]
-    dis = np.flatnonzero(kinds == _KIND["discharge"])
+    dis = np.flatnonzero(kinds == KIND_ID["discharge"])
     discharge = np.full(len(vs), None, dtype=object)
     discharge[global_visit[dis]] = np.array([s[len(PREFIX["discharge"]) :] for s in names[tok[dis]]], dtype=object)
     vtype = np.array([s.split("//", 1)[1] for s in names[tok[vs + 1]]], dtype=object)
