@@ -12,10 +12,8 @@ import numpy as np
 import pyarrow as pa
 
 from cehrx.data.grammar import PREFIX
-from cehrx.data.shards import NO_BIRTH, SECONDS_PER_YEAR
-from cehrx.data.vocab import KINDS, Vocab, time_token_days
-
-_KIND = {k: i for i, k in enumerate(KINDS)}
+from cehrx.data.shards import NO_BIRTH, SECONDS_PER_YEAR, segment_cumsum
+from cehrx.data.vocab import KIND_ID, Vocab, time_token_days
 
 
 def token_seconds(vocab: Vocab) -> np.ndarray:
@@ -29,12 +27,9 @@ def rebuild_times(vocab: Vocab, tokens: np.ndarray, offsets: np.ndarray, start_t
 
     A time token's own time already includes its step (it carries the start of what follows).
     """
-    tokens = np.asarray(tokens)
-    steps = token_seconds(vocab)[tokens]
+    steps = token_seconds(vocab)[np.asarray(tokens)]
     seq = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    csum = np.cumsum(steps)
-    base = np.concatenate([[0], csum])[offsets[:-1]]  # cumulative steps before each sequence
-    return np.asarray(start_times, dtype=np.int64)[seq] + csum - base[seq]
+    return np.asarray(start_times, dtype=np.int64)[seq] + segment_cumsum(steps, offsets)
 
 
 def decode_events(
@@ -54,51 +49,65 @@ def decode_events(
     """
     tokens = np.asarray(tokens, dtype=np.int64)
     times = np.asarray(times, dtype=np.int64)
-    n_seq = len(offsets) - 1
-    seq = np.repeat(np.arange(n_seq), np.diff(offsets))
+    seq = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     kinds = vocab.kind_array()[tokens]
     names = np.asarray(vocab.tokens, dtype=object)
-    is_vs = tokens == vocab["[VS]"]
-    visit = _per_sequence_cumsum(is_vs, offsets)
+    parts = [
+        _static_rows(kinds, tokens, names, seq),
+        _event_rows(vocab, tokens, times, kinds, names, seq, offsets, seed),
+    ]
+    if birth_times is not None:
+        parts.insert(0, _birth_rows(np.asarray(birth_times, dtype=np.int64)))
+    return _rows_table(parts, subject_ids)
 
-    keep = np.isin(kinds, [_KIND["code"], _KIND["visit"], _KIND["discharge"]]) | (tokens == vocab["[DEATH]"])
+
+# a block of rows: (sequence index, time (s, NO_TIME for statics), code, value (NaN: none), visit_id)
+_Rows = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+NO_TIME = np.iinfo(np.int64).min
+
+
+def _event_rows(
+    vocab: Vocab,
+    tokens: np.ndarray,
+    times: np.ndarray,
+    kinds: np.ndarray,
+    names: np.ndarray,
+    seq: np.ndarray,
+    offsets: np.ndarray,
+    seed: int,
+) -> _Rows:
+    """Code, visit, discharge and `[DEATH]` tokens as timed rows, with values and the visit they fall in."""
+    visit = segment_cumsum(tokens == vocab["[VS]"], offsets)
+    keep = np.isin(kinds, [KIND_ID["code"], KIND_ID["visit"], KIND_ID["discharge"]]) | (tokens == vocab["[DEATH]"])
     idx = np.flatnonzero(keep)
     codes = names[tokens[idx]].copy()
     codes[tokens[idx] == vocab["[DEATH]"]] = "MEDS_DEATH"
-    dis = kinds[idx] == _KIND["discharge"]
+    dis = kinds[idx] == KIND_ID["discharge"]
     codes[dis] = np.array([c[len(PREFIX["discharge"]) :] for c in codes[dis]], dtype=object)
-    values = _values(vocab, tokens, kinds, idx, seed)
+    return seq[idx], times[idx], codes, _values(vocab, tokens, kinds, idx, seed), visit[idx]
 
-    static_idx = np.flatnonzero(np.isin(kinds, [_KIND["gender"], _KIND["race"]]))
-    parts = [
-        (
-            seq[static_idx],
-            np.full(len(static_idx), np.iinfo(np.int64).min),
-            names[tokens[static_idx]],
-            np.full(len(static_idx), np.nan),
-            np.zeros(len(static_idx), np.int64),
-        ),
-        (seq[idx], times[idx], codes, values, visit[idx]),
-    ]
-    if birth_times is not None:
-        b = np.asarray(birth_times, dtype=np.int64)
-        known = np.flatnonzero(b != NO_BIRTH)
-        parts.insert(
-            0,
-            (
-                known,
-                b[known],
-                np.full(len(known), "MEDS_BIRTH", dtype=object),
-                np.full(len(known), np.nan),
-                np.zeros(len(known), np.int64),
-            ),
-        )
+
+def _static_rows(kinds: np.ndarray, tokens: np.ndarray, names: np.ndarray, seq: np.ndarray) -> _Rows:
+    """GENDER and RACE tokens as static rows (null time, outside any visit)."""
+    i = np.flatnonzero(np.isin(kinds, [KIND_ID["gender"], KIND_ID["race"]]))
+    return seq[i], np.full(len(i), NO_TIME), names[tokens[i]], np.full(len(i), np.nan), np.zeros(len(i), np.int64)
+
+
+def _birth_rows(birth: np.ndarray) -> _Rows:
+    """`MEDS_BIRTH` at each known birth time (sequence i's row for `birth[i]`)."""
+    known = np.flatnonzero(birth != NO_BIRTH)
+    n = len(known)
+    return known, birth[known], np.full(n, "MEDS_BIRTH", dtype=object), np.full(n, np.nan), np.zeros(n, np.int64)
+
+
+def _rows_table(parts: list[_Rows], subject_ids: np.ndarray) -> pa.Table:
+    """The blocks as one MEDS table, ordered by subject, time (statics first), visit."""
     s, t, c, v, vid = (np.concatenate(x) for x in zip(*parts))
     order = np.lexsort((vid, t, s))
     t = t[order]
     time_col = pa.array(
-        np.where(t == np.iinfo(np.int64).min, 0, t).astype("datetime64[s]").astype("datetime64[us]"),
-        mask=t == np.iinfo(np.int64).min,
+        np.where(t == NO_TIME, 0, t).astype("datetime64[s]").astype("datetime64[us]"),
+        mask=t == NO_TIME,
     )
     return pa.table(
         {
@@ -109,12 +118,6 @@ def decode_events(
             "visit_id": pa.array(vid[order]),
         }
     )
-
-
-def _per_sequence_cumsum(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    c = np.cumsum(flags.astype(np.int64))
-    before = np.concatenate([[0], c])[offsets[:-1]]
-    return c - np.repeat(before, np.diff(offsets))
 
 
 def edge_matrix(vocab: Vocab) -> np.ndarray:
@@ -131,7 +134,7 @@ def _values(vocab: Vocab, tokens: np.ndarray, kinds: np.ndarray, idx: np.ndarray
     """Values for code tokens followed by Q<k>: uniform inside the decile's observed range."""
     values = np.full(len(idx), np.nan)
     nxt = np.minimum(idx + 1, len(tokens) - 1)
-    has_q = (kinds[nxt] == _KIND["quantile"]) & (nxt != idx)
+    has_q = (kinds[nxt] == KIND_ID["quantile"]) & (nxt != idx)
     if not has_q.any() or not vocab.edges:
         return values
     q_of = np.zeros(len(vocab), dtype=np.int64)

@@ -86,6 +86,7 @@ KIND_TABLE = (
     Kind("code", example="SNOMED/123"),  # clinical codes: everything else
 )
 KINDS = tuple(k.name for k in KIND_TABLE)
+KIND_ID = {k: i for i, k in enumerate(KINDS)}  # a kind's index in KINDS, as `Vocab.kind_array` gives it
 PREFIX = {k.name: k.prefix for k in KIND_TABLE if k.prefix}
 TIME_KINDS = frozenset(u.kind for u in TIME_UNITS)
 _PREFIXED = tuple((k.prefix, k.name) for k in KIND_TABLE if k.prefix)

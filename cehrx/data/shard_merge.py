@@ -64,7 +64,7 @@ def reduce_codes(con: duckdb.DuckDBPyConnection, counts: list[Path], min_subject
         SELECT code, CAST(sum(n) AS BIGINT) AS n, CAST(sum(subjects) AS BIGINT) AS subjects
         FROM read_parquet({files_sql(counts)}) GROUP BY code
     """)
-    kept = f"subjects >= {int(min_subjects)} AND subjects > 0"  # as tokenize.select_codes
+    kept = f"subjects >= {int(min_subjects)} AND subjects > 0"  # as token_order.select_codes
     con.execute(
         f"CREATE OR REPLACE TABLE kept_codes AS SELECT code, subjects FROM code_counts WHERE {kept} ORDER BY code"
     )
@@ -86,7 +86,7 @@ def reduce_codes(con: duckdb.DuckDBPyConnection, counts: list[Path], min_subject
 def reduce_edges(
     con: duckdb.DuckDBPyConnection, values: list[Path], num_bins: int, min_values: int, budget: int, out: Path
 ) -> int:
-    """`out/edges.parquet` (code, cuts, lo, hi): `tokenize.learn_value_edges` over the shards' train values.
+    """`out/edges.parquet` (code, cuts, lo, hi): `token_order.learn_value_edges` over the shards' train values.
 
     The same `quantile_cont` over the same values per code, so the same cut points; codes are taken in
     batches of at most `budget / VALUE_BYTES` values, as a quantile holds all of its code's values in memory.

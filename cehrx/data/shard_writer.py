@@ -1,6 +1,6 @@
 """Write the token sequences as per-split parquet shards (format in `cehrx.data.shards`).
 
-Subjects arrive in (split, subject_id) order (`tokenize.Ordered`), so every shard is a
+Subjects arrive in (split, subject_id) order (`token_order.Ordered`), so every shard is a
 contiguous range of subjects: each is assembled, counted (train only) and written on its own,
 which keeps memory to a few shards' tokens; two shards are made at once by threads (numpy and
 parquet encoding release the GIL).
@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cehrx.data.shards import SHARD_SCHEMA, SPLITS
-from cehrx.data.tokenize import Ordered, TokenIds, assemble
+from cehrx.data.token_order import Ordered
+from cehrx.data.tokenize import TokenIds, assemble
 
 
 @dataclass

@@ -87,6 +87,20 @@ class TokenArrays:
 NO_BIRTH = np.iinfo(np.int64).min
 
 
+def segment_cumsum(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Inclusive running sum of `values` restarting at each sequence of a flat `offsets` layout.
+
+    Flags count as 1: `segment_cumsum(tokens == [VS], offsets)` numbers each subject's visits
+    from 1 (0 before the first); over time-token steps it is the time since each sequence's start.
+
+    >>> segment_cumsum(np.array([1, 0, 1, 1, 1]), np.array([0, 3, 5])).tolist()
+    [1, 1, 2, 1, 2]
+    """
+    c = np.cumsum(values)
+    before = np.concatenate([[0], c])[offsets[:-1]]
+    return c - np.repeat(before, np.diff(offsets))
+
+
 def shard_paths(prepared_dir: str | Path, split: str) -> list[Path]:
     d = Path(prepared_dir) / "tokens" / split
     if not d.is_dir():

@@ -17,6 +17,7 @@ import numpy as np
 from cehrx.data.grammar import (  # noqa: F401
     DEATH,
     END,
+    KIND_ID,
     KINDS,
     PAD,
     PROMPT_KINDS,
@@ -76,8 +77,8 @@ class Vocab:
         return np.array([i for i, k in enumerate(self.kinds) if k in kinds], dtype=np.int64)
 
     def kind_array(self) -> np.ndarray:
-        """Per-id index into KINDS, for vectorised masks (`vocab.kind_array() == KINDS.index("code")`)."""
-        return np.array([KINDS.index(k) for k in self.kinds], dtype=np.int8)
+        """Per-id index into KINDS, for vectorised masks (`vocab.kind_array() == KIND_ID["code"]`)."""
+        return np.array([KIND_ID[k] for k in self.kinds], dtype=np.int8)
 
     def to_json(self) -> dict:
         return {

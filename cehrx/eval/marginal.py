@@ -28,7 +28,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cehrx.data.decode import decode_events, rebuild_times
-from cehrx.data.shards import NO_BIRTH, PROMPT_LEN, SECONDS_PER_YEAR, SHARD_SCHEMA, TokenArrays, load_split
+from cehrx.data.shards import (
+    NO_BIRTH,
+    PROMPT_LEN,
+    SECONDS_PER_YEAR,
+    SHARD_SCHEMA,
+    TokenArrays,
+    load_split,
+    segment_cumsum,
+)
 from cehrx.data.vocab import DEATH, VE, VS, Vocab
 from cehrx.errors import CehrxError
 from cehrx.export.meds import write_meds
@@ -203,8 +211,7 @@ def visit_ends(vocab: Vocab, arrays: TokenArrays) -> pa.Table:
     """`(subject_id, visit_id, visit_end)` from each visit's [VE] time (visit ids as decode_events numbers them)."""
     tokens = np.asarray(arrays.tokens)
     seq = np.repeat(np.arange(len(arrays)), np.diff(arrays.offsets))
-    vs = np.cumsum(tokens == vocab[VS])
-    visit = vs - np.repeat(np.concatenate([[0], vs])[arrays.offsets[:-1]], np.diff(arrays.offsets))
+    visit = segment_cumsum(tokens == vocab[VS], arrays.offsets)
     ve = np.flatnonzero((tokens == vocab[VE]) & (visit > 0))
     return pa.table(
         {
@@ -229,23 +236,7 @@ def write_synthetic_meds(
     )
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
-    real_codes = real_meds / "metadata" / "codes.parquet" if real_meds else None
-    if real_codes is not None and real_codes.is_file():  # MEDS sources have no OMOP columns: NULL then
-        have = set(pq.read_schema(real_codes).names)
-        cols = ", ".join(
-            c if c in have else f"NULL::{t} AS {c}"
-            for c, t in (
-                ("code", "VARCHAR"),
-                ("description", "VARCHAR"),
-                ("omop_concept_id", "BIGINT"),
-                ("omop_domain", "VARCHAR"),
-            )
-        )
-        con.execute(f"CREATE VIEW real_codes AS SELECT {cols} FROM read_parquet('{real_codes.as_posix()}')")
-    else:
-        con.execute(
-            "CREATE VIEW real_codes AS SELECT NULL::VARCHAR code, NULL::VARCHAR description, NULL::BIGINT omop_concept_id, NULL::VARCHAR omop_domain WHERE false"
-        )
+    _real_codes_view(con, real_meds)
     mapping = source_code_map(vocab, [r[0] for r in con.execute("SELECT code FROM real_codes").fetchall()])
     con.register("decoded", events)
     con.register(
@@ -265,6 +256,37 @@ def write_synthetic_meds(
         ),
     )
     con.register("ends", visit_ends(vocab, arrays))
+    _meds_tables(con)
+    n = write_meds(con, out / "meds", name)
+    con.close()
+    return n
+
+
+def _real_codes_view(con: duckdb.DuckDBPyConnection, real_meds: Path | None) -> None:
+    """View `real_codes(code, description, omop_concept_id, omop_domain)` of the real `codes.parquet`
+    (empty without one; MEDS sources have no OMOP columns: NULL then)."""
+    real_codes = real_meds / "metadata" / "codes.parquet" if real_meds else None
+    if real_codes is not None and real_codes.is_file():
+        have = set(pq.read_schema(real_codes).names)
+        cols = ", ".join(
+            c if c in have else f"NULL::{t} AS {c}"
+            for c, t in (
+                ("code", "VARCHAR"),
+                ("description", "VARCHAR"),
+                ("omop_concept_id", "BIGINT"),
+                ("omop_domain", "VARCHAR"),
+            )
+        )
+        con.execute(f"CREATE VIEW real_codes AS SELECT {cols} FROM read_parquet('{real_codes.as_posix()}')")
+    else:
+        con.execute(
+            "CREATE VIEW real_codes AS SELECT NULL::VARCHAR code, NULL::VARCHAR description, NULL::BIGINT omop_concept_id, NULL::VARCHAR omop_domain WHERE false"
+        )
+
+
+def _meds_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """`events`, `code_meta` and `subject_split`, the tables `write_meds` reads, from the decoded
+    rows (`decoded`) and the lookups registered on `con` (`code_map`, `vocab_desc`, `ends`, `real_codes`)."""
     con.execute("""CREATE TABLE ev AS
         SELECT e.subject_id, e.time, coalesce(m.code, e.code) AS code, e.code AS token, e.numeric_value, e.visit_id,
                CASE WHEN v.is_visit THEN x.visit_end END AS visit_end
@@ -280,9 +302,6 @@ def write_synthetic_meds(
                e.visit_id, e.visit_end, NULL::VARCHAR AS unit, m.omop_concept_id
         FROM ev e LEFT JOIN code_meta m USING (code)""")
     con.execute("CREATE TABLE subject_split AS SELECT DISTINCT subject_id, 'train' AS split FROM events")
-    n = write_meds(con, out / "meds", name)
-    con.close()
-    return n
 
 
 def generate(prepared_dir: Path, out: Path, n: int | None = None, seed: int = 0, real_meds: Path | None = None) -> dict:

@@ -223,6 +223,14 @@ def format_metric(m: dict, digits: int = 3) -> str:
     return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def format_ci(m: dict, signed: bool = False, digits: int = 3) -> str:
+    """`0.812 [0.790, 0.834]`, or `+0.021 [-0.004, +0.046]` with `signed` (a difference), as written.
+
+    Unlike `format_metric`, no `n/a`: a NaN prints as `nan`, as the report tables always have."""
+    f = f"+.{digits}f" if signed else f".{digits}f"
+    return f"{m['value']:{f}} [{m['ci_low']:{f}}, {m['ci_high']:{f}}]"
+
+
 def json_safe(obj):
     """Replace NaN/inf floats by None recursively, so metrics.json is strict JSON."""
     if isinstance(obj, dict):

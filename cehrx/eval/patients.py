@@ -15,10 +15,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from cehrx.data.shards import PROMPT_LEN, TokenArrays, load_split
-from cehrx.data.vocab import DEATH, END, KINDS, VS, Vocab, kind_of, time_token_days
+from cehrx.data.vocab import DEATH, END, KIND_ID, VS, Vocab, kind_of, time_token_days
 from cehrx.errors import CehrxError
-
-_KIND = {k: i for i, k in enumerate(KINDS)}
 
 
 @dataclass
@@ -33,7 +31,7 @@ class TokenSpace:
     @classmethod
     def from_vocabs(cls, *vocabs: Vocab) -> "TokenSpace":
         tokens = list(dict.fromkeys(t for v in vocabs for t in v.tokens))
-        kinds = np.array([_KIND[kind_of(t)] for t in tokens], dtype=np.int8)
+        kinds = np.array([KIND_ID[kind_of(t)] for t in tokens], dtype=np.int8)
         days = np.array([np.nan if (d := time_token_days(t)) is None else d for t in tokens])
         number = np.array([_suffix_number(t) for t in tokens])
         return cls(tokens, kinds, days, number)
@@ -50,7 +48,7 @@ class TokenSpace:
         return self.tokens.index(token) if token in self.tokens else -1
 
     def of_kind(self, kind: str) -> np.ndarray:
-        return np.flatnonzero(self.kinds == _KIND[kind])
+        return np.flatnonzero(self.kinds == KIND_ID[kind])
 
 
 def _suffix_number(token: str) -> float:
@@ -117,14 +115,14 @@ def summarize(arrays: TokenArrays, space: TokenSpace, id_map: np.ndarray) -> Pat
         ok = lengths > pos
         ids = np.full(n, -1, dtype=np.int64)
         ids[ok] = tokens[offsets[:-1][ok] + pos]
-        return np.where((ids >= 0) & (space.kinds[np.maximum(ids, 0)] == _KIND[kind]), ids, -1)
+        return np.where((ids >= 0) & (space.kinds[np.maximum(ids, 0)] == KIND_ID[kind]), ids, -1)
 
     year_id, age_id = prompt_token(0, "year"), prompt_token(1, "age")
     presence = sp.csr_matrix((np.ones(len(tokens), dtype=np.float32), (seq, tokens)), shape=(n, len(space)))
     presence.sum_duplicates()
     presence.data[:] = 1.0
     death_id, vs_id = space.id(DEATH), space.id(VS)
-    is_gap = kinds == _KIND["gap"]
+    is_gap = kinds == KIND_ID["gap"]
     nxt = np.append(tokens[1:], -1)
     gap_between = is_gap & (nxt != death_id) & (np.append(seq[1:], -1) == seq)
     return Patients(

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cehrx.data.datamodule import pack_lengths
 from cehrx.data.history import Histories
+from cehrx.data.packing import pack_lengths
 
 
 class LabelledHistories(Dataset):

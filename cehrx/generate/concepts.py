@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cehrx.data.duck import literal
-from cehrx.data.omop_to_meds import DEMOGRAPHIC_CONCEPTS
+from cehrx.data.omop_mapping import DEMOGRAPHIC_CONCEPTS
 from cehrx.data.vocab import Vocab, kind_of
 from cehrx.generate.cdm import DOMAIN_TABLE, TABLE_DOMAIN
 

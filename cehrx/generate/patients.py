@@ -27,15 +27,14 @@ import pyarrow as pa
 
 from cehrx.data.decode import rebuild_times
 from cehrx.data.grammar import PREFIX
-from cehrx.data.shards import NO_BIRTH, SECONDS_PER_YEAR, TokenArrays
-from cehrx.data.vocab import DEATH, END, KINDS, VE, VS, Vocab
+from cehrx.data.shards import NO_BIRTH, SECONDS_PER_YEAR, TokenArrays, segment_cumsum
+from cehrx.data.vocab import DEATH, END, KIND_ID, VE, VS, Vocab
 from cehrx.sampling.constraints import Grammar
 
 DAY = 86400
 END_OF_DAY = DAY - 1
 DROP_REASONS = ("grammar", "no_visits", "unknown_year_or_age", "impossible_age")
 TRUNCATED_KEY = "truncated_at_token_budget (cut after the last complete visit)"
-_KIND = {k: i for i, k in enumerate(KINDS)}
 # automaton states a complete patient may end in (after its last visit, or after death)
 ACCEPT_STATES = Grammar.accept_states()
 
@@ -141,39 +140,10 @@ def decode_samples(
     """
     if truncated not in ("keep", "drop"):
         raise ValueError(f"truncated must be 'keep' or 'drop', got {truncated!r}")
-    grammar = grammar or Grammar.build(vocab)
-    tokens, offsets = join_prompts(prompts, gen_tokens, gen_offsets)
-    n = len(offsets) - 1
-    lengths = np.diff(offsets)
-    ends_with_end = np.zeros(n, dtype=bool)
-    nonempty = lengths > 0
-    ends_with_end[nonempty] = tokens[offsets[1:][nonempty] - 1] == vocab[END]
-    lengths = lengths - ends_with_end
-    tokens, offsets = take_prefixes(tokens, offsets, np.arange(n), lengths)
-
-    state = grammar.prompt_states(tokens, offsets)
-    accepted = np.isin(state, ACCEPT_STATES)
-    rejected = grammar.is_free(state)
-    last_ve = last_position(tokens == vocab[VE], offsets)
-    unfinished = ~accepted & ~rejected
-    cut = unfinished & (last_ve >= 0) & (truncated == "keep")
-    lengths = np.where(cut, last_ve + 1, lengths)
-
-    reason = np.full(n, -1, dtype=np.int64)
-    reason[rejected] = 0
-    reason[(reason < 0) & unfinished & ~cut] = 1
-    years = value_lookup(vocab, "YEAR//")[tokens[offsets[:-1]]]
-    ages = value_lookup(vocab, "AGE//")[tokens[offsets[:-1] + 1]]
-    reason[(reason < 0) & ((years < 0) | (ages < 0))] = 2
-
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7]))
-    start = start_times(np.where(years < 0, 1970, years), rng)
-    birth = birth_times(start, np.maximum(ages, 0), rng)
-    times = rebuild_times(vocab, tokens, offsets, start)
-    last_time = times[np.maximum(offsets[:-1] + lengths - 1, 0)]
-    too_old = np.floor((last_time - birth) / SECONDS_PER_YEAR) > max_age
-    reason[(reason < 0) & too_old] = 3
-
+    tokens, offsets = _drop_trailing_end(vocab, *join_prompts(prompts, gen_tokens, gen_offsets))
+    reason = np.full(len(offsets) - 1, -1, dtype=np.int64)  # index into DROP_REASONS; -1: kept
+    cut, lengths = _check_validity(vocab, grammar or Grammar.build(vocab), tokens, offsets, truncated, reason)
+    times, birth = _dates(vocab, tokens, offsets, lengths, seed, max_age, reason)
     keep = np.flatnonzero(reason < 0)
     kept_tokens, kept_offsets = take_prefixes(tokens, offsets, keep, lengths[keep])
     kept_times, _ = take_prefixes(times, offsets, keep, lengths[keep])
@@ -186,6 +156,59 @@ def decode_samples(
     )
     dropped = {r: int((reason == i).sum()) for i, r in enumerate(DROP_REASONS)}
     return Decoded(arrays, keep.astype(np.int64), dropped, {TRUNCATED_KEY: int((cut & (reason < 0)).sum())})
+
+
+def _drop_trailing_end(vocab: Vocab, tokens: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sequences without a final `[END]` (prepared sequences have none)."""
+    n = len(offsets) - 1
+    lengths = np.diff(offsets)
+    ends_with_end = np.zeros(n, dtype=bool)
+    nonempty = lengths > 0
+    ends_with_end[nonempty] = tokens[offsets[1:][nonempty] - 1] == vocab[END]
+    return take_prefixes(tokens, offsets, np.arange(n), lengths - ends_with_end)
+
+
+def _check_validity(
+    vocab: Vocab, grammar: Grammar, tokens: np.ndarray, offsets: np.ndarray, truncated: str, reason: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run the grammar over every sequence; mark `grammar` / `no_visits` drops in `reason`.
+
+    Returns which sequences are cut after their last complete visit (unfinished, `truncated="keep"`)
+    and every sequence's length to keep."""
+    state = grammar.prompt_states(tokens, offsets)
+    accepted = np.isin(state, ACCEPT_STATES)
+    rejected = grammar.is_free(state)
+    last_ve = last_position(tokens == vocab[VE], offsets)
+    unfinished = ~accepted & ~rejected
+    cut = unfinished & (last_ve >= 0) & (truncated == "keep")
+    lengths = np.where(cut, last_ve + 1, np.diff(offsets))
+    reason[rejected] = 0
+    reason[(reason < 0) & unfinished & ~cut] = 1
+    return cut, lengths
+
+
+def _dates(
+    vocab: Vocab,
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    lengths: np.ndarray,
+    seed: int,
+    max_age: int,
+    reason: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every token's time and each sequence's birth, drawn from the prompt's YEAR and AGE; marks
+    `unknown_year_or_age` and `impossible_age` (older than `max_age` at the last kept token) in `reason`."""
+    years = value_lookup(vocab, "YEAR//")[tokens[offsets[:-1]]]
+    ages = value_lookup(vocab, "AGE//")[tokens[offsets[:-1] + 1]]
+    reason[(reason < 0) & ((years < 0) | (ages < 0))] = 2
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7]))
+    start = start_times(np.where(years < 0, 1970, years), rng)
+    birth = birth_times(start, np.maximum(ages, 0), rng)
+    times = rebuild_times(vocab, tokens, offsets, start)
+    last_time = times[np.maximum(offsets[:-1] + lengths - 1, 0)]
+    too_old = np.floor((last_time - birth) / SECONDS_PER_YEAR) > max_age
+    reason[(reason < 0) & too_old] = 3
+    return times, birth
 
 
 # ------------------------------------------------------------------------ tables for the writers
@@ -224,11 +247,9 @@ def visit_table(vocab: Vocab, arrays: TokenArrays) -> pa.Table:
         raise ValueError(f"{len(vs)} [VS] but {len(ve)} [VE]: visit_table needs valid sequences")
     seq = np.repeat(np.arange(len(arrays)), arrays.lengths())
     global_visit = np.cumsum(tok == vocab[VS]) - 1
-    visit_no = (
-        global_visit + 1 - np.repeat(np.concatenate([[0], global_visit + 1])[arrays.offsets[:-1]], arrays.lengths())
-    )
+    visit_no = segment_cumsum(tok == vocab[VS], arrays.offsets)
     kinds = vocab.kind_array()[tok]
-    dis = np.flatnonzero(kinds == _KIND["discharge"])
+    dis = np.flatnonzero(kinds == KIND_ID["discharge"])
     discharge = np.full(len(vs), None, dtype=object)
     discharge[global_visit[dis]] = np.array([s[len(PREFIX["discharge"]) :] for s in names[tok[dis]]], dtype=object)
     vtype = np.array([s.split("//", 1)[1] for s in names[tok[vs + 1]]], dtype=object)

@@ -60,10 +60,14 @@ class KVCache:
         self.v[layer, :, :, self.length : end] = v.transpose(1, 2)
         return self.k[layer, :, :, :end].transpose(1, 2), self.v[layer, :, :, :end].transpose(1, 2)
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        """Cache the new keys/values, then causal attention of `q` over everything cached."""
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, *, backend: str = "auto"
+    ) -> Tensor:
+        """Cache the new keys/values, then causal attention of `q` over everything cached.
+
+        `backend`: the model's `attn_backend` (`attention.BACKENDS`), which the model passes in."""
         k, v = self.update(layer, k, v)
-        return attention(q, k, v, key_mask=key_mask)
+        return attention(q, k, v, key_mask=key_mask, backend=backend)
 
     def advance(self, n: int) -> None:
         self.length += n

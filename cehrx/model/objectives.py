@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cehrx.data.packing import IGNORE_INDEX
 from cehrx.data.vocab import DEATH, KINDS, VE, Vocab, time_token_days
 from cehrx.model.packed import seq_ids_from_cu_seqlens
 
-IGNORE_INDEX = -100
 N_YEARS, N_MONTHS, N_DAYS = 128, 12, 31
 DAYS_PER_YEAR, DAYS_PER_MONTH = 365.25, 30.4375
 SECONDS_PER_DAY = 86400.0

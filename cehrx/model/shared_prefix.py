@@ -143,8 +143,12 @@ class SharedPrefixKVCache:
         self.length += n
         self._own_bias = None
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        """Store the new token's key/value, attend over prefix + own tokens (`q`: `[B, 1, H, D]`)."""
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, *, backend: str = "auto"
+    ) -> Tensor:
+        """Store the new token's key/value, attend over prefix + own tokens (`q`: `[B, 1, H, D]`).
+
+        `backend`: the model's `attn_backend` (`attention.BACKENDS`), which the model passes in."""
         if q.shape[1] != 1 or key_mask is not None:
             raise ValueError(
                 "SharedPrefixKVCache decodes one token per row without key_mask (the prefix mask is built in)"
@@ -155,32 +159,32 @@ class SharedPrefixKVCache:
         self.k[layer, :, :, self.length] = k[:, 0]
         self.v[layer, :, :, self.length] = v[:, 0]
         if self.folded:
-            return self._attend_folded(layer, q, end)
+            return self._attend_folded(layer, q, end, backend)
         # prefix part: each prompt's samples against its keys on a [prompt, sample] grid (see _reslot)
-        out_p, lse_p = self._attend_prefix(layer, q[:, 0])  # [B, H, D], [B, H]
+        out_p, lse_p = self._attend_prefix(layer, q[:, 0], backend)  # [B, H, D], [B, H]
         # own part, per row: the tokens this row generated (columns before a joining row's start are masked)
         if self.staggered and self._own_bias is None:
             cols = torch.arange(end, device=self.start.device)
             self._own_bias = _mask_bias(cols[None, :] >= self.start[:, None], q.dtype)[:, None, None, :]
         own_bias = self._own_bias if self.staggered else None
         out_s, lse_s = attention_lse(
-            q.transpose(1, 2), self.k[layer, :, :, :end], self.v[layer, :, :, :end], own_bias, self.scale
+            q.transpose(1, 2), self.k[layer, :, :, :end], self.v[layer, :, :, :end], own_bias, self.scale, backend
         )
         # one softmax over both parts: weight each part's normalised output by its share of the mass
         w_p = torch.sigmoid(lse_p - lse_s[..., 0])[..., None]  # exp(lse_p) / (exp(lse_p) + exp(lse_s))
         out = out_s[:, :, 0].float().lerp(out_p.float(), w_p)
         return out.to(q.dtype)[:, None]
 
-    def _attend_folded(self, layer: int, q: Tensor, end: int) -> Tensor:
+    def _attend_folded(self, layer: int, q: Tensor, end: int, backend: str) -> Tensor:
         mask = None
         if self.fold_mask is not None:
             if self._own_bias is None:  # reused by every layer of this step
                 self._own_bias = F.pad(self.fold_mask, (0, end - self.fold_mask.shape[1]), value=True)
             mask = self._own_bias
         k, v = self.k[layer, :, :, :end].transpose(1, 2), self.v[layer, :, :, :end].transpose(1, 2)
-        return attention(q, k, v, key_mask=mask)
+        return attention(q, k, v, key_mask=mask, backend=backend)
 
-    def _attend_prefix(self, layer: int, q: Tensor) -> tuple[Tensor, Tensor]:
+    def _attend_prefix(self, layer: int, q: Tensor, backend: str) -> tuple[Tensor, Tensor]:
         """Prefix attention of every row (`q`: `[B, H, D]`), tier by tier (see `_reslot`)."""
         pk, pv = self.pk[layer], self.pv[layer]
         parts = []
@@ -193,7 +197,7 @@ class SharedPrefixKVCache:
             cells = rows_q.new_zeros((k.shape[0] * t.slots, *q.shape[1:]))  # empty cells: finished or absent samples
             cells.index_copy_(0, t.cells, rows_q)
             out, lse = attention_lse(
-                cells.view(k.shape[0], t.slots, *q.shape[1:]).transpose(1, 2), k, v, bias, self.scale
+                cells.view(k.shape[0], t.slots, *q.shape[1:]).transpose(1, 2), k, v, bias, self.scale, backend
             )  # [P, H, S, *]
             parts.append(
                 (

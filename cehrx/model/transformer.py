@@ -110,16 +110,18 @@ class Attention(nn.Module):
         packed_mask: PackedMask | None = None,
         kv_cache: KVCache | SharedPrefixKVCache | None = None,
         key_mask: Tensor | None = None,
+        backend: str = "auto",
     ) -> Tensor:
+        """`backend`: the model's resolved `attn_backend` for unpacked rows and cached decoding
+        (a packed batch carries its own in `packed_mask`)."""
         qkv = self.qkv(x).view(*x.shape[:-1], 3, self.n_head, self.head_dim)
         q, k = apply_rotary(qkv[..., :2, :, :], *rope).unbind(-3)  # q and k rotated in one pass
         v = qkv[..., 2, :, :]
         if kv_cache is not None:
-            y = kv_cache.attend(self.layer_idx, q, k, v, key_mask)
+            y = kv_cache.attend(self.layer_idx, q, k, v, key_mask, backend=backend)
         else:
-            y = attention(
-                q, k, v, packed_mask=packed_mask, dropout_p=self.dropout if self.training else 0.0, key_mask=key_mask
-            )
+            dropout_p = self.dropout if self.training else 0.0
+            y = attention(q, k, v, packed_mask=packed_mask, dropout_p=dropout_p, key_mask=key_mask, backend=backend)
         return self.proj(y.reshape(*x.shape[:-1], -1))
 
 
@@ -156,8 +158,9 @@ class Block(nn.Module):
         packed_mask: PackedMask | None = None,
         kv_cache: KVCache | SharedPrefixKVCache | None = None,
         key_mask: Tensor | None = None,
+        backend: str = "auto",
     ) -> Tensor:
-        x = x + self.drop(self.attn(self.norm_1(x), rope, packed_mask, kv_cache, key_mask))
+        x = x + self.drop(self.attn(self.norm_1(x), rope, packed_mask, kv_cache, key_mask, backend))
         return x + self.drop(self.mlp(self.norm_2(x)))
 
 
@@ -250,6 +253,8 @@ class GPT(nn.Module):
         elif input_ids.dim() == 2:
             if cu_seqlens is not None:
                 raise ValueError("cu_seqlens is for packed [T] input_ids; [B, T] rows are separate sequences already")
+            # rows and cached decoding: the configured backend, or `auto` where it cannot run on this device
+            backend = resolve_backend(self.config.attn_backend, input_ids.device, strict=False)
             past = kv_cache.length if kv_cache is not None else 0
             T = input_ids.shape[1]
             self._check_length(past + T, position_ids)
@@ -265,7 +270,7 @@ class GPT(nn.Module):
         rope = self.rope(position_ids)
         x = self.drop(self.wte(input_ids))
         for block in self.blocks:
-            x = block(x, rope, packed_mask, kv_cache, key_mask)
+            x = block(x, rope, packed_mask, kv_cache, key_mask, backend)
         if kv_cache is not None:
             kv_cache.advance(input_ids.shape[1])
         return self.norm(x)

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cehrx.data.datamodule import pack_lengths
 from cehrx.data.history import Histories
+from cehrx.data.packing import pack_lengths
 from cehrx.errors import CehrxError
 from cehrx.model.export import resolve_device
 from cehrx.model.transformer import GPT

@@ -341,45 +341,6 @@ def meds_dir_for(prepared_dir: str | Path) -> Path:
     )
 
 
-def thin_training_labels(
-    table: pa.Table, arrays, split_of: np.ndarray, fraction: float, test_split: str
-) -> tuple[pa.Table, dict]:
-    """Keep a fixed `fraction` of the labels outside the test split (`probe.train_label_fraction`).
-
-    Why: a task triggered at every routine visit has ~10 labels per subject, so the training side
-    can be far larger than a linear probe needs while every label costs a forward pass. The test
-    split (held_out, or `split=`) is never thinned. A label is kept when a hash of (subject_id, prediction_time) falls
-    below `fraction`: independent of the outcome and of the seed, so every task and run keeps the
-    same prediction times (and `probe.cache_dir` embeds them once).
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise CehrxError(f"probe.train_label_fraction must be in (0, 1], got {fraction}")
-    info = {"train_label_fraction": fraction, "dropped": 0}
-    if fraction >= 1.0 or not len(table):
-        return table, info
-    from cehrx.data.history import subject_rows
-
-    sid = table.column("subject_id").to_numpy()
-    rows = subject_rows(arrays, sid)
-    split = np.where(rows >= 0, split_of[np.maximum(rows, 0)], "")
-    keep = (
-        (split == test_split) | (rows < 0) | (unit_hash(sid, times_seconds(table.column("prediction_time"))) < fraction)
-    )
-    info["dropped"] = int((~keep).sum())
-    return table.filter(pa.array(keep)), info
-
-
-def unit_hash(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """A uniform number in [0, 1) per (a, b) pair of int64s (splitmix64 finaliser), the same everywhere."""
-    x = np.asarray(a, np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ np.asarray(b, np.int64).astype(
-        np.uint64
-    )
-    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
-        x = (x ^ (x >> np.uint64(shift))) * np.uint64(mult)
-    x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
 def read_labels(cfg, prepared: str | Path) -> tuple[pa.Table, dict]:
     """The labels of a probe / zero-shot run and where they came from: the one precedence rule.
 

@@ -23,7 +23,7 @@ from rich.console import Console
 
 from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
-from cehrx.eval import fidelity, marginal, privacy, synthetic_report
+from cehrx.eval import fidelity, marginal, privacy, synthetic_figures, synthetic_report
 from cehrx.eval.metrics import json_safe
 from cehrx.eval.patients import (
     Patients,
@@ -82,7 +82,7 @@ def real_meds_dir(prepared: Path) -> Path | None:
 def evaluate(cfg: DictConfig, prepared: Path, synthetic: Path | None, baseline: str | None, out: Path) -> dict:
     """Everything, stage by stage; returns metrics.json's content and writes the report into `out`."""
     e = cfg.evaluate
-    seed, n_max, batch = int(e.seed), int(e.n_max_patients), int(e.nn_batch_size)
+    seed = int(e.seed)
     stages = Stages(total=6 + int(baseline is not None), spinner=False)
     real_meds = real_meds_dir(prepared)
     dirs: dict[str, Path] = {}
@@ -94,11 +94,7 @@ def evaluate(cfg: DictConfig, prepared: Path, synthetic: Path | None, baseline: 
             marginal.generate(prepared, out / "baseline_marginal", n=n, seed=seed, real_meds=real_meds)
             dirs[BASELINE_SET] = out / "baseline_marginal"
     with stages("load patients"):
-        vocabs = {"real": Vocab.load(prepared), **{k: Vocab.load(d) for k, d in dirs.items()}}
-        space = TokenSpace.from_vocabs(*vocabs.values())
-        train = load_patients(prepared, "train", space, vocabs["real"], n_max, seed)
-        held = load_patients(prepared, str(e.test_split), space, vocabs["real"], n_max, seed + 1)
-        sets = {k: load_patients(d, "train", space, vocabs[k], n_max, seed + 2) for k, d in dirs.items()}
+        train, held, sets, space = _load_sets(e, prepared, dirs)
     metrics = {
         "real": {
             "prepared_dir": str(prepared),
@@ -113,38 +109,78 @@ def evaluate(cfg: DictConfig, prepared: Path, synthetic: Path | None, baseline: 
         metrics["sets"][k] = {"dir": str(d) if k == MODEL_SET else "baseline_marginal", "n_patients": len(sets[k])}
     top = fidelity.top_codes(train, space, int(e.top_codes))
     with stages("fidelity"):
-        phis = {"real": fidelity.phi_matrix(train, top)}
-        for k, p in {**sets, "reference": held}.items():
-            target = metrics["sets"][k] if k in sets else metrics.setdefault("reference", {})
-            co, _, phis[k] = fidelity.cooccurrence_metrics(train, p, top)
-            target["fidelity"] = {
-                "prevalence": fidelity.prevalence_metrics(train, p, space),
-                "cooccurrence": co,
-                "distributions": fidelity.distribution_metrics(train, p, space),
-            }
-        phis.pop("reference")
+        phis = _fidelity(train, held, sets, space, top, metrics)
         labs = _labs(e, real_meds, dirs, metrics)
     with stages("privacy"):
-        dcr_values = _privacy(e, train, held, sets, space, metrics, batch, seed)
+        dcr_values = _privacy(e, train, held, sets, space, metrics, int(e.nn_batch_size), seed)
     with stages("utility"):
         _utility(e, real_meds, dirs, metrics, seed)
     with stages("report"):
-        figures = {
-            "prevalence": synthetic_report.plot_prevalence(out, train, sets, space, metrics["sets"]),
-            "cooccurrence": synthetic_report.plot_cooccurrence(out, phis),
-            "distributions": synthetic_report.plot_distributions(out, train, sets),
-            "categorical": synthetic_report.plot_categorical(out, train, sets, space),
-            "labs": synthetic_report.plot_labs(out, *labs) if labs else None,
-            "dcr": synthetic_report.plot_dcr(out, dcr_values),
-            "utility": synthetic_report.plot_utility(
-                out, {k: s.get("utility", {}).get("tasks", {}) for k, s in metrics["sets"].items()}
-            ),
-        }
+        figures = _figures(out, train, sets, space, metrics, phis, labs, dcr_values)
         metrics["figures"] = {k: v for k, v in figures.items() if v}
         metrics["summary"] = {k: headline(s) for k, s in metrics["sets"].items()}
         metrics["timings_s"] = stages.timings
         synthetic_report.write_markdown(out, json_safe(metrics), figures)
     return metrics
+
+
+def _load_sets(
+    e: DictConfig, prepared: Path, dirs: dict[str, Path]
+) -> tuple[Patients, Patients, dict[str, Patients], TokenSpace]:
+    """Real train and non-member patients and each synthetic set's, in one token space over all vocabularies."""
+    seed, n_max = int(e.seed), int(e.n_max_patients)
+    vocabs = {"real": Vocab.load(prepared), **{k: Vocab.load(d) for k, d in dirs.items()}}
+    space = TokenSpace.from_vocabs(*vocabs.values())
+    train = load_patients(prepared, "train", space, vocabs["real"], n_max, seed)
+    held = load_patients(prepared, str(e.test_split), space, vocabs["real"], n_max, seed + 1)
+    sets = {k: load_patients(d, "train", space, vocabs[k], n_max, seed + 2) for k, d in dirs.items()}
+    return train, held, sets, space
+
+
+def _fidelity(
+    train: Patients,
+    held: Patients,
+    sets: dict[str, Patients],
+    space: TokenSpace,
+    top: np.ndarray,
+    metrics: dict,
+) -> dict[str, np.ndarray]:
+    """Prevalence, co-occurrence and distribution distances of each set (and of the real non-members,
+    the `reference`) to real train; returns the phi matrices of the top codes for the figure."""
+    phis = {"real": fidelity.phi_matrix(train, top)}
+    for k, p in {**sets, "reference": held}.items():
+        target = metrics["sets"][k] if k in sets else metrics.setdefault("reference", {})
+        co, _, phis[k] = fidelity.cooccurrence_metrics(train, p, top)
+        target["fidelity"] = {
+            "prevalence": fidelity.prevalence_metrics(train, p, space),
+            "cooccurrence": co,
+            "distributions": fidelity.distribution_metrics(train, p, space),
+        }
+    phis.pop("reference")
+    return phis
+
+
+def _figures(
+    out: Path,
+    train: Patients,
+    sets: dict[str, Patients],
+    space: TokenSpace,
+    metrics: dict,
+    phis: dict[str, np.ndarray],
+    labs: tuple | None,
+    dcr_values: dict[str, np.ndarray],
+) -> dict[str, str | None]:
+    """Every figure of the report (file name, or None when there is nothing to draw)."""
+    utility = {k: s.get("utility", {}).get("tasks", {}) for k, s in metrics["sets"].items()}
+    return {
+        "prevalence": synthetic_figures.plot_prevalence(out, train, sets, space, metrics["sets"]),
+        "cooccurrence": synthetic_figures.plot_cooccurrence(out, phis),
+        "distributions": synthetic_figures.plot_distributions(out, train, sets),
+        "categorical": synthetic_figures.plot_categorical(out, train, sets, space),
+        "labs": synthetic_figures.plot_labs(out, *labs) if labs else None,
+        "dcr": synthetic_figures.plot_dcr(out, dcr_values),
+        "utility": synthetic_figures.plot_utility(out, utility),
+    }
 
 
 def headline(s: dict) -> dict:

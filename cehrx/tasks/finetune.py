@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from cehrx.errors import CehrxError
-from cehrx.eval.metrics import binary_metrics, paired_difference
+from cehrx.eval.metrics import binary_metrics, format_ci, paired_difference
 from cehrx.eval.predictions import write_predictions
 from cehrx.eval.report import write_report
 from cehrx.finetune.model import METHODS
@@ -46,7 +46,7 @@ from cehrx.model.export import load_pretrained
 from cehrx.model.export import model_dir as resolve_model_dir
 from cehrx.probe import labels as L
 from cehrx.probe.classifier import fit_predict
-from cehrx.probe.cohort import Cohort, build_cohort
+from cehrx.probe.cohort import Cohort, build_cohort, unit_hash
 from cehrx.probe.counts import baseline_features
 from cehrx.probe.evaluate import stratified_sample
 from cehrx.probe.feature_cache import Embedder, weights_sha256
@@ -115,7 +115,7 @@ def select_rows(cohort: Cohort, f, seed: int, test_split: str = "held_out") -> d
     rng = np.random.default_rng(seed)
     train = np.flatnonzero(cohort.split == "train")
     if test_split == "tuning":
-        stop = L.unit_hash(cohort.sid[train], np.full(len(train), seed)) < 0.15
+        stop = unit_hash(cohort.sid[train], np.full(len(train), seed)) < 0.15
         rows = {"train": train[~stop], "tuning": train[stop], "test": np.flatnonzero(cohort.split == "tuning")}
     else:
         rows = {
@@ -289,11 +289,8 @@ def report_sections(result: dict) -> dict[str, str]:
     for k, b in result["budgets"].items():
         for name, m in b["methods"].items():
             d = b["paired"].get(f"finetune - {name}")
-            diff = (
-                f"{d['auroc']['value']:+.3f} [{d['auroc']['ci_low']:+.3f}, {d['auroc']['ci_high']:+.3f}]" if d else ""
-            )
-            a = m["auroc"]
-            lines.append(f"| {k} | {name} | {a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] | {diff} |")
+            diff = format_ci(d["auroc"], signed=True) if d else ""
+            lines.append(f"| {k} | {name} | {format_ci(m['auroc'])} | {diff} |")
     train = [
         "| k | epochs | best epoch | tuning AUROC | trainable parameters | seconds |",
         "|---|---:|---:|---:|---:|---:|",

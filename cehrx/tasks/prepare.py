@@ -22,19 +22,14 @@ from rich.console import Console
 
 from cehrx.data import duck
 from cehrx.data.meds_source import meds_to_events
+from cehrx.data.omop_mapping import OPTIONAL_TABLES
 from cehrx.data.omop_tables import open_omop
-from cehrx.data.omop_to_meds import OPTIONAL_TABLES, omop_to_events
+from cehrx.data.omop_to_meds import omop_to_events
 from cehrx.data.shard_writer import Written, length_percentiles, write_shards
 from cehrx.data.sharding import Shard, duckdb_limit, parse_bytes
 from cehrx.data.splits import assign_splits, load_split_file
-from cehrx.data.tokenize import (
-    Resolver,
-    fetch_ordered,
-    learn_value_edges,
-    order_visits,
-    select_codes,
-    token_ids,
-)
+from cehrx.data.token_order import fetch_ordered, learn_value_edges, order_visits, select_codes
+from cehrx.data.tokenize import Resolver, token_ids
 from cehrx.data.visits import (
     attach_events,
     build_body,

@@ -27,21 +27,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from cehrx.data import duck, shard_merge
 from cehrx.data.duck import literal
-from cehrx.data.omop_to_meds import EVENT_TABLES, OPTIONAL_TABLES
+from cehrx.data.omop_mapping import EVENT_TABLES, OPTIONAL_TABLES
 from cehrx.data.shard_writer import Written, write_parts
 from cehrx.data.sharding import Shard, duckdb_limit, is_done, job, parse_bytes, read_done, worker_threads, write_done
-from cehrx.data.tokenize import Resolver, fetch_ordered, order_visits, token_ids
+from cehrx.data.token_order import fetch_ordered, order_visits
+from cehrx.data.tokenize import Resolver, token_ids
 from cehrx.data.vocab_build import code_tables, combine_inputs, make_vocab, tokens_from, vocab_inputs
 from cehrx.export.meds import gather_data, write_metadata, write_part
 from cehrx.tasks import prepare as single
 
-# Per shard: the train subjects and events of each code (`tokenize.select_codes` before the threshold).
+# Per shard: the train subjects and events of each code (`token_order.select_codes` before the threshold).
 CODE_COUNTS = """
     SELECT k.code, CAST(sum(c.n) AS BIGINT) AS n, count(*) FILTER (WHERE d.split = 'train') AS subjects
     FROM (SELECT cid, subject_id, count(*) AS n FROM body GROUP BY cid, subject_id) c
     JOIN demo d USING (subject_id) JOIN code_ids k USING (cid) GROUP BY k.code
 """
-# Per shard: the train values of every code (`tokenize.learn_value_edges` keeps the kept codes' ones).
+# Per shard: the train values of every code (`token_order.learn_value_edges` keeps the kept codes' ones).
 TRAIN_VALUES = """
     SELECT k.code, b.numeric_value AS value FROM body b JOIN demo d USING (subject_id) JOIN code_ids k USING (cid)
     WHERE d.split = 'train' AND b.numeric_value IS NOT NULL

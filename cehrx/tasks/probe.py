@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,6 @@ import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig
 
-from cehrx.data.history import Histories
 from cehrx.errors import CehrxError
 from cehrx.eval.metrics import binary_metrics, paired_difference
 from cehrx.eval.predictions import write_predictions
@@ -41,7 +41,7 @@ from cehrx.eval.report import write_report
 from cehrx.model.export import load_pretrained, random_init_like
 from cehrx.model.export import model_dir as resolve_model_dir
 from cehrx.probe import labels as L
-from cehrx.probe.cohort import build_cohort
+from cehrx.probe.cohort import Cohort, build_cohort
 from cehrx.probe.counts import baseline_features, column_selector
 from cehrx.probe.embed import POOLINGS
 from cehrx.probe.evaluate import (
@@ -52,6 +52,7 @@ from cehrx.probe.evaluate import (
     scored_rows,
 )
 from cehrx.probe.feature_cache import Embedder, weights_sha256
+from cehrx.probe.report import report_sections, report_title
 from cehrx.tasks.inputs import prepared_dir_for
 from cehrx.tasks.scaffold import guard, task_output, write_marker
 
@@ -88,6 +89,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: dict, tmp: Path, timings: dict) -> dict:
+    """The probe stage by stage (each timed into `timings`); writes every output file into `tmp`."""
     p = cfg.probe
     seed = int(p.seed)
     torch.manual_seed(seed)
@@ -104,39 +106,85 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
             len(table),
         )
     cohort = build_cohort(p, prepared, vocab, table, max_len, test_split)
-    kept, hist, sid, y, split = cohort.labels, cohort.hist, cohort.sid, cohort.y, cohort.split
     timings["histories"] = _lap(t0)
 
-    features: dict[str, Any] = {}
     t0 = time.perf_counter()
-    embedder = Embedder(p, hist, sid, prepared, max_len)
-    features["probe"] = embedder(model, {"model_sha256": weights_sha256(mdir)})
-    for k in range(
-        int(p.get("random_init_seeds", 1)) if p.random_init else 0
-    ):  # several draws: one random model is a noisy control
-        rand = random_init_like(model, seed + k)
-        features[random_init_name(k)] = embedder(
-            rand, {"random_init_seed": seed + k, "config": rand.config.to_dict(), "torch": torch.__version__}
-        )
+    embedder = Embedder(p, cohort.hist, cohort.sid, prepared, max_len)
+    features = embed_features(p, embedder, model, mdir, seed)
     timings["embed"] = _lap(t0)
-    write_features(tmp, kept, split, features)
+    write_features(tmp, cohort, features)
 
     protocol = choose_protocol(
-        split, y, sid, str(p.evaluation), int(p.min_test_class), int(p.cv_folds), seed, test_split
+        cohort.split, cohort.y, cohort.sid, str(p.evaluation), int(p.min_test_class), int(p.cv_folds), seed, test_split
     )
     # count columns are chosen per fold on that fold's training histories (cross_fit's `columns`)
     t0 = time.perf_counter()
     min_code_labels = int(p.min_code_labels)
-    counts, count_info = baseline_features(p.baselines or [], prepared, kept, hist, len(vocab), None, min_code_labels)
+    counts, count_info = baseline_features(
+        p.baselines or [], prepared, cohort.labels, cohort.hist, len(vocab), None, min_code_labels
+    )
     selectors = {name: column_selector(name, X, min_code_labels) for name, X in counts.items()}
     features |= counts
     timings["count_features"] = _lap(t0)
 
     t0 = time.perf_counter()
-    methods, curves, fs = {}, {}, {}
+    scores = score_methods(p, cohort, features, selectors, protocol, test_split, tmp, count_info)
+    timings["fit_score"] = _lap(t0)
+
+    result = summary(
+        cfg, source, mdir, prepared, table, cohort, protocol, scores.methods, scores.few_shot, timings, max_len
+    )
+    result["feature_cache"] = embedder.report()
+    result["count_features"] = count_info
+    annotate_scoring(result, cohort, protocol, scores, test_split)
+    result["random_init_seeds"] = random_init_summary(scores.methods, seed)
+    result["paired"] = paired_comparisons(scores.curves, cohort.sid[protocol.test_rows], int(p.n_boot), seed)
+    pq.write_table(cohort.labels_with_split(), tmp / "labels.parquet")
+    write_report(tmp, report_title(source), dict(scores.methods), scores.curves, sections=report_sections(result))
+    return result
+
+
+def embed_features(p: DictConfig, embedder: Embedder, model, mdir: Path, seed: int) -> dict[str, np.ndarray]:
+    """The pretrained model's embeddings (`probe`), then one set per random-init control.
+
+    Several random draws (`probe.random_init_seeds`): one random model is a noisy control."""
+    features = {"probe": embedder(model, {"model_sha256": weights_sha256(mdir)})}
+    for k in range(int(p.get("random_init_seeds", 1)) if p.random_init else 0):
+        rand = random_init_like(model, seed + k)
+        features[random_init_name(k)] = embedder(
+            rand, {"random_init_seed": seed + k, "config": rand.config.to_dict(), "torch": torch.__version__}
+        )
+    return features
+
+
+@dataclass
+class Scores:
+    """What `score_methods` found for every method, keyed by method name."""
+
+    methods: dict[str, dict] = field(default_factory=dict)  # metrics on the scored rows (+ `classifier`)
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # (y, p) on the scored rows
+    few_shot: dict[str, list] = field(default_factory=dict)
+    split_only: dict[str, dict | None] = field(default_factory=dict)  # the requested split's rows (cross-fitting)
+
+
+def score_methods(
+    p: DictConfig,
+    cohort: Cohort,
+    features: dict[str, np.ndarray],
+    selectors: dict,
+    protocol: Protocol,
+    test_split: str,
+    tmp: Path,
+    count_info: dict,
+) -> Scores:
+    """Fit and score every feature set under one protocol, write its predictions, and its few-shot curve.
+
+    `counts_hgb` gets gradient boosting, the others logistic regression; count baselines choose
+    their columns per fold (`selectors`), recorded in `count_info["columns_kept"]`."""
+    seed, y, sid = int(p.seed), cohort.y, cohort.sid
     test = protocol.test_rows
-    on_split = test[split[test] == test_split]  # the requested split's rows (all of `test` unless cross-fitted)
-    split_only: dict[str, Any] = {}
+    on_split = test[cohort.split[test] == test_split]  # the requested split's rows (all of `test` unless cross-fitted)
+    scores = Scores()
     for name, X in features.items():
         kind = "hgb" if name == "counts_hgb" else "logistic"
         probs, infos = cross_fit(X, y, sid, protocol, kind, seed, columns=selectors.get(name))
@@ -144,52 +192,51 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
             count_info.setdefault("columns_kept", {})[name] = [i["columns"] for i in infos]
         m = binary_metrics(y[test], probs[test], sid[test], n_boot=int(p.n_boot), seed=seed)
         m["classifier"] = infos
-        methods[name] = m
-        curves[name] = (y[test], probs[test])
+        scores.methods[name] = m
+        scores.curves[name] = (y[test], probs[test])
         if protocol.mode != "split":
-            split_only[name] = _split_metrics(y[on_split], probs[on_split], sid[on_split], int(p.n_boot), seed)
-        kept_test = kept.take(pa.array(test))
-        write_predictions(
-            tmp / "predictions" / f"{name}.parquet",
-            sid[test],
-            kept_test.column("prediction_time"),
-            y[test],
-            probs[test],
-        )
-        if (
-            name == "probe"
-        ):  # the deliverable (MEDS-DEV): the requested split's labels only, never a pretraining subject's
-            write_predictions(
-                tmp / "predictions.parquet",
-                sid[on_split],
-                kept.take(pa.array(on_split)).column("prediction_time"),
-                y[on_split],
-                probs[on_split],
-            )
+            scores.split_only[name] = _split_metrics(y[on_split], probs[on_split], sid[on_split], int(p.n_boot), seed)
+        _write_method_predictions(tmp, name, cohort, probs, test, on_split)
         if kind == "logistic" and p.few_shot and name in ("probe", "random_init", "counts"):
             X_fs = X[:, selectors[name](protocol.folds[0][0])] if name in selectors else X
             curve = few_shot(
                 X_fs, y, sid, protocol, list(p.few_shot), int(p.few_shot_repeats), kind, seed, all_probs=probs
             )
             if curve:  # none under cross-fitting
-                fs[name] = curve
-    timings["fit_score"] = _lap(t0)
+                scores.few_shot[name] = curve
+    return scores
 
-    result = summary(cfg, source, mdir, prepared, table, kept, split, y, hist, protocol, methods, fs, timings, max_len)
+
+def _write_method_predictions(
+    tmp: Path, name: str, cohort: Cohort, probs: np.ndarray, test: np.ndarray, on_split: np.ndarray
+) -> None:
+    """`predictions/<name>.parquet` on every scored row; for the probe also `predictions.parquet`,
+    the deliverable (MEDS-DEV): the requested split's labels only, never a pretraining subject's."""
+    rows = {tmp / "predictions" / f"{name}.parquet": test}
+    if name == "probe":
+        rows[tmp / "predictions.parquet"] = on_split
+    for path, r in rows.items():
+        times = cohort.labels.take(pa.array(r)).column("prediction_time")
+        write_predictions(path, cohort.sid[r], times, cohort.y[r], probs[r])
+
+
+def annotate_scoring(result: dict, cohort: Cohort, protocol: Protocol, scores: Scores, test_split: str) -> None:
+    """What was scored where, into `result`: label counts, the split, `split_only` under
+    cross-fitting, and a warning when the scored labels include pretraining subjects."""
+    test = protocol.test_rows
+    on_split = test[cohort.split[test] == test_split]
     result["labels"]["in"] = cohort.n_in
     result["labels"]["thinned"] = cohort.thinned
-    result["feature_cache"] = embedder.report()
-    result["count_features"] = count_info
     result["split"] = test_split
     result["scored"]["split"] = test_split
-    result["scored"]["by_split"] = {s: int((split[test] == s).sum()) for s in ("train", "tuning", "held_out")}
+    result["scored"]["by_split"] = {s: int((cohort.split[test] == s).sum()) for s in ("train", "tuning", "held_out")}
     result["warnings"] = []
     if protocol.mode != "split":
         result["split_only"] = {
             "split": test_split,
             "labels": len(on_split),
-            "positives": int(y[on_split].sum()),
-            "methods": split_only,
+            "positives": int(cohort.y[on_split].sum()),
+            "methods": scores.split_only,
         }
     if result["scored"]["pretraining_labels"]:
         warning = (
@@ -201,13 +248,6 @@ def probe(cfg: DictConfig, mdir: Path, prepared: Path, table: pa.Table, source: 
         )
         result["warnings"].append(warning)
         log.warning(warning)
-    result["random_init_seeds"] = random_init_summary(methods, seed)
-    result["paired"] = paired_comparisons(curves, sid[test], int(p.n_boot), seed)
-    pq.write_table(kept.append_column("split", pa.array(split.astype(str))), tmp / "labels.parquet")
-    write_report(
-        tmp, report_title(source), {k: v for k, v in methods.items()}, curves, sections=report_sections(result)
-    )
-    return result
 
 
 def _split_metrics(y: np.ndarray, p: np.ndarray, sid: np.ndarray, n_boot: int, seed: int) -> dict | None:
@@ -261,12 +301,12 @@ def paired_comparisons(
     }
 
 
-def write_features(out: Path, kept: pa.Table, split: np.ndarray, features: dict[str, np.ndarray]) -> None:
+def write_features(out: Path, cohort: Cohort, features: dict[str, np.ndarray]) -> None:
     """`features.parquet` (the model's embedding) and `features_<method>.parquet` for other models."""
     for name, X in features.items():
         c = X.shape[1]
         emb = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(X, dtype=np.float32).ravel()), c)
-        t = kept.append_column("split", pa.array(split.astype(str))).append_column("embedding", emb)
+        t = cohort.labels_with_split().append_column("embedding", emb)
         pq.write_table(t, out / ("features.parquet" if name == "probe" else f"features_{name}.parquet"))
 
 
@@ -276,16 +316,15 @@ def summary(
     mdir,
     prepared,
     table,
-    kept,
-    split,
-    y,
-    hist: Histories,
+    cohort: Cohort,
     protocol: Protocol,
     methods,
     fs,
     timings,
     max_len,
 ) -> dict:
+    """metrics.json's body: inputs, label counts by split, what was scored, the histories, the methods."""
+    kept, split, y, hist = cohort.labels, cohort.split, cohort.y, cohort.hist
     by_split = {
         s: {
             "n": int((split == s).sum()),
@@ -317,81 +356,6 @@ def summary(
         "few_shot": fs,
         "timings_s": timings,
     }
-
-
-def report_title(source: dict) -> str:
-    return f"Linear probe: {source.get('task') or source.get('labels_dir')}"
-
-
-def report_sections(result: dict) -> dict[str, str]:
-    lab = result["labels"]
-    rows = [
-        f"- labels: {lab['in']} in, {lab['used']} used ({lab['positives']} positive); dropped: "
-        + (", ".join(f"{k} {v}" for k, v in lab["dropped"].items() if v) or "none")
-    ]
-    for s, d in lab["by_split"].items():
-        rows.append(f"- {s}: {d['n']} labels ({d['n_pos']} positive), {d['subjects']} subjects")
-    ev = result["evaluation"]
-    rows.append(
-        f"- evaluation: {'fit on train + tuning, scored on held_out' if ev == 'split' else ev + ' subject-grouped cross-fitting over all labels (held_out too small)'}"
-    )
-    sc = result["scored"]
-    rows.append(
-        f"- scored: {sc['labels']} labels ({sc['positives']} positive) from {sc['subjects']} subjects "
-        f"({sc['positive_subjects']} with a positive label)"
-    )
-    if sc["pretraining_labels"]:
-        rows.append(
-            f"- **note**: {sc['pretraining_labels']} scored labels ({sc['pretraining_subjects']} subjects) are from the `train` split "
-            "the model was pretrained on; it saw their whole timelines, outcomes included, which favours the pretrained "
-            "embedding over random init and the count baselines"
-        )
-    only = result.get("split_only")
-    if only:
-        shown = [
-            f"{name} {m['auroc']['value']:.3f} [{m['auroc']['ci_low']:.3f}, {m['auroc']['ci_high']:.3f}]"
-            for name, m in only["methods"].items()
-            if m is not None
-        ]
-        rows.append(
-            f"- {only['split']} labels alone ({only['labels']}, {only['positives']} positive; predictions.parquet holds "
-            f"these only): AUROC " + ("; ".join(shown) if shown else "not defined (one class)")
-        )
-    rows.append(
-        f"- histories: up to {result['history']['max_len']} tokens ({result['history']['mean_tokens']:.0f} on average), "
-        f"{result['history'].get('truncated', 0)} left-truncated; pooling {result['history']['pooling']}"
-    )
-    if result.get("description"):
-        rows.insert(0, f"- task: {result['description']}")
-    sections = {"Data": "\n".join(rows)}
-    ri = result.get("random_init_seeds")
-    if ri and len(ri["auroc"]) > 1:
-        sections["Pretrained vs random init"] = (
-            f"- random init over {len(ri['auroc'])} seeds ({', '.join(map(str, ri['seeds']))}): AUROC {ri['auroc_mean']:.3f} ± {ri['auroc_sd']:.3f} "
-            f"({', '.join(f'{a:.3f}' for a in ri['auroc'])})\n"
-            f"- probe {ri['probe_auroc']:.3f}: {ri['probe_minus_mean']:+.3f} vs the mean; above {ri['probe_beats']} of {len(ri['auroc'])} seeds"
-        )
-    if result.get("paired"):
-        lines = ["| comparison | AUROC difference [95% CI] | AUPRC difference [95% CI] |", "|---|---:|---:|"]
-        for name, d in result["paired"].items():
-            cells = [
-                f"{d[m]['value']:+.3f} [{d[m]['ci_low']:+.3f}, {d[m]['ci_high']:+.3f}]" for m in ("auroc", "auprc")
-            ]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        sections["Paired differences (same subject-bootstrap draws)"] = "\n".join(lines)
-    if result["few_shot"]:
-        ks = [r["k"] for r in next(iter(result["few_shot"].values()))]
-        lines = ["| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
-        for name, curve in result["few_shot"].items():
-            lines.append(
-                f"| {name} | "
-                + " | ".join(
-                    f"{r['auroc']:.3f} ± {r['auroc_sd']:.3f}" if r["auroc_sd"] else f"{r['auroc']:.3f}" for r in curve
-                )
-                + " |"
-            )
-        sections["Few-shot (held-out AUROC, mean ± sd over repeats)"] = "\n".join(lines)
-    return sections
 
 
 def _lap(t0: float) -> float:

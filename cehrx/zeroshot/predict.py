@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from cehrx.data.atomic import write_parquet
 from cehrx.data.decode import decode_events, token_seconds
 from cehrx.data.history import cut_histories
-from cehrx.data.shards import TokenArrays
+from cehrx.data.shards import TokenArrays, segment_cumsum
 from cehrx.data.vocab import Vocab
 from cehrx.data.workdir import claim_work_dir
 from cehrx.errors import CehrxError
@@ -45,7 +45,6 @@ from cehrx.zeroshot.score import (
     aggregate,
     hazard_watch_ids,
     score_futures,
-    segment_cumsum,
 )
 
 log = logging.getLogger("cehrx.zeroshot")

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from cehrx.data.history import NO_HISTORY
+from cehrx.eval.metrics import format_ci
 from cehrx.zeroshot.outcome import Outcome
 from cehrx.zeroshot.predict import ESTIMATORS, LabelInputs
 
@@ -104,9 +105,9 @@ def _estimator_lines(e: dict[str, Any]) -> str:
     for name in ESTIMATORS:
         m = e[name]
         lines.append(
-            f"| {name} | {m['auroc']['value']:.3f} [{m['auroc']['ci_low']:.3f}, {m['auroc']['ci_high']:.3f}] | "
+            f"| {name} | {format_ci(m['auroc'])} | "
             f"{m['auprc']['value']:.3f} | {m['brier']['value']:.4f} | {m['mean_label_se']:.4f} |"
         )
     d = e["hazard - mc"]["auroc"]
-    lines.append(f"\nhazard - mc AUROC: {d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] (paired bootstrap)")
+    lines.append(f"\nhazard - mc AUROC: {format_ci(d, signed=True)} (paired bootstrap)")
     return "\n".join(lines)

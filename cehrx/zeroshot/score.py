@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cehrx.data.decode import token_seconds
+from cehrx.data.shards import segment_cumsum
 from cehrx.data.vocab import VS, Vocab
 from cehrx.sampling import STOP_DEATH, STOP_END
 from cehrx.zeroshot.outcome import Outcome, Window
@@ -189,13 +190,6 @@ def _add_hazard(
     if np.isfinite(w.end_days):
         grid = w.end_days * np.arange(1, CIF_POINTS + 1) / CIF_POINTS
         scores.cif = np.stack([np.bincount(seg, weights=term * (days <= g), minlength=n) for g in grid], axis=1)
-
-
-def segment_cumsum(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Inclusive cumulative sum restarting at every segment."""
-    c = np.cumsum(values)
-    before = np.concatenate([[0], c])[offsets[:-1]]
-    return c - np.repeat(before, np.diff(offsets))
 
 
 def _in_time(rel_s: np.ndarray, w: Window) -> np.ndarray:

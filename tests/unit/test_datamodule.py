@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cehrx.data.datamodule import IGNORE_INDEX, PackedBatchSampler, PretrainDataModule, pack_lengths
+from cehrx.data.datamodule import PackedBatchSampler, PretrainDataModule
+from cehrx.data.packing import IGNORE_INDEX, pack_lengths
 from cehrx.data.shards import PROMPT_LEN, load_split
 from cehrx.data.vocab import END, PAD, PROMPT_KINDS, VS
 from cehrx.errors import DataError
@@ -229,8 +230,8 @@ def test_sampler_resumes_mid_epoch(dm: PretrainDataModule) -> None:
 
 def test_cache_is_streamed_and_equals_the_loaded_split(synthetic_prepared, tmp_path) -> None:
     """`build_cache` flattens a split a batch of subjects at a time; the arrays are those of `load_split`."""
-    from cehrx.data.datamodule import build_cache, save_visit_starts
     from cehrx.data.shards import TokenArrays, save_split
+    from cehrx.data.token_cache import build_cache, save_visit_starts
     from cehrx.data.vocab import VS, Vocab
 
     vocab = Vocab.load(synthetic_prepared)

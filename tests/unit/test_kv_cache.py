@@ -3,35 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import torch
 
 from cehrx.data.vocab import Vocab
-from cehrx.model.config import GPTConfig
 from cehrx.model.kv_cache import KVCache
-from cehrx.model.transformer import GPT
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Micro-model steps are tiny: on a loaded 2-core machine, torch's second thread only spins."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def vocab(synthetic_prepared: Path) -> Vocab:
-    return Vocab.load(synthetic_prepared)
-
-
-def micro(vocab: Vocab, seed: int = 0, max_seq_len: int = 256) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=len(vocab), n_layer=2, n_embd=64, n_head=2, max_seq_len=max_seq_len)).eval()
+# the fixtures and model of the engine tests, shared
+from tests.unit.test_sampling import micro, one_thread, vocab  # noqa: F401
 
 
 @torch.no_grad()
@@ -189,3 +168,34 @@ def test_shared_prefix_cache_tiers_compaction_and_buffer_reuse(
         tiers.add(len(cache._tiers))
         seqs = _decode_and_check(model, cache, seqs, g)
     assert tiers == {1, 2} and cache.length > 16
+
+
+@torch.no_grad()
+def test_cached_decoding_uses_the_configured_backend(vocab: Vocab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill, `KVCache` decoding and `SharedPrefixKVCache` decoding run the model's own
+    `attn_backend` (through `attention.BACKENDS`), not `auto`: on CPU `auto` is sdpa, so a
+    `flex` model that decoded with `auto` would never reach the flex row of the table."""
+    import dataclasses
+
+    from cehrx.model import attention as A
+
+    used: list[str] = []
+
+    def spy(use: str, fn):
+        def call(*args, **kwargs):
+            used.append(use)
+            return fn(*args, **kwargs)
+
+        return call
+
+    row = A.BACKENDS["flex"]
+    monkeypatch.setitem(
+        A.BACKENDS, "flex", dataclasses.replace(row, padded=spy("padded", row.padded), merged=spy("merged", row.merged))
+    )
+    model = micro(vocab)
+    model.config.attn_backend = "flex"
+    g = torch.Generator().manual_seed(4)
+    cache, seqs = _shared_prefix_cache(model, g, [5, 9], 3)  # prefill through a KVCache
+    assert used and set(used) == {"padded"}
+    _decode_and_check(model, cache, seqs, g)  # decoding through the shared-prefix cache
+    assert "merged" in used

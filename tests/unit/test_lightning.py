@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from cehrx.data.datamodule import IGNORE_INDEX, PretrainDataModule, collate_packed
+from cehrx.data.datamodule import PretrainDataModule
+from cehrx.data.packing import IGNORE_INDEX, collate_packed
 from cehrx.data.vocab import KINDS, VE, Vocab
 from cehrx.model.config import GPTConfig
 from cehrx.model.export import export_checkpoint, load_pretrained

@@ -430,7 +430,7 @@ def test_logistic_reports_its_training_cv_auroc() -> None:
 
 
 def test_report_sections_under_cross_fitting() -> None:
-    from cehrx.tasks.probe import report_sections
+    from cehrx.probe.report import report_sections
 
     result = {
         "labels": {
@@ -558,7 +558,7 @@ def test_feature_cache_embeds_each_history_once(prepared, gpt, tmp_path: Path) -
 
 
 def test_thinning_keeps_the_test_split_and_the_same_times_for_every_task(prepared) -> None:
-    from cehrx.probe.labels import thin_training_labels, unit_hash
+    from cehrx.probe.cohort import thin_training_labels, unit_hash
 
     arrays, split, _ = prepared
     sid = np.repeat(arrays.subject_id, 20)
