@@ -32,10 +32,15 @@ def run(src: Path, out: Path, data: str, *overrides: str) -> dict:
     return prepare.run(compose_cfg("task=prepare", f"data={data}", f"data.path={src}", f"output_dir={out}", *overrides))
 
 
+def output_files(d: Path) -> list[Path]:
+    """The files of a prepared dir, but the SLURM logs that runs through submitit keep in it (`.submitit/`)."""
+    return sorted(p.relative_to(d) for p in d.rglob("*") if p.is_file() and ".submitit" not in p.relative_to(d).parts)
+
+
 def assert_same_output(a: Path, b: Path) -> None:
     """Every file byte for byte (token shards, vocab.json, the MEDS copy), and prepare.json but its timings."""
-    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    files = output_files(a)
+    assert files == output_files(b)
     differ = [str(f) for f in files if f.name not in NOT_COMPARED and not filecmp.cmp(a / f, b / f, shallow=False)]
     assert not differ, differ
     ra, rb = (json.loads((d / "prepare.json").read_text()) for d in (a, b))

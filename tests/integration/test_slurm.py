@@ -194,3 +194,6 @@ def test_sharded_prepare_as_an_array_of_shard_jobs_then_the_reduce(slurm, tmp_pa
     )
     assert single.returncode == 0, single.stderr[-3000:]
     assert_same_output(tmp_path / "single", out)
+    logs = job_logs(out)
+    assert len({p.parent.name for p in logs}) == 3, "the shard jobs' logs outlive the reduce that finished the output"
+    assert all("prepared shard" in p.read_text() for p in logs), [p.read_text()[-500:] for p in logs]
