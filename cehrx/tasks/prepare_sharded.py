@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from cehrx.data.atomic import recover
 from cehrx.data.sharding import (
     DONE,
+    HASH_VERSION,
     choose_shards,
     claim_plan,
     fingerprint,
@@ -72,6 +73,7 @@ def plan_of(cfg: DictConfig, shards: int) -> dict:
     settings = {
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "task": {k: v for k, v in t.items() if k not in RUN_ONLY},
+        "shard_hash": HASH_VERSION,
     }
     return {"shards": shards, "fingerprint": fingerprint(settings)}
 

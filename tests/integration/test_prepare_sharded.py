@@ -133,7 +133,7 @@ def test_dirty_input_sharded_is_the_single_pass(case, omop_slice: Path, tmp_path
 
 
 def test_shard_of_a_subject_is_the_same_in_sql_and_numpy() -> None:
-    ids = np.array([0, 1, 2, 7, -3, 2**40 + 5, 2**63 - 1, -(2**63) + 1, 123456789], dtype=np.int64)
+    ids = np.array([0, 1, 2, 7, -3, 2**32, 2**40 + 5, 2**63 - 1, -(2**63), -(2**63) + 1, 123456789], dtype=np.int64)
     con = duckdb.connect()
     t = pa.table({"x": ids, "s": pa.array([str(i) for i in ids])})  # noqa: F841 (read by DuckDB)
     for n in (1, 2, 7, 256):
@@ -146,6 +146,9 @@ def test_shard_of_a_subject_is_the_same_in_sql_and_numpy() -> None:
     ]
     counts = np.bincount(shard_of(np.arange(10_000), 16), minlength=16)
     assert counts.min() > 500, counts  # sequential ids spread evenly
+    scaled = (np.arange(40)[:, None] * 10**6 + np.arange(2694)).ravel()  # experiments/bench/scale_omop.py's ids
+    counts = np.bincount(shard_of(scaled, 256), minlength=256)
+    assert counts.min() > 0.9 * counts.mean() and counts.max() < 1.1 * counts.mean(), counts
 
 
 def test_shard_count_follows_data_size_and_budget() -> None:
