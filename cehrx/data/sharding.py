@@ -158,5 +158,7 @@ def claim_plan(work: Path, plan: dict) -> dict:
 
 
 def worker_threads(workers: int) -> int:
-    """DuckDB threads per worker: the node's cores shared among the workers."""
-    return max(1, (os.cpu_count() or 1) // max(workers, 1))
+    """DuckDB threads per worker: the cores this process may use (a SLURM job's, not the whole node's)
+    shared among the workers."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(workers, 1))
