@@ -131,8 +131,21 @@ def job(job_dir: Path) -> Iterator[Path]:
 def write_done(tmp: Path, result: dict) -> None:
     """The job's marker: its result, and the peak RSS of its process so far (a pool worker runs several
     jobs: an upper bound for this one), which the benchmark holds to the memory budget."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    (tmp / DONE).write_text(json.dumps({**result, "peak_rss_mib": round(peak)}, indent=1, default=_jsonable) + "\n")
+    (tmp / DONE).write_text(
+        json.dumps({**result, "peak_rss_mib": round(peak_rss_mib())}, indent=1, default=_jsonable) + "\n"
+    )
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux: `VmHWM`). Not `ru_maxrss`: Linux carries it over
+    fork and exec, so a spawned pool worker would report at least its parent's peak at the spawn."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _jsonable(x):
