@@ -20,8 +20,9 @@ log = logging.getLogger("cehrx")
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def app(cfg: DictConfig) -> object:
-    # one stable output dir per sweep job, except a sweep over prepare's shards, which all feed one output
-    if HydraConfig.get().mode == RunMode.MULTIRUN and OmegaConf.select(cfg, "task.shard") is None:
+    # one stable output dir per sweep job, except prepare's shard and stage jobs, which all feed one output
+    one_output = OmegaConf.select(cfg, "task.shard") is not None or OmegaConf.select(cfg, "task.stage") is not None
+    if HydraConfig.get().mode == RunMode.MULTIRUN and not one_output:
         with open_dict(cfg):
             cfg.output_dir = HydraConfig.get().runtime.output_dir
     fn = hydra.utils.get_method(cfg.task.fn)

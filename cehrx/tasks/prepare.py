@@ -137,9 +137,12 @@ def source_report(cfg: DictConfig) -> dict:
     return {"source": {"kind": cfg.data.source, "path": str(cfg.data.path)}}
 
 
-def read_events(con, cfg: DictConfig, report: dict, shard: Shard | None = None) -> tuple[dict, int]:
-    """`events` and `code_meta` from the source (one shard's subjects, or all); the source stats and events in."""
-    stats = read_source(con, cfg, report, shard)
+def read_events(
+    con, cfg: DictConfig, report: dict, shard: Shard | None = None, parts: Path | None = None
+) -> tuple[dict, int]:
+    """`events` and `code_meta` from the source (one shard's subjects, or all); the source stats and events in.
+    `parts`: the sharded prepare's copy of the csv tables (`omop_tables.partition_text`)."""
+    stats = read_source(con, cfg, report, shard, parts)
     return stats, con.execute("SELECT count(*) FROM events").fetchall()[0][0]
 
 
@@ -197,13 +200,13 @@ def vocab_meta(t: DictConfig, source: str, inpatient: list[str]) -> dict:
     }
 
 
-def read_source(con, cfg: DictConfig, report: dict, shard: Shard | None = None) -> dict:
+def read_source(con, cfg: DictConfig, report: dict, shard: Shard | None = None, parts: Path | None = None) -> dict:
     """Fill `events` and `code_meta` from the OMOP or MEDS source; the table listing goes to `report`.
 
     With a `shard`, only its subjects are read, and `report["tables"]["sharded"]` names the tables whose
     `rows` are that shard's (the others, like `concept`, are read whole by every shard)."""
     if cfg.data.source == "omop":
-        tables = open_omop(con, str(cfg.data.path), shard)
+        tables = open_omop(con, str(cfg.data.path), shard, parts)
         stats = omop_to_events(con, tables, current_year=dt.date.today().year)
         report["tables"] = {
             "found": sorted(tables.columns),

@@ -1,11 +1,13 @@
-"""The jobs of the sharded prepare (`prepare_sharded`): per shard `map_shard`, `visit_shard`,
-`tokenize_shard`; once `reduce_codes`, `reduce_vocab`, `finish`.
+"""The jobs of the sharded prepare (`prepare_sharded`): once before the shards `partition_source` (csv
+sources only); per shard `map_shard`, `visit_shard`, `tokenize_shard`; once `reduce_codes`, `reduce_vocab`,
+`finish`.
 
 Each takes the resolved config as a plain dict (it is sent to spawned processes) and the work dir,
 and does nothing when its `done.json` exists. The per-shard steps are those of the single pass
 (`tasks/prepare.py`), run on the shard's subjects; what needs every subject is decided in the reduce
 (`data/shard_merge.py`) from what the shards wrote next to their marker:
 
+    source/      the csv tables as parquet: <table>/cehrx_shard=<k>/ (by person), <table>.parquet (others)
     map/<k>/     state.duckdb, meds.parquet (OMOP), code_meta, subject_split, code_counts, values
     codes/       kept_codes.parquet, edges.parquet
     visits/<k>/  subjects.parquet (tokenized subjects); done.json: vocabulary inputs, subject counts
@@ -28,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from cehrx.data import duck, shard_merge
 from cehrx.data.duck import literal
 from cehrx.data.omop_mapping import EVENT_TABLES, OPTIONAL_TABLES
+from cehrx.data.omop_tables import partition_text, text_tables
 from cehrx.data.shard_writer import Written, write_parts
 from cehrx.data.sharding import Shard, duckdb_limit, is_done, job, parse_bytes, read_done, worker_threads, write_done
 from cehrx.data.token_order import fetch_ordered, order_visits
@@ -54,9 +57,14 @@ def budget(t) -> int:
     return parse_bytes(t.get("memory_budget")) or 2 * parse_bytes(t.duckdb.memory_limit)
 
 
-def connection(t, temp: Path, database: Path | None = None):
-    """A job's DuckDB: its share of the worker's memory budget and of the node's cores."""
-    threads = t.duckdb.threads or worker_threads(int(t.get("workers") or 1))
+# DuckDB's PARTITION_BY keeps, per thread, buffers for every shard: 75 MB a thread held 5 M csv rows in
+# 256 or 1024 shards within the limit, 19 MB failed (out of memory), so `partition_source` gives each thread 100 MB.
+PARTITION_THREAD_BYTES = 100 * 10**6
+
+
+def connection(t, temp: Path, database: Path | None = None, threads: int | None = None):
+    """A job's DuckDB: its share of the worker's memory budget and of the node's cores (or `threads`)."""
+    threads = t.duckdb.threads or threads or worker_threads(int(t.get("workers") or 1))
     return duck.connect(duckdb_limit(budget(t)), threads, temp_dir=temp, database=database)
 
 
@@ -80,6 +88,29 @@ def source_rows(cfg: DictConfig) -> int:
     return sum(tables.rows.get(name, 0) for name in events)
 
 
+def text_source(cfg) -> bool:
+    """Whether the source has csv tables, which `partition_source` reads once for all shards."""
+    return cfg.data.source == "omop" and bool(text_tables(str(cfg.data.path)))
+
+
+def partition_source(cfgd: dict, work: str, shards: int) -> None:
+    """The csv tables of the source, each read once into per-shard parquet (`omop_tables.partition_text`;
+    why not parquet sources: its module doc), so a shard's `map` reads its own rows only. One job, on all
+    the node's cores (at most one per `PARTITION_THREAD_BYTES` of DuckDB's limit), within the worker's memory
+    budget; nothing to do for a source without csv tables."""
+    target = Path(work) / "source"
+    cfg = OmegaConf.create(cfgd)
+    if is_done(target) or not text_source(cfg):
+        return
+    with job(target) as tmp:
+        per_thread = parse_bytes(duckdb_limit(budget(cfg.task))) // PARTITION_THREAD_BYTES
+        con = connection(cfg.task, tmp / ".duckdb_tmp", threads=max(1, min(worker_threads(1), per_thread)))
+        tables = partition_text(con, str(cfg.data.path), tmp, shards)
+        con.close()
+        shutil.rmtree(tmp / ".duckdb_tmp", ignore_errors=True)
+        write_done(tmp, {"tables": tables})
+
+
 def map_shard(cfgd: dict, work: str, k: int, shards: int) -> None:
     """Shard k's subjects, up to their visits: events, splits, MEDS rows, `body` attached to visits;
     spills its train code counts and values for the reduce, and keeps its database for later jobs."""
@@ -91,7 +122,8 @@ def map_shard(cfgd: dict, work: str, k: int, shards: int) -> None:
     with job(target) as tmp:
         con = connection(t, tmp / ".duckdb_tmp", tmp / "state.duckdb")
         report: dict = {}
-        stats, events_in = single.read_events(con, cfg, report, Shard(k, shards))
+        parts = Path(work) / "source"
+        stats, events_in = single.read_events(con, cfg, report, Shard(k, shards), parts if is_done(parts) else None)
         splits = single.split_subjects(con, t.splits, bool(stats.get("source_splits")))
         if cfg.data.source == "omop":
             write_part(con, tmp / "meds.parquet")

@@ -1,5 +1,7 @@
 """`cehrx task=prepare` at any size: subject shards, each a job with a fixed memory budget (DESIGN §4.1).
 
+    partition csv sources only, once: each csv table read once into per-shard parquet, so a shard's
+              `map` reads its own rows instead of parsing every csv again (`omop_tables.partition_text`)
     map       per shard: its subjects' rows of the source -> events, splits, MEDS rows, visits; spills
               train code counts and values; keeps its DuckDB database (`state.duckdb`)
     reduce    kept codes and value deciles from the spills (`shard_merge`); per shard, its visits
@@ -16,7 +18,8 @@ finished (`task.keep_work=true` keeps it).
 
 Where the jobs run: a process pool of `task.workers` (spawned processes), or one SLURM array job per
 shard for `map` (`-m hydra/launcher=slurm 'task.shard=range(0,N)'`), then `task.stage=reduce` on one
-node. The same jobs and the same files either way, so the same output.
+node; a csv source first needs `task.stage=partition` (one job), which a map job refuses to go without.
+The same jobs and the same files either way, so the same output.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from cehrx.data.atomic import recover
 from cehrx.data.sharding import (
     DONE,
+    HASH_VERSION,
     choose_shards,
     claim_plan,
     fingerprint,
@@ -72,27 +76,41 @@ def plan_of(cfg: DictConfig, shards: int) -> dict:
     settings = {
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "task": {k: v for k, v in t.items() if k not in RUN_ONLY},
+        "shard_hash": HASH_VERSION,
     }
     return {"shards": shards, "fingerprint": fingerprint(settings)}
 
 
 def run(cfg: DictConfig, shards: int) -> dict:
-    """The stage `task.stage` asks for: `map` (the default when `task.shard` is given) for one shard,
-    `reduce`, or `all` (the default): every unfinished job, then the output."""
+    """The stage `task.stage` asks for: `partition` (a csv source's tables into shards, before the maps),
+    `map` (the default when `task.shard` is given) for one shard, `reduce`, or `all` (the default): every
+    unfinished job, then the output."""
     t = cfg.task
     guard("prepare", cfg.output_dir, bool(cfg.overwrite))
     work = work_dir(cfg)
     claim_plan(work, plan_of(cfg, shards))
     stage = t.get("stage") or ("map" if t.get("shard") is not None else "all")
-    if stage not in ("map", "reduce", "all"):
-        raise DataError(f"task.stage must be map, reduce or all, got {stage!r}")
+    if stage not in ("partition", "map", "reduce", "all"):
+        raise DataError(f"task.stage must be partition, map, reduce or all, got {stage!r}")
     cfgd = OmegaConf.to_container(cfg, resolve=True)
+    if stage == "partition":
+        shard_jobs.partition_source(cfgd, str(work), shards)
+        if not is_done(work / "source"):
+            log.info("%s has no csv tables: the map jobs read it in place", cfg.data.path)
+            return {"tables": {}}
+        log.info("csv tables read into %d shards in %s", shards, work / "source")
+        return read_done(work / "source")
     if stage == "map":
         if t.get("shard") is None:
             raise DataError("task.stage=map runs one shard: give task.shard (a sweep: 'task.shard=range(0,N)')")
         k = int(t.shard)
         if not 0 <= k < shards:
             raise DataError(f"task.shard={k} is not one of the task.shards={shards} shards (0..{shards - 1})")
+        if not is_done(work / "source") and shard_jobs.text_source(cfg):
+            raise DataError(
+                f"{cfg.data.path} has csv tables: read them into shards once first, with the same settings and "
+                f"task.stage=partition (else every shard job parses every csv file)"
+            )
         shard_jobs.map_shard(cfgd, str(work), k, shards)
         log.info("prepared shard %d of %d in %s", k, shards, work)
         return read_done(work / "map" / str(k))
@@ -105,8 +123,12 @@ def reduce(cfg: DictConfig, cfgd: dict, work: Path, shards: int) -> dict:
 
     t = cfg.task
     workers = int(t.get("workers") or 1)
-    stages = Stages(total=5)
+    text = shard_jobs.text_source(cfg)
+    stages = Stages(total=5 + text)
     start = time.perf_counter()
+    if text:
+        with stages(f"csv tables into {shards} shards"):
+            shard_jobs.partition_source(cfgd, str(work), shards)
     with Jobs(workers) as jobs:
         with stages(f"map {shards} shards"):
             jobs.run(shard_jobs.map_shard, [(cfgd, str(work), k, shards) for k in pending(work, "map", shards)])

@@ -9,7 +9,8 @@ The rules every task follows, and the pipeline relies on:
   looks at the output (`recover_output`, called by `guard`): its temporaries are removed and, when
   the kill fell between the two renames of an overwrite, the finished output is put back in place.
 - **Appear at once**: the task writes into a temporary sibling (`cehrx.data.atomic.atomic_dir`),
-  which replaces `output_dir` only when the block succeeds, with the resolved `config.yaml`.
+  which replaces `output_dir` only when the block succeeds, with the resolved `config.yaml`; SLURM
+  logs already in `output_dir` (`.submitit/`) are moved into it first, so they survive the replacement.
 - **The marker is the summary**: `write_marker` writes the task's result JSON as the marker, last.
 
 `OUTPUTS` names each task's marker and its folder under a `task=pipeline` root, so the pipeline
@@ -19,6 +20,7 @@ knows when a stage is done without repeating any task's file names.
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,11 @@ OUTPUTS: dict[str, TaskOutput] = {
     "generate": TaskOutput("generate.json", "synthetic"),
     "evaluate": TaskOutput("metrics.json", "synthetic_report"),
 }
+
+
+# Run records that jobs write into `output_dir` (the SLURM launcher's `submitit_folder`): kept when the
+# task's output replaces the directory (`keep_run_logs`).
+RUN_LOGS = (".submitit",)
 
 
 def marker(task: str) -> str:
@@ -99,6 +106,16 @@ def task_output(cfg: DictConfig, task: str, *, overwrite: bool | None = None) ->
                 f"task {task} finished without writing its marker {marker(task)}: the output would never count as finished"
             )
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        keep_run_logs(out, tmp)
+
+
+def keep_run_logs(out: Path, tmp: Path) -> None:
+    """Move the SLURM logs already in `out` (`RUN_LOGS`) into the output about to replace it, so that
+    they outlive it: the map jobs of a sharded prepare log into the `output_dir` that the reduce then
+    replaces, and a job still running (the reduce under SLURM) goes on writing to its moved log file."""
+    for name in RUN_LOGS:
+        if (out / name).is_dir() and not (tmp / name).exists():
+            os.replace(out / name, tmp / name)
 
 
 def write_marker(tmp: Path, task: str, result: Any) -> Path:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import duckdb
@@ -32,10 +34,15 @@ def run(src: Path, out: Path, data: str, *overrides: str) -> dict:
     return prepare.run(compose_cfg("task=prepare", f"data={data}", f"data.path={src}", f"output_dir={out}", *overrides))
 
 
+def output_files(d: Path) -> list[Path]:
+    """The files of a prepared dir, but the SLURM logs that runs through submitit keep in it (`.submitit/`)."""
+    return sorted(p.relative_to(d) for p in d.rglob("*") if p.is_file() and ".submitit" not in p.relative_to(d).parts)
+
+
 def assert_same_output(a: Path, b: Path) -> None:
     """Every file byte for byte (token shards, vocab.json, the MEDS copy), and prepare.json but its timings."""
-    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    files = output_files(a)
+    assert files == output_files(b)
     differ = [str(f) for f in files if f.name not in NOT_COMPARED and not filecmp.cmp(a / f, b / f, shallow=False)]
     assert not differ, differ
     ra, rb = (json.loads((d / "prepare.json").read_text()) for d in (a, b))
@@ -112,7 +119,15 @@ def test_bad_input_fails_the_same_way_sharded(omop_slice: Path, tmp_path: Path) 
     assert messages[0] == messages[1] and "lower it (task.min_subjects=" in messages[0]
 
 
-FUZZ = ("null_person_ids", "duplicate_persons_and_visits", "duplicate_event_rows", "baseline_csv")
+FUZZ = (
+    "null_person_ids",
+    "duplicate_persons_and_visits",
+    "duplicate_event_rows",
+    "baseline_csv",
+    "unparsable_dates_csv",
+    "upper_case_names_csv",
+    "empty_table_without_columns",
+)
 
 
 @pytest.mark.parametrize("case", [c for c in OMOP_CASES if c.name in FUZZ], ids=lambda c: c.name)
@@ -127,8 +142,59 @@ def test_dirty_input_sharded_is_the_single_pass(case, omop_slice: Path, tmp_path
         assert case.check(report)
 
 
+# Bad input in csv files (a csv copy of each parquet case but those that damage a parquet file): the
+# sharded prepare reads the csv tables in its `partition` job, and must fail with the single pass's error.
+CSV_ERRORS = [
+    c if c.fmt == "csv" else replace(c, name=c.name + "_csv", fmt="csv")
+    for c in OMOP_CASES
+    if c.error and not c.overrides and (c.fmt == "csv" or c.damage is None)
+]
+
+
+@pytest.mark.parametrize("case", CSV_ERRORS, ids=lambda c: c.name)
+def test_bad_csv_fails_the_same_way_sharded(case, omop_slice: Path, tmp_path: Path) -> None:
+    src = write_case(omop_slice, tmp_path / "src", case, tuple(p.stem for p in omop_slice.iterdir()))
+    messages = []
+    for extra in ((), ("task.shards=3",)):
+        with pytest.raises(CehrxError) as e:
+            run(src, tmp_path / f"out{len(extra)}", "omop", *extra)
+        messages.append(str(e.value))
+    assert messages[0] == messages[1]
+
+
+@pytest.fixture(scope="module")
+def synthea_csv(tmp_path_factory) -> tuple[Path, Path]:
+    """Synthea 1k's csv tables, copied so that a test can empty them, and the single pass's output of them."""
+    root = tmp_path_factory.mktemp("synthea_csv")
+    shutil.copytree(shared_data("omop_synthea1k/csv"), root / "csv", copy_function=shutil.copyfile)
+    run(root / "csv", root / "single", "synthea1k")
+    return root / "csv", root / "single"
+
+
+@pytest.mark.parametrize("shards", [1, 3, 7])
+def test_csv_tables_are_read_once_for_all_shards(shards: int, synthea_csv, tmp_path: Path) -> None:
+    """`task.stage=partition` reads each csv table once into per-shard parquet; the shard jobs read only
+    those (the csv files are emptied before they run) and the output is the single pass's. A map job
+    before the partition is refused: it would parse every csv file again."""
+    src, single = synthea_csv
+    out, n = tmp_path / "out", f"task.shards={shards}"
+    with pytest.raises(DataError, match=r"has csv tables: .* task.stage=partition"):
+        run(src, out, "synthea1k", n, "task.shard=0")
+    assert run(src, out, "synthea1k", n, "task.stage=partition")["tables"]["measurement"] == "shards"
+    saved = {f: f.read_bytes() for f in src.iterdir()}
+    try:
+        for f in saved:
+            f.write_bytes(b"")
+        report = run(src, out, "synthea1k", n, "task.stage=reduce")
+    finally:
+        for f, data in saved.items():
+            f.write_bytes(data)
+    assert_same_output(single, out)
+    assert_counts_balance(out, report)
+
+
 def test_shard_of_a_subject_is_the_same_in_sql_and_numpy() -> None:
-    ids = np.array([0, 1, 2, 7, -3, 2**40 + 5, 2**63 - 1, -(2**63) + 1, 123456789], dtype=np.int64)
+    ids = np.array([0, 1, 2, 7, -3, 2**32, 2**40 + 5, 2**63 - 1, -(2**63), -(2**63) + 1, 123456789], dtype=np.int64)
     con = duckdb.connect()
     t = pa.table({"x": ids, "s": pa.array([str(i) for i in ids])})  # noqa: F841 (read by DuckDB)
     for n in (1, 2, 7, 256):
@@ -141,6 +207,9 @@ def test_shard_of_a_subject_is_the_same_in_sql_and_numpy() -> None:
     ]
     counts = np.bincount(shard_of(np.arange(10_000), 16), minlength=16)
     assert counts.min() > 500, counts  # sequential ids spread evenly
+    scaled = (np.arange(40)[:, None] * 10**6 + np.arange(2694)).ravel()  # experiments/bench/scale_omop.py's ids
+    counts = np.bincount(shard_of(scaled, 256), minlength=256)
+    assert counts.min() > 0.9 * counts.mean() and counts.max() < 1.1 * counts.mean(), counts
 
 
 def test_shard_count_follows_data_size_and_budget() -> None:

@@ -175,22 +175,39 @@ def test_failed_job_reports_the_cehrx_error_and_exits_non_zero(slurm, tmp_path: 
 
 
 def test_sharded_prepare_as_an_array_of_shard_jobs_then_the_reduce(slurm, tmp_path: Path) -> None:
-    """`task.shard=range(0,N)` maps one shard per SLURM job into the one output; `task.stage=reduce`
-    finishes it. The output is the single pass's, byte for byte (README "prepare at any size")."""
+    """A csv source: `task.stage=partition` (one SLURM job) reads its tables into shards once, then
+    `task.shard=range(0,N)` maps one shard per SLURM job into the one output, and `task.stage=reduce`
+    finishes it. The output is the single pass's, byte for byte (README "prepare at any size"), and
+    every job's log is still there after the reduce."""
     from tests.conftest import shared_data
     from tests.integration.test_prepare_sharded import assert_same_output
 
-    src = shared_data("omop_eunomia_gibleed/parquet")
+    src = shared_data("omop_synthea1k/csv")
     out = tmp_path / "sharded"
-    common = ("task=prepare", "data=gibleed", f"data.path={src}", "task.shards=3")
-    proc = cehrx(*LAUNCH, *common, "task.shard=range(0,3)", f"output_dir={out}", env=slurm, cwd=tmp_path)
+    common = ("task=prepare", "data=synthea1k", f"data.path={src}", "task.shards=3", f"output_dir={out}")
+    proc = cehrx(*LAUNCH, *common, "task.shard=0", env=slurm, cwd=tmp_path)
+    assert proc.returncode != 0 and "task.stage=partition" in job_logs(out)[0].read_text(), (
+        "no map before the partition"
+    )
+    proc = cehrx(*LAUNCH, *common, "task.stage=partition", env=slurm, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len({p.parent.name for p in job_logs(out)}) == 3, "three SLURM jobs, one per shard"
+    assert (tmp_path / ".sharded.shards" / "source" / "done.json").is_file(), "the job kept the one output dir"
+    proc = cehrx(*LAUNCH, *common, "task.shard=range(0,3)", env=slurm, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len({p.parent.name for p in job_logs(out)}) == 5, "three SLURM jobs, one per shard (and two before)"
     assert sorted(p.name for p in (tmp_path / ".sharded.shards" / "map").iterdir()) == ["0", "1", "2"]
-    proc = cehrx(*common, "task.stage=reduce", f"output_dir={out}", env=slurm, cwd=tmp_path)
+    proc = cehrx(*common, "task.stage=reduce", env=slurm, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = cehrx(
-        "task=prepare", "data=gibleed", f"data.path={src}", f"output_dir={tmp_path / 'single'}", env=slurm, cwd=tmp_path
+        "task=prepare",
+        "data=synthea1k",
+        f"data.path={src}",
+        f"output_dir={tmp_path / 'single'}",
+        env=slurm,
+        cwd=tmp_path,
     )
     assert single.returncode == 0, single.stderr[-3000:]
     assert_same_output(tmp_path / "single", out)
+    logs = job_logs(out)
+    assert len({p.parent.name for p in logs}) == 5, "the jobs' logs outlive the reduce that finished the output"
+    assert sum("prepared shard" in p.read_text() for p in logs) == 3, [p.read_text()[-500:] for p in logs]

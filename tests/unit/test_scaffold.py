@@ -37,6 +37,21 @@ def test_task_output_appears_finished_with_its_config_or_not_at_all(tmp_path: Pa
     guard("probe", out, overwrite=True)
 
 
+def test_slurm_logs_in_the_output_dir_survive_the_output_that_replaces_it(tmp_path: Path) -> None:
+    """A sharded prepare's map jobs log into `<output_dir>/.submitit/`; the reduce's output replaces the dir."""
+    out = tmp_path / "p"
+    log = out / ".submitit" / "7_0" / "7_0_0_log.out"
+    log.parent.mkdir(parents=True)
+    log.write_text("prepared shard 0 of 2\n")
+    (out / "multirun").mkdir()
+    with log.open("a") as running:  # a job still writing goes on writing to the moved file
+        with task_output(OmegaConf.create({"output_dir": str(out), "overwrite": False}), "prepare") as tmp:
+            write_marker(tmp, "prepare", {})
+        running.write("done\n")
+    assert log.read_text() == "prepared shard 0 of 2\ndone\n" and is_finished("prepare", out)
+    assert not (out / "multirun").exists()
+
+
 def test_the_pipeline_takes_its_stages_from_the_task_outputs(tmp_path: Path) -> None:
     assert (
         pipeline.STAGES
