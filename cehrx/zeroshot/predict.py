@@ -64,7 +64,7 @@ def _default_sampling() -> SamplingConfig:
 class ZeroshotConfig:
     """The `zeroshot:` config block's run options, and how the futures are sampled (the `sampling:` block)."""
 
-    estimator: str = "mc"  # which estimate is the prediction (both are computed when the sampling allows)
+    estimator: str = "hazard"  # which estimate is the prediction (both are computed when the sampling allows)
     num_samples: int = 20
     history_len: int | None = None  # default: the model's max_seq_len - sampling.max_new_tokens
     chunk_size: int = 512  # labels per resumable chunk

@@ -128,7 +128,8 @@ def test_end_to_end_outputs(trained, task_files, tmp_path: Path) -> None:
         and "hazard - mc AUROC" in report
     )
     est = saved["estimators"]  # both estimators from the same futures, and their paired difference
-    assert est["mc"]["auroc"]["value"] == saved["auroc"]["value"] and "value" in est["hazard - mc"]["auroc"]
+    assert saved["estimator"] == "hazard", "the hazard sum is the default prediction"
+    assert est["hazard"]["auroc"]["value"] == saved["auroc"]["value"] and "value" in est["hazard - mc"]["auroc"]
     assert est["hazard"]["mean_label_se"] < est["mc"]["mean_label_se"], "the hazard sum is the less noisy estimate"
     det = pq.read_table(out / "details.parquet")
     h = det.column("hazard_probability").to_numpy()
@@ -145,15 +146,16 @@ def test_end_to_end_outputs(trained, task_files, tmp_path: Path) -> None:
         run(cfg_for(trained, task_files, out))
 
 
-def test_hazard_estimator_is_the_prediction_when_chosen(trained, task_files, tmp_path: Path) -> None:
-    m = run(cfg_for(trained, task_files, tmp_path / "hz", "zeroshot.estimator=hazard"))
-    assert m["estimator"] == "hazard" and m["auroc"]["value"] == m["estimators"]["hazard"]["auroc"]["value"]
-    det = pq.read_table(tmp_path / "hz" / "details.parquet")
-    np.testing.assert_allclose(det.column("probability").to_numpy(), det.column("hazard_probability").to_numpy())
+def test_each_estimator_is_the_prediction_when_chosen(trained, task_files, tmp_path: Path) -> None:
+    m = run(cfg_for(trained, task_files, tmp_path / "mc", "zeroshot.estimator=mc"))
+    assert m["estimator"] == "mc" and m["auroc"]["value"] == m["estimators"]["mc"]["auroc"]["value"]
+    det = pq.read_table(tmp_path / "mc" / "details.parquet")
+    res, p = det.column("n_resolved").to_numpy(), det.column("probability").to_numpy()
+    np.testing.assert_allclose(p[res > 0], det.column("n_outcome").to_numpy()[res > 0] / res[res > 0])
     with pytest.raises(CehrxError, match="top_k=0"):
-        run(cfg_for(trained, task_files, tmp_path / "hz2", "zeroshot.estimator=hazard", "sampling.top_k=5"))
-    topk = run(cfg_for(trained, task_files, tmp_path / "topk", "sampling.top_k=5"))  # Monte Carlo alone still runs
-    assert "estimators" not in topk
+        run(cfg_for(trained, task_files, tmp_path / "hz2", "sampling.top_k=5"))  # the default, hazard, refuses
+    topk = run(cfg_for(trained, task_files, tmp_path / "topk", "sampling.top_k=5", "zeroshot.estimator=mc"))
+    assert "estimators" not in topk  # Monte Carlo alone still runs
 
 
 def test_recalibration_on_the_tuning_split_is_labelled_and_keeps_the_raw_probability(
