@@ -256,6 +256,17 @@ def test_same_seed_same_output(vocab: Vocab, histories: tuple[np.ndarray, np.nda
     assert model.training is False and not torch.is_inference_mode_enabled()
 
 
+def test_torch_splitmix_is_the_numpy_one() -> None:
+    """`draws._splitmix` (signed int64 tensors) gives the bits of `cehrx.data.hashing.splitmix64` (uint64)."""
+    from cehrx.data.hashing import splitmix64
+    from cehrx.sampling.draws import _splitmix
+
+    x = np.array([0, 1, 12345, 2**62, 2**63 - 1], dtype=np.uint64)
+    torch_bits = _splitmix(torch.from_numpy(x.astype(np.int64))).numpy().view(np.uint64)
+    assert np.array_equal(torch_bits, splitmix64(x))
+    assert hex(int(torch_bits[0])) == "0xe220a8397b1dcdaf"  # splitmix64's first output from seed 0
+
+
 def test_sample_next_top_k_top_p() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
