@@ -28,12 +28,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cehrx.data.grammar import PREFIX, UNKNOWN, prompt_token
 from cehrx.data.grammar import PROMPT_LEN as PROMPT_LEN  # re-exported: part of the shard contract
+from cehrx.data.grammar import SECONDS_PER_YEAR as SECONDS_PER_YEAR  # re-exported: ages are in these years
+from cehrx.data.grammar import UNKNOWN, int_value, prompt_token
 from cehrx.data.vocab import Vocab
 
 SPLITS = ("train", "tuning", "held_out")
-SECONDS_PER_YEAR = 365.25 * 86400
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -144,6 +144,22 @@ def arrays_from_table(table: pa.Table) -> TokenArrays:
     )
 
 
+def table_from_arrays(arrays: TokenArrays) -> pa.Table:
+    """Flat arrays as a table of `SHARD_SCHEMA` rows (the inverse of `arrays_from_table`)."""
+    offsets = pa.array(arrays.offsets.astype(np.int32))
+    birth = np.asarray(arrays.birth_time)
+    return pa.Table.from_arrays(
+        [
+            pa.array(arrays.subject_id, type=pa.int64()),
+            pa.ListArray.from_arrays(offsets, pa.array(arrays.tokens, type=pa.int32())),
+            pa.ListArray.from_arrays(offsets, pa.array(arrays.times, type=pa.int64())),
+            pa.array(birth, type=pa.int64(), mask=birth == NO_BIRTH),
+            pa.array(arrays.lengths().astype(np.int32), type=pa.int32()),
+        ],
+        schema=SHARD_SCHEMA,
+    )
+
+
 ARRAY_NAMES = ("subject_id", "offsets", "tokens", "times", "birth_time")
 
 
@@ -190,24 +206,25 @@ def prompt_ids(
     """
     start_times = np.asarray(start_times, dtype=np.int64)
     years = start_times.astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64) + 1970
-    year_ids = _clamped_ids(vocab, PREFIX["year"], years)
+    year_ids = _clamped_ids(vocab, "year", years)
     birth_times = np.asarray(birth_times, dtype=np.int64)
     known = birth_times != NO_BIRTH
     ages = np.where(known, np.floor((start_times - np.where(known, birth_times, 0)) / SECONDS_PER_YEAR), 0).astype(
         np.int64
     )
-    age_ids = _clamped_ids(vocab, PREFIX["age"], np.maximum(ages, 0))
+    age_ids = _clamped_ids(vocab, "age", np.maximum(ages, 0))
     age_ids = np.where(known, age_ids, vocab.id(prompt_token("age", UNKNOWN)))
     return np.stack([year_ids, age_ids, np.asarray(gender_ids), np.asarray(race_ids)], axis=1).astype(np.int32)
 
 
-def _clamped_ids(vocab: Vocab, prefix: str, values: np.ndarray) -> np.ndarray:
-    """Map integer values to `prefix<value>` token ids, clamping to the values the vocab has."""
-    have = sorted(int(t[len(prefix) :]) for t in vocab.tokens if t.startswith(prefix) and t[len(prefix) :].isdigit())
+def _clamped_ids(vocab: Vocab, kind: str, values: np.ndarray) -> np.ndarray:
+    """Map integer values to the ids of `kind` tokens (`YEAR//<value>`), clamping to the values the vocab has."""
+    have = sorted(v for t in vocab.tokens if (v := int_value(t, kind)) is not None)
+    unknown = vocab.id(prompt_token(kind, UNKNOWN))
     if not have:
-        return np.full(len(values), vocab.id(f"{prefix}UNKNOWN"), dtype=np.int64)
+        return np.full(len(values), unknown, dtype=np.int64)
     lo, hi = have[0], have[-1]
-    table = np.full(hi - lo + 1, vocab.id(f"{prefix}UNKNOWN"), dtype=np.int64)
+    table = np.full(hi - lo + 1, unknown, dtype=np.int64)
     for v in have:
-        table[v - lo] = vocab[f"{prefix}{v}"]
+        table[v - lo] = vocab[prompt_token(kind, v)]
     return table[np.clip(values, lo, hi) - lo]

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from cehrx.data.grammar import int_value
 from cehrx.data.hashing import GOLDEN, splitmix64
 from cehrx.data.shards import PROMPT_LEN, TokenArrays, load_split
 from cehrx.data.vocab import DEATH, END, KIND_ID, VS, Vocab, kind_of, time_token_days
@@ -53,9 +54,9 @@ class TokenSpace:
 
 
 def _suffix_number(token: str) -> float:
-    for prefix in ("YEAR//", "AGE//"):
-        if token.startswith(prefix) and token[len(prefix) :].isdigit():
-            return float(token[len(prefix) :])
+    for kind in ("year", "age"):
+        if (v := int_value(token, kind)) is not None:
+            return float(v)
     return np.nan
 
 

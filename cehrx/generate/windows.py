@@ -113,8 +113,8 @@ class _Clock:
     """Each patient's reference start and birth (seconds since 1970) and each token's seconds."""
 
     def __init__(self, vocab: Vocab, prompts: np.ndarray) -> None:
-        years = value_lookup(vocab, "YEAR//")[prompts[:, 0]]
-        ages = value_lookup(vocab, "AGE//")[prompts[:, 1]]
+        years = value_lookup(vocab, "year")[prompts[:, 0]]
+        ages = value_lookup(vocab, "age")[prompts[:, 1]]
         if ((years < 0) | (ages < 0)).any():
             raise CehrxError("windowed generation needs prompts with a known year and age")
         july = (years - 1970).astype("datetime64[Y]").astype("datetime64[D]").astype(np.int64) + 181
