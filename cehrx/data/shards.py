@@ -28,9 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cehrx.data.grammar import PROMPT_KINDS, UNKNOWN, int_value, prompt_token
 from cehrx.data.grammar import PROMPT_LEN as PROMPT_LEN  # re-exported: part of the shard contract
 from cehrx.data.grammar import SECONDS_PER_YEAR as SECONDS_PER_YEAR  # re-exported: ages are in these years
-from cehrx.data.grammar import UNKNOWN, int_value, prompt_token
 from cehrx.data.vocab import Vocab
 
 SPLITS = ("train", "tuning", "held_out")
@@ -195,14 +195,12 @@ def save_split(prepared_dir: str | Path, split: str, directory: str | Path, batc
     return TokenArrays.load_npy(d)
 
 
-def prompt_ids(
-    vocab: Vocab, start_times: np.ndarray, birth_times: np.ndarray, gender_ids: np.ndarray, race_ids: np.ndarray
-) -> np.ndarray:
-    """Demographic prompts `[YEAR, AGE, GENDER, RACE]` for sequences starting at `start_times`.
+def prompt_ids(vocab: Vocab, start_times: np.ndarray, birth_times: np.ndarray, prompts: np.ndarray) -> np.ndarray:
+    """The demographic prompts `prompts` (`[n, 4]`: YEAR, AGE, GENDER, RACE) moved to `start_times`.
 
-    Used when a training crop or a generation prompt starts at a later visit: the year and age
-    are recomputed for that visit. Years outside the vocabulary are clamped to its range; an
-    unknown birth gives `AGE//UNKNOWN`. Returns int32 `[n, 4]`.
+    Used when a training crop, a history or a generation window starts at a later visit: the year
+    and age are recomputed for that start, gender and race kept. Years outside the vocabulary are
+    clamped to its range; an unknown birth gives `AGE//UNKNOWN`. Returns int32 `[n, 4]`.
     """
     start_times = np.asarray(start_times, dtype=np.int64)
     years = start_times.astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64) + 1970
@@ -214,7 +212,26 @@ def prompt_ids(
     )
     age_ids = _clamped_ids(vocab, "age", np.maximum(ages, 0))
     age_ids = np.where(known, age_ids, vocab.id(prompt_token("age", UNKNOWN)))
-    return np.stack([year_ids, age_ids, np.asarray(gender_ids), np.asarray(race_ids)], axis=1).astype(np.int32)
+    prompts = np.asarray(prompts).reshape(-1, PROMPT_LEN)
+    gender, race = (prompts[:, PROMPT_KINDS.index(k)] for k in ("gender", "race"))
+    return np.stack([year_ids, age_ids, gender, race], axis=1).astype(np.int32)
+
+
+def first_visit_in(visit_starts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where a crop may start: per row, the index `k` into `visit_starts` (the sorted positions of
+    every `[VS]`) of the first at or after `lo`, and whether it lies before `hi`.
+
+    The one search behind every visit-aligned crop (`packing.crop_starts`, `history._window_starts`,
+    `generate/windows._next_windows`); which span each searches, and what it does when no visit is
+    found, is theirs (see their docstrings).
+
+    >>> first_visit_in(np.array([4, 9, 20]), np.array([0, 5, 10, 21]), np.array([4, 30, 20, 40]))
+    (array([0, 1, 2, 3]), array([False,  True, False, False]))
+    """
+    k = np.searchsorted(visit_starts, lo)
+    if not len(visit_starts):
+        return k, np.zeros(np.shape(k), dtype=bool)
+    return k, (k < len(visit_starts)) & (visit_starts[np.minimum(k, len(visit_starts) - 1)] < hi)
 
 
 def _clamped_ids(vocab: Vocab, kind: str, values: np.ndarray) -> np.ndarray:
