@@ -20,6 +20,40 @@ def compose_cfg(*overrides: str) -> DictConfig:
         return compose("config", overrides=list(overrides))
 
 
+# Overrides that keep a test's Lightning run quiet, and without logs or callbacks.
+QUIET = ("trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0")
+NO_LOGS = ("logger=none", "callbacks=none")
+# a micro model with a 48-token context, trained 5 steps (generate and evaluate tests)
+FIVE_STEPS_48 = (
+    "model.max_seq_len=48",
+    "task.datamodule.max_tokens_per_batch=256",
+    "trainer.max_steps=5",
+    "trainer.val_check_interval=5",
+)
+
+
+def pretrain_micro(prepared: Path, out: Path, *overrides: str) -> Path:
+    """`out`: the micro model pretrained on CPU on `prepared` with `overrides` (quietly, no logs)."""
+    from cehrx.tasks import pretrain
+
+    base = ("task=pretrain", "model=micro", "trainer=cpu", f"data.prepared_dir={prepared}", f"output_dir={out}")
+    pretrain.run(compose_cfg(*base, *overrides, *QUIET, *NO_LOGS))
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (restored after): a micro model's steps are tiny, so on a
+    loaded CPU box more threads only spin, and the arithmetic is that of subprocesses run with
+    OMP_NUM_THREADS=1. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def shared_data(name: str) -> Path:
     """A public data set from ../shared/data, or skip with the reason (a user's fresh clone lacks it)."""
     path = SHARED_DATA / name

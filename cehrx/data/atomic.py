@@ -4,6 +4,9 @@ A kill (SIGKILL, OOM, a node lost) runs no cleanup, so each temporary name carri
 process id: the next writer of the same output removes the temporaries of dead processes, and if
 a kill fell between the two renames that replace a finished output (`overwrite=true`), it puts the
 new output (finished by then) in place, so the user is never left with none.
+
+`atomic_dir` / `atomic_file` serve one writer of an output; `build_shared_dir` serves outputs that
+several processes build at once from the same inputs (the token cache of a DDP run).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from cehrx.errors import CehrxError
 
@@ -65,6 +68,61 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, target)
+
+
+def build_shared_dir(target: str | Path, is_fresh: Callable[[Path], bool], build: Callable[[Path], None]) -> bool:
+    """Make `target` a directory that `is_fresh` accepts, unless it already is one: `build(tmp)` fills
+    a temporary sibling, renamed onto `target`. Returns True when this call's build went in place.
+
+    For an output that several processes may build at once from the same inputs and then read
+    (the token cache, built on first use by every node and rank of a DDP run). The loser of such a
+    race never breaks the winner's output: a fresh `target` is never moved or removed.
+    - A stale `target` is moved aside (then removed) before building, not replaced after; if what
+      was moved turns out fresh (another builder put it in place between the check and the move),
+      it is put back.
+    - A build goes in place with `os.rename`, which refuses a non-empty directory: the first builder
+      to finish wins; a later one finds `target` in place, removes its own build and returns False.
+    - Temporaries are named like `atomic_dir`'s (`.<name>.tmp-<pid>-*`, `.<name>.old-<pid>-*`) and
+      `recover` removes those of dead processes, but only once `target` is fresh: a process id tells
+      whether a writer lives only on its own host, so a live builder on another node may lose its
+      temporary, and only a builder that has already lost (its build then fails, finds `target`
+      fresh, and returns False).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    installed = False
+    if not is_fresh(target):
+        _move_stale_aside(target, is_fresh)
+        tmp = _sibling(target, "tmp")
+        try:
+            tmp.mkdir()
+            build(tmp)
+            os.rename(tmp, target)  # refused when another builder's output is in place
+            installed = True
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not isinstance(e, OSError) or not is_fresh(target):  # not a lost race: a real error
+                raise
+    recover(target)
+    return installed
+
+
+def _move_stale_aside(target: Path, is_fresh: Callable[[Path], bool]) -> None:
+    """Move a stale `target` out of the way and remove it (see `build_shared_dir`)."""
+    if not target.exists():
+        return
+    old = _sibling(target, "old")
+    try:
+        os.rename(target, old)
+    except FileNotFoundError:  # another builder moved it first
+        return
+    if is_fresh(old):  # put in place by another builder since our check: theirs stays
+        try:
+            os.rename(old, target)
+            return
+        except OSError:  # a third builder's output is in place by now
+            pass
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def recover(target: Path, marker: str | None = None) -> dict[str, int]:

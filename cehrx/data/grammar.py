@@ -55,6 +55,8 @@ TIME_UNITS = (
     TimeUnit("i-H", "inpatient_time", 1 / 24, "hours inside the visit"),
 )
 _UNIT = {u.unit: u for u in TIME_UNITS}
+SECONDS_PER_DAY = 86400
+SECONDS_PER_YEAR = _UNIT["Y"].days * SECONDS_PER_DAY  # the year of a `Y<n>` gap, also the year of an age
 
 
 def _units_pattern(kind: str) -> str:
@@ -121,6 +123,18 @@ def value_of(token: str) -> str:
     return token.split("//", 1)[-1]
 
 
+def int_value(token: str, kind: str) -> int | None:
+    """The integer value of a `kind` token (`YEAR//1998` -> 1998); None for another kind or a value
+    that is no number (`AGE//UNKNOWN`).
+
+    >>> int_value("YEAR//1998", "year"), int_value("AGE//UNKNOWN", "age"), int_value("AGE//43", "year")
+    (1998, None, None)
+    """
+    prefix = PREFIX[kind]
+    value = token[len(prefix) :]
+    return int(value) if token.startswith(prefix) and value.isdigit() else None
+
+
 def unknown_fallback(token: str) -> str:
     """The spelling a token missing from the vocabulary falls back to: `PREFIX//UNKNOWN` (else `UNKNOWN`)."""
     m = re.match(r"^([A-Z]+//)", token)
@@ -134,6 +148,15 @@ def parse_time(token: str) -> tuple[TimeUnit, int] | None:
     """`(unit, n)` of a time token, None for other tokens."""
     m = _TIME_RE.fullmatch(token)
     return None if m is None else (_UNIT[m.group(1)], int(m.group(2)))
+
+
+def time_token(unit: str, n: int) -> str:
+    """The time token of `n` steps of `unit` (a `TIME_UNITS` unit).
+
+    >>> time_token("D", 0), time_token("Y", 3), time_token("i-H", 5)
+    ('D0', 'Y3', 'i-H5')
+    """
+    return f"{_UNIT[unit].unit}{int(n)}"
 
 
 def time_token_days(token: str) -> float | None:
@@ -153,7 +176,9 @@ def gap_names(days: np.ndarray, max_gap_days: int) -> list[str]:
     ['D0', 'D57', 'D1079', 'Y3', 'Y5']
     """
     year = _UNIT["Y"].days
-    return [f"Y{int(np.floor(d / year + 0.5))}" if d >= max_gap_days else f"D{int(d)}" for d in days.tolist()]
+    return [
+        time_token("Y", np.floor(d / year + 0.5)) if d >= max_gap_days else time_token("D", d) for d in days.tolist()
+    ]
 
 
 def gap_sql(days: str, max_gap_days: int) -> str:
@@ -166,7 +191,9 @@ def gap_sql(days: str, max_gap_days: int) -> str:
 def gap_tokens(max_gap_days: int, max_years: int) -> list[str]:
     """Every gap token: D0..D<max_gap_days-1>, then Y from the shortest long gap to `max_years`."""
     first_year = gap_names(np.array([max_gap_days]), max_gap_days)[0]
-    return [f"D{n}" for n in range(max_gap_days)] + [f"Y{n}" for n in range(int(first_year[1:]), max_years + 1)]
+    return [time_token("D", n) for n in range(max_gap_days)] + [
+        time_token("Y", n) for n in range(parse_time(first_year)[1], max_years + 1)
+    ]
 
 
 def inpatient_time_codes(dt_us: np.ndarray, max_gap_days: int) -> np.ndarray:
@@ -186,7 +213,7 @@ def inpatient_time_name(code: int) -> str:
     >>> inpatient_time_name(3), inpatient_time_name(-5)
     ('i-D3', 'i-H5')
     """
-    return f"i-D{code}" if code > 0 else f"i-H{-code}"
+    return time_token("i-D", code) if code > 0 else time_token("i-H", -code)
 
 
 def inpatient_time_tokens(max_gap_days: int) -> list[str]:

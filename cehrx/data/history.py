@@ -151,6 +151,12 @@ def _window_starts(
 
     The window holds the prompt plus the body `[start, n_known)`; with room `max_len - PROMPT_LEN`
     the start is the first `[VS]` at or after `n_known - room` (that `[VS]` included).
+
+    Unlike a training crop (`packing.crop_starts`: any visit from which a full-length crop fits,
+    drawn at random; none: the record's beginning), a history must end at its prediction time, so
+    only that last visit qualifies, and with none inside the window it starts mid-visit behind the
+    visit's 2-token header. A generation window (`generate/windows._next_windows`) uses the same
+    search over its own generated tokens, and ends the patient when it finds no visit.
     """
     off = np.asarray(arrays.offsets, dtype=np.int64)[rows]
     room = max_len - PROMPT_LEN
@@ -160,9 +166,7 @@ def _window_starts(
     if not len(long):
         return start, np.zeros(len(rows), dtype=bool), header
     vs = np.flatnonzero(np.asarray(arrays.tokens) == vocab[VS]).astype(np.int64)
-    earliest = off[long] + n_known[long] - room
-    k = np.searchsorted(vs, earliest)
-    ok = (k < len(vs)) & (vs[np.minimum(k, len(vs) - 1)] < off[long] + n_known[long])
+    k, ok = shards.first_visit_in(vs, off[long] + n_known[long] - room, off[long] + n_known[long])
     start[long[ok]] = vs[k[ok]] - off[long[ok]]
     mid = np.zeros(len(rows), dtype=bool)
     bad = long[~ok]  # no visit starts inside the window: start mid-visit behind its header
@@ -206,15 +210,8 @@ def _gather(
     if len(cropped):
         first = offsets[cropped] + PROMPT_LEN  # first token after the prompt in the window
         t0 = times[first]
-        g = off[cropped]
-        prompt = shards.prompt_ids(
-            vocab,
-            t0,
-            np.asarray(arrays.birth_time, dtype=np.int64)[rows[cropped]],
-            np.asarray(arrays.tokens)[g + 2],
-            np.asarray(arrays.tokens)[g + 3],
-        )
-        idx = (offsets[cropped][:, None] + np.arange(PROMPT_LEN)).ravel()
+        idx = (offsets[cropped][:, None] + np.arange(PROMPT_LEN)).ravel()  # the subject's own prompt, so far
+        prompt = shards.prompt_ids(vocab, t0, np.asarray(arrays.birth_time, dtype=np.int64)[rows[cropped]], tokens[idx])
         tokens[idx] = prompt.ravel()
         times[idx] = np.repeat(t0, PROMPT_LEN)
     return tokens, offsets, times

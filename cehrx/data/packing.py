@@ -58,15 +58,22 @@ def crop_starts(
     A crop holds the prompt, then body tokens from a `[VS]`, then `[END]` if it reaches the end.
     Candidates are the visits from which a full-length crop fits, plus the first visit from
     which the crop reaches the end (so `[END]` is learned for long patients too). `rng=None`
-    picks that last candidate (the deterministic validation window); otherwise uniform.
+    picks that last candidate (the deterministic validation window); otherwise uniform. A record
+    with no candidate starts at its beginning and is cut at `max_seq_len`.
+
+    How the other visit-aligned crops differ (all find a visit with `shards.first_visit_in` and get
+    their prompt from `shards.prompt_ids`): a history (`history._window_starts`) must end at its
+    prediction time, so it takes only the last candidate and, with none, starts mid-visit behind
+    the visit's header; a generation window (`generate/windows._next_windows`) starts at the first
+    visit of the last `keep` generated tokens and, with none, ends the patient.
     """
     off, length = arrays.offsets[:-1], arrays.lengths()
     room = max_seq_len - PROMPT_LEN  # body tokens + [END] a crop can hold
     bound = length + 1 - room  # a crop from `p` reaches the end (incl. [END]) iff p >= bound
     first = np.searchsorted(visit_starts, off + PROMPT_LEN)
     last = np.searchsorted(visit_starts, off + length)  # visits of subject i: [first, last)
-    k = np.clip(np.searchsorted(visit_starts, off + np.maximum(bound, PROMPT_LEN)), first, last)
-    count = (k - first) + (k < last)
+    k, reaches = shards.first_visit_in(visit_starts, off + np.maximum(bound, PROMPT_LEN), off + length)
+    count = (np.clip(k, first, last) - first) + reaches  # visits of full-length crops, + the one reaching the end
     if rng is None:
         pick = first + count - 1
     else:
@@ -96,9 +103,7 @@ def make_samples(
     if len(cropped):
         g = off[cropped] + start[cropped]
         t0 = np.asarray(arrays.times[g], dtype=np.int64)
-        prompt[cropped] = shards.prompt_ids(
-            vocab, t0, np.asarray(arrays.birth_time)[cropped], prompt[cropped, 2], prompt[cropped, 3]
-        )
+        prompt[cropped] = shards.prompt_ids(vocab, t0, np.asarray(arrays.birth_time)[cropped], prompt[cropped])
         prompt_time[cropped] = t0[:, None]
     return Samples(np.arange(n, dtype=np.int64), start, n_body, end, prompt, prompt_time)
 

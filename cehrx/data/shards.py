@@ -28,12 +28,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cehrx.data.grammar import PREFIX, UNKNOWN, prompt_token
+from cehrx.data.grammar import PROMPT_KINDS, UNKNOWN, int_value, prompt_token
 from cehrx.data.grammar import PROMPT_LEN as PROMPT_LEN  # re-exported: part of the shard contract
+from cehrx.data.grammar import SECONDS_PER_YEAR as SECONDS_PER_YEAR  # re-exported: ages are in these years
 from cehrx.data.vocab import Vocab
 
 SPLITS = ("train", "tuning", "held_out")
-SECONDS_PER_YEAR = 365.25 * 86400
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -144,6 +144,22 @@ def arrays_from_table(table: pa.Table) -> TokenArrays:
     )
 
 
+def table_from_arrays(arrays: TokenArrays) -> pa.Table:
+    """Flat arrays as a table of `SHARD_SCHEMA` rows (the inverse of `arrays_from_table`)."""
+    offsets = pa.array(arrays.offsets.astype(np.int32))
+    birth = np.asarray(arrays.birth_time)
+    return pa.Table.from_arrays(
+        [
+            pa.array(arrays.subject_id, type=pa.int64()),
+            pa.ListArray.from_arrays(offsets, pa.array(arrays.tokens, type=pa.int32())),
+            pa.ListArray.from_arrays(offsets, pa.array(arrays.times, type=pa.int64())),
+            pa.array(birth, type=pa.int64(), mask=birth == NO_BIRTH),
+            pa.array(arrays.lengths().astype(np.int32), type=pa.int32()),
+        ],
+        schema=SHARD_SCHEMA,
+    )
+
+
 ARRAY_NAMES = ("subject_id", "offsets", "tokens", "times", "birth_time")
 
 
@@ -179,35 +195,53 @@ def save_split(prepared_dir: str | Path, split: str, directory: str | Path, batc
     return TokenArrays.load_npy(d)
 
 
-def prompt_ids(
-    vocab: Vocab, start_times: np.ndarray, birth_times: np.ndarray, gender_ids: np.ndarray, race_ids: np.ndarray
-) -> np.ndarray:
-    """Demographic prompts `[YEAR, AGE, GENDER, RACE]` for sequences starting at `start_times`.
+def prompt_ids(vocab: Vocab, start_times: np.ndarray, birth_times: np.ndarray, prompts: np.ndarray) -> np.ndarray:
+    """The demographic prompts `prompts` (`[n, 4]`: YEAR, AGE, GENDER, RACE) moved to `start_times`.
 
-    Used when a training crop or a generation prompt starts at a later visit: the year and age
-    are recomputed for that visit. Years outside the vocabulary are clamped to its range; an
-    unknown birth gives `AGE//UNKNOWN`. Returns int32 `[n, 4]`.
+    Used when a training crop, a history or a generation window starts at a later visit: the year
+    and age are recomputed for that start, gender and race kept. Years outside the vocabulary are
+    clamped to its range; an unknown birth gives `AGE//UNKNOWN`. Returns int32 `[n, 4]`.
     """
     start_times = np.asarray(start_times, dtype=np.int64)
     years = start_times.astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64) + 1970
-    year_ids = _clamped_ids(vocab, PREFIX["year"], years)
+    year_ids = _clamped_ids(vocab, "year", years)
     birth_times = np.asarray(birth_times, dtype=np.int64)
     known = birth_times != NO_BIRTH
     ages = np.where(known, np.floor((start_times - np.where(known, birth_times, 0)) / SECONDS_PER_YEAR), 0).astype(
         np.int64
     )
-    age_ids = _clamped_ids(vocab, PREFIX["age"], np.maximum(ages, 0))
+    age_ids = _clamped_ids(vocab, "age", np.maximum(ages, 0))
     age_ids = np.where(known, age_ids, vocab.id(prompt_token("age", UNKNOWN)))
-    return np.stack([year_ids, age_ids, np.asarray(gender_ids), np.asarray(race_ids)], axis=1).astype(np.int32)
+    prompts = np.asarray(prompts).reshape(-1, PROMPT_LEN)
+    gender, race = (prompts[:, PROMPT_KINDS.index(k)] for k in ("gender", "race"))
+    return np.stack([year_ids, age_ids, gender, race], axis=1).astype(np.int32)
 
 
-def _clamped_ids(vocab: Vocab, prefix: str, values: np.ndarray) -> np.ndarray:
-    """Map integer values to `prefix<value>` token ids, clamping to the values the vocab has."""
-    have = sorted(int(t[len(prefix) :]) for t in vocab.tokens if t.startswith(prefix) and t[len(prefix) :].isdigit())
+def first_visit_in(visit_starts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where a crop may start: per row, the index `k` into `visit_starts` (the sorted positions of
+    every `[VS]`) of the first at or after `lo`, and whether it lies before `hi`.
+
+    The one search behind every visit-aligned crop (`packing.crop_starts`, `history._window_starts`,
+    `generate/windows._next_windows`); which span each searches, and what it does when no visit is
+    found, is theirs (see their docstrings).
+
+    >>> first_visit_in(np.array([4, 9, 20]), np.array([0, 5, 10, 21]), np.array([4, 30, 20, 40]))
+    (array([0, 1, 2, 3]), array([False,  True, False, False]))
+    """
+    k = np.searchsorted(visit_starts, lo)
+    if not len(visit_starts):
+        return k, np.zeros(np.shape(k), dtype=bool)
+    return k, (k < len(visit_starts)) & (visit_starts[np.minimum(k, len(visit_starts) - 1)] < hi)
+
+
+def _clamped_ids(vocab: Vocab, kind: str, values: np.ndarray) -> np.ndarray:
+    """Map integer values to the ids of `kind` tokens (`YEAR//<value>`), clamping to the values the vocab has."""
+    have = sorted(v for t in vocab.tokens if (v := int_value(t, kind)) is not None)
+    unknown = vocab.id(prompt_token(kind, UNKNOWN))
     if not have:
-        return np.full(len(values), vocab.id(f"{prefix}UNKNOWN"), dtype=np.int64)
+        return np.full(len(values), unknown, dtype=np.int64)
     lo, hi = have[0], have[-1]
-    table = np.full(hi - lo + 1, vocab.id(f"{prefix}UNKNOWN"), dtype=np.int64)
+    table = np.full(hi - lo + 1, unknown, dtype=np.int64)
     for v in have:
-        table[v - lo] = vocab[f"{prefix}{v}"]
+        table[v - lo] = vocab[prompt_token(kind, v)]
     return table[np.clip(values, lo, hi) - lo]

@@ -4,21 +4,20 @@ Why: every process, DataLoader worker and rank of a pretraining run reads the sa
 million patients as Python objects would be copied into each of them, a few flat arrays are
 memory-mapped once. On first use each split is flattened into `<prepared_dir>/cache/<split>/`
 (the `TokenArrays` arrays plus the positions of every `[VS]`, for visit-aligned crops), written
-to a temporary name and renamed, and rebuilt when a shard or `vocab.json` is newer.
+to a temporary name and renamed (`atomic.build_shared_dir`), and rebuilt when a shard or `vocab.json`
+is newer.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from cehrx.data import shards
+from cehrx.data.atomic import build_shared_dir
 from cehrx.data.vocab import VS, Vocab
 
 log = logging.getLogger("cehrx.datamodule")
@@ -34,45 +33,40 @@ def _newest_input_mtime(prepared_dir: Path, split: str) -> float:
 
 def cache_is_fresh(prepared_dir: str | Path, split: str, cache_dir: str | Path) -> bool:
     """True when `cache_dir/<split>` was built by this format after every shard and the vocab."""
-    meta = Path(cache_dir) / split / _CACHE_META
+    return _is_fresh(Path(prepared_dir), split, Path(cache_dir) / split)
+
+
+def _is_fresh(prepared_dir: Path, split: str, directory: Path) -> bool:
+    meta = directory / _CACHE_META
     if not meta.is_file():
         return False
     try:
         ok = json.loads(meta.read_text()).get("format") == CACHE_FORMAT
     except (OSError, ValueError):
         return False
-    return ok and meta.stat().st_mtime >= _newest_input_mtime(Path(prepared_dir), split)
+    return ok and meta.stat().st_mtime >= _newest_input_mtime(prepared_dir, split)
 
 
 def build_cache(prepared_dir: str | Path, split: str, cache_dir: str | Path, vocab: Vocab) -> Path:
     """Flatten a split's shards into `.npy` arrays (+ `[VS]` positions) under `cache_dir/<split>`.
 
     Streamed shard file by shard file (`shards.save_split`), so memory stays bounded whatever the
-    split's size. Written to a temporary sibling and renamed, so concurrent ranks or a crash never leave
-    a half-written cache that looks complete. Returns the split's cache directory.
+    split's size. Built with `atomic.build_shared_dir`: ranks and nodes that build the same cache at
+    once never break each other's (the first finished wins, the others discard theirs), and a crash
+    never leaves a half-written cache that looks complete. Returns the split's cache directory.
     """
     prepared_dir, cache_dir = Path(prepared_dir), Path(cache_dir)
     target = cache_dir / split
-    if cache_is_fresh(prepared_dir, split, cache_dir):
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{split}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    meta: dict = {}
+
+    def build(tmp: Path) -> None:
         arrays = shards.save_split(prepared_dir, split, tmp)  # streamed: a batch of subjects in memory at a time
         save_visit_starts(arrays.tokens, vocab[VS], tmp / "visit_starts.npy")
-        meta = {"format": CACHE_FORMAT, "split": split, "subjects": len(arrays), "tokens": int(len(arrays.tokens))}
-        (tmp / _CACHE_META).write_text(json.dumps(meta) + "\n")
-        if target.exists():  # stale (or built meanwhile by another rank): replace it
-            old = cache_dir / f".{split}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not cache_is_fresh(prepared_dir, split, cache_dir):  # not a lost race: a real error
-            raise
-        return target
-    log.info("cached split %s: %d subjects, %d tokens -> %s", split, meta["subjects"], meta["tokens"], target)
+        meta.update(format=CACHE_FORMAT, split=split, subjects=len(arrays), tokens=int(len(arrays.tokens)))
+        (tmp / _CACHE_META).write_text(json.dumps(meta) + "\n")  # last: what `_is_fresh` looks for
+
+    if build_shared_dir(target, lambda d: _is_fresh(prepared_dir, split, d), build):
+        log.info("cached split %s: %d subjects, %d tokens -> %s", split, meta["subjects"], meta["tokens"], target)
     return target
 
 

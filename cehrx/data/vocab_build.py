@@ -166,7 +166,7 @@ def describe(token: str, code_desc: dict[str, str]) -> str | None:
     if kind == "code":
         return code_desc.get(token)
     if kind in _SOURCE_PREFIXES:  # GENDER//F -> the description of Gender/F (OMOP) or GENDER//F (MEDS)
-        value = token.split("//", 1)[1]
+        value = g.value_of(token)
         for prefix in _SOURCE_PREFIXES[kind]:
             if prefix + value in code_desc:
                 return code_desc[prefix + value]

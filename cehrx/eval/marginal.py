@@ -28,14 +28,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cehrx.data.decode import decode_events, rebuild_times
+from cehrx.data.grammar import PREFIX, int_value, prompt_token, quantile_name, time_token, value_of
 from cehrx.data.shards import (
     NO_BIRTH,
     PROMPT_LEN,
     SECONDS_PER_YEAR,
-    SHARD_SCHEMA,
     TokenArrays,
     load_split,
     segment_cumsum,
+    table_from_arrays,
 )
 from cehrx.data.vocab import DEATH, VE, VS, Vocab
 from cehrx.errors import CehrxError
@@ -109,19 +110,19 @@ def sample(m: Marginals, vocab: Vocab, n: int, seed: int = 0) -> TokenArrays:
     death_gaps = m.death_gaps if len(m.death_gaps) else m.gaps
     parts = [  # (patient, visit, slot, sub, token): sorted lexicographically into sequences
         (np.repeat(np.arange(n), PROMPT_LEN), -1, 0, np.tile(np.arange(PROMPT_LEN), n), prompts.ravel()),
-        (vis_pat[vis_j > 0], vis_j[vis_j > 0], 0, 0, _pick(m.gaps, (vis_j > 0).sum(), rng, vocab, "D0")),
+        (vis_pat[vis_j > 0], vis_j[vis_j > 0], 0, 0, _pick(m.gaps, (vis_j > 0).sum(), rng, vocab, time_token("D", 0))),
         (vis_pat, vis_j, 1, 0, vocab[VS]),
-        (vis_pat, vis_j, 2, 0, _pick(m.visit_types, len(vis_pat), rng, vocab, "VISIT//OP")),
+        (vis_pat, vis_j, 2, 0, _pick(m.visit_types, len(vis_pat), rng, vocab, prompt_token("visit", "OP"))),
         (pat, visit_of_code, 3, 2 * m.code_ids[code_idx], m.code_ids[code_idx]),
         (
             pat[with_q],
             visit_of_code[with_q],
             3,
             2 * m.code_ids[code_idx[with_q]] + 1,
-            _pick(m.q_ids, int(with_q.sum()), rng, vocab, "Q1"),
+            _pick(m.q_ids, int(with_q.sum()), rng, vocab, quantile_name(1)),
         ),
         (vis_pat, vis_j, 4, 0, vocab[VE]),
-        (dead, nv[dead], 0, 0, _pick(death_gaps, len(dead), rng, vocab, "D0")),
+        (dead, nv[dead], 0, 0, _pick(death_gaps, len(dead), rng, vocab, time_token("D", 0))),
         (dead, nv[dead], 1, 0, vocab[DEATH]),
     ]
     cols = [
@@ -155,12 +156,12 @@ def _pick(pool: np.ndarray, k: int, rng: np.random.Generator, vocab: Vocab, fall
 def _prompt_times(vocab: Vocab, prompts: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """First-visit start (a random day of the prompt's year) and birth consistent with the AGE token."""
 
-    def number(ids: np.ndarray, prefix: str) -> np.ndarray:
+    def number(ids: np.ndarray, kind: str) -> np.ndarray:
         names = np.asarray(vocab.tokens, dtype=object)[ids]
-        return np.array([float(t[len(prefix) :]) if t[len(prefix) :].isdigit() else np.nan for t in names])
+        return np.array([np.nan if (v := int_value(t, kind)) is None else float(v) for t in names])
 
-    year = number(prompts[:, 0], "YEAR//")
-    age = number(prompts[:, 1], "AGE//")
+    year = number(prompts[:, 0], "year")
+    age = number(prompts[:, 1], "age")
     year = np.where(np.isnan(year), 2000, year).astype(np.int64)
     start = (year - 1970).astype("datetime64[Y]").astype("datetime64[s]").astype(np.int64) + rng.integers(
         0, 365, len(year)
@@ -173,19 +174,7 @@ def write_tokens(out: Path, arrays: TokenArrays) -> None:
     """`out/tokens/train/0.parquet` in SHARD_SCHEMA."""
     d = out / "tokens" / "train"
     d.mkdir(parents=True, exist_ok=True)
-    lengths = np.diff(arrays.offsets)
-    offsets = pa.array(arrays.offsets.astype(np.int32))
-    table = pa.Table.from_arrays(
-        [
-            pa.array(arrays.subject_id),
-            pa.ListArray.from_arrays(offsets, pa.array(arrays.tokens.astype(np.int32))),
-            pa.ListArray.from_arrays(offsets, pa.array(arrays.times.astype(np.int64))),
-            pa.array(arrays.birth_time, mask=arrays.birth_time == NO_BIRTH),
-            pa.array(lengths.astype(np.int32)),
-        ],
-        schema=SHARD_SCHEMA,
-    )
-    pq.write_table(table, d / "0.parquet")
+    pq.write_table(table_from_arrays(arrays), d / "0.parquet")
 
 
 def source_code_map(vocab: Vocab, real_codes: list[str]) -> dict[str, str]:
@@ -200,10 +189,10 @@ def source_code_map(vocab: Vocab, real_codes: list[str]) -> dict[str, str]:
         index[(c.split("/", 1)[0].upper(), c.rsplit("/", 1)[-1])] = c
     out = {}
     for t, k in zip(vocab.tokens, vocab.kinds):
-        if k in ("gender", "race", "visit") and "//" in t:
-            prefix, value = t.split("//", 1)
-            if (prefix, value) in index:
-                out[t] = index[(prefix, value)]
+        if k in ("gender", "race", "visit"):
+            key = (PREFIX[k].removesuffix("//"), value_of(t))  # GENDER//F -> (GENDER, F)
+            if key in index:
+                out[t] = index[key]
     return out
 
 

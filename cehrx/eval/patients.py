@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from cehrx.data.grammar import int_value
+from cehrx.data.hashing import GOLDEN, splitmix64
 from cehrx.data.shards import PROMPT_LEN, TokenArrays, load_split
 from cehrx.data.vocab import DEATH, END, KIND_ID, VS, Vocab, kind_of, time_token_days
 from cehrx.errors import CehrxError
@@ -52,9 +54,9 @@ class TokenSpace:
 
 
 def _suffix_number(token: str) -> float:
-    for prefix in ("YEAR//", "AGE//"):
-        if token.startswith(prefix) and token[len(prefix) :].isdigit():
-            return float(token[len(prefix) :])
+    for kind in ("year", "age"):
+        if (v := int_value(token, kind)) is not None:
+            return float(v)
     return np.nan
 
 
@@ -194,20 +196,10 @@ def sequence_hashes(p: Patients, skip: int = 0) -> np.ndarray:
     pos = np.arange(len(p.tokens)) - np.repeat(p.offsets[:-1], lengths)
     keep = pos >= skip
     with np.errstate(over="ignore"):
-        mixed = _splitmix(
-            p.tokens[keep].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + pos[keep].astype(np.uint64)
-        )
+        mixed = splitmix64(p.tokens[keep].astype(np.uint64) * np.uint64(GOLDEN) + pos[keep].astype(np.uint64))
         sums = np.zeros(len(p), dtype=np.uint64)
         np.add.at(sums, seq[keep], mixed)
-        return sums ^ _splitmix(np.maximum(lengths - skip, 0).astype(np.uint64) + np.uint64(1))
-
-
-def _splitmix(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+        return sums ^ splitmix64(np.maximum(lengths - skip, 0).astype(np.uint64) + np.uint64(1))
 
 
 __all__ = [

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cehrx.data.duck import literal
+from cehrx.data.grammar import value_of
 from cehrx.data.omop_mapping import DEMOGRAPHIC_CONCEPTS
 from cehrx.data.vocab import Vocab, kind_of
 from cehrx.generate.cdm import DOMAIN_TABLE, TABLE_DOMAIN
@@ -139,10 +140,6 @@ def split_code(code: str) -> tuple[str, str]:
     return tuple(code.split("/", 1)) if "/" in code else ("cehrx", code)  # type: ignore[return-value]
 
 
-def _value(token: str) -> str:
-    return token.split("//", 1)[1]
-
-
 def source_demographic_code(kind: str, value: str, info: SourceInfo) -> str | None:
     """The source's code for a visit type / gender / race value (`Visit/IP`, `Gender/F`, `GENDER//F`)."""
     domain = _DEMO_KIND[kind]
@@ -181,9 +178,9 @@ def build_concept_map(vocab: Vocab, keys: list[str], info: SourceInfo) -> tuple[
         kind = kind_of(key) if key not in ("MEDS_BIRTH", "MEDS_DEATH") else "meds"
         meds_code = key
         if kind in _DEMO_KIND:
-            meds_code = source_demographic_code(kind, _value(key), info) or key
+            meds_code = source_demographic_code(kind, value_of(key), info) or key
         elif kind == "discharge":  # staged as DISCHARGE//<source code>
-            meds_code = key[len("DISCHARGE//") :]
+            meds_code = value_of(key)
         desc, cid, domain = info.codes.get(meds_code, (None, None, None))
         desc = desc or (vocab.descriptions[vocab[key]] if key in vocab else None)
         origin = "source" if cid is not None else None
@@ -191,7 +188,7 @@ def build_concept_map(vocab: Vocab, keys: list[str], info: SourceInfo) -> tuple[
         if cid is None and _OMOP_ID.match(meds_code):
             cid, origin = int(_OMOP_ID.match(meds_code).group(1)), "omop_concept_id"
         if cid is None and kind in _DEMO_KIND:
-            cid, origin, voc, ccode, desc = _standard(kind, _value(key), voc, ccode, desc)
+            cid, origin, voc, ccode, desc = _standard(kind, value_of(key), voc, ccode, desc)
             if (
                 origin == "standard" and info.is_omop
             ):  # e.g. day visits VISIT//OP -> Visit/OP, as the source spells codes

@@ -13,9 +13,8 @@ import shutil
 from pathlib import Path
 
 from cehrx.data.atomic import write_parquet, write_text
-from cehrx.data.shards import TokenArrays
+from cehrx.data.shards import TokenArrays, table_from_arrays
 from cehrx.data.workdir import claim_work_dir
-from cehrx.generate.patients import shard_table
 
 __all__ = ["SHARDS", "STATS", "Partial", "drop_if_finished", "partial_dir"]
 
@@ -55,7 +54,7 @@ class Partial:
         return stats
 
     def save(self, index: int, arrays: TokenArrays, stats: dict) -> None:
-        write_parquet(shard_table(arrays), self.dir / SHARDS / f"{index}.parquet", compression="zstd")
+        write_parquet(table_from_arrays(arrays), self.dir / SHARDS / f"{index}.parquet", compression="zstd")
         write_text(self.dir / STATS / f"{index}.json", json.dumps(stats, indent=2) + "\n")
 
     def shard_files(self) -> list[Path]:

@@ -26,12 +26,12 @@ import numpy as np
 import pyarrow as pa
 
 from cehrx.data.decode import rebuild_times
-from cehrx.data.grammar import PREFIX
+from cehrx.data.grammar import SECONDS_PER_DAY as DAY
+from cehrx.data.grammar import int_value, value_of
 from cehrx.data.shards import NO_BIRTH, SECONDS_PER_YEAR, TokenArrays, segment_cumsum
 from cehrx.data.vocab import DEATH, END, KIND_ID, VE, VS, Vocab
 from cehrx.sampling.constraints import Grammar
 
-DAY = 86400
 END_OF_DAY = DAY - 1
 DROP_REASONS = ("grammar", "no_visits", "unknown_year_or_age", "impossible_age")
 TRUNCATED_KEY = "truncated_at_token_budget (cut after the last complete visit)"
@@ -88,12 +88,13 @@ def last_position(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return out
 
 
-def value_lookup(vocab: Vocab, prefix: str) -> np.ndarray:
-    """Per token id, the integer after `prefix` (YEAR//1998 -> 1998), -1 for others and UNKNOWN."""
+def value_lookup(vocab: Vocab, kind: str) -> np.ndarray:
+    """Per token id, the integer value of a `kind` token (`grammar.int_value`: YEAR//1998 -> 1998), -1 for
+    others and UNKNOWN."""
     out = np.full(len(vocab), -1, dtype=np.int64)
     for i, t in enumerate(vocab.tokens):
-        if t.startswith(prefix) and t[len(prefix) :].isdigit():
-            out[i] = int(t[len(prefix) :])
+        if (v := int_value(t, kind)) is not None:
+            out[i] = v
     return out
 
 
@@ -198,8 +199,8 @@ def _dates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every token's time and each sequence's birth, drawn from the prompt's YEAR and AGE; marks
     `unknown_year_or_age` and `impossible_age` (older than `max_age` at the last kept token) in `reason`."""
-    years = value_lookup(vocab, "YEAR//")[tokens[offsets[:-1]]]
-    ages = value_lookup(vocab, "AGE//")[tokens[offsets[:-1] + 1]]
+    years = value_lookup(vocab, "year")[tokens[offsets[:-1]]]
+    ages = value_lookup(vocab, "age")[tokens[offsets[:-1] + 1]]
     reason[(reason < 0) & ((years < 0) | (ages < 0))] = 2
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7]))
     start = start_times(np.where(years < 0, 1970, years), rng)
@@ -212,25 +213,6 @@ def _dates(
 
 
 # ------------------------------------------------------------------------ tables for the writers
-
-
-def shard_table(arrays: TokenArrays) -> pa.Table:
-    """A token shard (`cehrx.data.shards.SHARD_SCHEMA`) of the patients."""
-    from cehrx.data.shards import SHARD_SCHEMA
-
-    lengths = arrays.lengths()
-    offsets = pa.array(arrays.offsets.astype(np.int32))
-    birth = arrays.birth_time
-    return pa.Table.from_arrays(
-        [
-            pa.array(arrays.subject_id, type=pa.int64()),
-            pa.ListArray.from_arrays(offsets, pa.array(arrays.tokens, type=pa.int32())),
-            pa.ListArray.from_arrays(offsets, pa.array(arrays.times, type=pa.int64())),
-            pa.array(birth, type=pa.int64(), mask=birth == NO_BIRTH),
-            pa.array(lengths.astype(np.int32), type=pa.int32()),
-        ],
-        schema=SHARD_SCHEMA,
-    )
 
 
 def visit_table(vocab: Vocab, arrays: TokenArrays) -> pa.Table:
@@ -251,8 +233,8 @@ def visit_table(vocab: Vocab, arrays: TokenArrays) -> pa.Table:
     kinds = vocab.kind_array()[tok]
     dis = np.flatnonzero(kinds == KIND_ID["discharge"])
     discharge = np.full(len(vs), None, dtype=object)
-    discharge[global_visit[dis]] = np.array([s[len(PREFIX["discharge"]) :] for s in names[tok[dis]]], dtype=object)
-    vtype = np.array([s.split("//", 1)[1] for s in names[tok[vs + 1]]], dtype=object)
+    discharge[global_visit[dis]] = np.array([value_of(s) for s in names[tok[dis]]], dtype=object)
+    vtype = np.array([value_of(s) for s in names[tok[vs + 1]]], dtype=object)
     return pa.table(
         {
             "subject_id": pa.array(arrays.subject_id[seq[vs]], type=pa.int64()),

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from cehrx.data.grammar import PREFIX
+from cehrx.data.grammar import PREFIX, UNKNOWN, prompt_token
 from cehrx.data.shards import PROMPT_LEN, read_split_table
 from cehrx.data.vocab import PROMPT_KINDS, Vocab
 from cehrx.errors import CehrxError
@@ -49,7 +49,8 @@ class PromptPool:
 
 def unknown_ids(vocab: Vocab) -> np.ndarray:
     """Ids of `YEAR//UNKNOWN` and `AGE//UNKNOWN` (those present)."""
-    return np.array([vocab[t] for t in ("YEAR//UNKNOWN", "AGE//UNKNOWN") if t in vocab], dtype=np.int64)
+    names = (prompt_token("year", UNKNOWN), prompt_token("age", UNKNOWN))
+    return np.array([vocab[t] for t in names if t in vocab], dtype=np.int64)
 
 
 def empirical_pool(prepared_dir: str | Path, vocab: Vocab) -> PromptPool:

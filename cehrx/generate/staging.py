@@ -22,6 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from cehrx.data.decode import decode_events
+from cehrx.data.duck import literal
+from cehrx.data.grammar import PREFIX
 from cehrx.data.omop_to_meds import EVENTS_DDL
 from cehrx.data.shards import NO_BIRTH, TokenArrays
 from cehrx.data.vocab import Vocab
@@ -29,7 +31,9 @@ from cehrx.export.meds import write_meds
 from cehrx.generate.concepts import SourceInfo, build_concept_map
 from cehrx.generate.patients import person_table, visit_table
 
-DISCHARGE_MARK = "DISCHARGE//"
+DISCHARGE_MARK = PREFIX["discharge"]
+VISIT_KEYS = f"{PREFIX['visit']}%"  # SQL LIKE patterns of the staged visit and discharge keys
+DISCHARGE_KEYS = f"{DISCHARGE_MARK}%"
 
 
 def seconds_to_ts(col: pa.Array) -> pa.Array:
@@ -135,16 +139,16 @@ class Stage:
             FROM gen_visits v ORDER BY v.subject_id, v.visit
         """)
         con.execute(EVENTS_DDL)
-        con.execute("""
+        con.execute(f"""
             INSERT INTO events
             SELECT e.subject_id, e.time, m.meds_code, e.numeric_value, NULL,
                    CASE WHEN e.key = 'MEDS_BIRTH' OR e.time IS NULL THEN 'person'
                         WHEN e.key = 'MEDS_DEATH' THEN 'death'
-                        WHEN e.key LIKE 'VISIT//%' THEN 'visit_occurrence'
-                        WHEN e.key LIKE 'DISCHARGE//%' THEN 'visit_discharge'
+                        WHEN e.key LIKE {literal(VISIT_KEYS)} THEN 'visit_occurrence'
+                        WHEN e.key LIKE {literal(DISCHARGE_KEYS)} THEN 'visit_discharge'
                         ELSE m.omop_table END,
                    v.visit_occurrence_id,
-                   CASE WHEN e.key LIKE 'VISIT//%' THEN v.end_t END,
+                   CASE WHEN e.key LIKE {literal(VISIT_KEYS)} THEN v.end_t END,
                    NULL, nullif(m.concept_id, 0)
             FROM gen_events e JOIN concept_map m ON m.key = e.key
             LEFT JOIN visits v ON v.subject_id = e.subject_id AND v.visit = e.visit AND e.visit > 0

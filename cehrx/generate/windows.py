@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from cehrx.data.decode import token_seconds
-from cehrx.data.shards import PROMPT_LEN, SECONDS_PER_YEAR, prompt_ids
+from cehrx.data.shards import PROMPT_LEN, SECONDS_PER_YEAR, first_visit_in, prompt_ids
 from cehrx.data.vocab import VS, Vocab
 from cehrx.errors import CehrxError
 from cehrx.generate.patients import value_lookup
@@ -113,8 +113,8 @@ class _Clock:
     """Each patient's reference start and birth (seconds since 1970) and each token's seconds."""
 
     def __init__(self, vocab: Vocab, prompts: np.ndarray) -> None:
-        years = value_lookup(vocab, "YEAR//")[prompts[:, 0]]
-        ages = value_lookup(vocab, "AGE//")[prompts[:, 1]]
+        years = value_lookup(vocab, "year")[prompts[:, 0]]
+        ages = value_lookup(vocab, "age")[prompts[:, 1]]
         if ((years < 0) | (ages < 0)).any():
             raise CehrxError("windowed generation needs prompts with a known year and age")
         july = (years - 1970).astype("datetime64[Y]").astype("datetime64[D]").astype(np.int64) + 181
@@ -132,16 +132,24 @@ def _next_windows(
     clock: _Clock,
     end_time: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The next window's prompt of each active patient that has a `[VS]` in its last `keep` tokens."""
-    vs = vocab[VS]
+    """The next window's prompt of each active patient that has a `[VS]` in its last `keep` tokens.
+
+    The window starts at the first visit of those tokens (`shards.first_visit_in`, the search of the
+    other visit-aligned crops) behind the prompt recomputed for it (`shards.prompt_ids`). Unlike a
+    training crop (`packing.crop_starts`: a random visit from which a full crop fits) it continues
+    the patient's end, like a history (`history._window_starts`); unlike a history, with no visit
+    there (one visit longer than `keep`) it does not start mid-visit: the patient ends.
+    """
+    seqs = [np.concatenate([prompts[i], parts[i]]) for i in active]
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    ends = np.cumsum(lengths)
+    begins = ends - lengths
+    visit_starts = np.flatnonzero(np.concatenate(seqs) == vocab[VS]) if seqs else np.zeros(0, np.int64)
+    k, found = first_visit_in(visit_starts, np.maximum(ends - keep, begins + PROMPT_LEN), ends)
     rows, starts, bodies = [], [], []
-    for i in active:
-        seq = np.concatenate([prompts[i], parts[i]])
-        lo = max(len(seq) - keep, PROMPT_LEN)
-        hits = np.flatnonzero(seq[lo:] == vs)
-        if not len(hits):
-            continue
-        p = lo + int(hits[0])
+    for j in np.flatnonzero(found):
+        i, seq = active[j], seqs[j]
+        p = int(visit_starts[k[j]] - begins[j])
         elapsed = np.cumsum(clock.seconds[seq])
         if end_time is not None and clock.start[i] + int(elapsed[-1]) > end_time:
             continue  # the record already runs past the data's end: no further window
@@ -151,7 +159,7 @@ def _next_windows(
     if not rows:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64)
     rows = np.asarray(rows, dtype=np.int64)
-    heads = prompt_ids(vocab, np.asarray(starts, dtype=np.int64), clock.birth[rows], prompts[rows, 2], prompts[rows, 3])
+    heads = prompt_ids(vocab, np.asarray(starts, dtype=np.int64), clock.birth[rows], prompts[rows])
     seqs = [np.concatenate([h.astype(np.int64), b]) for h, b in zip(heads, bodies)]
     offs = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
     return rows, np.concatenate(seqs), offs

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from cehrx.data.hashing import unit_hash
 from cehrx.data.history import Histories, cut_histories, load_all_splits, subject_rows
 from cehrx.errors import CehrxError
 from cehrx.probe import labels as L
@@ -85,14 +86,3 @@ def thin_training_labels(
     )
     info["dropped"] = int((~keep).sum())
     return table.filter(pa.array(keep)), info
-
-
-def unit_hash(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """A uniform number in [0, 1) per (a, b) pair of int64s (splitmix64 finaliser), the same everywhere."""
-    x = np.asarray(a, np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ np.asarray(b, np.int64).astype(
-        np.uint64
-    )
-    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
-        x = (x ^ (x >> np.uint64(shift))) * np.uint64(mult)
-    x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)

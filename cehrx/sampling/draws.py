@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cehrx.data.hashing import GOLDEN, MIX1, MIX2
+
 __all__ = ["row_uniforms", "sample_next"]
 
-# splitmix64 constants as signed int64 (torch has no uint64 arithmetic)
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
-_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
-_MIX2 = 0x94D049BB133111EB - (1 << 64)
+# splitmix64 constants (`cehrx.data.hashing`) as signed int64: torch has no uint64 arithmetic
+_GOLDEN, _MIX1, _MIX2 = (c - (1 << 64) for c in (GOLDEN, MIX1, MIX2))
 
 
 def _shr(x: Tensor, s: int) -> Tensor:
@@ -26,7 +26,7 @@ def _shr(x: Tensor, s: int) -> Tensor:
 
 
 def _splitmix(x: Tensor) -> Tensor:
-    """splitmix64's mixing step on int64 tensors (multiplication wraps modulo 2**64)."""
+    """`cehrx.data.hashing.splitmix64` on int64 tensors (multiplication wraps modulo 2**64)."""
     x = x + _GOLDEN
     x = (x ^ _shr(x, 30)) * _MIX1
     x = (x ^ _shr(x, 27)) * _MIX2

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
+from cehrx.data.hashing import unit_hash
 from cehrx.errors import CehrxError
 from cehrx.eval.metrics import binary_metrics, format_ci, paired_difference
 from cehrx.eval.predictions import write_predictions
@@ -46,7 +47,7 @@ from cehrx.model.export import load_pretrained
 from cehrx.model.export import model_dir as resolve_model_dir
 from cehrx.probe import labels as L
 from cehrx.probe.classifier import fit_predict
-from cehrx.probe.cohort import Cohort, build_cohort, unit_hash
+from cehrx.probe.cohort import Cohort, build_cohort
 from cehrx.probe.counts import baseline_features
 from cehrx.probe.evaluate import stratified_sample
 from cehrx.probe.feature_cache import Embedder, weights_sha256

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from cehrx.data.grammar import quantile_name, value_of
 from cehrx.data.vocab import DEATH, Vocab
 from cehrx.errors import CehrxError
 from cehrx.probe.labels import task_config_path
@@ -74,10 +75,9 @@ def source_names(vocab: Vocab) -> list[tuple[str, ...]]:
         if kind == "code":
             out.append((tok,))
         elif kind == "visit":
-            typ = tok.split("//", 1)[1]
-            out.append((tok, f"Visit/{typ}"))
+            out.append((tok, f"Visit/{value_of(tok)}"))
         elif kind == "discharge":
-            out.append((tok.split("//", 1)[1],))
+            out.append((value_of(tok),))
         elif tok == DEATH:
             out.append(("MEDS_DEATH",))
         else:
@@ -117,7 +117,8 @@ def allowed_deciles(vocab: Vocab, token: int, spec: CodeSpec) -> np.ndarray:
         ok &= mid >= spec.value_min if spec.min_inclusive else mid > spec.value_min
     if spec.value_max is not None:
         ok &= mid <= spec.value_max if spec.max_inclusive else mid < spec.value_max
-    return np.array([vocab[f"Q{k + 1}"] for k in np.flatnonzero(ok) if f"Q{k + 1}" in vocab], dtype=np.int64)
+    names = [quantile_name(k + 1) for k in np.flatnonzero(ok)]
+    return np.array([vocab[q] for q in names if q in vocab], dtype=np.int64)
 
 
 def resolve_outcome(

@@ -51,12 +51,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from cehrx.data.decode import token_seconds
+from cehrx.data.grammar import SECONDS_PER_DAY as DAY
 from cehrx.data.shards import segment_cumsum
 from cehrx.data.vocab import VS, Vocab
 from cehrx.sampling import STOP_DEATH, STOP_END
 from cehrx.zeroshot.outcome import Outcome, Window
 
-DAY = 86400
 HAZARD_COLUMNS = ("hazard_sum", "hazard_probability", "hazard_se", "hazard_expected_days")
 CIF_POINTS = 10  # cumulative incidence at window_end * k / CIF_POINTS, k = 1..CIF_POINTS
 

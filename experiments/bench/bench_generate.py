@@ -43,6 +43,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from gpt2_baseline import gpt2_like  # noqa: E402  (experiments/bench/gpt2_baseline.py)
 from machine import cpu_name  # noqa: E402  (experiments/bench/machine.py)
 
 from cehrx.data.vocab import SPECIAL_TOKENS, Vocab, kind_of  # noqa: E402
@@ -88,25 +89,7 @@ def demographic_prompts(vocab: Vocab, n: int, seed: int) -> tuple[np.ndarray, np
 
 def build_gpt2(cfg: GPTConfig) -> torch.nn.Module:
     """GPT-2 of the same width/depth/heads/vocab/positions (dropout off like ours), sdpa attention."""
-    import transformers
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    transformers.logging.set_verbosity_error()
-    g = GPT2Config(
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.max_seq_len,
-        n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    g._attn_implementation = "sdpa"
-    return GPT2LMHeadModel(g).eval()
+    return gpt2_like(cfg.vocab_size, cfg.max_seq_len, cfg.n_embd, cfg.n_layer, cfg.n_head, pad_token_id=0).eval()
 
 
 def hf_generate(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, seed: int) -> int:

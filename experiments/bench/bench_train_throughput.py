@@ -46,6 +46,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from gpt2_baseline import gpt2_like  # noqa: E402  (experiments/bench/gpt2_baseline.py)
 from machine import cpu_name  # noqa: E402  (experiments/bench/machine.py)
 
 from cehrx.model.config import GPTConfig, model_sizes  # noqa: E402
@@ -133,25 +134,8 @@ def build_ours(size: str, vocab: int, seq_len: int, backend: str, device: str) -
 
 def build_gpt2(size: str, vocab: int, seq_len: int, device: str) -> torch.nn.Module:
     """GPT-2 of the same width/depth/heads/vocab/positions (dropout off like ours)."""
-    import transformers
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    transformers.logging.set_verbosity_error()
     s = SIZES[size]
-    gcfg = GPT2Config(
-        vocab_size=vocab,
-        n_positions=seq_len,
-        n_embd=s["n_embd"],
-        n_layer=s["n_layer"],
-        n_head=s["n_head"],
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    gcfg._attn_implementation = "sdpa"
-    return GPT2LMHeadModel(gcfg).to(device)
+    return gpt2_like(vocab, seq_len, s["n_embd"], s["n_layer"], s["n_head"]).to(device)
 
 
 def step_ours(model: GPT, opt: torch.optim.Optimizer, b: Batch, amp: bool) -> None:

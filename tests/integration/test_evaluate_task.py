@@ -13,7 +13,7 @@ from cehrx.data.shards import load_split
 from cehrx.data.vocab import Vocab
 from cehrx.eval.marginal import write_synthetic_meds
 from cehrx.tasks import evaluate
-from tests.conftest import compose_cfg, make_prepared_dir
+from tests.conftest import FIVE_STEPS_48, compose_cfg, make_prepared_dir, pretrain_micro
 
 pytestmark = pytest.mark.slow
 
@@ -89,30 +89,10 @@ def test_eunomia_copy_vs_marginal_baseline(eunomia: Path, tmp_path: Path, monkey
 
 
 def test_micro_model_generate_then_evaluate(tmp_path: Path) -> None:
-    from cehrx.tasks import generate, pretrain
+    from cehrx.tasks import generate
 
     prepared = make_prepared_dir(tmp_path / "prep", {"train": 24, "tuning": 6, "held_out": 8})
-    quiet = (
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "trainer.num_sanity_val_steps=0",
-        "logger=none",
-        "callbacks=none",
-    )
-    pretrain.run(
-        compose_cfg(
-            "task=pretrain",
-            "model=micro",
-            "trainer=cpu",
-            f"data.prepared_dir={prepared}",
-            f"output_dir={tmp_path / 'model'}",
-            "model.max_seq_len=48",
-            "task.datamodule.max_tokens_per_batch=256",
-            "trainer.max_steps=5",
-            "trainer.val_check_interval=5",
-            *quiet,
-        )
-    )
+    pretrain_micro(prepared, tmp_path / "model", *FIVE_STEPS_48)
     syn = tmp_path / "synthetic"
     generate.run(
         compose_cfg(

@@ -13,10 +13,9 @@ from omegaconf import OmegaConf
 from cehrx.configs import config_dir
 from cehrx.model.export import load_pretrained
 from cehrx.tasks.pretrain import resolve_ckpt_path
-from tests.conftest import REPO, compose_cfg
+from tests.conftest import QUIET, REPO, compose_cfg
 
 EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
-QUIET = ("trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0")
 
 
 def compose_with_hydra(*overrides: str):

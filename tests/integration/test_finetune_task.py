@@ -28,22 +28,18 @@ FAST = (
 )
 
 
+def finetune_args(model: Path, out: Path, *overrides: str) -> list[str]:
+    """The overrides of a fine-tuning run of the micro model, `FAST`."""
+    return ["task=finetune", f"model_dir={model}", f"output_dir={out}", *overrides, *FAST]
+
+
 @pytest.mark.slow
 def test_finetune_full_end_to_end(micro_model: tuple[Path, Path], tmp_path: Path) -> None:
     from cehrx.tasks.finetune import run
 
     _, model = micro_model
     out = tmp_path / "ft"
-    result = run(
-        compose_cfg(
-            "task=finetune",
-            f"model_dir={model}",
-            f"output_dir={out}",
-            "finetune.few_shot=[16,all]",
-            "finetune.epochs=3",
-            *FAST,
-        )
-    )
+    result = run(compose_cfg(*finetune_args(model, out, "finetune.few_shot=[16,all]", "finetune.epochs=3")))
     assert list(result["budgets"]) == ["16", "all"]
     for k, b in result["budgets"].items():
         assert set(b["methods"]) == {"finetune", "probe", "counts"}
@@ -65,7 +61,7 @@ def test_finetune_full_end_to_end(micro_model: tuple[Path, Path], tmp_path: Path
     assert "| all | finetune |" in report and (out / "roc.png").is_file()
     assert json.loads((out / "metrics.json").read_text())["method"] == "full"
     with pytest.raises(CehrxError, match="overwrite=true"):
-        run(compose_cfg("task=finetune", f"model_dir={model}", f"output_dir={out}", *FAST))
+        run(compose_cfg(*finetune_args(model, out)))
 
 
 @pytest.mark.slow
@@ -75,18 +71,8 @@ def test_lora_trains_adapters_only_and_leaves_the_backbone(micro_model: tuple[Pa
 
     _, model = micro_model
     out = tmp_path / "lora"
-    result = run(
-        compose_cfg(
-            "task=finetune",
-            f"model_dir={model}",
-            f"output_dir={out}",
-            "finetune.method=lora",
-            "finetune.lora.rank=2",
-            "finetune.epochs=2",
-            "finetune.baselines=[]",
-            *FAST,
-        )
-    )
+    lora_args = ("finetune.method=lora", "finetune.lora.rank=2", "finetune.epochs=2", "finetune.baselines=[]")
+    result = run(compose_cfg(*finetune_args(model, out, *lora_args)))
     info = result["budgets"]["all"]["finetune"]
     assert 0 < info["parameters"]["trainable_fraction"] < 0.05
     state = torch.load(out / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["state_dict"]
@@ -110,15 +96,7 @@ def test_finetune_resumes_after_sigkill(micro_model: tuple[Path, Path], tmp_path
 
     _, model = micro_model
     out = tmp_path / "ft"
-    args = [
-        "task=finetune",
-        f"model_dir={model}",
-        f"output_dir={out}",
-        "finetune.epochs=4",
-        "finetune.patience=10",
-        "finetune.baselines=[]",
-        *FAST,
-    ]
+    args = finetune_args(model, out, "finetune.epochs=4", "finetune.patience=10", "finetune.baselines=[]")
     last = out / "work" / "kall" / "checkpoints" / "last.ckpt"
     proc = subprocess.Popen(
         [sys.executable, "-m", "cehrx", *args],

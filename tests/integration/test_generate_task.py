@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from meds import CodeMetadataSchema, DataSchema
 
 from cehrx.data.grammar import check_sequence
@@ -16,27 +15,11 @@ from cehrx.data.shards import SHARD_SCHEMA, load_split
 from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
 from cehrx.generate.cdm import CDM_TABLES
-from cehrx.tasks import generate, pretrain
-from tests.conftest import compose_cfg, make_prepared_dir
+from cehrx.tasks import generate
+from tests.conftest import FIVE_STEPS_48, compose_cfg, make_prepared_dir, pretrain_micro
 
-pytestmark = pytest.mark.slow
-
-QUIET = (
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "trainer.num_sanity_val_steps=0",
-    "logger=none",
-    "callbacks=none",
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A micro model decodes one token per step: one CPU thread is several times faster than many on a busy CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# a micro model decodes one token per step: one CPU thread is several times faster than many on a busy CI box
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -44,21 +27,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(prepared dir, pretrain output dir): a micro model with a short context, trained 5 steps."""
     root = tmp_path_factory.mktemp("gen_task")
     prepared = make_prepared_dir(root / "prep", {"train": 24, "tuning": 6, "held_out": 2})
-    pretrain.run(
-        compose_cfg(
-            "task=pretrain",
-            "model=micro",
-            "trainer=cpu",
-            f"data.prepared_dir={prepared}",
-            f"output_dir={root / 'model'}",
-            "model.max_seq_len=48",
-            "task.datamodule.max_tokens_per_batch=256",
-            "trainer.max_steps=5",
-            "trainer.val_check_interval=5",
-            *QUIET,
-        )
-    )
-    return prepared, root / "model"
+    return prepared, pretrain_micro(prepared, root / "model", *FIVE_STEPS_48)
 
 
 def gen_cfg(prepared: Path, model: Path, out: Path | None, *overrides: str, budget: int | None = 36):

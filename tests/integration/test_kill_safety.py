@@ -29,13 +29,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.conftest import REPO, compose_cfg
+from tests.conftest import QUIET, REPO, compose_cfg
 from tests.integration.test_probe_task import write_meds_fixture
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("kill_safety")]
+# one torch thread: the same arithmetic in this process and in the killed ones (OMP_NUM_THREADS=1 there)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("kill_safety"), pytest.mark.usefixtures("one_thread")]
 
 STAGES = ("prepare", "pretrain", "probe", "zeroshot", "generate", "evaluate", "finetune")
-QUIET = ("trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0")
 # keys of a marker JSON that describe the process rather than the result (times, speeds, what was resumed)
 VOLATILE = re.compile(
     r"(seconds|timings|_s$|per_s$|per_second|elapsed|resumed|feature_cache|exported_checkpoint|^train_tokens)"
@@ -45,15 +45,6 @@ VOLATILE = re.compile(
 def sampling_key(task: str) -> str:
     """Where `max_new_tokens` lives: the shared `sampling:` block, or (before it existed) the task's own block."""
     return "sampling" if "sampling" in compose_cfg(f"task={task}") else task
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Same arithmetic in this process and in the killed ones (OMP_NUM_THREADS=1 there)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class World:

@@ -16,9 +16,8 @@ from cehrx.errors import CehrxError
 from cehrx.model.export import load_pretrained
 from cehrx.model.transformer import Block
 from cehrx.tasks.pretrain import run
-from tests.conftest import compose_cfg
+from tests.conftest import QUIET, compose_cfg
 
-QUIET = ("trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0")
 SMALL = ("model=micro", "model.max_seq_len=64", "task.datamodule.max_tokens_per_batch=512")
 
 
@@ -33,18 +32,23 @@ def cfg_for(prepared: Path, out: Path, *overrides: str):
     )
 
 
-def test_fast_dev_run_through_hydra_configs(prepared: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    cfg = compose_cfg(
+def fast_dev_cfg(prepared: Path, out: Path, *overrides: str):
+    """One training and one validation step of the micro model (`trainer.fast_dev_run`)."""
+    return compose_cfg(
         "task=pretrain",
         "model=micro",
         "trainer=cpu",
         "trainer.fast_dev_run=true",
+        *overrides,
         f"data.prepared_dir={prepared}",
         f"output_dir={out}",
         *QUIET,
     )
-    metrics = run(cfg)
+
+
+def test_fast_dev_run_through_hydra_configs(prepared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    metrics = run(fast_dev_cfg(prepared, out))
     assert metrics["global_step"] == 1 and metrics["val/loss"] > 0 and metrics["unigram_ppl"] > 1
     assert (out / "config.yaml").is_file() and (out / "metrics.json").is_file()
     saved = (out / "config.yaml").read_text()
@@ -56,36 +60,13 @@ def test_fast_dev_run_through_hydra_configs(prepared: Path, tmp_path: Path) -> N
 
 def test_future_codes_head_through_hydra_configs(prepared: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cfg = compose_cfg(
-        "task=pretrain",
-        "model=micro",
-        "trainer=cpu",
-        "trainer.fast_dev_run=true",
-        "task.module.future_codes_weight=0.3",
-        "task.module.future_codes_n=32",
-        f"data.prepared_dir={prepared}",
-        f"output_dir={out}",
-        *QUIET,
-    )
-    metrics = run(cfg)
+    metrics = run(fast_dev_cfg(prepared, out, "task.module.future_codes_weight=0.3", "task.module.future_codes_n=32"))
     assert metrics["val/loss_future_codes"] > 0 and metrics["val/loss"] > 0
     gpt, _ = load_pretrained(out)  # the export holds the backbone only
     assert not any("future" in k for k in gpt.state_dict())
     bad = tmp_path / "bad"
     with pytest.raises(CehrxError, match="future_codes_n >= 1"):
-        run(
-            compose_cfg(
-                "task=pretrain",
-                "model=micro",
-                "trainer=cpu",
-                "trainer.fast_dev_run=true",
-                "task.module.future_codes_weight=0.3",
-                "task.module.future_codes_n=0",
-                f"data.prepared_dir={prepared}",
-                f"output_dir={bad}",
-                *QUIET,
-            )
-        )
+        run(fast_dev_cfg(prepared, bad, "task.module.future_codes_weight=0.3", "task.module.future_codes_n=0"))
     assert not (bad / "model").exists() and not (bad / "checkpoints").exists()
 
 

@@ -13,10 +13,9 @@ import pytest
 
 from cehrx.errors import CehrxError
 from cehrx.eval.predictions import read_predictions
-from tests.conftest import compose_cfg
+from tests.conftest import QUIET, compose_cfg
 
 NSAID, BLEED, RISK = "RxNorm/140587", "SNOMED/74474003", "SNOMED/13200003"
-QUIET = ("trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0")
 FAST_PROBE = (
     "probe.n_boot=50",
     "probe.few_shot=[16,all]",

@@ -4,6 +4,7 @@ steps on the synthetic prepared dir, labels from a MEDS label file, outcome from
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,8 @@ import cehrx.zeroshot.predict as zp
 from cehrx.data.history import load_all_splits
 from cehrx.errors import CehrxError
 from cehrx.eval.predictions import read_predictions
-from cehrx.tasks.pretrain import run as pretrain
 from cehrx.tasks.zeroshot import run
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, pretrain_micro
 
 pytestmark = pytest.mark.slow
 
@@ -36,24 +36,8 @@ windows:
 def trained(synthetic_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(model output dir, prepared dir): micro, 8 steps."""
     out = tmp_path_factory.mktemp("zs") / "model"
-    pretrain(
-        compose_cfg(
-            "task=pretrain",
-            "model=micro",
-            "model.max_seq_len=128",
-            "trainer=cpu",
-            f"data.prepared_dir={synthetic_prepared}",
-            f"output_dir={out}",
-            "trainer.max_steps=8",
-            "trainer.val_check_interval=8",
-            "task.datamodule.max_tokens_per_batch=1024",
-            "trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false",
-            "trainer.num_sanity_val_steps=0",
-            "logger=none",
-            "callbacks=none",
-        )
-    )
+    steps = ("trainer.max_steps=8", "trainer.val_check_interval=8", "task.datamodule.max_tokens_per_batch=1024")
+    pretrain_micro(synthetic_prepared, out, "model.max_seq_len=128", *steps)
     return out, synthetic_prepared
 
 
@@ -178,21 +162,26 @@ def test_recalibration_on_the_tuning_split_is_labelled_and_keeps_the_raw_probabi
     assert (tmp_path / "rc" / "recalibration" / "chunks").is_dir()
 
 
+def crash_after(n: int, real: Callable) -> Callable:
+    """`real`, interrupted (KeyboardInterrupt) at its call n + 1; `.calls` counts the calls."""
+
+    def crashing(*args, **kwargs):
+        crashing.calls += 1
+        if crashing.calls > n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    crashing.calls = 0
+    return crashing
+
+
 def test_resume_after_interruption_gives_the_same_result(
     trained, task_files, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     full = run(cfg_for(trained, task_files, tmp_path / "full", "zeroshot.chunk_size=20"))
     real = zp.predict_chunk
-    calls = {"n": 0}
-
-    def crash_after_two(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
     out = tmp_path / "resumed"
-    monkeypatch.setattr(zp, "predict_chunk", crash_after_two)
+    monkeypatch.setattr(zp, "predict_chunk", crash_after(2, real))
     with pytest.raises(KeyboardInterrupt):
         run(cfg_for(trained, task_files, out, "zeroshot.chunk_size=20"))
     assert sorted(p.name for p in (out / "work" / "chunks").glob("*.parquet")) == ["0.parquet", "1.parquet"]
@@ -226,19 +215,12 @@ def test_an_interrupted_overwrite_leaves_the_finished_output_whole(
     old = run(cfg_for(trained, task_files, out, "zeroshot.chunk_size=20"))
     before = files(out)
     real = zp.predict_chunk
-    calls = {"n": 0}
-
-    def crash_after_one(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 1:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(zp, "predict_chunk", crash_after_one)
+    crashing = crash_after(1, real)
+    monkeypatch.setattr(zp, "predict_chunk", crashing)
     new = ("zeroshot.chunk_size=20", "zeroshot.num_samples=4", "overwrite=true")
     with pytest.raises(KeyboardInterrupt):
         run(cfg_for(trained, task_files, out, *new))
-    assert calls["n"] == 2, "the new run had made one chunk"
+    assert crashing.calls == 2, "the new run had made one chunk"
     after = {k: v for k, v in files(out).items() if not k.startswith("work/")}
     assert after == before, "an unfinished overwrite changed the finished output"
     monkeypatch.setattr(zp, "predict_chunk", real)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cehrx.data.atomic import atomic_dir, atomic_file, recover
+from cehrx.data.atomic import atomic_dir, atomic_file, build_shared_dir, recover
 from cehrx.errors import CehrxError
 
 CHILD = textwrap.dedent("""
@@ -73,3 +73,74 @@ def test_live_writers_temporaries_are_left_alone(tmp_path: Path) -> None:
     with atomic_file(tmp_path / "out") as f:
         f.write_text("x")
     assert mine.exists() and not dead.exists() and (tmp_path / "out").read_text() == "x"
+
+
+def fresh(d: Path) -> bool:
+    """A shared dir is fresh when its `done` file says "v2"."""
+    return (d / "done").is_file() and (d / "done").read_text() == "v2"
+
+
+def write_v2(tmp: Path) -> None:
+    (tmp / "data").write_text("mine")
+    (tmp / "done").write_text("v2")
+
+
+def test_shared_dir_is_built_once_and_a_stale_one_is_replaced(tmp_path: Path) -> None:
+    target = tmp_path / "cache"
+    assert build_shared_dir(target, fresh, write_v2) and (target / "data").read_text() == "mine"
+    assert not build_shared_dir(target, fresh, lambda tmp: pytest.fail("a fresh dir is not rebuilt"))
+    (target / "done").write_text("v1")  # stale
+    assert build_shared_dir(target, fresh, write_v2) and fresh(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"], "no temporary left"
+
+
+def test_the_loser_of_a_race_keeps_the_winners_dir(tmp_path: Path) -> None:
+    """Another builder puts its dir in place while ours builds: ours is discarded, theirs untouched."""
+    target = tmp_path / "cache"
+
+    def race(tmp: Path) -> None:
+        write_v2(tmp)
+        winner = tmp_path / "winner"
+        winner.mkdir()
+        (winner / "data").write_text("theirs")
+        (winner / "done").write_text("v2")
+        winner.rename(target)
+
+    assert not build_shared_dir(target, fresh, race)
+    assert (target / "data").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_a_fresh_dir_moved_aside_by_a_racing_check_is_put_back(tmp_path: Path) -> None:
+    """Our check saw a stale dir; another builder's fresh one was in place by the time we moved it."""
+    target = tmp_path / "cache"
+    target.mkdir()
+    (target / "data").write_text("theirs")
+    (target / "done").write_text("v2")
+    checks = iter([False])  # the first check (of `target`) saw it stale; every later check is real
+
+    def racing(d: Path) -> bool:
+        return next(checks, fresh(d))
+
+    assert not build_shared_dir(target, racing, write_v2)
+    assert (target / "data").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_a_failed_build_raises_and_dead_builders_leftovers_go_once_fresh(tmp_path: Path) -> None:
+    import os
+
+    target = tmp_path / "cache"
+
+    def broken(tmp: Path) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        build_shared_dir(target, fresh, broken)
+    assert list(tmp_path.iterdir()) == [], "its own temporary removed"
+    dead = tmp_path / ".cache.tmp-999999999-abcd1234"  # a killed builder's
+    live = tmp_path / f".cache.tmp-{os.getpid()}-abcd1234"  # a builder still at work
+    dead.mkdir()
+    live.mkdir()
+    assert build_shared_dir(target, fresh, write_v2)
+    assert not dead.exists() and live.exists()

@@ -75,7 +75,7 @@ def test_decoded_dates_match_time_tokens(decoded) -> None:
     years = start.astype("datetime64[s]").astype("datetime64[Y]").astype(int) + 1970
     assert [f"YEAR//{y}" for y in years] == [vocab.tokens[t] for t in p.tokens[p.offsets[:-1]]]
     heads = p.tokens[(p.offsets[:-1, None] + np.arange(4))]
-    np.testing.assert_array_equal(prompt_ids(vocab, start, p.birth_time, heads[:, 2], heads[:, 3]), heads)
+    np.testing.assert_array_equal(prompt_ids(vocab, start, p.birth_time, heads), heads)
 
 
 def test_invalid_sequences_dropped_by_reason(synthetic_prepared: Path) -> None:

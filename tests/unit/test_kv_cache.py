@@ -10,7 +10,9 @@ from cehrx.data.vocab import Vocab
 from cehrx.model.kv_cache import KVCache
 
 # the fixtures and model of the engine tests, shared
-from tests.unit.test_sampling import micro, one_thread, vocab  # noqa: F401
+from tests.unit.test_sampling import micro, vocab  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # as in test_sampling: a second torch thread only spins
 
 
 @torch.no_grad()

@@ -33,6 +33,9 @@ TWO_PATIENTS = {
 }
 
 
+ALL_TRAIN = ("task.splits.train=1", "task.splits.tuning=0", "task.splits.held_out=0")  # every subject in train
+
+
 def run(src: Path, out: Path, *overrides: str) -> dict:
     return prepare.run(compose_cfg("task=prepare", "data=omop", f"data.path={src}", f"output_dir={out}", *overrides))
 
@@ -46,14 +49,7 @@ def test_every_code_below_min_subjects_is_an_error_naming_it(tmp_path):
     ):
         run(src, tmp_path / "out")
     assert not (tmp_path / "out").exists(), "no finished (or half-written) output"
-    report = run(
-        src,
-        tmp_path / "out",
-        "task.min_subjects=1",
-        "task.splits.train=1",
-        "task.splits.tuning=0",
-        "task.splits.held_out=0",
-    )
+    report = run(src, tmp_path / "out", "task.min_subjects=1", *ALL_TRAIN)
     assert_counts_balance(tmp_path / "out", report)
     assert report["events"]["tokenized"] == 3
 
@@ -108,14 +104,7 @@ def test_drops_are_counted_under_their_true_reason(tmp_path):
         condition_occurrence="person_id,condition_concept_id,condition_start_date\n"
         "1,201826,2020-01-01\n2,201826,not-a-date\n2,201826,\n2,320128,2020-03-03\nx,201826,2020-01-01\n9,201826,2020-01-01\n1,abc,2020-01-01",
     )
-    report = run(
-        src,
-        tmp_path / "out",
-        "task.min_subjects=1",
-        "task.splits.train=1",
-        "task.splits.tuning=0",
-        "task.splits.held_out=0",
-    )
+    report = run(src, tmp_path / "out", "task.min_subjects=1", *ALL_TRAIN)
     assert_counts_balance(tmp_path / "out", report)
     ev = report["events"]
     assert ev["dropped"]["condition_occurrence"] == {
@@ -138,14 +127,7 @@ def test_utc_offsets_move_times_to_utc(tmp_path):
         condition_occurrence="person_id,condition_concept_id,condition_start_datetime\n"
         "1,201826,2020-01-02T10:00:00+02:00\n2,201826,2020-01-02 10:00:00 America/New_York",
     )
-    run(
-        src,
-        tmp_path / "out",
-        "task.min_subjects=1",
-        "task.splits.train=1",
-        "task.splits.tuning=0",
-        "task.splits.held_out=0",
-    )
+    run(src, tmp_path / "out", "task.min_subjects=1", *ALL_TRAIN)
     times = duckdb.sql(
         f"SELECT subject_id, time FROM read_parquet('{tmp_path / 'out' / 'meds' / 'data' / '*' / '*.parquet'}') "
         "WHERE code = 'OMOP_CONCEPT_ID/201826' ORDER BY 1"
@@ -161,14 +143,7 @@ def test_warns_when_most_events_are_rare_codes(tmp_path):
         person="person_id,gender_concept_id,year_of_birth\n1,8532,1980\n2,8507,1975\n3,8507,1990",
         condition_occurrence=f"person_id,condition_concept_id,condition_start_date\n{rows}",
     )
-    report = run(
-        src,
-        tmp_path / "out",
-        "task.min_subjects=2",
-        "task.splits.train=1",
-        "task.splits.tuning=0",
-        "task.splits.held_out=0",
-    )
+    report = run(src, tmp_path / "out", "task.min_subjects=2", *ALL_TRAIN)
     assert_counts_balance(tmp_path / "out", report)
     assert report["events"]["tokenized"] == 3 and report["events"]["rare_code_events_dropped"] == 9
     assert report["warnings"] == [

@@ -558,7 +558,8 @@ def test_feature_cache_embeds_each_history_once(prepared, gpt, tmp_path: Path) -
 
 
 def test_thinning_keeps_the_test_split_and_the_same_times_for_every_task(prepared) -> None:
-    from cehrx.probe.cohort import thin_training_labels, unit_hash
+    from cehrx.data.hashing import unit_hash
+    from cehrx.probe.cohort import thin_training_labels
 
     arrays, split, _ = prepared
     sid = np.repeat(arrays.subject_id, 20)

@@ -3,8 +3,8 @@ seeds, scoring by grammar state, watched probabilities."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +22,7 @@ from cehrx.sampling.draws import sample_next
 ENDS_OPEN = "sequence ends inside a visit or after a gap"  # a budget stop may cut a visit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Micro-model steps are tiny: on a loaded 2-core machine, torch's second thread only spins."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # micro-model steps are tiny: a second torch thread only spins
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +250,17 @@ def test_same_seed_same_output(vocab: Vocab, histories: tuple[np.ndarray, np.nda
     assert model.training is False and not torch.is_inference_mode_enabled()
 
 
+def test_torch_splitmix_is_the_numpy_one() -> None:
+    """`draws._splitmix` (signed int64 tensors) gives the bits of `cehrx.data.hashing.splitmix64` (uint64)."""
+    from cehrx.data.hashing import splitmix64
+    from cehrx.sampling.draws import _splitmix
+
+    x = np.array([0, 1, 12345, 2**62, 2**63 - 1], dtype=np.uint64)
+    torch_bits = _splitmix(torch.from_numpy(x.astype(np.int64))).numpy().view(np.uint64)
+    assert np.array_equal(torch_bits, splitmix64(x))
+    assert hex(int(torch_bits[0])) == "0xe220a8397b1dcdaf"  # splitmix64's first output from seed 0
+
+
 def test_sample_next_top_k_top_p() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
@@ -304,7 +309,8 @@ def test_watched_probability_is_the_exact_step_probability(
         s1 = int(grammar.step(torch.tensor([s0]), torch.tensor([x1]))[0])
         exact += float(p1[x1]) * float(dist(np.append(prompt, x1), s1)[watch].sum())
     n = 3000
-    s = sample(
+    draw = functools.partial(
+        sample,
         model,
         vocab,
         prompt,
@@ -312,8 +318,8 @@ def test_watched_probability_is_the_exact_step_probability(
         SamplingConfig(max_new_tokens=2, batch_size=512, seed=0),
         num_samples=n,
         progress=False,
-        watch_ids=watch,
     )
+    s = draw(watch_ids=watch)
     assert s.watch_prob is not None and s.watch_prob.shape == s.tokens.shape
     first, second = s.offsets[:-1], s.offsets[:-1] + 1
     two = s.lengths() == 2
@@ -326,13 +332,5 @@ def test_watched_probability_is_the_exact_step_probability(
     np.testing.assert_allclose(
         s.watch_prob[first], float(p1[watch].sum()), rtol=1e-4
     )  # the first step is exact per row
-    plain = sample(
-        model,
-        vocab,
-        prompt,
-        np.array([0, len(prompt)]),
-        SamplingConfig(max_new_tokens=2, batch_size=512, seed=0),
-        num_samples=n,
-        progress=False,
-    )
+    plain = draw()
     assert plain.watch_prob is None and np.array_equal(plain.tokens, s.tokens), "watching changes no draw"

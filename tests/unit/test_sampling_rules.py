@@ -19,7 +19,9 @@ from cehrx.sampling import STOP_DEATH, STOP_END, STOP_TIME, STOP_TOKENS, Samplin
 from cehrx.sampling.constraints import Grammar
 
 # the fixtures and helpers of the engine tests, shared
-from tests.unit.test_sampling import ENDS_OPEN, full_sequences, histories, micro, one_thread, sample, vocab  # noqa: E402,F401
+from tests.unit.test_sampling import ENDS_OPEN, full_sequences, histories, micro, sample, vocab  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # as in test_sampling: a second torch thread only spins
 
 
 def test_constrained_samples_always_follow_the_grammar(vocab: Vocab, histories: tuple[np.ndarray, np.ndarray]) -> None:

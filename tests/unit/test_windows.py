@@ -78,7 +78,7 @@ def test_windows_carry_the_last_visits_behind_a_recomputed_prompt(
     out = windows.sample_windows(fake, p, max_total_tokens=150, keep=10)
     assert out.lengths().tolist() == [150, 150] and (out.stop == STOP_TOKENS).all()
     assert len({s for _, s in seen}) == len(seen), "every window draws its own random numbers"
-    years, ages = value_lookup(vocab, "YEAR//"), value_lookup(vocab, "AGE//")
+    years, ages = value_lookup(vocab, "year"), value_lookup(vocab, "age")
     for seqs, _ in seen[1:]:
         for s, (y0, a0) in zip(seqs, [(1990, 20), (2000, 40)]):
             assert s[PROMPT_LEN] == vocab[VS] and len(s) - PROMPT_LEN <= 10
