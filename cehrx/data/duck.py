@@ -11,7 +11,7 @@ import duckdb
 from cehrx.errors import DataError, one_line
 
 # SQL: added to a day's midnight, the last second of that day (23:59:59). Date-only events sit there
-# (`omop_to_meds.event_time`) and so do the ends of day visits (`visits.attach_events`): a prediction
+# (`omop_mapping.event_time`) and so do the ends of day visits (`visits.attach_events`): a prediction
 # time inside a day sees neither.
 END_OF_DAY = "INTERVAL '23 hours 59 minutes 59 seconds'"
 

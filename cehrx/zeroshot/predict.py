@@ -64,7 +64,7 @@ def _default_sampling() -> SamplingConfig:
 class ZeroshotConfig:
     """The `zeroshot:` config block's run options, and how the futures are sampled (the `sampling:` block)."""
 
-    estimator: str = "hazard"  # which estimate is the prediction (both are computed when the sampling allows)
+    estimator: str = "auto"  # which estimate is the prediction: auto = hazard when the sampling allows it, else mc
     num_samples: int = 20
     history_len: int | None = None  # default: the model's max_seq_len - sampling.max_new_tokens
     chunk_size: int = 512  # labels per resumable chunk
@@ -76,11 +76,20 @@ class ZeroshotConfig:
             raise CehrxError(f"zeroshot.num_samples must be >= 1, got {self.num_samples}")
         if self.chunk_size < 1:
             raise CehrxError(f"zeroshot.chunk_size must be >= 1, got {self.chunk_size}")
-        if self.estimator not in ESTIMATORS:
-            raise CehrxError(f"zeroshot.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.estimator not in (*ESTIMATORS, "auto"):
+            raise CehrxError(f"zeroshot.estimator must be one of {(*ESTIMATORS, 'auto')}, got {self.estimator!r}")
         if self.sampling.max_new_tokens is None:
             raise CehrxError("zero-shot needs sampling.max_new_tokens (the history gets max_seq_len - max_new_tokens)")
         s = self.sampling
+        if self.estimator == "auto":  # hazard won the side-by-side benchmark; truncated sampling leaves only mc
+            self.estimator = "hazard" if self.hazard_possible else "mc"
+            if self.estimator == "mc":
+                log.info(
+                    "zeroshot.estimator=auto: mc, because the sampling is truncated (top_k=%s, top_p=%s, temperature=%s)",
+                    s.top_k,
+                    s.top_p,
+                    s.temperature,
+                )
         if self.estimator == "hazard" and not self.hazard_possible:
             raise CehrxError(
                 "zeroshot.estimator=hazard reads the distribution the futures are drawn from: it needs sampling.temperature "

@@ -137,9 +137,9 @@ def test_each_estimator_is_the_prediction_when_chosen(trained, task_files, tmp_p
     res, p = det.column("n_resolved").to_numpy(), det.column("probability").to_numpy()
     np.testing.assert_allclose(p[res > 0], det.column("n_outcome").to_numpy()[res > 0] / res[res > 0])
     with pytest.raises(CehrxError, match="top_k=0"):
-        run(cfg_for(trained, task_files, tmp_path / "hz2", "sampling.top_k=5"))  # the default, hazard, refuses
-    topk = run(cfg_for(trained, task_files, tmp_path / "topk", "sampling.top_k=5", "zeroshot.estimator=mc"))
-    assert "estimators" not in topk  # Monte Carlo alone still runs
+        run(cfg_for(trained, task_files, tmp_path / "hz2", "sampling.top_k=5", "zeroshot.estimator=hazard"))
+    topk = run(cfg_for(trained, task_files, tmp_path / "topk", "sampling.top_k=5"))  # auto falls back to mc
+    assert topk["estimator"] == "mc" and "estimators" not in topk  # Monte Carlo alone still runs
 
 
 def test_recalibration_on_the_tuning_split_is_labelled_and_keeps_the_raw_probability(

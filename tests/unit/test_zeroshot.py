@@ -447,3 +447,13 @@ def test_weighted_metrics_equal_repeated_rows_and_sklearn() -> None:
     assert m["weighted"] and m["auroc"]["ci_low"] < m["auroc"]["value"] < m["auroc"]["ci_high"]
     with pytest.raises(ValueError, match="sample_weight"):
         binary_metrics(y, p, np.arange(300), n_boot=0, sample_weight=-w)
+
+
+def test_estimator_names_auto_resolves_and_bad_names_list_the_choices() -> None:
+    assert ZeroshotConfig().estimator == "hazard"  # auto, with the default (untruncated) sampling
+    truncated = SamplingConfig(top_k=5, max_new_tokens=8)
+    assert ZeroshotConfig(sampling=truncated).estimator == "mc"  # auto: the only estimator truncated sampling allows
+    with pytest.raises(CehrxError, match="top_k=0"):
+        ZeroshotConfig(estimator="hazard", sampling=truncated)
+    with pytest.raises(CehrxError, match=r"one of \('mc', 'hazard', 'auto'\), got 'montecarlo'"):
+        ZeroshotConfig(estimator="montecarlo")
