@@ -23,7 +23,8 @@ Output (`output_dir`; the finished dir appears at once, `metrics.json` marks it 
 
 While it runs, the chunks are made in `output_dir/work/chunks` (`claim_chunks`, `data/workdir.claim_work_dir`):
 an interrupted run resumes from them. A finished output holds no `work/`, so `overwrite=true` starts its
-work there and leaves the finished output, its `chunks/` included, whole until the new one replaces it.
+work there and leaves the finished output, its `chunks/` included, whole until the new one replaces it; an
+interrupted `overwrite=true` run resumes its `work/` when rerun with the same settings.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fp = fingerprint(
         run_identity(cfg, vocab, outcome, prepared, split, zcfg), labels
     )  # the chunks hold both estimators
-    resumed = claim_chunks(work, fp, bool(cfg.overwrite))  # overwrite: starts `work` over, not the finished output
+    # the same run's chunks resume, also under overwrite (an interrupted overwrite run); other chunks only with it
+    resumed = claim_chunks(work, fp, bool(cfg.overwrite))
     if resumed:
         print(f"zeroshot: resuming, {resumed} chunk(s) already done in {work / CHUNK_DIR}", file=sys.stderr)
     engine = zeroshot_engine(model, vocab, zcfg, outcome)
