@@ -194,6 +194,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def link_or_copy(src: str | Path, dst: str | Path) -> str:
+    """Hard-link `src` to `dst`, or copy it (`shutil.copy2`) where a link is refused: a filesystem
+    without hard links (some FUSE/SMB mounts) or another device. Usable as `shutil.copytree`'s
+    `copy_function`; returns `dst`."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return str(dst)
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """`path` holds `text` completely or keeps what it held (see `atomic_file`)."""
     with atomic_file(path) as tmp:

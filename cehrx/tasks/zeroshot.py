@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
+from cehrx.data.atomic import link_or_copy
 from cehrx.data.history import load_all_splits
 from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
@@ -370,11 +371,11 @@ def write_outputs(
         sample_weight=sc.weight,
     )
     write_marker(tmp, "zeroshot", metrics)
-    # last: the chunks go with the finished run as hard links, so a kill before the final rename
-    # leaves them in place for the rerun (a move would leave them in a temporary dir)
-    shutil.copytree(work / CHUNK_DIR, tmp / CHUNK_DIR, copy_function=os.link)
+    # last: the chunks go with the finished run as hard links (copies where links are refused), so a
+    # kill before the final rename leaves them in place for the rerun (a move would leave them in a temporary dir)
+    shutil.copytree(work / CHUNK_DIR, tmp / CHUNK_DIR, copy_function=link_or_copy)
     if (work / RECAL_DIR).is_dir():
-        shutil.copytree(work / RECAL_DIR, tmp / RECAL_DIR, copy_function=os.link)
+        shutil.copytree(work / RECAL_DIR, tmp / RECAL_DIR, copy_function=link_or_copy)
 
 
 def _mtime(d: Path) -> float:

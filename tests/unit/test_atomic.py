@@ -198,3 +198,25 @@ def test_a_failed_build_raises_and_dead_builders_leftovers_go_once_fresh(tmp_pat
     live.mkdir()
     assert build_shared_dir(target, fresh, write_v2)
     assert not dead.exists() and live.exists()
+
+
+def test_link_or_copy_copies_where_links_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem without hard links (some FUSE/SMB mounts) or another device: a copy instead."""
+    import os
+    import shutil
+
+    from cehrx.data import atomic
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a.parquet").write_bytes(b"chunk")
+    shutil.copytree(src, tmp_path / "linked", copy_function=atomic.link_or_copy)
+    assert os.stat(tmp_path / "linked" / "sub" / "a.parquet").st_ino == os.stat(src / "sub" / "a.parquet").st_ino
+
+    def refused(a, b):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(atomic.os, "link", refused)
+    shutil.copytree(src, tmp_path / "copied", copy_function=atomic.link_or_copy)
+    copied = tmp_path / "copied" / "sub" / "a.parquet"
+    assert copied.read_bytes() == b"chunk" and os.stat(copied).st_ino != os.stat(src / "sub" / "a.parquet").st_ino
