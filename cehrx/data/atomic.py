@@ -76,23 +76,27 @@ def build_shared_dir(target: str | Path, is_fresh: Callable[[Path], bool], build
 
     For an output that several processes may build at once from the same inputs and then read
     (the token cache, built on first use by every node and rank of a DDP run). The loser of such a
-    race never breaks the winner's output: a fresh `target` is never moved or removed.
-    - A stale `target` is moved aside (then removed) before building, not replaced after; if what
-      was moved turns out fresh (another builder put it in place between the check and the move),
-      it is put back.
+    race never breaks the winner's output:
     - A build goes in place with `os.rename`, which refuses a non-empty directory: the first builder
       to finish wins; a later one finds `target` in place, removes its own build and returns False.
-    - Temporaries are named like `atomic_dir`'s (`.<name>.tmp-<pid>-*`, `.<name>.old-<pid>-*`) and
-      `recover` removes those of dead processes, but only once `target` is fresh: a process id tells
-      whether a writer lives only on its own host, so a live builder on another node may lose its
-      temporary, and only a builder that has already lost (its build then fails, finds `target`
-      fresh, and returns False).
+      So a fresh `target` can only appear where there was none.
+    - A stale `target` is moved aside (then removed) before building, not replaced after. `is_fresh`
+      is checked again just before that move, so a fresh `target` is moved only if another builder
+      put it in place in the instant between that check and the rename (the window is narrowed, not
+      eliminated: there is no lock). Then the moved dir is fresh: it is put back and nothing is built;
+      until it is back, a reader finds no `target`. A fresh dir is removed only when another fresh one
+      is in place (a third builder's, which took the spot first).
+    - Temporaries are named like `atomic_dir`'s (`.<name>.tmp-<pid>-*`, `.<name>.old-<pid>-*`); once
+      `target` is fresh (found so, or built), `recover(..., restore=False)` removes those of dead
+      processes and the pid-less `.<name>.tmp-*` / `.old-*` of earlier versions, and never puts any
+      of them in place. A process id tells whether a writer lives only on its own host, so a live
+      builder on another node may lose its temporary, and only a builder that has already lost (its
+      build then fails, finds `target` fresh, and returns False).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     installed = False
-    if not is_fresh(target):
-        _move_stale_aside(target, is_fresh)
+    if not is_fresh(target) and _move_stale_aside(target, is_fresh):
         tmp = _sibling(target, "tmp")
         try:
             tmp.mkdir()
@@ -103,45 +107,62 @@ def build_shared_dir(target: str | Path, is_fresh: Callable[[Path], bool], build
             shutil.rmtree(tmp, ignore_errors=True)
             if not isinstance(e, OSError) or not is_fresh(target):  # not a lost race: a real error
                 raise
-    recover(target)
+    recover(target, restore=False)  # `target` is fresh here: only dead temporaries go
     return installed
 
 
-def _move_stale_aside(target: Path, is_fresh: Callable[[Path], bool]) -> None:
-    """Move a stale `target` out of the way and remove it (see `build_shared_dir`)."""
+def _move_stale_aside(target: Path, is_fresh: Callable[[Path], bool]) -> bool:
+    """Move a stale `target` out of the way and remove it (see `build_shared_dir`).
+
+    Returns True when `target` is to be built (none is in place), False when a fresh one turned up
+    (checked again just before the move, or the moved dir was fresh and went back).
+    """
     if not target.exists():
-        return
+        return True
+    if is_fresh(target):  # put in place by another builder since the caller's check
+        return False
     old = _sibling(target, "old")
     try:
         os.rename(target, old)
     except FileNotFoundError:  # another builder moved it first
-        return
-    if is_fresh(old):  # put in place by another builder since our check: theirs stays
-        try:
-            os.rename(old, target)
-            return
-        except OSError:  # a third builder's output is in place by now
-            pass
-    shutil.rmtree(old, ignore_errors=True)
+        return not is_fresh(target)
+    if not is_fresh(old):
+        shutil.rmtree(old, ignore_errors=True)
+        return True
+    try:  # put in place by another builder between the check and the move: theirs goes back
+        os.rename(old, target)
+    except OSError:
+        if not is_fresh(target):  # keep `old` (fresh) rather than leave no fresh copy
+            raise
+        shutil.rmtree(old, ignore_errors=True)  # a third builder's fresh output took the spot: a duplicate
+    return False
 
 
-def recover(target: Path, marker: str | None = None) -> dict[str, int]:
+def recover(target: Path, marker: str | None = None, restore: bool = True) -> dict[str, int]:
     """Clean up after writers of `target` that were killed: returns what was done.
 
     - A kill between the two renames of an overwrite leaves no `target`, the previous output as
       `.<name>.old-<pid>-*` and the new one, complete, as `.<name>.tmp-<pid>-*` (`old` exists only
-      once the block has finished). The new one goes in place if it holds `marker`, else the old one.
+      once the block has finished). With `restore`, the new one goes in place if it holds `marker`,
+      else the old one.
     - Every other `.<name>.tmp-<pid>-*` / `.<name>.old-<pid>-*` of a dead process is removed.
     Temporaries of live processes (another run writing the same output) are left alone.
+    `restore=False` (`build_shared_dir`, whose `target` is fresh by then) puts nothing in place: an
+    old dir could be anyone's stale copy. It also removes the pid-less `.<name>.tmp-<hex>` /
+    `.<name>.old-<hex>` that earlier versions named their temporaries: no process of this version
+    owns them, so they are what a crashed run of an earlier version left.
     """
     done = {"restored": 0, "promoted": 0, "removed": 0}
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-(\d+)-[0-9a-f]+$")
+    legacy = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-[0-9a-f]{{8}}$")
     stale: dict[tuple[str, int], list[Path]] = {}
     for p in target.parent.iterdir() if target.parent.is_dir() else []:
         m = pattern.match(p.name)
         if m and not _alive(int(m.group(2))):
             stale.setdefault((m.group(1), int(m.group(2))), []).append(p)
-    if not target.exists():
+        elif not restore and legacy.match(p.name):
+            stale.setdefault(("legacy", -1), []).append(p)
+    if restore and not target.exists():
         for (kind, pid), paths in stale.items():
             if kind != "old":
                 continue
@@ -171,6 +192,17 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> str:
+    """Hard-link `src` to `dst`, or copy it (`shutil.copy2`) where a link is refused: a filesystem
+    without hard links (some FUSE/SMB mounts) or another device. Usable as `shutil.copytree`'s
+    `copy_function`; returns `dst`."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return str(dst)
 
 
 def write_text(path: str | Path, text: str) -> Path:

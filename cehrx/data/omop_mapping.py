@@ -154,7 +154,7 @@ def build_concepts(con: duckdb.DuckDBPyConnection, tables: OmopTables) -> None:
             allc AS (SELECT *, 0 AS prio FROM site WHERE concept_id IS NOT NULL AND vocabulary_id IS NOT NULL AND concept_code IS NOT NULL
                      UNION ALL SELECT *, 1 FROM demographic_concepts)
             SELECT concept_id, vocabulary_id || '/' || concept_code AS code, concept_name AS description, domain_id AS domain
-            FROM allc QUALIFY row_number() OVER (PARTITION BY concept_id ORDER BY prio) = 1
+            FROM allc QUALIFY row_number() OVER (PARTITION BY concept_id ORDER BY prio, vocabulary_id, concept_code, concept_name, domain_id) = 1
         """)
 
 

@@ -67,10 +67,12 @@ def omop_to_events(con: duckdb.DuckDBPyConnection, tables: OmopTables, current_y
                 with reading(tables.where(name)):
                     step()
     stats["subjects"] = stats["kept"]["person"]
+    # min(), not any_value(): a code with several concept ids gets the same values whatever the row order,
+    # and the sharded prepare merges the shards' code_meta with min() too (`prepare_jobs`), so both agree
     con.execute("""
         CREATE OR REPLACE TABLE code_meta AS
-        SELECT e.code, any_value(c.description) AS description, any_value(e.omop_concept_id) AS omop_concept_id,
-               any_value(c.domain) AS omop_domain
+        SELECT e.code, min(c.description) AS description, min(e.omop_concept_id) AS omop_concept_id,
+               min(c.domain) AS omop_domain
         FROM events e LEFT JOIN concepts c ON c.concept_id = e.omop_concept_id
         GROUP BY e.code ORDER BY e.code
     """)
@@ -129,7 +131,11 @@ def _persons(con: duckdb.DuckDBPyConnection, t: OmopTables, current_year: int, s
             FROM omop_person)
     """,
         PERSON_ID_REASONS,
-        dedupe=("duplicate_person_id", "person_id", "birth0 NULLS LAST, gender, race, ethnicity"),
+        dedupe=(  # the last keys break every tie left: the kept row does not depend on the row order
+            "duplicate_person_id",
+            "person_id",
+            "birth0 NULLS LAST, gender, race, ethnicity, bad_concept, birth_given DESC, birth_dt, y, m, d",
+        ),
     )
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE person_clean AS

@@ -1,10 +1,12 @@
-"""Resumable work directories: one check for "is this the same run? resume : refuse unless overwrite".
+"""Resumable work directories: one check for "is this the same run? resume : start over only with overwrite".
 
 A long task (generate's shards, zero-shot's chunks, a fine-tuning budget's checkpoints) keeps its
 finished pieces in a work directory and skips them when it is started again. That is only safe
 when the pieces were made with the same settings, so the directory records them in a JSON file:
-`claim_work_dir` compares, then resumes, starts over (`overwrite=true`) or refuses with the
-settings that changed. Settings are compared as JSON values (`default=str` for anything else), so
+`claim_work_dir` compares, then resumes (same settings, with or without `overwrite=true`: `overwrite`
+is about replacing a finished output, and a work dir of the same settings is this run's own progress,
+e.g. of an interrupted `overwrite=true` run), starts over (other settings, `overwrite=true`) or refuses
+with the settings that changed. To start a matching work dir over, delete it. Settings are compared as JSON values (`default=str` for anything else), so
 the file's layout (indentation, key order) does not matter.
 """
 
@@ -29,7 +31,7 @@ def claim_work_dir(
     """Make `work` the directory of the run described by `settings`; True when it resumes one.
 
     - `work` missing or empty: created, a fresh run.
-    - `work` holds a run with the same settings: kept (resumed), unless `overwrite`.
+    - `work` holds a run with the same settings: kept (resumed), with or without `overwrite`.
     - `work` holds another run's files (other settings, or no settings file): removed with
       `overwrite`, else a `CehrxError` naming the settings that changed.
     `settings_file` (inside `work`) is then written with `settings` (indented, sorted keys).
@@ -41,7 +43,9 @@ def claim_work_dir(
     held = work.is_dir() and any(work.iterdir())
     if held:
         old = _read(path)
-        if overwrite:
+        if old == wanted:
+            pass  # the same run: resumed, also under overwrite (an interrupted overwrite run's progress)
+        elif overwrite:
             shutil.rmtree(work)
             held = False
         elif old is None:
@@ -49,7 +53,7 @@ def claim_work_dir(
                 f"{work} holds files but no {settings_file}: not a {what} work dir; "
                 "pass overwrite=true to start over, or use another output_dir"
             )
-        elif old != wanted:
+        else:
             raise CehrxError(
                 f"{work} holds a different {what} run (other settings: {', '.join(changed_keys(old, wanted))}): "
                 "rerun with the same settings to resume, pass overwrite=true to start over, or use another output_dir"

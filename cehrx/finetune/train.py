@@ -185,6 +185,6 @@ def _digest(*arrays: np.ndarray) -> str:
 
 
 def claim(work: Path, settings: dict, overwrite: bool) -> None:
-    """Make `work` the directory of the run described by `settings`: resume it when they match,
-    start over with `overwrite`, refuse otherwise (checkpoints of other settings must not be mixed in)."""
+    """Make `work` the directory of the run described by `settings`: resume it when they match (also
+    under `overwrite`), else start over with `overwrite`, refuse otherwise (checkpoints of other settings must not be mixed in)."""
     claim_work_dir(work, settings, overwrite, what="fine-tuning", settings_file=SETTINGS)

@@ -26,7 +26,6 @@ rerun resumes there, budget by budget and from the last epoch):
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
+from cehrx.data.atomic import link_or_copy
 from cehrx.data.hashing import unit_hash
 from cehrx.errors import CehrxError
 from cehrx.eval.metrics import binary_metrics, format_ci, paired_difference
@@ -243,7 +243,7 @@ def write_outputs(
         log_csv = work / f"k{k}" / "metrics.csv"
         if log_csv.is_file():  # the training curve (loss per step, tuning AUROC per epoch) outlives the work dir
             (tmp / "logs").mkdir(exist_ok=True)
-            os.link(log_csv, tmp / "logs" / f"k{k}.csv")
+            link_or_copy(log_csv, tmp / "logs" / f"k{k}.csv")
         for name, p in probs.items():
             write_predictions(tmp / "predictions" / f"{name}_k{k}.parquet", sid, times, y, p)
         if k == last:
@@ -251,7 +251,7 @@ def write_outputs(
             curves = {name: (y, p) for name, p in probs.items()}
             rows_table = metrics
             (tmp / "checkpoints").mkdir()
-            os.link(ft.best_ckpt, tmp / "checkpoints" / "best.ckpt")
+            link_or_copy(ft.best_ckpt, tmp / "checkpoints" / "best.ckpt")
     result = {
         **source,
         "model_dir": str(mdir),

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import shutil
 import sys
 import time
@@ -38,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from cehrx.data import duck
+from cehrx.data.atomic import link_or_copy
 from cehrx.data.shards import TokenArrays, load_shard
 from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
@@ -319,10 +319,7 @@ def assemble(
     t0 = time.perf_counter()
     (tmp / SHARDS).mkdir(parents=True)
     for f in work.shard_files():  # hard links: the partial dir stays intact until the output is in place
-        try:
-            os.link(f, tmp / SHARDS / f.name)
-        except OSError:
-            shutil.copy2(f, tmp / SHARDS / f.name)
+        link_or_copy(f, tmp / SHARDS / f.name)
     shutil.copyfile(mdir / "vocab.json", tmp / "vocab.json")
     g = cfg.generate
     con = duck.connect(str(g.duckdb.memory_limit), g.duckdb.threads, temp_dir=tmp / ".duckdb_tmp")

@@ -23,7 +23,8 @@ Output (`output_dir`; the finished dir appears at once, `metrics.json` marks it 
 
 While it runs, the chunks are made in `output_dir/work/chunks` (`claim_chunks`, `data/workdir.claim_work_dir`):
 an interrupted run resumes from them. A finished output holds no `work/`, so `overwrite=true` starts its
-work there and leaves the finished output, its `chunks/` included, whole until the new one replaces it.
+work there and leaves the finished output, its `chunks/` included, whole until the new one replaces it; an
+interrupted `overwrite=true` run resumes its `work/` when rerun with the same settings.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
+from cehrx.data.atomic import link_or_copy
 from cehrx.data.history import load_all_splits
 from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
@@ -97,7 +99,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fp = fingerprint(
         run_identity(cfg, vocab, outcome, prepared, split, zcfg), labels
     )  # the chunks hold both estimators
-    resumed = claim_chunks(work, fp, bool(cfg.overwrite))  # overwrite: starts `work` over, not the finished output
+    # the same run's chunks resume, also under overwrite (an interrupted overwrite run); other chunks only with it
+    resumed = claim_chunks(work, fp, bool(cfg.overwrite))
     if resumed:
         print(f"zeroshot: resuming, {resumed} chunk(s) already done in {work / CHUNK_DIR}", file=sys.stderr)
     engine = zeroshot_engine(model, vocab, zcfg, outcome)
@@ -368,11 +371,11 @@ def write_outputs(
         sample_weight=sc.weight,
     )
     write_marker(tmp, "zeroshot", metrics)
-    # last: the chunks go with the finished run as hard links, so a kill before the final rename
-    # leaves them in place for the rerun (a move would leave them in a temporary dir)
-    shutil.copytree(work / CHUNK_DIR, tmp / CHUNK_DIR, copy_function=os.link)
+    # last: the chunks go with the finished run as hard links (copies where links are refused), so a
+    # kill before the final rename leaves them in place for the rerun (a move would leave them in a temporary dir)
+    shutil.copytree(work / CHUNK_DIR, tmp / CHUNK_DIR, copy_function=link_or_copy)
     if (work / RECAL_DIR).is_dir():
-        shutil.copytree(work / RECAL_DIR, tmp / RECAL_DIR, copy_function=os.link)
+        shutil.copytree(work / RECAL_DIR, tmp / RECAL_DIR, copy_function=link_or_copy)
 
 
 def _mtime(d: Path) -> float:

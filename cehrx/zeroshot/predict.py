@@ -176,7 +176,8 @@ def claim_chunks(work: Path, fp: str, overwrite: bool) -> int:
     """Make `work/chunks` the chunk dir of run `fp`; returns how many finished chunks it already holds.
 
     Chunks of a different run (model, labels, outcome or settings changed: `manifest.json` holds the
-    fingerprint) are refused unless `overwrite`; `overwrite` always starts over (`claim_work_dir`).
+    fingerprint) are refused unless `overwrite`, which starts them over; chunks of the same run are resumed,
+    also under `overwrite` (`claim_work_dir`).
     """
     chunks = work / CHUNK_DIR
     claim_work_dir(chunks, {"fingerprint": fp}, overwrite, what="zero-shot", settings_file=MANIFEST)

@@ -210,7 +210,8 @@ def test_an_interrupted_overwrite_leaves_the_finished_output_whole(
     trained, task_files, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """overwrite=true works beside the finished output: interrupted, the old output (its chunks, the
-    work a later run could resume from, included) is exactly as it was; finished, the new one replaces it."""
+    work a later run could resume from, included) is exactly as it was; rerun with the same settings
+    (overwrite=true still), it resumes its own chunks; finished, the new one replaces it."""
     out = tmp_path / "ow"
     old = run(cfg_for(trained, task_files, out, "zeroshot.chunk_size=20"))
     before = files(out)
@@ -225,6 +226,7 @@ def test_an_interrupted_overwrite_leaves_the_finished_output_whole(
     assert after == before, "an unfinished overwrite changed the finished output"
     monkeypatch.setattr(zp, "predict_chunk", real)
     replaced = run(cfg_for(trained, task_files, out, *new))
+    assert replaced["run"]["resumed_chunks"] == 1, "the rerun with the same overwrite settings resumed the chunk made"
     assert replaced["zeroshot"]["num_samples"] == 4 != old["zeroshot"]["num_samples"]
     assert not (out / "work").exists() and len(list((out / "chunks").glob("*.parquet"))) == 4
     assert json.loads((out / "chunks" / "manifest.json").read_text()) != json.loads(before["chunks/manifest.json"])

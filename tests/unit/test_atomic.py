@@ -111,19 +111,73 @@ def test_the_loser_of_a_race_keeps_the_winners_dir(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
 
 
-def test_a_fresh_dir_moved_aside_by_a_racing_check_is_put_back(tmp_path: Path) -> None:
-    """Our check saw a stale dir; another builder's fresh one was in place by the time we moved it."""
-    target = tmp_path / "cache"
+def theirs(target: Path) -> Path:
     target.mkdir()
     (target / "data").write_text("theirs")
     (target / "done").write_text("v2")
+    return target
+
+
+def test_a_dir_fresh_by_the_time_of_the_move_is_not_moved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our first check saw a stale dir; another builder's fresh one was in place before our move:
+    the check just before the move sees it, and `target` is never renamed (readers never miss it)."""
+    from cehrx.data import atomic
+
+    target = theirs(tmp_path / "cache")
     checks = iter([False])  # the first check (of `target`) saw it stale; every later check is real
+    renames: list[tuple[Path, Path]] = []
+    real = atomic.os.rename
+    monkeypatch.setattr(atomic.os, "rename", lambda a, b: (renames.append((Path(a), Path(b))), real(a, b))[1])
 
     def racing(d: Path) -> bool:
         return next(checks, fresh(d))
 
-    assert not build_shared_dir(target, racing, write_v2)
+    assert not build_shared_dir(target, racing, lambda tmp: pytest.fail("a fresh dir is not rebuilt"))
+    assert renames == [], "the fresh dir was moved"
     assert (target / "data").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_a_fresh_dir_moved_aside_in_the_last_instant_is_put_back_and_not_rebuilt(tmp_path: Path) -> None:
+    """Both checks saw a stale dir; the fresh one of another builder was in place by the rename itself:
+    it goes back, and nothing is built (the put-back dir is the cache)."""
+    target = theirs(tmp_path / "cache")
+    checks = iter([False, False])  # the caller's check and the one just before the move
+
+    def racing(d: Path) -> bool:
+        return next(checks, fresh(d))
+
+    assert not build_shared_dir(target, racing, lambda tmp: pytest.fail("rebuilt after the put-back"))
+    assert (target / "data").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_a_dead_builders_old_dir_is_never_restored(tmp_path: Path) -> None:
+    """A killed builder's moved-aside (stale) dir is removed, never put in place: not over a built
+    `target`, and not where `target` is missing either (`recover(restore=False)`)."""
+    target = tmp_path / "cache"
+    dead_old = tmp_path / ".cache.old-999999999-abcd1234"
+    dead_old.mkdir()
+    (dead_old / "data").write_text("stale")
+    assert build_shared_dir(target, fresh, write_v2)
+    assert (target / "data").read_text() == "mine" and not dead_old.exists()
+    other = tmp_path / "other"
+    dead_old = tmp_path / ".other.old-999999999-abcd1234"
+    dead_old.mkdir()
+    assert recover(other, restore=False) == {"restored": 0, "promoted": 0, "removed": 1}
+    assert not other.exists() and not dead_old.exists()
+
+
+def test_temporaries_of_earlier_versions_go_once_fresh(tmp_path: Path) -> None:
+    """Earlier versions named temporaries without a process id (`.<name>.tmp-<hex>`): removed once
+    `target` is fresh; `atomic_dir`'s recover (which restores) leaves them alone."""
+    target = tmp_path / "cache"
+    legacy = [tmp_path / ".cache.tmp-0123abcd", tmp_path / ".cache.old-89abcdef"]
+    for p in legacy:
+        p.mkdir()
+    recover(target)
+    assert all(p.exists() for p in legacy)
+    assert build_shared_dir(target, fresh, write_v2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
 
 
@@ -144,3 +198,25 @@ def test_a_failed_build_raises_and_dead_builders_leftovers_go_once_fresh(tmp_pat
     live.mkdir()
     assert build_shared_dir(target, fresh, write_v2)
     assert not dead.exists() and live.exists()
+
+
+def test_link_or_copy_copies_where_links_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem without hard links (some FUSE/SMB mounts) or another device: a copy instead."""
+    import os
+    import shutil
+
+    from cehrx.data import atomic
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a.parquet").write_bytes(b"chunk")
+    shutil.copytree(src, tmp_path / "linked", copy_function=atomic.link_or_copy)
+    assert os.stat(tmp_path / "linked" / "sub" / "a.parquet").st_ino == os.stat(src / "sub" / "a.parquet").st_ino
+
+    def refused(a, b):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(atomic.os, "link", refused)
+    shutil.copytree(src, tmp_path / "copied", copy_function=atomic.link_or_copy)
+    copied = tmp_path / "copied" / "sub" / "a.parquet"
+    assert copied.read_bytes() == b"chunk" and os.stat(copied).st_ino != os.stat(src / "sub" / "a.parquet").st_ino

@@ -49,3 +49,14 @@ def test_files_without_settings_are_not_claimed(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     assert claim_work_dir(empty, {"a": 1}, False, what="test") is False, "an empty dir is a fresh run"
+
+
+def test_the_same_run_resumes_under_overwrite(tmp_path: Path) -> None:
+    """An interrupted overwrite=true run, rerun as it was, keeps its progress: overwrite replaces a finished
+    output, it does not throw away the work of the same settings."""
+    work = tmp_path / "work"
+    assert claim_work_dir(work, {"seed": 1}, True, what="test") is False
+    (work / "piece.bin").write_bytes(b"done")
+    assert claim_work_dir(work, {"seed": 1}, True, what="test") is True, "same settings + overwrite: resume"
+    assert (work / "piece.bin").read_bytes() == b"done"
+    assert claim_work_dir(work, {"seed": 2}, True, what="test") is False and not (work / "piece.bin").exists()
