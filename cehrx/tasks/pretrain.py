@@ -69,6 +69,26 @@ class FinalCheckpoint(Callback):
         trainer.save_checkpoint(self.path)
 
 
+class CloseSpawnedProcessGroup(Callback):
+    """In workers started by `ddp_spawn`, close the process group when a stage ends.
+
+    Lightning leaves a gloo group open when a spawned worker exits (it only destroys NCCL groups at
+    exit). Its threads then die in the interpreter's shutdown in whatever order, which now and then
+    aborts a worker (SIGABRT) after its work is done: a finished run reported as failed (seen once in
+    CI). Both ranks meet at a barrier, then close the group, then exit. Workers of other launchers
+    keep their group: they run the final validation in the same processes.
+    """
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import torch.distributed as dist
+        from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+        if not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) or not dist.is_initialized():
+            return
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def resolve_ckpt_path(value: str | None, output_dir: Path) -> str | None:
     """`last` / `best` -> `<output_dir>/checkpoints/<name>.ckpt`; any other value is a path. Must exist.
 
@@ -194,7 +214,12 @@ def build(cfg: DictConfig, vocab: Vocab, final_ckpt: Path) -> tuple[Any, Any, L.
         model_config=gpt_config.to_dict(), vocab=vocab
     )
     logger = instantiate(cfg.logger) if cfg.get("logger") and "_target_" in cfg.logger else False
-    callbacks = [*build_callbacks(cfg), FinalCheckpoint(final_ckpt), FlushLogsAtCheckpoint()]
+    callbacks = [
+        *build_callbacks(cfg),
+        FinalCheckpoint(final_ckpt),
+        FlushLogsAtCheckpoint(),
+        CloseSpawnedProcessGroup(),
+    ]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     if not isinstance(trainer.strategy, FSDPStrategy):
         # Build the backbone here unless FSDP must build it sharded: with spawn-based launchers
