@@ -4,10 +4,12 @@
               `map` reads its own rows instead of parsing every csv again (`omop_tables.partition_text`)
     map       per shard: its subjects' rows of the source -> events, splits, MEDS rows, visits; spills
               train code counts and values; keeps its DuckDB database (`state.duckdb`)
-    reduce    kept codes and value deciles from the spills (`shard_merge`); per shard, its visits
-              (years, ages, train subjects per token); the vocabulary and the output files' subject
-              ranges; per shard, tokens cut into its part of every output file; then the output:
-              token files, vocab.json, the MEDS copy and prepare.json, as the single pass writes them
+    reduce    kept codes and value deciles from the spills (`shard_merge`); per split, the MEDS copy's file
+              merged from the shards' parts (OMOP; `meds_gather`: started in the pool here, it runs beside
+              what follows); per shard, its visits (years, ages, train subjects per token); the vocabulary
+              and the output files' subject ranges; per shard, tokens cut into its part of every output
+              file; then the output: token files, vocab.json, the MEDS files moved in, prepare.json, as
+              the single pass writes them
 
 Every shard job is idempotent: it writes into a temporary sibling renamed into place with its
 `done.json` (`sharding.job`), and a job whose marker exists is skipped, so a rerun after a kill
@@ -28,7 +30,7 @@ import logging
 import multiprocessing as mp
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -43,6 +45,7 @@ from cehrx.data.sharding import (
     is_done,
     read_done,
 )
+from cehrx.data.shards import SPLITS
 from cehrx.errors import DataError
 from cehrx.progress import Stages
 from cehrx.tasks import prepare_jobs as shard_jobs
@@ -124,7 +127,7 @@ def reduce(cfg: DictConfig, cfgd: dict, work: Path, shards: int) -> dict:
     t = cfg.task
     workers = int(t.get("workers") or 1)
     text = shard_jobs.text_source(cfg)
-    stages = Stages(total=5 + text)
+    stages = Stages(total=5 + text + (cfg.data.source == "omop"))
     start = time.perf_counter()
     if text:
         with stages(f"csv tables into {shards} shards"):
@@ -134,28 +137,34 @@ def reduce(cfg: DictConfig, cfgd: dict, work: Path, shards: int) -> dict:
             jobs.run(shard_jobs.map_shard, [(cfgd, str(work), k, shards) for k in pending(work, "map", shards)])
         with stages("kept codes and value deciles"):
             shard_jobs.reduce_codes(cfgd, str(work), shards)
+        meds: list = []
+        if cfg.data.source == "omop":  # needs only the maps: in a pool, written beside the next stages
+            with stages("MEDS copy" + (" (started)" if workers > 1 else "")):
+                todo = [(cfgd, str(work), shards, s) for s in pending(work, "meds", SPLITS)]
+                meds = jobs.start(shard_jobs.meds_split, todo)
         with stages("visits per shard and the vocabulary"):
             jobs.run(shard_jobs.visit_shard, [(cfgd, str(work), k) for k in pending(work, "visits", shards)])
             shard_jobs.reduce_vocab(cfgd, str(work), shards)
         with stages("tokenize shards"):
             jobs.run(shard_jobs.tokenize_shard, [(cfgd, str(work), k) for k in pending(work, "tokens", shards)])
-    with task_output(cfg, "prepare") as tmp:
-        with stages("token files, vocab.json, MEDS copy"):
-            report = shard_jobs.finish(cfg, work, shards, workers, tmp)
-        report["timings_s"] = {**stages.timings, "total": round(time.perf_counter() - start, 3)}
-        report["events"]["per_second"] = round(report["events"]["in"] / max(report["timings_s"]["total"], 1e-9))
-        write_marker(tmp, "prepare", report)
+        with task_output(cfg, "prepare") as tmp:
+            with stages("token files, vocab.json, the MEDS copy's end"):
+                report = shard_jobs.finish(cfg, work, shards, workers, tmp, lambda: jobs.wait(meds))
+            report["timings_s"] = {**stages.timings, "total": round(time.perf_counter() - start, 3)}
+            report["events"]["per_second"] = round(report["events"]["in"] / max(report["timings_s"]["total"], 1e-9))
+            write_marker(tmp, "prepare", report)
     if not t.get("keep_work"):
         shutil.rmtree(work, ignore_errors=True)
     announce(report, Path(str(cfg.output_dir)))
     return report
 
 
-def pending(work: Path, stage: str, shards: int) -> list[int]:
-    """The shards whose `stage` job has no marker yet; what killed jobs of the stage left is removed."""
-    for k in range(shards):
+def pending(work: Path, stage: str, shards: int | tuple[str, ...]) -> list:
+    """The shards (or splits) whose `stage` job has no marker yet; what killed jobs of the stage left is removed."""
+    keys = range(shards) if isinstance(shards, int) else shards
+    for k in keys:
         recover(work / stage / str(k), DONE)
-    return [k for k in range(shards) if not is_done(work / stage / str(k))]
+    return [k for k in keys if not is_done(work / stage / str(k))]
 
 
 class Jobs:
@@ -175,13 +184,19 @@ class Jobs:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
     def run(self, fn, jobs: list[tuple]) -> None:
+        self.wait(self.start(fn, jobs))
+
+    def start(self, fn, jobs: list[tuple]) -> list[Future]:
+        """Queue the jobs and return at once (in this process: run them now); `wait` for them later."""
         if self.workers <= 1:
             for job in jobs:
                 fn(*job)
-            return
+            return []
         if self.pool is None and jobs:
             self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"))
-        futures = [self.pool.submit(fn, *job) for job in jobs]
+        return [self.pool.submit(fn, *job) for job in jobs]
+
+    def wait(self, futures: list[Future]) -> None:
         try:
             for f in futures:
                 f.result()
