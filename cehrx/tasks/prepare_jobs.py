@@ -1,5 +1,5 @@
-"""The jobs of the sharded prepare (`prepare_sharded`): once before the shards `partition_source` (csv
-sources only); per shard `map_shard`, `visit_shard`, `tokenize_shard`; per split `meds_split` (OMOP);
+"""The jobs of the sharded prepare (`prepare_sharded`): once before the shards `partition_source` (folder
+sources); per shard `map_shard`, `visit_shard`, `tokenize_shard`; per split `meds_split` (OMOP);
 once `reduce_codes`, `reduce_vocab`, `finish`.
 
 Each takes the resolved config as a plain dict (it is sent to spawned processes) and the work dir,
@@ -7,7 +7,7 @@ and does nothing when its `done.json` exists. The per-shard steps are those of t
 (`tasks/prepare.py`), run on the shard's subjects; what needs every subject is decided in the reduce
 (`data/shard_merge.py`) from what the shards wrote next to their marker:
 
-    source/      the csv tables as parquet: <table>/cehrx_shard=<k>/ (by person), <table>.parquet (others)
+    source/      the tables as parquet: <table>/cehrx_shard=<k>/ (read, by person), <table>.parquet (other csv)
     map/<k>/     state.duckdb, meds/<split>.parquet (OMOP), code_meta, subject_split, code_counts, values
     meds/<split>/  <split>/0.parquet: the MEDS copy's file of the split, from every shard's part (OMOP)
     codes/       kept_codes.parquet, edges.parquet
@@ -31,8 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cehrx.data import duck, shard_merge
 from cehrx.data.duck import literal
-from cehrx.data.omop_mapping import EVENT_TABLES, OPTIONAL_TABLES
-from cehrx.data.omop_tables import partition_text, text_tables
+from cehrx.data.omop_mapping import EVENT_TABLES, OPTIONAL_TABLES, read_columns
+from cehrx.data.omop_tables import partition, resolve_path
 from cehrx.data.shard_writer import Written, write_parts
 from cehrx.data.sharding import Shard, duckdb_limit, is_done, job, parse_bytes, read_done, worker_threads, write_done
 from cehrx.data.shards import SPLITS
@@ -92,24 +92,25 @@ def source_rows(cfg: DictConfig) -> int:
     return sum(tables.rows.get(name, 0) for name in events)
 
 
-def text_source(cfg) -> bool:
-    """Whether the source has csv tables, which `partition_source` reads once for all shards."""
-    return cfg.data.source == "omop" and bool(text_tables(str(cfg.data.path)))
+def partitioned(cfg) -> bool:
+    """Whether the source is a folder of OMOP tables (parquet or csv), which `partition_source` reads once
+    for all shards; a DuckDB file (and a MEDS source) is read in place by every shard, with a filter."""
+    return cfg.data.source == "omop" and resolve_path(str(cfg.data.path)).is_dir()
 
 
 def partition_source(cfgd: dict, work: str, shards: int) -> None:
-    """The csv tables of the source, each read once into per-shard parquet (`omop_tables.partition_text`;
-    why not parquet sources: its module doc), so a shard's `map` reads its own rows only. One job, on all
-    the node's cores (at most one per `PARTITION_THREAD_BYTES` of DuckDB's limit), within the worker's memory
-    budget; nothing to do for a source without csv tables."""
+    """The source's tables, each read once: those split by person into per-shard parquet with the columns
+    prepare reads (`omop_tables.partition`; why: its module doc), so a shard's `map` reads its own rows
+    only. One job, on all the node's cores (at most one per `PARTITION_THREAD_BYTES` of DuckDB's limit),
+    within the worker's memory budget; nothing to do for a source that is not a folder."""
     target = Path(work) / "source"
     cfg = OmegaConf.create(cfgd)
-    if is_done(target) or not text_source(cfg):
+    if is_done(target) or not partitioned(cfg):
         return
     with job(target) as tmp:
         per_thread = parse_bytes(duckdb_limit(budget(cfg.task))) // PARTITION_THREAD_BYTES
         con = connection(cfg.task, tmp / ".duckdb_tmp", threads=max(1, min(worker_threads(1), per_thread)))
-        tables = partition_text(con, str(cfg.data.path), tmp, shards)
+        tables = partition(con, str(cfg.data.path), tmp, shards, read_columns())
         con.close()
         shutil.rmtree(tmp / ".duckdb_tmp", ignore_errors=True)
         write_done(tmp, {"tables": tables})

@@ -1,7 +1,7 @@
 """`cehrx task=prepare` at any size: subject shards, each a job with a fixed memory budget (DESIGN §4.1).
 
-    partition csv sources only, once: each csv table read once into per-shard parquet, so a shard's
-              `map` reads its own rows instead of parsing every csv again (`omop_tables.partition_text`)
+    partition a folder source (parquet or csv), once: each table read once, into per-shard parquet with the
+              columns prepare reads, so a shard's `map` reads its own rows only (`omop_tables.partition`)
     map       per shard: its subjects' rows of the source -> events, splits, MEDS rows, visits; spills
               train code counts and values; keeps its DuckDB database (`state.duckdb`)
     reduce    kept codes and value deciles from the spills (`shard_merge`); per split, the MEDS copy's file
@@ -20,7 +20,7 @@ finished (`task.keep_work=true` keeps it).
 
 Where the jobs run: a process pool of `task.workers` (spawned processes), or one SLURM array job per
 shard for `map` (`-m hydra/launcher=slurm 'task.shard=range(0,N)'`), then `task.stage=reduce` on one
-node; a csv source first needs `task.stage=partition` (one job), which a map job refuses to go without.
+node; a folder source first needs `task.stage=partition` (one job), which a map job refuses to go without.
 The same jobs and the same files either way, so the same output.
 """
 
@@ -85,7 +85,7 @@ def plan_of(cfg: DictConfig, shards: int) -> dict:
 
 
 def run(cfg: DictConfig, shards: int) -> dict:
-    """The stage `task.stage` asks for: `partition` (a csv source's tables into shards, before the maps),
+    """The stage `task.stage` asks for: `partition` (a folder source's tables into shards, before the maps),
     `map` (the default when `task.shard` is given) for one shard, `reduce`, or `all` (the default): every
     unfinished job, then the output."""
     t = cfg.task
@@ -99,9 +99,9 @@ def run(cfg: DictConfig, shards: int) -> dict:
     if stage == "partition":
         shard_jobs.partition_source(cfgd, str(work), shards)
         if not is_done(work / "source"):
-            log.info("%s has no csv tables: the map jobs read it in place", cfg.data.path)
+            log.info("%s is not a folder of tables: the map jobs read it in place", cfg.data.path)
             return {"tables": {}}
-        log.info("csv tables read into %d shards in %s", shards, work / "source")
+        log.info("source tables read into %d shards in %s", shards, work / "source")
         return read_done(work / "source")
     if stage == "map":
         if t.get("shard") is None:
@@ -109,10 +109,10 @@ def run(cfg: DictConfig, shards: int) -> dict:
         k = int(t.shard)
         if not 0 <= k < shards:
             raise DataError(f"task.shard={k} is not one of the task.shards={shards} shards (0..{shards - 1})")
-        if not is_done(work / "source") and shard_jobs.text_source(cfg):
+        if not is_done(work / "source") and shard_jobs.partitioned(cfg):
             raise DataError(
-                f"{cfg.data.path} has csv tables: read them into shards once first, with the same settings and "
-                f"task.stage=partition (else every shard job parses every csv file)"
+                f"{cfg.data.path} is a folder of OMOP tables: read them into shards once first, with the same "
+                f"settings and task.stage=partition (else every shard job reads every table whole)"
             )
         shard_jobs.map_shard(cfgd, str(work), k, shards)
         log.info("prepared shard %d of %d in %s", k, shards, work)
@@ -126,11 +126,11 @@ def reduce(cfg: DictConfig, cfgd: dict, work: Path, shards: int) -> dict:
 
     t = cfg.task
     workers = int(t.get("workers") or 1)
-    text = shard_jobs.text_source(cfg)
-    stages = Stages(total=5 + text + (cfg.data.source == "omop"))
+    split = shard_jobs.partitioned(cfg)
+    stages = Stages(total=5 + split + (cfg.data.source == "omop"))
     start = time.perf_counter()
-    if text:
-        with stages(f"csv tables into {shards} shards"):
+    if split:
+        with stages(f"source tables into {shards} shards"):
             shard_jobs.partition_source(cfgd, str(work), shards)
     with Jobs(workers) as jobs:
         with stages(f"map {shards} shards"):
