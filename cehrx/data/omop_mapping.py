@@ -99,6 +99,31 @@ REQUIRED = {
     "death": (("person_id",), ("death_datetime", "death_date")),
     "concept": (("concept_id",), ("vocabulary_id",), ("concept_code",)),
 }
+
+
+def read_columns() -> dict[str, tuple[str, ...]]:
+    """Every column the mapping may read (`omop_to_meds`), per table whose rows it reads: what the sharded
+    prepare's `omop_tables.partition` keeps of a table it splits by person. A column read but not listed
+    here fails a sharded run with a binder error (the tests compare it with the single pass on every set)."""
+    events = {
+        s.name: ("person_id", "visit_occurrence_id", s.concept, *s.start_datetime, *s.start_date)
+        + tuple(c for c in (s.numeric, s.value_concept) if c)
+        + s.text
+        + s.unit
+        for s in EVENT_TABLES
+    }
+    visit = ("visit_start_datetime", "visit_start_date", "visit_end_datetime", "visit_end_date")
+    return {
+        "person": REQUIRED["person"][0]
+        + ("birth_datetime", "year_of_birth", "month_of_birth", "day_of_birth")
+        + ("gender_concept_id", "race_concept_id", "ethnicity_concept_id"),
+        "visit_occurrence": ("person_id", "visit_occurrence_id", "visit_concept_id", *visit)
+        + ("discharged_to_concept_id", "discharge_to_concept_id"),
+        "death": ("person_id", "death_datetime", "death_date"),
+        **events,
+    }
+
+
 # Why a row is dropped, in the order checked: its first reason names it. The row holds person_id and
 # pid_given, t and t_given, concept_id and concept_given (parsed value, and whether the source had one).
 PERSON_ID_REASONS = (("null_person_id", "NOT pid_given"), ("unparsable_person_id", "person_id IS NULL"))

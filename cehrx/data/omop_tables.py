@@ -5,23 +5,27 @@ whatever the source spelled them (`PERSON.csv.gz`, `PERSON_ID`, ...). Tables tha
 ships as a bogus header-only row (columns `column0..`) are registered as empty tables with
 the column names that row holds.
 
-Text tables and subject shards (`partition_text`). A shard's job reads only its subjects' rows: a
-filter on the hash of `person_id`, and a job reads each view at least twice (its row count, its rows). For
-parquet (and a DuckDB file) that is cheap: DuckDB reads the id column, evaluates the hash (~0.04 us a
-row) and decodes the other columns only for the rows kept (a 5 M-row, 19-column table, 1/256 kept: 0.1 s
-for the count and 0.35 s for the rows, one thread). A csv is parsed whole for any filter (4-8 s for the
-same rows, each time): with S shards every csv would be parsed 2S times. So before the shards' jobs,
-the sharded prepare reads each csv table once (`partition_text`): a table with a `person_id` becomes
-one parquet folder per shard, any other (concept, ...) one parquet file, every column kept as read
-(text, names lower-cased), nothing cast or dropped; the shard jobs then open those (`open_omop(parts=)`),
-so their checks, counts, drop reasons and error messages (which name the csv file) are the single
-pass's. Parquet is not copied: the copy (17 s for that table, one thread) costs what about 35 shards'
-filtered reads cost together, it is one step that every shard job would wait for, while the filtered
-reads run inside the shard jobs, in parallel; a 100 M-event source under a 4 GB budget gets ~10 shards.
+Folder sources and subject shards (`partition`). A shard's job reads only its subjects' rows. Filtering a
+table on the hash of `person_id` reads all of it: a csv is parsed whole (4-8 s for a 5 M-row table, each
+time), a parquet file decompressed whole and its id column hashed (~0.04 us a row), and a job reads each
+view twice (its row count, its rows). With S shards that is S reads of the source. So before the shards'
+jobs, the sharded prepare reads a folder source once (`partition`): a table whose rows prepare reads and
+that has a `person_id` becomes one parquet folder per shard holding the columns prepare reads
+(`omop_mapping.read_columns`), values as read (csv: text), nothing cast or dropped; another csv table one
+parquet file (every column); another parquet table stays in place, read whole by every shard (only its
+row count is used). The shard jobs open those (`open_omop(parts=)`) with the source's column list (kept
+in `columns.json`), so their checks, counts, drop reasons and error messages (which name the source file)
+are the single pass's. Only the read columns, because the copy costs what it saves otherwise: GiBleed x450
+(101 M events, parquet), drug_exposure (30 M rows, 23 columns), one thread: a shard's filtered read of it
+(one of 10) 3.4 s plus 0.7 s for the count, against 0.7 s from its own copy; the copy of every column
+21 s (what 10 shards' filtered reads cost together), of the 9 columns prepare reads 7 s. At x40 (9 M
+events, 8 shards, 2 workers on 2 cores): partition 1.7 s + map 19.5 s against map 24-25 s without one
+(with every column copied: 5.5 + 20.3 s, no gain). A DuckDB file is read in place with a filter.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -72,6 +76,9 @@ class OmopTables:
     def has(self, table: str) -> bool:
         return table in self.columns
 
+    def has_column(self, table: str, column: str = "person_id") -> bool:
+        return column in self.columns.get(table, {})
+
     def has_rows(self, table: str) -> bool:
         return self.rows.get(table, 0) > 0
 
@@ -111,8 +118,9 @@ def open_omop(
 
     With a `shard`, a table with a `person_id` column holds only that shard's rows (`rows` counts
     them), and a shard without persons is not an error: another shard has them. `parts` is where
-    `partition_text` put the csv tables: those are read from there (the shard's own folder), the
-    rest from `path`. `count=False` leaves `rows` empty (no table is read).
+    `partition` put the tables: those it split by person are read from the shard's own folder (the
+    columns prepare reads; `columns` lists all of the source's), those it copied whole from there, the
+    rest from `path`, whole. `count=False` leaves `rows` empty (no table is read).
     """
     p = resolve_path(path)
     if not p.exists():
@@ -123,11 +131,14 @@ def open_omop(
         tables.files[name] = file
         copied = _partitioned(parts, name, shard) if parts is not None else None
         if copied is None:
-            _register(con, tables, name, select, shard, count=count)
+            _register(con, tables, name, select, shard if parts is None else None, count=count)
         else:
             _register(con, tables, name, copied[0], None, count=count)
             if copied[1]:
                 tables.sharded.append(name)
+                kept, listed = tables.columns[name], parts / name / "columns.json"
+                if listed.is_file():  # the source's columns, in its order; the types of the copy
+                    tables.columns[name] = {c: kept.get(c, t) for c, t in json.loads(listed.read_text())}
     if not tables.has("person"):
         raise DataError(
             f"no person table in {p}: expected person.parquet, person.csv(.gz) or a PERSON table "
@@ -185,49 +196,64 @@ def text_tables(path: str) -> list[str]:
     return sorted(name for name, (file, _) in _folder_sources(p).items() if file.lower().endswith(TEXT))
 
 
-def partition_text(con: duckdb.DuckDBPyConnection, path: str, dest: Path, shards: int) -> dict[str, str]:
-    """Read every csv table of `path` once into `dest` for `shards` subject shards (see the module doc):
-    `<table>/cehrx_shard=<k>/*.parquet` (rows whose `person_id` hashes to shard k, `shard_sql`; rows
-    without a parsable id go to shard 0) plus `<table>/empty.parquet` (the columns, no row) for shards
-    without rows; a table without `person_id` to `<table>.parquet`. The views are `open_omop`'s (same
-    checks, same errors), the columns as read: text, nothing cast or dropped. Memory: DuckDB's limit
-    (PARTITION_BY flushes its buffers as they fill). Row order within a shard is not kept: prepare's
-    output does not depend on it (every sort has a total order; GiBleed and Synthea 1k with every table's
-    rows shuffled give the same bytes). Returns table -> "shards" | "whole"."""
+def partition(
+    con: duckdb.DuckDBPyConnection, path: str, dest: Path, shards: int, read: dict[str, tuple[str, ...]]
+) -> dict[str, str]:
+    """Read the tables of the folder `path` (parquet or csv) once into `dest` for `shards` subject shards (why:
+    the module doc). A table with `person_id` whose rows prepare reads (`read`: table -> the columns it may
+    read) -> `<table>/cehrx_shard=<k>/*.parquet` (rows whose `person_id` hashes to shard k, `shard_sql`; rows
+    without a parsable id go to shard 0) with those of its columns only, `<table>/empty.parquet` (the same
+    columns, no row) for shards without rows, and `<table>/columns.json` (all its columns and types, for the
+    checks and messages). Any other csv table -> `<table>.parquet`, every column (the shards read it whole);
+    any other parquet table: nothing (read in place, whole). The views are `open_omop`'s (same checks, same
+    errors), the values as read: nothing cast or dropped. Memory: DuckDB's limit (PARTITION_BY flushes its
+    buffers as they fill). Row order within a shard is not kept: prepare's output does not depend on it (every
+    sort has a total order; GiBleed and Synthea 1k with every table's rows shuffled give the same bytes).
+    Returns table -> "shards" | "whole"."""
     tables = open_omop(con, path, count=False)
+    text = set(text_tables(path))
     done: dict[str, str] = {}
-    for name in text_tables(path):
-        if name in tables.bogus_header:
+    for name in sorted(tables.columns):
+        if name in tables.bogus_header or (name not in text and not (name in read and tables.has_column(name))):
             continue
         view = quote("omop_" + name)
         with reading(tables.where(name)):
-            if "person_id" in tables.columns[name]:
-                folder = dest / name
-                con.execute(
-                    f"COPY (SELECT *, {shard_sql(quote('person_id'), shards)} AS {SHARD_COLUMN} FROM {view}) "
-                    f"TO {literal(str(folder))} (FORMAT parquet, PARTITION_BY ({SHARD_COLUMN}))"
-                )
-                folder.mkdir(exist_ok=True)
-                con.execute(
-                    f"COPY (SELECT * FROM {view} LIMIT 0) TO {literal(str(folder / 'empty.parquet'))} (FORMAT parquet)"
-                )
+            if name in read and tables.has_column(name):
+                _split(con, tables, name, dest / name, shards, [c for c in tables.columns[name] if c in read[name]])
                 done[name] = "shards"
-                if name == "person":
-                    tables.rows[name] = con.execute(
-                        f"SELECT count(*) FROM read_parquet({literal(str(folder / '**' / '*.parquet'))}, hive_partitioning = false)"
-                    ).fetchall()[0][0]
             else:
                 con.execute(
                     f"COPY (SELECT * FROM {view}) TO {literal(str(dest / (name + '.parquet')))} (FORMAT parquet)"
                 )
                 done[name] = "whole"
+    if done.get("person") == "shards":
+        files = literal(str(dest / "person" / "**" / "*.parquet"))
+        tables.rows["person"] = con.execute(
+            f"SELECT count(*) FROM read_parquet({files}, hive_partitioning = false)"
+        ).fetchall()[0][0]
     if tables.has("person") and not tables.rows.get("person", 1):  # what open_omop refuses in the single pass
         raise DataError(f"{tables.where('person')} has no rows: there is no one to prepare")
     return done
 
 
+def _split(
+    con: duckdb.DuckDBPyConnection, tables: OmopTables, name: str, folder: Path, shards: int, keep: list
+) -> None:
+    """`partition`'s folder of one table split by person: its `keep` columns per shard, empty.parquet, columns.json."""
+    view, cols = quote("omop_" + name), ", ".join(quote(c) for c in keep)
+    con.execute(
+        f"COPY (SELECT {cols}, {shard_sql(quote('person_id'), shards)} AS {SHARD_COLUMN} FROM {view}) "
+        f"TO {literal(str(folder))} (FORMAT parquet, PARTITION_BY ({SHARD_COLUMN}))"
+    )
+    folder.mkdir(exist_ok=True)
+    con.execute(
+        f"COPY (SELECT {cols} FROM {view} LIMIT 0) TO {literal(str(folder / 'empty.parquet'))} (FORMAT parquet)"
+    )
+    (folder / "columns.json").write_text(json.dumps(list(tables.columns[name].items())) + "\n")
+
+
 def _partitioned(parts: Path, name: str, shard: Shard | None) -> tuple[str, bool] | None:
-    """The SQL reading table `name` from `partition_text`'s copy in `parts` (shard `shard`'s rows of a
+    """The SQL reading table `name` from `partition`'s copy in `parts` (shard `shard`'s rows of a
     table split by person), and whether it was split; None when the table was not copied."""
     folder, whole = parts / name, parts / f"{name}.parquet"
     if whole.is_file():

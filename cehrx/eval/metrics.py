@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
 METRICS = ("auroc", "auprc", "brier", "ece")
 ECE_BINS = 10
@@ -110,6 +109,9 @@ def paired_difference(
 
 
 def _point(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    # here, not at import: every task's marker goes through `json_safe`, and prepare needs no sklearn (0.7 s)
+    from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+
     both = 0 < y.sum() < len(y)
     return {
         "auroc": float(roc_auc_score(y, p)) if both else math.nan,

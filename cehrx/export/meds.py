@@ -102,15 +102,16 @@ def split_tables(con: duckdb.DuckDBPyConnection, batch_rows: int) -> Iterator[tu
     con.execute("DROP TABLE _meds_subjects; DROP TABLE _meds_codes; DROP TABLE _meds_tables")
 
 
-def write_split_files(data: Path, parts: Iterable[tuple[str, pa.Table]]) -> int:
-    """Write (split, rows) in order into `data/<split>/0.parquet`; a split without rows gets an empty, typed file."""
+def write_split_files(data: Path, parts: Iterable[tuple[str, pa.Table]], splits: tuple[str, ...] = SPLITS) -> int:
+    """Write (split, rows) in order into `data/<split>/0.parquet`; each of `splits` without rows gets an
+    empty, typed file."""
     total = 0
     with SplitWriters(data) as writers:
         for split, table in parts:
             writers.add(split, table)
             total += table.num_rows
         written = set(writers.buffers)
-    for split in SPLITS:
+    for split in splits:
         d = data / split
         if split not in written:
             d.mkdir(parents=True, exist_ok=True)
@@ -124,65 +125,18 @@ def empty_meds() -> pa.Table:
     return meds_table(ORDERED_SCHEMA.empty_table(), no_strings, no_strings)
 
 
-# --------------------------------------------------------------------------------------------
-# the sharded path: each subject shard writes its rows in order; one sort by (split, subject_id,
-# row) puts them back into the files the single pass writes (subjects never straddle shards).
-
-
-def write_part(con: duckdb.DuckDBPyConnection, path: Path, batch_rows: int = 1_000_000) -> int:
-    """One subject shard's MEDS rows in the total order, plus `split` and `seq` (the row's place) for `gather_data`."""
-    seq, writer = 0, None
-    try:
-        for split, table in split_tables(con, batch_rows):
-            n = table.num_rows
-            table = table.append_column("split", pa.array([split] * n, pa.string()))
-            table = table.append_column("seq", pa.array(np.arange(seq, seq + n, dtype=np.int64)))
-            writer = writer or pq.ParquetWriter(path, table.schema, compression="zstd")
-            writer.write_table(table)
-            seq += n
-        if writer is None:
-            empty = empty_meds()
-            empty = empty.append_column("split", pa.array([], pa.string())).append_column(
-                "seq", pa.array([], pa.int64())
-            )
-            pq.write_table(empty, path)
-    finally:
-        if writer is not None:
-            writer.close()
-    return seq
-
-
-def gather_data(con: duckdb.DuckDBPyConnection, parts: list[Path], data: Path, batch_rows: int = 1_000_000) -> int:
-    """The shards' parts (`write_part`) as `data/<split>/0.parquet`: the single pass's rows, order and row groups.
-
-    DuckDB sorts by (split, subject_id, seq), spilling to disk past its memory limit; the rows are cast back
-    to the parts' own schema, so the files are written from the same Arrow types as the single pass's.
-    """
-    schema = pq.read_schema(parts[0])
-    schema = pa.schema([f for f in schema if f.name not in ("split", "seq")])
-    files = "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts) + "]"
-    reader = con.sql(f"SELECT * FROM read_parquet({files}) ORDER BY split, subject_id, seq").to_arrow_reader(batch_rows)
-
-    def tables() -> Iterator[tuple[str, pa.Table]]:
-        for batch in reader:
-            t = pa.Table.from_batches([batch])
-            splits = t.column("split").to_numpy(zero_copy_only=False)
-            cuts = np.flatnonzero(splits[1:] != splits[:-1]) + 1
-            for a, b in zip([0, *cuts], [*cuts, len(splits)]):
-                yield str(splits[a]), t.slice(a, b - a).select(schema.names).cast(schema)
-
-    return write_split_files(data, tables())
-
-
 class SplitWriters:
     """One parquet file per split, written by a background thread while the next rows are sorted.
 
     Rows are buffered and written in row groups of exactly `ROW_GROUP` rows (the last one
     shorter), so the bytes depend on the rows only, not on how DuckDB happened to batch them;
-    large row groups also encode faster and smaller than one per batch.
+    large row groups also encode faster and smaller than one per batch. At most `QUEUE` row groups
+    wait for the writer: a producer faster than the encoding (the sharded gather) waits instead of
+    holding every row in memory.
     """
 
     ROW_GROUP = 1 << 20
+    QUEUE = 2
 
     def __init__(self, data: Path) -> None:
         self.data = data
@@ -210,6 +164,8 @@ class SplitWriters:
         self.buffers[split] = [table.slice(n)] if n < table.num_rows else []
         self.rows[split] = table.num_rows - n
         if n or split not in self.writers:
+            while len(self.pending) >= self.QUEUE:
+                self.pending.pop(0).result()
             self.pending.append(self.pool.submit(self.write, split, table.slice(0, n)))
 
     def write(self, split: str, table: pa.Table) -> None:

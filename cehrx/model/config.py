@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# An exported model directory (`model/export.py`): `<output_dir>/model/`, finished once its config.json (the
+# `GPTConfig`) exists. Here, not in export.py, so the task scaffold knows the marker without importing torch.
+MODEL_SUBDIR = "model"
+MARKER = "config.json"
+
 ATTN_BACKENDS = ("auto", "sdpa", "flex", "flash_attn")
 
 

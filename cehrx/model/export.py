@@ -27,12 +27,10 @@ from torch import Tensor
 from cehrx.data.atomic import atomic_dir
 from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
-from cehrx.model.config import GPTConfig
+from cehrx.model.config import MARKER, MODEL_SUBDIR, GPTConfig
 from cehrx.model.lightning_module import clean_param_name
 from cehrx.model.transformer import GPT
 
-MODEL_SUBDIR = "model"
-MARKER = "config.json"
 _BACKBONE_PREFIX = "model."  # attribute of the GPT inside CehrxLightningModule
 
 

@@ -141,7 +141,7 @@ def read_events(
     con, cfg: DictConfig, report: dict, shard: Shard | None = None, parts: Path | None = None
 ) -> tuple[dict, int]:
     """`events` and `code_meta` from the source (one shard's subjects, or all); the source stats and events in.
-    `parts`: the sharded prepare's copy of the csv tables (`omop_tables.partition_text`)."""
+    `parts`: the sharded prepare's copy of the source's tables (`omop_tables.partition`)."""
     stats = read_source(con, cfg, report, shard, parts)
     return stats, con.execute("SELECT count(*) FROM events").fetchall()[0][0]
 

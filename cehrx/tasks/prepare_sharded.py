@@ -1,13 +1,15 @@
 """`cehrx task=prepare` at any size: subject shards, each a job with a fixed memory budget (DESIGN §4.1).
 
-    partition csv sources only, once: each csv table read once into per-shard parquet, so a shard's
-              `map` reads its own rows instead of parsing every csv again (`omop_tables.partition_text`)
+    partition a folder source (parquet or csv), once: each table read once, into per-shard parquet with the
+              columns prepare reads, so a shard's `map` reads its own rows only (`omop_tables.partition`)
     map       per shard: its subjects' rows of the source -> events, splits, MEDS rows, visits; spills
               train code counts and values; keeps its DuckDB database (`state.duckdb`)
-    reduce    kept codes and value deciles from the spills (`shard_merge`); per shard, its visits
-              (years, ages, train subjects per token); the vocabulary and the output files' subject
-              ranges; per shard, tokens cut into its part of every output file; then the output:
-              token files, vocab.json, the MEDS copy and prepare.json, as the single pass writes them
+    reduce    kept codes and value deciles from the spills (`shard_merge`); per split, the MEDS copy's file
+              merged from the shards' parts (OMOP; `meds_gather`: started in the pool here, it runs beside
+              what follows); per shard, its visits (years, ages, train subjects per token); the vocabulary
+              and the output files' subject ranges; per shard, tokens cut into its part of every output
+              file; then the output: token files, vocab.json, the MEDS files moved in, prepare.json, as
+              the single pass writes them
 
 Every shard job is idempotent: it writes into a temporary sibling renamed into place with its
 `done.json` (`sharding.job`), and a job whose marker exists is skipped, so a rerun after a kill
@@ -18,7 +20,7 @@ finished (`task.keep_work=true` keeps it).
 
 Where the jobs run: a process pool of `task.workers` (spawned processes), or one SLURM array job per
 shard for `map` (`-m hydra/launcher=slurm 'task.shard=range(0,N)'`), then `task.stage=reduce` on one
-node; a csv source first needs `task.stage=partition` (one job), which a map job refuses to go without.
+node; a folder source first needs `task.stage=partition` (one job), which a map job refuses to go without.
 The same jobs and the same files either way, so the same output.
 """
 
@@ -28,7 +30,7 @@ import logging
 import multiprocessing as mp
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -43,6 +45,7 @@ from cehrx.data.sharding import (
     is_done,
     read_done,
 )
+from cehrx.data.shards import SPLITS
 from cehrx.errors import DataError
 from cehrx.progress import Stages
 from cehrx.tasks import prepare_jobs as shard_jobs
@@ -82,7 +85,7 @@ def plan_of(cfg: DictConfig, shards: int) -> dict:
 
 
 def run(cfg: DictConfig, shards: int) -> dict:
-    """The stage `task.stage` asks for: `partition` (a csv source's tables into shards, before the maps),
+    """The stage `task.stage` asks for: `partition` (a folder source's tables into shards, before the maps),
     `map` (the default when `task.shard` is given) for one shard, `reduce`, or `all` (the default): every
     unfinished job, then the output."""
     t = cfg.task
@@ -96,9 +99,9 @@ def run(cfg: DictConfig, shards: int) -> dict:
     if stage == "partition":
         shard_jobs.partition_source(cfgd, str(work), shards)
         if not is_done(work / "source"):
-            log.info("%s has no csv tables: the map jobs read it in place", cfg.data.path)
+            log.info("%s is not a folder of tables: the map jobs read it in place", cfg.data.path)
             return {"tables": {}}
-        log.info("csv tables read into %d shards in %s", shards, work / "source")
+        log.info("source tables read into %d shards in %s", shards, work / "source")
         return read_done(work / "source")
     if stage == "map":
         if t.get("shard") is None:
@@ -106,10 +109,10 @@ def run(cfg: DictConfig, shards: int) -> dict:
         k = int(t.shard)
         if not 0 <= k < shards:
             raise DataError(f"task.shard={k} is not one of the task.shards={shards} shards (0..{shards - 1})")
-        if not is_done(work / "source") and shard_jobs.text_source(cfg):
+        if not is_done(work / "source") and shard_jobs.partitioned(cfg):
             raise DataError(
-                f"{cfg.data.path} has csv tables: read them into shards once first, with the same settings and "
-                f"task.stage=partition (else every shard job parses every csv file)"
+                f"{cfg.data.path} is a folder of OMOP tables: read them into shards once first, with the same "
+                f"settings and task.stage=partition (else every shard job reads every table whole)"
             )
         shard_jobs.map_shard(cfgd, str(work), k, shards)
         log.info("prepared shard %d of %d in %s", k, shards, work)
@@ -123,39 +126,45 @@ def reduce(cfg: DictConfig, cfgd: dict, work: Path, shards: int) -> dict:
 
     t = cfg.task
     workers = int(t.get("workers") or 1)
-    text = shard_jobs.text_source(cfg)
-    stages = Stages(total=5 + text)
+    split = shard_jobs.partitioned(cfg)
+    stages = Stages(total=5 + split + (cfg.data.source == "omop"))
     start = time.perf_counter()
-    if text:
-        with stages(f"csv tables into {shards} shards"):
+    if split:
+        with stages(f"source tables into {shards} shards"):
             shard_jobs.partition_source(cfgd, str(work), shards)
     with Jobs(workers) as jobs:
         with stages(f"map {shards} shards"):
             jobs.run(shard_jobs.map_shard, [(cfgd, str(work), k, shards) for k in pending(work, "map", shards)])
         with stages("kept codes and value deciles"):
             shard_jobs.reduce_codes(cfgd, str(work), shards)
+        meds: list = []
+        if cfg.data.source == "omop":  # needs only the maps: in a pool, written beside the next stages
+            with stages("MEDS copy" + (" (started)" if workers > 1 else "")):
+                todo = [(cfgd, str(work), shards, s) for s in pending(work, "meds", SPLITS)]
+                meds = jobs.start(shard_jobs.meds_split, todo)
         with stages("visits per shard and the vocabulary"):
             jobs.run(shard_jobs.visit_shard, [(cfgd, str(work), k) for k in pending(work, "visits", shards)])
             shard_jobs.reduce_vocab(cfgd, str(work), shards)
         with stages("tokenize shards"):
             jobs.run(shard_jobs.tokenize_shard, [(cfgd, str(work), k) for k in pending(work, "tokens", shards)])
-    with task_output(cfg, "prepare") as tmp:
-        with stages("token files, vocab.json, MEDS copy"):
-            report = shard_jobs.finish(cfg, work, shards, workers, tmp)
-        report["timings_s"] = {**stages.timings, "total": round(time.perf_counter() - start, 3)}
-        report["events"]["per_second"] = round(report["events"]["in"] / max(report["timings_s"]["total"], 1e-9))
-        write_marker(tmp, "prepare", report)
+        with task_output(cfg, "prepare") as tmp:
+            with stages("token files, vocab.json, the MEDS copy's end"):
+                report = shard_jobs.finish(cfg, work, shards, workers, tmp, lambda: jobs.wait(meds))
+            report["timings_s"] = {**stages.timings, "total": round(time.perf_counter() - start, 3)}
+            report["events"]["per_second"] = round(report["events"]["in"] / max(report["timings_s"]["total"], 1e-9))
+            write_marker(tmp, "prepare", report)
     if not t.get("keep_work"):
         shutil.rmtree(work, ignore_errors=True)
     announce(report, Path(str(cfg.output_dir)))
     return report
 
 
-def pending(work: Path, stage: str, shards: int) -> list[int]:
-    """The shards whose `stage` job has no marker yet; what killed jobs of the stage left is removed."""
-    for k in range(shards):
+def pending(work: Path, stage: str, shards: int | tuple[str, ...]) -> list:
+    """The shards (or splits) whose `stage` job has no marker yet; what killed jobs of the stage left is removed."""
+    keys = range(shards) if isinstance(shards, int) else shards
+    for k in keys:
         recover(work / stage / str(k), DONE)
-    return [k for k in range(shards) if not is_done(work / stage / str(k))]
+    return [k for k in keys if not is_done(work / stage / str(k))]
 
 
 class Jobs:
@@ -175,13 +184,19 @@ class Jobs:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
     def run(self, fn, jobs: list[tuple]) -> None:
+        self.wait(self.start(fn, jobs))
+
+    def start(self, fn, jobs: list[tuple]) -> list[Future]:
+        """Queue the jobs and return at once (in this process: run them now); `wait` for them later."""
         if self.workers <= 1:
             for job in jobs:
                 fn(*job)
-            return
+            return []
         if self.pool is None and jobs:
             self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"))
-        futures = [self.pool.submit(fn, *job) for job in jobs]
+        return [self.pool.submit(fn, *job) for job in jobs]
+
+    def wait(self, futures: list[Future]) -> None:
         try:
             for f in futures:
                 f.result()

@@ -30,8 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cehrx.data.atomic import atomic_dir, recover
 from cehrx.errors import CehrxError
-from cehrx.model.export import MARKER as MODEL_MARKER
-from cehrx.model.export import MODEL_SUBDIR
+from cehrx.model.config import MARKER as MODEL_MARKER
+from cehrx.model.config import MODEL_SUBDIR
 
 
 @dataclass(frozen=True)

@@ -64,8 +64,14 @@ def test_sharded_output_is_the_single_pass_output(name: str, tmp_path: Path) -> 
 
 
 def test_one_shard_job_at_a_time_then_the_reduce(omop_slice: Path, tmp_path: Path) -> None:
-    """The SLURM flow without SLURM: `task.shard=k` jobs (map only), then `task.stage=reduce`."""
+    """The SLURM flow without SLURM: `task.stage=partition` (the parquet tables read once into shards, the
+    columns prepare reads), `task.shard=k` jobs (map only), then `task.stage=reduce`."""
     run(omop_slice, tmp_path / "single", "omop")
+    with pytest.raises(DataError, match=r"is a folder of OMOP tables: .* task.stage=partition"):
+        run(omop_slice, tmp_path / "out", "omop", "task.shards=3", "task.shard=0")
+    tables = run(omop_slice, tmp_path / "out", "omop", "task.shards=3", "task.stage=partition")["tables"]
+    assert tables["measurement"] == "shards" and "concept" not in tables, "parquet without person_id: read in place"
+    assert json.loads((tmp_path / ".out.shards" / "source" / "measurement" / "columns.json").read_text())[0][0]
     for k in range(3):
         assert run(omop_slice, tmp_path / "out", "omop", "task.shards=3", f"task.shard={k}")["events_in"] >= 0
         assert not (tmp_path / "out").exists()
@@ -100,6 +106,7 @@ def test_a_failed_run_reruns_only_unfinished_shards(omop_slice: Path, tmp_path: 
 
 
 def test_a_work_dir_of_other_settings_is_refused(omop_slice: Path, tmp_path: Path) -> None:
+    run(omop_slice, tmp_path / "out", "omop", "task.shards=2", "task.stage=partition")
     run(omop_slice, tmp_path / "out", "omop", "task.shards=2", "task.shard=0")
     with pytest.raises(DataError, match=r"holds shards of other settings"):
         run(omop_slice, tmp_path / "out", "omop", "task.shards=2", "task.shard=1", "task.min_subjects=2")
@@ -178,7 +185,7 @@ def test_csv_tables_are_read_once_for_all_shards(shards: int, synthea_csv, tmp_p
     before the partition is refused: it would parse every csv file again."""
     src, single = synthea_csv
     out, n = tmp_path / "out", f"task.shards={shards}"
-    with pytest.raises(DataError, match=r"has csv tables: .* task.stage=partition"):
+    with pytest.raises(DataError, match=r"is a folder of OMOP tables: .* task.stage=partition"):
         run(src, out, "synthea1k", n, "task.shard=0")
     assert run(src, out, "synthea1k", n, "task.stage=partition")["tables"]["measurement"] == "shards"
     saved = {f: f.read_bytes() for f in src.iterdir()}

@@ -175,7 +175,7 @@ def test_failed_job_reports_the_cehrx_error_and_exits_non_zero(slurm, tmp_path: 
 
 
 def test_sharded_prepare_as_an_array_of_shard_jobs_then_the_reduce(slurm, tmp_path: Path) -> None:
-    """A csv source: `task.stage=partition` (one SLURM job) reads its tables into shards once, then
+    """A folder source (csv): `task.stage=partition` (one SLURM job) reads its tables into shards once, then
     `task.shard=range(0,N)` maps one shard per SLURM job into the one output, and `task.stage=reduce`
     finishes it. The output is the single pass's, byte for byte (README "prepare at any size"), and
     every job's log is still there after the reduce."""

@@ -1,4 +1,5 @@
-"""write_meds: the rows come out in the full total order of every column, whatever DuckDB's batching."""
+"""write_meds: the rows come out in the full total order of every column, whatever DuckDB's batching; the
+sharded prepare's MEDS copy (`meds_gather`) writes the same bytes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from meds import DataSchema
 
 from cehrx.data import duck
 from cehrx.data.omop_to_meds import EVENTS_DDL
-from cehrx.export.meds import write_meds
+from cehrx.export import meds_gather
+from cehrx.export.meds import SplitWriters, write_meds
 
 FULL_ORDER = """ORDER BY s.split, e.subject_id, e.time NULLS FIRST, e.code, e.numeric_value, e.text_value, e.src_table,
                 e.visit_id, e.visit_end, e.unit, e.omop_concept_id"""
@@ -78,3 +80,31 @@ def test_same_bytes_whatever_the_batches(tmp_path):
         write_meds(con, tmp_path / str(batch_rows), "ties", batch_rows=batch_rows)
         files.append((tmp_path / str(batch_rows) / "data" / "train" / "0.parquet").read_bytes())
     assert files[0] == files[1]
+
+
+def test_shards_parts_gather_into_the_same_bytes(tmp_path, monkeypatch):
+    """Each subject shard writes its part (`write_part`), and `gather_split` merges them: the files of
+    `write_meds` over all subjects, with row groups and read batches that cut subjects (and a shard
+    without rows of a split)."""
+    monkeypatch.setattr(SplitWriters, "ROW_GROUP", 16)
+    monkeypatch.setattr(meds_gather, "BATCH", 5)
+    con = duck.connect(None)
+    events_with_ties(con)
+    write_meds(con, tmp_path / "single", "ties", batch_rows=9)
+    parts = []
+    for k, shard in enumerate(
+        ("subject_id IN (1, 5, 9, 12)", "subject_id IN (2, 3, 7, 8, 11)", "subject_id IN (4, 6, 10)")
+    ):
+        part = duck.connect(None)
+        for table in ("events", "subject_split"):
+            rows = con.sql(f"SELECT * FROM {table} WHERE {shard}").to_arrow_table()  # noqa: F841 (read by DuckDB)
+            part.execute(f"CREATE TABLE {table} AS SELECT * FROM rows")
+        meds_gather.write_part(part, tmp_path / str(k), batch_rows=7)
+        parts.append(tmp_path / str(k))
+    assert not (tmp_path / "0" / "held_out.parquet").exists()
+    for split in ("train", "tuning", "held_out"):
+        n = meds_gather.gather_split([p / f"{split}.parquet" for p in parts], split, tmp_path / "sharded")
+        got = (tmp_path / "sharded" / split / "0.parquet").read_bytes()
+        assert got == (tmp_path / "single" / "data" / split / "0.parquet").read_bytes(), split
+        assert n == pq.read_metadata(tmp_path / "single" / "data" / split / "0.parquet").num_rows
+    assert pq.read_metadata(tmp_path / "sharded" / "train" / "0.parquet").num_row_groups > 3

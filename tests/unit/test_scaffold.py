@@ -126,3 +126,15 @@ def test_the_pipeline_skips_a_stage_whose_output_a_killed_overwrite_left_hidden(
     out = tmp_path / "probe"
     killed_between_renames("probe", out)
     assert pipeline.is_done("probe", out) and is_finished("probe", out)
+
+
+def test_prepare_imports_no_torch_lightning_or_sklearn() -> None:
+    """`cehrx task=prepare` (and its shard workers) load the scaffold and write a marker, nothing of the
+    model or the metrics: those imports took 5 s, a quarter of a 10 M-event prepare's wall time."""
+    code = (
+        "import sys, cehrx.cli, cehrx.tasks.prepare, cehrx.tasks.prepare_sharded, cehrx.tasks.prepare_jobs\n"
+        "from cehrx.tasks.scaffold import write_marker\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'sklearn'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
