@@ -4,18 +4,21 @@ The first half of tokenizing (`tokenize.py` is the second: token ids laid out wi
 `select_codes` keeps the codes of enough train subjects, `learn_value_edges` the value deciles,
 `order_visits` puts every visit in order with its effective start and end and the day gap before
 it, and `fetch_ordered` reads subjects, visits and events back in token order (split,
-subject_id, visit rank, time, table, code, value), as integer/float columns, one sort each.
+subject_id, visit rank, time, table, code, value), as integer/float columns, one sort each
+(`save_ordered`/`load_ordered` keep them between the sharded prepare's visits and tokenize jobs).
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.ipc as ipc
 
 from cehrx.data import grammar as g
 from cehrx.data.duck import literal
@@ -228,3 +231,48 @@ def fetch_ordered(con: duckdb.DuckDBPyConnection, rare_codes: bool = True) -> Or
         cid=col(ev, "cid").astype(np.int32),
         value=col(ev, "value"),
     )
+
+
+# `Ordered`'s columns by level, as `save_ordered` writes them (the prompt tokens as p0..p3)
+SAVED = {
+    "subjects": ("subject_id", "split", "nvis", "birth_s", "first_us", "death_us", "has_death", "death_days"),
+    "visits": ("gap_days", "est_us", "eend_us", "vtype", "discharge", "inpatient", "nev"),
+    "events": ("t_us", "cid", "value"),
+}
+
+
+def save_ordered(o: Ordered, folder: Path) -> None:
+    """`o` as Arrow IPC files (subjects, visits, events): the sharded prepare's visits job fetches it, its
+    tokenize job reads it back once the vocabulary is known, instead of ordering the visits and events
+    again (GiBleed x40, a shard of 8: 0.34 s of a 1.05 s tokenize job). lz4: a third of the size (45 ->
+    15 MB, ~40 B an event uncompressed) for ~0.02 s more to write and read it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for level, names in SAVED.items():
+        cols = {c: getattr(o, c) for c in names}
+        if level == "subjects":
+            cols.update({f"p{i}": p for i, p in enumerate(o.prompt)})
+        table = pa.table({c: v if isinstance(v, pa.Array) else pa.array(v) for c, v in cols.items()})
+        with ipc.new_file(folder / f"{level}.arrow", table.schema, options=ipc.IpcWriteOptions(compression="lz4")) as w:
+            w.write_table(table)
+
+
+def load_ordered(folder: Path) -> Ordered:
+    """What `save_ordered` wrote, as the `Ordered` it was."""
+    cols: dict = {}
+    for level in SAVED:
+        table = ipc.open_file(pa.memory_map(str(folder / f"{level}.arrow"))).read_all()
+        cols.update({c: one_chunk(table.column(c)) for c in table.column_names})
+    arrow = {"birth_s", "vtype", "discharge"} | {f"p{i}" for i in range(g.PROMPT_LEN)}
+    num = {c: a.to_numpy(zero_copy_only=False) for c, a in cols.items() if c not in arrow}
+    return Ordered(
+        **num,
+        birth_s=cols["birth_s"],
+        vtype=cols["vtype"],
+        discharge=cols["discharge"],
+        prompt=[cols[f"p{i}"] for i in range(g.PROMPT_LEN)],
+    )
+
+
+def one_chunk(a: pa.ChunkedArray) -> pa.Array:
+    """The column as one array, without a copy when it is one already (`combine_chunks` copies)."""
+    return a.chunk(0) if a.num_chunks == 1 else a.combine_chunks()

@@ -110,12 +110,21 @@ def code_tables(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per code number (cid): its token id (-1 when rare), value cut points (NaN rows without) and whether it has them."""
     n = con.execute("SELECT count(*) FROM code_ids").fetchall()[0][0]
+    kept = con.execute("SELECT cid, code FROM kept_codes").fetchall()
+    return code_arrays(n, kept, con.execute("SELECT cid, cuts FROM edges").fetchall(), index, num_bins)
+
+
+def code_arrays(
+    n: int, kept: list[tuple[int, str]], edges: list[tuple[int, list]], index: dict[str, int], num_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`code_tables` from `n` code numbers, the kept codes' (cid, code) and the value cuts' (cid, cuts) (the
+    sharded prepare's tokenize job has them from files, without the shard's database)."""
     code_ids = np.full(n, -1, dtype=np.int32)
-    for cid, code in con.execute("SELECT cid, code FROM kept_codes").fetchall():
+    for cid, code in kept:
         code_ids[cid] = index[code]
     cuts = np.full((n, max(num_bins - 1, 0)), np.nan)
     has_cuts = np.zeros(n, dtype=bool)
-    for cid, row in con.execute("SELECT cid, cuts FROM edges").fetchall():
+    for cid, row in edges:
         cuts[cid, : len(row)] = row
         has_cuts[cid] = True
     return code_ids, cuts, has_cuts

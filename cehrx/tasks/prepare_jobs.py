@@ -11,7 +11,9 @@ and does nothing when its `done.json` exists. The per-shard steps are those of t
     map/<k>/     state.duckdb, meds/<split>.parquet (OMOP), code_meta, subject_split, code_counts, values
     meds/<split>/  <split>/0.parquet: the MEDS copy's file of the split, from every shard's part (OMOP)
     codes/       kept_codes.parquet, edges.parquet
-    visits/<k>/  subjects.parquet (tokenized subjects); done.json: vocabulary inputs, subject counts
+    visits/<k>/  subjects.parquet (tokenized subjects), ordered/ (its subjects, visits and events in token
+                 order, until its tokens are written), kept and value-cut codes by number; done.json:
+                 vocabulary inputs, subject counts
     vocab/       tokens.json (the vocabulary), done.json: first subject of every output file
     tokens/<k>/  <split>/<n>.parquet (its part of output file n), lengths.parquet, counts.npz
 """
@@ -36,9 +38,9 @@ from cehrx.data.omop_tables import partition, resolve_path
 from cehrx.data.shard_writer import Written, write_parts
 from cehrx.data.sharding import Shard, duckdb_limit, is_done, job, parse_bytes, read_done, worker_threads, write_done
 from cehrx.data.shards import SPLITS
-from cehrx.data.token_order import fetch_ordered, order_visits
+from cehrx.data.token_order import fetch_ordered, load_ordered, order_visits, save_ordered
 from cehrx.data.tokenize import Resolver, token_ids
-from cehrx.data.vocab_build import code_tables, combine_inputs, make_vocab, tokens_from, vocab_inputs
+from cehrx.data.vocab_build import code_arrays, combine_inputs, make_vocab, tokens_from, vocab_inputs
 from cehrx.export.meds import write_metadata
 from cehrx.export.meds_gather import gather_split, write_part
 from cehrx.tasks import prepare as single
@@ -223,19 +225,25 @@ def close(con, tmp: Path) -> None:
 
 
 def visit_shard(cfgd: dict, work: str, k: int) -> None:
-    """Shard k's visits in token order: its vocabulary inputs, subject counts and tokenized subjects."""
+    """Shard k's visits in token order: its vocabulary inputs, subject counts and tokenized subjects; and,
+    for its tokenize job, its subjects, visits and events in token order (`save_ordered`) and code numbers'
+    kept codes and value cuts, so that job needs neither the database nor to order the visits again."""
     w = Path(work)
     target = w / "visits" / str(k)
     if is_done(target):
         return
     t = OmegaConf.create(cfgd).task
     with job(target) as tmp:
-        con, _ = shard_state(t, w, k, tmp)
+        con, rare = shard_state(t, w, k, tmp)
         inputs = vocab_inputs(con, int(t.max_gap_days))
         copy(con, "SELECT subject_id, split FROM demo_t", tmp / "subjects.parquet")
+        copy(con, "SELECT cid, code FROM kept_codes", tmp / "kept_cids.parquet")
+        copy(con, "SELECT cid, cuts FROM edges", tmp / "edges_cids.parquet")
+        n_codes = con.execute("SELECT count(*) FROM code_ids").fetchall()[0][0]
         counts = single.subject_counts(con)
+        save_ordered(fetch_ordered(con, rare_codes=rare), tmp / "ordered")
         close(con, tmp)
-        write_done(tmp, {"inputs": inputs, "subject_counts": counts})
+        write_done(tmp, {"inputs": inputs, "subject_counts": counts, "code_numbers": n_codes})
 
 
 def reduce_vocab(cfgd: dict, work: str, shards: int) -> None:
@@ -256,20 +264,24 @@ def reduce_vocab(cfgd: dict, work: str, shards: int) -> None:
 
 
 def tokenize_shard(cfgd: dict, work: str, k: int) -> None:
-    """Shard k's tokens, written as its part of every output file, with its train counts and lengths."""
+    """Shard k's tokens, written as its part of every output file, with its train counts and lengths, from
+    what its visits job saved (then removed: the output's files hold it now)."""
     w = Path(work)
-    target = w / "tokens" / str(k)
+    target, visits = w / "tokens" / str(k), w / "visits" / str(k)
     if is_done(target):
         return
     t = OmegaConf.create(cfgd).task
     tokens = json.loads((w / "vocab" / "tokens.json").read_text())
     firsts = read_done(w / "vocab")["firsts"]
     with job(target) as tmp:
-        con, rare = shard_state(t, w, k, tmp)
         resolver = Resolver({tok: i for i, tok in enumerate(tokens)})
-        code_ids, cuts, has_cuts = code_tables(con, resolver.index, int(t.quantiles.num_bins))
-        o = fetch_ordered(con, rare_codes=rare)
-        close(con, tmp)
+        rows = lambda name: list(zip(*pq.read_table(visits / name).to_pydict().values()))  # noqa: E731
+        n_codes = read_done(visits)["code_numbers"]
+        num_bins = int(t.quantiles.num_bins)
+        code_ids, cuts, has_cuts = code_arrays(
+            n_codes, rows("kept_cids.parquet"), rows("edges_cids.parquet"), resolver.index, num_bins
+        )
+        o = load_ordered(visits / "ordered")
         ids = token_ids(o, resolver, code_ids, cuts, has_cuts, int(t.max_gap_days))
         written = write_parts(o, ids, tmp, firsts, len(tokens))
         np.savez(tmp / "counts.npz", counts=written.counts, subjects=written.subjects)
@@ -277,6 +289,7 @@ def tokenize_shard(cfgd: dict, work: str, k: int) -> None:
         pq.write_table(lengths, tmp / "lengths.parquet")
         done = {"per_split": written.per_split, "visits_tokenized": len(o.est_us), "events_tokenized": len(o.t_us)}
         write_done(tmp, {**done, "not_in_vocab": resolver.not_in_vocab})
+    shutil.rmtree(visits / "ordered", ignore_errors=True)
 
 
 def finish(cfg: DictConfig, work: Path, shards: int, workers: int, tmp: Path, meds_ready=lambda: None) -> dict:

@@ -6,7 +6,8 @@
               train code counts and values; keeps its DuckDB database (`state.duckdb`)
     reduce    kept codes and value deciles from the spills (`shard_merge`); per split, the MEDS copy's file
               merged from the shards' parts (OMOP; `meds_gather`: started in the pool here, it runs beside
-              what follows); per shard, its visits (years, ages, train subjects per token); the vocabulary
+              what follows); per shard, its visits (years, ages, train subjects per token) and its subjects,
+              visits and events in token order (saved for its tokenize job: ordered once); the vocabulary
               and the output files' subject ranges; per shard, tokens cut into its part of every output
               file; then the output: token files, vocab.json, the MEDS files moved in, prepare.json, as
               the single pass writes them

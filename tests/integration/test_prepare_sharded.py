@@ -81,22 +81,22 @@ def test_one_shard_job_at_a_time_then_the_reduce(omop_slice: Path, tmp_path: Pat
 
 def test_a_failed_run_reruns_only_unfinished_shards(omop_slice: Path, tmp_path: Path, monkeypatch) -> None:
     out, work = tmp_path / "out", tmp_path / ".out.shards"
-    real, calls = prepare_jobs.fetch_ordered, []
+    real, calls = prepare_jobs.load_ordered, []
 
-    def dies_on_shard_2(con, rare_codes=True):
+    def dies_on_shard_2(folder):  # in the tokenize job
         calls.append(1)
         if len(calls) == 3:
             raise MemoryError("killed")
-        return real(con, rare_codes)
+        return real(folder)
 
-    monkeypatch.setattr(prepare_jobs, "fetch_ordered", dies_on_shard_2)
+    monkeypatch.setattr(prepare_jobs, "load_ordered", dies_on_shard_2)
     with pytest.raises(MemoryError):
         run(omop_slice, out, "omop", "task.shards=4")
     assert not out.exists()
     assert sorted(p.name for p in (work / "tokens").iterdir()) == ["0", "1"], "no half-written shard looks done"
     maps = {k: (work / "map" / str(k) / "done.json").stat().st_mtime_ns for k in range(4)}
     (work / "map" / f".{3}.tmp-{2**22 + 7}-deadbeef").mkdir()  # what a killed process (a dead pid) left
-    monkeypatch.setattr(prepare_jobs, "fetch_ordered", real)
+    monkeypatch.setattr(prepare_jobs, "load_ordered", real)
     run(omop_slice, out, "omop", "task.shards=4", "task.keep_work=true")
     calls.clear()
     assert maps == {k: (work / "map" / str(k) / "done.json").stat().st_mtime_ns for k in range(4)}, "maps not redone"
