@@ -161,8 +161,8 @@ def claim_plan(work: Path, plan: dict) -> dict:
         if old != plan:
             raise DataError(
                 f"{work} holds shards of other settings ({old.get('shards')} shards, fingerprint "
-                f"{old.get('fingerprint')}, now {plan['shards']} / {plan['fingerprint']}): remove it, or rerun with the "
-                "settings it was made with"
+                f"{old.get('fingerprint')}, now {plan['shards']} / {plan['fingerprint']}; or made by another cehrx "
+                "version): remove it, or rerun with the settings it was made with"
             )
         return old
     work.mkdir(parents=True, exist_ok=True)

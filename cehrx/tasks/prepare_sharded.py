@@ -53,6 +53,9 @@ from cehrx.tasks import prepare_jobs as shard_jobs
 from cehrx.tasks.scaffold import guard, task_output, write_marker
 
 log = logging.getLogger("cehrx.prepare")
+# The files the jobs leave for each other (`prepare_jobs`' layout): in the fingerprint, so a work dir left by a
+# version whose jobs wrote other files is refused, not half reused. Bump it when a job's files change.
+WORK_LAYOUT = 2  # 2: MEDS parts per split, the visits job's ordered events for tokenize
 # Settings that change how the work is run, not what it makes: left out of the work dir's fingerprint.
 RUN_ONLY = ("workers", "stage", "shard", "shards", "memory_budget", "duckdb", "keep_work", "work_dir")
 
@@ -81,6 +84,7 @@ def plan_of(cfg: DictConfig, shards: int) -> dict:
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "task": {k: v for k, v in t.items() if k not in RUN_ONLY},
         "shard_hash": HASH_VERSION,
+        "work_layout": WORK_LAYOUT,
     }
     return {"shards": shards, "fingerprint": fingerprint(settings)}
 
