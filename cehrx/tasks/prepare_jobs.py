@@ -21,7 +21,6 @@ and does nothing when its `done.json` exists. The per-shard steps are those of t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -32,6 +31,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from cehrx.data import duck, shard_merge
+from cehrx.data.atomic import link_or_copy
 from cehrx.data.duck import literal
 from cehrx.data.omop_mapping import EVENT_TABLES, OPTIONAL_TABLES, read_columns
 from cehrx.data.omop_tables import partition, resolve_path
@@ -321,22 +321,13 @@ def finish(cfg: DictConfig, work: Path, shards: int, workers: int, tmp: Path, me
         meds_ready()
         for split in SPLITS:
             (tmp / "meds" / "data" / split).mkdir(parents=True)
-            link(work / "meds" / split / split / "0.parquet", tmp / "meds" / "data" / split / "0.parquet")
+            link_or_copy(work / "meds" / split / split / "0.parquet", tmp / "meds" / "data" / split / "0.parquet")
         con.execute(f"CREATE TABLE subject_split AS FROM read_parquet({maps_files('subject_split.parquet')})")
         write_metadata(con, tmp / "meds", cfg.data.name)
     con.close()
     report = merged_report(cfg, maps, visits, toks, codes, written)
     single.finish_report(report, t, len(vocab), codes["edges"], Counter(vocab.kinds), written.lengths)
     return report
-
-
-def link(src: Path, dst: Path) -> None:
-    """`dst` as a hard link to `src` (no copy, and the work dir keeps its file for a rerun), else a copy
-    (a work dir on another file system)."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def merged_report(cfg: DictConfig, maps: list, visits: list, toks: list, codes: dict, written: Written) -> dict:
