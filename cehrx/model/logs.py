@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import uuid
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.fabric.loggers.logger import rank_zero_experiment
@@ -41,16 +42,41 @@ def wandb_run_id(log_dir: str | Path, resuming: bool, write: bool = True) -> str
 
 
 class FlushLogsAtCheckpoint(Callback):
-    """Write the loggers' buffered rows whenever a checkpoint is written.
+    """Write the loggers' rows, the checkpoint's own last step included, whenever a checkpoint is written.
 
     The CSV logger keeps rows in memory between flushes (`flush_logs_every_n_steps`). A job killed
     between two flushes (a SLURM requeue or preemption, a crash) would lose them, while its resumed
     copy restarts from the checkpoint: the loss curve would have a hole before the resume point.
-    Flushed here, the log holds every step up to the checkpoint; steps between the checkpoint and
-    the kill appear twice (the resumed run logs them again).
+
+    A step-interval checkpoint (`every_n_train_steps`) is written in `on_train_batch_end`, before
+    Lightning logs that step's metrics; a kill right after it lost that one row for good (the resumed
+    run starts at the next step). So a checkpoint written inside a step logs the step first; the
+    loop's own row for it a moment later is the same row, which `ResumableCSVLogger` drops. Steps
+    between the checkpoint and the kill appear twice (the resumed run logs them again).
     """
 
+    def __init__(self) -> None:
+        self._inside_step = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        # Lightning runs checkpoint callbacks after all others, so this is set before they save.
+        self._inside_step = True
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._inside_step = False
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._inside_step = False
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._inside_step = False
+
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._inside_step and trainer.training:
+            # Lightning's own call, made early (no public hook runs after a step is logged but before
+            # the next batch is drawn, and a later checkpoint would skip a batch on resume).
+            trainer._logger_connector.update_train_step_metrics()
+            self._inside_step = False
         for logger in trainer.loggers:
             logger.save()
 
@@ -60,12 +86,21 @@ class _AppendingWriter(ExperimentWriter):
 
     def __init__(self, log_dir: str) -> None:
         super().__init__(log_dir)
+        self._last_row: dict[str, Any] | None = None
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as f:
                 self.metrics_keys = sorted(next(csv.reader(f), []))
 
     def _check_log_dir_exists(self) -> None:
         """Lightning's version deletes the existing metrics.csv here."""
+
+    def log_metrics(self, metrics_dict: dict[str, Any], step: int | None = None) -> None:
+        """Lightning's, dropping a row equal to the last one (`FlushLogsAtCheckpoint` logs a step early)."""
+        super().log_metrics(metrics_dict, step)
+        if self.metrics[-1] == self._last_row:
+            self.metrics.pop()
+        else:
+            self._last_row = self.metrics[-1]
 
 
 class ResumableCSVLogger(CSVLogger):
