@@ -1,0 +1,53 @@
+"""Issue 24's bar on every benchmarked task, one row each, from `bench_estimators.py`'s outputs.
+
+    python experiments/zeroshot/estimators_table.py [runs/zeroshot_estimators]
+
+Reads `<root>/<task>/estimators.json` and prints a Markdown table: AUROC and Brier of the hazard sum with
+the per-run futures (mean over runs) against Monte Carlo with all runs pooled, the per-label variance
+ratio at equal futures, the draw's share of Monte Carlo's variance (what the hazard sum can remove), and
+the three verdicts (AUROC >=, Brier <, variance >= 5x).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def row(r: dict) -> str:
+    f, big = r["futures_per_run"], r["runs"] * r["futures_per_run"]
+    hz = r[f"hazard_{f}"]
+    auc_h = float(np.mean([m["auroc"]["value"] for m in hz]))
+    brier_h = float(np.mean([m["brier"]["value"] for m in hz]))
+    mc = r[f"mc_{big}"]
+    auc_m, brier_m = mc["auroc"]["value"], mc["brier"]["value"]
+    var = next(v for k, v in r.items() if k.startswith("per_label_variance"))
+    ratio = r["variance_ratio_mc_over_hazard"]
+    share = 1 - var["hazard"] / var["mc"]
+    ok = lambda b: "met" if b else "not met"  # noqa: E731
+    return (
+        f"| {r['task']} | {r['labels']} ({r['positives']}) | {auc_h:.3f} | {auc_m:.3f} | {brier_h:.4f} | {brier_m:.4f} "
+        f"| {ratio:.1f}x | {share:.1%} | {ok(auc_h >= auc_m)} | {ok(brier_h < brier_m)} | {ok(ratio >= 5)} |"
+    )
+
+
+def main(root: Path) -> None:
+    results = [json.loads(p.read_text()) for p in sorted(root.glob("*/estimators.json"))]
+    if not results:
+        raise SystemExit(f"no */estimators.json under {root}: run experiments/zeroshot/run_bench_estimators.sh first")
+    f = results[0]["futures_per_run"]
+    big = results[0]["runs"] * f
+    print(
+        f"| task | labels (positive) | AUROC hazard@{f} | AUROC MC@{big} | Brier hazard@{f} | Brier MC@{big} "
+        f"| variance MC/hazard @{f} | draw share | AUROC | Brier | variance |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
+    for r in results:
+        print(row(r))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/zeroshot_estimators"))
