@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import uuid
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -176,6 +177,24 @@ def recover(target: Path, marker: str | None = None, restore: bool = True) -> di
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 done["removed"] += 1
     return done
+
+
+def recover_tree(root: str | Path) -> dict[str, int]:
+    """`recover` every target under `root` that a killed writer left temporaries of.
+
+    A run killed while writing an atomic file inside its output (a zeroshot chunk, a shard, a
+    cache) leaves `.<name>.tmp-<pid>-*` there; its rerun replaces only what it writes again, so
+    the dead temporaries of anything else would stay for good. Only dead processes' are touched.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return {"restored": 0, "promoted": 0, "removed": 0}
+    pattern = re.compile(r"^\.(.+)\.(tmp|old)-\d+-[0-9a-f]+$")
+    targets = {p.parent / m.group(1) for p in root.rglob(".*") if (m := pattern.match(p.name))}
+    done = Counter({"restored": 0, "promoted": 0, "removed": 0})
+    for target in sorted(targets, key=lambda t: len(t.parts)):  # outer first: a removed dir takes its inner ones
+        done.update(recover(target))
+    return dict(done)
 
 
 def _sibling(target: Path, kind: str) -> Path:

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from cehrx.data.atomic import atomic_dir, recover
+from cehrx.data.atomic import atomic_dir, recover, recover_tree
 from cehrx.errors import CehrxError
 from cehrx.model.config import MARKER as MODEL_MARKER
 from cehrx.model.config import MODEL_SUBDIR
@@ -75,12 +75,15 @@ def recover_output(task: str, out: str | Path) -> dict[str, int]:
     """Clean up after a killed run of `task` into `out` (`cehrx.data.atomic.recover`): remove its
     temporaries and, if the kill fell between the two renames of an overwrite, put the finished
     output (new, else old) back in place. Without it a rerun would see no output and start over,
-    and a finished output would be deleted as a stale temporary."""
+    and a finished output would be deleted as a stale temporary. Dead temporaries inside the output
+    (atomic files of its resumable `work/`) go too (`recover_tree`)."""
     target, name = output_target(task, out)
     target = target.resolve()
     if not target.parent.is_dir():
         return {"restored": 0, "promoted": 0, "removed": 0}
-    return recover(target, name)
+    done = recover(target, name)
+    inner = recover_tree(out)
+    return {k: done[k] + inner[k] for k in done}
 
 
 def guard(task: str, out: str | Path, overwrite: bool) -> None:

@@ -98,19 +98,21 @@ def test_finetune_resumes_after_sigkill(micro_model: tuple[Path, Path], tmp_path
     out = tmp_path / "ft"
     args = finetune_args(model, out, "finetune.epochs=4", "finetune.patience=10", "finetune.baselines=[]")
     last = out / "work" / "kall" / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cehrx", *args],
-        cwd=Path(__file__).parents[2],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    deadline = time.time() + 300
-    while not last.is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert last.is_file(), proc.stderr.read().decode()[-2000:]
+    log = tmp_path / "killed.log"
+    with log.open("w") as f:  # a file, not a pipe: an undrained pipe would block the child when full
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cehrx", *args],
+            cwd=Path(__file__).parents[2],
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        deadline = time.time() + 300
+        while not last.is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert last.is_file(), log.read_text()[-2000:]
     assert not (out / "metrics.json").exists() and not (out / "work" / "kall" / "result.json").exists()
     epoch_killed = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
     assert epoch_killed < 3

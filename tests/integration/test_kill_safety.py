@@ -13,6 +13,7 @@ One micro model for the module; the tests share it, so they run on one xdist wor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -222,13 +223,12 @@ def temporaries(out: Path) -> list[str]:
 def snapshot(out: Path) -> set[tuple[str, int]]:
     """Paths (and mtimes) of the output and its hidden siblings: a change means the run has started writing."""
     roots = [out, *out.parent.glob(f".{out.name}.*")]
-    return {
-        (str(p), p.stat().st_mtime_ns)
-        for r in roots
-        if r.exists()
-        for p in ([r, *r.rglob("*")] if r.is_dir() else [r])
-        if p.exists()
-    }
+    found = set()
+    for r in roots:
+        for p in [r, *r.rglob("*")] if r.is_dir() else [r]:
+            with contextlib.suppress(FileNotFoundError):  # renamed by the run between listing and stat
+                found.add((str(p), p.stat().st_mtime_ns))
+    return found
 
 
 def kill_run(args: list[str], out: Path, log: Path, when: Callable[[], bool] | float, ref_seconds: float) -> bool:
@@ -243,17 +243,19 @@ def kill_run(args: list[str], out: Path, log: Path, when: Callable[[], bool] | f
             stderr=subprocess.STDOUT,
             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
         )
-        deadline = time.time() + 300
-        if callable(when):
-            while not when() and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.005)
-        else:
-            while snapshot(out) == before and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.01)
-            time.sleep(when * ref_seconds)
-        running = proc.poll() is None
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()  # reaped: `recover` sees a dead pid
+        try:
+            deadline = time.time() + 300
+            if callable(when):
+                while not when() and proc.poll() is None and time.time() < deadline:
+                    time.sleep(0.005)
+            else:
+                while snapshot(out) == before and proc.poll() is None and time.time() < deadline:
+                    time.sleep(0.01)
+                time.sleep(when * ref_seconds)
+            running = proc.poll() is None
+        finally:  # never leave the child writing into `out` beside the rerun, whatever failed here
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()  # reaped: `recover` sees a dead pid
     assert proc.returncode in (0, -signal.SIGKILL), log.read_text()[-3000:]
     return running
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import lightning as L
@@ -155,7 +156,11 @@ def test_logger_configs_instantiate(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_spawn_two_processes_on_cpu(prepared: Path, tmp_path: Path) -> None:
+def test_ddp_spawn_two_processes_on_cpu(prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lightning would pick a port and leave it in this worker's environment for every later test
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
     out = tmp_path / "ddp"
     metrics = run(
         cfg_for(

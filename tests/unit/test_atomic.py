@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cehrx.data.atomic import atomic_dir, atomic_file, build_shared_dir, recover
+from cehrx.data.atomic import atomic_dir, atomic_file, build_shared_dir, recover, recover_tree
 from cehrx.errors import CehrxError
 
 CHILD = textwrap.dedent("""
@@ -73,6 +73,29 @@ def test_live_writers_temporaries_are_left_alone(tmp_path: Path) -> None:
     with atomic_file(tmp_path / "out") as f:
         f.write_text("x")
     assert mine.exists() and not dead.exists() and (tmp_path / "out").read_text() == "x"
+
+
+def test_dead_temporaries_inside_an_output_go_and_nothing_else(tmp_path: Path) -> None:
+    """A run killed while writing a chunk inside its output leaves `.N.parquet.tmp-<pid>-*` there."""
+    import os
+
+    from cehrx.tasks.scaffold import recover_output
+
+    out = tmp_path / "zs"
+    chunks = out / "work" / "chunks"
+    chunks.mkdir(parents=True)
+    (chunks / "0.parquet").write_text("kept")
+    dead_file = chunks / ".1.parquet.tmp-999999999-abcd1234"
+    dead_file.write_text("half")
+    dead_dir = out / ".store.tmp-999999999-abcd1234"
+    (dead_dir / "inner").mkdir(parents=True)
+    (dead_dir / "inner" / ".x.tmp-999999999-abcd1234").write_text("")
+    live = chunks / f".2.parquet.tmp-{os.getpid()}-abcd1234"
+    live.write_text("being written")
+    assert recover_output("zeroshot", out)["removed"] == 2
+    assert not dead_file.exists() and not dead_dir.exists()
+    assert live.exists() and (chunks / "0.parquet").read_text() == "kept"
+    assert recover_tree(out)["removed"] == 0 and recover_tree(tmp_path / "none")["removed"] == 0
 
 
 def fresh(d: Path) -> bool:
