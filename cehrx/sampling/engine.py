@@ -39,6 +39,14 @@ How a run is organised (and why):
   it draws is one of them (under the distribution it draws from): `Samples.watch_prob`, one
   number per generated token. Zero-shot's hazard estimator (`cehrx.zeroshot.score`) sums
   these instead of counting the outcome tokens that happened to be drawn.
+- **Forbidden tokens.** With `forbid_ids`, `sample(forbid_when=...)` asks at every step which
+  rows may not draw them (`forbid_when(rows)`, bool per row, from the engine-owned `Rows`: the
+  seconds and visits drawn so far, the tokens drawn, the row's prompt). Those rows draw from the
+  distribution renormalised over the other tokens their grammar state allows; a row whose state
+  allows nothing else draws unmasked (it can only draw a forbidden token). The watched
+  probability is always that of the unmasked distribution: zero-shot's REACH estimator
+  (`cehrx.zeroshot.reach`) forbids the outcome inside its window and multiplies the
+  probabilities of not drawing it.
 - **Reproducible whatever the batching.** The uniform number behind each draw is a hash of
   `(cfg.seed, prompt id, sample, step)` (`cehrx.sampling.draws.row_uniforms`), so the same
   inputs and seed give the same samples for any `batch_size`, with or without the cache (up
@@ -52,8 +60,8 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -61,7 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cehrx.data.decode import token_seconds
-from cehrx.data.vocab import DEATH, END, Vocab
+from cehrx.data.vocab import DEATH, END, VS, Vocab
 from cehrx.errors import CehrxError
 from cehrx.model.transformer import GPT
 from cehrx.sampling.config import SamplingConfig
@@ -71,7 +79,10 @@ from cehrx.sampling.rows import RUNNING, Prompts, Record, Rows
 from cehrx.sampling.samples import STOP_DEATH, STOP_END, STOP_TIME, STOP_TOKENS, Samples
 from cehrx.sampling.stream import Stream, recompute
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "ForbidWhen"]
+
+# which rows of the batch may not draw the engine's `forbid_ids` at this step (bool [B]); see `Engine.sample`
+ForbidWhen = Callable[[Rows], Tensor]
 
 # off CPU, batches from this size score each grammar state's allowed tokens only (see `Engine.draw`)
 SPARSE_HEAD_MIN_ROWS = 256
@@ -82,7 +93,8 @@ class Engine:
 
     `stop_ids` overrides the stop tokens (default `[END]` and `[DEATH]`; `()` runs every row to
     its budget, as the benchmark does). `watch_ids`: record each step's probability of drawing one
-    of these tokens (`Samples.watch_prob`; temperature and grammar applied, top-k/top-p not).
+    of these tokens (`Samples.watch_prob`; temperature and grammar applied, top-k/top-p and
+    forbidding not). `forbid_ids`: the tokens `sample(forbid_when=...)` may forbid.
     """
 
     def __init__(
@@ -93,6 +105,7 @@ class Engine:
         *,
         stop_ids: Sequence[int] | None = None,
         watch_ids: Sequence[int] | np.ndarray | None = None,
+        forbid_ids: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         self.model, self.vocab = model, vocab
         self.cfg = cfg if cfg is not None else SamplingConfig()
@@ -104,13 +117,19 @@ class Engine:
         self.seconds = torch.from_numpy(token_seconds(vocab)).to(dev)  # int64 [V] seconds each token advances
         stops = [vocab[END], vocab[DEATH]] if stop_ids is None else list(stop_ids)
         self.stop_ids = torch.tensor(stops, dtype=torch.int64, device=dev)
-        self.death_id, self.pad_id = vocab[DEATH], vocab.pad_id
-        self.watch = None  # bool [V]: the tokens whose probability each step records
-        if watch_ids is not None:
-            self.watch = torch.zeros(len(vocab), dtype=torch.bool, device=dev)
-            self.watch[torch.as_tensor(np.asarray(watch_ids, dtype=np.int64), device=dev)] = True
-        # grammar state -> (allowed ids, their lm-head rows, which are watched, any watched), built on first use
-        self.state_heads: dict[int, tuple] = {}
+        self.death_id, self.pad_id, self.vs_id = vocab[DEATH], vocab.pad_id, vocab[VS]
+        self.watch = self._token_set(watch_ids)  # bool [V]: the tokens whose probability each step records
+        self.forbid = self._token_set(forbid_ids)  # bool [V]: the tokens `forbid_when` may forbid
+        # bool [n_states]: the states that allow forbidden tokens only (a row there draws unmasked)
+        self.only_forbidden = None if self.forbid is None else ~(self.grammar.allowed & ~self.forbid).any(1)
+        self.state_heads: dict[int, _Head] = {}  # grammar state -> its lm-head rows and token sets, built on first use
+
+    def _token_set(self, ids: Sequence[int] | np.ndarray | None) -> Tensor | None:
+        if ids is None:
+            return None
+        out = torch.zeros(len(self.vocab), dtype=torch.bool, device=self.device)
+        out[torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)] = True
+        return out
 
     def with_settings(self, **changes: Any) -> Engine:
         """This engine with other sampling settings (`seed=...`, `max_days=...`), sharing its tables."""
@@ -145,6 +164,7 @@ class Engine:
         prompt_ids: np.ndarray | None = None,
         progress: bool = True,
         use_cache: bool = True,
+        forbid_when: ForbidWhen | None = None,
     ) -> Samples:
         """Continue each prompt `num_samples` times (prompt-major output, see the module doc).
 
@@ -154,7 +174,13 @@ class Engine:
         samples for the same seed). A row's random numbers depend on the seed, its prompt's id
         (`prompt_ids`, default `0..n-1`) and its sample index only: a caller that splits its
         prompts over several calls and passes their global ids gets the samples of one call.
+
+        `forbid_when(rows)` (needs `forbid_ids`): before each draw, which rows of the batch may not
+        draw the forbidden tokens (module doc). It must read each row's own state only (`Rows`:
+        `row // num_samples` is its prompt's index in this call), so that a row's draws do not
+        depend on its batch.
         """
+        self._check_forbid(forbid_when)
         prompts = self._prompts(prompt_tokens, prompt_offsets, num_samples, prompt_ids)
         lengths = np.diff(prompts.offsets)
         # rows longest prompt first: prompts of similar length share a prefill and pad little, and
@@ -168,22 +194,35 @@ class Engine:
         try:
             with torch.inference_mode():
                 if use_cache:
-                    Stream(self, prompts, record, bar).run(rows)
+                    Stream(self, prompts, record, bar, forbid_when).run(rows)
                 else:
                     for start in range(0, len(rows), self.cfg.batch_size):
-                        recompute(self, prompts, rows[start : start + self.cfg.batch_size], record, bar)
+                        recompute(self, prompts, rows[start : start + self.cfg.batch_size], record, bar, forbid_when)
         finally:
             self.model.train(was_training)
             if bar is not None:
                 bar.close()
         return record.samples(len(lengths), num_samples)
 
+    def _check_forbid(self, forbid_when: ForbidWhen | None) -> None:
+        if forbid_when is None:
+            return
+        if self.forbid is None:
+            raise CehrxError("sample(forbid_when=...) needs an Engine built with forbid_ids (the tokens to forbid)")
+        if self.cfg.temperature == 0:
+            raise CehrxError(
+                "forbidding tokens needs sampling.temperature > 0: a greedy step records no probability to forbid"
+            )
+
     def new_rows(self, rows: np.ndarray, plen: np.ndarray, prompts: Prompts) -> Rows:
         return Rows.start(self.device, rows, plen, prompts, self.constrained)
 
-    def draw(self, hidden: Tensor, rows: Rows) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Score the next token from each row's last hidden state, mask what the grammar forbids,
-        draw one token per row, advance the rows; (tokens, STOP_* or RUNNING, P(watched) or None).
+    def draw(
+        self, hidden: Tensor, rows: Rows, forbid_when: ForbidWhen | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Score the next token from each row's last hidden state, mask what the grammar forbids
+        (and `forbid_ids` for the rows `forbid_when` names), draw one token per row, advance the
+        rows; (tokens, STOP_* or RUNNING, P(watched) under the unforbidden distribution or None).
 
         With the grammar on, the lm head runs per grammar state on that state's allowed tokens only
         (`_draw_by_state`): a zero-shot state allows a fifth of the vocabulary on average (a time
@@ -195,25 +234,38 @@ class Engine:
         """
         cfg = self.cfg
         u = row_uniforms(cfg.seed, rows.key, rows.n)
+        forbid = self._forbid_rows(rows, forbid_when)
         if rows.state is not None and _score_by_state(hidden):
-            tok, watch_p = self._draw_by_state(hidden, rows.state, u)
+            tok, watch_p = self._draw_by_state(hidden, rows.state, u, forbid)
         else:
             logits = self.model.lm_head_logits(hidden).float()
             if rows.state is not None:
                 logits.masked_fill_(self.forbidden[rows.state], float("-inf"))
             else:
                 logits[:, self.pad_id] = float("-inf")
-            tok = sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniform=u)
+            masked = logits if forbid is None else logits.masked_fill(forbid[:, None] & self.forbid, float("-inf"))
+            tok = sample_next(masked, cfg.temperature, cfg.top_k, cfg.top_p, uniform=u)
             watch_p = None
             if self.watch is not None:
                 watch_p = _watched_mass(logits, self.watch, tok, self.watch[tok], cfg.temperature)
-        rows.advance(tok, self.seconds, self.grammar)
+        rows.advance(tok, self.seconds, self.grammar, self.vs_id)
         out_of_room = (rows.plen + rows.n >= self.max_seq_len) | (rows.n >= self.max_new)
         return tok, self._stop_reason(tok, rows.secs, out_of_room), watch_p
 
-    def _draw_by_state(self, hidden: Tensor, state: Tensor, u: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _forbid_rows(self, rows: Rows, forbid_when: ForbidWhen | None) -> Tensor | None:
+        """bool [B]: the rows whose draw leaves out `forbid_ids` now (None: no row's). A row whose grammar
+        state allows forbidden tokens only is left out of it: it draws unmasked (module doc)."""
+        if forbid_when is None:
+            return None
+        state = rows.state if rows.state is not None else self.host_grammar.free_state()  # free: all but [PAD]
+        return forbid_when(rows) & ~self.only_forbidden[state]
+
+    def _draw_by_state(
+        self, hidden: Tensor, state: Tensor, u: Tensor, forbid: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """One token per row, the rows grouped by grammar state, each group scored on its state's allowed
-        tokens; with watched tokens also each row's probability of drawing one."""
+        tokens (less the forbidden ones for the rows of `forbid`); with watched tokens also each row's
+        probability of drawing one before forbidding."""
         cfg = self.cfg
         states, group = torch.unique(state, return_inverse=True)
         rows_by_group = torch.split(
@@ -222,20 +274,25 @@ class Engine:
         tok = torch.empty(len(state), dtype=torch.int64, device=state.device)
         watch_p = None if self.watch is None else torch.zeros(len(state), device=state.device)
         for s, rows in zip(states.tolist(), rows_by_group):
-            ids, weight, w, any_watched = self._state_head(s)
-            logits = F.linear(hidden.index_select(0, rows), weight).float()
-            drawn = sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniform=u[rows])
-            tok[rows] = ids[drawn]
-            if watch_p is not None and any_watched:  # a state that allows no watched token leaves its rows at 0
-                watch_p[rows] = _watched_mass(logits, w, drawn, w[drawn], cfg.temperature)
+            h = self._state_head(s)
+            logits = F.linear(hidden.index_select(0, rows), h.weight).float()
+            masked = logits
+            if forbid is not None and h.forbidden is not None:
+                masked = logits.masked_fill(forbid[rows][:, None] & h.forbidden, float("-inf"))
+            drawn = sample_next(masked, cfg.temperature, cfg.top_k, cfg.top_p, uniform=u[rows])
+            tok[rows] = h.ids[drawn]
+            if watch_p is not None and h.any_watched:  # a state that allows no watched token leaves its rows at 0
+                watch_p[rows] = _watched_mass(logits, h.watched, drawn, h.watched[drawn], cfg.temperature)
         return tok, watch_p
 
-    def _state_head(self, s: int) -> tuple:
+    def _state_head(self, s: int) -> _Head:
         if s not in self.state_heads:
             ids = torch.nonzero(~self.forbidden[s])[:, 0]
-            w = None if self.watch is None else self.watch[ids]  # the state's allowed tokens that are watched
+            w = None if self.watch is None else self.watch[ids]
+            f = None if self.forbid is None else self.forbid[ids]
             head = self.model.lm_head.weight.index_select(0, ids)
-            self.state_heads[s] = (ids, head, w, w is not None and bool(w.any()))
+            any_forbidden = f is not None and bool(f.any())
+            self.state_heads[s] = _Head(ids, head, w, w is not None and bool(w.any()), f if any_forbidden else None)
         return self.state_heads[s]
 
     def _stop_reason(self, tok: Tensor, secs: Tensor, out_of_room: Tensor) -> Tensor:
@@ -268,6 +325,16 @@ class Engine:
                 stacklevel=3,
             )
         return Prompts(tokens, offsets, init_state, keys, num_samples)
+
+
+class _Head(NamedTuple):
+    """A grammar state's allowed tokens and their lm-head rows (`Engine._draw_by_state`)."""
+
+    ids: Tensor  # int64: the allowed token ids
+    weight: Tensor  # their lm-head rows
+    watched: Tensor | None  # bool per allowed token: watched (None without watch_ids)
+    any_watched: bool
+    forbidden: Tensor | None  # bool per allowed token: in forbid_ids (None when none is)
 
 
 def _check_prompts(model: GPT, vocab: Vocab, tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -43,6 +43,7 @@ class Rows:
     plen: Tensor  # int64 prompt length
     n: Tensor  # int64 tokens drawn so far
     secs: Tensor  # int64 seconds advanced by drawn time tokens
+    visits: Tensor  # int64 visits opened by drawn tokens ([VS] drawn so far)
     state: Tensor | None  # int64 grammar state (None: unconstrained)
     alive: Tensor  # bool: still sampling
 
@@ -61,14 +62,16 @@ class Rows:
             torch.from_numpy(plen).to(device),
             zeros,
             zeros.clone(),
+            zeros.clone(),
             state,
             torch.ones(len(rows), dtype=torch.bool, device=device),
         )
 
-    def advance(self, tok: Tensor, seconds: Tensor, grammar) -> None:
-        """One drawn token per row: count it, add its seconds, step the grammar."""
+    def advance(self, tok: Tensor, seconds: Tensor, grammar, vs_id: int) -> None:
+        """One drawn token per row: count it, add its seconds, count a visit it opens, step the grammar."""
         self.n = self.n + 1
         self.secs = self.secs + seconds[tok]
+        self.visits = self.visits + (tok == vs_id)
         if self.state is not None:
             self.state = grammar.step(self.state, tok)
 
@@ -79,7 +82,7 @@ class Rows:
         return Rows(*(None if a is None else torch.cat((a, b)) for a, b in zip(self._fields(), other._fields())))
 
     def _fields(self) -> tuple:
-        return self.row, self.key, self.plen, self.n, self.secs, self.state, self.alive
+        return self.row, self.key, self.plen, self.n, self.secs, self.visits, self.state, self.alive
 
 
 class Record:

@@ -18,7 +18,7 @@ from cehrx.model.shared_prefix import SharedPrefixKVCache
 from cehrx.sampling.rows import Prompts, Record, Rows
 
 if TYPE_CHECKING:
-    from cehrx.sampling.engine import Engine
+    from cehrx.sampling.engine import Engine, ForbidWhen
 
 __all__ = ["PREFILL_TOKENS", "Stream", "recompute"]
 
@@ -41,8 +41,11 @@ class Stream:
     long generated patients run in waves, as they would without refill.
     """
 
-    def __init__(self, engine: Engine, prompts: Prompts, record: Record, bar) -> None:
+    def __init__(
+        self, engine: Engine, prompts: Prompts, record: Record, bar, forbid_when: ForbidWhen | None = None
+    ) -> None:
         self.engine, self.prompts, self.record, self.bar = engine, prompts, record, bar
+        self.forbid_when = forbid_when  # `Engine.sample`'s: which rows may not draw the forbidden tokens
         self.batch_size = engine.cfg.batch_size
         self.cache: SharedPrefixKVCache | None = None
         self.rows: Rows | None = None
@@ -76,7 +79,7 @@ class Stream:
     def _step(self) -> None:
         """Draw one token per row, settle the stopped rows, compact, run the next forward."""
         e = self.engine
-        tok, reason, watch_p = e.draw(self.hidden, self.rows)
+        tok, reason, watch_p = e.draw(self.hidden, self.rows, self.forbid_when)
         n_fin = self.record.settle(self.rows, tok, reason, self.bar, watch_p)
         self.n_alive -= n_fin
         if self.n_alive == 0:
@@ -191,7 +194,9 @@ def left_pad(
     return ids, real
 
 
-def recompute(engine: Engine, prompts: Prompts, rows: np.ndarray, record: Record, bar) -> None:
+def recompute(
+    engine: Engine, prompts: Prompts, rows: np.ndarray, record: Record, bar, forbid_when: ForbidWhen | None = None
+) -> None:
     """The cache-free reference: one fixed batch, the whole left-padded sequence recomputed every step."""
     e = engine
     row_prompt = rows // prompts.num_samples
@@ -208,7 +213,7 @@ def recompute(engine: Engine, prompts: Prompts, rows: np.ndarray, record: Record
         kmask = key_mask[:, : width + step]
         pos = (torch.cumsum(kmask, dim=1) - 1).clamp(0, e.max_seq_len - 1)
         hidden = e.model(seq[:, : width + step], position_ids=pos, key_mask=kmask)[:, -1]
-        tok, reason, watch_p = e.draw(hidden, live)
+        tok, reason, watch_p = e.draw(hidden, live, forbid_when)
         n_alive -= record.settle(live, tok, reason, bar, watch_p)
         if n_alive == 0:
             return
