@@ -14,8 +14,11 @@ Output (`output_dir`; the finished dir appears at once, `metrics.json` marks it 
     details.parquet       per label: futures sampled / resolved / with the outcome, expected days
                           to the outcome, fallback flag, history length, stop reasons; the hazard
                           estimate, its standard error, expected days and cumulative incidence curve
+                          (a `zeroshot.estimator=reach` run: the reach_* columns instead of all these
+                          estimates, as its futures are not the model's natural ones)
     metrics.json          AUROC, AUPRC, Brier, ECE with subject-level bootstrap CIs + run facts; with
-                          both estimators (`estimators`: mc and hazard, and their paired difference)
+                          both estimators (`estimators`: mc and hazard, and their paired difference),
+                          or for a reach run `reach` (its mean per-label SE and why it stands alone)
     report.md, roc.png    the report format `probe` writes
     trajectories/<j>.parquet   sample j of every label as MEDS rows (zeroshot.write_trajectories)
     chunks/               per-chunk results (hard links of the run's work/chunks)
@@ -54,6 +57,7 @@ from cehrx.zeroshot.labels import labels_from, sample_labels, select_split
 from cehrx.zeroshot.outcome import Outcome, resolve_outcome
 from cehrx.zeroshot.predict import (
     CHUNK_DIR,
+    ESTIMATE_COLUMNS,
     ESTIMATORS,
     LabelInputs,
     ZeroshotConfig,
@@ -67,7 +71,7 @@ from cehrx.zeroshot.predict import (
     write_trajectories,
     zeroshot_engine,
 )
-from cehrx.zeroshot.report import compare_estimators, details, futures_summary, report_sections
+from cehrx.zeroshot.report import compare_estimators, details, futures_summary, reach_summary, report_sections
 
 log = logging.getLogger("cehrx.zeroshot")
 
@@ -96,9 +100,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     all_labels, label_source = read_labels(cfg, prepared)
     split = str(cfg.get("split") or "held_out")
     labels, sample_info = sampled_labels(zc, zcfg, select_split(all_labels, arrays.subject_id, split_of, split))
-    fp = fingerprint(
-        run_identity(cfg, vocab, outcome, prepared, split, zcfg), labels
-    )  # the chunks hold both estimators
+    fp = fingerprint(run_identity(cfg, vocab, outcome, prepared, split, zcfg), labels)
     # the same run's chunks resume, also under overwrite (an interrupted overwrite run); other chunks only with it
     resumed = claim_chunks(work, fp, bool(cfg.overwrite))
     if resumed:
@@ -178,7 +180,8 @@ def run_identity(
         "prepared": str(prepared.resolve()),
         "random_init": bool(cfg.zeroshot.get("random_init", False)),
         "split": split,
-        "zeroshot": {k: v for k, v in run_settings(zcfg).items() if k != "estimator"},
+        # mc and hazard read the same futures (the chunks hold both); reach samples futures of its own
+        "zeroshot": {k: v for k, v in run_settings(zcfg).items() if k != "estimator" or v == "reach"},
     }
 
 
@@ -271,9 +274,7 @@ def scored(results: pa.Table, labels: LabelInputs, zcfg: ZeroshotConfig, recal: 
     kept, lr = results.filter(pa.array(ok)), rows[ok]
     if not len(lr):
         raise CehrxError("no label has a history before its prediction time: nothing to predict")
-    estimates = {
-        e: finalize_probabilities(kept, e) for e in ESTIMATORS if e == "mc" or "hazard_probability" in kept.column_names
-    }
+    estimates = {e: finalize_probabilities(kept, e) for e in ESTIMATORS if ESTIMATE_COLUMNS[e][0] in kept.column_names}
     raw = estimates[zcfg.estimator][0]
     prob = raw if recal is None else recalibrate(raw, recal)  # the model's own probability is kept beside it
     w = labels.weight[lr] if labels.weight is not None else None
@@ -316,8 +317,10 @@ def finish(
             "sampling": sampling_dict(zcfg),
         }
     )
-    if len(sc.estimates) > 1:
+    if {"mc", "hazard"} <= set(sc.estimates):
         metrics["estimators"] = compare_estimators(sc.estimates, sc.kept, sc.y, sc.sid, sc.weight, n_boot, zcfg.seed)
+    if zcfg.reach:
+        metrics["reach"] = reach_summary(sc.kept)
     if recal is not None:
         metrics["recalibration"] = recal
     with task_output(cfg, "zeroshot") as tmp:  # replaces `out` (and so `work`) once complete
@@ -367,7 +370,7 @@ def write_outputs(
         f"Zero-shot: {facts['task'] or outcome.name}",
         shown,
         curves,
-        sections=report_sections(outcome, summary, facts, metrics.get("estimators")),
+        sections=report_sections(outcome, summary, facts, metrics.get("estimators") or metrics.get("reach")),
         sample_weight=sc.weight,
     )
     write_marker(tmp, "zeroshot", metrics)

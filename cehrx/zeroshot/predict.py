@@ -8,7 +8,8 @@ its futures (`SharedPrefixKVCache`), with a time budget of the window's end so f
 soon as they pass it.
 
 How a future is read (outcome inside the window, resolved or not, the Monte Carlo count and the
-hazard sum): `cehrx.zeroshot.score`.
+hazard sum): `cehrx.zeroshot.score`. `zeroshot.estimator=reach` samples other futures (the outcome
+forbidden inside the window, `cehrx.zeroshot.reach`) and reads REACH only off them.
 
 Labels are processed in chunks of `chunk_size`; each finished chunk is written as
 `chunks/<k>.parquet` (temporary name, then rename), so a rerun after an interruption skips the
@@ -38,10 +39,12 @@ from cehrx.data.workdir import claim_work_dir
 from cehrx.errors import CehrxError
 from cehrx.sampling import STOP_NAMES, Engine, Samples, SamplingConfig
 from cehrx.zeroshot.outcome import Outcome
+from cehrx.zeroshot.reach import InWindow, reach_ids
 from cehrx.zeroshot.score import (
     CIF_POINTS,
     DAY,
     HAZARD_COLUMNS,
+    REACH_COLUMNS,
     aggregate,
     hazard_watch_ids,
     score_futures,
@@ -53,7 +56,13 @@ CHUNK_DIR = "chunks"
 TRAJ_DIR = "trajectories"
 MANIFEST = "manifest.json"
 
-ESTIMATORS = ("mc", "hazard")
+ESTIMATORS = ("mc", "hazard", "reach")
+# estimator -> (its probability column, the column its fallback rate sums) in the chunk results
+ESTIMATE_COLUMNS = {
+    "mc": ("probability", "n_outcome"),
+    "hazard": ("hazard_probability", "hazard_sum"),
+    "reach": ("reach_probability", "reach_sum"),
+}
 
 
 def _default_sampling() -> SamplingConfig:
@@ -64,7 +73,9 @@ def _default_sampling() -> SamplingConfig:
 class ZeroshotConfig:
     """The `zeroshot:` config block's run options, and how the futures are sampled (the `sampling:` block)."""
 
-    estimator: str = "auto"  # which estimate is the prediction: auto = hazard when the sampling allows it, else mc
+    # which estimate is the prediction: mc, hazard (both from the same futures), reach (futures of its own,
+    # `cehrx.zeroshot.reach`), or auto = hazard when the sampling allows it, else mc
+    estimator: str = "auto"
     num_samples: int = 20
     history_len: int | None = None  # default: the model's max_seq_len - sampling.max_new_tokens
     chunk_size: int = 512  # labels per resumable chunk
@@ -90,15 +101,22 @@ class ZeroshotConfig:
                     s.top_p,
                     s.temperature,
                 )
-        if self.estimator == "hazard" and not self.hazard_possible:
+        if self.estimator in ("hazard", "reach") and not self.hazard_possible:
             raise CehrxError(
-                "zeroshot.estimator=hazard reads the distribution the futures are drawn from: it needs sampling.temperature "
-                f"> 0, top_k=0 and top_p=1 (got temperature={s.temperature}, top_k={s.top_k}, top_p={s.top_p})"
+                f"zeroshot.estimator={self.estimator} reads the distribution the futures are drawn from: it needs "
+                f"sampling.temperature > 0, top_k=0 and top_p=1 (got temperature={s.temperature}, top_k={s.top_k}, "
+                f"top_p={s.top_p}); zeroshot.estimator=mc works with any sampling"
             )
 
     @property
     def hazard_possible(self) -> bool:
+        """The draws are the model's own distribution: what the hazard sum and REACH need."""
         return self.sampling.untruncated
+
+    @property
+    def reach(self) -> bool:
+        """The futures are REACH's (the outcome forbidden inside the window), not the model's natural ones."""
+        return self.estimator == "reach"
 
     @property
     def seed(self) -> int:
@@ -126,7 +144,11 @@ class ZeroshotConfig:
 
 
 def zeroshot_engine(model: Any, vocab: Vocab, zcfg: ZeroshotConfig, outcome: Outcome) -> Engine:
-    """The engine that samples the futures; it records P(outcome) per step when the hazard estimate is possible."""
+    """The engine that samples the futures; it records P(outcome) per step when the hazard estimate is possible,
+    and for REACH also forbids the outcome tokens where `predict_chunk` says (refusing outcomes it cannot forbid)."""
+    if zcfg.reach:
+        ids = reach_ids(outcome)
+        return Engine(model, vocab, zcfg.sampling, watch_ids=ids, forbid_ids=ids)
     watch = hazard_watch_ids(outcome) if zcfg.hazard_possible else None
     return Engine(model, vocab, zcfg.sampling, watch_ids=watch)
 
@@ -244,10 +266,13 @@ def predict_chunk(
     cols = _chunk_columns(len(rows), zcfg, outcome)
     traj = None
     if len(kept):
+        inside = InWindow(w, slack, zcfg.num_samples, engine.device) if zcfg.reach else None
         s = engine.with_settings(max_days=max_days, seed=chunk_seed(zcfg.seed, chunk)).sample(
-            hist.tokens, hist.offsets, num_samples=zcfg.num_samples, progress=progress
+            hist.tokens, hist.offsets, num_samples=zcfg.num_samples, progress=progress, forbid_when=inside
         )
-        scores = score_futures(vocab, outcome, s.tokens, s.offsets, s.stop, slack[s.prompt_index], s.watch_prob)
+        scores = score_futures(
+            vocab, outcome, s.tokens, s.offsets, s.stop, slack[s.prompt_index], s.watch_prob, reach=zcfg.reach
+        )
         _fill_columns(cols, hist.label_index, aggregate(scores, s.prompt_index, len(kept)), s)
         cols["history_len"][hist.label_index] = hist.lengths()
         if zcfg.write_trajectories:
@@ -265,13 +290,21 @@ def predict_chunk(
 
 
 def _chunk_columns(n: int, zcfg: ZeroshotConfig, outcome: Outcome) -> dict[str, np.ndarray]:
-    """A chunk's per-label columns, in their order, before any label is scored (labels without a history keep them)."""
-    cols = {c: np.zeros(n, dtype=np.int64) for c in ("history_len", "n_futures", "n_resolved", "n_outcome")}
-    cols.update({c: np.full(n, np.nan) for c in ("probability", "expected_days")})
-    if zcfg.hazard_possible:
-        cols.update({c: np.full(n, np.nan) for c in HAZARD_COLUMNS})
-        if np.isfinite(outcome.window.end_days):
-            cols["hazard_cif"] = np.full((n, CIF_POINTS), np.nan)
+    """A chunk's per-label columns, in their order, before any label is scored (labels without a history keep them).
+    A REACH run's futures are not the model's natural ones: its chunks hold REACH only (no Monte Carlo count)."""
+    finite = np.isfinite(outcome.window.end_days)
+    cols = {c: np.zeros(n, dtype=np.int64) for c in ("history_len", "n_futures", "n_resolved")}
+    if zcfg.reach:
+        cols.update({c: np.full(n, np.nan) for c in REACH_COLUMNS})
+        if finite:
+            cols["reach_cif"] = np.full((n, CIF_POINTS), np.nan)
+    else:
+        cols["n_outcome"] = np.zeros(n, dtype=np.int64)
+        cols.update({c: np.full(n, np.nan) for c in ("probability", "expected_days")})
+        if zcfg.hazard_possible:
+            cols.update({c: np.full(n, np.nan) for c in HAZARD_COLUMNS})
+            if finite:
+                cols["hazard_cif"] = np.full((n, CIF_POINTS), np.nan)
     cols.update({f"stop_{name}": np.zeros(n, dtype=np.int64) for name in STOP_NAMES})
     return cols
 
@@ -352,10 +385,11 @@ def finalize_probabilities(results: pa.Table, estimator: str = "mc") -> tuple[np
 
     Returns (probability, fallback flag, fallback value = the estimate over all resolved futures of the run).
     """
-    column, total = ("probability", "n_outcome") if estimator == "mc" else ("hazard_probability", "hazard_sum")
+    column, total = ESTIMATE_COLUMNS[estimator]
     if column not in results.column_names:
         raise CehrxError(
-            f"zero-shot results hold no {estimator} estimates (the hazard estimator needs temperature > 0, top_k=0, top_p=1)"
+            f"zero-shot results hold no {estimator} estimates (hazard needs temperature > 0, top_k=0, top_p=1; "
+            "a zeroshot.estimator=reach run holds reach only, and only such a run holds it)"
         )
     prob = results.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
     res = results.column("n_resolved").to_numpy()

@@ -11,9 +11,10 @@ import pyarrow as pa
 from cehrx.data.history import NO_HISTORY
 from cehrx.eval.metrics import format_ci
 from cehrx.zeroshot.outcome import Outcome
-from cehrx.zeroshot.predict import ESTIMATORS, LabelInputs
+from cehrx.zeroshot.predict import LabelInputs
+from cehrx.zeroshot.reach import REACH_NOTE
 
-__all__ = ["compare_estimators", "details", "futures_summary", "report_sections"]
+__all__ = ["compare_estimators", "details", "futures_summary", "reach_summary", "report_sections"]
 
 
 def compare_estimators(
@@ -42,6 +43,12 @@ def compare_estimators(
     return out
 
 
+def reach_summary(kept: pa.Table) -> dict[str, Any]:
+    """metrics.json `reach` of a REACH run: its mean per-label standard error, and why no other estimator is beside it."""
+    se = kept.column("reach_se").to_numpy(zero_copy_only=False)
+    return {"mean_label_se": float(np.nanmean(se)) if np.isfinite(se).any() else None, "note": REACH_NOTE}
+
+
 def details(kept: pa.Table, labels: LabelInputs, lr: np.ndarray, prob: np.ndarray, fallback: np.ndarray) -> pa.Table:
     cols = {
         "subject_id": pa.array(labels.subject_id[lr]),
@@ -59,13 +66,19 @@ def details(kept: pa.Table, labels: LabelInputs, lr: np.ndarray, prob: np.ndarra
 
 
 def futures_summary(kept: pa.Table, fallback: np.ndarray, rate: float, n_dropped: int) -> dict[str, Any]:
+    """The futures of the run. A REACH run's futures never have the outcome inside the window (it is forbidden
+    there): no `with_outcome_share`, and the expected days to the outcome are REACH's."""
     col = {c: kept.column(c).to_numpy(zero_copy_only=False) for c in kept.column_names}
     n_fut = int(col["n_futures"].sum())
-    days = col["expected_days"][np.isfinite(col["expected_days"])]
+    days = col.get("expected_days", col.get("reach_expected_days"))
+    days = days[np.isfinite(days)]
+    with_outcome = {}
+    if "n_outcome" in col:
+        with_outcome["with_outcome_share"] = round(float(col["n_outcome"].sum() / max(n_fut, 1)), 4)
     return {
         "futures": n_fut,
         "resolved_share": round(float(col["n_resolved"].sum() / max(n_fut, 1)), 4),
-        "with_outcome_share": round(float(col["n_outcome"].sum() / max(n_fut, 1)), 4),
+        **with_outcome,
         "stops": {k[len("stop_") :]: int(v.sum()) for k, v in col.items() if k.startswith("stop_")},
         "labels_all_unresolved": int(fallback.sum()),
         "fallback_probability": rate,
@@ -88,8 +101,13 @@ def report_sections(
         "Outcome": f"- codes: {', '.join(outcome.codes)} ({len(outcome.token_ids)} token(s); descendants: {outcome.descendants})\n"
         f"- window: {win}\n- unmatched codes: {', '.join(outcome.unmatched) or 'none'}",
         "Futures": (
-            f"- {s['futures']} futures; resolved {s['resolved_share']:.1%}; with the outcome {s['with_outcome_share']:.1%}\n"
-            f"- stops: {', '.join(f'{k} {v}' for k, v in s['stops'].items())}\n"
+            f"- {s['futures']} futures; resolved {s['resolved_share']:.1%}"
+            + (
+                f"; with the outcome {s['with_outcome_share']:.1%}\n"
+                if "with_outcome_share" in s
+                else " (REACH: the outcome forbidden inside the window)\n"
+            )
+            + f"- stops: {', '.join(f'{k} {v}' for k, v in s['stops'].items())}\n"
             f"- labels whose futures were all unresolved (given the cohort rate {s['fallback_probability']:.3f}): {s['labels_all_unresolved']}\n"
             f"- labels without a history before the prediction time (dropped): {s['labels_without_history']}\n"
             f"- median expected days to the outcome: {s['median_expected_days_to_outcome']:.0f}"
@@ -100,9 +118,12 @@ def report_sections(
 
 
 def _estimator_lines(e: dict[str, Any]) -> str:
-    """Monte Carlo count vs hazard sum on the same futures (see cehrx.zeroshot.predict)."""
+    """Monte Carlo count vs hazard sum on the same futures (see cehrx.zeroshot.score), or a REACH run's note."""
+    if "note" in e:  # metrics.json `reach`
+        se = "n/a" if e["mean_label_se"] is None else f"{e['mean_label_se']:.4f}"
+        return f"- reach: mean per-label SE {se}\n- {e['note']}"
     lines = ["| estimator | AUROC (95 % CI) | AUPRC | Brier | mean per-label SE |", "|---|---|---|---|---|"]
-    for name in ESTIMATORS:
+    for name in ("mc", "hazard"):
         m = e[name]
         lines.append(
             f"| {name} | {format_ci(m['auroc'])} | "

@@ -1,4 +1,4 @@
-"""Reading sampled futures: is the outcome inside the window, is the future resolved, and the hazard sum.
+"""Reading sampled futures: is the outcome inside the window, is the future resolved, the hazard sum and REACH.
 
 Reading a future (`score_futures`, vectorised over all tokens of all futures):
 
@@ -42,10 +42,19 @@ priced before its value is drawn: its term stays the realised indicator, which k
 unbiased. The per-label standard error is the spread of the per-future sums over sqrt(resolved).
 From the same terms: the expected days to the outcome (the terms weighting their times) and a
 cumulative incidence curve (the terms summed up to each of `CIF_POINTS` times in the window).
+
+**REACH** (`zeroshot.estimator=reach`, `cehrx.zeroshot.reach` derives it) reads futures sampled
+differently: the outcome tokens are forbidden at every step with w_t = 1 (the same w_t,
+`step_in_window`, which the sampler evaluates on its own per-row time and visit count), and p_t
+is their probability before forbidding. Each future's estimate is `1 - prod_{t: w_t=1} (1 - p_t)`
+(`_add_reach`); resolution, the per-label mean and standard error and the fallback are those of
+the hazard sum. Its futures are not the model's natural ones: a REACH run has no Monte Carlo or
+hazard estimate.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,7 +67,9 @@ from cehrx.sampling import STOP_DEATH, STOP_END
 from cehrx.zeroshot.outcome import Outcome, Window
 
 HAZARD_COLUMNS = ("hazard_sum", "hazard_probability", "hazard_se", "hazard_expected_days")
+REACH_COLUMNS = ("reach_sum", "reach_probability", "reach_se", "reach_expected_days")
 CIF_POINTS = 10  # cumulative incidence at window_end * k / CIF_POINTS, k = 1..CIF_POINTS
+LOG_ZERO = -1000.0  # log(1 - p_t) floor for REACH (p_t = 1): exp of it is 0.0 in float64
 
 
 @dataclass
@@ -71,6 +82,9 @@ class FutureScores:
     hazard: np.ndarray | None = None  # float64 [n]: sum_t H_t w_t p_t (see the module doc), with watch probabilities
     hazard_days: np.ndarray | None = None  # float64 [n]: the same terms times their days after the prediction time
     cif: np.ndarray | None = None  # float64 [n, CIF_POINTS]: the terms up to each grid time (finite windows)
+    reach: np.ndarray | None = None  # float64 [n]: 1 - prod_{t: w_t=1} (1 - p_t) of a REACH future (module doc)
+    reach_days: np.ndarray | None = None  # float64 [n]: P(first outcome at step t) summed times its days
+    reach_cif: np.ndarray | None = None  # float64 [n, CIF_POINTS]: the estimate up to each grid time (finite windows)
 
 
 def outcome_mask(tokens: np.ndarray, offsets: np.ndarray, outcome: Outcome, vocab_size: int) -> np.ndarray:
@@ -100,12 +114,14 @@ def score_futures(
     stop: np.ndarray,
     slack_s: np.ndarray,
     watch_prob: np.ndarray | None = None,
+    reach: bool = False,
 ) -> FutureScores:
     """Score generated futures (flat tokens/offsets, `stop` reasons of the sampler).
 
     `slack_s[i]` = prediction time - last history time (seconds, >= 0) of future i's prompt.
     `watch_prob` (per token: P(the step draws a plain outcome token), `hazard_watch_ids`) adds
-    the hazard estimator's per-future sums.
+    the hazard estimator's per-future sums; with `reach` (futures sampled with the outcome
+    forbidden inside the window) the REACH estimates instead.
     """
     tokens = np.asarray(tokens, dtype=np.int64)
     offsets = np.asarray(offsets, dtype=np.int64)
@@ -137,9 +153,11 @@ def score_futures(
     if watch_prob is not None:
         is_vs = (tokens == vocab[VS]).astype(np.int64)
         before = _Before(rel=np.maximum(elapsed - steps - slack[seg], 0), visits=segment_cumsum(is_vs, offsets) - is_vs)
-        _add_hazard(
-            scores, vocab, outcome, tokens, offsets, seg, inside, before, np.asarray(watch_prob, dtype=np.float64)
-        )
+        p = np.asarray(watch_prob, dtype=np.float64)
+        if reach:
+            _add_reach(scores, outcome.window, offsets, seg, inside, before, p)
+        else:
+            _add_hazard(scores, vocab, outcome, tokens, offsets, seg, inside, before, p)
     return scores
 
 
@@ -175,28 +193,70 @@ def _add_hazard(
     first = np.full(n, np.iinfo(np.int64).max)
     np.minimum.at(first, seg[inside], pos[inside])
     alive = pos <= first[seg]  # H_t: no outcome in the window before step t
-    in_window = _in_time(before.rel, w)
-    if w.visits is not None:
-        in_window &= before.visits <= w.visits
-    term = np.where(alive & in_window, p, 0.0)
+    term = np.where(alive & step_in_window(before.rel, before.visits, w), p, 0.0)
     valued = np.zeros(len(vocab), dtype=bool)
     valued[np.asarray(list(outcome.allowed_q), dtype=np.int64)] = True
     term = term + (
         inside & (pos == first[seg]) & valued[tokens]
     )  # the first outcome needs a value: its realised indicator
     days = before.rel / DAY
-    scores.hazard = np.bincount(seg, weights=term, minlength=n)
-    scores.hazard_days = np.bincount(seg, weights=term * days, minlength=n)
-    if np.isfinite(w.end_days):
-        grid = w.end_days * np.arange(1, CIF_POINTS + 1) / CIF_POINTS
-        scores.cif = np.stack([np.bincount(seg, weights=term * (days <= g), minlength=n) for g in grid], axis=1)
+    scores.hazard, scores.hazard_days, scores.cif = _by_future(seg, n, term, days, w)
 
 
-def _in_time(rel_s: np.ndarray, w: Window) -> np.ndarray:
+def _add_reach(
+    scores: FutureScores,
+    w: Window,
+    offsets: np.ndarray,
+    seg: np.ndarray,
+    inside: np.ndarray,
+    before: _Before,
+    p: np.ndarray,
+) -> None:
+    """Fill `scores.reach`, `reach_days`, `reach_cif` (module doc, `cehrx.zeroshot.reach`): per future
+    `1 - S` with `S = prod_{t: w_t=1} (1 - p_t)`; the step terms `S_{t-1} - S_t` = P(first outcome at
+    step t) give the expected days and the curve. An outcome drawn inside the window (only when its
+    grammar state allowed nothing else) has p_t = 1."""
+    n = len(offsets) - 1
+    p = np.where(inside, 1.0, np.clip(p, 0.0, 1.0))
+    with np.errstate(divide="ignore"):
+        log_keep = np.where(step_in_window(before.rel, before.visits, w), np.log1p(-p), 0.0)
+    log_keep = np.maximum(log_keep, LOG_ZERO)  # exp(LOG_ZERO) is 0.0 in float64; no -inf in the running sums
+    cum = segment_cumsum(log_keep, offsets)
+    term = np.exp(cum - log_keep) - np.exp(cum)  # S_{t-1} - S_t
+    scores.reach, scores.reach_days, scores.reach_cif = _by_future(seg, n, term, before.rel / DAY, w)
+    scores.reach = 1.0 - np.exp(np.bincount(seg, weights=log_keep, minlength=n))  # the same sum, exactly in [0, 1]
+
+
+def _by_future(
+    seg: np.ndarray, n: int, term: np.ndarray, days: np.ndarray, w: Window
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Per future: the step terms summed, weighted by their days, and summed up to each grid time (finite windows)."""
+    total = np.bincount(seg, weights=term, minlength=n)
+    weighted = np.bincount(seg, weights=term * days, minlength=n)
+    if not np.isfinite(w.end_days):
+        return total, weighted, None
+    grid = w.end_days * np.arange(1, CIF_POINTS + 1) / CIF_POINTS
+    return total, weighted, np.stack([np.bincount(seg, weights=term * (days <= g), minlength=n) for g in grid], axis=1)
+
+
+def step_in_window(rel_s, visits_before, w: Window):
+    """w_t per step (numpy or torch, elementwise): an outcome drawn at the step would count, from the
+    seconds after the prediction time (floored at 0) and the generated [VS] before it."""
+    inside = _in_time(rel_s, w)
+    return inside if w.visits is None else inside & (visits_before <= w.visits)
+
+
+def _in_time(rel_s, w: Window):
+    """`rel_s` (integer seconds >= 0, numpy or torch) inside the window's time bounds: integer thresholds,
+    so the comparison is exact in any dtype. A start at or before 0 admits offset 0 (generated after the cut)."""
     start, end = w.start_days * DAY, w.end_days * DAY
-    lower = np.ones(len(rel_s), dtype=bool) if start <= 0 else (rel_s >= start if w.start_inclusive else rel_s > start)
-    upper = rel_s <= end if w.end_inclusive else rel_s < end
-    return lower & upper
+    if start <= 0:
+        lower = rel_s >= 0
+    else:
+        lower = rel_s >= math.ceil(start) if w.start_inclusive else rel_s > math.floor(start)
+    if math.isinf(end):
+        return lower
+    return lower & (rel_s <= math.floor(end) if w.end_inclusive else rel_s < math.ceil(end))
 
 
 def _past_end(total_rel_s: np.ndarray, w: Window) -> np.ndarray:
@@ -206,7 +266,8 @@ def _past_end(total_rel_s: np.ndarray, w: Window) -> np.ndarray:
 
 
 def aggregate(scores: FutureScores, prompt_index: np.ndarray, n_prompts: int) -> dict[str, np.ndarray]:
-    """Per prompt: futures, resolved, with outcome, probability (NaN when none resolved), mean days."""
+    """Per prompt: futures, resolved, with outcome, probability (NaN when none resolved), mean days; and the
+    hazard / REACH columns (`_per_label`) when the scores hold them."""
     pi = np.asarray(prompt_index, dtype=np.int64)
     n = np.bincount(pi, minlength=n_prompts)
     res = np.bincount(pi, weights=scores.resolved, minlength=n_prompts).astype(np.int64)
@@ -216,25 +277,40 @@ def aggregate(scores: FutureScores, prompt_index: np.ndarray, n_prompts: int) ->
         prob = np.where(res > 0, pos / np.maximum(res, 1), np.nan)
         days = np.where(pos > 0, dsum / np.maximum(pos, 1), np.nan)
     out = {"n_futures": n, "n_resolved": res, "n_outcome": pos, "probability": prob, "expected_days": days}
-    if scores.hazard is not None:
-        r = scores.resolved.astype(np.float64)
-        hsum = np.bincount(pi, weights=scores.hazard * r, minlength=n_prompts)
-        hsq = np.bincount(pi, weights=scores.hazard**2 * r, minlength=n_prompts)
-        hdays = np.bincount(pi, weights=scores.hazard_days * r, minlength=n_prompts)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(res > 0, hsum / np.maximum(res, 1), np.nan)
-            var = np.where(res > 1, (hsq - res * mean**2) / np.maximum(res - 1, 1), np.nan)
-            out["hazard_sum"] = hsum
-            out["hazard_probability"] = mean
-            out["hazard_se"] = np.sqrt(np.maximum(var, 0.0) / np.maximum(res, 1))
-            out["hazard_expected_days"] = np.where(hsum > 0, hdays / hsum, np.nan)
-            if scores.cif is not None:
-                cif = np.stack(
-                    [
-                        np.bincount(pi, weights=scores.cif[:, k] * r, minlength=n_prompts)
-                        for k in range(scores.cif.shape[1])
-                    ],
-                    axis=1,
-                )
-                out["hazard_cif"] = np.where(res[:, None] > 0, cif / np.maximum(res, 1)[:, None], np.nan)
+    for name, value, value_days, cif in (
+        ("hazard", scores.hazard, scores.hazard_days, scores.cif),
+        ("reach", scores.reach, scores.reach_days, scores.reach_cif),
+    ):
+        if value is not None:
+            out.update(_per_label(name, value, value_days, cif, scores.resolved, pi, res))
+    return out
+
+
+def _per_label(
+    name: str,
+    value: np.ndarray,
+    value_days: np.ndarray,
+    cif: np.ndarray | None,
+    resolved: np.ndarray,
+    pi: np.ndarray,
+    res: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """A per-future estimate (hazard sum, REACH) per prompt over its resolved futures: `<name>_sum`,
+    `_probability` (mean; NaN when none resolved), `_se`, `_expected_days` and `_cif`."""
+    n_prompts = len(res)
+    r = resolved.astype(np.float64)
+    total = np.bincount(pi, weights=value * r, minlength=n_prompts)
+    sq = np.bincount(pi, weights=value**2 * r, minlength=n_prompts)
+    days = np.bincount(pi, weights=value_days * r, minlength=n_prompts)
+    out = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(res > 0, total / np.maximum(res, 1), np.nan)
+        var = np.where(res > 1, (sq - res * mean**2) / np.maximum(res - 1, 1), np.nan)
+        out[f"{name}_sum"] = total
+        out[f"{name}_probability"] = mean
+        out[f"{name}_se"] = np.sqrt(np.maximum(var, 0.0) / np.maximum(res, 1))
+        out[f"{name}_expected_days"] = np.where(total > 0, days / total, np.nan)
+        if cif is not None:
+            c = np.stack([np.bincount(pi, weights=cif[:, k] * r, minlength=n_prompts) for k in range(cif.shape[1])], 1)
+            out[f"{name}_cif"] = np.where(res[:, None] > 0, c / np.maximum(res, 1)[:, None], np.nan)
     return out

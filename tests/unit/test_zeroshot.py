@@ -1,5 +1,5 @@
 """Zero-shot: outcome windows from ACES configs, window arithmetic on futures, the denominator rule,
-no leakage, determinism."""
+no leakage, determinism, the REACH estimator."""
 
 from __future__ import annotations
 
@@ -12,15 +12,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cehrx.data.history import load_all_splits
-from cehrx.data.vocab import Vocab
+from cehrx.data.decode import token_seconds
+from cehrx.data.history import cut_histories, load_all_splits
+from cehrx.data.shards import segment_cumsum
+from cehrx.data.vocab import VS, Vocab
 from cehrx.errors import CehrxError
 from cehrx.model.config import GPTConfig
 from cehrx.model.transformer import GPT
-from cehrx.sampling import STOP_DEATH, STOP_END, STOP_TIME, STOP_TOKENS, SamplingConfig
+from cehrx.sampling import STOP_DEATH, STOP_END, STOP_TIME, STOP_TOKENS, Engine, SamplingConfig
+from cehrx.sampling.constraints import Grammar
 from cehrx.zeroshot.outcome import Outcome, Window, resolve_outcome
 from cehrx.zeroshot.predict import LabelInputs, ZeroshotConfig, finalize_probabilities, predict_chunk, zeroshot_engine
-from cehrx.zeroshot.score import aggregate, score_futures
+from cehrx.zeroshot.reach import InWindow
+from cehrx.zeroshot.score import aggregate, score_futures, step_in_window
 
 DAY = 86400
 
@@ -455,5 +459,278 @@ def test_estimator_names_auto_resolves_and_bad_names_list_the_choices() -> None:
     assert ZeroshotConfig(sampling=truncated).estimator == "mc"  # auto: the only estimator truncated sampling allows
     with pytest.raises(CehrxError, match="top_k=0"):
         ZeroshotConfig(estimator="hazard", sampling=truncated)
-    with pytest.raises(CehrxError, match=r"one of \('mc', 'hazard', 'auto'\), got 'montecarlo'"):
+    with pytest.raises(CehrxError, match=r"one of \('mc', 'hazard', 'reach', 'auto'\), got 'montecarlo'"):
         ZeroshotConfig(estimator="montecarlo")
+
+
+# ------------------------------------------------------------------------------ REACH
+
+
+def codes_of(vocab: Vocab) -> np.ndarray:
+    return np.flatnonzero(np.array([k == "code" for k in vocab.kinds]))
+
+
+def test_reach_score_multiplies_the_window_steps(vocab: Vocab) -> None:
+    """Per future 1 - prod(1 - p_t) over the steps whose outcome would fall inside the window (the time
+    and visits of the tokens before the step, as for the hazard sum); an outcome drawn inside the window
+    (only when the grammar allowed nothing else) is p_t = 1; a future cut inside the window is unresolved."""
+    out = outcome_of(vocab, Window(start_days=2, end_days=30))
+    seqs = [
+        "SNOMED/101 [VE] D3 [VS] VISIT//OP SNOMED/100 SNOMED/100 [VE] D40 [VS] VISIT//OP SNOMED/100",
+        "[VE] D5 [VS] VISIT//OP SNOMED/101 SNOMED/100",  # an outcome drawn in the window: estimate 1
+        "[VE] D5 [VS] VISIT//OP SNOMED/100",  # the token budget ran out inside the window
+    ]
+    tokens, offsets = ids(vocab, *seqs)
+    p = np.linspace(0.01, 0.2, len(tokens))
+    stop = np.array([STOP_TIME, STOP_TOKENS, STOP_TOKENS], np.int8)
+    s = score_futures(vocab, out, tokens, offsets, stop, np.zeros(3, np.int64), p, reach=True)
+    # future 0: the outcome at day 0 lies before the window (drawn freely); steps 3..8 ([VS] .. D40) lie at day 3
+    assert s.reach[0] == pytest.approx(1 - np.prod(1 - p[3:9]))
+    assert s.reach_days[0] == pytest.approx(3 * s.reach[0]) and s.reach_cif[0, 0] == pytest.approx(s.reach[0])
+    assert s.reach[1] == 1.0 and s.hazard is None
+    assert s.resolved.tolist() == [True, True, False]
+    agg = aggregate(s, np.array([0, 0, 1]), 2)
+    assert agg["reach_probability"][0] == pytest.approx((s.reach[0] + 1) / 2) and np.isnan(agg["reach_probability"][1])
+    assert agg["reach_se"][0] == pytest.approx(np.std([s.reach[0], 1.0], ddof=1) / np.sqrt(2))
+    table = pa.table({k: pa.array(v) if v.ndim == 1 else pa.array(list(v)) for k, v in agg.items()})
+    prob, fallback, rate = finalize_probabilities(table, "reach")
+    assert fallback.tolist() == [False, True] and prob[1] == rate == pytest.approx((s.reach[0] + 1) / 2)
+    # the next visit only: steps before the second generated [VS], that [VS] included
+    visits = outcome_of(vocab, Window(visits=1))
+    tokens, offsets = ids(vocab, "SNOMED/100 [VE] D5 [VS] VISIT//OP SNOMED/100 [VE] D5 [VS] VISIT//OP SNOMED/100")
+    p = np.full(len(tokens), 0.1)
+    s = score_futures(vocab, visits, tokens, offsets, np.array([STOP_TOKENS], np.int8), np.zeros(1, np.int64), p, True)
+    assert s.reach[0] == pytest.approx(1 - 0.9**9) and s.resolved[0] and s.reach_cif is None
+
+
+@pytest.fixture(scope="module")
+def inside_visit(vocab: Vocab, synthetic_prepared: Path) -> tuple[np.ndarray, int]:
+    """A real history cut where codes may come next (inside a visit), and its grammar state."""
+    arrays, _ = load_all_splits(synthetic_prepared)
+    grammar = Grammar.build(vocab)
+    codes = torch.from_numpy(codes_of(vocab))
+    for cut in range(12, 60):
+        prompt = np.asarray(arrays.tokens[arrays.offsets[0] : arrays.offsets[0] + cut], dtype=np.int64)
+        state = int(grammar.prompt_states(prompt, np.array([0, cut]))[0])
+        if bool(grammar.allowed[state, codes].any()):
+            return prompt, state
+    raise AssertionError("no history cut inside a visit")
+
+
+@torch.no_grad()
+def two_step_exact(model: GPT, vocab: Vocab, prompt: np.ndarray, state: int, watch: np.ndarray):
+    """By enumeration, from the model and the grammar: the first step's distribution p1 and, for every first
+    token x1, the probability that the second step draws a watched token (0 after a stop token)."""
+    grammar = Grammar.build(vocab)
+
+    def dists(seqs: np.ndarray, states: torch.Tensor) -> torch.Tensor:
+        logits = model.lm_head_logits(model(torch.from_numpy(seqs))[:, -1]).float()
+        return torch.softmax(logits.masked_fill(~grammar.allowed[states], float("-inf")), -1).double()
+
+    p1 = dists(prompt[None], torch.tensor([state]))[0]
+    x1 = torch.nonzero(p1 > 0)[:, 0]
+    seqs = np.concatenate([np.repeat(prompt[None], len(x1), 0), x1.numpy()[:, None]], 1)
+    q2 = torch.zeros_like(p1)
+    q2[x1] = dists(seqs, grammar.step(torch.full_like(x1, state), x1))[:, torch.from_numpy(watch)].sum(-1)
+    q2[[vocab["[END]"], vocab["[DEATH]"]]] = 0.0
+    return p1.numpy(), q2.numpy()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_reach_is_unbiased_and_never_noisier_than_monte_carlo(
+    micro: GPT, vocab: Vocab, inside_visit: tuple[np.ndarray, int]
+) -> None:
+    """Two-step futures, the outcome a third of the codes. Window = both steps, or the second only (the
+    first step draws freely and its outcomes do not count). The exact P(outcome in window), enumerated,
+    is matched by the REACH mean (outcome forbidden in the window) and by the Monte Carlo share (natural
+    futures); REACH's per-future spread is below Monte Carlo's and every estimate lies in [0, 1]."""
+    prompt, state = inside_visit
+    watch = codes_of(vocab)[::3]
+    p1, q2 = two_step_exact(micro, vocab, prompt, state, watch)
+    is_watch = np.isin(np.arange(len(vocab)), watch)
+    exact = {"both": p1[is_watch].sum() + (p1 * q2)[~is_watch].sum(), "second": (p1 * q2).sum()}
+    n, cfg = 4000, SamplingConfig(max_new_tokens=2, batch_size=512, seed=0)
+    kw = dict(num_samples=n, progress=False)
+    natural = Engine(micro, vocab, cfg).sample(prompt, np.array([0, len(prompt)]), **kw)
+    engine = Engine(micro, vocab, cfg, watch_ids=watch, forbid_ids=watch)
+    for window, when in (("both", lambda rows: torch.ones_like(rows.alive)), ("second", lambda rows: rows.n >= 1)):
+        s = engine.sample(prompt, np.array([0, len(prompt)]), forbid_when=when, **kw)
+        first, two = s.offsets[:-1], s.lengths() == 2
+        second = np.minimum(first + 1, len(s.tokens) - 1)
+        p_first, p_second = s.watch_prob[first].astype(np.float64), np.where(two, s.watch_prob[second], 0.0)
+        np.testing.assert_allclose(p_first, p1[is_watch].sum(), rtol=1e-4)  # p_t before forbidding, exact
+        assert not np.isin(s.tokens[second][two], watch).any(), "the second step is inside: never an outcome"
+        nat_first, nat_two = natural.offsets[:-1], natural.lengths() == 2
+        nat_hit2 = nat_two & np.isin(natural.tokens[np.minimum(nat_first + 1, len(natural.tokens) - 1)], watch)
+        if window == "both":
+            reach = 1 - (1 - p_first) * (1 - p_second)
+            mc = np.isin(natural.tokens[nat_first], watch) | nat_hit2
+            assert not np.isin(s.tokens[first], watch).any()
+        else:
+            reach, mc = p_second, nat_hit2
+            assert np.isin(s.tokens[first], watch).mean() > 0.05, "before the window the outcome is drawn freely"
+        assert ((reach >= 0) & (reach <= 1)).all()
+        assert abs(reach.mean() - exact[window]) < 4 * reach.std() / np.sqrt(n) + 1e-6, (window, reach.mean(), exact)
+        assert abs(mc.mean() - exact[window]) < 4 * mc.std() / np.sqrt(n), (window, mc.mean(), exact)
+        assert 0.05 < exact[window] < 0.95 and reach.std() < mc.std(), (window, reach.std(), mc.std())
+
+
+def _reach_prompts(vocab: Vocab, synthetic_prepared: Path, n: int = 8):
+    """Histories cut in the middle of n records, prediction times 0 to 3 days after their last event."""
+    arrays, _ = load_all_splits(synthetic_prepared)
+    labels = _labels(arrays, n)
+    pred = labels.prediction_time + (np.arange(n) % 4) * DAY
+    hist = cut_histories(arrays, vocab, labels.subject_id, pred, 128)
+    return hist, np.maximum(pred[hist.label_index] - hist.last_time, 0)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("window", [Window(start_days=30, end_days=365), Window(end_days=365, visits=1)], ids=str)
+def test_reach_forbids_the_outcome_exactly_on_the_window_steps(
+    micro: GPT, vocab: Vocab, synthetic_prepared: Path, window: Window
+) -> None:
+    """The engine forbids the outcome on the steps whose w_t = 1, read back from the tokens the way
+    the scorer reads them (seconds and [VS] before the step, the prompt's slack): never an outcome on
+    those steps, outcomes on others (before the window's start, after its visits), and up to each
+    future's first window step the same tokens as the natural future of the same seed."""
+    hist, slack = _reach_prompts(vocab, synthetic_prepared)
+    watch, ns = codes_of(vocab)[::3], 16
+    cfg = SamplingConfig(max_new_tokens=64, batch_size=64, seed=2, max_days=window.end_days + 3)
+    masked = Engine(micro, vocab, cfg, watch_ids=watch, forbid_ids=watch).sample(
+        hist.tokens, hist.offsets, num_samples=ns, progress=False, forbid_when=InWindow(window, slack, ns, "cpu")
+    )
+    natural = Engine(micro, vocab, cfg).sample(hist.tokens, hist.offsets, num_samples=ns, progress=False)
+    tok, off = masked.tokens.astype(np.int64), masked.offsets
+    seg = np.repeat(np.arange(len(off) - 1), np.diff(off))
+    secs = token_seconds(vocab)[tok]
+    is_vs = (tok == vocab[VS]).astype(np.int64)
+    rel = np.maximum(segment_cumsum(secs, off) - secs - slack[masked.prompt_index][seg], 0)
+    w = step_in_window(rel, segment_cumsum(is_vs, off) - is_vs, window)
+    hit = np.isin(tok, watch)
+    assert w.sum() > 100 and (~w).sum() > 100
+    assert not (hit & w).any(), "an outcome drawn on a step inside the window"
+    assert (hit & ~w).sum() > 5, "outcomes outside the window are drawn freely"
+    pos = np.arange(len(tok)) - off[seg]
+    first_in = np.full(len(off) - 1, np.iinfo(np.int64).max)
+    np.minimum.at(first_in, seg[w], pos[w])
+    k = np.minimum(first_in, masked.lengths())  # each future's steps before its first window step
+    assert (natural.lengths() >= k).all()
+    kseg = np.repeat(np.arange(len(k)), k)
+    kpos = np.arange(k.sum()) - np.repeat(np.cumsum(k) - k, k)
+    np.testing.assert_array_equal(masked.tokens[off[kseg] + kpos], natural.tokens[natural.offsets[kseg] + kpos])
+    assert k.sum() > 100 or window.start_days == 0  # a window from the prediction time opens at the first step
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_reach_when_the_grammar_allows_only_outcome_tokens(
+    micro: GPT, vocab: Vocab, synthetic_prepared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After [VS] only a visit type may come: with every visit type an outcome, nothing is left to
+    renormalise over inside the window. The row draws unmasked (an outcome), p_t = 1, and the
+    future's REACH estimate is 1 (resolved), on the grammar-state head and on the full head alike."""
+    from cehrx.sampling import engine as engine_module
+
+    arrays, _ = load_all_splits(synthetic_prepared)
+    vs = int(np.flatnonzero(np.asarray(arrays.tokens[: arrays.offsets[1]]) == vocab[VS])[1])
+    prompt = np.asarray(arrays.tokens[: vs + 1], dtype=np.int64)  # ends with a [VS]
+    visit_types = np.flatnonzero(np.array([k == "visit" for k in vocab.kinds]))
+    out = Outcome("visit", ["Visit/*"], visit_types, Window(end_days=365))
+    zcfg = ZeroshotConfig(estimator="reach", num_samples=16, sampling=SamplingConfig(max_new_tokens=6, seed=1))
+    engine = zeroshot_engine(micro, vocab, zcfg, out)
+    runs = []
+    for by_state in (True, False):
+        if not by_state:
+            monkeypatch.setattr(engine_module, "_score_by_state", lambda hidden: False)
+        s = engine.sample(
+            prompt,
+            np.array([0, len(prompt)]),
+            num_samples=16,
+            progress=False,
+            forbid_when=InWindow(out.window, [0], 16, "cpu"),
+        )
+        first = s.offsets[:-1]
+        assert np.isin(s.tokens[first], visit_types).all()
+        np.testing.assert_allclose(s.watch_prob[first], 1.0, rtol=1e-6)
+        scores = score_futures(
+            vocab, out, s.tokens, s.offsets, s.stop, np.zeros(16, np.int64), s.watch_prob, reach=True
+        )
+        assert (scores.reach == 1.0).all() and scores.resolved.all()
+        runs.append(s.tokens)
+    np.testing.assert_array_equal(*runs)
+
+
+def _predict_reach(micro: GPT, vocab: Vocab, arrays, labels: LabelInputs, seed: int = 0, batch_size: int = 16):
+    zcfg = ZeroshotConfig(
+        estimator="reach",
+        num_samples=4,
+        write_trajectories=True,
+        sampling=SamplingConfig(max_new_tokens=48, batch_size=batch_size, seed=seed),
+    )
+    out = outcome_of(vocab, Window(start_days=1, end_days=365))
+    engine = zeroshot_engine(micro, vocab, zcfg, out)
+    return predict_chunk(
+        engine, arrays, labels, np.arange(len(labels.subject_id)), out, zcfg, zcfg.history_max_len(256), 0
+    )
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_reach_runs_are_reproducible_and_hold_reach_only(
+    micro: GPT, vocab: Vocab, synthetic_prepared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same seed, same REACH results; the same futures whatever the batch size or the lm-head path (their
+    probabilities up to float rounding); another seed differs. A REACH chunk holds REACH columns only (its
+    futures are not natural: no Monte Carlo, no hazard)."""
+    from cehrx.sampling import engine as engine_module
+
+    arrays, _ = load_all_splits(synthetic_prepared)
+    labels = _labels(arrays, 6)
+    (a, ta), (a2, ta2), (b, tb), (c, tc) = (
+        _predict_reach(micro, vocab, arrays, labels, seed=s, batch_size=k)
+        for s, k in ((1, 16), (1, 16), (1, 5), (2, 16))
+    )
+    monkeypatch.setattr(engine_module, "_score_by_state", lambda hidden: False)
+    full, tf = _predict_reach(micro, vocab, arrays, labels, seed=1)
+    assert same(a, a2) and ta.equals(ta2) and not tc.equals(ta)
+    for other, traj in ((b, tb), (full, tf)):
+        assert traj.equals(ta)
+        np.testing.assert_allclose(other.column("reach_sum").to_numpy(), a.column("reach_sum").to_numpy(), rtol=1e-5)
+    names = set(a.column_names)
+    assert {"reach_sum", "reach_probability", "reach_se", "reach_expected_days", "reach_cif"} <= names
+    assert not names & {"probability", "n_outcome", "expected_days", "hazard_probability"}
+    p = a.column("reach_probability").to_numpy(zero_copy_only=False)
+    assert np.isfinite(p).any() and ((p[np.isfinite(p)] >= 0) & (p[np.isfinite(p)] <= 1)).all()
+    assert (a.column("reach_se").to_numpy(zero_copy_only=False)[np.isfinite(p)] >= 0).all()
+    kept = a.filter(a.column("has_history"))
+    with pytest.raises(CehrxError, match="no mc estimates"):
+        finalize_probabilities(kept, "mc")
+    # what the task reports: REACH alone, and why
+    from cehrx.tasks.zeroshot import scored
+    from cehrx.zeroshot.report import futures_summary, reach_summary, report_sections
+
+    assert set(scored(a, labels, ZeroshotConfig(estimator="reach"), None).estimates) == {"reach"}
+    summary = futures_summary(kept, np.zeros(kept.num_rows, dtype=bool), 0.1, 0)
+    assert "with_outcome_share" not in summary and summary["futures"] == 4 * kept.num_rows
+    text = report_sections(outcome_of(vocab, Window(end_days=365)), summary, {}, reach_summary(kept))
+    assert "REACH" in text["Futures"] and "no Monte Carlo or hazard estimate" in text["Estimators"]
+
+
+def test_reach_refusals_are_clear(micro: GPT, vocab: Vocab) -> None:
+    truncated = SamplingConfig(top_p=0.9, max_new_tokens=8)
+    with pytest.raises(CehrxError, match=r"estimator=reach .*top_k=0 and top_p=1.*estimator=mc"):
+        ZeroshotConfig(estimator="reach", sampling=truncated)
+    assert ZeroshotConfig(estimator="reach").estimator == "reach" and ZeroshotConfig().estimator == "hazard"
+    valued = Outcome(
+        "hba1c",
+        ["LAB/1"],
+        np.array([vocab["SNOMED/101"]]),
+        Window(end_days=30),
+        {vocab["SNOMED/101"]: np.array([vocab["Q10"]])},
+    )
+    with pytest.raises(CehrxError, match=r"count only with a value.*zeroshot.estimator=hazard"):
+        zeroshot_engine(micro, vocab, ZeroshotConfig(estimator="reach"), valued)
+    prompt, offsets = ids(vocab, "YEAR//1950")  # never sampled: the settings are refused first
+    with pytest.raises(CehrxError, match="forbid_ids"):
+        Engine(micro, vocab).sample(prompt, offsets, forbid_when=lambda rows: rows.alive)
+    greedy = Engine(micro, vocab, SamplingConfig(temperature=0), forbid_ids=[vocab["SNOMED/101"]])
+    with pytest.raises(CehrxError, match="temperature > 0"):
+        greedy.sample(prompt, offsets, forbid_when=lambda rows: rows.alive)
