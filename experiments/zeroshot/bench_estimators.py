@@ -34,8 +34,10 @@ import pyarrow.parquet as pq
 from cehrx.eval.metrics import binary_metrics
 
 
-def run_seed(args: argparse.Namespace, k: int) -> Path:
-    out = args.out / f"seed_{k}"
+def run_seed(args: argparse.Namespace, k: int, estimator: str | None = None) -> Path:
+    """Run k of `futures` futures; `estimator=reach` samples its own futures (the outcome forbidden in
+    the window), so its runs live beside the natural ones (`reach_seed_<k>`) with the same labels."""
+    out = args.out / (f"{estimator}_seed_{k}" if estimator else f"seed_{k}")
     if not (out / "metrics.json").is_file():
         cmd = [
             sys.executable,
@@ -51,6 +53,7 @@ def run_seed(args: argparse.Namespace, k: int) -> Path:
             f"zeroshot.label_sample={args.label_sample}",
             "zeroshot.progress=false",
             f"output_dir={out}",
+            *([f"zeroshot.estimator={estimator}"] if estimator else []),
             *args.overrides,
         ]
         print(
@@ -62,19 +65,11 @@ def run_seed(args: argparse.Namespace, k: int) -> Path:
     return out
 
 
-def load(out: Path) -> dict[str, np.ndarray]:
+def load(out: Path, estimator: str = "natural") -> dict[str, np.ndarray]:
     t = pq.read_table(out / "details.parquet")
-    cols = [
-        "subject_id",
-        "prediction_time",
-        "boolean_value",
-        "n_resolved",
-        "n_outcome",
-        "hazard_sum",
-        "hazard_probability",
-        "probability",
-    ]
-    d = {c: t.column(c).to_numpy(zero_copy_only=False) for c in cols}
+    keys = ["subject_id", "prediction_time", "boolean_value", "n_resolved"]
+    more = ["reach_sum"] if estimator == "reach" else ["n_outcome", "hazard_sum", "hazard_probability", "probability"]
+    d = {c: t.column(c).to_numpy(zero_copy_only=False) for c in keys + more}
     d["prediction_time"] = d["prediction_time"].astype("datetime64[us]").astype(np.int64)
     d["weight"] = t.column("weight").to_numpy() if "weight" in t.column_names else None
     d["seconds"] = json.loads((out / "metrics.json").read_text())["run"]["seconds"]
@@ -107,11 +102,13 @@ def main() -> None:
     ap.add_argument("--label-sample", default="case_control")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-boot", type=int, default=500)
+    ap.add_argument("--reach-seeds", type=int, default=0, help="also this many REACH runs (own futures, same labels)")
     ap.add_argument("overrides", nargs="*", help="more cehrx overrides, after --")
     args = ap.parse_args()
     runs = [load(run_seed(args, k)) for k in range(args.seeds)]
+    reach = [load(run_seed(args, k, "reach"), "reach") for k in range(args.reach_seeds)]
     base = runs[0]
-    for r in runs[1:]:
+    for r in runs[1:] + reach:
         if not (
             np.array_equal(r["subject_id"], base["subject_id"])
             and np.array_equal(r["prediction_time"], base["prediction_time"])
@@ -149,6 +146,13 @@ def main() -> None:
         "seconds_per_label_one_run_min": float(np.min([r["seconds"] for r in runs]) / len(y)),
         "mc_pooled": pooled,
     }
+    if reach:
+        rc_k = [with_fallback(r["reach_sum"], r["n_resolved"]) for r in reach]
+        var_r = float(np.mean(np.var(np.stack(rc_k[: min(5, len(rc_k))]), axis=0, ddof=1))) if len(rc_k) > 1 else None
+        result[f"reach_{args.futures}"] = [metrics(p) for p in rc_k]
+        result["reach_per_label_variance"] = var_r
+        result["variance_ratio_mc_over_reach"] = spread["mc"] / var_r if var_r else None
+        result["reach_seconds_per_label_one_run"] = float(np.mean([r["seconds"] for r in reach]) / len(y))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "estimators.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(result, args))
@@ -158,14 +162,14 @@ def table(r: dict, args: argparse.Namespace) -> str:
     f, big = args.futures, args.seeds * args.futures
     var = next(v for k, v in r.items() if k.startswith("per_label_variance"))
 
-    def row(name: str, ms: list[dict], futures: int) -> str:
+    def row(name: str, ms: list[dict], futures: int, secs: float | None = None) -> str:
         a = np.array([m["auroc"]["value"] for m in ms])
         b = np.array([m["brier"]["value"] for m in ms])
         ci = ms[0]["auroc"]
         spread = f" (sd {a.std(ddof=1):.3f} over {len(ms)} runs)" if len(ms) > 1 else ""
         return (
             f"| {name} | {futures} | {a.mean():.3f}{spread} | [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}] | {b.mean():.4f} | "
-            f"{r['seconds_per_label_one_run'] * futures / f:.3f} |"
+            f"{(secs or r['seconds_per_label_one_run']) * futures / f:.3f} |"
         )
 
     lines = [
@@ -176,6 +180,11 @@ def table(r: dict, args: argparse.Namespace) -> str:
         row("Monte Carlo", [r[f"mc_{big}"]], big),
         row("Monte Carlo", r[f"mc_{f}"], f),
         row("hazard", r[f"hazard_{f}"], f),
+        *(
+            [row("REACH (own futures)", r[f"reach_{f}"], f, r["reach_seconds_per_label_one_run"])]
+            if f"reach_{f}" in r
+            else []
+        ),
         "",
         f"per-label variance over runs at {f} futures: Monte Carlo {var['mc']:.2e}, hazard {var['hazard']:.2e} "
         f"(ratio {r['variance_ratio_mc_over_hazard']:.1f}x; "
@@ -184,6 +193,14 @@ def table(r: dict, args: argparse.Namespace) -> str:
         "Monte Carlo with m runs pooled (AUROC / Brier): "
         + ", ".join(
             f"{p['runs'] * f}: {p['auroc']['value']:.3f} / {p['brier']['value']:.4f}" for p in r.get("mc_pooled", [])
+        ),
+        *(
+            [
+                f"REACH: per-label variance {r['reach_per_label_variance']:.2e} (Monte Carlo / REACH "
+                f"{r['variance_ratio_mc_over_reach']:.1f}x), {r['reach_seconds_per_label_one_run']:.3f} s per label per run"
+            ]
+            if r.get("reach_per_label_variance")
+            else []
         ),
         f"wall time of one run (s per label): mean {r['seconds_per_label_one_run']:.3f}, "
         f"min {r.get('seconds_per_label_one_run_min', float('nan')):.3f}",

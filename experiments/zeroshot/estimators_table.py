@@ -5,7 +5,8 @@
 Reads `<root>/<task>/estimators.json` and prints a Markdown table: AUROC and Brier of the hazard sum with
 the per-run futures (mean over runs) against Monte Carlo with all runs pooled, the per-label variance
 ratio at equal futures, the draw's share of Monte Carlo's variance (what the hazard sum can remove), and
-the three verdicts (AUROC >=, Brier <, variance >= 5x).
+the three verdicts for the hazard sum (AUROC >=, Brier <, variance >= 5x), and REACH's numbers where
+the benchmark ran it (`--reach-seeds`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,16 @@ def row(r: dict) -> str:
     ratio = r["variance_ratio_mc_over_hazard"]
     share = 1 - var["hazard"] / var["mc"]
     ok = lambda b: "met" if b else "not met"  # noqa: E731
+    rc = r.get(f"reach_{f}")
+    reach = "-"
+    if rc:
+        auc_r = float(np.mean([m["auroc"]["value"] for m in rc]))
+        brier_r = float(np.mean([m["brier"]["value"] for m in rc]))
+        ratio_r = r.get("variance_ratio_mc_over_reach") or float("nan")
+        reach = f"{auc_r:.3f} / {brier_r:.4f} / {ratio_r:.1f}x"
     return (
         f"| {r['task']} | {r['labels']} ({r['positives']}) | {auc_h:.3f} | {auc_m:.3f} | {brier_h:.4f} | {brier_m:.4f} "
-        f"| {ratio:.1f}x | {share:.1%} | {ok(auc_h >= auc_m)} | {ok(brier_h < brier_m)} | {ok(ratio >= 5)} |"
+        f"| {ratio:.1f}x | {share:.1%} | {ok(auc_h >= auc_m)} | {ok(brier_h < brier_m)} | {ok(ratio >= 5)} | {reach} |"
     )
 
 
@@ -42,9 +50,9 @@ def main(root: Path) -> None:
     big = results[0]["runs"] * f
     print(
         f"| task | labels (positive) | AUROC hazard@{f} | AUROC MC@{big} | Brier hazard@{f} | Brier MC@{big} "
-        f"| variance MC/hazard @{f} | draw share | AUROC | Brier | variance |"
+        f"| variance MC/hazard @{f} | draw share | AUROC | Brier | variance | REACH@{f} AUROC / Brier / variance MC/REACH |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|")
     for r in results:
         print(row(r))
 
