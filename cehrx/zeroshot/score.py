@@ -223,8 +223,9 @@ def _add_reach(
     log_keep = np.maximum(log_keep, LOG_ZERO)  # exp(LOG_ZERO) is 0.0 in float64; no -inf in the running sums
     cum = segment_cumsum(log_keep, offsets)
     term = np.exp(cum - log_keep) - np.exp(cum)  # S_{t-1} - S_t
-    scores.reach, scores.reach_days, scores.reach_cif = _by_future(seg, n, term, before.rel / DAY, w)
-    scores.reach = 1.0 - np.exp(np.bincount(seg, weights=log_keep, minlength=n))  # the same sum, exactly in [0, 1]
+    _, scores.reach_days, scores.reach_cif = _by_future(seg, n, term, before.rel / DAY, w)
+    # the terms telescope to 1 - S; taken from the log sum instead, so that it lies exactly in [0, 1]
+    scores.reach = 1.0 - np.exp(np.bincount(seg, weights=log_keep, minlength=n))
 
 
 def _by_future(
