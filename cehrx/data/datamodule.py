@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from cehrx.data.packing import IGNORE_INDEX, Samples, collate_packed, empty_batch, make_samples, pack_lengths
+from cehrx.data.packing import CROP_SAMPLING, IGNORE_INDEX, Samples, collate_packed, empty_batch, make_samples, pack_lengths
 from cehrx.data.shards import PROMPT_LEN, TokenArrays
 from cehrx.data.token_cache import build_cache
 from cehrx.data.vocab import END, PAD, Vocab
@@ -56,6 +56,7 @@ class PackedCropDataset(Dataset):
         seed: int = 0,
         pad_to_budget: bool = False,
         lookahead: int = 256,
+        crop_sampling: str = "visits",
     ) -> None:
         if max_seq_len > max_tokens_per_batch:
             raise ValueError(
@@ -66,6 +67,9 @@ class PackedCropDataset(Dataset):
         self.cache_dir, self.vocab = Path(cache_dir), vocab
         self.max_seq_len, self.budget, self.train = max_seq_len, max_tokens_per_batch, train
         self.seed, self.pad_to_budget, self.lookahead = seed, pad_to_budget, lookahead
+        if crop_sampling not in CROP_SAMPLING:
+            raise ValueError(f"crop_sampling={crop_sampling!r}: choose one of {', '.join(CROP_SAMPLING)}")
+        self.crop_sampling = crop_sampling
         self.end_id, self.pad_id = vocab[END], vocab[PAD]
         self._arrays: TokenArrays | None = None
         self._visit_starts: np.ndarray | None = None
@@ -92,7 +96,7 @@ class PackedCropDataset(Dataset):
         key = epoch if self.train else 0
         if self._plan is None or self._plan[0] != key:
             rng = np.random.default_rng([self.seed, key]) if self.train else None
-            samples = make_samples(self.arrays, self.visit_starts, self.vocab, self.max_seq_len, rng)
+            samples = make_samples(self.arrays, self.visit_starts, self.vocab, self.max_seq_len, rng, self.crop_sampling)
             lengths = samples.lengths
             order = rng.permutation(len(samples)) if rng is not None else np.argsort(-lengths, kind="stable")
             batches = [order[b] for b in pack_lengths(lengths[order], self.budget, self.lookahead)]
@@ -196,6 +200,7 @@ class PretrainDataModule(L.LightningDataModule):
         train_split: str = "train",
         val_split: str = "tuning",
         lookahead: int = 256,
+        crop_sampling: str = "visits",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -204,6 +209,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.max_seq_len, self.budget = int(max_seq_len), int(max_tokens_per_batch)
         self.val_budget = int(val_max_tokens_per_batch or max_tokens_per_batch)
         self.pad_to_budget, self.seed, self.lookahead = pad_to_budget, seed, lookahead
+        self.crop_sampling = crop_sampling
         self.num_workers, self.prefetch_factor, self.persistent_workers = (
             num_workers,
             prefetch_factor,
@@ -244,6 +250,7 @@ class PretrainDataModule(L.LightningDataModule):
             seed=self.seed,
             pad_to_budget=self.pad_to_budget,
             lookahead=self.lookahead,
+            crop_sampling=self.crop_sampling,
         )
         self.train_set = PackedCropDataset(
             self.cache_root / self.splits["train"], max_tokens_per_batch=self.budget, train=True, **kw

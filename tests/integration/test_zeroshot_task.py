@@ -142,6 +142,28 @@ def test_each_estimator_is_the_prediction_when_chosen(trained, task_files, tmp_p
     assert topk["estimator"] == "mc" and "estimators" not in topk  # Monte Carlo alone still runs
 
 
+def test_reach_end_to_end_is_its_own_run_and_reproducible(trained, task_files, tmp_path: Path) -> None:
+    """`zeroshot.estimator=reach`: futures of its own (outcome forbidden in the window), REACH is the prediction."""
+    a = run(cfg_for(trained, task_files, tmp_path / "r1", "zeroshot.estimator=reach"))
+    assert a["estimator"] == "reach" and "estimators" not in a, "mc and hazard are not read off REACH's futures"
+    assert a["reach"]["mean_label_se"] is not None and a["reach"]["note"]
+    assert a["zeroshot"]["estimator"] == "reach" and a["n"] == 66
+    det = pq.read_table(tmp_path / "r1" / "details.parquet")
+    r, p = det.column("reach_probability").to_numpy(), det.column("probability").to_numpy()
+    ok = np.isfinite(r)
+    assert ok.any() and ((r[ok] >= 0) & (r[ok] <= 1)).all() and np.allclose(p[ok], r[ok])
+    se = det.column("reach_se").to_numpy()[ok]  # NaN where a label has a single future to read
+    assert np.isfinite(se).any() and (se[np.isfinite(se)] >= 0).all()
+    cif = np.stack(det.column("reach_cif").to_pylist())[ok]
+    assert (np.diff(cif, axis=1) >= -1e-12).all() and np.allclose(cif[:, -1], r[ok])
+    assert "with_outcome_share" not in a["futures"], "no REACH future holds the outcome inside its window"
+    assert "reach" in (tmp_path / "r1" / "report.md").read_text()
+    b = run(cfg_for(trained, task_files, tmp_path / "r2", "zeroshot.estimator=reach"))
+    same = pq.read_table(tmp_path / "r2" / "details.parquet").column("reach_probability").to_numpy()
+    np.testing.assert_array_equal(r, same)  # the same seed, the same futures and estimate
+    assert b["auroc"]["value"] == a["auroc"]["value"]
+
+
 def test_recalibration_on_the_tuning_split_is_labelled_and_keeps_the_raw_probability(
     trained, task_files, tmp_path: Path
 ) -> None:

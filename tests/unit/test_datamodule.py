@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from cehrx.data.datamodule import PackedBatchSampler, PretrainDataModule
-from cehrx.data.packing import IGNORE_INDEX, pack_lengths
-from cehrx.data.shards import PROMPT_LEN, load_split
+from cehrx.data.packing import IGNORE_INDEX, crop_starts, make_samples, pack_lengths, token_uniform_crops
+from cehrx.data.shards import PROMPT_LEN, TokenArrays, load_split
 from cehrx.data.vocab import END, PAD, PROMPT_KINDS, VS
 from cehrx.errors import DataError
 
@@ -246,3 +246,73 @@ def test_cache_is_streamed_and_equals_the_loaded_split(synthetic_prepared, tmp_p
         assert np.array_equal(starts, np.flatnonzero(ref.tokens == vocab[VS]))
         save_visit_starts(ref.tokens, vocab[VS], tmp_path / "vs.npy", chunk=7)  # chunk edges inside the data
         assert np.array_equal(np.load(tmp_path / "vs.npy"), starts)
+
+
+@pytest.mark.parametrize("sampling", ["visits", "tokens"])
+def test_both_crop_samplings_start_at_visits_with_the_visit_prompt(prepared: Path, sampling: str) -> None:
+    m = PretrainDataModule(str(prepared), max_seq_len=MAX_LEN, max_tokens_per_batch=BUDGET, seed=7, crop_sampling=sampling)
+    m.setup("fit")
+    arrays, vocab, kinds = m.train_set.arrays, m.vocab, np.asarray(m.vocab.kinds)
+    length = arrays.lengths()
+    for epoch in (0, 1):
+        s = m.train_set.plan(epoch).samples
+        assert (s.lengths <= MAX_LEN).all() and (s.n_body > 0).all()
+        assert (s.start + s.n_body + s.end <= length[s.subject] + 1).all()
+        assert ((s.start + s.n_body)[s.end] == length[s.subject][s.end]).all()  # [END] only at the record's end
+        cropped = s.start > PROMPT_LEN
+        assert (np.asarray(arrays.tokens)[arrays.offsets[s.subject] + s.start][cropped] == vocab[VS]).all()
+        whole = length[s.subject] + 1 <= MAX_LEN
+        assert whole.any() and (s.start[whole] == PROMPT_LEN).all() and s.end[whole].all()
+        for batch in all_batches(m.train_set, epoch):
+            for seq in sequences(batch):
+                assert list(kinds[seq[:PROMPT_LEN]]) == list(PROMPT_KINDS) and seq[PROMPT_LEN] == vocab[VS]
+    v = m.val_set.plan(0).samples  # validation windows do not depend on the sampling
+    ref = PretrainDataModule(str(prepared), max_seq_len=MAX_LEN, max_tokens_per_batch=BUDGET, seed=7)
+    ref.setup("fit")
+    assert np.array_equal(v.start, ref.val_set.plan(0).samples.start)
+
+
+def one_long_record(visits: int, visit_len: int) -> tuple[TokenArrays, np.ndarray]:
+    """A prompt and `visits` visits of `visit_len` tokens each (a `[VS]` first)."""
+    n = PROMPT_LEN + visits * visit_len
+    arrays = TokenArrays(
+        subject_id=np.array([1]),
+        offsets=np.array([0, n]),
+        tokens=np.zeros(n, np.int32),
+        times=np.zeros(n, np.int64),
+        birth_time=np.zeros(1, np.int64),
+    )
+    return arrays, PROMPT_LEN + np.arange(visits) * visit_len
+
+
+def coverage(sampler, arrays: TokenArrays, draws: int) -> np.ndarray:
+    """How often each body position and `[END]` (the last entry) is inside a crop, over `draws` draws."""
+    n = int(arrays.lengths()[0])
+    cov = np.zeros(n + 1 - PROMPT_LEN)
+    rng = np.random.default_rng(0)
+    for _ in range(draws):
+        start, stop = sampler(rng)
+        cov[start[0] - PROMPT_LEN : stop[0] - PROMPT_LEN] += 1
+    return cov / draws
+
+
+def test_token_sampling_covers_a_record_evenly_and_its_end_as_often_as_its_middle() -> None:
+    """The point of `crop_sampling=tokens`: a long record's last tokens (where `[DEATH]` is) are trained as
+    often as its middle; visit sampling reaches them in one crop of (visits - context visits)."""
+    arrays, vs = one_long_record(visits=200, visit_len=5)
+    max_len = PROMPT_LEN + 100  # 20 visits a crop
+    room = max_len - PROMPT_LEN
+
+    def visits(rng):
+        start = crop_starts(arrays, vs, max_len, rng)
+        return start, np.minimum(start + room, arrays.lengths() + 1)
+
+    tokens = coverage(lambda rng: token_uniform_crops(arrays, vs, max_len, rng), arrays, 4000)
+    old = coverage(visits, arrays, 4000)
+    middle = slice(room, len(tokens) - room)
+    assert tokens[-1] == pytest.approx(tokens[middle].mean(), rel=0.25)  # [END] as often as the middle
+    assert tokens[:5].mean() == pytest.approx(tokens[middle].mean(), rel=0.25)  # and the first visit
+    assert np.abs(tokens[middle] / tokens[middle].mean() - 1).max() < 0.2
+    assert old[-1] < 0.2 * old[middle].mean()  # what visit sampling does: the end in 1 crop of 181
+    with pytest.raises(ValueError, match="crop_sampling='token': choose one of visits, tokens"):
+        make_samples(arrays, vs, None, max_len, np.random.default_rng(0), "token")
