@@ -23,7 +23,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from cehrx.data.packing import CROP_SAMPLING, IGNORE_INDEX, Samples, collate_packed, empty_batch, make_samples, pack_lengths
+from cehrx.data.packing import (
+    CROP_SAMPLING,
+    IGNORE_INDEX,
+    Samples,
+    collate_packed,
+    empty_batch,
+    make_samples,
+    pack_lengths,
+)
 from cehrx.data.shards import PROMPT_LEN, TokenArrays
 from cehrx.data.token_cache import build_cache
 from cehrx.data.vocab import END, PAD, Vocab
@@ -96,7 +104,9 @@ class PackedCropDataset(Dataset):
         key = epoch if self.train else 0
         if self._plan is None or self._plan[0] != key:
             rng = np.random.default_rng([self.seed, key]) if self.train else None
-            samples = make_samples(self.arrays, self.visit_starts, self.vocab, self.max_seq_len, rng, self.crop_sampling)
+            samples = make_samples(
+                self.arrays, self.visit_starts, self.vocab, self.max_seq_len, rng, self.crop_sampling
+            )
             lengths = samples.lengths
             order = rng.permutation(len(samples)) if rng is not None else np.argsort(-lengths, kind="stable")
             batches = [order[b] for b in pack_lengths(lengths[order], self.budget, self.lookahead)]

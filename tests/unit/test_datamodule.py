@@ -250,7 +250,9 @@ def test_cache_is_streamed_and_equals_the_loaded_split(synthetic_prepared, tmp_p
 
 @pytest.mark.parametrize("sampling", ["visits", "tokens"])
 def test_both_crop_samplings_start_at_visits_with_the_visit_prompt(prepared: Path, sampling: str) -> None:
-    m = PretrainDataModule(str(prepared), max_seq_len=MAX_LEN, max_tokens_per_batch=BUDGET, seed=7, crop_sampling=sampling)
+    m = PretrainDataModule(
+        str(prepared), max_seq_len=MAX_LEN, max_tokens_per_batch=BUDGET, seed=7, crop_sampling=sampling
+    )
     m.setup("fit")
     arrays, vocab, kinds = m.train_set.arrays, m.vocab, np.asarray(m.vocab.kinds)
     length = arrays.lengths()
