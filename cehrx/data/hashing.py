@@ -1,7 +1,9 @@
 """splitmix64 on numpy arrays: the one home of the 64-bit mixer that fingerprints and thins data.
 
 Callers: `probe.cohort.thin_training_labels` and `tasks.finetune` (`unit_hash`: a uniform number per
-(subject, time) pair), `eval.patients.sequence_hashes` (`splitmix64`: a token sequence's fingerprint).
+(subject, time) pair); `sequence_hashes` (a token sequence's fingerprint), the one definition of "the same
+record" for evaluate's exact-copy rate (`eval.patients.sequence_hashes`) and generate's
+`drop_train_copies` (`generate.copies`).
 The sampler's `sampling/draws.py` runs the same mixer on torch tensors, which have no uint64
 arithmetic: it uses these constants as signed int64 with a logical right shift.
 
@@ -50,3 +52,29 @@ def unit_hash(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         x = np.asarray(a, np.int64).astype(np.uint64) * np.uint64(GOLDEN) ^ np.asarray(b, np.int64).astype(np.uint64)
     return (mix64(x) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def sequence_hashes(tokens: np.ndarray, offsets: np.ndarray, skip: int = 0) -> np.ndarray:
+    """A 64-bit fingerprint of each flat token sequence `tokens[offsets[i]:offsets[i+1]]` (from position
+    `skip` on), vectorised: uint64 [len(offsets) - 1].
+
+    Each token is mixed with its position (splitmix64) and the mixes are summed per sequence
+    (mod 2^64) together with the length: two different sequences collide with probability
+    ~2^-64. Equal ids give equal fingerprints, so callers must hash sequences in one id space.
+
+    >>> h = sequence_hashes(np.array([1, 2, 1, 2, 2, 1]), np.array([0, 2, 4, 6]))
+    >>> bool(h[0] == h[1]), bool(h[0] == h[2])
+    (True, False)
+    """
+    tokens = np.asarray(tokens)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    lengths = np.diff(offsets)
+    n = len(lengths)
+    seq = np.repeat(np.arange(n), lengths)
+    pos = np.arange(len(tokens)) - np.repeat(offsets[:-1], lengths)
+    keep = pos >= skip
+    with np.errstate(over="ignore"):
+        mixed = splitmix64(tokens[keep].astype(np.uint64) * np.uint64(GOLDEN) + pos[keep].astype(np.uint64))
+        sums = np.zeros(n, dtype=np.uint64)
+        np.add.at(sums, seq[keep], mixed)
+        return sums ^ splitmix64(np.maximum(lengths - skip, 0).astype(np.uint64) + np.uint64(1))

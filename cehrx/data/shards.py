@@ -101,6 +101,21 @@ def segment_cumsum(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return c - np.repeat(before, np.diff(offsets))
 
 
+def without_token(tokens: np.ndarray, offsets: np.ndarray, token_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat sequences with every `token_id` removed (e.g. `[END]`: a generator may keep the stop token,
+    prepared shards have none); unchanged when `token_id < 0` or absent.
+
+    >>> [a.tolist() for a in without_token(np.array([5, 1, 5, 2, 1]), np.array([0, 3, 5]), 1)]
+    [[5, 5, 2], [0, 2, 3]]
+    """
+    if token_id < 0 or not (tokens == token_id).any():
+        return tokens, offsets
+    keep = tokens != token_id
+    seq = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    counts = np.bincount(seq[keep], minlength=len(offsets) - 1)
+    return tokens[keep], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
 def shard_paths(prepared_dir: str | Path, split: str) -> list[Path]:
     d = Path(prepared_dir) / "tokens" / split
     if not d.is_dir():

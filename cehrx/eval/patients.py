@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from cehrx.data import hashing
 from cehrx.data.grammar import int_value
-from cehrx.data.hashing import GOLDEN, splitmix64
-from cehrx.data.shards import PROMPT_LEN, TokenArrays, load_split
+from cehrx.data.shards import PROMPT_LEN, TokenArrays, load_split, without_token
 from cehrx.data.vocab import DEATH, END, KIND_ID, VS, Vocab, kind_of, time_token_days
 from cehrx.errors import CehrxError
 
@@ -107,7 +107,7 @@ def summarize(arrays: TokenArrays, space: TokenSpace, id_map: np.ndarray) -> Pat
     """All per-patient summaries in one vectorised pass over the flat tokens."""
     tokens = id_map[np.asarray(arrays.tokens, dtype=np.int64)]
     offsets = np.asarray(arrays.offsets, dtype=np.int64)
-    tokens, offsets = _drop_end(tokens, offsets, space.id(END))
+    tokens, offsets = without_token(tokens, offsets, space.id(END))  # a generator may keep [END]
     n = len(offsets) - 1
     lengths = np.diff(offsets)
     seq = np.repeat(np.arange(n), lengths)
@@ -143,16 +143,6 @@ def summarize(arrays: TokenArrays, space: TokenSpace, id_map: np.ndarray) -> Pat
     )
 
 
-def _drop_end(tokens: np.ndarray, offsets: np.ndarray, end_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Remove [END] tokens (a generator may keep the stop token; prepared shards have none)."""
-    if end_id < 0 or not (tokens == end_id).any():
-        return tokens, offsets
-    keep = tokens != end_id
-    seq = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    counts = np.bincount(seq[keep], minlength=len(offsets) - 1)
-    return tokens[keep], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-
 def code_columns(space: TokenSpace) -> np.ndarray:
     """Token ids that count as clinical codes in prevalence and privacy vectors."""
     return space.of_kind("code")
@@ -185,21 +175,10 @@ def record_matrix(p: Patients, space: TokenSpace, age_bin_years: int = 10) -> sp
 
 
 def sequence_hashes(p: Patients, skip: int = 0) -> np.ndarray:
-    """A 64-bit fingerprint of each token sequence (from position `skip` on), vectorised.
-
-    Each token is mixed with its position (splitmix64) and the mixes are summed per sequence
-    (mod 2^64) together with the length: two different sequences collide with probability
-    ~2^-64. `skip=2` ignores the prompt's YEAR and AGE tokens.
-    """
-    lengths = np.diff(p.offsets)
-    seq = np.repeat(np.arange(len(p)), lengths)
-    pos = np.arange(len(p.tokens)) - np.repeat(p.offsets[:-1], lengths)
-    keep = pos >= skip
-    with np.errstate(over="ignore"):
-        mixed = splitmix64(p.tokens[keep].astype(np.uint64) * np.uint64(GOLDEN) + pos[keep].astype(np.uint64))
-        sums = np.zeros(len(p), dtype=np.uint64)
-        np.add.at(sums, seq[keep], mixed)
-        return sums ^ splitmix64(np.maximum(lengths - skip, 0).astype(np.uint64) + np.uint64(1))
+    """A 64-bit fingerprint of each patient's token sequence in the `TokenSpace` (from position `skip` on):
+    `data.hashing.sequence_hashes`, the definition generate's `drop_train_copies` shares. `skip=2`
+    ignores the prompt's YEAR and AGE tokens."""
+    return hashing.sequence_hashes(p.tokens, p.offsets, skip)
 
 
 __all__ = [

@@ -16,6 +16,9 @@ A sample is its demographic prompt plus what the model generated. Turning it int
 3. **Birth.** A midnight drawn uniformly among the days that give exactly the prompt's AGE
    at the first visit (so `shards.prompt_ids` recomputes the same prompt). A sample older than
    `max_age` at its last token is dropped (`impossible_age`).
+4. **Copies.** Given the train records (`copies.TrainRecords`, `generate.drop_train_copies`), a
+   patient whose kept token sequence is identical to one of them, as evaluate's exact-copy rate
+   compares them, is dropped (`copy_of_train`).
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from cehrx.data.grammar import SECONDS_PER_DAY as DAY
 from cehrx.data.grammar import int_value, value_of
 from cehrx.data.shards import NO_BIRTH, SECONDS_PER_YEAR, TokenArrays, segment_cumsum
 from cehrx.data.vocab import DEATH, END, KIND_ID, VE, VS, Vocab
+from cehrx.generate.copies import TrainRecords
 from cehrx.sampling.constraints import Grammar
 
 END_OF_DAY = DAY - 1
-DROP_REASONS = ("grammar", "no_visits", "unknown_year_or_age", "impossible_age")
+DROP_REASONS = ("grammar", "no_visits", "unknown_year_or_age", "impossible_age", "copy_of_train")
 TRUNCATED_KEY = "truncated_at_token_budget (cut after the last complete visit)"
 # automaton states a complete patient may end in (after its last visit, or after death)
 ACCEPT_STATES = Grammar.accept_states()
@@ -134,10 +138,12 @@ def decode_samples(
     max_age: int = 120,
     truncated: str = "keep",
     grammar: Grammar | None = None,
+    train: TrainRecords | None = None,
 ) -> Decoded:
     """Valid patients from `n` samples (`prompts[i]` + `gen_tokens[gen_offsets[i]:gen_offsets[i+1]]`).
 
-    `subject_ids[i]` is the id sample i gets if kept. Deterministic for a seed.
+    `subject_ids[i]` is the id sample i gets if kept. `train`: drop the patients identical to a train
+    record (`copy_of_train`). Deterministic for a seed.
     """
     if truncated not in ("keep", "drop"):
         raise ValueError(f"truncated must be 'keep' or 'drop', got {truncated!r}")
@@ -145,6 +151,8 @@ def decode_samples(
     reason = np.full(len(offsets) - 1, -1, dtype=np.int64)  # index into DROP_REASONS; -1: kept
     cut, lengths = _check_validity(vocab, grammar or Grammar.build(vocab), tokens, offsets, truncated, reason)
     times, birth = _dates(vocab, tokens, offsets, lengths, seed, max_age, reason)
+    if train is not None:
+        _mark_copies(train, tokens, offsets, lengths, reason)
     keep = np.flatnonzero(reason < 0)
     kept_tokens, kept_offsets = take_prefixes(tokens, offsets, keep, lengths[keep])
     kept_times, _ = take_prefixes(times, offsets, keep, lengths[keep])
@@ -210,6 +218,15 @@ def _dates(
     too_old = np.floor((last_time - birth) / SECONDS_PER_YEAR) > max_age
     reason[(reason < 0) & too_old] = 3
     return times, birth
+
+
+def _mark_copies(
+    train: TrainRecords, tokens: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, reason: np.ndarray
+) -> None:
+    """Mark `copy_of_train` in `reason`: a still valid sequence whose kept prefix is a train record."""
+    rows = np.flatnonzero(reason < 0)
+    kept, kept_offsets = take_prefixes(tokens, offsets, rows, lengths[rows])
+    reason[rows[train.contains(kept, kept_offsets)]] = DROP_REASONS.index("copy_of_train")
 
 
 # ------------------------------------------------------------------------ tables for the writers

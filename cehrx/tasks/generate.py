@@ -17,7 +17,9 @@ Patients are sampled (`cehrx.sampling.Engine`, settings from the `sampling:` blo
 `generate.shard_size` prompts. Each finished shard is saved under `.<output_dir name>.partial/`
 beside the output; a crashed or killed run started again with the same settings resumes after the
 last finished shard (`settings.json`, `cehrx.data.workdir.claim_work_dir`). Sampling stops when
-`num_patients` valid patients exist (or after `num_patients * max_attempts_factor` samples).
+`num_patients` valid patients exist (or after `num_patients * max_attempts_factor` samples). With
+`generate.drop_train_copies` (default) a patient identical to a record of the prepared train split, as
+evaluate's exact-copy rate compares them, is invalid (`copy_of_train`, `cehrx.generate.copies`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from cehrx.data.shards import TokenArrays, load_shard
 from cehrx.data.vocab import Vocab
 from cehrx.errors import CehrxError
 from cehrx.generate.concepts import read_source_info
+from cehrx.generate.copies import TrainRecords
 from cehrx.generate.omop_writer import write_omop
 from cehrx.generate.partial import SHARDS, Partial, drop_if_finished
 from cehrx.generate.patients import (
@@ -103,6 +106,7 @@ class ShardJob:
     pool: PromptPool
     g: DictConfig
     end_time: int | None = None  # records end here (`generate.end_date`)
+    train: TrainRecords | None = None  # `generate.drop_train_copies`: drop copies of these records
 
     @property
     def progress(self) -> bool:
@@ -135,6 +139,7 @@ def generate_shard(job: ShardJob, index: int, n_prompts: int, first_id: int, wan
         max_age=int(g.max_age),
         truncated=str(g.truncated),
         grammar=job.grammar,
+        train=job.train,
     )
     arrays = dec.arrays
     surplus = max(len(arrays) - wanted, 0)
@@ -256,6 +261,7 @@ def run(cfg: DictConfig) -> dict:
         pool=pool,
         g=g,
         end_time=data_end_time(g.get("end_date", "auto"), prepared, g.get("max_total_tokens") is not None),
+        train=TrainRecords.load(prepared, vocab) if drop_train_copies(g) else None,
     )
     settings = run_settings(job, mdir, prepared, prompts, device)
     work = Partial(out, settings, bool(cfg.overwrite))
@@ -279,6 +285,10 @@ def run(cfg: DictConfig) -> dict:
         f"{report['tokens']['per_second']:.0f} tokens/s -> {out}"
     )
     return report
+
+
+def drop_train_copies(g: DictConfig) -> bool:
+    return bool(g.get("drop_train_copies", True))
 
 
 def check_options(g: DictConfig) -> None:
@@ -308,6 +318,7 @@ def run_settings(job: ShardJob, mdir: Path, prepared: Path, prompts: Any, device
         "window_keep": _int_or_none(g.get("window_keep")),
         "end_time": job.end_time,
         "max_attempts_factor": float(g.max_attempts_factor),
+        "drop_train_copies": drop_train_copies(g),
         "device_type": device.type,
     }
 

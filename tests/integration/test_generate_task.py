@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -116,6 +117,8 @@ def test_interrupted_run_resumes_to_the_same_patients(
     monkeypatch.setattr(generate, "generate_shard", real)
     with pytest.raises(CehrxError, match="other settings"):
         generate.run(gen_cfg(prepared, model, tmp_path / "a", "sampling.temperature=0.5"))
+    with pytest.raises(CehrxError, match="other settings: drop_train_copies"):
+        generate.run(gen_cfg(prepared, model, tmp_path / "a", "generate.drop_train_copies=false"))
     resumed = generate.run(gen_cfg(prepared, model, tmp_path / "a"))
     assert resumed["resumed_shards"] == 1 and resumed["patients"]["generated"] == 6
 
@@ -125,6 +128,48 @@ def test_interrupted_run_resumes_to_the_same_patients(
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.times, b.times)
     np.testing.assert_array_equal(a.subject_id, b.subject_id)
+
+
+def test_copies_of_train_records_are_dropped_and_sampled_again(
+    trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sampler's first sample of every shard is made a train record verbatim (its prompt, its body, [END]):
+    with `generate.drop_train_copies` (default) it is dropped as `copy_of_train`, sampling refills the shard and
+    evaluate's exact-copy rate of the output is 0; with the option off the copy is written (today's behaviour)."""
+    from cehrx.eval.privacy import exact_copy_rate
+    from cehrx.tasks.evaluate import MODEL_SET, _load_sets
+
+    prepared, model = trained
+    vocab, train = Vocab.load(prepared), load_split(prepared, "train")
+    row = int(np.argmin(train.lengths()))
+    record = train.subject(row)[0]
+    body = np.append(record[4:], vocab["[END]"]).astype(np.int32)
+    real = generate.sample_windows
+
+    def planting(*args, **kwargs):
+        s = real(*args, **kwargs)
+        gen = [body, *(s.sequence(i) for i in range(1, len(s)))]
+        offsets = np.concatenate([[0], np.cumsum([len(g) for g in gen])]).astype(np.int64)
+        return dataclasses.replace(s, tokens=np.concatenate(gen).astype(np.int32), offsets=offsets)
+
+    monkeypatch.setattr(generate, "sample_windows", planting)
+    prompt = ",".join(vocab.tokens[t] for t in record[:4])  # every sample continues the record's prompt
+    copy_rate = {}
+    for on in (True, False):
+        out = tmp_path / f"drop_{on}"
+        report = generate.run(
+            gen_cfg(prepared, model, out, f"generate.prompts=[[{prompt}]]", f"generate.drop_train_copies={on}")
+        )
+        p = report["patients"]
+        assert p["generated"] == 6 and p["complete"] and p["samples"] == p["valid"] + sum(p["dropped"].values())
+        assert report["settings"]["drop_train_copies"] is on
+        assert p["dropped"]["copy_of_train"] == (report["shards"] if on else 0)
+        saved = json.loads((out / "generate.json").read_text())["patients"]["dropped"]["copy_of_train"]
+        assert saved == p["dropped"]["copy_of_train"]
+        e = compose_cfg("task=evaluate", f"data.prepared_dir={prepared}", f"synthetic_dir={out}").evaluate
+        real_train, _, sets, _ = _load_sets(e, prepared, {MODEL_SET: out})  # as evaluate loads them
+        copy_rate[on] = exact_copy_rate(real_train, sets[MODEL_SET])
+    assert copy_rate[True] == 0.0 and copy_rate[False] > 0.0
 
 
 def test_explicit_prompts_and_clear_errors(trained: tuple[Path, Path], tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from cehrx.data.vocab import Vocab, time_token_days
 from cehrx.errors import CehrxError
 from cehrx.generate.cdm import CDM_TABLES, EVENT_TABLES
 from cehrx.generate.concepts import LOCAL_CONCEPT_BASE, SourceInfo, read_source_info
+from cehrx.generate.copies import TrainRecords, space_ids
 from cehrx.generate.omop_writer import write_omop
 from cehrx.generate.patients import TRUNCATED_KEY, decode_samples, join_prompts, take_prefixes, visit_table
 from cehrx.generate.prompts import config_pool, empirical_pool
@@ -99,7 +100,13 @@ def test_invalid_sequences_dropped_by_reason(synthetic_prepared: Path) -> None:
     gen = [np.array(c[1], dtype=np.int32) for c in cases]
     off = np.concatenate([[0], np.cumsum([len(x) for x in gen])])
     dec = decode_samples(vocab, prompts, np.concatenate(gen), off, np.arange(len(cases)), seed=0)
-    assert dec.dropped == {"grammar": 2, "no_visits": 2, "unknown_year_or_age": 0, "impossible_age": 1}
+    assert dec.dropped == {
+        "grammar": 2,
+        "no_visits": 2,
+        "unknown_year_or_age": 0,
+        "impossible_age": 1,
+        "copy_of_train": 0,
+    }
     assert dec.repaired == {TRUNCATED_KEY: 1}
     np.testing.assert_array_equal(dec.sample_index, [0, 3, 7])
     p = dec.arrays
@@ -109,6 +116,59 @@ def test_invalid_sequences_dropped_by_reason(synthetic_prepared: Path) -> None:
         vocab, prompts, np.concatenate(gen), off, np.arange(len(cases)), seed=0, truncated="drop"
     )
     assert dropped_strict.dropped["no_visits"] == 3 and len(dropped_strict.arrays) == 2
+
+
+def test_copies_of_train_records_are_dropped(synthetic_prepared: Path) -> None:
+    """`train=TrainRecords`: a sample whose kept sequence is a train record is dropped (`copy_of_train`), also
+    when it only becomes one after `[END]` is dropped or the budget cut; a one-token change is kept."""
+    vocab = Vocab.load(synthetic_prepared)
+    arrays = load_split(synthetic_prepared, "train")
+    train = TrainRecords.load(synthetic_prepared, vocab, batch_rows=5)  # batches inside the shards
+    assert train.n_records == len(arrays) and len(train.hashes) == len(np.unique(train.hashes))
+    prompts, gen, off = as_samples(vocab, arrays)
+    chunks = [gen[off[i] : off[i + 1]] for i in range(len(arrays))]
+    codes = [vocab["SNOMED/100"], vocab["SNOMED/101"]]
+    row = next(i for i, c in enumerate(chunks) if np.isin(c, codes).any() and vocab["[DEATH]"] not in c)
+    body = chunks[row][:-1]  # without [END]
+    changed = np.where(body == vocab["SNOMED/100"], vocab["SNOMED/101"], vocab["SNOMED/100"]).astype(np.int32)
+    changed = np.where(np.isin(body, codes), changed, body)  # SNOMED/100 <-> SNOMED/101
+    cut = np.concatenate([body, [vocab["D3"], vocab["[VS]"], vocab["VISIT//OP"], vocab["SNOMED/100"]]])  # budget
+    cases = [*chunks, body, changed, cut]
+    all_prompts = np.concatenate([prompts, prompts[[row, row, row]]])
+    gen2 = np.concatenate(cases).astype(np.int32)
+    off2 = np.concatenate([[0], np.cumsum([len(c) for c in cases])])
+    ids = np.arange(len(cases))
+    dec = decode_samples(vocab, all_prompts, gen2, off2, ids, seed=0, train=train)
+    assert dec.dropped["copy_of_train"] == len(arrays) + 2 and sum(dec.dropped.values()) == len(arrays) + 2
+    np.testing.assert_array_equal(dec.sample_index, [len(arrays) + 1])  # the changed one
+    assert dec.repaired == {TRUNCATED_KEY: 0}  # the cut copy counts as a copy, not as repaired
+    kept = decode_samples(vocab, all_prompts, gen2, off2, ids, seed=0)  # option off: today's behaviour
+    assert sum(kept.dropped.values()) == 0 and len(kept.arrays) == len(cases)
+
+
+def test_copy_check_is_evaluates_exact_copy(synthetic_prepared: Path) -> None:
+    """`TrainRecords` hashes what evaluate hashes for `rate_full_sequence`, bit for bit, also when the model's
+    vocabulary is another order of the tokens plus one the real data lacks (evaluate's union token space)."""
+    from cehrx.eval.patients import TokenSpace, sequence_hashes, summarize
+    from cehrx.eval.privacy import exact_copy_rate
+
+    real = Vocab.load(synthetic_prepared)
+    arrays = load_split(synthetic_prepared, "train")
+    order = [*reversed(real.tokens[6:]), "SNOMED/999", *real.tokens[:6]]
+    n = len(order)
+    model = Vocab(order, [real.kinds[real[t]] if t in real else "code" for t in order], [1] * n, [1] * n, [None] * n)
+    to_model = np.array([model[t] for t in real.tokens])
+    synthetic = TokenArrays(arrays.subject_id, arrays.offsets, to_model[arrays.tokens], arrays.times, arrays.birth_time)
+    synthetic.tokens[synthetic.offsets[1] - 1] = model["SNOMED/999"]  # patient 0 ends in a token train lacks
+    train = TrainRecords.load(synthetic_prepared, model)
+    space = TokenSpace.from_vocabs(real, model)
+    np.testing.assert_array_equal(space_ids(real, model), space.ids(model))
+    real_p, synth_p = summarize(arrays, space, space.ids(real)), summarize(synthetic, space, space.ids(model))
+    np.testing.assert_array_equal(train.hashes, np.unique(sequence_hashes(real_p)))
+    is_copy = train.contains(synthetic.tokens, synthetic.offsets)
+    np.testing.assert_array_equal(is_copy, np.isin(sequence_hashes(synth_p), sequence_hashes(real_p)))
+    assert not is_copy[0] and is_copy[1:].all()
+    assert exact_copy_rate(real_p, synth_p) == is_copy.mean()
 
 
 def test_join_prompts_handles_empty_continuations() -> None:
