@@ -7,6 +7,9 @@ The parts: the `.npy` cache of each split (`token_cache.py`), crops and packing
   worker and rank derives the same plan from the seed, and each rank takes every
   `world_size`-th batch, all ranks the same number (FSDP needs lockstep). Training crops are
   drawn anew each epoch from `(seed, epoch)`; validation crops are fixed.
+- **Which crop of a long record** (`crop_sampling`): `tokens` (default; every token equally often,
+  `packing.token_uniform_crops`) or `visits` (a start visit among the full-length crops,
+  `packing.crop_starts`, which trains a record's end, its `[DEATH]`, in one crop of ~100).
 - **Resumable.** After a mid-epoch resume the sampler skips the batches of the epoch that the
   trainer already ran (`skip_fn`), instead of replaying its start.
 """
@@ -25,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cehrx.data.packing import (
     CROP_SAMPLING,
+    END_TOKEN,
     IGNORE_INDEX,
     Samples,
     collate_packed,
@@ -64,7 +68,8 @@ class PackedCropDataset(Dataset):
         seed: int = 0,
         pad_to_budget: bool = False,
         lookahead: int = 256,
-        crop_sampling: str = "visits",
+        crop_sampling: str = "tokens",
+        end_token: str = "always",
     ) -> None:
         if max_seq_len > max_tokens_per_batch:
             raise ValueError(
@@ -77,7 +82,9 @@ class PackedCropDataset(Dataset):
         self.seed, self.pad_to_budget, self.lookahead = seed, pad_to_budget, lookahead
         if crop_sampling not in CROP_SAMPLING:
             raise ValueError(f"crop_sampling={crop_sampling!r}: choose one of {', '.join(CROP_SAMPLING)}")
-        self.crop_sampling = crop_sampling
+        if end_token not in END_TOKEN:
+            raise ValueError(f"end_token={end_token!r}: choose one of {', '.join(END_TOKEN)}")
+        self.crop_sampling, self.end_token = crop_sampling, end_token
         self.end_id, self.pad_id = vocab[END], vocab[PAD]
         self._arrays: TokenArrays | None = None
         self._visit_starts: np.ndarray | None = None
@@ -105,7 +112,7 @@ class PackedCropDataset(Dataset):
         if self._plan is None or self._plan[0] != key:
             rng = np.random.default_rng([self.seed, key]) if self.train else None
             samples = make_samples(
-                self.arrays, self.visit_starts, self.vocab, self.max_seq_len, rng, self.crop_sampling
+                self.arrays, self.visit_starts, self.vocab, self.max_seq_len, rng, self.crop_sampling, self.end_token
             )
             lengths = samples.lengths
             order = rng.permutation(len(samples)) if rng is not None else np.argsort(-lengths, kind="stable")
@@ -210,7 +217,8 @@ class PretrainDataModule(L.LightningDataModule):
         train_split: str = "train",
         val_split: str = "tuning",
         lookahead: int = 256,
-        crop_sampling: str = "visits",
+        crop_sampling: str = "tokens",
+        end_token: str = "always",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -219,7 +227,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.max_seq_len, self.budget = int(max_seq_len), int(max_tokens_per_batch)
         self.val_budget = int(val_max_tokens_per_batch or max_tokens_per_batch)
         self.pad_to_budget, self.seed, self.lookahead = pad_to_budget, seed, lookahead
-        self.crop_sampling = crop_sampling
+        self.crop_sampling, self.end_token = crop_sampling, end_token
         self.num_workers, self.prefetch_factor, self.persistent_workers = (
             num_workers,
             prefetch_factor,
@@ -261,6 +269,7 @@ class PretrainDataModule(L.LightningDataModule):
             pad_to_budget=self.pad_to_budget,
             lookahead=self.lookahead,
             crop_sampling=self.crop_sampling,
+            end_token=self.end_token,
         )
         self.train_set = PackedCropDataset(
             self.cache_root / self.splits["train"], max_tokens_per_batch=self.budget, train=True, **kw

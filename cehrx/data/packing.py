@@ -3,7 +3,8 @@
 - **Crops start at a visit.** A patient longer than `max_seq_len` is cropped to a window that
   starts at a `[VS]` token, with the demographic prompt (YEAR, AGE, GENDER, RACE) recomputed
   for that visit, so every sample obeys the grammar of DESIGN §4. A patient that fits is taken
-  whole and ends with `[END]` (so is a crop that reaches the end of the record).
+  whole and ends with `[END]` (so is a crop that reaches the end of the record). Which crop:
+  `token_uniform_crops` (default, every token equally often) or `crop_starts` (`crop_sampling=visits`).
 - **Packing, not padding.** Samples are packed into a token budget as one flat stream with
   `cu_seqlens` (flash-attn's varlen convention): positions restart per patient, the last label
   of every patient is -100, so neither attention nor the loss ever crosses a patient boundary.
@@ -23,7 +24,7 @@ import torch
 
 from cehrx.data import shards
 from cehrx.data.shards import PROMPT_LEN, TokenArrays
-from cehrx.data.vocab import Vocab
+from cehrx.data.vocab import DEATH, Vocab
 
 IGNORE_INDEX = -100  # label of positions without a target (a patient's last token, padding)
 
@@ -117,6 +118,7 @@ def token_uniform_crops(
 
 
 CROP_SAMPLING = ("visits", "tokens")
+END_TOKEN = ("always", "after_death")
 
 
 def make_samples(
@@ -125,16 +127,24 @@ def make_samples(
     vocab: Vocab,
     max_seq_len: int,
     rng: np.random.Generator | None,
-    sampling: str = "visits",
+    sampling: str = "tokens",
+    end_token: str = "always",
 ) -> Samples:
     """Crops of every subject with their prompts, as flat arrays.
 
     `sampling="visits"`: `crop_starts` (a start visit uniformly among the full-length crops);
     `"tokens"`: `token_uniform_crops` (every token of a record equally likely to be trained).
     Validation (`rng=None`) always takes `crop_starts`' deterministic last window.
+
+    `end_token`: which crops that reach a record's end get `[END]` (a target of the token before it).
+    `"always"`; `"after_death"`: only a record that ends in `[DEATH]`. Why: an alive record ends where
+    the extract ends (censoring, which `generate.end_date` models), not where anything happens to the
+    patient; a model trained on `[END]` there ends generated records at random years.
     """
     if sampling not in CROP_SAMPLING:
         raise ValueError(f"crop_sampling={sampling!r}: choose one of {', '.join(CROP_SAMPLING)}")
+    if end_token not in END_TOKEN:
+        raise ValueError(f"end_token={end_token!r}: choose one of {', '.join(END_TOKEN)}")
     n = len(arrays)
     off, length = arrays.offsets[:-1].astype(np.int64), arrays.lengths().astype(np.int64)
     room = max_seq_len - PROMPT_LEN
@@ -144,8 +154,12 @@ def make_samples(
     else:
         start = crop_starts(arrays, visit_starts, max_seq_len, rng)
         take = np.minimum(length + 1 - start, room)  # body tokens + [END]
-    end = start + take == length + 1
-    n_body = np.maximum(take - end, 0)
+    reaches = start + take == length + 1
+    n_body = np.maximum(take - reaches, 0)
+    end = reaches
+    if end_token == "after_death":
+        last = np.asarray(arrays.tokens[np.maximum(off + length - 1, 0)])
+        end = reaches & (last == vocab[DEATH]) & (length > PROMPT_LEN)
     pidx = off[:, None] + np.arange(PROMPT_LEN)
     prompt = np.asarray(arrays.tokens[pidx.ravel()], dtype=np.int32).reshape(n, PROMPT_LEN)
     prompt_time = np.asarray(arrays.times[pidx.ravel()], dtype=np.int64).reshape(n, PROMPT_LEN)

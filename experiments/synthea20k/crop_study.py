@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-ARMS = ("base", "visits", "tokens")
+ARMS = ("base", "visits", "tokens", "tokens_after_death")
 TASKS = ("synthea20k_death_1y", "synthea20k_inpatient_1y")
 
 
@@ -62,11 +62,80 @@ def crop_coverage(root: Path) -> str:
     return "\n".join(rows)
 
 
+def paired_table(out: Path) -> str:
+    """tokens - visits on the same labels (same seed, same case-control sample): paired subject bootstrap."""
+    from cehrx.eval.metrics import paired_difference
+
+    rows = ["| task | tokens - visits AUROC [95% CI] | tokens - visits AUPRC [95% CI] |", "|---|---:|---:|"]
+    for task in TASKS:
+        a, b = out / "zs" / "tokens" / task / "details.parquet", out / "zs" / "visits" / task / "details.parquet"
+        if not (a.is_file() and b.is_file()):
+            continue
+        ta, tb = pq.read_table(a), pq.read_table(b)
+        key = ["subject_id", "prediction_time"]
+        assert ta.select(key).equals(tb.select(key)), "the two runs must score the same labels"
+        w = ta.column("weight").to_numpy() if "weight" in ta.column_names else None
+        d = paired_difference(
+            ta.column("boolean_value").to_numpy(),
+            ta.column("subject_id").to_numpy(),
+            ta.column("probability").to_numpy(),
+            [tb.column("probability").to_numpy()],
+            n_boot=1000,
+            sample_weight=w,
+        )
+        cell = lambda m: f"{d[m]['value']:+.3f} [{d[m]['ci_low']:+.3f}, {d[m]['ci_high']:+.3f}]"  # noqa: E731
+        rows.append(f"| {task.removeprefix('synthea20k_')} | {cell('auroc')} | {cell('auprc')} |")
+    return "\n".join(rows)
+
+
+def record_shape(meds_glob: str, data_end: str) -> tuple:
+    """(patients, died, alive but ended > 1 year before the data's end, median years recorded, median age at
+    the last event, median events) of a MEDS data glob: where and how records end."""
+    import duckdb
+
+    return duckdb.sql(
+        f"""
+        with s as (
+          select subject_id, max(time) as last_t, min(time) filter (where code <> 'MEDS_BIRTH') as first_t,
+                 min(time) filter (where code = 'MEDS_BIRTH') as birth, bool_or(code = 'MEDS_DEATH') as died,
+                 count(*) as n
+          from read_parquet('{meds_glob}') group by subject_id)
+        select count(*), avg(died::int),
+               avg(case when not died and last_t < timestamp '{data_end}' - interval 365 day then 1 else 0 end),
+               median(date_diff('day', first_t, last_t) / 365.25), median(date_diff('day', birth, last_t) / 365.25),
+               median(n)
+        from s"""
+    ).fetchall()[0]
+
+
+def shape_table(out: Path, real: str) -> str:
+    rows = [
+        "| records | patients | died | alive, ended > 1 y before the data's end | median years recorded | median age at last event | median events |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    end = None
+    for arm in ARMS:
+        g = load(out / "gen" / arm / "generate.json")
+        if g:
+            end = str(np.datetime64(int(g["settings"]["end_time"]), "s")).replace("T", " ")
+    if end is None:
+        return ""
+    sets = [("real train", f"{real}/data/train/*.parquet")]
+    sets += [(f"generated: {arm}", str(out / "gen" / arm / "meds" / "data" / "*" / "*.parquet")) for arm in ARMS]
+    for name, glob in sets:
+        if name != "real train" and not load(out / "gen" / name.split(": ")[1] / "generate.json"):
+            continue
+        n, died, gone, years, age, events = record_shape(glob, end)
+        rows.append(f"| {name} | {n:,} | {died:.1%} | {gone:.1%} | {years:.1f} | {age:.1f} | {events:,.0f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/cropstudy")
     ap.add_argument("--root", default="runs/synthea20k")
     ap.add_argument("--no-coverage", action="store_true")
+    ap.add_argument("--real", default="../shared/data/synthea20k/meds", help="the real MEDS dataset")
     a = ap.parse_args()
     out, root = Path(a.out), Path(a.root)
     if not a.no_coverage:
@@ -97,6 +166,8 @@ def main() -> None:
                 f"{m['brier']['value']:.4f} | {m['ece']['value']:.4f} | {pred:.4f} | {obs:.4f} | {f['stops'].get('death', 0) / f['futures']:.2%} |"
             )
     print()
+    print(paired_table(out))
+    print()
     print(
         "| model | patients | samples | stop [DEATH] | stop [END] | at the data's end | tokens per patient | copies of train dropped | tokens/s |"
     )
@@ -111,6 +182,9 @@ def main() -> None:
             f"| {arm} | {pt['valid']} | {pt['samples']} | {st['death'] / n:.1%} | {st['end'] / n:.1%} | {st['tokens'] / n:.1%} | "
             f"{tk['mean_per_sample']:.0f} | {pt['dropped'].get('copy_of_train', 0)} | {tk['per_second']:.0f} |"
         )
+
+    print()
+    print(shape_table(out, a.real))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 from cehrx.data.datamodule import PackedBatchSampler, PretrainDataModule
 from cehrx.data.packing import IGNORE_INDEX, crop_starts, make_samples, pack_lengths, token_uniform_crops
 from cehrx.data.shards import PROMPT_LEN, TokenArrays, load_split
-from cehrx.data.vocab import END, PAD, PROMPT_KINDS, VS
+from cehrx.data.vocab import DEATH, END, PAD, PROMPT_KINDS, VS
 from cehrx.errors import DataError
 
 MAX_LEN, BUDGET = 48, 160
@@ -93,7 +93,12 @@ def test_recomputed_prompt_matches_the_visit(dm: PretrainDataModule) -> None:
         assert (s.prompt_time[i] == t0).all()
 
 
-def test_whole_sequences_end_with_end_token(dm: PretrainDataModule) -> None:
+@pytest.mark.parametrize("sampling", ["visits", "tokens"])
+def test_whole_sequences_end_with_end_token(prepared: Path, sampling: str) -> None:
+    dm = PretrainDataModule(
+        str(prepared), max_seq_len=MAX_LEN, max_tokens_per_batch=BUDGET, seed=7, crop_sampling=sampling
+    )
+    dm.setup("fit")
     arrays, vocab = dm.train_set.arrays, dm.vocab
     s = dm.train_set.plan(0).samples
     whole = arrays.lengths()[s.subject] + 1 <= MAX_LEN
@@ -102,7 +107,8 @@ def test_whole_sequences_end_with_end_token(dm: PretrainDataModule) -> None:
     by_subject = {}
     for batch in all_batches(dm.train_set, 0):
         for seq in sequences(batch):
-            assert seq[-1] == vocab[END] or len(seq) == MAX_LEN
+            # a visit-sampled crop of a long record is full length; a token-sampled one may stop short of it
+            assert seq[-1] == vocab[END] or len(seq) == MAX_LEN or sampling == "tokens"
             by_subject.setdefault(len(seq), []).append(seq)
     toks, _ = arrays.subject(int(np.flatnonzero(whole)[0]))
     assert any(np.array_equal(seq, np.append(toks, vocab[END])) for seq in by_subject.get(len(toks) + 1, []))
@@ -318,3 +324,26 @@ def test_token_sampling_covers_a_record_evenly_and_its_end_as_often_as_its_middl
     assert old[-1] < 0.2 * old[middle].mean()  # what visit sampling does: the end in 1 crop of 181
     with pytest.raises(ValueError, match="crop_sampling='token': choose one of visits, tokens"):
         make_samples(arrays, vs, None, max_len, np.random.default_rng(0), "token")
+
+
+def test_end_token_after_death_drops_the_end_target_of_alive_records(prepared: Path) -> None:
+    """`end_token=after_death`: an alive record's end is censoring (the extract ends), so its crop stops
+    without `[END]`; a record that ends in `[DEATH]` keeps its `[END]`. Nothing else changes."""
+    runs = {}
+    for end_token in ("always", "after_death"):
+        m = PretrainDataModule(
+            str(prepared), max_seq_len=MAX_LEN, max_tokens_per_batch=BUDGET, seed=7, end_token=end_token
+        )
+        m.setup("fit")
+        runs[end_token] = (m.train_set.plan(0).samples, m)
+    (a, m), (b, _) = runs["always"], runs["after_death"]
+    arrays, vocab = m.train_set.arrays, m.vocab
+    died = np.asarray(arrays.tokens)[arrays.offsets[1:] - 1][a.subject] == vocab[DEATH]
+    assert (a.end & died).any() and (a.end & ~died).any(), "the fixture must have both kinds of record end"
+    assert np.array_equal(b.end, a.end & died)
+    assert np.array_equal(a.start, b.start) and np.array_equal(a.n_body, b.n_body)  # the same body tokens
+    for samples, dm in runs.values():  # what the batches hold: [END] exactly where `end` says
+        seqs = [s for batch in all_batches(dm.train_set, 0) for s in sequences(batch)]
+        assert sum(int(s[-1] == vocab[END]) for s in seqs) == int(samples.end.sum())
+    with pytest.raises(ValueError, match="end_token='death': choose one of always, after_death"):
+        PretrainDataModule(str(prepared), max_seq_len=MAX_LEN, max_tokens_per_batch=BUDGET, end_token="death").setup()
