@@ -38,7 +38,7 @@ from cehrx.data.packing import (
 )
 from cehrx.data.shards import PROMPT_LEN, TokenArrays
 from cehrx.data.token_cache import build_cache
-from cehrx.data.vocab import END, PAD, Vocab
+from cehrx.data.vocab import DEATH, END, PAD, Vocab
 from cehrx.errors import DataError
 
 
@@ -320,14 +320,18 @@ class PretrainDataModule(L.LightningDataModule):
         """Perplexity on the validation targets of a unigram model of the train tokens.
 
         The baseline a sequence model must beat: token frequencies of the train split (each
-        subject also ends once with `[END]`), add-one smoothed, scored on exactly the targets
+        subject also ends once with `[END]`, as `end_token` says), add-one smoothed, scored on exactly the targets
         the validation loss is computed on.
         """
         self.setup()  # no-op when set up (this process may not be the one that trained)
         assert self.train_set is not None and self.val_set is not None
         vocab = self._load_vocab()
         counts = np.bincount(np.asarray(self.train_set.arrays.tokens), minlength=len(vocab)).astype(np.float64)
-        counts[vocab[END]] += len(self.train_set.arrays)
+        arrays = self.train_set.arrays
+        ends = len(arrays)  # one [END] per record, or (after_death) per record ending in [DEATH]
+        if self.end_token == "after_death":
+            ends = int((np.asarray(arrays.tokens)[arrays.offsets[1:] - 1] == vocab[DEATH]).sum())
+        counts[vocab[END]] += ends
         logp = np.log((counts + 1.0) / (counts.sum() + len(counts)))
         plan = self.val_set.plan(0)
         total, n = 0.0, 0

@@ -3,7 +3,8 @@
 - **Crops start at a visit.** A patient longer than `max_seq_len` is cropped to a window that
   starts at a `[VS]` token, with the demographic prompt (YEAR, AGE, GENDER, RACE) recomputed
   for that visit, so every sample obeys the grammar of DESIGN §4. A patient that fits is taken
-  whole and ends with `[END]` (so is a crop that reaches the end of the record). Which crop:
+  whole and ends with `[END]` (so does a crop that reaches the end of the record, unless
+  `end_token="after_death"` and the record does not end in `[DEATH]`). Which crop:
   `token_uniform_crops` (default, every token equally often) or `crop_starts` (`crop_sampling=visits`).
 - **Packing, not padding.** Samples are packed into a token budget as one flat stream with
   `cu_seqlens` (flash-attn's varlen convention): positions restart per patient, the last label
@@ -36,7 +37,7 @@ class Samples:
     subject: np.ndarray  # int64 row in TokenArrays
     start: np.ndarray  # int64 first body token, relative to the subject (>= PROMPT_LEN)
     n_body: np.ndarray  # int64 body tokens taken
-    end: np.ndarray  # bool: append [END] (the crop reaches the end of the record)
+    end: np.ndarray  # bool: append [END] (the crop reaches the end of the record; see `end_token`)
     prompt: np.ndarray  # int32 [n, PROMPT_LEN]
     prompt_time: np.ndarray  # int64 [n, PROMPT_LEN]
 
@@ -96,9 +97,11 @@ def token_uniform_crops(
     a death in a long record is trained 23x less often than it occurs (3.3 per million trained
     tokens against 75 in the data), and the model under-predicts death tenfold. Here a nominal
     window `[u, u + room)` is drawn with `u` uniform over every position from which it overlaps
-    the body or `[END]`, so each of those positions is covered by exactly `room` values of `u`;
-    the crop then starts at the visit holding `max(u, first body token)` (a window near the
-    start is shorter and ends mid-record, one near the end is shorter and ends with `[END]`).
+    the body or `[END]`, so each of those positions is covered by `room` values of `u`; the crop
+    then starts at the visit holding `max(u, first body token)` (a window near the start is
+    shorter and ends mid-record, one near the end is shorter and reaches the end). Snapping to a
+    visit makes coverage uniform to within about a visit's length (the end ~5 % below the middle
+    on Synthea); a visit longer than the context is never covered whole, as with `crop_starts`.
     Records that fit are taken whole, as by `crop_starts`. Body and `[END]` are `[start, stop)`,
     relative to the subject; `stop == length + 1` means the crop ends with `[END]`.
     """
@@ -159,7 +162,7 @@ def make_samples(
     end = reaches
     if end_token == "after_death":
         last = np.asarray(arrays.tokens[np.maximum(off + length - 1, 0)])
-        end = reaches & (last == vocab[DEATH]) & (length > PROMPT_LEN)
+        end = reaches & (last == vocab[DEATH])
     pidx = off[:, None] + np.arange(PROMPT_LEN)
     prompt = np.asarray(arrays.tokens[pidx.ravel()], dtype=np.int32).reshape(n, PROMPT_LEN)
     prompt_time = np.asarray(arrays.times[pidx.ravel()], dtype=np.int64).reshape(n, PROMPT_LEN)

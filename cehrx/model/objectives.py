@@ -184,12 +184,16 @@ def future_code_targets(
     classes: Tensor,
     horizon_s: int,
     n_codes: int,
+    death_id: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(`[VE]` positions, multi-hot `[n, n_codes]` of the codes within `horizon_s` after each).
 
     Set-based over the packed batch: one sorted `(segment, time)` key, one `searchsorted` for
     each window's end, and a scatter of the window's code classes. A window must end inside its
-    own segment (the patient's crop), otherwise that `[VE]` is censored and left out.
+    own segment (the patient's crop), otherwise that `[VE]` is censored and left out, unless the
+    segment holds `death_id`: `[DEATH]` is a record's last event, so nothing after it is unseen
+    (without this, every window that holds a death would be censored and the head would learn
+    that death never comes within the horizon).
     """
     cu = cu_seqlens.long()
     seg = seq_ids_from_cu_seqlens(cu, len(input_ids))
@@ -197,6 +201,10 @@ def future_code_targets(
     idx = torch.nonzero((input_ids == ve_id) & (labels != IGNORE_INDEX)).squeeze(-1)
     end = key[idx] + horizon_s
     observed = key[cu[seg[idx] + 1] - 1] >= end
+    if death_id is not None:
+        died = torch.zeros(len(cu) - 1, dtype=torch.bool, device=idx.device)
+        died[seg[input_ids == death_id]] = True
+        observed |= died[seg[idx]]
     idx, end = idx[observed], end[observed]
     n = torch.searchsorted(key, end, right=True) - idx - 1  # tokens after each [VE] within the horizon
     rows = torch.repeat_interleave(torch.arange(len(idx), device=idx.device), n)
@@ -232,6 +240,10 @@ class FutureCodesHead(nn.Module):
             raise ValueError(f"vocabulary has {len(classes)} tokens but the model's vocab_size is {vocab_size}")
         self.register_buffer("classes", torch.from_numpy(classes))
         self.register_buffer("ve_id", torch.tensor(vocab[VE] if vocab is not None else -1, dtype=torch.long))
+        # not persistent: checkpoints written before it load unchanged
+        self.register_buffer(
+            "death_id", torch.tensor(vocab[DEATH] if vocab is not None else -1, dtype=torch.long), persistent=False
+        )
 
     def forward(self, h: Tensor, input_ids: Tensor, labels: Tensor, times: Tensor, cu_seqlens: Tensor) -> LossSum:
         """Binary cross-entropy summed over classes and uncensored `[VE]`s, per `[VE]` plus positive.
@@ -241,7 +253,7 @@ class FutureCodesHead(nn.Module):
         the next-token loss); each `[VE]` counts once so a window with no event still weighs.
         """
         idx, target = future_code_targets(
-            input_ids, labels, times, cu_seqlens, self.ve_id, self.classes, self.horizon_s, self.n_codes
+            input_ids, labels, times, cu_seqlens, self.ve_id, self.classes, self.horizon_s, self.n_codes, self.death_id
         )
         logits = self.proj(h[idx]).float()
         total = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")

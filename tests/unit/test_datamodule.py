@@ -105,10 +105,11 @@ def test_whole_sequences_end_with_end_token(prepared: Path, sampling: str) -> No
     assert whole.any()
     assert (s.end[whole]).all() and (s.start[whole] == PROMPT_LEN).all()
     by_subject = {}
-    for batch in all_batches(dm.train_set, 0):
-        for seq in sequences(batch):
-            # a visit-sampled crop of a long record is full length; a token-sampled one may stop short of it
-            assert seq[-1] == vocab[END] or len(seq) == MAX_LEN or sampling == "tokens"
+    plan = dm.train_set.plan(0)
+    for b, batch in enumerate(all_batches(dm.train_set, 0)):
+        for seq, end in zip(sequences(batch), s.end[plan.batches[b]]):
+            assert (seq[-1] == vocab[END]) == end  # [END] exactly where the sample reaches the record's end
+            assert end or len(seq) == MAX_LEN or sampling == "tokens"  # a visit crop short of the end is full
             by_subject.setdefault(len(seq), []).append(seq)
     toks, _ = arrays.subject(int(np.flatnonzero(whole)[0]))
     assert any(np.array_equal(seq, np.append(toks, vocab[END])) for seq in by_subject.get(len(toks) + 1, []))
@@ -347,3 +348,25 @@ def test_end_token_after_death_drops_the_end_target_of_alive_records(prepared: P
         assert sum(int(s[-1] == vocab[END]) for s in seqs) == int(samples.end.sum())
     with pytest.raises(ValueError, match="end_token='death': choose one of always, after_death"):
         PretrainDataModule(str(prepared), max_seq_len=MAX_LEN, max_tokens_per_batch=BUDGET, end_token="death").setup()
+
+
+def test_token_crops_stay_inside_their_subject_on_random_layouts() -> None:
+    """Random records (some without visits, some with tokens before their first `[VS]`, some that fit):
+    every crop starts at its own subject's visit or its first body token, is non-empty and fits."""
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        lengths = rng.integers(PROMPT_LEN + 1, PROMPT_LEN + 120, size=4)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        starts = [
+            off + PROMPT_LEN + np.unique(rng.integers(0, n - PROMPT_LEN, size=rng.integers(0, 8)))
+            for off, n in zip(offsets[:-1], lengths)
+        ]
+        vs = np.sort(np.concatenate(starts)).astype(np.int64)
+        n = int(offsets[-1])
+        arrays = TokenArrays(np.arange(4), offsets, np.zeros(n, np.int32), np.zeros(n, np.int64), np.zeros(4, np.int64))
+        max_len = int(rng.integers(PROMPT_LEN + 2, PROMPT_LEN + 60))
+        start, stop = token_uniform_crops(arrays, vs, max_len, rng)
+        assert ((stop > start) & (stop - start <= max_len - PROMPT_LEN) & (stop <= lengths + 1)).all()
+        for i in range(4):
+            own = set((starts[i] - offsets[i]).tolist()) | {PROMPT_LEN}
+            assert int(start[i]) in own

@@ -13,7 +13,7 @@ import torch
 
 from cehrx.data.datamodule import PretrainDataModule
 from cehrx.data.packing import IGNORE_INDEX, collate_packed
-from cehrx.data.vocab import KINDS, VE, Vocab
+from cehrx.data.vocab import DEATH, KINDS, VE, Vocab
 from cehrx.model.config import GPTConfig
 from cehrx.model.export import export_checkpoint, load_pretrained
 from cehrx.model.lightning_module import CehrxLightningModule
@@ -120,14 +120,15 @@ def test_time_heads_weighted_and_off_at_zero(dm: PretrainDataModule) -> None:
 
 
 def _future_codes_reference(
-    batch: dict, classes: np.ndarray, ve_id: int, horizon_s: int, n_codes: int
+    batch: dict, classes: np.ndarray, ve_id: int, horizon_s: int, n_codes: int, death_id: int | None = None
 ) -> dict[int, np.ndarray]:
     """Per-[VE] loop (test only): codes of the same patient after it, at most `horizon_s` later."""
     ids, labels, times, cu = (batch[k].numpy() for k in ("input_ids", "labels", "times", "cu_seqlens"))
     out = {}
     for a, b in zip(cu[:-1], cu[1:]):
+        died = death_id is not None and (ids[a:b] == death_id).any()  # a record ending in death is fully seen
         for i in range(a, b):
-            if ids[i] != ve_id or labels[i] == IGNORE_INDEX or times[a:b].max() < times[i] + horizon_s:
+            if ids[i] != ve_id or labels[i] == IGNORE_INDEX or (times[a:b].max() < times[i] + horizon_s and not died):
                 continue
             out[i] = np.zeros(n_codes, dtype=np.float32)
             for k in range(i + 1, b):
@@ -162,14 +163,32 @@ def test_future_code_targets_match_a_per_visit_loop(dm: PretrainDataModule) -> N
                 torch.from_numpy(classes),
                 days * 86400,
                 16,
+                torch.tensor(dm.vocab[DEATH]),
             )
-            want = _future_codes_reference(batch, classes, ve, days * 86400, 16)
+            want = _future_codes_reference(batch, classes, ve, days * 86400, 16, dm.vocab[DEATH])
             assert idx.tolist() == sorted(want)
             if len(want):
                 np.testing.assert_array_equal(target.numpy(), np.stack([want[i] for i in sorted(want)]))
             checked += len(want)
             positives += int(target.sum())
     assert checked > 0 and positives > 0
+
+
+def test_future_code_targets_keep_a_window_that_holds_the_death() -> None:
+    """`[DEATH]` is a record's last event: a window that runs past it is not censored, it holds the death."""
+    vs, code, ve, gap, death, end = 0, 1, 2, 3, 4, 5
+    ids = torch.tensor([vs, code, ve, gap, death, end])
+    day = 86400
+    times = torch.tensor([0, 0, 0, 100 * day, 100 * day, 100 * day])
+    labels = torch.cat([ids[1:], torch.tensor([IGNORE_INDEX])])
+    cu = torch.tensor([0, 6])
+    classes = torch.full((6,), -1, dtype=torch.long)
+    classes[death] = 0
+    args = (ids, labels, times, cu, torch.tensor(ve), classes, 365 * day, 1)
+    idx, _ = future_code_targets(*args)
+    assert idx.tolist() == []  # without the rule: censored, the crop ends before the horizon
+    idx, target = future_code_targets(*args, torch.tensor(death))
+    assert idx.tolist() == [2] and target.tolist() == [[1.0]]
 
 
 def test_future_codes_head_weighted_and_learns(dm: PretrainDataModule) -> None:
