@@ -27,10 +27,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cehrx.data.packing import (
-    CROP_SAMPLING,
-    END_TOKEN,
     IGNORE_INDEX,
     Samples,
+    check_crop_options,
     collate_packed,
     empty_batch,
     make_samples,
@@ -80,10 +79,7 @@ class PackedCropDataset(Dataset):
         self.cache_dir, self.vocab = Path(cache_dir), vocab
         self.max_seq_len, self.budget, self.train = max_seq_len, max_tokens_per_batch, train
         self.seed, self.pad_to_budget, self.lookahead = seed, pad_to_budget, lookahead
-        if crop_sampling not in CROP_SAMPLING:
-            raise ValueError(f"crop_sampling={crop_sampling!r}: choose one of {', '.join(CROP_SAMPLING)}")
-        if end_token not in END_TOKEN:
-            raise ValueError(f"end_token={end_token!r}: choose one of {', '.join(END_TOKEN)}")
+        check_crop_options(crop_sampling, end_token)
         self.crop_sampling, self.end_token = crop_sampling, end_token
         self.end_id, self.pad_id = vocab[END], vocab[PAD]
         self._arrays: TokenArrays | None = None

@@ -124,6 +124,14 @@ CROP_SAMPLING = ("visits", "tokens")
 END_TOKEN = ("always", "after_death")
 
 
+def check_crop_options(sampling: str, end_token: str) -> None:
+    """A clear error for a `crop_sampling` or `end_token` that is not one of the choices."""
+    if sampling not in CROP_SAMPLING:
+        raise ValueError(f"crop_sampling={sampling!r}: choose one of {', '.join(CROP_SAMPLING)}")
+    if end_token not in END_TOKEN:
+        raise ValueError(f"end_token={end_token!r}: choose one of {', '.join(END_TOKEN)}")
+
+
 def make_samples(
     arrays: TokenArrays,
     visit_starts: np.ndarray,
@@ -144,10 +152,7 @@ def make_samples(
     the extract ends (censoring, which `generate.end_date` models), not where anything happens to the
     patient; a model trained on `[END]` there ends generated records at random years.
     """
-    if sampling not in CROP_SAMPLING:
-        raise ValueError(f"crop_sampling={sampling!r}: choose one of {', '.join(CROP_SAMPLING)}")
-    if end_token not in END_TOKEN:
-        raise ValueError(f"end_token={end_token!r}: choose one of {', '.join(END_TOKEN)}")
+    check_crop_options(sampling, end_token)
     n = len(arrays)
     off, length = arrays.offsets[:-1].astype(np.int64), arrays.lengths().astype(np.int64)
     room = max_seq_len - PROMPT_LEN
