@@ -4,7 +4,8 @@
 improves; a rerun resumes from `last.ckpt` (optimizer, scheduler, early-stopping state included).
 When the budget is done, `<work>/result.json` + `test.npz` record its held-out predictions, and
 a later rerun reads them instead of training again. A work directory made with other settings is
-refused (`settings.json`), unless `overwrite=true`.
+refused (`settings.json`), unless `overwrite=true`. With `finetune.wise_alphas` the best checkpoint is
+blended with the start's weights before scoring (`wise_ft`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def train_budget(
 ) -> BudgetResult:
     """Fine-tune a copy of `model` on `train_rows`, early-stopped on `rows["tuning"]`; score `rows["test"]`."""
     f = cfg.finetune
+    check_wise_alphas(f.get("wise_alphas"))  # before training, not after
     claim(work, budget_settings(cfg, train_rows, rows), bool(cfg.overwrite))
     if (work / RESULT).is_file():
         info = json.loads((work / RESULT).read_text())
@@ -67,14 +69,19 @@ def train_budget(
     module = build_module(
         f, model, str(cfg.probe.pooling), y[train_rows], head, int(f.epochs) * len(train_dl.batch_sampler)
     )
+    start_state = {k: v.detach().clone() for k, v in module.classifier.state_dict().items()}  # the LP-FT start
     monitor = "val_auroc" if 0 < y[rows["tuning"]].sum() < len(rows["tuning"]) else "val_loss"
     trainer, ckpt = build_trainer(cfg, work, monitor, len(train_dl.batch_sampler))
     last = work / "checkpoints" / "last.ckpt"
     trainer.fit(module, train_dl, tune_dl, ckpt_path=str(last) if last.is_file() else None)
     best = Path(ckpt.best_model_path or last)
     module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+    device = _device(str(cfg.trainer.accelerator))
+    wise = None
+    if f.get("wise_alphas"):
+        wise = wise_ft(module.classifier, start_state, [float(a) for a in f.wise_alphas], tune_dl, y, device)
     test_dl = loader(LabelledHistories(cohort.hist, y, rows["test"]), int(f.batch_tokens), shuffle=False)
-    order, logits = predict_logits(module.classifier, test_dl, _device(str(cfg.trainer.accelerator)))
+    order, logits = predict_logits(module.classifier, test_dl, device)
     probs = np.empty(len(order))
     probs[np.searchsorted(rows["test"], order)] = module.probabilities(logits)
     info = {
@@ -89,11 +96,56 @@ def train_budget(
         "train_tokens_per_epoch": int(cohort.hist.lengths()[train_rows].sum()),
         "head_init": "probe" if head is not None else "zeros",
     }
+    if wise is not None:
+        info["wise_ft"] = wise
     with atomic_file(work / PREDICTIONS) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, probs=probs)
     write_text(work / RESULT, json.dumps(info, indent=2) + "\n")  # last: its presence means the budget is done
     return BudgetResult(train_rows, probs, info, best)
+
+
+def check_wise_alphas(alphas) -> None:
+    if alphas and not all(0.0 <= float(a) <= 1.0 for a in alphas):
+        raise ValueError(f"finetune.wise_alphas={list(alphas)}: each must lie in [0, 1]")
+
+
+def wise_ft(
+    classifier: torch.nn.Module,
+    start: dict[str, torch.Tensor],
+    alphas: list[float],
+    tune_dl,
+    y: np.ndarray,
+    device: torch.device,
+) -> dict[str, Any]:
+    """WiSE-FT (Wortsman et al. 2022, arXiv 2109.01903): blend the fine-tuned weights with the start's,
+    `(1 - a) * start + a * tuned`, and keep the `a` of the best tuning AUROC (ties: the larger `a`).
+
+    Why: fine-tuning a small model on a few thousand labels overfits within an epoch; `a = 0` is the
+    LP-FT start (the linear probe fitted on the same training labels, on the pretrained backbone), so
+    the chosen blend's tuning AUROC is never below that probe's, and in between it can beat both ends.
+    Leaves `classifier` holding the chosen blend.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    check_wise_alphas(alphas)
+    tuned = {k: v.detach().clone() for k, v in classifier.state_dict().items()}
+
+    def blend(a: float) -> None:
+        classifier.load_state_dict(
+            {k: (1 - a) * start[k].to(v) + a * v if v.is_floating_point() else v for k, v in tuned.items()}
+        )
+
+    scores = []
+    for a in alphas:
+        blend(a)
+        order, logits = predict_logits(classifier, tune_dl, device)
+        yt = y[order].astype(bool)
+        scores.append(float(roc_auc_score(yt, logits.numpy())) if 0 < yt.sum() < len(yt) else float("nan"))
+    valid = [i for i, sc in enumerate(scores) if not math.isnan(sc)]
+    best = max(valid, key=lambda i: (scores[i], alphas[i])) if valid else int(np.argmax(alphas))
+    blend(alphas[best])
+    return {"alphas": alphas, "tuning_auroc": scores, "alpha": alphas[best]}
 
 
 def budget_settings(cfg: DictConfig, train_rows: np.ndarray, rows: dict) -> dict:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,6 +66,36 @@ def test_finetune_full_end_to_end(micro_model: tuple[Path, Path], tmp_path: Path
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_wise_ft_blend_is_chosen_on_tuning_and_alpha_zero_is_the_start(
+    micro_model: tuple[Path, Path], tmp_path
+) -> None:
+    """`finetune.wise_alphas`: the blend with the best tuning AUROC is kept; `a = 0` gives back the LP-FT
+    start exactly, so its predictions do not depend on how long the model trained."""
+    from cehrx.tasks.finetune import run
+
+    _, model = micro_model
+    base = ("finetune.few_shot=[all]", "finetune.baselines=[]", "finetune.patience=10")
+    r = run(
+        compose_cfg(*finetune_args(model, tmp_path / "w", *base, "finetune.epochs=2", "finetune.wise_alphas=[0,0.5,1]"))
+    )
+    w = r["budgets"]["all"]["finetune"]["wise_ft"]
+    assert w["alphas"] == [0.0, 0.5, 1.0] and len(w["tuning_auroc"]) == 3
+    assert w["alpha"] == max(zip(w["tuning_auroc"], w["alphas"]))[1]
+    probs = []
+    for epochs in (1, 2):
+        out = tmp_path / f"a0_{epochs}"
+        run(compose_cfg(*finetune_args(model, out, *base, f"finetune.epochs={epochs}", "finetune.wise_alphas=[0]")))
+        probs.append(read_predictions(out / "predictions.parquet").column("predicted_boolean_probability").to_numpy())
+    np.testing.assert_allclose(probs[0], probs[1], rtol=1e-5, atol=1e-7)
+    tuned = read_predictions(tmp_path / "w" / "predictions.parquet").column("predicted_boolean_probability").to_numpy()
+    assert w["alpha"] == 0.0 or not np.allclose(tuned, probs[1])  # a blend that trained is not the start
+    with pytest.raises(ValueError, match="each must lie in"):
+        run(
+            compose_cfg(*finetune_args(model, tmp_path / "bad", *base, "finetune.epochs=1", "finetune.wise_alphas=[2]"))
+        )
+
+
 def test_lora_trains_adapters_only_and_leaves_the_backbone(micro_model: tuple[Path, Path], tmp_path: Path) -> None:
     from cehrx.model.export import load_pretrained
     from cehrx.tasks.finetune import run
