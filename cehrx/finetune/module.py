@@ -4,6 +4,9 @@ Loss: binary cross-entropy with `pos_weight` (class weighting for rare outcomes:
 `balanced` weighs each positive like 49 negatives). The weighting shifts the optimal logit by
 `log(pos_weight)`; `probabilities` subtracts it again, so reported risks estimate the real rate.
 Validation (the tuning split) logs `val_auroc`, which early stopping and the best checkpoint watch.
+With `l2sp > 0` the loss adds `l2sp * sum((w - w_start)^2)` over the trainable backbone weights (L2-SP,
+Li et al. 2018, arXiv 1802.01483): the pull is towards the pretrained weights, not towards zero, which
+keeps a small labelled set from washing out what pretraining learned.
 """
 
 from __future__ import annotations
@@ -29,9 +32,17 @@ class FinetuneModule(L.LightningModule):
         warmup_steps: int,
         total_steps: int,
         pos_weight: float = 1.0,
+        l2sp: float = 0.0,
     ) -> None:
         super().__init__()
         self.classifier = classifier
+        self.l2sp = float(l2sp)
+        # the start of every trainable backbone weight (not persistent: rebuilt identically on resume)
+        self._start = {
+            n: p.detach().clone()
+            for n, p in classifier.named_parameters()
+            if p.requires_grad and not n.startswith("head.") and self.l2sp > 0
+        }
         self.lr, self.head_lr, self.weight_decay = lr, head_lr, weight_decay
         self.warmup_steps, self.total_steps = max(int(warmup_steps), 0), max(int(total_steps), 1)
         self.register_buffer("pos_weight", torch.tensor(float(pos_weight)), persistent=False)
@@ -43,6 +54,11 @@ class FinetuneModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(self(batch), batch["y"], pos_weight=self.pos_weight)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["y"]))
+        if self._start:
+            params = dict(self.classifier.named_parameters())
+            drift = sum(((params[n] - w0.to(params[n])) ** 2).sum() for n, w0 in self._start.items())
+            self.log("train_l2sp", drift, batch_size=len(batch["y"]))
+            loss = loss + self.l2sp * drift
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

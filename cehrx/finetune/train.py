@@ -179,6 +179,7 @@ def build_module(f, model, pooling: str, y_train: np.ndarray, head, steps: int) 
         warmup_steps=int(float(f.warmup_fraction) * steps),
         total_steps=steps,
         pos_weight=pos_weight,
+        l2sp=float(f.get("l2sp", 0.0) or 0.0),
     )
 
 

@@ -70,6 +70,25 @@ def test_class_weighting_is_undone_in_the_reported_risk(gpt) -> None:
     assert m.probabilities(torch.tensor([np.log(9.0)])) == pytest.approx([0.5])
 
 
+def test_l2sp_adds_the_pull_towards_the_pretrained_weights(prepared, gpt) -> None:
+    """L2-SP: the loss is the BCE plus l2sp * the squared distance of the backbone (not the head) from its start."""
+    import copy
+
+    h = _hist(prepared)
+    batch = next(iter(loader(LabelledHistories(h, np.arange(len(h)) % 2, np.arange(len(h))), 512, False)))
+    kw = dict(lr=1e-4, head_lr=1e-3, weight_decay=0.0, warmup_steps=0, total_steps=10)
+    plain = FinetuneModule(SequenceClassifier(copy.deepcopy(gpt)), **kw)
+    pulled = FinetuneModule(SequenceClassifier(copy.deepcopy(gpt)), l2sp=0.5, **kw)
+    assert pulled.training_step(batch, 0).item() == pytest.approx(plain.training_step(batch, 0).item())  # at the start
+    with torch.no_grad():
+        for m in (plain, pulled):
+            m.classifier.head.weight.add_(1.0)  # the head is not pulled
+            next(p for n, p in m.classifier.named_parameters() if not n.startswith("head.")).add_(0.1)
+    n = next(p for n, p in pulled.classifier.named_parameters() if not n.startswith("head.")).numel()
+    want = plain.training_step(batch, 0).item() + 0.5 * n * 0.1**2
+    assert pulled.training_step(batch, 0).item() == pytest.approx(want, rel=1e-4)
+
+
 def test_budgets_and_rows() -> None:
     from cehrx.tasks.finetune import budget_rows, budgets
 
