@@ -32,12 +32,13 @@ from cehrx.data.packing import (
     check_crop_options,
     collate_packed,
     empty_batch,
+    gets_end,
     make_samples,
     pack_lengths,
 )
 from cehrx.data.shards import PROMPT_LEN, TokenArrays
 from cehrx.data.token_cache import build_cache
-from cehrx.data.vocab import DEATH, END, PAD, Vocab
+from cehrx.data.vocab import END, PAD, Vocab
 from cehrx.errors import DataError
 
 
@@ -323,11 +324,7 @@ class PretrainDataModule(L.LightningDataModule):
         assert self.train_set is not None and self.val_set is not None
         vocab = self._load_vocab()
         counts = np.bincount(np.asarray(self.train_set.arrays.tokens), minlength=len(vocab)).astype(np.float64)
-        arrays = self.train_set.arrays
-        ends = len(arrays)  # one [END] per record, or (after_death) per record ending in [DEATH]
-        if self.end_token == "after_death":
-            ends = int((np.asarray(arrays.tokens)[arrays.offsets[1:] - 1] == vocab[DEATH]).sum())
-        counts[vocab[END]] += ends
+        counts[vocab[END]] += int(gets_end(self.train_set.arrays, vocab, self.end_token).sum())
         logp = np.log((counts + 1.0) / (counts.sum() + len(counts)))
         plan = self.val_set.plan(0)
         total, n = 0.0, 0

@@ -124,6 +124,14 @@ CROP_SAMPLING = ("visits", "tokens")
 END_TOKEN = ("always", "after_death")
 
 
+def gets_end(arrays: TokenArrays, vocab: Vocab, end_token: str) -> np.ndarray:
+    """bool per record: does its end get `[END]` (`always`: every record; `after_death`: those ending in `[DEATH]`)."""
+    if end_token != "after_death":
+        return np.ones(len(arrays), dtype=bool)
+    off, length = arrays.offsets[:-1].astype(np.int64), arrays.lengths().astype(np.int64)
+    return np.asarray(arrays.tokens[np.maximum(off + length - 1, 0)]) == vocab[DEATH]
+
+
 def check_crop_options(sampling: str, end_token: str) -> None:
     """A clear error for a `crop_sampling` or `end_token` that is not one of the choices."""
     if sampling not in CROP_SAMPLING:
@@ -164,10 +172,7 @@ def make_samples(
         take = np.minimum(length + 1 - start, room)  # body tokens + [END]
     reaches = start + take == length + 1
     n_body = np.maximum(take - reaches, 0)
-    end = reaches
-    if end_token == "after_death":
-        last = np.asarray(arrays.tokens[np.maximum(off + length - 1, 0)])
-        end = reaches & (last == vocab[DEATH])
+    end = reaches & gets_end(arrays, vocab, end_token)
     pidx = off[:, None] + np.arange(PROMPT_LEN)
     prompt = np.asarray(arrays.tokens[pidx.ravel()], dtype=np.int32).reshape(n, PROMPT_LEN)
     prompt_time = np.asarray(arrays.times[pidx.ravel()], dtype=np.int64).reshape(n, PROMPT_LEN)

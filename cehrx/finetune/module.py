@@ -56,7 +56,10 @@ class FinetuneModule(L.LightningModule):
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["y"]))
         if self._start:
             params = dict(self.classifier.named_parameters())
-            drift = sum(((params[n] - w0.to(params[n])) ** 2).sum() for n, w0 in self._start.items())
+            first = next(iter(self._start))
+            if self._start[first].device != params[first].device:  # once, after Lightning moved the model
+                self._start = {n: w0.to(params[n]) for n, w0 in self._start.items()}
+            drift = sum(((params[n] - w0) ** 2).sum() for n, w0 in self._start.items())
             self.log("train_l2sp", drift, batch_size=len(batch["y"]))
             loss = loss + self.l2sp * drift
         return loss

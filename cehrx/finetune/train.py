@@ -69,7 +69,9 @@ def train_budget(
     module = build_module(
         f, model, str(cfg.probe.pooling), y[train_rows], head, int(f.epochs) * len(train_dl.batch_sampler)
     )
-    start_state = {k: v.detach().clone() for k, v in module.classifier.state_dict().items()}  # the LP-FT start
+    start_state = (  # the LP-FT start, for WiSE-FT's blend
+        {k: v.detach().clone() for k, v in module.classifier.state_dict().items()} if f.get("wise_alphas") else None
+    )
     monitor = "val_auroc" if 0 < y[rows["tuning"]].sum() < len(rows["tuning"]) else "val_loss"
     trainer, ckpt = build_trainer(cfg, work, monitor, len(train_dl.batch_sampler))
     last = work / "checkpoints" / "last.ckpt"
