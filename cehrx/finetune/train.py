@@ -87,10 +87,11 @@ def train_budget(
     probs = np.empty(len(order))
     probs[np.searchsorted(rows["test"], order)] = module.probabilities(logits)
     info = {
-        "best_epoch": _best_epoch(best),
+        **_best_position(best),
         "best_val": float(ckpt.best_model_score) if ckpt.best_model_score is not None else float("nan"),
         "monitor": monitor,
         "epochs_run": int(trainer.current_epoch),
+        "steps_per_epoch": len(train_dl.batch_sampler),
         "pos_weight": float(module.pos_weight),
         "lr": module.lr,
         "parameters": parameter_counts(module.classifier),
@@ -205,6 +206,7 @@ def build_trainer(cfg: DictConfig, work: Path, monitor: str, steps_per_epoch: in
         devices=1,
         precision=cfg.trainer.precision,
         max_epochs=int(f.epochs),
+        val_check_interval=val_check_interval(f.get("checks_per_epoch", 1)),
         callbacks=[ckpt, stop, FlushLogsAtCheckpoint()],
         logger=ResumableCSVLogger(str(work), name="", version=""),
         default_root_dir=str(work),
@@ -218,17 +220,33 @@ def build_trainer(cfg: DictConfig, work: Path, monitor: str, steps_per_epoch: in
     return trainer, ckpt
 
 
+def val_check_interval(checks_per_epoch) -> float:
+    """Lightning's `val_check_interval` for `checks_per_epoch` tuning checks an epoch.
+
+    Why more than one: fine-tuning a small model on a few thousand labels peaks inside the first epoch
+    (experiments/finetune/RESULTS.md), and one check an epoch cannot find that peak. Lightning checks
+    every `max(1, int(steps_per_epoch / n))` batches of an epoch, so at least n times; where that does
+    not divide the epoch, its last few batches are trained but first checked inside the next epoch.
+    """
+    n = int(checks_per_epoch)
+    if n < 1 or n != float(checks_per_epoch):
+        raise ValueError(f"finetune.checks_per_epoch={checks_per_epoch}: must be a whole number >= 1")
+    return 1.0 if n == 1 else 1.0 / n
+
+
 def _device(accelerator: str) -> torch.device:
     """The device the Trainer trained on, for the held-out pass."""
     name = {"gpu": "cuda", "cuda": "cuda", "cpu": "cpu"}.get(accelerator, "auto")
     return resolve_device(name, "trainer.accelerator")
 
 
-def _best_epoch(best: Path) -> int:
+def _best_position(best: Path) -> dict[str, int]:
+    """The epoch and optimizer step of the kept checkpoint (-1 when unreadable)."""
     try:
-        return int(torch.load(best, map_location="cpu", weights_only=False)["epoch"])
+        ckpt = torch.load(best, map_location="cpu", weights_only=False)
+        return {"best_epoch": int(ckpt["epoch"]), "best_step": int(ckpt["global_step"])}
     except (OSError, KeyError, RuntimeError):
-        return -1
+        return {"best_epoch": -1, "best_step": -1}
 
 
 def _digest(*arrays: np.ndarray) -> str:

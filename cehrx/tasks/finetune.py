@@ -293,13 +293,14 @@ def report_sections(result: dict) -> dict[str, str]:
             diff = format_ci(d["auroc"], signed=True) if d else ""
             lines.append(f"| {k} | {name} | {format_ci(m['auroc'])} | {diff} |")
     train = [
-        "| k | epochs | best epoch | tuning AUROC | trainable parameters | seconds |",
+        "| k | epochs | best epoch (step) | tuning AUROC | trainable parameters | seconds |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for k, b in result["budgets"].items():
         i = b["finetune"]
         train.append(
-            f"| {k} | {i['epochs_run']} | {i['best_epoch']} | {i['best_val']:.3f} | {i['parameters']['trainable']:,} "
+            f"| {k} | {i['epochs_run']} | {i['best_epoch']} ({i.get('best_step', '?')}) | {i['best_val']:.3f} "
+            f"| {i['parameters']['trainable']:,} "
             f"({100 * i['parameters']['trainable_fraction']:.2f} %) | {i['seconds']:.0f} |"
         )
     return {

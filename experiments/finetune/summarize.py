@@ -18,6 +18,13 @@ def diff(d: dict | None) -> str:
     return "" if not d else f"{d['auroc']['value']:+.3f} [{d['auroc']['ci_low']:+.3f}, {d['auroc']['ci_high']:+.3f}]"
 
 
+def _step(info: dict) -> str:
+    """`, step s of n` when the run checked inside epochs (`finetune.checks_per_epoch`)."""
+    if "best_step" not in info or "steps_per_epoch" not in info:
+        return ""
+    return f", step {info['best_step']}/{info['steps_per_epoch']}"
+
+
 def main(root: Path) -> None:
     runs = sorted(root.glob("*/*/metrics.json"))
     print(
@@ -34,7 +41,7 @@ def main(root: Path) -> None:
             print(
                 f"| {task.removeprefix('synthea20k_')} | {method} | {k} | {get('finetune')} | {get('probe')} | {get('counts')} | "
                 f"{diff(b['paired'].get('finetune - probe'))} | {diff(b['paired'].get('finetune - counts'))} | "
-                f"{100 * i['parameters']['trainable_fraction']:.2f} % | {i['epochs_run']} ({i['best_epoch']}) | {i['seconds']:.0f} |"
+                f"{100 * i['parameters']['trainable_fraction']:.2f} % | {i['epochs_run']} ({i['best_epoch']}{_step(i)}) | {i['seconds']:.0f} |"
             )
             lora_vs_full.setdefault(f"{task} k={k}", {})[method] = m["finetune"]["auroc"]["value"]
     print("\n| task | LoRA - full (AUROC) |\n|---|---:|")

@@ -66,7 +66,6 @@ def test_finetune_full_end_to_end(micro_model: tuple[Path, Path], tmp_path: Path
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_wise_ft_blend_is_chosen_on_tuning_and_alpha_zero_is_the_start(
     micro_model: tuple[Path, Path], tmp_path
 ) -> None:
@@ -94,6 +93,33 @@ def test_wise_ft_blend_is_chosen_on_tuning_and_alpha_zero_is_the_start(
         run(
             compose_cfg(*finetune_args(model, tmp_path / "bad", *base, "finetune.epochs=1", "finetune.wise_alphas=[2]"))
         )
+
+
+@pytest.mark.slow
+def test_checks_per_epoch_checks_inside_the_epoch_and_keeps_the_best_step(
+    micro_model: tuple[Path, Path], tmp_path
+) -> None:
+    """`finetune.checks_per_epoch=2`: tuning AUROC is logged at least twice an epoch, the first time before
+    the epoch ends, and the kept checkpoint is the step of the best check."""
+    import csv
+
+    from cehrx.tasks.finetune import run
+
+    _, model = micro_model
+    out = tmp_path / "sub"
+    base = ("finetune.few_shot=[all]", "finetune.baselines=[]", "finetune.patience=10", "finetune.epochs=2")
+    info = run(compose_cfg(*finetune_args(model, out, *base, "finetune.checks_per_epoch=2")))["budgets"]["all"][
+        "finetune"
+    ]
+    steps = info["steps_per_epoch"]
+    assert steps >= 2, "the fixture must give an epoch of at least two batches"
+    val = [r for r in csv.DictReader((out / "logs" / "kall.csv").open()) if r.get("val_auroc")]
+    assert len(val) >= 4 and int(val[0]["step"]) < steps and int(val[0]["epoch"]) == 0
+    best = max(val, key=lambda r: float(r["val_auroc"]))
+    assert info["best_val"] == pytest.approx(float(best["val_auroc"]), abs=1e-6)
+    assert info["best_step"] >= 1 and info["best_epoch"] == int(best["epoch"])
+    with pytest.raises(ValueError, match="whole number"):
+        run(compose_cfg(*finetune_args(model, tmp_path / "bad", *base, "finetune.checks_per_epoch=0")))
 
 
 def test_lora_trains_adapters_only_and_leaves_the_backbone(micro_model: tuple[Path, Path], tmp_path: Path) -> None:
