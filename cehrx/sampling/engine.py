@@ -47,6 +47,11 @@ How a run is organised (and why):
   probability is always that of the unmasked distribution: zero-shot's REACH estimator
   (`cehrx.zeroshot.reach`) forbids the outcome inside its window and multiplies the
   probabilities of not drawing it.
+- **Control expectations.** With `control_basis` (a `[V, K]` matrix: K numbers per token), every
+  step also records the expectation of the drawn token's row, `sum_v p_t(v) basis[v]`, under the
+  distribution it draws from (`Samples.control_mean`, K numbers per generated token). The drawn
+  row minus it has mean zero given the past: zero-shot's control variates
+  (`cehrx.zeroshot.controls`) sum these martingale steps along a future.
 - **Reproducible whatever the batching.** The uniform number behind each draw is a hash of
   `(cfg.seed, prompt id, sample, step)` (`cehrx.sampling.draws.row_uniforms`), so the same
   inputs and seed give the same samples for any `batch_size`, with or without the cache (up
@@ -94,7 +99,9 @@ class Engine:
     `stop_ids` overrides the stop tokens (default `[END]` and `[DEATH]`; `()` runs every row to
     its budget, as the benchmark does). `watch_ids`: record each step's probability of drawing one
     of these tokens (`Samples.watch_prob`; temperature and grammar applied, top-k/top-p and
-    forbidding not). `forbid_ids`: the tokens `sample(forbid_when=...)` may forbid.
+    forbidding not). `forbid_ids`: the tokens `sample(forbid_when=...)` may forbid. `control_basis`
+    (`[V, K]`): record each step's expected basis row under the distribution drawn from
+    (`Samples.control_mean`; needs untruncated sampling: temperature > 0, no top-k/top-p).
     """
 
     def __init__(
@@ -106,6 +113,7 @@ class Engine:
         stop_ids: Sequence[int] | None = None,
         watch_ids: Sequence[int] | np.ndarray | None = None,
         forbid_ids: Sequence[int] | np.ndarray | None = None,
+        control_basis: np.ndarray | Tensor | None = None,
     ) -> None:
         self.model, self.vocab = model, vocab
         self.cfg = cfg if cfg is not None else SamplingConfig()
@@ -120,6 +128,7 @@ class Engine:
         self.death_id, self.pad_id, self.vs_id = vocab[DEATH], vocab.pad_id, vocab[VS]
         self.watch = self._token_set(watch_ids)  # bool [V]: the tokens whose probability each step records
         self.forbid = self._token_set(forbid_ids)  # bool [V]: the tokens `forbid_when` may forbid
+        self.control = self._control_basis(control_basis)  # float32 [V, K]: rows whose expectation each step records
         # bool [n_states]: the states that allow forbidden tokens only (a row there draws unmasked)
         self.only_forbidden = None if self.forbid is None else ~(self.grammar.allowed & ~self.forbid).any(1)
         self.state_heads: dict[int, _Head] = {}  # grammar state -> its lm-head rows and token sets, built on first use
@@ -130,6 +139,23 @@ class Engine:
         out = torch.zeros(len(self.vocab), dtype=torch.bool, device=self.device)
         out[torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)] = True
         return out
+
+    def _control_basis(self, basis: np.ndarray | Tensor | None) -> Tensor | None:
+        if basis is None:
+            return None
+        b = torch.as_tensor(np.asarray(basis, dtype=np.float32)).to(self.device)
+        if b.ndim != 2 or b.shape[0] != len(self.vocab):
+            raise CehrxError(f"control_basis must be [vocab size = {len(self.vocab)}, K], got {tuple(b.shape)}")
+        if not self.cfg.untruncated:
+            raise CehrxError(
+                "control_basis needs the model's own distribution: sampling.temperature > 0, top_k=0, top_p=1"
+            )
+        return b
+
+    @property
+    def records_steps(self) -> bool:
+        """Each step records numbers besides its token (watched probability, control expectations)."""
+        return self.watch is not None or self.control is not None
 
     def with_settings(self, **changes: Any) -> Engine:
         """This engine with other sampling settings (`seed=...`, `max_days=...`), sharing its tables."""
@@ -187,7 +213,12 @@ class Engine:
         # prompts joining a running batch are never wider than its cached prefix
         order = np.argsort(-lengths, kind="stable")
         rows = (order[:, None] * num_samples + np.arange(num_samples)[None, :]).reshape(-1)
-        record = Record(len(lengths) * num_samples, self.device, watch=self.watch is not None)
+        record = Record(
+            len(lengths) * num_samples,
+            self.device,
+            watch=self.watch is not None,
+            controls=0 if self.control is None else self.control.shape[1],
+        )
         bar = _progress(progress, len(rows))
         was_training = self.model.training
         self.model.eval()
@@ -222,7 +253,8 @@ class Engine:
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Score the next token from each row's last hidden state, mask what the grammar forbids
         (and `forbid_ids` for the rows `forbid_when` names), draw one token per row, advance the
-        rows; (tokens, STOP_* or RUNNING, P(watched) under the unforbidden distribution or None).
+        rows; (tokens, STOP_* or RUNNING, the step's numbers or None: `[B, C]`, P(watched) under the
+        unforbidden distribution first when watching, then the K control expectations).
 
         With the grammar on, the lm head runs per grammar state on that state's allowed tokens only
         (`_draw_by_state`): a zero-shot state allows a fifth of the vocabulary on average (a time
@@ -236,7 +268,7 @@ class Engine:
         u = row_uniforms(cfg.seed, rows.key, rows.n)
         forbid = self._forbid_rows(rows, forbid_when)
         if rows.state is not None and _score_by_state(hidden):
-            tok, watch_p = self._draw_by_state(hidden, rows.state, u, forbid)
+            tok, stats = self._draw_by_state(hidden, rows.state, u, forbid)
         else:
             logits = self.model.lm_head_logits(hidden).float()
             if rows.state is not None:
@@ -245,12 +277,25 @@ class Engine:
                 logits[:, self.pad_id] = float("-inf")
             masked = logits if forbid is None else logits.masked_fill(forbid[:, None] & self.forbid, float("-inf"))
             tok = sample_next(masked, cfg.temperature, cfg.top_k, cfg.top_p, uniform=u)
-            watch_p = None
-            if self.watch is not None:
-                watch_p = _watched_mass(logits, self.watch, tok, self.watch[tok], cfg.temperature)
+            stats = self._step_stats(logits, masked, tok, self.watch, self.control)
         rows.advance(tok, self.seconds, self.grammar, self.vs_id)
         out_of_room = (rows.plen + rows.n >= self.max_seq_len) | (rows.n >= self.max_new)
-        return tok, self._stop_reason(tok, rows.secs, out_of_room), watch_p
+        return tok, self._stop_reason(tok, rows.secs, out_of_room), stats
+
+    def _step_stats(
+        self, logits: Tensor, masked: Tensor, drawn: Tensor, watched: Tensor | None, control: Tensor | None
+    ) -> Tensor | None:
+        """`[B, C]`: P(watched) (from `logits`, before forbidding), then the control expectations (under
+        `masked`, the distribution drawn from); `watched` / `control` over the same columns as the logits."""
+        parts = []
+        if self.watch is not None:
+            if watched is None:  # a state that allows no watched token: 0
+                parts.append(torch.zeros(len(logits), 1, device=logits.device))
+            else:
+                parts.append(_watched_mass(logits, watched, drawn, watched[drawn], self.cfg.temperature)[:, None])
+        if control is not None:
+            parts.append(torch.softmax(masked / self.cfg.temperature, dim=-1) @ control)
+        return torch.cat(parts, dim=1) if parts else None
 
     def _forbid_rows(self, rows: Rows, forbid_when: ForbidWhen | None) -> Tensor | None:
         """bool [B]: the rows whose draw leaves out `forbid_ids` now (None: no row's). A row whose grammar
@@ -272,7 +317,7 @@ class Engine:
             torch.argsort(group, stable=True), torch.bincount(group, minlength=len(states)).tolist()
         )
         tok = torch.empty(len(state), dtype=torch.int64, device=state.device)
-        watch_p = None if self.watch is None else torch.zeros(len(state), device=state.device)
+        stats = None
         for s, rows in zip(states.tolist(), rows_by_group):
             h = self._state_head(s)
             logits = F.linear(hidden.index_select(0, rows), h.weight).float()
@@ -281,9 +326,12 @@ class Engine:
                 masked = logits.masked_fill(forbid[rows][:, None] & h.forbidden, float("-inf"))
             drawn = sample_next(masked, cfg.temperature, cfg.top_k, cfg.top_p, uniform=u[rows])
             tok[rows] = h.ids[drawn]
-            if watch_p is not None and h.any_watched:  # a state that allows no watched token leaves its rows at 0
-                watch_p[rows] = _watched_mass(logits, h.watched, drawn, h.watched[drawn], cfg.temperature)
-        return tok, watch_p
+            group_stats = self._step_stats(logits, masked, drawn, h.watched, h.control)
+            if group_stats is not None:
+                if stats is None:
+                    stats = torch.zeros(len(state), group_stats.shape[1], device=state.device)
+                stats[rows] = group_stats
+        return tok, stats
 
     def _state_head(self, s: int) -> _Head:
         if s not in self.state_heads:
@@ -292,7 +340,9 @@ class Engine:
             f = None if self.forbid is None else self.forbid[ids]
             head = self.model.lm_head.weight.index_select(0, ids)
             any_forbidden = f is not None and bool(f.any())
-            self.state_heads[s] = _Head(ids, head, w, w is not None and bool(w.any()), f if any_forbidden else None)
+            control = None if self.control is None else self.control.index_select(0, ids)
+            watched = w if w is not None and bool(w.any()) else None  # None: the state allows no watched token
+            self.state_heads[s] = _Head(ids, head, watched, f if any_forbidden else None, control)
         return self.state_heads[s]
 
     def _stop_reason(self, tok: Tensor, secs: Tensor, out_of_room: Tensor) -> Tensor:
@@ -332,9 +382,9 @@ class _Head(NamedTuple):
 
     ids: Tensor  # int64: the allowed token ids
     weight: Tensor  # their lm-head rows
-    watched: Tensor | None  # bool per allowed token: watched (None without watch_ids)
-    any_watched: bool
+    watched: Tensor | None  # bool per allowed token: watched (None without watch_ids, or when none is allowed)
     forbidden: Tensor | None  # bool per allowed token: in forbid_ids (None when none is)
+    control: Tensor | None  # float32 [allowed, K]: the control basis rows (None without control_basis)
 
 
 def _check_prompts(model: GPT, vocab: Vocab, tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -88,19 +88,20 @@ class Rows:
 class Record:
     """What the rows drew and why they stopped, gathered into `Samples` at the end."""
 
-    def __init__(self, n_rows: int, device: torch.device, watch: bool = False) -> None:
-        self.watch = watch
+    def __init__(self, n_rows: int, device: torch.device, watch: bool = False, controls: int = 0) -> None:
+        self.watch, self.controls = watch, int(controls)
         self.stop = torch.full((n_rows,), RUNNING, dtype=torch.int8, device=device)
         self.n_out = torch.zeros(n_rows, dtype=torch.int64, device=device)
         self.secs = torch.zeros(n_rows, dtype=torch.int64, device=device)
         self.drawn: list[tuple[Tensor, Tensor, Tensor]] = []  # per step: (rows, index within the row, token)
-        self.watched: list[Tensor] = []  # per step (with watch_ids): P(watched token) per row
+        # per step (`Engine.draw`'s numbers, [B, C]): P(watched token) with watch_ids, then the control expectations
+        self.stats: list[Tensor] = []
 
-    def settle(self, live: Rows, tok: Tensor, reason: Tensor, bar, watch_p: Tensor | None = None) -> int:
-        """Keep this step's tokens; record the rows that just stopped. Returns how many did."""
+    def settle(self, live: Rows, tok: Tensor, reason: Tensor, bar, stats: Tensor | None = None) -> int:
+        """Keep this step's tokens (and numbers); record the rows that just stopped. Returns how many did."""
         self.drawn.append((live.row, live.n - 1, tok))
-        if watch_p is not None:
-            self.watched.append(watch_p)
+        if stats is not None:
+            self.stats.append(stats)
         finished = live.alive & (reason != RUNNING)
         n_fin = int(finished.sum())  # the one host sync per step
         if n_fin:
@@ -118,18 +119,20 @@ class Record:
         n_out = self.n_out.cpu().numpy()
         offsets = np.concatenate([[0], np.cumsum(n_out)]).astype(np.int64)
         tokens = np.zeros(int(offsets[-1]), dtype=np.int32)
-        watch = np.zeros(int(offsets[-1]), dtype=np.float32) if self.watch else None
+        n_stats = int(self.watch) + self.controls
+        stats = np.zeros((int(offsets[-1]), n_stats), dtype=np.float32)
         if self.drawn:
             rows, k, tok = (torch.cat(parts).cpu().numpy() for parts in zip(*self.drawn))
             keep = k < n_out[rows]
             tokens[offsets[rows[keep]] + k[keep]] = tok[keep]
-            if watch is not None:
-                watch[offsets[rows[keep]] + k[keep]] = torch.cat(self.watched).float().cpu().numpy()[keep]
+            if n_stats:
+                stats[offsets[rows[keep]] + k[keep]] = torch.cat(self.stats).float().cpu().numpy()[keep]
         return Samples(
             tokens=tokens,
             offsets=offsets,
             stop=self.stop.cpu().numpy(),
             elapsed_days=self.secs.cpu().numpy() / 86400.0,
             prompt_index=np.repeat(np.arange(n_prompts, dtype=np.int64), num_samples),
-            watch_prob=watch,
+            watch_prob=stats[:, 0].copy() if self.watch else None,
+            control_mean=stats[:, int(self.watch) :] if self.controls else None,
         )

@@ -24,6 +24,8 @@ class Samples:
     prompt_index: np.ndarray  # int64 [n] which prompt each sample continues
     # float32 like tokens: P(the step's draw is a watched token) (`watch_ids`), else None
     watch_prob: np.ndarray | None = None
+    # float32 [len(tokens), K]: each step's expected control-basis row (`Engine(control_basis=...)`), else None
+    control_mean: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.stop)

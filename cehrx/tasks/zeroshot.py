@@ -180,8 +180,9 @@ def run_identity(
         "prepared": str(prepared.resolve()),
         "random_init": bool(cfg.zeroshot.get("random_init", False)),
         "split": split,
-        # mc and hazard read the same futures (the chunks hold both); reach samples futures of its own
-        "zeroshot": {k: v for k, v in run_settings(zcfg).items() if k != "estimator" or v == "reach"},
+        # mc and hazard read the same futures (the chunks hold both); reach samples futures of its own, and
+        # hazard_cv's chunks also hold the control variates' sums (they serve mc and hazard too, not the reverse)
+        "zeroshot": {k: v for k, v in run_settings(zcfg).items() if k != "estimator" or v in ("reach", "hazard_cv")},
     }
 
 

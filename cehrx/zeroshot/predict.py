@@ -38,6 +38,7 @@ from cehrx.data.vocab import Vocab
 from cehrx.data.workdir import claim_work_dir
 from cehrx.errors import CehrxError
 from cehrx.sampling import STOP_NAMES, Engine, Samples, SamplingConfig
+from cehrx.zeroshot.controls import CV_COLUMNS, control_basis, cross_fitted
 from cehrx.zeroshot.outcome import Outcome
 from cehrx.zeroshot.reach import InWindow, reach_ids
 from cehrx.zeroshot.score import (
@@ -56,11 +57,12 @@ CHUNK_DIR = "chunks"
 TRAJ_DIR = "trajectories"
 MANIFEST = "manifest.json"
 
-ESTIMATORS = ("mc", "hazard", "reach")
+ESTIMATORS = ("mc", "hazard", "hazard_cv", "reach")
 # estimator -> (its probability column, the column its fallback rate sums) in the chunk results
 ESTIMATE_COLUMNS = {
     "mc": ("probability", "n_outcome"),
     "hazard": ("hazard_probability", "hazard_sum"),
+    "hazard_cv": ("hazard_cv_probability", "hazard_cv_sum"),
     "reach": ("reach_probability", "reach_sum"),
 }
 
@@ -73,7 +75,8 @@ def _default_sampling() -> SamplingConfig:
 class ZeroshotConfig:
     """The `zeroshot:` config block's run options, and how the futures are sampled (the `sampling:` block)."""
 
-    # which estimate is the prediction: mc, hazard (both from the same futures), reach (futures of its own,
+    # which estimate is the prediction: mc, hazard, hazard_cv (the hazard sum with control variates,
+    # `cehrx.zeroshot.controls`; all three from the same futures), reach (futures of its own,
     # `cehrx.zeroshot.reach`), or auto = hazard when the sampling allows it, else mc
     estimator: str = "auto"
     num_samples: int = 20
@@ -101,7 +104,7 @@ class ZeroshotConfig:
                     s.top_p,
                     s.temperature,
                 )
-        if self.estimator in ("hazard", "reach") and not self.hazard_possible:
+        if self.estimator in ("hazard", "hazard_cv", "reach") and not self.hazard_possible:
             raise CehrxError(
                 f"zeroshot.estimator={self.estimator} reads the distribution the futures are drawn from: it needs "
                 f"sampling.temperature > 0, top_k=0 and top_p=1 (got temperature={s.temperature}, top_k={s.top_k}, "
@@ -112,6 +115,11 @@ class ZeroshotConfig:
     def hazard_possible(self) -> bool:
         """The draws are the model's own distribution: what the hazard sum and REACH need."""
         return self.sampling.untruncated
+
+    @property
+    def controls(self) -> bool:
+        """The sampler records the control expectations (`cehrx.zeroshot.controls`) beside P(outcome)."""
+        return self.estimator == "hazard_cv"
 
     @property
     def reach(self) -> bool:
@@ -150,7 +158,8 @@ def zeroshot_engine(model: Any, vocab: Vocab, zcfg: ZeroshotConfig, outcome: Out
         ids = reach_ids(outcome)
         return Engine(model, vocab, zcfg.sampling, watch_ids=ids, forbid_ids=ids)
     watch = hazard_watch_ids(outcome) if zcfg.hazard_possible else None
-    return Engine(model, vocab, zcfg.sampling, watch_ids=watch)
+    basis = control_basis(vocab, model.wte.weight) if zcfg.controls else None
+    return Engine(model, vocab, zcfg.sampling, watch_ids=watch, control_basis=basis)
 
 
 def config_dict(zcfg: ZeroshotConfig) -> dict[str, Any]:
@@ -242,7 +251,11 @@ def run_chunks(
     if done:
         log.info("resumed: %d of %d chunks were already done", done, n_chunks)
     tables = [pq.read_table(work / CHUNK_DIR / f"{k}.parquet") for k in range(n_chunks)]
-    return pa.concat_tables(tables) if tables else _empty_chunk()
+    results = pa.concat_tables(tables) if tables else _empty_chunk()
+    if CV_COLUMNS[0] in results.column_names:  # fitted over every chunk's labels, so after the last one
+        for name, values in cross_fitted(results).items():
+            results = results.append_column(name, pa.array(values))
+    return results
 
 
 def predict_chunk(
@@ -263,7 +276,8 @@ def predict_chunk(
     slack = np.maximum(labels.prediction_time[kept] - hist.last_time, 0)
     w = outcome.window
     max_days = None if np.isinf(w.end_days) else float(w.end_days + (slack.max() / DAY if len(slack) else 0.0))
-    cols = _chunk_columns(len(rows), zcfg, outcome)
+    n_controls = 0 if engine.control is None else engine.control.shape[1]
+    cols = _chunk_columns(len(rows), zcfg, outcome, n_controls)
     traj = None
     if len(kept):
         inside = InWindow(w, slack, zcfg.num_samples, engine.device) if zcfg.reach else None
@@ -271,7 +285,16 @@ def predict_chunk(
             hist.tokens, hist.offsets, num_samples=zcfg.num_samples, progress=progress, forbid_when=inside
         )
         scores = score_futures(
-            vocab, outcome, s.tokens, s.offsets, s.stop, slack[s.prompt_index], s.watch_prob, reach=zcfg.reach
+            vocab,
+            outcome,
+            s.tokens,
+            s.offsets,
+            s.stop,
+            slack[s.prompt_index],
+            s.watch_prob,
+            reach=zcfg.reach,
+            control_mean=s.control_mean,
+            control_basis=None if engine.control is None else engine.control.cpu().numpy(),
         )
         _fill_columns(cols, hist.label_index, aggregate(scores, s.prompt_index, len(kept)), s)
         cols["history_len"][hist.label_index] = hist.lengths()
@@ -289,9 +312,10 @@ def predict_chunk(
     return table, traj
 
 
-def _chunk_columns(n: int, zcfg: ZeroshotConfig, outcome: Outcome) -> dict[str, np.ndarray]:
+def _chunk_columns(n: int, zcfg: ZeroshotConfig, outcome: Outcome, n_controls: int = 0) -> dict[str, np.ndarray]:
     """A chunk's per-label columns, in their order, before any label is scored (labels without a history keep them).
-    A REACH run's futures are not the model's natural ones: its chunks hold REACH only (no Monte Carlo count)."""
+    A REACH run's futures are not the model's natural ones: its chunks hold REACH only (no Monte Carlo count).
+    With `n_controls` the control variates' per-label sums (`controls.CV_COLUMNS`)."""
     finite = np.isfinite(outcome.window.end_days)
     cols = {c: np.zeros(n, dtype=np.int64) for c in ("history_len", "n_futures", "n_resolved")}
     if zcfg.reach:
@@ -305,6 +329,9 @@ def _chunk_columns(n: int, zcfg: ZeroshotConfig, outcome: Outcome) -> dict[str, 
             cols.update({c: np.full(n, np.nan) for c in HAZARD_COLUMNS})
             if finite:
                 cols["hazard_cif"] = np.full((n, CIF_POINTS), np.nan)
+        if n_controls:
+            k = n_controls
+            cols.update(cv_m=np.zeros((n, k)), cv_mm=np.zeros((n, k * k)), cv_mh=np.zeros((n, k)), cv_hh=np.zeros(n))
     cols.update({f"stop_{name}": np.zeros(n, dtype=np.int64) for name in STOP_NAMES})
     return cols
 

@@ -40,6 +40,13 @@ def compare_estimators(
     out["mc"]["mean_label_se"] = float(np.mean(np.sqrt(p_mc * (1 - p_mc) / res)))
     out["hazard"]["mean_label_se"] = float(np.nanmean(kept.column("hazard_se").to_numpy(zero_copy_only=False)))
     out["hazard - mc"] = paired_difference(y, sid, estimates["hazard"][0], [p_mc], n_boot, seed, sample_weight=w)
+    if "hazard_cv" in estimates:  # the hazard sum with control variates, same futures
+        out["hazard_cv"]["mean_label_se"] = float(
+            np.nanmean(kept.column("hazard_cv_se").to_numpy(zero_copy_only=False))
+        )
+        out["hazard_cv - hazard"] = paired_difference(
+            y, sid, estimates["hazard_cv"][0], [estimates["hazard"][0]], n_boot, seed, sample_weight=w
+        )
     return out
 
 
@@ -59,8 +66,8 @@ def details(kept: pa.Table, labels: LabelInputs, lr: np.ndarray, prob: np.ndarra
     }
     if labels.weight is not None:
         cols["weight"] = pa.array(labels.weight[lr])
-    for c in kept.column_names:
-        if c not in ("label_row", "has_history", "probability"):
+    for c in kept.column_names:  # the control variates' sums stay in chunks/ (K x K numbers a label)
+        if c not in ("label_row", "has_history", "probability") and not c.startswith("cv_"):
             cols[c] = kept.column(c)
     return pa.table(cols)
 
@@ -123,7 +130,7 @@ def _estimator_lines(e: dict[str, Any]) -> str:
         se = "n/a" if e["mean_label_se"] is None else f"{e['mean_label_se']:.4f}"
         return f"- reach: mean per-label SE {se}\n- {e['note']}"
     lines = ["| estimator | AUROC (95 % CI) | AUPRC | Brier | mean per-label SE |", "|---|---|---|---|---|"]
-    for name in ("mc", "hazard"):
+    for name in [n for n in ("mc", "hazard", "hazard_cv") if n in e]:
         m = e[name]
         lines.append(
             f"| {name} | {format_ci(m['auroc'])} | "
@@ -131,4 +138,7 @@ def _estimator_lines(e: dict[str, Any]) -> str:
         )
     d = e["hazard - mc"]["auroc"]
     lines.append(f"\nhazard - mc AUROC: {format_ci(d, signed=True)} (paired bootstrap)")
+    if "hazard_cv - hazard" in e:
+        d = e["hazard_cv - hazard"]["auroc"]
+        lines.append(f"hazard_cv - hazard AUROC: {format_ci(d, signed=True)} (paired bootstrap)")
     return "\n".join(lines)

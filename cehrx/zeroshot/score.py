@@ -43,6 +43,10 @@ unbiased. The per-label standard error is the spread of the per-future sums over
 From the same terms: the expected days to the outcome (the terms weighting their times) and a
 cumulative incidence curve (the terms summed up to each of `CIF_POINTS` times in the window).
 
+**Control variates** (`zeroshot.estimator=hazard_cv`, `cehrx.zeroshot.controls`): with the sampler's expected
+basis rows (`control_mean`), `score_futures` also sums each future's mean-zero controls over the hazard's own
+steps (`FutureScores.controls`), and `aggregate` keeps the per-label sums the cross-fitted regression needs.
+
 **REACH** (`zeroshot.estimator=reach`, `cehrx.zeroshot.reach` derives it) reads futures sampled
 differently: the outcome tokens are forbidden at every step with w_t = 1 (the same w_t,
 `step_in_window`, which the sampler evaluates on its own per-row time and visit count), and p_t
@@ -64,6 +68,7 @@ from cehrx.data.grammar import SECONDS_PER_DAY as DAY
 from cehrx.data.shards import segment_cumsum
 from cehrx.data.vocab import VS, Vocab
 from cehrx.sampling import STOP_DEATH, STOP_END
+from cehrx.zeroshot.controls import future_controls, label_sums
 from cehrx.zeroshot.outcome import Outcome, Window
 
 HAZARD_COLUMNS = ("hazard_sum", "hazard_probability", "hazard_se", "hazard_expected_days")
@@ -85,6 +90,7 @@ class FutureScores:
     reach: np.ndarray | None = None  # float64 [n]: 1 - prod_{t: w_t=1} (1 - p_t) of a REACH future (module doc)
     reach_days: np.ndarray | None = None  # float64 [n]: P(first outcome at step t) summed times its days
     reach_cif: np.ndarray | None = None  # float64 [n, CIF_POINTS]: the estimate up to each grid time (finite windows)
+    controls: np.ndarray | None = None  # float64 [n, K]: the control variates' M (`cehrx.zeroshot.controls`)
 
 
 def outcome_mask(tokens: np.ndarray, offsets: np.ndarray, outcome: Outcome, vocab_size: int) -> np.ndarray:
@@ -115,13 +121,16 @@ def score_futures(
     slack_s: np.ndarray,
     watch_prob: np.ndarray | None = None,
     reach: bool = False,
+    control_mean: np.ndarray | None = None,
+    control_basis: np.ndarray | None = None,
 ) -> FutureScores:
     """Score generated futures (flat tokens/offsets, `stop` reasons of the sampler).
 
     `slack_s[i]` = prediction time - last history time (seconds, >= 0) of future i's prompt.
     `watch_prob` (per token: P(the step draws a plain outcome token), `hazard_watch_ids`) adds
     the hazard estimator's per-future sums; with `reach` (futures sampled with the outcome
-    forbidden inside the window) the REACH estimates instead.
+    forbidden inside the window) the REACH estimates instead. `control_mean` (per token, the
+    sampler's expected `control_basis` row) adds the hazard's control variates (`cehrx.zeroshot.controls`).
     """
     tokens = np.asarray(tokens, dtype=np.int64)
     offsets = np.asarray(offsets, dtype=np.int64)
@@ -157,7 +166,9 @@ def score_futures(
         if reach:
             _add_reach(scores, outcome.window, offsets, seg, inside, before, p)
         else:
-            _add_hazard(scores, vocab, outcome, tokens, offsets, seg, inside, before, p)
+            weight = _add_hazard(scores, vocab, outcome, tokens, offsets, seg, inside, before, p)
+            if control_mean is not None:
+                scores.controls = future_controls(tokens, seg, n, control_mean, control_basis, weight)
     return scores
 
 
@@ -184,16 +195,18 @@ def _add_hazard(
     inside: np.ndarray,
     before: _Before,
     p: np.ndarray,
-) -> None:
+) -> np.ndarray:
     """Fill `scores.hazard`, `hazard_days`, `cif` (module doc): the terms H_t w_t p_t of every step up
-    to the first outcome in the window, plus the realised indicator of a first outcome that needs a value."""
+    to the first outcome in the window, plus the realised indicator of a first outcome that needs a value.
+    Returns H_t w_t per token (float64), the steps the sum spends."""
     n = len(offsets) - 1
     w = outcome.window
     pos = np.arange(len(tokens)) - np.repeat(offsets[:-1], np.diff(offsets))
     first = np.full(n, np.iinfo(np.int64).max)
     np.minimum.at(first, seg[inside], pos[inside])
     alive = pos <= first[seg]  # H_t: no outcome in the window before step t
-    term = np.where(alive & step_in_window(before.rel, before.visits, w), p, 0.0)
+    spent = alive & step_in_window(before.rel, before.visits, w)
+    term = np.where(spent, p, 0.0)
     valued = np.zeros(len(vocab), dtype=bool)
     valued[np.asarray(list(outcome.allowed_q), dtype=np.int64)] = True
     term = term + (
@@ -201,6 +214,7 @@ def _add_hazard(
     )  # the first outcome needs a value: its realised indicator
     days = before.rel / DAY
     scores.hazard, scores.hazard_days, scores.cif = _by_future(seg, n, term, days, w)
+    return spent.astype(np.float64)
 
 
 def _add_reach(
@@ -284,6 +298,8 @@ def aggregate(scores: FutureScores, prompt_index: np.ndarray, n_prompts: int) ->
     ):
         if value is not None:
             out.update(_per_label(name, value, value_days, cif, scores.resolved, pi, res))
+    if scores.controls is not None:
+        out.update(label_sums(scores.hazard, scores.controls, scores.resolved, pi, n_prompts))
     return out
 
 

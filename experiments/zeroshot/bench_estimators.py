@@ -37,7 +37,7 @@ from cehrx.eval.metrics import binary_metrics
 def run_seed(args: argparse.Namespace, k: int, estimator: str | None = None) -> Path:
     """Run k of `futures` futures; `estimator=reach` samples its own futures (the outcome forbidden in
     the window), so its runs live beside the natural ones (`reach_seed_<k>`) with the same labels."""
-    out = args.out / (f"{estimator}_seed_{k}" if estimator else f"seed_{k}")
+    out = args.out / ({"hazard_cv": "cv_seed", "reach": "reach_seed"}.get(estimator, "seed") + f"_{k}")
     if not (out / "metrics.json").is_file():
         cmd = [
             sys.executable,
@@ -69,6 +69,8 @@ def load(out: Path, estimator: str = "natural") -> dict[str, np.ndarray]:
     t = pq.read_table(out / "details.parquet")
     keys = ["subject_id", "prediction_time", "boolean_value", "n_resolved"]
     more = ["reach_sum"] if estimator == "reach" else ["n_outcome", "hazard_sum", "hazard_probability", "probability"]
+    if estimator == "hazard_cv":
+        more.append("hazard_cv_sum")
     d = {c: t.column(c).to_numpy(zero_copy_only=False) for c in keys + more}
     d["prediction_time"] = d["prediction_time"].astype("datetime64[us]").astype(np.int64)
     d["weight"] = t.column("weight").to_numpy() if "weight" in t.column_names else None
@@ -103,9 +105,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-boot", type=int, default=500)
     ap.add_argument("--reach-seeds", type=int, default=0, help="also this many REACH runs (own futures, same labels)")
+    ap.add_argument(
+        "--controls",
+        action="store_true",
+        help="the natural runs as zeroshot.estimator=hazard_cv (cv_seed_<k>: the same futures, plus the hazard sum "
+        "with control variates)",
+    )
     ap.add_argument("overrides", nargs="*", help="more cehrx overrides, after --")
     args = ap.parse_args()
-    runs = [load(run_seed(args, k)) for k in range(args.seeds)]
+    natural = "hazard_cv" if args.controls else None
+    runs = [load(run_seed(args, k, natural), natural or "natural") for k in range(args.seeds)]
     reach = [load(run_seed(args, k, "reach"), "reach") for k in range(args.reach_seeds)]
     base = runs[0]
     for r in runs[1:] + reach:
@@ -123,9 +132,12 @@ def main() -> None:
     pooled = [{"runs": m + 1, **metrics(p)} for m, p in enumerate(mc_pooled(runs))]
     mc_k = [with_fallback(r["n_outcome"].astype(float), r["n_resolved"]) for r in runs]
     hz_k = [with_fallback(r["hazard_sum"], r["n_resolved"]) for r in runs]
+    cv_k = [with_fallback(r["hazard_cv_sum"], r["n_resolved"]) for r in runs] if args.controls else []
     n5 = min(5, len(runs))
     spread = {
-        name: float(np.mean(np.var(np.stack(ps[:n5]), axis=0, ddof=1))) for name, ps in (("mc", mc_k), ("hazard", hz_k))
+        name: float(np.mean(np.var(np.stack(ps[:n5]), axis=0, ddof=1)))
+        for name, ps in (("mc", mc_k), ("hazard", hz_k), ("hazard_cv", cv_k))
+        if ps
     }
     result = {
         "task": args.task,
@@ -146,6 +158,9 @@ def main() -> None:
         "seconds_per_label_one_run_min": float(np.min([r["seconds"] for r in runs]) / len(y)),
         "mc_pooled": pooled,
     }
+    if cv_k:
+        result[f"hazard_cv_{args.futures}"] = [metrics(p) for p in cv_k]
+        result["variance_ratio_mc_over_hazard_cv"] = spread["mc"] / spread["hazard_cv"] if spread["hazard_cv"] else None
     if reach:
         rc_k = [with_fallback(r["reach_sum"], r["n_resolved"]) for r in reach]
         var_r = float(np.mean(np.var(np.stack(rc_k[: min(5, len(rc_k))]), axis=0, ddof=1))) if len(rc_k) > 1 else None
@@ -180,6 +195,7 @@ def table(r: dict, args: argparse.Namespace) -> str:
         row("Monte Carlo", [r[f"mc_{big}"]], big),
         row("Monte Carlo", r[f"mc_{f}"], f),
         row("hazard", r[f"hazard_{f}"], f),
+        *([row("hazard + control variates", r[f"hazard_cv_{f}"], f)] if f"hazard_cv_{f}" in r else []),
         *(
             [row("REACH (own futures)", r[f"reach_{f}"], f, r["reach_seconds_per_label_one_run"])]
             if f"reach_{f}" in r
@@ -189,6 +205,14 @@ def table(r: dict, args: argparse.Namespace) -> str:
         f"per-label variance over runs at {f} futures: Monte Carlo {var['mc']:.2e}, hazard {var['hazard']:.2e} "
         f"(ratio {r['variance_ratio_mc_over_hazard']:.1f}x; "
         f"the draw's share of Monte Carlo's variance {1 - var['hazard'] / var['mc']:.1%})",
+        *(
+            [
+                f"hazard + control variates: per-label variance {var['hazard_cv']:.2e} (Monte Carlo / it "
+                f"{r['variance_ratio_mc_over_hazard_cv']:.1f}x)"
+            ]
+            if "hazard_cv" in var
+            else []
+        ),
         "",
         "Monte Carlo with m runs pooled (AUROC / Brier): "
         + ", ".join(

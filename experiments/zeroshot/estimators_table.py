@@ -6,7 +6,8 @@ Reads `<root>/<task>/estimators.json` and prints a Markdown table: AUROC and Bri
 the per-run futures (mean over runs) against Monte Carlo with all runs pooled, the per-label variance
 ratio at equal futures, the draw's share of Monte Carlo's variance (what the hazard sum can remove), and
 the three verdicts for the hazard sum (AUROC >=, Brier <, variance >= 5x), and REACH's numbers where
-the benchmark ran it (`--reach-seeds`).
+the benchmark ran it (`--reach-seeds`), and the hazard sum with control variates' (`--controls`) with
+its own three verdicts.
 """
 
 from __future__ import annotations
@@ -36,9 +37,16 @@ def row(r: dict) -> str:
         brier_r = float(np.mean([m["brier"]["value"] for m in rc]))
         ratio_r = r.get("variance_ratio_mc_over_reach") or float("nan")
         reach = f"{auc_r:.3f} / {brier_r:.4f} / {ratio_r:.1f}x"
+    cv, cvs = r.get(f"hazard_cv_{f}"), "-"
+    if cv:
+        auc_c = float(np.mean([m["auroc"]["value"] for m in cv]))
+        brier_c = float(np.mean([m["brier"]["value"] for m in cv]))
+        ratio_c = r.get("variance_ratio_mc_over_hazard_cv") or float("nan")
+        verdicts = "/".join(ok(b) for b in (auc_c >= auc_m, brier_c < brier_m, ratio_c >= 5))
+        cvs = f"{auc_c:.3f} / {brier_c:.4f} / {ratio_c:.1f}x ({verdicts})"
     return (
         f"| {r['task']} | {r['labels']} ({r['positives']}) | {auc_h:.3f} | {auc_m:.3f} | {brier_h:.4f} | {brier_m:.4f} "
-        f"| {ratio:.1f}x | {share:.1%} | {ok(auc_h >= auc_m)} | {ok(brier_h < brier_m)} | {ok(ratio >= 5)} | {reach} |"
+        f"| {ratio:.1f}x | {share:.1%} | {ok(auc_h >= auc_m)} | {ok(brier_h < brier_m)} | {ok(ratio >= 5)} | {reach} | {cvs} |"
     )
 
 
@@ -50,9 +58,10 @@ def main(root: Path) -> None:
     big = results[0]["runs"] * f
     print(
         f"| task | labels (positive) | AUROC hazard@{f} | AUROC MC@{big} | Brier hazard@{f} | Brier MC@{big} "
-        f"| variance MC/hazard @{f} | draw share | AUROC | Brier | variance | REACH@{f} AUROC / Brier / variance MC/REACH |"
+        f"| variance MC/hazard @{f} | draw share | AUROC | Brier | variance | REACH@{f} AUROC / Brier / variance MC/REACH "
+        f"| hazard+CV@{f} AUROC / Brier / variance MC/it (verdicts) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---|")
     for r in results:
         print(row(r))
 

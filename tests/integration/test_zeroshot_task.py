@@ -164,6 +164,24 @@ def test_reach_end_to_end_is_its_own_run_and_reproducible(trained, task_files, t
     assert b["auroc"]["value"] == a["auroc"]["value"]
 
 
+def test_hazard_cv_end_to_end_reads_the_same_futures_as_mc_and_hazard(trained, task_files, tmp_path: Path) -> None:
+    """`zeroshot.estimator=hazard_cv`: the same futures as a hazard run (mc and hazard identical, compared
+    beside it), its own probabilities in [0, 1] with standard errors, the paired difference in the report;
+    its chunks are not resumed as a plain hazard run's (they hold the control sums)."""
+    h = run(cfg_for(trained, task_files, tmp_path / "h", "zeroshot.estimator=hazard"))
+    cv = run(cfg_for(trained, task_files, tmp_path / "cv", "zeroshot.estimator=hazard_cv"))
+    assert cv["estimator"] == "hazard_cv" and cv["auroc"]["value"] == cv["estimators"]["hazard_cv"]["auroc"]["value"]
+    for e in ("mc", "hazard"):  # recording the control expectations changes no future
+        assert cv["estimators"][e]["auroc"]["value"] == h["estimators"][e]["auroc"]["value"]
+    det = pq.read_table(tmp_path / "cv" / "details.parquet")
+    p, se = det.column("hazard_cv_probability").to_numpy(), det.column("hazard_cv_se").to_numpy()
+    ok = np.isfinite(p)
+    assert ok.sum() > 30 and ((p[ok] >= 0) & (p[ok] <= 1)).all() and (se[np.isfinite(se)] >= 0).all()
+    assert not any(c.startswith("cv_") for c in det.column_names)  # the fit's sums stay in chunks/
+    assert "hazard_cv - hazard AUROC" in (tmp_path / "cv" / "report.md").read_text()
+    assert "mean_label_se" in cv["estimators"]["hazard_cv"]
+
+
 def test_recalibration_on_the_tuning_split_is_labelled_and_keeps_the_raw_probability(
     trained, task_files, tmp_path: Path
 ) -> None:

@@ -459,7 +459,9 @@ def test_estimator_names_auto_resolves_and_bad_names_list_the_choices() -> None:
     assert ZeroshotConfig(sampling=truncated).estimator == "mc"  # auto: the only estimator truncated sampling allows
     with pytest.raises(CehrxError, match="top_k=0"):
         ZeroshotConfig(estimator="hazard", sampling=truncated)
-    with pytest.raises(CehrxError, match=r"one of \('mc', 'hazard', 'reach', 'auto'\), got 'montecarlo'"):
+    with pytest.raises(CehrxError, match="top_k=0"):
+        ZeroshotConfig(estimator="hazard_cv", sampling=truncated)
+    with pytest.raises(CehrxError, match=r"one of \('mc', 'hazard', 'hazard_cv', 'reach', 'auto'\), got 'montecarlo'"):
         ZeroshotConfig(estimator="montecarlo")
 
 
@@ -734,3 +736,86 @@ def test_reach_refusals_are_clear(micro: GPT, vocab: Vocab) -> None:
     greedy = Engine(micro, vocab, SamplingConfig(temperature=0), forbid_ids=[vocab["SNOMED/101"]])
     with pytest.raises(CehrxError, match="temperature > 0"):
         greedy.sample(prompt, offsets, forbid_when=lambda rows: rows.alive)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_control_expectations_are_exact_and_their_martingale_has_mean_zero(
+    micro: GPT, vocab: Vocab, inside_visit: tuple[np.ndarray, int]
+) -> None:
+    """`Engine(control_basis=...)` records sum_v p_t(v) b(v) under the distribution drawn from: at the first
+    step exactly the enumerated expectation, on the grammar-state head and the full head alike; recording
+    changes no draw; and M = sum_t (b(x_t) - E_t[b]) over two-step futures has mean zero (every column within
+    4 standard errors), which is what keeps `hazard_cv` unbiased."""
+    from cehrx.sampling import engine as engine_module
+    from cehrx.zeroshot.controls import control_basis, future_controls
+
+    prompt, state = inside_visit
+    basis = control_basis(vocab, micro.wte.weight)
+    watch = codes_of(vocab)[::3]
+    p1, _ = two_step_exact(micro, vocab, prompt, state, watch)
+    n, cfg = 3000, SamplingConfig(max_new_tokens=2, batch_size=512, seed=3)
+    off = np.array([0, len(prompt)])
+    plain = Engine(micro, vocab, cfg, watch_ids=watch).sample(prompt, off, num_samples=n, progress=False)
+    s = Engine(micro, vocab, cfg, watch_ids=watch, control_basis=basis).sample(
+        prompt, off, num_samples=n, progress=False
+    )
+    np.testing.assert_array_equal(s.tokens, plain.tokens)  # recording the expectations changes no draw
+    np.testing.assert_array_equal(s.watch_prob, plain.watch_prob)
+    assert s.control_mean.shape == (len(s.tokens), basis.shape[1])
+    np.testing.assert_allclose(s.control_mean[s.offsets[:-1]], np.tile(p1 @ basis, (n, 1)), rtol=1e-4, atol=1e-5)
+    seg = np.repeat(np.arange(n), s.lengths())
+    m = future_controls(s.tokens, seg, n, s.control_mean, basis, np.ones(len(s.tokens)))
+    assert (m.std(0) > 0.05).sum() >= basis.shape[1] // 2, "the controls vary from future to future"
+    # within 4 SE, plus 4 draws for a column whose token is rarely drawn (no draw: an SE of 0)
+    tol = 4 * m.std(0) / np.sqrt(n) + 4 * np.ptp(basis, 0) / n
+    assert (np.abs(m.mean(0)) < tol).all(), (m.mean(0), tol)
+    full = Engine(micro, vocab, cfg, watch_ids=watch, control_basis=basis)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine_module, "_score_by_state", lambda hidden: False)  # the full-vocabulary head
+        f = full.sample(prompt, off, num_samples=64, progress=False)
+    np.testing.assert_allclose(f.control_mean[f.offsets[:-1]], np.tile(p1 @ basis, (64, 1)), rtol=1e-4, atol=1e-5)
+    with pytest.raises(CehrxError, match="top_k=0"):
+        Engine(micro, vocab, SamplingConfig(top_k=5), control_basis=basis)
+    with pytest.raises(CehrxError, match="vocab size"):
+        Engine(micro, vocab, cfg, control_basis=basis[:10])
+
+
+def test_cross_fitted_control_variates_remove_the_path_noise_they_explain() -> None:
+    """Futures whose hazard sum is the label's risk plus path noise that a control explains: `hazard_cv`
+    stays centred on the risk (unbiased: beta comes from the other fold's labels) with a fraction of the
+    hazard sum's spread; a control unrelated to the noise changes little; labels without a resolved
+    future stay NaN (the run's fallback applies)."""
+    from cehrx.zeroshot.controls import cross_fitted, label_sums
+
+    rng = np.random.default_rng(0)
+    n_labels, nf, k = 400, 10, 3
+    risk = rng.uniform(0.05, 0.4, n_labels)
+    pi = np.repeat(np.arange(n_labels), nf)
+    m = rng.normal(size=(n_labels * nf, k))  # mean-zero controls
+    noise = 0.2 * m[:, 0] - 0.1 * m[:, 1]  # the path noise the first two explain
+    h = risk[pi] + noise + rng.normal(scale=0.02, size=len(pi))
+    resolved = np.ones(len(pi), dtype=bool)
+    resolved[pi == 7] = False  # a label with no resolved future
+    sums = label_sums(h, m, resolved, pi, n_labels)
+    res = np.bincount(pi, weights=resolved, minlength=n_labels)
+    hbar = np.where(res > 0, np.bincount(pi, weights=h * resolved, minlength=n_labels) / np.maximum(res, 1), np.nan)
+    table = pa.table(
+        {
+            "label_row": np.arange(n_labels),
+            "n_resolved": res.astype(np.int64),
+            "hazard_probability": hbar,
+            **{c: pa.array(list(v)) if v.ndim == 2 else v for c, v in sums.items()},
+        }
+    )
+    cv = cross_fitted(table)
+    p = cv["hazard_cv_probability"]
+    assert (
+        np.isnan(p[7])
+        and np.isfinite(np.delete(p, 7)).all()
+        and ((np.delete(p, 7) >= 0) & (p[~np.isnan(p)] <= 1)).all()
+    )
+    err_cv, err_h = np.delete(p - risk, 7), np.delete(hbar - risk, 7)
+    assert abs(err_cv.mean()) < 4 * err_cv.std() / np.sqrt(len(err_cv))
+    assert err_cv.std() < 0.25 * err_h.std(), (err_cv.std(), err_h.std())
+    se = np.delete(cv["hazard_cv_se"], 7)
+    assert 0.5 < np.median(se) / (0.02 / np.sqrt(nf)) < 2  # the residual spread, not the hazard sum's

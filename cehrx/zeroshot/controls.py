@@ -1,0 +1,134 @@
+"""Control variates for the hazard sum (`zeroshot.estimator=hazard_cv`): less path noise, still unbiased.
+
+The hazard sum removes the noise of each step's draw of the outcome, not the noise of which path
+a future took: a future that happened to draw an ER visit early, or a long gap, has a higher or lower
+sum than its history's average future (`experiments/zeroshot/RESULTS.md`: on most Synthea tasks that
+path noise is most of the variance). Every other draw of the future is also a random event whose
+expectation the model gives, and those draws carry the path noise. For any fixed vector-valued
+function b of a token (the K columns of `control_basis`) and any weights a_t that depend on the past
+only,
+
+    M = sum_t a_t (b(x_t) - E_t[b(x)]),    E_t[b(x)] = sum_v p_t(v) b(v)
+
+has mean zero (each term's expectation given the past is zero; futures stop after a bounded number
+of steps). So for any fixed coefficients beta, `H - beta . M` is, like the hazard sum H, an unbiased
+estimate of the label's risk, and with beta the regression of H on M (within labels: the path noise
+it explains) its variance is that of H less the part M explains. The sampler records E_t[b(x)]
+(`Engine(control_basis=...)`); the weights are the hazard's own, a_t = H_t w_t (before the first
+outcome, inside the window).
+
+beta is fitted on the futures of other labels than the ones it corrects (cross-fitting: two folds by
+label row parity), so that beta is independent of the futures it is applied to and the estimate stays
+exactly unbiased. The result is clipped to [0, 1] (a per-label risk), which is what biases it, slightly,
+when it is near 0 or 1.
+
+The basis (`control_basis`): how many days a token advances (time drives how much of the window a
+future spends), a visit start, `[END]` and `[DEATH]`, and the leading principal components of the
+model's token embeddings (what the model itself tells apart), each scaled to unit spread over the
+vocabulary. The per-label sums the fit needs are kept in the chunks (`cv_*` columns), so a resumed run
+refits over every chunk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from cehrx.data.decode import token_seconds
+from cehrx.data.grammar import SECONDS_PER_DAY
+from cehrx.data.vocab import DEATH, END, VS, Vocab
+
+CV_COLUMNS = ("cv_m", "cv_mm", "cv_mh", "cv_hh")  # per label, over its resolved futures: sum M, M M^T, M H, H^2
+EMBEDDING_COMPONENTS = 12
+RIDGE = 1e-3  # relative to the mean variance of the controls: keeps the fit defined when a control never varies
+
+
+def control_basis(
+    vocab: Vocab, embeddings: torch.Tensor | np.ndarray, components: int = EMBEDDING_COMPONENTS
+) -> np.ndarray:
+    """float32 `[V, K]`: log(1 + days advanced), [VS], [END], [DEATH], then `components` principal
+    components of the token embeddings; every column centred and scaled to unit spread over the vocabulary."""
+    days = np.log1p(token_seconds(vocab).astype(np.float64) / SECONDS_PER_DAY)
+    marks = np.zeros((len(vocab), 3))
+    for j, name in enumerate((VS, END, DEATH)):
+        marks[vocab[name], j] = 1.0
+    e = torch.as_tensor(embeddings).detach().double().cpu()
+    e = e - e.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd(e, full_matrices=False)
+    pcs = (e @ v[:components].T).numpy()
+    basis = np.column_stack([days, marks, pcs])
+    basis = basis - basis.mean(0)
+    sd = basis.std(0)
+    return (basis / np.where(sd > 0, sd, 1.0)).astype(np.float32)
+
+
+def future_controls(
+    tokens: np.ndarray, seg: np.ndarray, n: int, control_mean: np.ndarray, basis: np.ndarray, weight: np.ndarray
+) -> np.ndarray:
+    """float64 `[n, K]`: per future, M = sum_t a_t (b(x_t) - E_t[b]) (module doc); `weight` is a_t per token."""
+    steps = (basis[np.asarray(tokens, dtype=np.int64)].astype(np.float64) - control_mean) * weight[:, None]
+    out = np.zeros((n, basis.shape[1]))
+    np.add.at(out, seg, steps)
+    return out
+
+
+def label_sums(h: np.ndarray, m: np.ndarray, resolved: np.ndarray, pi: np.ndarray, n_prompts: int) -> dict:
+    """The `CV_COLUMNS` per prompt, over its resolved futures (`h`: hazard sums, `m`: `future_controls`)."""
+    r = resolved.astype(np.float64)
+    k = m.shape[1]
+    outer = (m[:, :, None] * m[:, None, :]).reshape(len(m), k * k)
+
+    def per_prompt(x: np.ndarray) -> np.ndarray:
+        out = np.zeros((n_prompts, x.shape[1]))
+        np.add.at(out, pi, x * r[:, None])
+        return out
+
+    return {
+        "cv_m": per_prompt(m),
+        "cv_mm": per_prompt(outer),
+        "cv_mh": per_prompt(m * h[:, None]),
+        "cv_hh": np.bincount(pi, weights=h**2 * r, minlength=n_prompts),
+    }
+
+
+def cross_fitted(results: pa.Table) -> dict[str, np.ndarray]:
+    """`hazard_cv_probability`, `_se` and `_sum` per label row of `results` (chunk rows holding `CV_COLUMNS`),
+    beta fitted on the other fold's labels (module doc); NaN where the hazard sum is (no resolved future)."""
+
+    def col(name: str) -> np.ndarray:
+        return np.asarray(results.column(name).to_pylist(), dtype=np.float64)
+
+    n = col("n_resolved")
+    h = col("hazard_probability")
+    sm, smm, smh, shh = col("cv_m"), col("cv_mm"), col("cv_mh"), col("cv_hh")
+    k = sm.shape[1] if sm.ndim == 2 else 0
+    ok = (n > 0) & np.isfinite(h)
+    nn = np.maximum(n, 1)
+    mbar = sm / nn[:, None]
+    hbar = np.where(ok, h, 0.0)
+    sxx = smm.reshape(-1, k, k) - nn[:, None, None] * mbar[:, :, None] * mbar[:, None, :]
+    sxy = smh - nn[:, None] * mbar * hbar[:, None]
+    syy = shh - nn * hbar**2
+    fold = col("label_row").astype(np.int64) % 2
+    prob, var = np.full(len(n), np.nan), np.full(len(n), np.nan)
+    betas = {}
+    for f in (0, 1):
+        fit, use = ok & (fold != f), ok & (fold == f)
+        beta = _ridge(sxx[fit].sum(0), sxy[fit].sum(0)) if fit.any() else np.zeros(k)
+        betas[f] = beta
+        prob[use] = hbar[use] - mbar[use] @ beta
+        resid = syy[use] - 2 * sxy[use] @ beta + np.einsum("i,nij,j->n", beta, sxx[use], beta)
+        var[use] = np.maximum(resid, 0.0) / np.maximum(n[use] - 1, 1)
+    prob = np.clip(prob, 0.0, 1.0)
+    return {
+        "hazard_cv_probability": prob,
+        "hazard_cv_se": np.sqrt(var / nn),
+        "hazard_cv_sum": np.where(ok, prob * n, np.nan),
+    }
+
+
+def _ridge(xx: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    k = len(xy)
+    lam = RIDGE * max(float(np.trace(xx)) / max(k, 1), 1e-12)
+    return np.linalg.solve(xx + lam * np.eye(k), xy)
