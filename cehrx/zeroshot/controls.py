@@ -23,7 +23,9 @@ exactly unbiased. The result is clipped to [0, 1] (a per-label risk), which is w
 when it is near 0 or 1.
 
 The basis (`control_basis`): how many days a token advances (time drives how much of the window a
-future spends), a visit start, `[END]` and `[DEATH]`, and the leading principal components of the
+future spends), a visit start, `[END]`, `[DEATH]`, each visit type (an ER visit makes an admission
+likelier), the outcome tokens themselves (the Monte Carlo count is the hazard sum plus their
+martingale, so the fit can also weigh in the count), and the leading principal components of the
 model's token embeddings (what the model itself tells apart), each scaled to unit spread over the
 vocabulary. The per-label sums the fit needs are kept in the chunks (`cv_*` columns), so a resumed run
 refits over every chunk.
@@ -45,14 +47,20 @@ RIDGE = 1e-3  # relative to the mean variance of the controls: keeps the fit def
 
 
 def control_basis(
-    vocab: Vocab, embeddings: torch.Tensor | np.ndarray, components: int = EMBEDDING_COMPONENTS
+    vocab: Vocab,
+    embeddings: torch.Tensor | np.ndarray,
+    outcome_ids: np.ndarray | None = None,
+    components: int = EMBEDDING_COMPONENTS,
 ) -> np.ndarray:
-    """float32 `[V, K]`: log(1 + days advanced), [VS], [END], [DEATH], then `components` principal
-    components of the token embeddings; every column centred and scaled to unit spread over the vocabulary."""
+    """float32 `[V, K]`: log(1 + days advanced), [VS], [END], [DEATH], each visit type, the outcome tokens
+    (one column, when given), then `components` principal components of the token embeddings; every column
+    centred and scaled to unit spread over the vocabulary."""
     days = np.log1p(token_seconds(vocab).astype(np.float64) / SECONDS_PER_DAY)
-    marks = np.zeros((len(vocab), 3))
-    for j, name in enumerate((VS, END, DEATH)):
-        marks[vocab[name], j] = 1.0
+    marked = [vocab[VS], vocab[END], vocab[DEATH], *vocab.ids_of_kind("visit").tolist()]
+    marks = np.zeros((len(vocab), len(marked) + (outcome_ids is not None)))
+    marks[marked, np.arange(len(marked))] = 1.0
+    if outcome_ids is not None:
+        marks[np.asarray(outcome_ids, dtype=np.int64), -1] = 1.0
     e = torch.as_tensor(embeddings).detach().double().cpu()
     e = e - e.mean(0, keepdim=True)
     _, _, v = torch.linalg.svd(e, full_matrices=False)

@@ -158,7 +158,7 @@ def zeroshot_engine(model: Any, vocab: Vocab, zcfg: ZeroshotConfig, outcome: Out
         ids = reach_ids(outcome)
         return Engine(model, vocab, zcfg.sampling, watch_ids=ids, forbid_ids=ids)
     watch = hazard_watch_ids(outcome) if zcfg.hazard_possible else None
-    basis = control_basis(vocab, model.wte.weight) if zcfg.controls else None
+    basis = control_basis(vocab, model.wte.weight, watch) if zcfg.controls else None
     return Engine(model, vocab, zcfg.sampling, watch_ids=watch, control_basis=basis)
 
 
