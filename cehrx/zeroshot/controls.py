@@ -11,7 +11,8 @@ only,
     M = sum_t a_t (b(x_t) - E_t[b(x)]),    E_t[b(x)] = sum_v p_t(v) b(v)
 
 has mean zero (each term's expectation given the past is zero; futures stop after a bounded number
-of steps). So for any fixed coefficients beta, `H - beta . M` is, like the hazard sum H, an unbiased
+of steps). Two weightings are used (`control_weights`): a_t, and a_t times the share of the window
+still ahead (the same draw moves the risk more early in the window than near its end). So for any fixed coefficients beta, `H - beta . M` is, like the hazard sum H, an unbiased
 estimate of the label's risk, and with beta the regression of H on M (within labels: the path noise
 it explains) its variance is that of H less the part M explains. The sampler records E_t[b(x)]
 (`Engine(control_basis=...)`); the weights are the hazard's own, a_t = H_t w_t (before the first
@@ -71,13 +72,32 @@ def control_basis(
     return (basis / np.where(sd > 0, sd, 1.0)).astype(np.float32)
 
 
+def weightings(window) -> int:
+    """How many step weightings `control_weights` gives for `window` (the controls are weightings x K)."""
+    return 2 if np.isfinite(window.end_days) else 1
+
+
+def control_weights(spent: np.ndarray, rel_s: np.ndarray, window) -> np.ndarray:
+    """float64 `[tokens, G]` step weights, each depending on the past only: a_t (the hazard's steps) and, for a
+    window with an end, a_t times the share of the window still ahead (a draw early in the window moves the
+    risk more than the same draw near its end)."""
+    if weightings(window) == 1:
+        return spent[:, None]
+    start, end = max(window.start_days, 0.0) * SECONDS_PER_DAY, window.end_days * SECONDS_PER_DAY
+    ahead = np.clip((end - np.maximum(rel_s, start)) / max(end - start, 1.0), 0.0, 1.0)
+    return np.column_stack([spent, spent * ahead])
+
+
 def future_controls(
-    tokens: np.ndarray, seg: np.ndarray, n: int, control_mean: np.ndarray, basis: np.ndarray, weight: np.ndarray
+    tokens: np.ndarray, seg: np.ndarray, n: int, control_mean: np.ndarray, basis: np.ndarray, weights: np.ndarray
 ) -> np.ndarray:
-    """float64 `[n, K]`: per future, M = sum_t a_t (b(x_t) - E_t[b]) (module doc); `weight` is a_t per token."""
-    steps = (basis[np.asarray(tokens, dtype=np.int64)].astype(np.float64) - control_mean) * weight[:, None]
-    out = np.zeros((n, basis.shape[1]))
-    np.add.at(out, seg, steps)
+    """float64 `[n, G * K]`: per future and step weighting g, M = sum_t a_t (b(x_t) - E_t[b]) (module doc);
+    `weights` holds a_t per token, one column per weighting (`control_weights`; 1-D: one)."""
+    dev = basis[np.asarray(tokens, dtype=np.int64)].astype(np.float64) - control_mean
+    w = weights.reshape(len(dev), -1)
+    out = np.zeros((n, w.shape[1] * basis.shape[1]))
+    for g in range(w.shape[1]):
+        np.add.at(out[:, g * basis.shape[1] : (g + 1) * basis.shape[1]], seg, dev * w[:, g : g + 1])
     return out
 
 

@@ -38,7 +38,7 @@ from cehrx.data.vocab import Vocab
 from cehrx.data.workdir import claim_work_dir
 from cehrx.errors import CehrxError
 from cehrx.sampling import STOP_NAMES, Engine, Samples, SamplingConfig
-from cehrx.zeroshot.controls import CV_COLUMNS, control_basis, cross_fitted
+from cehrx.zeroshot.controls import CV_COLUMNS, control_basis, cross_fitted, weightings
 from cehrx.zeroshot.outcome import Outcome
 from cehrx.zeroshot.reach import InWindow, reach_ids
 from cehrx.zeroshot.score import (
@@ -276,7 +276,7 @@ def predict_chunk(
     slack = np.maximum(labels.prediction_time[kept] - hist.last_time, 0)
     w = outcome.window
     max_days = None if np.isinf(w.end_days) else float(w.end_days + (slack.max() / DAY if len(slack) else 0.0))
-    n_controls = 0 if engine.control is None else engine.control.shape[1]
+    n_controls = 0 if engine.control is None else engine.control.shape[1] * weightings(outcome.window)
     cols = _chunk_columns(len(rows), zcfg, outcome, n_controls)
     traj = None
     if len(kept):

@@ -68,7 +68,7 @@ from cehrx.data.grammar import SECONDS_PER_DAY as DAY
 from cehrx.data.shards import segment_cumsum
 from cehrx.data.vocab import VS, Vocab
 from cehrx.sampling import STOP_DEATH, STOP_END
-from cehrx.zeroshot.controls import future_controls, label_sums
+from cehrx.zeroshot.controls import control_weights, future_controls, label_sums
 from cehrx.zeroshot.outcome import Outcome, Window
 
 HAZARD_COLUMNS = ("hazard_sum", "hazard_probability", "hazard_se", "hazard_expected_days")
@@ -168,7 +168,8 @@ def score_futures(
         else:
             weight = _add_hazard(scores, vocab, outcome, tokens, offsets, seg, inside, before, p)
             if control_mean is not None:
-                scores.controls = future_controls(tokens, seg, n, control_mean, control_basis, weight)
+                weights = control_weights(weight, before.rel, outcome.window)
+                scores.controls = future_controls(tokens, seg, n, control_mean, control_basis, weights)
     return scores
 
 
