@@ -19,9 +19,10 @@ it explains) its variance is that of H less the part M explains. The sampler rec
 outcome, inside the window).
 
 beta is fitted on the futures of other labels than the ones it corrects (cross-fitting: two folds by
-label row parity), so that beta is independent of the futures it is applied to and the estimate stays
-exactly unbiased. The result is clipped to [0, 1] (a per-label risk), which is what biases it, slightly,
-when it is near 0 or 1.
+label row parity), so that beta is independent of the futures it is applied to. The fit reads the
+resolved futures (those the hazard sum averages); the correction is beta times M averaged over all of a
+label's futures, resolved or not, whose mean is exactly zero: `hazard_cv` has the hazard sum's
+expectation. The result is clipped to [0, 1] (a per-label risk), which biases it slightly near 0 or 1.
 
 The basis (`control_basis`): how many days a token advances (time drives how much of the window a
 future spends), a visit start, `[END]`, `[DEATH]`, each visit type (an ER visit makes an admission
@@ -42,7 +43,8 @@ from cehrx.data.decode import token_seconds
 from cehrx.data.grammar import SECONDS_PER_DAY
 from cehrx.data.vocab import DEATH, END, VS, Vocab
 
-CV_COLUMNS = ("cv_m", "cv_mm", "cv_mh", "cv_hh")  # per label, over its resolved futures: sum M, M M^T, M H, H^2
+# per label: sum M over all its futures (`cv_m_all`), and over its resolved futures sum M, M M^T, M H, H^2
+CV_COLUMNS = ("cv_m_all", "cv_m", "cv_mm", "cv_mh", "cv_hh")
 EMBEDDING_COMPONENTS = 12
 RIDGE = 1e-3  # relative to the mean variance of the controls: keeps the fit defined when a control never varies
 
@@ -102,17 +104,19 @@ def future_controls(
 
 
 def label_sums(h: np.ndarray, m: np.ndarray, resolved: np.ndarray, pi: np.ndarray, n_prompts: int) -> dict:
-    """The `CV_COLUMNS` per prompt, over its resolved futures (`h`: hazard sums, `m`: `future_controls`)."""
+    """The `CV_COLUMNS` per prompt (`h`: hazard sums, `m`: `future_controls`): the regression's sums over the
+    resolved futures (those the hazard sum averages), and M over every future (its mean is exactly zero)."""
     r = resolved.astype(np.float64)
     k = m.shape[1]
     outer = (m[:, :, None] * m[:, None, :]).reshape(len(m), k * k)
 
-    def per_prompt(x: np.ndarray) -> np.ndarray:
+    def per_prompt(x: np.ndarray, resolved_only: bool = True) -> np.ndarray:
         out = np.zeros((n_prompts, x.shape[1]))
-        np.add.at(out, pi, x * r[:, None])
+        np.add.at(out, pi, x * r[:, None] if resolved_only else x)
         return out
 
     return {
+        "cv_m_all": per_prompt(m, resolved_only=False),
         "cv_m": per_prompt(m),
         "cv_mm": per_prompt(outer),
         "cv_mh": per_prompt(m * h[:, None]),
@@ -122,14 +126,17 @@ def label_sums(h: np.ndarray, m: np.ndarray, resolved: np.ndarray, pi: np.ndarra
 
 def cross_fitted(results: pa.Table) -> dict[str, np.ndarray]:
     """`hazard_cv_probability`, `_se` and `_sum` per label row of `results` (chunk rows holding `CV_COLUMNS`),
-    beta fitted on the other fold's labels (module doc); NaN where the hazard sum is (no resolved future)."""
+    beta fitted on the other fold's labels (module doc); NaN where the hazard sum is (no resolved future).
+    The fit reads the resolved futures (the ones the hazard sum averages); the correction subtracts beta times
+    M averaged over all of a label's futures, whose mean is exactly zero, so that `hazard_cv` has the hazard
+    sum's expectation (before clipping)."""
 
     def col(name: str) -> np.ndarray:
         return np.asarray(results.column(name).to_pylist(), dtype=np.float64)
 
-    n = col("n_resolved")
+    n, n_all = col("n_resolved"), col("n_futures")
     h = col("hazard_probability")
-    sm, smm, smh, shh = col("cv_m"), col("cv_mm"), col("cv_mh"), col("cv_hh")
+    sm_all, sm, smm, smh, shh = (col(c) for c in CV_COLUMNS)
     k = sm.shape[1] if sm.ndim == 2 else 0
     ok = (n > 0) & np.isfinite(h)
     nn = np.maximum(n, 1)
@@ -140,12 +147,11 @@ def cross_fitted(results: pa.Table) -> dict[str, np.ndarray]:
     syy = shh - nn * hbar**2
     fold = col("label_row").astype(np.int64) % 2
     prob, var = np.full(len(n), np.nan), np.full(len(n), np.nan)
-    betas = {}
     for f in (0, 1):
         fit, use = ok & (fold != f), ok & (fold == f)
         beta = _ridge(sxx[fit].sum(0), sxy[fit].sum(0)) if fit.any() else np.zeros(k)
-        betas[f] = beta
-        prob[use] = hbar[use] - mbar[use] @ beta
+        # the correction's M averages every future: its mean is exactly 0, whatever the resolution does
+        prob[use] = hbar[use] - (sm_all[use] / np.maximum(n_all[use], 1)[:, None]) @ beta
         resid = syy[use] - 2 * sxy[use] @ beta + np.einsum("i,nij,j->n", beta, sxx[use], beta)
         var[use] = np.maximum(resid, 0.0) / np.maximum(n[use] - 1, 1)
     prob = np.clip(prob, 0.0, 1.0)

@@ -331,7 +331,8 @@ def _chunk_columns(n: int, zcfg: ZeroshotConfig, outcome: Outcome, n_controls: i
                 cols["hazard_cif"] = np.full((n, CIF_POINTS), np.nan)
         if n_controls:
             k = n_controls
-            cols.update(cv_m=np.zeros((n, k)), cv_mm=np.zeros((n, k * k)), cv_mh=np.zeros((n, k)), cv_hh=np.zeros(n))
+            widths = {"cv_m_all": k, "cv_m": k, "cv_mm": k * k, "cv_mh": k, "cv_hh": 0}
+            cols.update({c: np.zeros((n, w)) if w else np.zeros(n) for c, w in widths.items()})
     cols.update({f"stop_{name}": np.zeros(n, dtype=np.int64) for name in STOP_NAMES})
     return cols
 

@@ -803,6 +803,7 @@ def test_cross_fitted_control_variates_remove_the_path_noise_they_explain() -> N
         {
             "label_row": np.arange(n_labels),
             "n_resolved": res.astype(np.int64),
+            "n_futures": np.full(n_labels, nf),
             "hazard_probability": hbar,
             **{c: pa.array(list(v)) if v.ndim == 2 else v for c, v in sums.items()},
         }
