@@ -53,6 +53,7 @@ from cehrx.errors import CehrxError
 from cehrx.sampling import Engine
 from cehrx.tasks.inputs import prepared_dir_for
 from cehrx.tasks.scaffold import guard, is_finished, task_output, write_marker
+from cehrx.zeroshot.controls import describe as describe_controls
 from cehrx.zeroshot.labels import labels_from, sample_labels, select_split
 from cehrx.zeroshot.outcome import Outcome, resolve_outcome
 from cehrx.zeroshot.predict import (
@@ -100,12 +101,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     all_labels, label_source = read_labels(cfg, prepared)
     split = str(cfg.get("split") or "held_out")
     labels, sample_info = sampled_labels(zc, zcfg, select_split(all_labels, arrays.subject_id, split_of, split))
-    fp = fingerprint(run_identity(cfg, vocab, outcome, prepared, split, zcfg), labels)
+    engine = zeroshot_engine(model, vocab, zcfg, outcome)
+    fp = fingerprint(run_identity(cfg, vocab, outcome, prepared, split, zcfg, engine), labels)
     # the same run's chunks resume, also under overwrite (an interrupted overwrite run); other chunks only with it
     resumed = claim_chunks(work, fp, bool(cfg.overwrite))
     if resumed:
         print(f"zeroshot: resuming, {resumed} chunk(s) already done in {work / CHUNK_DIR}", file=sys.stderr)
-    engine = zeroshot_engine(model, vocab, zcfg, outcome)
     start = time.perf_counter()
     results = run_chunks(engine, arrays, labels, outcome, zcfg, work, progress=bool(zc.get("progress", True)))
     seconds = time.perf_counter() - start
@@ -167,10 +168,21 @@ def sampled_labels(zc: DictConfig, zcfg: ZeroshotConfig, table: pa.Table) -> tup
     return labels_from(table, weight), info
 
 
+def _records_controls(engine: Engine | None) -> bool:
+    return engine is not None and engine.control is not None
+
+
 def run_identity(
-    cfg: DictConfig, vocab: Vocab, outcome: Outcome, prepared: Path, split: str, zcfg: ZeroshotConfig
+    cfg: DictConfig,
+    vocab: Vocab,
+    outcome: Outcome,
+    prepared: Path,
+    split: str,
+    zcfg: ZeroshotConfig,
+    engine: Engine | None = None,
 ) -> dict[str, Any]:
-    """Everything but the labels that the chunks depend on (hashed with the labels by `fingerprint`)."""
+    """Everything but the labels that the chunks depend on (hashed with the labels by `fingerprint`); with an
+    engine that records control expectations, also the control basis's layout (`controls.describe`)."""
     from cehrx.model.export import model_dir
 
     return {
@@ -183,6 +195,11 @@ def run_identity(
         # mc and hazard read the same futures (the chunks hold both); reach samples futures of its own, and
         # hazard_cv's chunks also hold the control variates' sums (they serve mc and hazard too, not the reverse)
         "zeroshot": {k: v for k, v in run_settings(zcfg).items() if k != "estimator" or v in ("reach", "hazard_cv")},
+        **(
+            {"controls": describe_controls(engine.control.shape[1], outcome.window)}
+            if _records_controls(engine)
+            else {}
+        ),
     }
 
 

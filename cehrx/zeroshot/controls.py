@@ -35,6 +35,8 @@ refits over every chunk.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -43,9 +45,12 @@ from cehrx.data.decode import token_seconds
 from cehrx.data.grammar import SECONDS_PER_DAY
 from cehrx.data.vocab import DEATH, END, VS, Vocab
 
+log = logging.getLogger("cehrx.zeroshot")
+
 # per label: sum M over all its futures (`cv_m_all`), and over its resolved futures sum M, M M^T, M H, H^2
 CV_COLUMNS = ("cv_m_all", "cv_m", "cv_mm", "cv_mh", "cv_hh")
 EMBEDDING_COMPONENTS = 12
+VERSION = 1  # of the basis and weightings: a resumed run never mixes chunks of two (`describe`)
 RIDGE = 1e-3  # relative to the mean variance of the controls: keeps the fit defined when a control never varies
 
 
@@ -74,6 +79,11 @@ def control_basis(
     return (basis / np.where(sd > 0, sd, 1.0)).astype(np.float32)
 
 
+def describe(basis_width: int, window) -> dict:
+    """What the chunks' control sums depend on besides the model and outcome (`tasks/zeroshot.run_identity`)."""
+    return {"version": VERSION, "k": int(basis_width), "weightings": weightings(window)}
+
+
 def weightings(window) -> int:
     """How many step weightings `control_weights` gives for `window` (the controls are weightings x K)."""
     return 2 if np.isfinite(window.end_days) else 1
@@ -94,12 +104,15 @@ def future_controls(
     tokens: np.ndarray, seg: np.ndarray, n: int, control_mean: np.ndarray, basis: np.ndarray, weights: np.ndarray
 ) -> np.ndarray:
     """float64 `[n, G * K]`: per future and step weighting g, M = sum_t a_t (b(x_t) - E_t[b]) (module doc);
-    `weights` holds a_t per token, one column per weighting (`control_weights`; 1-D: one)."""
-    dev = basis[np.asarray(tokens, dtype=np.int64)].astype(np.float64) - control_mean
-    w = weights.reshape(len(dev), -1)
-    out = np.zeros((n, w.shape[1] * basis.shape[1]))
+    `weights` holds a_t per token, one column per weighting (`control_weights`; 1-D: one). Only the steps with
+    a weight are read (float32 until the sums: a chunk holds millions of steps)."""
+    w = np.asarray(weights).reshape(len(tokens), -1)
+    steps = np.flatnonzero(w.any(1))
+    dev = basis[np.asarray(tokens, dtype=np.int64)[steps]] - control_mean[steps]
+    k = basis.shape[1]
+    out = np.zeros((n, w.shape[1] * k))
     for g in range(w.shape[1]):
-        np.add.at(out[:, g * basis.shape[1] : (g + 1) * basis.shape[1]], seg, dev * w[:, g : g + 1])
+        np.add.at(out[:, g * k : (g + 1) * k], seg[steps], dev * w[steps, g : g + 1].astype(np.float32))
     return out
 
 
@@ -129,10 +142,14 @@ def cross_fitted(results: pa.Table) -> dict[str, np.ndarray]:
     beta fitted on the other fold's labels (module doc); NaN where the hazard sum is (no resolved future).
     The fit reads the resolved futures (the ones the hazard sum averages); the correction subtracts beta times
     M averaged over all of a label's futures, whose mean is exactly zero, so that `hazard_cv` has the hazard
-    sum's expectation (before clipping)."""
+    sum's expectation (before clipping). The SE is the spread of the resolved futures' residuals (approximate
+    where some futures are unresolved; NaN with fewer than two, as the hazard sum's)."""
 
     def col(name: str) -> np.ndarray:
-        return np.asarray(results.column(name).to_pylist(), dtype=np.float64)
+        c = results.column(name).combine_chunks()
+        if pa.types.is_list(c.type):  # fixed width per run: flatten without Python objects
+            return np.asarray(c.flatten(), dtype=np.float64).reshape(len(c), -1)
+        return np.asarray(c.to_numpy(zero_copy_only=False), dtype=np.float64)
 
     n, n_all = col("n_resolved"), col("n_futures")
     h = col("hazard_probability")
@@ -153,7 +170,10 @@ def cross_fitted(results: pa.Table) -> dict[str, np.ndarray]:
         # the correction's M averages every future: its mean is exactly 0, whatever the resolution does
         prob[use] = hbar[use] - (sm_all[use] / np.maximum(n_all[use], 1)[:, None]) @ beta
         resid = syy[use] - 2 * sxy[use] @ beta + np.einsum("i,nij,j->n", beta, sxx[use], beta)
-        var[use] = np.maximum(resid, 0.0) / np.maximum(n[use] - 1, 1)
+        var[use] = np.where(n[use] > 1, np.maximum(resid, 0.0) / np.maximum(n[use] - 1, 1), np.nan)
+    clipped = np.isfinite(prob) & ((prob < 0) | (prob > 1))
+    if clipped.any():
+        log.info("hazard_cv: %d of %d labels clipped to [0, 1]", int(clipped.sum()), int(np.isfinite(prob).sum()))
     prob = np.clip(prob, 0.0, 1.0)
     return {
         "hazard_cv_probability": prob,

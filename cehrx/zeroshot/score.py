@@ -199,7 +199,9 @@ def _add_hazard(
 ) -> np.ndarray:
     """Fill `scores.hazard`, `hazard_days`, `cif` (module doc): the terms H_t w_t p_t of every step up
     to the first outcome in the window, plus the realised indicator of a first outcome that needs a value.
-    Returns H_t w_t per token (float64), the steps the sum spends."""
+    Returns the control variates' step weights (float64 per token, `cehrx.zeroshot.controls`): H_t w_t, except
+    that a first outcome that needs a value is only known at its value's step, which therefore keeps its
+    weight whatever value is drawn (a weight must not depend on the draw it weighs)."""
     n = len(offsets) - 1
     w = outcome.window
     pos = np.arange(len(tokens)) - np.repeat(offsets[:-1], np.diff(offsets))
@@ -215,7 +217,10 @@ def _add_hazard(
     )  # the first outcome needs a value: its realised indicator
     days = before.rel / DAY
     scores.hazard, scores.hazard_days, scores.cif = _by_future(seg, n, term, days, w)
-    return spent.astype(np.float64)
+    valued_first = np.zeros(n, dtype=np.int64)
+    hit = first < np.iinfo(np.int64).max
+    valued_first[hit] = valued[tokens[offsets[:-1][hit] + first[hit]]]
+    return ((pos <= first[seg] + valued_first[seg]) & step_in_window(before.rel, before.visits, w)).astype(np.float64)
 
 
 def _add_reach(
