@@ -165,18 +165,6 @@ def test_hazard_sums_each_steps_outcome_probability_inside_the_window_until_the_
         allowed_q={vocab["SNOMED/101"]: np.array([vocab["Q10"]])},
     )
     tokens, offsets = ids(vocab, "SNOMED/100 SNOMED/101 Q10 SNOMED/100 [VE]", "SNOMED/100 SNOMED/101 Q2 [VE]")
-    s = score_futures(
-        vocab,
-        valued,
-        tokens,
-        offsets,
-        np.array([STOP_END, STOP_END], np.int8),
-        np.zeros(2, np.int64),
-        np.full(len(tokens), 0.1),
-    )
-    np.testing.assert_allclose(
-        s.hazard, [0.2 + 1.0, 0.4]
-    )  # priced steps up to the first outcome, then its realised indicator
     # the control variates' step weights (b = 1 for every token, E_t[b] = 0: M counts the weighted steps) must
     # not depend on the draw they weigh: a valued first outcome is known at its value's step, which keeps its
     # weight whether or not the value makes it an outcome (future 0: steps 0..2; future 1: every step)
@@ -191,6 +179,9 @@ def test_hazard_sums_each_steps_outcome_probability_inside_the_window_until_the_
         control_mean=np.zeros((len(tokens), 1), np.float32),
         control_basis=np.ones((len(vocab), 1), np.float32),
     )
+    np.testing.assert_allclose(
+        s.hazard, [0.2 + 1.0, 0.4]
+    )  # priced steps up to the first outcome, then its realised indicator
     np.testing.assert_allclose(s.controls[:, 0], [3, 4])
 
 
