@@ -14,6 +14,7 @@ set -euo pipefail
 main() {
 cd "$(dirname "$0")/../.."
 ROOT=${ROOT:-runs/synthea20k}
+MODEL=${MODEL:-$ROOT/model}   # e.g. experiments/synthea20k/model (the committed model)
 OUT=${OUT:-runs/finetune}
 TASKS=${TASKS:-"synthea20k_inpatient_1y synthea20k_readmission_30d synthea20k_death_1y"}
 METHODS=${METHODS:-"full lora"}
@@ -27,7 +28,7 @@ for task in $TASKS; do
     out="$OUT/$method/$task"
     if [[ -f $out/metrics.json ]]; then log "done already: $out"; continue; fi
     log "start: $out"
-    /usr/bin/time -f "  wall %e s, peak RSS %M KB" python -m cehrx task=finetune model_dir="$ROOT/model" probe.task="$task" \
+    /usr/bin/time -f "  wall %e s, peak RSS %M KB" python -m cehrx task=finetune model_dir="$MODEL" probe.task="$task" \
       finetune.method="$method" $ARGS output_dir="$out"
     log "end: $out"
   done
