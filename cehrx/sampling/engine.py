@@ -152,11 +152,6 @@ class Engine:
             )
         return b
 
-    @property
-    def records_steps(self) -> bool:
-        """Each step records numbers besides its token (watched probability, control expectations)."""
-        return self.watch is not None or self.control is not None
-
     def with_settings(self, **changes: Any) -> Engine:
         """This engine with other sampling settings (`seed=...`, `max_days=...`), sharing its tables."""
         other = copy.copy(self)
