@@ -77,7 +77,8 @@ def train_budget(
     last = work / "checkpoints" / "last.ckpt"
     trainer.fit(module, train_dl, tune_dl, ckpt_path=str(last) if last.is_file() else None)
     best = Path(ckpt.best_model_path or last)
-    module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+    kept = torch.load(best, map_location="cpu", weights_only=False)  # read once: weights and position
+    module.load_state_dict(kept["state_dict"])
     device = _device(str(cfg.trainer.accelerator))
     wise = None
     if f.get("wise_alphas"):
@@ -87,7 +88,8 @@ def train_budget(
     probs = np.empty(len(order))
     probs[np.searchsorted(rows["test"], order)] = module.probabilities(logits)
     info = {
-        **_best_position(best),
+        "best_epoch": int(kept.get("epoch", -1)),
+        "best_step": int(kept.get("global_step", -1)),
         "best_val": float(ckpt.best_model_score) if ckpt.best_model_score is not None else float("nan"),
         "monitor": monitor,
         "epochs_run": int(trainer.current_epoch),
@@ -238,15 +240,6 @@ def _device(accelerator: str) -> torch.device:
     """The device the Trainer trained on, for the held-out pass."""
     name = {"gpu": "cuda", "cuda": "cuda", "cpu": "cpu"}.get(accelerator, "auto")
     return resolve_device(name, "trainer.accelerator")
-
-
-def _best_position(best: Path) -> dict[str, int]:
-    """The epoch and optimizer step of the kept checkpoint (-1 when unreadable)."""
-    try:
-        ckpt = torch.load(best, map_location="cpu", weights_only=False)
-        return {"best_epoch": int(ckpt["epoch"]), "best_step": int(ckpt["global_step"])}
-    except (OSError, KeyError, RuntimeError):
-        return {"best_epoch": -1, "best_step": -1}
 
 
 def _digest(*arrays: np.ndarray) -> str:
