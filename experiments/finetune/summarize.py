@@ -25,10 +25,15 @@ def _step(info: dict) -> str:
     return f", step {info['best_step']}/{info['steps_per_epoch']}"
 
 
+def _wise(info: dict) -> str:
+    """`, α a` when the run blended its weights with the start's (`finetune.wise_alphas`); α = 0 is the start."""
+    return f", α {info['wise_ft']['alpha']:g}" if "wise_ft" in info else ""
+
+
 def main(root: Path) -> None:
     runs = sorted(root.glob("*/*/metrics.json"))
     print(
-        "| task | method | k | fine-tuned AUROC | probe | counts | ft - probe | ft - counts | trainable | epochs (best) | s |"
+        "| task | method | k | fine-tuned AUROC | probe | counts | ft - probe | ft - counts | trainable | epochs (best, WiSE α) | s |"
     )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     lora_vs_full: dict[str, dict[str, float]] = {}
@@ -41,7 +46,7 @@ def main(root: Path) -> None:
             print(
                 f"| {task.removeprefix('synthea20k_')} | {method} | {k} | {get('finetune')} | {get('probe')} | {get('counts')} | "
                 f"{diff(b['paired'].get('finetune - probe'))} | {diff(b['paired'].get('finetune - counts'))} | "
-                f"{100 * i['parameters']['trainable_fraction']:.2f} % | {i['epochs_run']} ({i['best_epoch']}{_step(i)}) | {i['seconds']:.0f} |"
+                f"{100 * i['parameters']['trainable_fraction']:.2f} % | {i['epochs_run']} ({i['best_epoch']}{_step(i)}{_wise(i)}) | {i['seconds']:.0f} |"
             )
             lora_vs_full.setdefault(f"{task} k={k}", {})[method] = m["finetune"]["auroc"]["value"]
     print("\n| task | LoRA - full (AUROC) |\n|---|---:|")
