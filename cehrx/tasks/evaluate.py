@@ -268,6 +268,7 @@ def _utility(e: DictConfig, real_meds: Path | None, dirs: dict[str, Path], metri
         metrics["utility_skipped"] = "no synthetic set has a meds/ dataset"
         return
     tasks = list(e.tasks) if e.tasks else available_tasks()
-    results = utility(tasks, real_meds, syn_meds, str(e.test_split), str(e.classifier), int(e.n_boot), seed)
+    cache = e.get("labels_cache_dir") or None
+    results = utility(tasks, real_meds, syn_meds, str(e.test_split), str(e.classifier), int(e.n_boot), seed, cache)
     for k, r in results.items():
         metrics["sets"][k]["utility"] = r

@@ -12,7 +12,9 @@ import pytest
 from cehrx.data.shards import load_split
 from cehrx.data.vocab import Vocab
 from cehrx.eval.marginal import write_synthetic_meds
+from cehrx.eval.utility import real_task_data
 from cehrx.tasks import evaluate
+from cehrx.tasks.evaluate import real_meds_dir
 from tests.conftest import FIVE_STEPS_48, compose_cfg, make_prepared_dir, pretrain_micro
 
 pytestmark = pytest.mark.slow
@@ -63,9 +65,15 @@ def test_eunomia_copy_vs_marginal_baseline(eunomia: Path, tmp_path: Path, monkey
             "evaluate.baseline=marginal",
             "evaluate.tasks=[gibleed_after_nsaid]",
             "evaluate.n_boot=20",
+            f"evaluate.labels_cache_dir={tmp_path / 'labels_cache'}",
         )
     )
     m = json.loads((out / "metrics.json").read_text())
+    # the real labels went to the cache that probe/zeroshot share, and a later run reads them from there
+    assert len(list((tmp_path / "labels_cache").glob("gibleed_after_nsaid-*.parquet"))) == 1
+    monkeypatch.setattr("cehrx.probe.labels._run_aces", lambda *a: pytest.fail("ACES ran despite the cache"))
+    real = real_task_data("gibleed_after_nsaid", real_meds_dir(eunomia), "held_out", tmp_path / "labels_cache")
+    assert len(real["train"]) == m["sets"]["model"]["utility"]["tasks"]["gibleed_after_nsaid"]["n_train_real"]
     copy, base = m["sets"]["model"], m["sets"]["marginal"]
     # a copy of the training data: perfect fidelity and utility, no privacy at all
     assert copy["fidelity"]["prevalence"]["pearson"] == pytest.approx(1.0)
