@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -673,6 +675,18 @@ def test_label_cache_reuses_a_result_until_the_task_or_the_data_changes(tmp_path
     write_meds(tmp_path / "meds", rows + [(3, day(10), "RxNorm/140587")])
     extract_labels(str(task), meds, cache_dir=cache)
     assert len(calls) == 2 and len(list(cache.glob("t-*.parquet"))) == 3  # new data: a new entry
+    # the same files copied elsewhere (new paths, new times): the entry is found again
+    copy = shutil.copytree(meds, tmp_path / "copy", copy_function=shutil.copy)
+    extract_labels(str(task), copy, cache_dir=cache)
+    assert len(calls) == 2
+    # one byte changed, size and modification time kept: a miss, never stale labels
+    f = next((copy / "data").rglob("*.parquet"))
+    st, data = f.stat(), bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    extract_labels(str(task), copy, cache_dir=cache)
+    assert len(calls) == 3
 
 
 def test_paired_difference_uses_the_same_draws_for_every_method() -> None:
