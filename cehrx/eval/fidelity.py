@@ -137,6 +137,7 @@ NUMERIC = {
     "visits_per_patient": lambda p: p.n_visits,
     "tokens_per_patient": lambda p: p.n_tokens,
     "days_between_visits": lambda p: p.gap_days,
+    "age_at_death": lambda p: p.death_age,  # the patients who die (in years); the death rate is death_rate
 }
 CATEGORICAL = {
     "gender": lambda p, s: p.gender,

@@ -15,7 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cehrx.data import hashing
-from cehrx.data.grammar import int_value
+from cehrx.data.grammar import SECONDS_PER_YEAR, int_value
 from cehrx.data.shards import PROMPT_LEN, TokenArrays, load_split, without_token
 from cehrx.data.vocab import DEATH, END, KIND_ID, VS, Vocab, kind_of, time_token_days
 from cehrx.errors import CehrxError
@@ -74,6 +74,7 @@ class Patients:
     n_visits: np.ndarray  # int64 [n]
     n_tokens: np.ndarray  # int64 [n]
     death: np.ndarray  # bool [n]
+    death_age: np.ndarray  # float [n] years from birth to [DEATH] (NaN: alive, or birth unknown)
     presence: sp.csr_matrix  # [n, len(space)] 1 where the patient has the token (any kind)
     gap_days: np.ndarray  # float, every gap between two visits (not the gap before [DEATH])
 
@@ -107,6 +108,7 @@ def summarize(arrays: TokenArrays, space: TokenSpace, id_map: np.ndarray) -> Pat
     """All per-patient summaries in one vectorised pass over the flat tokens."""
     tokens = id_map[np.asarray(arrays.tokens, dtype=np.int64)]
     offsets = np.asarray(arrays.offsets, dtype=np.int64)
+    death_age = death_ages(arrays, tokens == space.id(DEATH))
     tokens, offsets = without_token(tokens, offsets, space.id(END))  # a generator may keep [END]
     n = len(offsets) - 1
     lengths = np.diff(offsets)
@@ -138,9 +140,27 @@ def summarize(arrays: TokenArrays, space: TokenSpace, id_map: np.ndarray) -> Pat
         n_visits=np.bincount(seq[tokens == vs_id], minlength=n).astype(np.int64),
         n_tokens=lengths.astype(np.int64),
         death=np.bincount(seq[tokens == death_id], minlength=n) > 0,
+        death_age=death_age,
         presence=presence,
         gap_days=space.days[tokens[gap_between]],
     )
+
+
+def death_ages(arrays: TokenArrays, is_death: np.ndarray) -> np.ndarray:
+    """Years from birth to each patient's first `[DEATH]` token (`is_death`: a flag per flat token).
+
+    The death rate alone can match while deaths come at the wrong ages (the retrained Synthea 20k model:
+    23 % die against 21.9 %, at a median age of 42 against 56), which is what a mortality model learns from.
+    """
+    n = len(arrays)
+    seq = np.repeat(np.arange(n), np.diff(arrays.offsets))
+    pos = np.flatnonzero(is_death)
+    first = np.full(n, -1, dtype=np.int64)
+    first[seq[pos][::-1]] = pos[::-1]  # the last write wins: each patient's first death token
+    out = np.full(n, np.nan)
+    ok = (first >= 0) & (np.asarray(arrays.birth_time) != np.iinfo(np.int64).min)
+    out[ok] = (np.asarray(arrays.times)[first[ok]] - np.asarray(arrays.birth_time)[ok]) / SECONDS_PER_YEAR
+    return out
 
 
 def code_columns(space: TokenSpace) -> np.ndarray:

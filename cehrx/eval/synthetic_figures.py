@@ -77,7 +77,10 @@ def plot_cooccurrence(out: Path, matrices: dict[str, np.ndarray]) -> str:
 def plot_distributions(out: Path, real: Patients, sets: dict[str, Patients]) -> str:
     groups = {"real": real, **sets}
     names = list(groups)
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    cols = (len(NUMERIC) + 2) // 2  # every numeric distribution, then the death rate
+    fig, axes = plt.subplots(2, cols, figsize=(4.4 * cols, 7))
+    for ax in axes.ravel()[len(NUMERIC) + 1 :]:
+        ax.set_visible(False)
     for ax, (title, f) in zip(axes.ravel(), NUMERIC.items()):
         values = {n: np.asarray(f(p), dtype=float) for n, p in groups.items()}
         values = {n: v[np.isfinite(v)] for n, v in values.items()}
@@ -88,12 +91,13 @@ def plot_distributions(out: Path, real: Patients, sets: dict[str, Patients]) -> 
         )
         log = title in ("days_between_visits", "tokens_per_patient", "visits_per_patient") and pooled.min() >= 0
         data = {n: np.log10(1 + v) if log else v for n, v in values.items()}
-        lo, hi = np.quantile(np.concatenate(list(data.values())) if pooled.size else [0, 1], [0.0, 0.995])
+        flat = np.concatenate(list(data.values()))  # may be empty: no patient dies in a small set
+        lo, hi = np.quantile(flat, [0.0, 0.995]) if flat.size else (0.0, 1.0)
         bins = np.linspace(lo, hi if hi > lo else lo + 1, 40)
         for n, v in data.items():
             ax.hist(v, bins=bins, density=True, histtype="step", lw=1.4, label=n, color=_color(n, names))
         ax.set(title=title, xlabel="log10(1 + x)" if log else "")
-    _death_axis(axes.ravel()[-1], groups, names)
+    _death_axis(axes.ravel()[len(NUMERIC)], groups, names)
     axes.ravel()[0].legend(fontsize=8)
     return _save(fig, out / "distributions.png")
 

@@ -34,6 +34,7 @@ SUMMARY_ROWS = [
     ("race TVD ↓", ("fidelity", "distributions", "race", "tvd"), ""),
     ("visit types TVD ↓", ("fidelity", "distributions", "visit_types", "tvd"), ""),
     ("death rate |diff| ↓", ("fidelity", "distributions", "death_rate", "abs_diff"), ""),
+    ("age at death KS ↓", ("fidelity", "distributions", "age_at_death", "ks"), "patients who die"),
     ("lab values mean KS ↓", ("fidelity", "labs", "mean_ks"), "top labs by value count"),
     ("TSTR/TRTR AUROC ratio (mean) ↑", ("utility", "mean_ratio"), "1 = as useful as real data"),
     ("MIA AUC (0.5 best)", ("privacy", "membership_inference", "auc"), "distance attack"),

@@ -18,6 +18,7 @@ ROWS = [
     ("tokens per patient KS", ("fidelity", "distributions", "tokens_per_patient", "ks")),
     ("visits per patient KS", ("fidelity", "distributions", "visits_per_patient", "ks")),
     ("lab values mean KS", ("fidelity", "labs", "mean_ks")),
+    ("age at death KS", ("fidelity", "distributions", "age_at_death", "ks")),
     ("TSTR/TRTR AUROC ratio (mean over tasks)", ("utility", "mean_ratio")),
     ("MIA AUC", ("privacy", "membership_inference", "auc")),
     ("AA_train", ("privacy", "adversarial", "aa_train")),

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from cehrx.data.shards import SHARD_SCHEMA, TokenArrays, load_split
+from cehrx.data.shards import SECONDS_PER_YEAR, SHARD_SCHEMA, TokenArrays, load_split
 from cehrx.data.vocab import SPECIAL_TOKENS, Vocab, kind_of
 from cehrx.errors import CehrxError
 from cehrx.eval import fidelity, marginal, privacy
@@ -105,6 +105,15 @@ def test_summaries_are_exact() -> None:
     assert p.gap_days.tolist() == [5.0]  # the D10 before [DEATH] is not a gap between visits
     codes = fidelity.prevalence(p, SPACE.of_kind("code"))
     assert codes[[SPACE.id("C/A") - SPACE.of_kind("code")[0]]].tolist() == [0.5]  # presence, not counts
+    # age at death from the [DEATH] token's time and the birth time; NaN for the living
+    a = arrays([seq([list("A")], death=True), seq([list("B")]), seq([list("C")], death=True)])
+    a.times[a.offsets[0] : a.offsets[1]] = int(40.5 * SECONDS_PER_YEAR)
+    a.times[a.offsets[2] : a.offsets[3]] = int(70 * SECONDS_PER_YEAR)
+    a.birth_time[2] = int(10 * SECONDS_PER_YEAR)
+    ages = summarize(a, SPACE, SPACE.ids(VOCAB)).death_age
+    assert ages[0] == pytest.approx(40.5) and np.isnan(ages[1]) and ages[2] == pytest.approx(60.0)
+    d = fidelity.distribution_metrics(patients(POP), patients(POP), SPACE)["age_at_death"]
+    assert d["n_real"] == 1 and d["ks"] == 0.0  # only the one patient who dies counts
     sub = subset(arrays(POP), np.array([3, 0]))
     assert sub.subject_id.tolist() == [4, 1] and len(sub.tokens) == len(POP[3]) + len(POP[0])
 
