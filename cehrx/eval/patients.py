@@ -156,7 +156,8 @@ def death_ages(arrays: TokenArrays, is_death: np.ndarray) -> np.ndarray:
     seq = np.repeat(np.arange(n), np.diff(arrays.offsets))
     pos = np.flatnonzero(is_death)
     first = np.full(n, -1, dtype=np.int64)
-    first[seq[pos][::-1]] = pos[::-1]  # the last write wins: each patient's first death token
+    who, at = np.unique(seq[pos], return_index=True)  # positions are sorted: each patient's first death token
+    first[who] = pos[at]
     out = np.full(n, np.nan)
     ok = (first >= 0) & (np.asarray(arrays.birth_time) != np.iinfo(np.int64).min)
     out[ok] = (np.asarray(arrays.times)[first[ok]] - np.asarray(arrays.birth_time)[ok]) / SECONDS_PER_YEAR
