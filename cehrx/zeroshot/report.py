@@ -39,6 +39,8 @@ def compare_estimators(
     p_mc = estimates["mc"][0]
     out["mc"]["mean_label_se"] = float(np.mean(np.sqrt(p_mc * (1 - p_mc) / res)))
     out["hazard"]["mean_label_se"] = float(np.nanmean(kept.column("hazard_se").to_numpy(zero_copy_only=False)))
+    unclipped = kept.column("hazard_sum").to_numpy(zero_copy_only=False) / res
+    out["hazard"]["labels_clipped"] = int(np.sum(unclipped > 1))  # reported as 1 (cehrx.zeroshot.score)
     out["hazard - mc"] = paired_difference(y, sid, estimates["hazard"][0], [p_mc], n_boot, seed, sample_weight=w)
     if "hazard_cv" in estimates:  # the hazard sum with control variates, same futures
         out["hazard_cv"]["mean_label_se"] = float(
@@ -141,4 +143,6 @@ def _estimator_lines(e: dict[str, Any]) -> str:
     if "hazard_cv - hazard" in e:
         d = e["hazard_cv - hazard"]["auroc"]
         lines.append(f"hazard_cv - hazard AUROC: {format_ci(d, signed=True)} (paired bootstrap)")
+    if e["hazard"].get("labels_clipped"):
+        lines.append(f"hazard: {e['hazard']['labels_clipped']} labels' mean sum above 1, reported as 1")
     return "\n".join(lines)

@@ -40,6 +40,11 @@ model's (temperature applied, no top-k/top-p truncation: refused); resolution an
 are those of the Monte Carlo count. An outcome code that needs a value (`allowed_q`) cannot be
 priced before its value is drawn: its term stays the realised indicator, which keeps the sum
 unbiased. The per-label standard error is the spread of the per-future sums over sqrt(resolved).
+A single future's sum is not bounded by 1 (a future that gives the outcome a high probability at
+many steps without drawing it), so a label's mean can exceed 1 by chance; the reported probability
+and curve are clipped to [0, 1]. Clipping projects onto the range the true risk lies in, so it never
+raises a label's squared error; it adds a small downward bias where it acts (how many labels:
+`labels_clipped` in metrics.json; the unclipped mean is `hazard_sum / n_resolved`).
 From the same terms: the expected days to the outcome (the terms weighting their times) and a
 cumulative incidence curve (the terms summed up to each of `CIF_POINTS` times in the window).
 
@@ -330,10 +335,10 @@ def _per_label(
         mean = np.where(res > 0, total / np.maximum(res, 1), np.nan)
         var = np.where(res > 1, (sq - res * mean**2) / np.maximum(res - 1, 1), np.nan)
         out[f"{name}_sum"] = total
-        out[f"{name}_probability"] = mean
+        out[f"{name}_probability"] = np.clip(mean, 0.0, 1.0)  # module doc: a hazard mean may pass 1 by chance
         out[f"{name}_se"] = np.sqrt(np.maximum(var, 0.0) / np.maximum(res, 1))
         out[f"{name}_expected_days"] = np.where(total > 0, days / total, np.nan)
         if cif is not None:
             c = np.stack([np.bincount(pi, weights=cif[:, k] * r, minlength=n_prompts) for k in range(cif.shape[1])], 1)
-            out[f"{name}_cif"] = np.where(res[:, None] > 0, c / np.maximum(res, 1)[:, None], np.nan)
+            out[f"{name}_cif"] = np.clip(np.where(res[:, None] > 0, c / np.maximum(res, 1)[:, None], np.nan), 0.0, 1.0)
     return out

@@ -185,6 +185,52 @@ def test_hazard_sums_each_steps_outcome_probability_inside_the_window_until_the_
     np.testing.assert_allclose(s.controls[:, 0], [3, 4])
 
 
+@pytest.mark.parametrize("end_inclusive", [True, False])
+def test_hazard_reads_window_edges_and_budget_cuts_as_the_monte_carlo_count(vocab: Vocab, end_inclusive: bool) -> None:
+    """Same futures, same rules: an outcome exactly at the window's end counts for the count iff the end is
+    inclusive, and the hazard prices that day's steps under the same rule; a future past the end is a
+    resolved negative for both, priced only up to the end; a future cut by the token budget inside the window
+    is unresolved for both and left out of the hazard's mean; a label with no resolved future gets the run's
+    hazard rate (the count's fallback rule)."""
+    out = outcome_of(vocab, Window(end_days=30, end_inclusive=end_inclusive))
+    seqs = [
+        "[VE] D30 [VS] VISIT//OP SNOMED/101",  # the outcome at day 30: the window's end (resolved either way)
+        "[VE] D31 [VS] VISIT//OP SNOMED/101",  # day 31: past the end
+        "[VE] D10 [VS] VISIT//OP SNOMED/100",  # the token budget ran out at day 10
+        "[VE] D10 [VS] VISIT//OP",  # the only future of label 1, cut too
+    ]
+    tokens, offsets = ids(vocab, *seqs)
+    p = np.linspace(0.01, 0.1, len(tokens))
+    stop = np.array([STOP_TOKENS, STOP_TIME, STOP_TOKENS, STOP_TOKENS], np.int8)
+    s = score_futures(vocab, out, tokens, offsets, stop, np.zeros(4, np.int64), p)
+    counted = s.has_outcome.tolist()
+    assert counted == [end_inclusive, False, False, False]
+    assert s.resolved.tolist() == [True, True, False, False]  # an exclusive end at day 30 is passed at day 30
+    # future 0: [VE] and D30 are priced at day 0, the rest at day 30 (only with an inclusive end)
+    np.testing.assert_allclose(s.hazard[0], p[0:5].sum() if end_inclusive else p[0:2].sum())
+    np.testing.assert_allclose(s.hazard[1], p[5:7].sum())  # future 1: day 31 is never priced
+    agg = aggregate(s, np.array([0, 0, 0, 1]), 2)
+    resolved = s.hazard[:2]
+    assert agg["n_resolved"].tolist() == [2, 0] and agg["probability"][0] == (0.5 if end_inclusive else 0.0)
+    np.testing.assert_allclose(agg["hazard_probability"][0], np.mean(resolved))
+    table = pa.table({k: pa.array(v) if v.ndim == 1 else pa.array(list(v)) for k, v in agg.items()})
+    prob, fallback, rate = finalize_probabilities(table, "hazard")
+    assert fallback.tolist() == [False, True] and prob[1] == rate == pytest.approx(np.mean(resolved))
+
+
+def test_a_hazard_mean_above_one_is_reported_as_one(vocab: Vocab) -> None:
+    """One future's sum is not bounded by 1 (high outcome probabilities never drawn); the label's reported
+    probability and curve are clipped to [0, 1], the unclipped sum kept (`hazard_sum`)."""
+    out = outcome_of(vocab, Window(end_days=30))
+    tokens, offsets = ids(vocab, "[VE] D1 [VS] VISIT//OP SNOMED/100 SNOMED/100 [VE] [END]", "[VE] [END]")
+    p = np.full(len(tokens), 0.4)
+    s = score_futures(vocab, out, tokens, offsets, np.array([STOP_END, STOP_END], np.int8), np.zeros(2, np.int64), p)
+    assert s.hazard[0] == pytest.approx(0.4 * 8) and s.hazard[1] == pytest.approx(0.8)
+    agg = aggregate(s, np.array([0, 1]), 2)
+    assert agg["hazard_sum"][0] == pytest.approx(3.2) and agg["hazard_probability"].tolist() == [1.0, pytest.approx(0.8)]
+    assert agg["hazard_cif"].max() == 1.0 and (agg["hazard_cif"] >= 0).all()
+
+
 # ------------------------------------------------------------------------------ denominator rule
 
 
@@ -550,8 +596,9 @@ def test_reach_is_unbiased_and_never_noisier_than_monte_carlo(
 ) -> None:
     """Two-step futures, the outcome a third of the codes. Window = both steps, or the second only (the
     first step draws freely and its outcomes do not count). The exact P(outcome in window), enumerated,
-    is matched by the REACH mean (outcome forbidden in the window) and by the Monte Carlo share (natural
-    futures); REACH's per-future spread is below Monte Carlo's and every estimate lies in [0, 1]."""
+    is matched by the REACH mean (outcome forbidden in the window), by the Monte Carlo share and by the
+    hazard sum read through `score_futures` / `aggregate` (natural futures); REACH's and the hazard's
+    per-future spread is below Monte Carlo's and every REACH estimate lies in [0, 1]."""
     prompt, state = inside_visit
     watch = codes_of(vocab)[::3]
     p1, q2 = two_step_exact(micro, vocab, prompt, state, watch)
@@ -559,7 +606,7 @@ def test_reach_is_unbiased_and_never_noisier_than_monte_carlo(
     exact = {"both": p1[is_watch].sum() + (p1 * q2)[~is_watch].sum(), "second": (p1 * q2).sum()}
     n, cfg = 4000, SamplingConfig(max_new_tokens=2, batch_size=512, seed=0)
     kw = dict(num_samples=n, progress=False)
-    natural = Engine(micro, vocab, cfg).sample(prompt, np.array([0, len(prompt)]), **kw)
+    natural = Engine(micro, vocab, cfg, watch_ids=watch).sample(prompt, np.array([0, len(prompt)]), **kw)
     engine = Engine(micro, vocab, cfg, watch_ids=watch, forbid_ids=watch)
     for window, when in (("both", lambda rows: torch.ones_like(rows.alive)), ("second", lambda rows: rows.n >= 1)):
         s = engine.sample(prompt, np.array([0, len(prompt)]), forbid_when=when, **kw)
@@ -574,6 +621,15 @@ def test_reach_is_unbiased_and_never_noisier_than_monte_carlo(
             reach = 1 - (1 - p_first) * (1 - p_second)
             mc = np.isin(natural.tokens[nat_first], watch) | nat_hit2
             assert not np.isin(s.tokens[first], watch).any()
+            # the hazard sum through the reader (score_futures, aggregate) on the natural futures, each read as
+            # a record that ends after its two steps (a resolved future; the two steps lie at day 0 of the window)
+            out = Outcome("t", [vocab.tokens[i] for i in watch], watch, Window(end_days=365))
+            ended = np.full(n, STOP_END, np.int8)
+            hs = score_futures(vocab, out, natural.tokens, natural.offsets, ended, np.zeros(n, np.int64), natural.watch_prob)
+            agg = aggregate(hs, np.zeros(n, np.int64), 1)
+            assert agg["probability"][0] == mc.mean() and agg["n_resolved"][0] == n
+            assert abs(agg["hazard_probability"][0] - exact[window]) < 4 * agg["hazard_se"][0] + 1e-6
+            assert agg["hazard_se"][0] < mc.std() / np.sqrt(n), "the hazard sum varies less than the count"
         else:
             reach, mc = p_second, nat_hit2
             assert np.isin(s.tokens[first], watch).mean() > 0.05, "before the window the outcome is drawn freely"
