@@ -227,7 +227,10 @@ def test_a_hazard_mean_above_one_is_reported_as_one(vocab: Vocab) -> None:
     s = score_futures(vocab, out, tokens, offsets, np.array([STOP_END, STOP_END], np.int8), np.zeros(2, np.int64), p)
     assert s.hazard[0] == pytest.approx(0.4 * 8) and s.hazard[1] == pytest.approx(0.8)
     agg = aggregate(s, np.array([0, 1]), 2)
-    assert agg["hazard_sum"][0] == pytest.approx(3.2) and agg["hazard_probability"].tolist() == [1.0, pytest.approx(0.8)]
+    assert agg["hazard_sum"][0] == pytest.approx(3.2) and agg["hazard_probability"].tolist() == [
+        1.0,
+        pytest.approx(0.8),
+    ]
     assert agg["hazard_cif"].max() == 1.0 and (agg["hazard_cif"] >= 0).all()
 
 
@@ -625,7 +628,9 @@ def test_reach_is_unbiased_and_never_noisier_than_monte_carlo(
             # a record that ends after its two steps (a resolved future; the two steps lie at day 0 of the window)
             out = Outcome("t", [vocab.tokens[i] for i in watch], watch, Window(end_days=365))
             ended = np.full(n, STOP_END, np.int8)
-            hs = score_futures(vocab, out, natural.tokens, natural.offsets, ended, np.zeros(n, np.int64), natural.watch_prob)
+            hs = score_futures(
+                vocab, out, natural.tokens, natural.offsets, ended, np.zeros(n, np.int64), natural.watch_prob
+            )
             agg = aggregate(hs, np.zeros(n, np.int64), 1)
             assert agg["probability"][0] == mc.mean() and agg["n_resolved"][0] == n
             assert abs(agg["hazard_probability"][0] - exact[window]) < 4 * agg["hazard_se"][0] + 1e-6
