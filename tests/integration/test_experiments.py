@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,10 @@ def test_two_job_sweep_writes_one_stable_dir_per_job(synthetic_prepared: Path, t
         load_pretrained(job)
         assert OmegaConf.load(job / "config.yaml").task.module.lr == float(lr)
     assert not (REPO / "multirun").exists()
+    summary = json.loads((out / "multirun" / "sweep_summary.json").read_text())  # cehrx.sweep.SweepSummary
+    losses = [r["select"] for r in summary]
+    assert {r["job"] for r in summary} == {j.name for j in jobs} and losses == sorted(losses)  # lowest val/loss first
+    assert summary[0]["metric"] == "val/loss" and (out / "multirun" / "sweep_summary.md").is_file()
 
 
 def test_meds_dev_argument_names_reach_the_config(tmp_path: Path) -> None:

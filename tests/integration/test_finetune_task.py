@@ -181,3 +181,26 @@ def test_finetune_resumes_after_sigkill(micro_model: tuple[Path, Path], tmp_path
     val = [r for r in csv.DictReader((out / "logs" / "kall.csv").open()) if r.get("val_auroc")]
     epochs = [int(r["epoch"]) for r in val]
     assert epochs.count(epoch_killed) == 1 and set(epochs) == {0, 1, 2, 3}  # the first run's rows were kept, not redone
+
+
+@pytest.mark.slow
+def test_lr_sweep_gives_one_job_per_lr_and_a_summary_ranked_on_tuning(
+    micro_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`cehrx -m task=finetune ... finetune.lr=a,b`: one finished job per value in `<output_dir>/multirun`, each
+    trained at its lr, and `sweep_summary.json` ranking them by tuning AUROC (never by the held-out score)."""
+    _, model = micro_model
+    out = tmp_path / "sweep"
+    args = finetune_args(model, out, "finetune.epochs=1", "finetune.few_shot=[32]", "finetune.lr=1e-5,1e-3")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cehrx", "-m", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in (out / "multirun").iterdir() if p.is_dir())
+    assert len(jobs) == 2
+    lrs = {json.loads((j / "metrics.json").read_text())["budgets"]["32"]["finetune"]["lr"] for j in jobs}
+    assert lrs == {1e-5, 1e-3}
+    summary = json.loads((out / "multirun" / "sweep_summary.json").read_text())
+    tuning = [r["select"] for r in summary]
+    assert summary[0]["metric"] == "tuning AUROC (k=32)" and tuning == sorted(tuning, reverse=True)
+    assert all("held-out AUROC finetune" in r and "held-out AUROC probe" in r for r in summary)
