@@ -204,3 +204,42 @@ def test_lr_sweep_gives_one_job_per_lr_and_a_summary_ranked_on_tuning(
     tuning = [r["select"] for r in summary]
     assert summary[0]["metric"] == "tuning AUROC (k=32)" and tuning == sorted(tuning, reverse=True)
     assert all("held-out AUROC finetune" in r and "held-out AUROC probe" in r for r in summary)
+
+
+@pytest.mark.slow
+def test_meds_dev_supervised_command_fine_tunes_on_given_labels(micro_model: tuple[Path, Path], tmp_path: Path) -> None:
+    """The MEDS-DEV spec's `supervised.predict` (experiments/meds_dev/finetune/model.yaml), placeholders filled
+    as MEDS-DEV fills them, runs `task=finetune` on a labels dir and writes held-out predictions in the
+    meds-evaluation schema, one per held-out label."""
+    import shlex
+
+    import pyarrow.parquet as pq
+    from omegaconf import OmegaConf
+
+    from cehrx.probe.labels import extract_labels
+    from tests.conftest import REPO
+
+    _, model = micro_model
+    meds = write_meds_fixture(tmp_path / "meds")  # the same seeded fixture the micro model was prepared from
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    table = extract_labels("gibleed_after_nsaid", meds)
+    pq.write_table(table, labels / "0.parquet")
+    spec = OmegaConf.load(REPO / "experiments" / "meds_dev" / "finetune" / "model.yaml")
+    out = tmp_path / "out"
+    command = spec.commands.supervised.predict.format(
+        dataset_dir=meds, labels_dir=labels, model_initialization_dir=model, split="held_out", output_dir=out, demo=False
+    )
+    args = shlex.split(command)
+    assert args[0] == "cehrx"
+    extra = ["probe.progress=false", "probe.min_code_labels=2", "finetune.n_boot=20", "finetune.progress=false"]
+    extra += ["finetune.batch_tokens=2048", "finetune.epochs=1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "cehrx", *args[1:], *extra], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    preds = read_predictions(out / "predictions.parquet")
+    result = json.loads((out / "metrics.json").read_text())
+    assert preds.num_rows == result["labels"]["test"]["n"] > 0 and result["labels"]["in"] == table.num_rows
+    held = set(preds.column("subject_id").to_pylist())
+    assert held <= set(table.column("subject_id").to_pylist())
