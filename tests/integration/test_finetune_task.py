@@ -228,7 +228,12 @@ def test_meds_dev_supervised_command_fine_tunes_on_given_labels(micro_model: tup
     spec = OmegaConf.load(REPO / "experiments" / "meds_dev" / "finetune" / "model.yaml")
     out = tmp_path / "out"
     command = spec.commands.supervised.predict.format(
-        dataset_dir=meds, labels_dir=labels, model_initialization_dir=model, split="held_out", output_dir=out, demo=False
+        dataset_dir=meds,
+        labels_dir=labels,
+        model_initialization_dir=model,
+        split="held_out",
+        output_dir=out,
+        demo=False,
     )
     args = shlex.split(command)
     assert args[0] == "cehrx"
