@@ -5,7 +5,12 @@
 Reads `<root>/<task>/estimators.json` and prints a Markdown table: AUROC and Brier of the hazard sum with
 the per-run futures (mean over runs) against Monte Carlo with all runs pooled, the per-label variance
 ratio at equal futures, the draw's share of Monte Carlo's variance (what the hazard sum can remove), and
-the three verdicts for the hazard sum (AUROC >=, Brier <, variance >= 5x), and REACH's numbers where
+the three verdicts for the hazard sum (AUROC >=, Brier <, variance >= 5x), the wall time at equal quality
+(how many runs Monte Carlo pools before its AUROC reaches the hazard sum's with one run's futures: every run
+costs the same, and the hazard sum reads the same futures, so that is the time ratio), the Brier gap
+hazard@f - MC@(runs x f) beside the gap the variances predict (both estimators unbiased: E[(p^ - y)^2] = E[(p - y)^2]
++ Var(p^), so the gap is Var(hazard@f) - Var(MC@f) / runs; the hazard sum wins on Brier only with a variance ratio
+above `runs`), and REACH's numbers where
 the benchmark ran it (`--reach-seeds`), and the hazard sum with control variates' (`--controls`) with
 its own three verdicts.
 """
@@ -17,6 +22,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+
+def time_at_equal_auroc(r: dict, auc_h: float) -> str:
+    """Monte Carlo's runs (its cost, in hazard runs) to reach the hazard sum's AUROC at one run's futures."""
+    for pooled in r.get("mc_pooled", []):
+        if pooled["auroc"]["value"] >= auc_h:
+            return f"{pooled['runs']}x"
+    return f"> {r['runs']}x"
 
 
 def row(r: dict) -> str:
@@ -46,7 +59,9 @@ def row(r: dict) -> str:
         cvs = f"{auc_c:.3f} / {brier_c:.4f} / {ratio_c:.1f}x ({verdicts})"
     return (
         f"| {r['task']} | {r['labels']} ({r['positives']}) | {auc_h:.3f} | {auc_m:.3f} | {brier_h:.4f} | {brier_m:.4f} "
-        f"| {ratio:.1f}x | {share:.1%} | {ok(auc_h >= auc_m)} | {ok(brier_h < brier_m)} | {ok(ratio >= 5)} | {reach} | {cvs} |"
+        f"| {ratio:.1f}x | {share:.1%} | {ok(auc_h >= auc_m)} | {ok(brier_h < brier_m)} | {ok(ratio >= 5)} "
+        f"| {time_at_equal_auroc(r, auc_h)} | {brier_h - brier_m:+.4f} / {var['hazard'] - var['mc'] / r['runs']:+.4f} "
+        f"| {reach} | {cvs} |"
     )
 
 
@@ -58,10 +73,12 @@ def main(root: Path) -> None:
     big = results[0]["runs"] * f
     print(
         f"| task | labels (positive) | AUROC hazard@{f} | AUROC MC@{big} | Brier hazard@{f} | Brier MC@{big} "
-        f"| variance MC/hazard @{f} | draw share | AUROC | Brier | variance | REACH@{f} AUROC / Brier / variance MC/REACH "
+        f"| variance MC/hazard @{f} | draw share | AUROC | Brier | variance | MC time to hazard's AUROC "
+        f"| Brier gap: observed / from the variances "
+        f"| REACH@{f} AUROC / Brier / variance MC/REACH "
         f"| hazard+CV@{f} AUROC / Brier / variance MC/it (verdicts) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---:|---|---|")
     for r in results:
         print(row(r))
 
