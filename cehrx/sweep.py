@@ -30,7 +30,7 @@ class SweepSummary(Callback):
         root = Path(config.hydra.sweep.dir)
         if root.is_dir():
             rows = summarize(root)
-            if rows:
+            if any(r["finished"] for r in rows):  # prepare's shard/stage jobs all write one output: no job dir has one
                 write_summary(root, rows)
 
 
@@ -48,7 +48,8 @@ def selection(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarize(root: Path) -> list[dict[str, Any]]:
-    """One row per job directory under `root` (unfinished jobs included, without numbers), best first."""
+    """One row per job directory under `root` (jobs without a metrics.json included, without numbers), best first.
+    The sweep dir is stable (`<output_dir>/multirun`), so the jobs of an earlier sweep into it are listed too."""
     rows = []
     for job in sorted(p for p in root.iterdir() if p.is_dir()):
         path = job / "metrics.json"
@@ -67,7 +68,7 @@ def write_summary(root: Path, rows: list[dict[str, Any]]) -> None:
     metric = next((r["metric"] for r in rows if r.get("metric")), "selection metric")
     lines = [f"| job | {metric} | " + " | ".join(extra) + " |", "|---|---:|" + "---:|" * len(extra)]
     for r in rows:
-        cells = [_fmt(r.get("select")) if r["finished"] else "unfinished"] + [_fmt(r.get(k)) for k in extra]
+        cells = [_fmt(r.get("select")) if r["finished"] else "no metrics.json"] + [_fmt(r.get(k)) for k in extra]
         lines.append(f"| {r['job']} | " + " | ".join(cells) + " |")
     best = "\n\nBest: " + rows[0]["job"] if _number(rows[0].get("select")) else ""
     text = f"# Sweep summary: {root}\n\nRanked by {metric} (held-out numbers are shown, not ranked on).\n\n"

@@ -26,10 +26,18 @@ import numpy as np
 
 def time_at_equal_auroc(r: dict, auc_h: float) -> str:
     """Monte Carlo's runs (its cost, in hazard runs) to reach the hazard sum's AUROC at one run's futures."""
-    for pooled in r.get("mc_pooled", []):
+    if not r.get("mc_pooled"):
+        return "-"
+    for pooled in r["mc_pooled"]:
         if pooled["auroc"]["value"] >= auc_h:
             return f"{pooled['runs']}x"
     return f"> {r['runs']}x"
+
+
+def brier_gap(r: dict) -> str:
+    """Var(hazard@f) - Var(MC@f) / runs, per label weighted as the metrics weigh it ("-" in older outputs)."""
+    v = r.get("per_label_variance_weighted")
+    return f"{v['hazard'] - v['mc'] / r['runs']:+.4f}" if v else "-"
 
 
 def row(r: dict) -> str:
@@ -60,7 +68,7 @@ def row(r: dict) -> str:
     return (
         f"| {r['task']} | {r['labels']} ({r['positives']}) | {auc_h:.3f} | {auc_m:.3f} | {brier_h:.4f} | {brier_m:.4f} "
         f"| {ratio:.1f}x | {share:.1%} | {ok(auc_h >= auc_m)} | {ok(brier_h < brier_m)} | {ok(ratio >= 5)} "
-        f"| {time_at_equal_auroc(r, auc_h)} | {brier_h - brier_m:+.4f} / {var['hazard'] - var['mc'] / r['runs']:+.4f} "
+        f"| {time_at_equal_auroc(r, auc_h)} | {brier_h - brier_m:+.4f} / {brier_gap(r)} "
         f"| {reach} | {cvs} |"
     )
 

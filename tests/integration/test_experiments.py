@@ -117,6 +117,7 @@ def test_two_job_sweep_writes_one_stable_dir_per_job(synthetic_prepared: Path, t
     assert not (REPO / "multirun").exists()
     summary = json.loads((out / "multirun" / "sweep_summary.json").read_text())  # cehrx.sweep.SweepSummary
     losses = [r["select"] for r in summary]
+    assert all(isinstance(v, float) and v == v for v in losses), losses  # finite: NaN would sort anywhere
     assert {r["job"] for r in summary} == {j.name for j in jobs} and losses == sorted(losses)  # lowest val/loss first
     assert summary[0]["metric"] == "val/loss" and (out / "multirun" / "sweep_summary.md").is_file()
 

@@ -202,6 +202,7 @@ def test_lr_sweep_gives_one_job_per_lr_and_a_summary_ranked_on_tuning(
     assert lrs == {1e-5, 1e-3}
     summary = json.loads((out / "multirun" / "sweep_summary.json").read_text())
     tuning = [r["select"] for r in summary]
+    assert all(isinstance(v, float) and 0 <= v <= 1 for v in tuning), tuning  # NaN would sort anywhere
     assert summary[0]["metric"] == "tuning AUROC (k=32)" and tuning == sorted(tuning, reverse=True)
     assert all("held-out AUROC finetune" in r and "held-out AUROC probe" in r for r in summary)
 

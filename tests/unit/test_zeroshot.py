@@ -871,7 +871,8 @@ def test_cross_fitted_control_variates_remove_the_path_noise_they_explain() -> N
             "label_row": np.arange(n_labels),
             "n_resolved": res.astype(np.int64),
             "n_futures": np.full(n_labels, nf),
-            "hazard_probability": hbar,
+            "hazard_probability": np.clip(hbar, 0, 1),  # as `aggregate` reports it; cross_fitted reads the sum
+            "hazard_sum": np.bincount(pi, weights=h * resolved, minlength=n_labels),
             **{c: pa.array(list(v)) if v.ndim == 2 else v for c, v in sums.items()},
         }
     )
