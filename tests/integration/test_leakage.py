@@ -13,6 +13,7 @@ identical outputs whatever the weights, and random weights react to every token.
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -139,24 +140,29 @@ def same_tables(a: Path, b: Path) -> None:
         assert json.dumps(x, default=str) == json.dumps(y, default=str), f"{a.name}: column {name} differs"
 
 
-def test_future_visits_change_no_probe_feature_or_prediction(world: Planted, with_future: Path) -> None:
-    from cehrx.tasks.probe import run
-
+def run_on_both(world: Planted, with_future: Path, task: str, *overrides: str) -> tuple[dict, Path, Path]:
+    """`task` on the data as is and with the future planted (same model, labels and overrides): the two
+    results (by name) and the two output dirs."""
+    run = importlib.import_module(f"cehrx.tasks.{task}").run
     results = {}
     for name, prepared in (("as_is", world.prepared), ("future", with_future)):
         results[name] = run(
             compose_cfg(
-                "task=probe",
+                f"task={task}",
                 f"model_dir={world.model}",
                 f"data.prepared_dir={prepared}",
                 f"labels_dir={world.labels}",
-                f"output_dir={world.root / 'probe' / name}",
-                "probe.baselines=[counts,counts_window]",
-                *PROBE,
+                f"output_dir={world.root / task / name}",
+                *overrides,
             )
         )
+    return results, world.root / task / "as_is", world.root / task / "future"
+
+
+def test_future_visits_change_no_probe_feature_or_prediction(world: Planted, with_future: Path) -> None:
+    results, a, b = run_on_both(world, with_future, "probe", "probe.baselines=[counts,counts_window]", *PROBE)
+    for name, prepared in (("as_is", world.prepared), ("future", with_future)):
         assert results[name]["prepared_dir"] == str(prepared), "each run read its own prepared dir"
-    a, b = world.root / "probe" / "as_is", world.root / "probe" / "future"
     same_tables(a / "features.parquet", b / "features.parquet")
     for method in ("probe", "counts", "counts_window"):
         same_tables(a / "predictions" / f"{method}.parquet", b / "predictions" / f"{method}.parquet")
@@ -165,26 +171,18 @@ def test_future_visits_change_no_probe_feature_or_prediction(world: Planted, wit
 
 
 def test_future_visits_change_no_zeroshot_prediction(world: Planted, with_future: Path) -> None:
-    from cehrx.tasks.zeroshot import run
-
     sampling = "sampling" if "sampling" in compose_cfg("task=zeroshot") else "zeroshot"
-    for name, prepared in (("as_is", world.prepared), ("future", with_future)):
-        run(
-            compose_cfg(
-                "task=zeroshot",
-                f"model_dir={world.model}",
-                f"data.prepared_dir={prepared}",
-                f"probe.task={TASK}",
-                f"labels_dir={world.labels}",
-                f"output_dir={world.root / 'zeroshot' / name}",
-                "split=all",
-                "zeroshot.num_samples=2",
-                f"{sampling}.max_new_tokens=24",
-                "zeroshot.n_boot=20",
-                "zeroshot.progress=false",
-            )
-        )
-    a, b = world.root / "zeroshot" / "as_is", world.root / "zeroshot" / "future"
+    _, a, b = run_on_both(
+        world,
+        with_future,
+        "zeroshot",
+        f"probe.task={TASK}",
+        "split=all",
+        "zeroshot.num_samples=2",
+        f"{sampling}.max_new_tokens=24",
+        "zeroshot.n_boot=20",
+        "zeroshot.progress=false",
+    )
     same_tables(a / "details.parquet", b / "details.parquet")  # both estimators, per label
     same_tables(a / "predictions.parquet", b / "predictions.parquet")
     hazard = pq.read_table(a / "details.parquet").column("hazard_probability").to_numpy()
@@ -196,28 +194,19 @@ def test_future_visits_change_no_finetune_prediction(world: Planted, with_future
     the same weights and give the same predictions (any leak reaches the loss, the weights and the scores).
     Backbone lr 1e-5: this random-init model's readout barely varies (sd 0.05-0.16), so the probe's head
     that fine-tuning starts from has large weights, and at the default 1e-4 two epochs saturate every score."""
-    from cehrx.tasks.finetune import run
-
-    results = {}
-    for name, prepared in (("as_is", world.prepared), ("future", with_future)):
-        results[name] = run(
-            compose_cfg(
-                "task=finetune",
-                f"model_dir={world.model}",
-                f"data.prepared_dir={prepared}",
-                f"probe.task={TASK}",
-                f"labels_dir={world.labels}",
-                f"output_dir={world.root / 'finetune' / name}",
-                "probe.progress=false",
-                "probe.min_code_labels=2",
-                "finetune.epochs=2",
-                "finetune.lr=1e-5",
-                "finetune.n_boot=20",
-                "finetune.progress=false",
-                "finetune.batch_tokens=2048",
-            )
-        )
-    a, b = world.root / "finetune" / "as_is", world.root / "finetune" / "future"
+    results, a, b = run_on_both(
+        world,
+        with_future,
+        "finetune",
+        f"probe.task={TASK}",
+        "probe.progress=false",
+        "probe.min_code_labels=2",
+        "finetune.epochs=2",
+        "finetune.lr=1e-5",
+        "finetune.n_boot=20",
+        "finetune.progress=false",
+        "finetune.batch_tokens=2048",
+    )
     same_tables(a / "predictions.parquet", b / "predictions.parquet")
     p = pq.read_table(a / "predictions.parquet").column("predicted_boolean_probability").to_numpy()
     assert len(np.unique(p)) > 10, "the predictions depend on the histories"
