@@ -150,7 +150,7 @@ def main() -> None:
         f"mc_{args.futures}": [metrics(p) for p in mc_k],
         f"hazard_{args.futures}": [metrics(p) for p in hz_k],
         f"per_label_variance_over_{n5}_runs": spread,
-        # the same, weighted as the metrics weigh the labels (case-control weights): what the Brier gap reads
+        # the same, weighted as the metrics weigh the labels (case-control weights)
         "per_label_variance_weighted": {
             name: float(np.average(np.var(np.stack(ps[:n5]), axis=0, ddof=1), weights=w))
             for name, ps in (("mc", mc_k), ("hazard", hz_k), ("hazard_cv", cv_k))

@@ -7,10 +7,7 @@ the per-run futures (mean over runs) against Monte Carlo with all runs pooled, t
 ratio at equal futures, the draw's share of Monte Carlo's variance (what the hazard sum can remove), and
 the three verdicts for the hazard sum (AUROC >=, Brier <, variance >= 5x), the wall time at equal quality
 (how many runs Monte Carlo pools before its AUROC reaches the hazard sum's with one run's futures: every run
-costs the same, and the hazard sum reads the same futures, so that is the time ratio), the Brier gap
-hazard@f - MC@(runs x f) beside the gap the variances predict (both estimators unbiased: E[(p^ - y)^2] = E[(p - y)^2]
-+ Var(p^), so the gap is Var(hazard@f) - Var(MC@f) / runs; the hazard sum wins on Brier only with a variance ratio
-above `runs`), and REACH's numbers where
+costs the same, and the hazard sum reads the same futures, so that is the time ratio), and REACH's numbers where
 the benchmark ran it (`--reach-seeds`), and the hazard sum with control variates' (`--controls`) with
 its own three verdicts.
 """
@@ -32,12 +29,6 @@ def time_at_equal_auroc(r: dict, auc_h: float) -> str:
         if pooled["auroc"]["value"] >= auc_h:
             return f"{pooled['runs']}x"
     return f"> {r['runs']}x"
-
-
-def brier_gap(r: dict) -> str:
-    """Var(hazard@f) - Var(MC@f) / runs, per label weighted as the metrics weigh it ("-" in older outputs)."""
-    v = r.get("per_label_variance_weighted")
-    return f"{v['hazard'] - v['mc'] / r['runs']:+.4f}" if v else "-"
 
 
 def row(r: dict) -> str:
@@ -68,7 +59,7 @@ def row(r: dict) -> str:
     return (
         f"| {r['task']} | {r['labels']} ({r['positives']}) | {auc_h:.3f} | {auc_m:.3f} | {brier_h:.4f} | {brier_m:.4f} "
         f"| {ratio:.1f}x | {share:.1%} | {ok(auc_h >= auc_m)} | {ok(brier_h < brier_m)} | {ok(ratio >= 5)} "
-        f"| {time_at_equal_auroc(r, auc_h)} | {brier_h - brier_m:+.4f} / {brier_gap(r)} "
+        f"| {time_at_equal_auroc(r, auc_h)} "
         f"| {reach} | {cvs} |"
     )
 
@@ -82,11 +73,10 @@ def main(root: Path) -> None:
     print(
         f"| task | labels (positive) | AUROC hazard@{f} | AUROC MC@{big} | Brier hazard@{f} | Brier MC@{big} "
         f"| variance MC/hazard @{f} | draw share | AUROC | Brier | variance | MC time to hazard's AUROC "
-        f"| Brier gap: observed / from the variances "
         f"| REACH@{f} AUROC / Brier / variance MC/REACH "
         f"| hazard+CV@{f} AUROC / Brier / variance MC/it (verdicts) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---:|---|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|---|")
     for r in results:
         print(row(r))
 
