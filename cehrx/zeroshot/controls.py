@@ -152,10 +152,8 @@ def cross_fitted(results: pa.Table) -> dict[str, np.ndarray]:
         return np.asarray(c.to_numpy(zero_copy_only=False), dtype=np.float64)
 
     n, n_all = col("n_resolved"), col("n_futures")
-    with np.errstate(
-        invalid="ignore", divide="ignore"
-    ):  # the unclipped mean: `hazard_probability` is clipped to [0, 1]
-        h = np.where(n > 0, col("hazard_sum") / np.maximum(n, 1), np.nan)
+    # the unclipped mean (`hazard_probability` is clipped to [0, 1]); NaN for labels with no resolved future
+    h = np.where(n > 0, col("hazard_sum") / np.maximum(n, 1), np.nan)
     sm_all, sm, smm, smh, shh = (col(c) for c in CV_COLUMNS)
     k = sm.shape[1] if sm.ndim == 2 else 0
     ok = (n > 0) & np.isfinite(h)
