@@ -6,7 +6,7 @@ Reads `<root>/<task>/estimators.json` and prints a Markdown table: AUROC and Bri
 the per-run futures (mean over runs) against Monte Carlo with all runs pooled, the per-label variance
 ratio at equal futures, the draw's share of Monte Carlo's variance (what the hazard sum can remove), and
 the three verdicts for the hazard sum (AUROC >=, Brier <, variance >= 5x), the wall time at equal quality
-(how many runs Monte Carlo pools before its AUROC reaches the hazard sum's with one run's futures: every run
+(how many runs Monte Carlo pools before its AUROC, or its Brier, reaches the hazard sum's with one run's futures: every run
 costs the same, and the hazard sum reads the same futures, so that is the time ratio), and REACH's numbers where
 the benchmark ran it (`--reach-seeds`), and the hazard sum with control variates' (`--controls`) with
 its own three verdicts.
@@ -21,12 +21,14 @@ from pathlib import Path
 import numpy as np
 
 
-def time_at_equal_auroc(r: dict, auc_h: float) -> str:
-    """Monte Carlo's runs (its cost, in hazard runs) to reach the hazard sum's AUROC at one run's futures."""
+def time_at_equal(r: dict, metric: str, hazard_value: float) -> str:
+    """Monte Carlo's runs (its cost, in hazard runs) to reach the hazard sum's `metric` (auroc: at least it;
+    brier: at most it) at one run's futures; "> runs x" when all runs pooled do not."""
     if not r.get("mc_pooled"):
         return "-"
     for pooled in r["mc_pooled"]:
-        if pooled["auroc"]["value"] >= auc_h:
+        v = pooled[metric]["value"]
+        if (v >= hazard_value) if metric == "auroc" else (v <= hazard_value):
             return f"{pooled['runs']}x"
     return f"> {r['runs']}x"
 
@@ -59,7 +61,7 @@ def row(r: dict) -> str:
     return (
         f"| {r['task']} | {r['labels']} ({r['positives']}) | {auc_h:.3f} | {auc_m:.3f} | {brier_h:.4f} | {brier_m:.4f} "
         f"| {ratio:.1f}x | {share:.1%} | {ok(auc_h >= auc_m)} | {ok(brier_h < brier_m)} | {ok(ratio >= 5)} "
-        f"| {time_at_equal_auroc(r, auc_h)} "
+        f"| {time_at_equal(r, 'auroc', auc_h)} / {time_at_equal(r, 'brier', brier_h)} "
         f"| {reach} | {cvs} |"
     )
 
@@ -72,7 +74,7 @@ def main(root: Path) -> None:
     big = results[0]["runs"] * f
     print(
         f"| task | labels (positive) | AUROC hazard@{f} | AUROC MC@{big} | Brier hazard@{f} | Brier MC@{big} "
-        f"| variance MC/hazard @{f} | draw share | AUROC | Brier | variance | MC time to hazard's AUROC "
+        f"| variance MC/hazard @{f} | draw share | AUROC | Brier | variance | MC time to hazard's AUROC / Brier "
         f"| REACH@{f} AUROC / Brier / variance MC/REACH "
         f"| hazard+CV@{f} AUROC / Brier / variance MC/it (verdicts) |"
     )
