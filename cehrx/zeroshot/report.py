@@ -38,7 +38,8 @@ def compare_estimators(
     res = np.maximum(kept.column("n_resolved").to_numpy(), 1)
     p_mc = estimates["mc"][0]
     out["mc"]["mean_label_se"] = float(np.mean(np.sqrt(p_mc * (1 - p_mc) / res)))
-    out["hazard"]["mean_label_se"] = float(np.nanmean(kept.column("hazard_se").to_numpy(zero_copy_only=False)))
+    se = kept.column("hazard_se").to_numpy(zero_copy_only=False)  # NaN for labels with fewer than 2 resolved futures
+    out["hazard"]["mean_label_se"] = float(np.nanmean(se)) if np.isfinite(se).any() else float("nan")
     unclipped = kept.column("hazard_sum").to_numpy(zero_copy_only=False) / res
     out["hazard"]["labels_clipped"] = int(np.sum(unclipped > 1))  # reported as 1 (cehrx.zeroshot.score)
     out["hazard - mc"] = paired_difference(y, sid, estimates["hazard"][0], [p_mc], n_boot, seed, sample_weight=w)

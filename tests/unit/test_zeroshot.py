@@ -232,6 +232,14 @@ def test_a_hazard_mean_above_one_is_reported_as_one(vocab: Vocab) -> None:
         pytest.approx(0.8),
     ]
     assert agg["hazard_cif"].max() == 1.0 and (agg["hazard_cif"] >= 0).all()
+    # metrics.json counts the labels reported as 1, and the report says so
+    from cehrx.zeroshot.report import _estimator_lines, compare_estimators
+
+    kept = pa.table({k: pa.array(v) if v.ndim == 1 else pa.array(list(v)) for k, v in agg.items()})
+    p_mc = agg["probability"]
+    estimates = {"mc": (p_mc, None, None), "hazard": (agg["hazard_probability"], None, None)}
+    e = compare_estimators(estimates, kept, np.array([True, False]), np.array([1, 2]), None, n_boot=5, seed=0)
+    assert e["hazard"]["labels_clipped"] == 1 and "1 labels' mean sum above 1, reported as 1" in _estimator_lines(e)
 
 
 # ------------------------------------------------------------------------------ denominator rule
