@@ -150,12 +150,6 @@ def main() -> None:
         f"mc_{args.futures}": [metrics(p) for p in mc_k],
         f"hazard_{args.futures}": [metrics(p) for p in hz_k],
         f"per_label_variance_over_{n5}_runs": spread,
-        # the same, weighted as the metrics weigh the labels (case-control weights)
-        "per_label_variance_weighted": {
-            name: float(np.average(np.var(np.stack(ps[:n5]), axis=0, ddof=1), weights=w))
-            for name, ps in (("mc", mc_k), ("hazard", hz_k), ("hazard_cv", cv_k))
-            if ps
-        },
         "variance_ratio_mc_over_hazard": spread["mc"] / spread["hazard"] if spread["hazard"] > 0 else float("inf"),
         # the share of Monte Carlo's per-label variance that is the outcome's draw, not the path (the hazard
         # sum removes only the draw): the paper's "spontaneity"; hazard@10 can match MC@100 only above ~0.9

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -11,12 +12,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from cehrx.errors import CehrxError
 from cehrx.eval.predictions import read_predictions
-from tests.conftest import compose_cfg
+from cehrx.probe.labels import extract_labels
+from tests.conftest import REPO, compose_cfg
 from tests.integration.test_probe_task import micro_model, write_meds_fixture  # noqa: F401 (fixture)
 
 FAST = (
@@ -212,14 +216,6 @@ def test_meds_dev_supervised_command_fine_tunes_on_given_labels(micro_model: tup
     """The MEDS-DEV spec's `supervised.predict` (experiments/meds_dev/finetune/model.yaml), placeholders filled
     as MEDS-DEV fills them, runs `task=finetune` on a labels dir and writes held-out predictions in the
     meds-evaluation schema, one per held-out label."""
-    import shlex
-
-    import pyarrow.parquet as pq
-    from omegaconf import OmegaConf
-
-    from cehrx.probe.labels import extract_labels
-    from tests.conftest import REPO
-
     _, model = micro_model
     meds = write_meds_fixture(tmp_path / "meds")  # the same seeded fixture the micro model was prepared from
     labels = tmp_path / "labels"
